@@ -1,0 +1,380 @@
+"""The scikit-learn estimator: validation and bookkeeping around :mod:`qsdlearn._solver`."""
+
+import contextlib
+from numbers import Integral, Real
+
+import numba
+import numpy as np
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+
+from . import _solver
+from ._bits import factorization_bits
+
+
+@contextlib.contextmanager
+def _numba_threads(n_threads):
+    """Run the kernels on ``n_threads`` threads (numba's setting is per calling thread)."""
+    previous = numba.get_num_threads()
+    wanted = numba.config.NUMBA_NUM_THREADS if n_threads is None else n_threads
+    numba.set_num_threads(max(1, min(wanted, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Sparse, quantized matrix factorization ``X ~ Z C``.
+
+    Every row of ``X`` is approximated by a combination of at most ``n_nonzero`` rows of a
+    codebook ``C`` (``components_``) with coefficients on a small level set, while the codebook
+    entries themselves lie on a per-row uniform grid. The factors are found by alternating
+    projected gradient descent with exact projections (see the design notes). Truncated SVD,
+    k-means vector quantization, sparse coding and sparse PCA are special settings.
+
+    Parameters
+    ----------
+    n_components : int, default=None
+        Number of codebook rows ``k``. ``None`` uses ``min(n_samples, n_features)``.
+    n_nonzero : int, default=None
+        Number of code slots per row ``s`` (at most ``n_components``). ``None`` means dense
+        codes: every row uses every component and no support is stored. Rows have exactly
+        ``s`` slots; with quantized code values every slot is nonzero.
+    code_bits : int, default=None
+        Bits per code value. ``None``: float values. ``0``: every value is 1 (with
+        ``n_nonzero=1`` this is vector quantization). ``b >= 1``: the ``2**b`` symmetric
+        mid-rise levels ``±1/2, ±3/2, ...`` (their scale is folded into the codebook rows).
+    codebook_bits : int, default=None
+        Bits per codebook entry: the entries of codebook row ``j`` lie on the mid-rise grid of
+        ``2**codebook_bits`` levels times a scale of that row. ``None``: float codebook.
+    component_nonzero : int, default=None
+        Nonzeros per codebook row (sparse loadings, as in sparse PCA). ``None``: dense rows.
+    init : {"auto", "svd", "k-means++", "random"}, default="auto"
+        Start of the codebook. ``"auto"`` is ``"svd"`` when ``n_components <= min(n_samples,
+        n_features)`` and the codes are not one-hot, ``"k-means++"`` otherwise.
+    code_init : array-like of shape (n_samples, n_components), default=None
+        Starting codes, projected onto the code constraints.
+    codebook_init : array-like of shape (n_components, n_features), default=None
+        Starting codebook, projected onto the codebook constraints; overrides ``init``.
+    n_init : int, default=1
+        Number of starts with different seeds; the one with the lowest objective is kept.
+        Only random starts are repeated (not ``"svd"`` or ``codebook_init``).
+    max_iter : int, default=100
+        Maximum number of alternating iterations.
+    tol : float, default=1e-4
+        Stop when an iteration lowers the objective by less than ``tol`` times its value.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the random starts and of the randomized SVD. Results are bit-identical for a
+        fixed seed, whatever the number of threads.
+    n_threads : int, default=None
+        Threads of the compiled kernels; ``None`` uses all of numba's threads.
+    verbose : int, default=0
+        Print the objective of every iteration when positive.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        The codebook ``C`` (dequantized), in the dtype of the training data.
+    codebook_scales_ : ndarray of shape (n_components,) or None
+        Per-row grid scales of the codebook: ``components_ / codebook_scales_[:, None]`` are
+        half-integer levels. ``None`` for a float codebook.
+    n_components_ : int
+        The number of components actually used.
+    n_iter_ : int
+        Number of iterations run by the best start.
+    objective_ : ndarray
+        Squared error ``||X - Z C||_F**2`` after initialization and after every iteration; it
+        never increases.
+    reconstruction_err_ : float
+        Frobenius norm ``||X - Z C||_F`` of the training data with the final codes, those that
+        :meth:`transform` gives (they may differ slightly from the last iterate).
+    bits_ : int
+        Payload bits of the codes of the training data and of the codebook.
+    bits_per_element_ : float
+        ``bits_ / (n_samples * n_features)``.
+    compression_ratio_ : float
+        ``32 * n_samples * n_features / bits_``: the size of the matrix as float32 over its
+        encoded size.
+    n_features_in_ : int
+        Number of features seen during fit.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during fit, when they are all strings.
+
+    See Also
+    --------
+    sklearn.decomposition.TruncatedSVD : The dense, float setting.
+    sklearn.cluster.KMeans : The setting ``n_nonzero=1, code_bits=0``.
+    sklearn.decomposition.MiniBatchDictionaryLearning : Sparse float codes.
+    sklearn.decomposition.SparsePCA : Sparse codebook rows.
+
+    Notes
+    -----
+    With ``n`` rows, ``k`` components, ``s`` slots, ``d`` features, ``t`` nonzeros per codebook
+    row and float width ``w`` (32 or 64, the dtype of the data), the payload is
+
+    ``bits_ = n * (support(k, s) + s * code_bits)``
+    ``+ k * (support(d, t) + t * codebook_bits) + k * w``
+
+    where a float value costs ``w`` bits instead of its ``*_bits``, the ``k * w`` scales are
+    there only with ``codebook_bits``, and ``support(m, r)`` is 0 for dense rows
+    (``r = m``), else ``ceil(log2(comb(m, r)))`` while ``comb(m, r) <= 2**64`` (the rank of the
+    subset) and ``r * ceil(log2(m))`` beyond. The codec writes exactly these streams.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qsdlearn import QuantizedSparseDecomposition
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((1000, 8))
+    >>> qsd = QuantizedSparseDecomposition(n_components=32, n_nonzero=2, code_bits=2,
+    ...                                    codebook_bits=8, random_state=0)
+    >>> codes = qsd.fit_transform(X)
+    >>> codes.shape, int((codes != 0).sum(axis=1).max())
+    ((1000, 32), 2)
+    >>> float(qsd.bits_per_element_)
+    2.137
+    >>> X_hat = qsd.inverse_transform(codes)
+    >>> bool(np.mean((X - X_hat) ** 2) < np.mean(X ** 2))
+    True
+    """
+
+    _parameter_constraints: dict = {
+        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "n_nonzero": [Interval(Integral, 1, None, closed="left"), None],
+        "code_bits": [Interval(Integral, 0, 16, closed="both"), None],
+        "codebook_bits": [Interval(Integral, 1, 32, closed="both"), None],
+        "component_nonzero": [Interval(Integral, 1, None, closed="left"), None],
+        "init": [StrOptions({"auto", "svd", "k-means++", "random"})],
+        "code_init": ["array-like", None],
+        "codebook_init": ["array-like", None],
+        "n_init": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "random_state": ["random_state"],
+        "n_threads": [Interval(Integral, 1, None, closed="left"), None],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        n_components=None,
+        *,
+        n_nonzero=None,
+        code_bits=None,
+        codebook_bits=None,
+        component_nonzero=None,
+        init="auto",
+        code_init=None,
+        codebook_init=None,
+        n_init=1,
+        max_iter=100,
+        tol=1e-4,
+        random_state=None,
+        n_threads=None,
+        verbose=0,
+    ):
+        self.n_components = n_components
+        self.n_nonzero = n_nonzero
+        self.code_bits = code_bits
+        self.codebook_bits = codebook_bits
+        self.component_nonzero = component_nonzero
+        self.init = init
+        self.code_init = code_init
+        self.codebook_init = codebook_init
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.verbose = verbose
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _setting(self, n_samples, n_features):
+        """Resolve and cross-check the parameters for data of the given shape."""
+        k = min(n_samples, n_features) if self.n_components is None else self.n_components
+        if self.n_nonzero is not None and self.n_nonzero > k:
+            raise ValueError(
+                f"n_nonzero={self.n_nonzero} exceeds n_components={k}: a row cannot use more "
+                "components than there are; lower n_nonzero or raise n_components."
+            )
+        if self.component_nonzero is not None and self.component_nonzero > n_features:
+            raise ValueError(
+                f"component_nonzero={self.component_nonzero} exceeds n_features={n_features}."
+            )
+        if self.code_bits == 0 and self.n_nonzero is None:
+            raise ValueError(
+                "code_bits=0 (every code value is 1) needs n_nonzero: with dense codes every "
+                "row would be the same sum of all components. Set n_nonzero=1 for vector "
+                "quantization."
+            )
+        return _solver.Setting(
+            n_components=k,
+            n_nonzero=self.n_nonzero,
+            code_bits=self.code_bits,
+            codebook_bits=self.codebook_bits,
+            component_nonzero=self.component_nonzero,
+        )
+
+    def _check_init_array(self, value, name, shape, dtype):
+        if value is None:
+            return None
+        array = check_array(value, dtype=dtype, input_name=name)
+        if array.shape != shape:
+            raise ValueError(f"{name} has shape {array.shape}; expected {shape}.")
+        return array
+
+    # -- scikit-learn API --------------------------------------------------------------------
+
+    def fit(self, X, y=None):
+        """Fit the codebook (and codes) to ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Data; every row is one vector to encode.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        self : QuantizedSparseDecomposition
+            The fitted estimator.
+        """
+        self._fit(X)
+        return self
+
+    def fit_transform(self, X, y=None):
+        """Fit to ``X`` and return its codes (the same as ``fit(X).transform(X)``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Data.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        codes : ndarray of shape (n_samples, n_components)
+            Dequantized codes ``Z``, in the dtype of ``X``.
+        """
+        return self._fit(X).to_dense(self.n_components_)
+
+    def _fit(self, X):
+        self._validate_params()
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
+        X = np.ascontiguousarray(X)
+        n, d = X.shape
+        setting = self._setting(n, d)
+        k = setting.n_components
+        codebook_init = self._check_init_array(self.codebook_init, "codebook_init", (k, d), X.dtype)
+        code_init = self._check_init_array(self.code_init, "code_init", (n, k), X.dtype)
+        with _numba_threads(self.n_threads):
+            result = _solver.fit_factorization(
+                X,
+                setting,
+                init=self.init,
+                code_init=code_init,
+                codebook_init=codebook_init,
+                n_init=self.n_init,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                random_state=check_random_state(self.random_state),
+                verbose=self.verbose,
+            )
+        self.components_ = result.codebook
+        self.codebook_scales_ = result.codebook_scales
+        self.n_components_ = k
+        self.n_iter_ = result.n_iter
+        self.objective_ = np.asarray(result.objective)
+        self.reconstruction_err_ = float(np.sqrt(result.row_errors.sum()))
+        budget = factorization_bits(
+            n, d, k, setting.n_nonzero if not setting.dense_codes else None,
+            setting.code_bits, setting.codebook_bits, setting.component_nonzero,
+            float_bits=8 * X.dtype.itemsize,
+        )
+        self.bit_budget_ = budget
+        self.bits_ = budget.total
+        self.bits_per_element_ = budget.per_element
+        self.compression_ratio_ = 32.0 * n * d / budget.total
+        self._setting_ = setting
+        return result.codes
+
+    def transform(self, X):
+        """Codes of ``X`` against the fitted codebook, solved row by row.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Data.
+
+        Returns
+        -------
+        codes : ndarray of shape (n_samples, n_components)
+            Dequantized codes, in the dtype of ``X``.
+        """
+        return self._encode(X).to_dense(self.n_components_)
+
+    def _encode(self, X):
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = np.ascontiguousarray(X)
+        with _numba_threads(self.n_threads):
+            codes, _ = _solver.solve_codes(X, self.components_.astype(X.dtype), self._setting_)
+        return codes
+
+    def inverse_transform(self, X):
+        """Reconstruct data from codes: ``X @ components_``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_components)
+            Codes, as returned by :meth:`transform`.
+
+        Returns
+        -------
+        X_original : ndarray of shape (n_samples, n_features)
+            The reconstruction.
+        """
+        check_is_fitted(self)
+        codes = check_array(X, dtype=[np.float64, np.float32], input_name="X")
+        if codes.shape[1] != self.n_components_:
+            raise ValueError(
+                f"X has {codes.shape[1]} columns, but codes of this estimator have "
+                f"{self.n_components_} (n_components)."
+            )
+        return codes @ self.components_.astype(codes.dtype)
+
+    def score(self, X, y=None):
+        """Negative mean squared reconstruction error per element (higher is better).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Data.
+        y : Ignored
+            Not used, present for API consistency.
+
+        Returns
+        -------
+        score : float
+            ``-mean((X - inverse_transform(transform(X)))**2)``.
+        """
+        codes = self.transform(X)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return -float(np.mean((X - self.inverse_transform(codes)) ** 2))
+
+    @property
+    def _n_features_out(self):
+        return self.components_.shape[0]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        tags.input_tags.allow_nan = False
+        tags.array_api_support = False
+        return tags

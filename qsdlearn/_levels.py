@@ -1,0 +1,81 @@
+"""Level sets in plain NumPy: the reference quantizer and the choice of grid scales.
+
+The conventions are those of :mod:`qsdlearn._kernels` (unit mid-rise levels times a scale).
+This module is the plain-NumPy counterpart the kernels are tested against, and what the solver
+uses where vectorized NumPy is fast enough (initial scales).
+"""
+
+import numpy as np
+
+#: Relative grid steps tried when fitting a scale, as fractions of the range-covering step.
+_SCALE_FRACTIONS = np.linspace(0.05, 1.0, 39)
+
+
+def unit_levels(nbits):
+    """The unit level set of ``nbits`` bits as an array (``nbits >= 0``)."""
+    if nbits == 0:
+        return np.ones(1)
+    half = 2 ** (nbits - 1)
+    return np.arange(2 * half) - half + 0.5
+
+
+def quantize(values, scale, nbits):
+    """Nearest point of ``scale`` times the unit level set, element-wise (NumPy reference).
+
+    ``nbits=None`` returns the values unchanged; ``scale`` broadcasts against ``values``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if nbits is None:
+        return values.copy()
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), values.shape)
+    if nbits == 0:
+        return scale.copy()
+    half = 2 ** (nbits - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        i = np.clip(np.floor(values / scale + half), 0, 2 * half - 1)
+    return np.where(scale == 0, 0.0, (i - half + 0.5) * scale)
+
+
+def fit_level_scales(values, nbits, mask=None):
+    """Per-column scale of the ``nbits`` grid with the smallest squared quantization error.
+
+    Searches steps from 5 % to 100 % of the step that covers the column's largest magnitude
+    (the MSE-optimal clipping of a uniform quantizer lies in that range for the value
+    distributions met here). Columns with no (masked-in) nonzero value get scale 1.
+
+    Parameters
+    ----------
+    values : ndarray of shape (m, n)
+    nbits : int
+        At least 1.
+    mask : ndarray of bool, shape (m, n), optional
+        Entries that count; others are ignored.
+
+    Returns
+    -------
+    scales : ndarray of shape (n,), float64, positive
+    """
+    values = np.asarray(values, dtype=np.float64)
+    weights = np.ones_like(values) if mask is None else mask.astype(np.float64)
+    top = np.max(np.abs(values) * weights, axis=0, initial=0.0)
+    full_step = top / (2 ** (nbits - 1) - 0.5)
+    best_err = np.full(values.shape[1], np.inf)
+    best = np.ones(values.shape[1])
+    for fraction in _SCALE_FRACTIONS:
+        step = np.where(full_step > 0, full_step * fraction, 1.0)
+        err = np.sum(weights * (values - quantize(values, step, nbits)) ** 2, axis=0)
+        better = err < best_err
+        best_err[better] = err[better]
+        best[better] = step[better]
+    return best
+
+
+def top_magnitude_mask(values, n_keep):
+    """Boolean mask of the ``n_keep`` largest magnitudes of every row (all if ``None``)."""
+    values = np.asarray(values)
+    if n_keep is None or n_keep >= values.shape[1]:
+        return np.ones(values.shape, dtype=bool)
+    order = np.argpartition(-np.abs(values), n_keep - 1, axis=1)[:, :n_keep]
+    mask = np.zeros(values.shape, dtype=bool)
+    np.put_along_axis(mask, order, True, axis=1)
+    return mask

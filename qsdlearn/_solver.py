@@ -1,0 +1,505 @@
+"""Alternating projected gradient descent for ``X ~ Z C`` under sparsity and quantization.
+
+The solver takes arrays and returns arrays; :class:`qsdlearn.QuantizedSparseDecomposition`
+validates input and stores results. Every update below either solves its block exactly or is
+a projected gradient step with step ``1 / L`` from a feasible point followed by exact
+improvements, and each is checked against the objective, so the objective never increases.
+
+Representation
+--------------
+Codes are kept as slots (see :mod:`qsdlearn._kernels`): ``idx`` of shape ``(n, s)`` and
+``val`` of shape ``(n, s)``; dense codes have ``idx=None`` and ``val`` of shape ``(n, k)``.
+Quantized code values are *unit* levels: their scale is folded into the codebook rows, which
+keeps the codebook on its grid because the grid is symmetric and scaled per row.
+"""
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse
+from sklearn.cluster import kmeans_plusplus
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.extmath import randomized_svd
+
+from . import _kernels
+from ._levels import fit_level_scales, top_magnitude_mask
+
+#: Rounds of (gradient step, coordinate sweeps) when codes are solved from scratch.
+TRANSFORM_ROUNDS = 10
+#: Coordinate sweeps per round.
+MAX_SWEEPS = 4
+#: Entries of the correlation block ``X_block @ C.T`` computed at once.
+_BLOCK_ENTRIES = 2**22
+#: Rows used to choose the initial code scales.
+_SCALE_SAMPLE_ROWS = 20000
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Constraints of a factorization (validated by the estimator)."""
+
+    n_components: int
+    n_nonzero: int | None = None  # None: dense codes
+    code_bits: int | None = None  # None: float; 0: the value 1
+    codebook_bits: int | None = None  # None: float
+    component_nonzero: int | None = None  # None: dense codebook rows
+
+    @property
+    def dense_codes(self):
+        return self.n_nonzero is None or self.n_nonzero >= self.n_components
+
+    @property
+    def slots(self):
+        return self.n_components if self.dense_codes else self.n_nonzero
+
+    @property
+    def code_nbits(self):
+        return _kernels.FLOAT if self.code_bits is None else self.code_bits
+
+    @property
+    def one_hot(self):
+        return self.code_bits == 0 and self.n_nonzero == 1
+
+    @property
+    def free_codebook(self):
+        return self.codebook_bits is None and self.component_nonzero is None
+
+
+@dataclass
+class Codes:
+    """Code slots of ``n`` rows: ``idx`` (None when dense) and ``val``."""
+
+    idx: np.ndarray | None
+    val: np.ndarray
+
+    def slot_index(self):
+        """Slot positions as an array, also for dense codes."""
+        if self.idx is not None:
+            return self.idx
+        n, k = self.val.shape
+        return np.broadcast_to(np.arange(k, dtype=np.int32), (n, k))
+
+    def to_dense(self, n_components):
+        """The ``(n, k)`` code matrix."""
+        if self.idx is None:
+            return self.val.copy()
+        out = np.zeros((self.val.shape[0], n_components), dtype=self.val.dtype)
+        _kernels.densify_codes(self.idx, self.val, out)
+        return out
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_factorization` returns."""
+
+    codes: Codes
+    codebook: np.ndarray
+    codebook_scales: np.ndarray | None
+    objective: list = field(default_factory=list)
+    n_iter: int = 0
+    row_errors: np.ndarray | None = None
+
+
+# -- small linear-algebra helpers ------------------------------------------------------------
+
+
+def _largest_eigenvalue(sym):
+    k = sym.shape[0]
+    if k == 0:
+        return 0.0
+    top = scipy.linalg.eigh(sym, eigvals_only=True, subset_by_index=[k - 1, k - 1])[0]
+    return max(float(top), 0.0)
+
+
+def _solve_psd(A, B):
+    """Least-squares solution of ``A Y = B`` for symmetric positive semi-definite ``A``."""
+    try:
+        return scipy.linalg.solve(A, B, assume_a="pos", check_finite=False)
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgWarning, ValueError):
+        return scipy.linalg.lstsq(A, B, check_finite=False)[0]
+
+
+def squared_error(X, C, codes):
+    """Per-row squared reconstruction errors (float64) and their sum."""
+    out = np.empty(X.shape[0], dtype=np.float64)
+    _kernels.row_squared_errors(X, C, codes.slot_index(), codes.val, out)
+    return out, float(out.sum())
+
+
+def code_statistics(X, codes, n_components):
+    """``Z^T Z`` and ``Z^T X`` in float64, the sufficient statistics of the codebook step."""
+    if codes.idx is None:
+        Z = codes.val
+        return (Z.T @ Z).astype(np.float64), (Z.T @ X).astype(np.float64)
+    n, s = codes.idx.shape
+    Z = scipy.sparse.csr_matrix(
+        (codes.val.ravel(), codes.idx.ravel(), np.arange(0, n * s + 1, s)),
+        shape=(n, n_components),
+    )
+    ZtZ = (Z.T @ Z).toarray().astype(np.float64)
+    ZtX = np.asarray(Z.T @ X, dtype=np.float64)
+    return ZtZ, ZtX
+
+
+def refit_scales(ZtZ, ZtX, B, current):
+    """Closed-form per-row scales ``s`` minimising ``||X - Z diag(s) B||^2``.
+
+    Rows whose term vanishes keep their current scale. Returns ``current`` itself when the
+    least-squares solution is not better (it always is in exact arithmetic).
+    """
+    M = ZtZ * (B @ B.T)
+    b = np.einsum("jt,jt->j", ZtX, B)
+    active = np.diag(M) > 1e-12 * max(np.max(np.diag(M), initial=0.0), 1e-300)
+    new = current.astype(np.float64).copy()
+    if not active.any():
+        return current
+    rhs = b[active] - M[np.ix_(active, ~active)] @ new[~active]
+    new[active] = _solve_psd(M[np.ix_(active, active)], rhs)
+
+    def objective(s):
+        return -2.0 * b @ s + s @ M @ s
+
+    if not np.all(np.isfinite(new)) or objective(new) > objective(current):
+        return current
+    return new
+
+
+# -- codes -----------------------------------------------------------------------------------
+
+
+def _least_squares_codes(X, C):
+    gram = (C.astype(np.float64) @ C.T.astype(np.float64))
+    pinv = scipy.linalg.pinvh(gram)
+    return ((X @ C.T).astype(np.float64) @ pinv).astype(X.dtype)
+
+
+def solve_codes(X, C, setting, codes=None, n_rounds=TRANSFORM_ROUNDS):
+    """Codes of the rows of ``X`` against codebook ``C``, row by row.
+
+    With ``codes=None`` every row starts from a greedy fill (this is ``transform``); otherwise
+    the given codes are improved in place by ``n_rounds`` projected gradient rounds.
+
+    Returns
+    -------
+    codes : Codes
+    row_errors : ndarray of shape (n,), float64
+    """
+    n, k = X.shape[0], setting.n_components
+    if setting.dense_codes and setting.code_bits is None:
+        codes = Codes(None, _least_squares_codes(X, C))
+        return codes, squared_error(X, C, codes)[0]
+
+    cold = codes is None
+    if cold:
+        s = setting.slots
+        codes = Codes(
+            None if setting.dense_codes else np.zeros((n, s), dtype=np.int32),
+            np.zeros((n, s), dtype=X.dtype),
+        )
+    if setting.n_nonzero == 1 and not setting.dense_codes:
+        cold, n_rounds = True, 0  # one slot: the greedy fill is the exact minimiser
+    gram = C.astype(np.float64) @ C.T.astype(np.float64)
+    top = _largest_eigenvalue(gram)
+    eta = 1.0 / top if top > 0 else 0.0
+    idx = codes.slot_index() if codes.idx is None else codes.idx
+    idx = np.ascontiguousarray(idx, dtype=np.int32)
+    row_errors = np.empty(n, dtype=np.float64)
+    block = max(1, _BLOCK_ENTRIES // max(k, 1))
+    for start in range(0, n, block):
+        rows = slice(start, min(n, start + block))
+        Xb = X[rows]
+        P = Xb @ C.T
+        xx = np.einsum("ij,ij->i", Xb, Xb, dtype=np.float64)
+        _kernels.update_codes(
+            P,
+            xx,
+            gram,
+            eta,
+            setting.code_nbits,
+            setting.dense_codes,
+            n_rounds,
+            MAX_SWEEPS,
+            cold,
+            idx[rows],
+            codes.val[rows],
+            row_errors[rows],
+        )
+    if codes.idx is not None:
+        codes.idx = idx
+    # The kernel's errors are computed from correlations; report direct residuals instead.
+    return codes, squared_error(X, C, codes)[0]
+
+
+# -- codebook --------------------------------------------------------------------------------
+
+
+def _project_codebook(V, scales, setting):
+    nbits = _kernels.FLOAT if setting.codebook_bits is None else setting.codebook_bits
+    k, d = V.shape
+    keep = d if setting.component_nonzero is None else setting.component_nonzero
+    if scales is None:
+        scales = np.ones(k)
+    out = np.empty((k, d), dtype=np.float64)
+    _kernels.project_rows(np.ascontiguousarray(V, dtype=np.float64), scales, nbits, keep, out)
+    return out
+
+
+def quantize_codebook(C, setting):
+    """Put a float codebook on its constraint set; returns the codebook and its scales."""
+    C = np.asarray(C, dtype=np.float64)
+    scales = None
+    if setting.codebook_bits is not None:
+        mask = top_magnitude_mask(C, setting.component_nonzero)
+        scales = fit_level_scales(C.T, setting.codebook_bits, mask.T)
+    if setting.free_codebook:
+        return C, scales
+    return _project_codebook(C, scales, setting), scales
+
+
+def update_codebook(ZtZ, ZtX, C, scales, setting):
+    """One codebook block update (float64 in and out)."""
+    if setting.free_codebook:
+        active = np.diag(ZtZ) > 0
+        C = C.copy()
+        if active.any():
+            rhs = ZtX[active] - ZtZ[np.ix_(active, ~active)] @ C[~active]
+            C[active] = _solve_psd(ZtZ[np.ix_(active, active)], rhs)
+        return C, scales
+    top = _largest_eigenvalue(ZtZ)
+    if top <= 0:
+        return C, scales
+    V = C - (ZtZ @ C - ZtX) / top
+    C_new = _project_codebook(V, scales, setting)
+    if setting.codebook_bits is None:
+        return C_new, scales
+    pattern = C_new / scales[:, None]
+    new_scales = refit_scales(ZtZ, ZtX, pattern, scales)
+    keep = new_scales == 0
+    new_scales[keep] = scales[keep]
+    return pattern * new_scales[:, None], np.abs(new_scales)
+
+
+def _relocate_unused(X, C, scales, codes, row_errors, ZtZ, setting):
+    """Move unused codebook rows onto the worst-fitted rows (their residual, or the row itself
+    for one-hot codes). Unused rows do not enter the objective, so it is unchanged."""
+    unused = np.flatnonzero(np.diag(ZtZ) <= 0)
+    if unused.size == 0 or X.shape[0] == 0:
+        return C, scales
+    worst = np.argsort(-row_errors, kind="stable")[: unused.size]
+    targets = X[worst].astype(np.float64)
+    if not setting.one_hot:
+        dense = codes.to_dense(setting.n_components)[worst].astype(np.float64)
+        targets = targets - dense @ C
+    C = C.copy()
+    scales = None if scales is None else scales.copy()
+    for j, target in zip(unused[: worst.size], targets):
+        if not np.any(target):
+            continue
+        row, row_scale = quantize_codebook(target[None, :], setting)
+        C[j] = row[0]
+        if scales is not None:
+            scales[j] = row_scale[0]
+    return C, scales
+
+
+def _fold_code_scales(X, codes, C, scales, setting):
+    """Refit per-component scales of quantized codes and fold them into the codebook."""
+    ZtZ, ZtX = code_statistics(X, codes, setting.n_components)
+    alpha = refit_scales(ZtZ, ZtX, C, np.ones(setting.n_components))
+    alpha[alpha == 0] = 1.0
+    C = C * alpha[:, None]
+    if scales is not None:
+        scales = scales * np.abs(alpha)
+    return C, scales
+
+
+# -- initialization --------------------------------------------------------------------------
+
+
+def _svd_components(X, k, rng):
+    """Top ``k`` right singular vectors (rows) and the matching left factor ``U S``."""
+    n, d = X.shape
+    r = min(k, n, d)
+    if r < min(n, d) // 4 and n * d > 2**22:
+        U, S, Vt = randomized_svd(X, r, random_state=rng)
+    else:
+        U, S, Vt = scipy.linalg.svd(X, full_matrices=False, check_finite=False)
+        U, S, Vt = U[:, :r], S[:r], Vt[:r]
+    return (U * S).astype(np.float64), Vt.astype(np.float64)
+
+
+def _pad_components(X, C, k, rng):
+    """Add rows drawn from ``X`` (k-means++ seeding) until the codebook has ``k`` rows."""
+    missing = k - C.shape[0]
+    if missing <= 0:
+        return C
+    n = X.shape[0]
+    if n >= missing:
+        extra, _ = kmeans_plusplus(X, missing, random_state=rng)
+    else:
+        extra = X[rng.randint(n, size=missing)] + rng.standard_normal((missing, X.shape[1])) * (
+            np.std(X) + 1e-12
+        )
+    return np.vstack([C, np.asarray(extra, dtype=np.float64)])
+
+
+def initial_codebook(X, setting, init, rng):
+    """Float codebook to start from, and the matching float codes when the init gives them."""
+    k = setting.n_components
+    n, d = X.shape
+    if init == "auto":
+        init = "svd" if k <= min(n, d) and not setting.one_hot else "k-means++"
+    if init == "svd":
+        Z0, C0 = _svd_components(X, k, rng)
+        if C0.shape[0] < k:
+            C0 = _pad_components(X, C0, k, rng)
+            Z0 = None
+        return C0, Z0
+    if init == "k-means++" and n >= k:
+        seeds, _ = kmeans_plusplus(X, k, random_state=rng)
+        return np.asarray(seeds, dtype=np.float64), None
+    # "random" (or k-means++ with fewer rows than components): distinct rows plus noise.
+    chosen = rng.choice(n, size=k, replace=n < k)
+    C0 = X[chosen].astype(np.float64)
+    if n < k:
+        C0 += rng.standard_normal(C0.shape) * (np.std(X) + 1e-12)
+    return C0, None
+
+
+def _scale_for_code_levels(C0, Z0, setting, rng):
+    """Rescale codebook rows so that the initial float codes sit well on the code levels."""
+    if setting.code_bits is None or setting.code_bits == 0 or Z0 is None:
+        return C0
+    rows = Z0
+    if rows.shape[0] > _SCALE_SAMPLE_ROWS:
+        rows = rows[rng.choice(rows.shape[0], _SCALE_SAMPLE_ROWS, replace=False)]
+    mask = top_magnitude_mask(rows, None if setting.dense_codes else setting.n_nonzero)
+    alpha = fit_level_scales(rows, setting.code_bits, mask)
+    return C0 * alpha[:, None]
+
+
+# -- driver ----------------------------------------------------------------------------------
+
+
+def _single_fit(X, setting, C0, Z0_codes, max_iter, tol, verbose, rng):
+    dtype = X.dtype
+    C, scales = quantize_codebook(C0, setting)
+    if Z0_codes is not None:
+        codes, row_errors = solve_codes(X, C.astype(dtype), setting, codes=Z0_codes, n_rounds=1)
+    else:
+        codes, row_errors = solve_codes(X, C.astype(dtype), setting)
+    objective = [float(row_errors.sum())]
+    n_iter = 0
+    converged = False
+    for n_iter in range(1, max_iter + 1):
+        # Code block (skipped on the first pass when the codes were just solved from scratch).
+        if n_iter > 1 or Z0_codes is not None:
+            codes, row_errors = solve_codes(X, C.astype(dtype), setting, codes=codes, n_rounds=1)
+        after_codes = float(row_errors.sum())
+
+        # Codebook block: fold code scales, then exact LS or a projected gradient step.
+        C_old, scales_old = C, scales
+        if setting.code_bits is not None and setting.code_bits > 0:
+            C, scales = _fold_code_scales(X, codes, C, scales, setting)
+        ZtZ, ZtX = code_statistics(X, codes, setting.n_components)
+        C, scales = update_codebook(ZtZ, ZtX, C, scales, setting)
+        C, scales = _relocate_unused(X, C, scales, codes, row_errors, ZtZ, setting)
+        new_errors, value = squared_error(X, C.astype(dtype), codes)
+        if value > after_codes:
+            C, scales, value = C_old, scales_old, after_codes
+        else:
+            row_errors = new_errors
+        objective.append(value)
+        if verbose:
+            print(f"[qsdlearn] iteration {n_iter:4d}  objective {value:.6e}")
+        previous = objective[-2]
+        if value == 0.0 or (previous - value) <= tol * previous:
+            converged = True
+            break
+    if not converged and max_iter > 0:
+        warnings.warn(
+            f"QuantizedSparseDecomposition did not converge in max_iter={max_iter} iterations "
+            f"(tol={tol}); increase max_iter or tol.",
+            ConvergenceWarning,
+        )
+    return FitResult(codes, C.astype(dtype), scales, objective, n_iter, row_errors)
+
+
+def fit_factorization(
+    X,
+    setting,
+    *,
+    init="auto",
+    code_init=None,
+    codebook_init=None,
+    n_init=1,
+    max_iter=100,
+    tol=1e-4,
+    random_state,
+    verbose=0,
+):
+    """Fit ``X ~ Z C`` under ``setting``; keep the best of ``n_init`` starts.
+
+    The returned codes are those of :func:`solve_codes` from scratch against the final
+    codebook (what ``transform`` gives), so that fitting and transforming agree.
+
+    Returns
+    -------
+    FitResult
+        ``objective`` holds the squared error after initialization and after every iteration;
+        ``row_errors`` the final per-row squared errors.
+    """
+    rng = random_state
+    deterministic = codebook_init is not None or init == "svd"
+    best = None
+    for _ in range(1 if deterministic else n_init):
+        if codebook_init is not None:
+            C0, Z0 = np.asarray(codebook_init, dtype=np.float64), None
+        else:
+            C0, Z0 = initial_codebook(X, setting, init, rng)
+            C0 = _scale_for_code_levels(C0, Z0, setting, rng)
+        start_codes = None
+        if code_init is not None:
+            start_codes = _project_code_init(code_init, setting, X.dtype)
+        result = _single_fit(X, setting, C0, start_codes, max_iter, tol, verbose, rng)
+        if best is None or result.objective[-1] < best.objective[-1]:
+            best = result
+    best.codebook, best.codebook_scales = _finalize_codebook(
+        best.codebook, best.codebook_scales, setting, X.dtype
+    )
+    codes, row_errors = solve_codes(X, best.codebook, setting)
+    best.codes, best.row_errors = codes, row_errors
+    return best
+
+
+def _finalize_codebook(C, scales, setting, dtype):
+    """Cast to the data type so that ``levels * scale`` in that type is exactly the codebook.
+
+    The codec stores the half-integer levels and the scales; decoding multiplies them in the
+    data type, and that product must be the fitted codebook bit for bit.
+    """
+    if setting.codebook_bits is None:
+        return np.asarray(C, dtype=dtype), None
+    scales = np.asarray(scales, dtype=dtype)
+    safe = np.where(scales > 0, scales, 1).astype(np.float64)
+    top = 2.0 ** (setting.codebook_bits - 1) - 0.5
+    levels = np.rint(np.asarray(C, dtype=np.float64) / safe[:, None] * 2.0) / 2.0
+    levels = np.clip(levels, -top, top)
+    return levels.astype(dtype) * scales[:, None], scales
+
+
+def _project_code_init(code_init, setting, dtype):
+    """Feasible slots closest to user-given dense codes."""
+    Z = np.ascontiguousarray(code_init, dtype=np.float64)
+    n, k = Z.shape
+    s = setting.slots
+    dense = np.empty_like(Z)
+    _kernels.project_rows(Z, np.ones(n), setting.code_nbits, s, dense)
+    if setting.dense_codes:
+        return Codes(None, dense.astype(dtype))
+    idx = np.argsort(dense == 0, axis=1, kind="stable")[:, :s]
+    idx.sort(axis=1)
+    val = np.take_along_axis(dense, idx, axis=1)
+    return Codes(idx.astype(np.int32), val.astype(dtype))

@@ -1,0 +1,88 @@
+"""Bit accounting: exact formulas and their consistency with the fitted estimator."""
+
+from math import comb, log2
+
+import numpy as np
+import pytest
+
+from qsdlearn import QuantizedSparseDecomposition
+from qsdlearn._bits import ceil_log2, factorization_bits, support_bits
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 255, 256, 257, 2**40, 2**40 + 1])
+def test_ceil_log2(m):
+    expected = 0 if m == 1 else int(np.ceil(log2(m)))
+    if m in (2**40 + 1,):
+        expected = 41
+    assert ceil_log2(m) == expected
+
+
+def test_ceil_log2_rejects_nonpositive():
+    with pytest.raises(ValueError, match="positive"):
+        ceil_log2(0)
+
+
+@pytest.mark.parametrize(
+    "k, s, expected",
+    [
+        (256, 1, 8),
+        (256, 2, 15),  # comb = 32640
+        (64, 2, 11),  # comb = 2016
+        (16, 16, 0),  # dense: nothing to store
+        (5, 3, 4),  # comb = 10
+        (1, 1, 0),
+    ],
+)
+def test_support_bits_enumerative(k, s, expected):
+    assert support_bits(k, s) == expected
+    assert support_bits(k, s) == ceil_log2(comb(k, s))
+
+
+def test_support_bits_falls_back_to_fixed_width_beyond_64_bits():
+    assert comb(256, 32) > 2**64
+    assert support_bits(256, 32) == 32 * 8
+
+
+def test_factorization_bits_vq():
+    budget = factorization_bits(1000, 8, 256, 1, 0, None, None, float_bits=32)
+    assert budget.code_support == 1000 * 8
+    assert budget.code_values == 0
+    assert budget.codebook_values == 256 * 8 * 32
+    assert budget.codebook_scales == 0
+    assert budget.total == 8000 + 65536
+
+
+def test_factorization_bits_qsd_and_sparse_codebook():
+    budget = factorization_bits(100, 16, 64, 2, 3, 4, 5, float_bits=64)
+    assert budget.code_support == 100 * 11
+    assert budget.code_values == 100 * 2 * 3
+    assert budget.codebook_support == 64 * ceil_log2(comb(16, 5))
+    assert budget.codebook_values == 64 * 5 * 4
+    assert budget.codebook_scales == 64 * 64
+    assert budget.per_element == budget.total / 1600
+
+
+@pytest.mark.parametrize(
+    "params, per_row, codebook",
+    [
+        # truncated SVD, float64: dense float codes and codebook
+        (dict(n_components=3), 3 * 64, 3 * 6 * 64),
+        # VQ: 4 codewords -> 2 bits per row, float codebook
+        (dict(n_components=4, n_nonzero=1, code_bits=0), 2, 4 * 6 * 64),
+        # QSD: comb(8, 2) = 28 -> 5 bits + 2 values of 2 bits; 4-bit codebook + scales
+        (dict(n_components=8, n_nonzero=2, code_bits=2, codebook_bits=4), 5 + 4, 8 * 6 * 4 + 8 * 64),
+        # sparse components: dense float codes, 2 of 6 entries per codebook row
+        (dict(n_components=3, component_nonzero=2), 3 * 64, 3 * (ceil_log2(15) + 2 * 64)),
+    ],
+)
+def test_estimator_reports_the_formula(params, per_row, codebook):
+    X = np.random.default_rng(0).normal(size=(50, 6))
+    est = QuantizedSparseDecomposition(random_state=0, max_iter=5, **params)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.fit(X)
+    assert est.bits_ == 50 * per_row + codebook
+    assert est.bits_per_element_ == est.bits_ / 300
+    assert est.compression_ratio_ == pytest.approx(32 * 300 / est.bits_)

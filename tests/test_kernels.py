@@ -1,0 +1,171 @@
+"""The Numba kernels against plain-NumPy references and brute force on tiny inputs."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from qsdlearn import _kernels
+from qsdlearn._levels import quantize, unit_levels
+
+NBITS = [_kernels.FLOAT, 0, 1, 2, 3]
+
+
+def brute_force_projection(v, scale, nbits, n_keep):
+    """Smallest squared distance from ``v`` to {exactly n_keep slots, values on the grid}."""
+    best = np.inf
+    for support in itertools.combinations(range(v.size), n_keep):
+        rest = np.delete(v, support)
+        if nbits == _kernels.FLOAT:
+            candidates = [v[list(support)]]
+        else:
+            levels = scale * unit_levels(nbits)
+            candidates = itertools.product(levels, repeat=n_keep)
+        for values in candidates:
+            dist = np.sum((v[list(support)] - np.asarray(values)) ** 2) + np.sum(rest**2)
+            best = min(best, dist)
+    return best
+
+
+@pytest.mark.parametrize("nbits", NBITS)
+def test_quantize_scalar_matches_numpy_reference(nbits):
+    rng = np.random.default_rng(nbits + 10)
+    values = np.concatenate([rng.normal(scale=3, size=200), [0.0, 0.5, -0.5, 1.0, -1.0, 100.0]])
+    for scale in [1.0, 0.37, 2.5]:
+        ref = quantize(values, scale, None if nbits < 0 else nbits)
+        got = np.array([_kernels.quantize_scalar(v, scale, nbits) for v in values])
+        np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("nbits", NBITS)
+@pytest.mark.parametrize("m, n_keep", [(1, 1), (4, 1), (4, 2), (5, 3), (5, 5)])
+def test_projection_equals_brute_force(nbits, m, n_keep, dtype):
+    rng = np.random.default_rng(1000 * m + 10 * n_keep + nbits + 1)
+    V = rng.normal(scale=1.5, size=(12, m)).astype(dtype)
+    scales = rng.uniform(0.3, 2.0, size=12)
+    out = np.empty_like(V)
+    _kernels.project_rows(V, scales, nbits, n_keep, out)
+    tol = 1e-10 if dtype == np.float64 else 1e-5
+    for v, scale, p in zip(V.astype(np.float64), scales, out.astype(np.float64)):
+        # Feasible: exactly n_keep slots (all nonzero when quantized) on the scaled grid.
+        if nbits != _kernels.FLOAT:
+            assert np.count_nonzero(p) == n_keep
+            grid = quantize(p[p != 0], scale, nbits)
+            np.testing.assert_allclose(p[p != 0], grid, rtol=tol)
+        else:
+            assert np.count_nonzero(p) <= n_keep
+        dist = np.sum((v - p) ** 2)
+        assert dist == pytest.approx(brute_force_projection(v, scale, nbits, n_keep), rel=tol, abs=tol)
+
+
+def test_projection_ties_go_to_the_lower_index():
+    V = np.array([[1.0, -1.0, 1.0, 0.5]])
+    out = np.empty_like(V)
+    _kernels.project_rows(V, np.ones(1), _kernels.FLOAT, 2, out)
+    np.testing.assert_array_equal(out, [[1.0, -1.0, 0.0, 0.0]])
+
+
+def test_projection_with_many_slots_matches_sorting():
+    rng = np.random.default_rng(3)
+    V = rng.normal(size=(50, 40))
+    out = np.empty_like(V)
+    _kernels.project_rows(V, np.ones(50), _kernels.FLOAT, 17, out)
+    ref = np.where(np.argsort(np.argsort(-np.abs(V), axis=1), axis=1) < 17, V, 0.0)
+    np.testing.assert_array_equal(out, ref)
+
+
+def dense(idx, val, k):
+    Z = np.zeros((idx.shape[0], k))
+    np.put_along_axis(Z, idx.astype(np.int64), val.astype(np.float64), axis=1)
+    return Z
+
+
+def brute_force_codes(x, C, nbits, n_keep):
+    """Best codes for one row over every support and every level assignment (float: LS)."""
+    best = np.inf
+    k = C.shape[0]
+    for support in itertools.combinations(range(k), n_keep):
+        S = C[list(support)]
+        if nbits == _kernels.FLOAT:
+            coef = np.linalg.lstsq(S.T, x, rcond=None)[0]
+            best = min(best, np.sum((x - coef @ S) ** 2))
+            continue
+        for values in itertools.product(unit_levels(nbits), repeat=n_keep):
+            best = min(best, np.sum((x - np.asarray(values) @ S) ** 2))
+    return best
+
+
+def run_update(X, C, nbits, n_keep, *, cold=True, n_rounds=10, idx=None, val=None):
+    m, k = X.shape[0], C.shape[0]
+    dense_codes = n_keep >= k
+    if idx is None:
+        idx = np.zeros((m, n_keep), dtype=np.int32)
+        val = np.zeros((m, n_keep), dtype=X.dtype)
+    gram = C.astype(np.float64) @ C.T.astype(np.float64)
+    eta = 1.0 / np.linalg.eigvalsh(gram)[-1]
+    xx = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    err = np.empty(m)
+    _kernels.update_codes(
+        X @ C.T, xx, gram, eta, nbits, dense_codes, n_rounds, 4, cold, idx, val, err
+    )
+    return idx, val, err
+
+
+@pytest.mark.parametrize("nbits", NBITS)
+def test_single_slot_codes_are_exact(nbits, dtype):
+    """With one slot the greedy fill is the exact minimiser: compare with brute force."""
+    rng = np.random.default_rng(7 + nbits)
+    X = rng.normal(size=(30, 5)).astype(dtype)
+    C = rng.normal(size=(6, 5)).astype(dtype)
+    idx, val, err = run_update(X, C, nbits, 1, n_rounds=0)
+    tol = 1e-9 if dtype == np.float64 else 1e-4
+    for x, e in zip(X.astype(np.float64), err):
+        assert e == pytest.approx(brute_force_codes(x, C.astype(np.float64), nbits, 1), rel=tol)
+
+
+@pytest.mark.parametrize("nbits", NBITS[1:])
+def test_code_errors_are_exact_residuals(nbits, dtype):
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(40, 6)).astype(dtype)
+    C = rng.normal(size=(7, 6)).astype(dtype)
+    idx, val, err = run_update(X, C, nbits, 3)
+    ref = np.sum((X.astype(np.float64) - dense(idx, val, 7) @ C.astype(np.float64)) ** 2, axis=1)
+    np.testing.assert_allclose(err, ref, rtol=1e-9 if dtype == np.float64 else 2e-4, atol=1e-6)
+    out = np.empty(40)
+    _kernels.row_squared_errors(X, C, idx, val, out)
+    np.testing.assert_allclose(out, ref, rtol=1e-9 if dtype == np.float64 else 1e-5)
+    # slots: sorted, distinct positions, values on the level set
+    assert np.all(np.diff(idx, axis=1) > 0)
+    np.testing.assert_array_equal(val, quantize(val, 1.0, nbits))
+
+
+@pytest.mark.parametrize("nbits", NBITS)
+def test_code_update_never_increases_the_error(nbits, dtype):
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(60, 6)).astype(dtype)
+    C = rng.normal(size=(8, 6)).astype(dtype)
+    idx, val, err0 = run_update(X, C, nbits, 2, n_rounds=0)
+    C2 = (C + 0.3 * rng.normal(size=C.shape)).astype(dtype)
+    before = np.sum((X.astype(np.float64) - dense(idx, val, 8) @ C2.astype(np.float64)) ** 2, 1)
+    idx, val, err = run_update(X, C2, nbits, 2, cold=False, n_rounds=3, idx=idx, val=val)
+    assert np.all(err <= before * (1 + 1e-6) + 1e-9)
+
+
+@pytest.mark.parametrize("nbits", [1, 2])
+def test_dense_quantized_codes_near_brute_force(nbits):
+    """Dense codes on a grid: coordinate descent from a greedy fill finds the optimum on
+    well-conditioned tiny problems (and is never worse than rounding least squares)."""
+    rng = np.random.default_rng(21)
+    C = np.linalg.qr(rng.normal(size=(4, 4)))[0][:3]
+    X = rng.normal(size=(25, 4)) * 1.5
+    idx, val, err = run_update(X, C, nbits, 3)
+    for x, e in zip(X, err):
+        assert e <= brute_force_codes(x, C, nbits, 3) + 1e-9  # orthonormal C: separable
+
+
+def test_densify_codes():
+    idx = np.array([[0, 2], [1, 3]], dtype=np.int32)
+    val = np.array([[1.5, -0.5], [2.0, 3.0]])
+    out = np.zeros((2, 4))
+    _kernels.densify_codes(idx, val, out)
+    np.testing.assert_array_equal(out, [[1.5, 0, -0.5, 0], [0, 2.0, 0, 3.0]])
