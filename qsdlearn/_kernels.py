@@ -157,6 +157,37 @@ def project_rows(V, scales, nbits, n_keep, out):
             out[i, slot_idx[a]] = slot_val[a]
 
 
+@_njit()
+def codebook_row_sweep(ZtZ, ZtX, C, scales, nbits, n_keep):
+    """Exact block-coordinate pass over the codebook rows, in place.
+
+    Given the codes (through ``ZtZ = Z^T Z`` and ``ZtX = Z^T X``) and all other rows, the
+    objective in row ``j`` is ``ZtZ[j, j] * ||C[j] - target||^2`` plus a constant, with
+    ``target = C[j] + (ZtX[j] - ZtZ[j] @ C) / ZtZ[j, j]``; its exact minimiser over the row's
+    constraint set is the projection of ``target``. Unused rows (``ZtZ[j, j] == 0``) are left.
+    """
+    k, d = C.shape
+    keep = min(n_keep, d)
+    target = np.empty(d, dtype=np.float64)
+    gains = np.empty(d, dtype=np.float64)
+    slot_idx = np.empty(keep, dtype=np.int64)
+    slot_val = np.empty(keep, dtype=np.float64)
+    for j in range(k):
+        weight = ZtZ[j, j]
+        if weight <= 0.0:
+            continue
+        for t in range(d):
+            residual = ZtX[j, t]
+            for i in range(k):
+                residual -= ZtZ[j, i] * C[i, t]
+            target[t] = C[j, t] + residual / weight
+        _project_row(target, scales[j], nbits, keep, gains, slot_idx, slot_val)
+        for t in range(d):
+            C[j, t] = 0.0
+        for a in range(keep):
+            C[j, slot_idx[a]] = slot_val[a]
+
+
 # --------------------------------------------------------------------------------------
 # Row-wise code solver in coefficient space.
 #
@@ -204,8 +235,52 @@ def _residual_correlation(idx, val, n, p, G, c):
 
 
 @_njit()
-def _greedy_slots(idx, val, n, dense, p, G, nbits, c, used):
-    """Cold start: fill the slots one at a time with the best (position, value) pair."""
+def _cholesky_solve(A, b, n):
+    """Solve A x = b in place (b becomes x) for the leading n x n block; False if singular."""
+    tiny = 1e-12 * max(A[0, 0], 1e-300)
+    for j in range(n):
+        s = A[j, j]
+        for t in range(j):
+            s -= A[j, t] * A[j, t]
+        if s <= tiny:
+            return False
+        A[j, j] = math.sqrt(s)
+        for i in range(j + 1, n):
+            s = A[i, j]
+            for t in range(j):
+                s -= A[i, t] * A[j, t]
+            A[i, j] = s / A[j, j]
+    for i in range(n):
+        s = b[i]
+        for t in range(i):
+            s -= A[i, t] * b[t]
+        b[i] = s / A[i, i]
+    for i in range(n - 1, -1, -1):
+        s = b[i]
+        for t in range(i + 1, n):
+            s -= A[t, i] * b[t]
+        b[i] = s / A[i, i]
+    return True
+
+
+@_njit()
+def _debias_slots(idx, val, n, p, G, A, b):
+    """Least-squares values on a fixed support (float codes); keeps the old ones if singular."""
+    for a in range(n):
+        b[a] = p[idx[a]]
+        for t in range(n):
+            A[a, t] = G[idx[a], idx[t]]
+    if _cholesky_solve(A, b, n):
+        for a in range(n):
+            val[a] = b[a]
+
+
+@_njit()
+def _greedy_slots(idx, val, n, dense, p, G, nbits, c, used, A, b):
+    """Cold start: fill the slots one at a time with the best (position, value) pair.
+
+    With float values the values of the filled slots are refitted by least squares after
+    every addition (orthogonal matching pursuit)."""
     k = p.shape[0]
     for t in range(k):
         c[t] = p[t]
@@ -227,8 +302,12 @@ def _greedy_slots(idx, val, n, dense, p, G, nbits, c, used):
         used[best_j] = True
         idx[a] = best_j
         val[a] = best_q
-        for t in range(k):
-            c[t] -= best_q * G[best_j, t]
+        if nbits < 0 and not dense and a > 0:
+            _debias_slots(idx, val, a + 1, p, G, A, b)
+            _residual_correlation(idx, val, a + 1, p, G, c)
+        else:
+            for t in range(k):
+                c[t] -= best_q * G[best_j, t]
 
 
 @_njit()
@@ -275,47 +354,6 @@ def _refine_slots(idx, val, n, dense, p, G, nbits, max_sweeps, tol, c, used):
 
 
 @_njit()
-def _cholesky_solve(A, b, n):
-    """Solve A x = b in place (b becomes x) for the leading n x n block; False if singular."""
-    tiny = 1e-12 * max(A[0, 0], 1e-300)
-    for j in range(n):
-        s = A[j, j]
-        for t in range(j):
-            s -= A[j, t] * A[j, t]
-        if s <= tiny:
-            return False
-        A[j, j] = math.sqrt(s)
-        for i in range(j + 1, n):
-            s = A[i, j]
-            for t in range(j):
-                s -= A[i, t] * A[j, t]
-            A[i, j] = s / A[j, j]
-    for i in range(n):
-        s = b[i]
-        for t in range(i):
-            s -= A[i, t] * b[t]
-        b[i] = s / A[i, i]
-    for i in range(n - 1, -1, -1):
-        s = b[i]
-        for t in range(i + 1, n):
-            s -= A[t, i] * b[t]
-        b[i] = s / A[i, i]
-    return True
-
-
-@_njit()
-def _debias_slots(idx, val, n, p, G, A, b):
-    """Least-squares values on a fixed support (float codes); keeps the old ones if singular."""
-    for a in range(n):
-        b[a] = p[idx[a]]
-        for t in range(n):
-            A[a, t] = G[idx[a], idx[t]]
-    if _cholesky_solve(A, b, n):
-        for a in range(n):
-            val[a] = b[a]
-
-
-@_njit()
 def _pgd_step(idx, val, n, dense, p, G, nbits, eta, z, gains, c):
     """One projected gradient step: z <- P(z + eta (p - G z)), written back into the slots."""
     k = p.shape[0]
@@ -334,9 +372,55 @@ def _pgd_step(idx, val, n, dense, p, G, nbits, eta, z, gains, c):
         _project_row(z, 1.0, nbits, n, gains, idx, val)
 
 
+@_njit()
+def _run_rounds(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_sweeps, work):
+    """Rounds of (gradient step, coordinate sweeps, debiasing) from the given slots; a round
+    that does not lower the error is undone and ends the loop. Returns the error."""
+    c, z, gains, used, old_idx, old_val, A, b = work
+    tol = 1e-13 * xx + 1e-300
+    err = _row_error(idx, val, n, p, G, xx)
+    for _ in range(n_rounds):
+        for a in range(n):
+            old_idx[a] = idx[a]
+            old_val[a] = val[a]
+        _pgd_step(idx, val, n, dense, p, G, nbits, eta, z, gains, c)
+        _residual_correlation(idx, val, n, p, G, c)
+        _refine_slots(idx, val, n, dense, p, G, nbits, max_sweeps, tol, c, used)
+        if nbits < 0 and not dense:
+            _debias_slots(idx, val, n, p, G, A, b)
+        new_err = _row_error(idx, val, n, p, G, xx)
+        if new_err > err:
+            for a in range(n):
+                idx[a] = old_idx[a]
+                val[a] = old_val[a]
+            break
+        improved = err - new_err
+        err = new_err
+        if improved <= tol:
+            break
+    return err
+
+
+@_njit()
+def _solve_row_cold(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_sweeps, work):
+    """Codes of one row from scratch: greedy fill, sweeps, then improvement rounds."""
+    c, z, gains, used, old_idx, old_val, A, b = work
+    tol = 1e-13 * xx + 1e-300
+    _greedy_slots(idx, val, n, dense, p, G, nbits, c, used, A, b)
+    _refine_slots(idx, val, n, dense, p, G, nbits, max_sweeps, tol, c, used)
+    if nbits < 0 and not dense:
+        _debias_slots(idx, val, n, p, G, A, b)
+    return _run_rounds(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_sweeps, work)
+
+
+#: ``update_codes`` start modes.
+WARM, COLD, BEST_OF_BOTH = 0, 1, 2
+
+
 @_njit(parallel=True)
-def update_codes(P, xx, G, eta, nbits, dense, n_rounds, max_sweeps, cold, idx, val, err):
-    """Improve the codes of a block of rows in place; never makes a row worse.
+def update_codes(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_rounds, max_sweeps,
+                 idx, val, err):
+    """Solve or improve the codes of a block of rows in place.
 
     Parameters
     ----------
@@ -352,13 +436,16 @@ def update_codes(P, xx, G, eta, nbits, dense, n_rounds, max_sweeps, cold, idx, v
         Level set of the code values (see the module docstring).
     dense : bool
         Whether slot ``a`` is pinned to position ``a`` (``n_keep == k``, no support).
-    n_rounds : int
+    mode : int
+        :data:`WARM`: improve the incoming slots by ``warm_rounds`` rounds (never worse);
+        :data:`COLD`: ignore them and solve from scratch (greedy fill, coordinate sweeps, then
+        ``cold_rounds`` rounds); :data:`BEST_OF_BOTH`: keep the better of the two per row
+        (the cold one on a tie).
+    warm_rounds, cold_rounds : int
         Rounds of (projected gradient step, coordinate sweeps, debiasing); a row stops early
         when a round does not lower its error.
     max_sweeps : int
-        Coordinate sweeps per round (each re-solves every slot once).
-    cold : bool
-        Ignore the incoming slots and start from a greedy fill.
+        Coordinate sweeps per round (each re-solves every slot once, exactly).
     idx : ndarray of shape (m, n_keep), int32
         Slot positions, updated in place.
     val : ndarray of shape (m, n_keep)
@@ -370,50 +457,39 @@ def update_codes(P, xx, G, eta, nbits, dense, n_rounds, max_sweeps, cold, idx, v
     n = idx.shape[1]
     n_chunks = (m + _CHUNK_ROWS - 1) // _CHUNK_ROWS
     for chunk in numba.prange(n_chunks):
-        c = np.empty(k, dtype=np.float64)
-        z = np.empty(k, dtype=np.float64)
-        gains = np.empty(k, dtype=np.float64)
-        used = np.empty(k, dtype=np.bool_)
+        work = (
+            np.empty(k, dtype=np.float64),  # c
+            np.empty(k, dtype=np.float64),  # z
+            np.empty(k, dtype=np.float64),  # gains
+            np.empty(k, dtype=np.bool_),  # used
+            np.empty(n, dtype=np.int64),  # old_idx
+            np.empty(n, dtype=np.float64),  # old_val
+            np.empty((n, n), dtype=np.float64),  # A
+            np.empty(n, dtype=np.float64),  # b
+        )
         p = np.empty(k, dtype=np.float64)
         row_idx = np.empty(n, dtype=np.int64)
         row_val = np.empty(n, dtype=np.float64)
-        old_idx = np.empty(n, dtype=np.int64)
-        old_val = np.empty(n, dtype=np.float64)
-        A = np.empty((n, n), dtype=np.float64)
-        b = np.empty(n, dtype=np.float64)
+        alt_idx = np.empty(n, dtype=np.int64)
+        alt_val = np.empty(n, dtype=np.float64)
         for i in range(chunk * _CHUNK_ROWS, min(m, (chunk + 1) * _CHUNK_ROWS)):
             for t in range(k):
                 p[t] = P[i, t]
-            tol = 1e-13 * xx[i] + 1e-300
-            if cold:
-                _greedy_slots(row_idx, row_val, n, dense, p, G, nbits, c, used)
-                _refine_slots(row_idx, row_val, n, dense, p, G, nbits, max_sweeps, tol, c, used)
-                if nbits < 0 and not dense:
-                    _debias_slots(row_idx, row_val, n, p, G, A, b)
-            else:
+            row_err = np.inf
+            if mode != COLD:
                 for a in range(n):
                     row_idx[a] = idx[i, a]
                     row_val[a] = val[i, a]
-            row_err = _row_error(row_idx, row_val, n, p, G, xx[i])
-            for _ in range(n_rounds):
-                for a in range(n):
-                    old_idx[a] = row_idx[a]
-                    old_val[a] = row_val[a]
-                _pgd_step(row_idx, row_val, n, dense, p, G, nbits, eta, z, gains, c)
-                _residual_correlation(row_idx, row_val, n, p, G, c)
-                _refine_slots(row_idx, row_val, n, dense, p, G, nbits, max_sweeps, tol, c, used)
-                if nbits < 0 and not dense:
-                    _debias_slots(row_idx, row_val, n, p, G, A, b)
-                new_err = _row_error(row_idx, row_val, n, p, G, xx[i])
-                if new_err > row_err:
+                row_err = _run_rounds(row_idx, row_val, n, dense, p, G, xx[i], nbits, eta,
+                                      warm_rounds, max_sweeps, work)
+            if mode != WARM:
+                alt_err = _solve_row_cold(alt_idx, alt_val, n, dense, p, G, xx[i], nbits, eta,
+                                          cold_rounds, max_sweeps, work)
+                if alt_err <= row_err:
+                    row_err = alt_err
                     for a in range(n):
-                        row_idx[a] = old_idx[a]
-                        row_val[a] = old_val[a]
-                    break
-                improved = row_err - new_err
-                row_err = new_err
-                if improved <= tol:
-                    break
+                        row_idx[a] = alt_idx[a]
+                        row_val[a] = alt_val[a]
             if not dense:
                 _sort_slots(row_idx, row_val, n)
             for a in range(n):

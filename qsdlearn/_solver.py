@@ -26,8 +26,8 @@ from sklearn.utils.extmath import randomized_svd
 from . import _kernels
 from ._levels import fit_level_scales, top_magnitude_mask
 
-#: Rounds of (gradient step, coordinate sweeps) when codes are solved from scratch.
-TRANSFORM_ROUNDS = 10
+#: Rounds of (gradient step, coordinate sweeps) after the greedy fill of ``transform``.
+TRANSFORM_ROUNDS = 1
 #: Coordinate sweeps per round.
 MAX_SWEEPS = 4
 #: Entries of the correlation block ``X_block @ C.T`` computed at once.
@@ -175,11 +175,12 @@ def _least_squares_codes(X, C):
     return ((X @ C.T).astype(np.float64) @ pinv).astype(X.dtype)
 
 
-def solve_codes(X, C, setting, codes=None, n_rounds=TRANSFORM_ROUNDS):
+def solve_codes(X, C, setting, codes=None):
     """Codes of the rows of ``X`` against codebook ``C``, row by row.
 
-    With ``codes=None`` every row starts from a greedy fill (this is ``transform``); otherwise
-    the given codes are improved in place by ``n_rounds`` projected gradient rounds.
+    With ``codes=None`` every row is solved from scratch (this is ``transform``). Given
+    ``codes``, each row keeps the better of that solution and its codes improved by one
+    projected gradient round, so the error of no row increases (the alternating code step).
 
     Returns
     -------
@@ -191,44 +192,44 @@ def solve_codes(X, C, setting, codes=None, n_rounds=TRANSFORM_ROUNDS):
         codes = Codes(None, _least_squares_codes(X, C))
         return codes, squared_error(X, C, codes)[0]
 
-    cold = codes is None
-    if cold:
+    mode = _kernels.COLD if codes is None else _kernels.BEST_OF_BOTH
+    if codes is None:
         s = setting.slots
         codes = Codes(
             None if setting.dense_codes else np.zeros((n, s), dtype=np.int32),
             np.zeros((n, s), dtype=X.dtype),
         )
+    cold_rounds = TRANSFORM_ROUNDS
     if setting.n_nonzero == 1 and not setting.dense_codes:
-        cold, n_rounds = True, 0  # one slot: the greedy fill is the exact minimiser
+        # One slot: the greedy fill is already the exact minimiser.
+        mode, cold_rounds = _kernels.COLD, 0
     gram = C.astype(np.float64) @ C.T.astype(np.float64)
     top = _largest_eigenvalue(gram)
     eta = 1.0 / top if top > 0 else 0.0
-    idx = codes.slot_index() if codes.idx is None else codes.idx
-    idx = np.ascontiguousarray(idx, dtype=np.int32)
+    idx = np.array(codes.slot_index(), dtype=np.int32, order="C")  # a writable copy
     row_errors = np.empty(n, dtype=np.float64)
     block = max(1, _BLOCK_ENTRIES // max(k, 1))
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))
         Xb = X[rows]
-        P = Xb @ C.T
-        xx = np.einsum("ij,ij->i", Xb, Xb, dtype=np.float64)
         _kernels.update_codes(
-            P,
-            xx,
+            Xb @ C.T,
+            np.einsum("ij,ij->i", Xb, Xb, dtype=np.float64),
             gram,
             eta,
             setting.code_nbits,
             setting.dense_codes,
-            n_rounds,
+            mode,
+            1,
+            cold_rounds,
             MAX_SWEEPS,
-            cold,
             idx[rows],
             codes.val[rows],
             row_errors[rows],
         )
     if codes.idx is not None:
         codes.idx = idx
-    # The kernel's errors are computed from correlations; report direct residuals instead.
+    # The kernel's errors come from correlations; report direct residuals instead.
     return codes, squared_error(X, C, codes)[0]
 
 
@@ -272,6 +273,12 @@ def update_codebook(ZtZ, ZtX, C, scales, setting):
         return C, scales
     V = C - (ZtZ @ C - ZtX) / top
     C_new = _project_codebook(V, scales, setting)
+    # The gradient step moves all rows with the step of the worst-conditioned one; an exact
+    # pass over the rows then lets each row move as far as it should.
+    nbits = _kernels.FLOAT if setting.codebook_bits is None else setting.codebook_bits
+    keep = C.shape[1] if setting.component_nonzero is None else setting.component_nonzero
+    row_scales = np.ones(C.shape[0]) if scales is None else scales
+    _kernels.codebook_row_sweep(ZtZ, ZtX, C_new, row_scales, nbits, keep)
     if setting.codebook_bits is None:
         return C_new, scales
     pattern = C_new / scales[:, None]
@@ -387,7 +394,7 @@ def _single_fit(X, setting, C0, Z0_codes, max_iter, tol, verbose, rng):
     dtype = X.dtype
     C, scales = quantize_codebook(C0, setting)
     if Z0_codes is not None:
-        codes, row_errors = solve_codes(X, C.astype(dtype), setting, codes=Z0_codes, n_rounds=1)
+        codes, row_errors = solve_codes(X, C.astype(dtype), setting, codes=Z0_codes)
     else:
         codes, row_errors = solve_codes(X, C.astype(dtype), setting)
     objective = [float(row_errors.sum())]
@@ -396,7 +403,7 @@ def _single_fit(X, setting, C0, Z0_codes, max_iter, tol, verbose, rng):
     for n_iter in range(1, max_iter + 1):
         # Code block (skipped on the first pass when the codes were just solved from scratch).
         if n_iter > 1 or Z0_codes is not None:
-            codes, row_errors = solve_codes(X, C.astype(dtype), setting, codes=codes, n_rounds=1)
+            codes, row_errors = solve_codes(X, C.astype(dtype), setting, codes=codes)
         after_codes = float(row_errors.sum())
 
         # Codebook block: fold code scales, then exact LS or a projected gradient step.

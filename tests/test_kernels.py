@@ -105,8 +105,9 @@ def run_update(X, C, nbits, n_keep, *, cold=True, n_rounds=10, idx=None, val=Non
     eta = 1.0 / np.linalg.eigvalsh(gram)[-1]
     xx = np.einsum("ij,ij->i", X, X, dtype=np.float64)
     err = np.empty(m)
+    mode = _kernels.COLD if cold else _kernels.WARM
     _kernels.update_codes(
-        X @ C.T, xx, gram, eta, nbits, dense_codes, n_rounds, 4, cold, idx, val, err
+        X @ C.T, xx, gram, eta, nbits, dense_codes, mode, n_rounds, n_rounds, 4, idx, val, err
     )
     return idx, val, err
 

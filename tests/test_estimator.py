@@ -1,0 +1,339 @@
+"""QuantizedSparseDecomposition: the classical methods as settings, invariants, bad input."""
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+from sklearn.datasets import load_digits, make_blobs
+from sklearn.decomposition import MiniBatchDictionaryLearning, SparsePCA
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+
+from qsdlearn import QuantizedSparseDecomposition
+
+from .conftest import sq_error
+
+
+def fit_quietly(est, X):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return est.fit(X)
+
+
+def gaussian(n=300, d=8, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def low_rank_plus_noise(n=200, d=12, rank=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, rank)) @ rng.normal(size=(rank, d)) * 3 + rng.normal(size=(n, d))
+
+
+DATASETS = {
+    "blobs": lambda: make_blobs(400, n_features=5, centers=7, random_state=0)[0],
+    "gaussian": lambda: gaussian(500, 4, seed=1),
+    "digits": lambda: pooled_digits(500),
+}
+
+
+def pooled_digits(n):
+    """scikit-learn's bundled digits, 2x2-average-pooled to 4x4 images (16 features), so the
+    reference implementations stay fast."""
+    images = load_digits().images[:n].astype(np.float64)
+    return images.reshape(n, 4, 2, 4, 2).mean(axis=(2, 4)).reshape(n, 16)
+
+SETTINGS = {
+    "svd": dict(n_components=3),
+    "vq": dict(n_components=6, n_nonzero=1, code_bits=0),
+    "vq-quantized-codebook": dict(n_components=6, n_nonzero=1, code_bits=0, codebook_bits=4),
+    "sparse-float": dict(n_components=10, n_nonzero=2),
+    "sparse-components": dict(n_components=3, component_nonzero=3),
+    "quantized-svd": dict(n_components=4, code_bits=3, codebook_bits=6),
+    "qsd": dict(n_components=16, n_nonzero=2, code_bits=2, codebook_bits=5),
+    "qsd-sparse-codebook": dict(
+        n_components=8, n_nonzero=2, code_bits=1, codebook_bits=4, component_nonzero=4
+    ),
+}
+
+
+# -- the special cases as equivalences -------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_svd_setting_reaches_eckart_young(k, dtype):
+    X = low_rank_plus_noise().astype(dtype)
+    est = QuantizedSparseDecomposition(n_components=k, random_state=0).fit(X)
+    singular = np.linalg.svd(X.astype(np.float64), compute_uv=False)
+    optimum = np.sum(singular[k:] ** 2)
+    rtol = 1e-6 if dtype == np.float64 else 1e-4
+    assert est.reconstruction_err_**2 == pytest.approx(optimum, rel=rtol)
+    X_hat = est.inverse_transform(est.transform(X))
+    assert sq_error(X, X_hat) == pytest.approx(optimum, rel=rtol)
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+@pytest.mark.parametrize("k", [4, 12])
+def test_vq_setting_matches_kmeans_inertia(name, k):
+    X = DATASETS[name]()
+    kmeans = KMeans(n_clusters=k, n_init=3, random_state=0).fit(X)
+    est = QuantizedSparseDecomposition(
+        n_components=k, n_nonzero=1, code_bits=0, n_init=3, max_iter=300, tol=1e-8,
+        random_state=0,
+    ).fit(X)
+    assert est.reconstruction_err_**2 <= 1.01 * kmeans.inertia_
+    codes = est.transform(X)
+    # one-hot codes of value 1: each row is its nearest codeword
+    np.testing.assert_array_equal(np.sort(np.unique(codes)), [0.0, 1.0])
+    np.testing.assert_array_equal(codes.sum(axis=1), 1.0)
+    distances = ((X[:, None, :] - est.components_[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(codes.argmax(axis=1), distances.argmin(axis=1))
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+@pytest.mark.parametrize("k, s", [(8, 2), (24, 3)])
+def test_sparse_codes_beat_dictionary_learning_with_omp(name, k, s):
+    X = DATASETS[name]()
+    dl = MiniBatchDictionaryLearning(
+        n_components=k, transform_algorithm="omp", transform_n_nonzero_coefs=s,
+        max_iter=50, random_state=0,
+    ).fit(X)
+    dl_error = sq_error(X, dl.transform(X) @ dl.components_)
+    est = fit_quietly(
+        QuantizedSparseDecomposition(n_components=k, n_nonzero=s, max_iter=200, random_state=0), X
+    )
+    assert np.count_nonzero(est.transform(X), axis=1).max() <= s
+    assert est.reconstruction_err_**2 <= dl_error
+
+
+@pytest.mark.parametrize("name", ["blobs", "digits"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_sparse_components_beat_sparse_pca(name, k):
+    X = DATASETS[name]()
+    X = X - X.mean(axis=0)
+    spca = SparsePCA(n_components=k, alpha=1.0, random_state=0).fit(X)
+    nonzeros = int(np.count_nonzero(spca.components_, axis=1).max())
+    # SparsePCA's components with their best (least-squares) codes: its best possible error.
+    V = spca.components_
+    U = np.linalg.lstsq(V.T, X.T, rcond=None)[0].T
+    spca_error = sq_error(X, U @ V)
+    est = fit_quietly(
+        QuantizedSparseDecomposition(
+            n_components=k, component_nonzero=nonzeros, max_iter=2000, tol=1e-9, random_state=0
+        ),
+        X,
+    )
+    assert np.count_nonzero(est.components_, axis=1).max() <= nonzeros
+    assert est.reconstruction_err_**2 <= spca_error * (1 + 1e-9)
+
+
+def test_quantized_svd_is_close_to_svd_at_high_precision():
+    X = low_rank_plus_noise()
+    exact = QuantizedSparseDecomposition(n_components=3, random_state=0).fit(X)
+    quantized = fit_quietly(
+        QuantizedSparseDecomposition(n_components=3, code_bits=10, codebook_bits=10, random_state=0),
+        X,
+    )
+    assert quantized.reconstruction_err_ <= exact.reconstruction_err_ * 1.01
+
+
+# -- invariants ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_objective_never_increases(setting, seed, dtype):
+    X = gaussian(200, 6, seed=seed).astype(dtype)
+    est = fit_quietly(
+        QuantizedSparseDecomposition(max_iter=30, tol=0, random_state=seed, **SETTINGS[setting]),
+        X,
+    )
+    objective = est.objective_
+    assert len(objective) == est.n_iter_ + 1
+    slack = 1e-12 if dtype == np.float64 else 1e-6
+    assert np.all(np.diff(objective) <= slack * objective[:-1])
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_constraints_hold(setting, dtype):
+    params = SETTINGS[setting]
+    X = gaussian(150, 6).astype(dtype)
+    est = fit_quietly(QuantizedSparseDecomposition(max_iter=10, random_state=0, **params), X)
+    codes = est.transform(X)
+    assert codes.dtype == dtype and est.components_.dtype == dtype
+    k = params["n_components"]
+    if params.get("n_nonzero"):
+        assert np.all(np.count_nonzero(codes, axis=1) <= params["n_nonzero"])
+    if params.get("code_bits") is not None:
+        bits = params["code_bits"]
+        allowed = [1.0] if bits == 0 else np.arange(2**bits) - 2 ** (bits - 1) + 0.5
+        assert np.all(np.isin(codes[codes != 0], allowed))
+    if params.get("codebook_bits") is not None:
+        ratio = est.components_.astype(np.float64) / est.codebook_scales_[:, None]
+        levels = np.rint(2 * ratio) / 2
+        np.testing.assert_allclose(ratio, levels, atol=1e-4)
+        top = 2 ** (params["codebook_bits"] - 1) - 0.5
+        nonzero = levels[est.components_ != 0]
+        np.testing.assert_array_equal(nonzero * 2 % 2, np.ones_like(nonzero))  # half-integers
+        assert np.abs(nonzero).max() <= top
+        # the codebook is exactly levels * scale in the data type (what the codec decodes)
+        np.testing.assert_array_equal(
+            levels.astype(dtype) * est.codebook_scales_[:, None], est.components_
+        )
+    if params.get("component_nonzero"):
+        assert np.all(np.count_nonzero(est.components_, axis=1) <= params["component_nonzero"])
+    assert est.components_.shape == (k, 6)
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_same_seed_gives_identical_results(setting):
+    X = gaussian(120, 6, seed=3)
+    a = fit_quietly(QuantizedSparseDecomposition(random_state=7, **SETTINGS[setting]), X)
+    b = fit_quietly(QuantizedSparseDecomposition(random_state=7, **SETTINGS[setting]), X)
+    np.testing.assert_array_equal(a.components_, b.components_)
+    np.testing.assert_array_equal(a.objective_, b.objective_)
+    np.testing.assert_array_equal(a.transform(X), b.transform(X))
+
+
+@pytest.mark.parametrize("setting", ["qsd", "sparse-float", "vq"])
+def test_thread_count_does_not_change_results(setting):
+    X = gaussian(700, 6, seed=4)
+    one = fit_quietly(QuantizedSparseDecomposition(random_state=0, n_threads=1, **SETTINGS[setting]), X)
+    two = fit_quietly(QuantizedSparseDecomposition(random_state=0, n_threads=2, **SETTINGS[setting]), X)
+    np.testing.assert_array_equal(one.components_, two.components_)
+    np.testing.assert_array_equal(one.transform(X), two.transform(X))
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_transform_of_training_rows_reproduces_the_fitted_error(setting, dtype):
+    X = gaussian(150, 6, seed=5).astype(dtype)
+    est = QuantizedSparseDecomposition(random_state=0, max_iter=20, **SETTINGS[setting])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        codes_fit = est.fit_transform(X)
+    codes = est.transform(X)
+    np.testing.assert_array_equal(codes, codes_fit)
+    error = np.sqrt(sq_error(X, est.inverse_transform(codes)))
+    assert error == pytest.approx(est.reconstruction_err_, rel=1e-6 if dtype == np.float64 else 1e-4)
+    assert est.score(X) == pytest.approx(-(error**2) / X.size, rel=1e-4)
+
+
+def test_transform_new_rows_is_row_independent():
+    X = gaussian(200, 6)
+    est = fit_quietly(QuantizedSparseDecomposition(random_state=0, **SETTINGS["qsd"]), X)
+    X_new = gaussian(50, 6, seed=9)
+    whole = est.transform(X_new)
+    parts = np.vstack([est.transform(X_new[i : i + 7]) for i in range(0, 50, 7)])
+    np.testing.assert_array_equal(whole, parts)
+
+
+def test_user_initialization_is_used():
+    X = gaussian(100, 4)
+    C0 = np.eye(4)[:3] * 2
+    est = QuantizedSparseDecomposition(
+        n_components=3, n_nonzero=1, code_bits=0, codebook_init=C0, max_iter=0
+    )
+    est.fit(X)  # no iteration: the codebook stays as given
+    np.testing.assert_array_equal(est.components_, C0)
+    Z0 = np.zeros((100, 3))
+    Z0[:, 0] = 1.0
+    est = QuantizedSparseDecomposition(
+        n_components=3, n_nonzero=1, code_bits=0, codebook_init=C0, code_init=Z0, max_iter=1
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        est.fit(X)
+    assert est.objective_[0] <= sq_error(X, Z0 @ C0)
+
+
+def test_convergence_warning_when_max_iter_is_reached():
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        QuantizedSparseDecomposition(**SETTINGS["qsd"], max_iter=1, tol=0, random_state=0).fit(
+            gaussian()
+        )
+
+
+def test_more_bits_never_hurt_much():
+    X = gaussian(400, 8)
+    errors = []
+    for bits in [1, 2, 4]:
+        est = fit_quietly(
+            QuantizedSparseDecomposition(
+                n_components=16, n_nonzero=2, code_bits=bits, codebook_bits=8, random_state=0
+            ),
+            X,
+        )
+        errors.append(est.reconstruction_err_)
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_verbose_prints_objective(capsys):
+    fit_quietly(QuantizedSparseDecomposition(n_components=2, verbose=1, random_state=0), gaussian())
+    assert "objective" in capsys.readouterr().out
+
+
+# -- bad parameters and bad input ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(n_components=0), "n_components"),
+        (dict(n_components=2.5), "n_components"),
+        (dict(n_nonzero=0), "n_nonzero"),
+        (dict(code_bits=-1), "code_bits"),
+        (dict(codebook_bits=0), "codebook_bits"),
+        (dict(codebook_bits=40), "codebook_bits"),
+        (dict(init="pca"), "init"),
+        (dict(max_iter=-1), "max_iter"),
+        (dict(tol=-1.0), "tol"),
+        (dict(n_threads=0), "n_threads"),
+        (dict(n_components=4, n_nonzero=5), "exceeds n_components"),
+        (dict(n_components=4, component_nonzero=9), "exceeds n_features"),
+        (dict(n_components=4, code_bits=0), "needs n_nonzero"),
+        (dict(n_components=3, codebook_init=np.ones((2, 6))), r"codebook_init has shape"),
+        (dict(n_components=3, code_init=np.ones((5, 3))), r"code_init has shape"),
+        (dict(n_components=3, codebook_init=np.full((3, 6), np.nan)), "NaN"),
+    ],
+)
+def test_bad_parameters_raise_value_error(params, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizedSparseDecomposition(**params).fit(gaussian(50, 6))
+
+
+@pytest.mark.parametrize(
+    "X, error, match",
+    [
+        (np.array([[1.0, np.nan], [2.0, 3.0]]), ValueError, "NaN"),
+        (np.array([[1.0, np.inf], [2.0, 3.0]]), ValueError, "infinity"),
+        (np.empty((0, 3)), ValueError, "0 sample"),
+        (np.empty((3, 0)), ValueError, "0 feature"),
+        (np.arange(5.0), ValueError, "Expected 2D array"),
+        (np.ones((3, 2), dtype=complex), ValueError, "[Cc]omplex"),
+        (np.array([["a", "b"], ["c", "d"]], dtype=object), ValueError, "float|convert"),
+    ],
+)
+def test_bad_input_raises(X, error, match):
+    with pytest.raises(error, match=match):
+        QuantizedSparseDecomposition(n_components=1).fit(X)
+
+
+def test_wrong_width_at_transform_and_inverse_transform():
+    est = QuantizedSparseDecomposition(n_components=2, random_state=0).fit(gaussian(50, 6))
+    with pytest.raises(ValueError, match="features"):
+        est.transform(gaussian(5, 5))
+    with pytest.raises(ValueError, match="n_components"):
+        est.inverse_transform(np.ones((5, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        est.transform(np.full((2, 6), np.nan))
+
+
+def test_unfitted_transform_raises():
+    with pytest.raises(NotFittedError):
+        QuantizedSparseDecomposition().transform(gaussian(5, 3))
+
+
+def test_sparse_input_is_rejected_with_a_clear_message():
+    import scipy.sparse
+
+    with pytest.raises(TypeError, match="dense"):
+        QuantizedSparseDecomposition(n_components=1).fit(scipy.sparse.random(10, 4, format="csr"))
