@@ -1,0 +1,60 @@
+"""The command line and the demo."""
+
+import numpy as np
+import pytest
+
+from qsdlearn._demo import DEMO_METHODS, DemoMethod, format_table, run_demo
+from qsdlearn.cli import build_parser, main
+
+
+def test_demo_rows_are_measured():
+    methods = [
+        DemoMethod("truncated SVD", "rank 4", 0, dict(n_components=4, max_iter=5)),
+        DemoMethod("VQ", "d=8, k=16", 8, dict(n_components=16, n_nonzero=1, code_bits=0, max_iter=5)),
+    ]
+    rows = run_demo(methods=methods)
+    assert [row["method"] for row in rows] == ["original", "truncated SVD", "VQ"]
+    original, svd, vq = rows
+    assert original["accuracy"] > 0.9
+    assert svd["bits_per_weight"] == pytest.approx(4 * (256 + 256) * 32 / 256**2)
+    # 16 codewords: 4 bits per 8 weights, plus a float32 codebook of 16 x 8
+    assert vq["bits_per_weight"] == pytest.approx((8192 * 4 + 16 * 8 * 32) / 256**2)
+    for row in rows[1:]:
+        assert np.isfinite(row["sqnr_db"]) and row["sqnr_db"] > 0
+        assert 0.0 <= row["accuracy"] <= 1.0
+    table = format_table(rows)
+    assert "bits/weight" in table and "VQ" in table
+
+
+def test_demo_methods_sit_near_two_bits_per_weight():
+    """The demo compares methods at comparable rates: check the formulas, without fitting."""
+    from qsdlearn._bits import factorization_bits
+
+    for method in DEMO_METHODS:
+        d = 256 if method.vector_size == 0 else method.vector_size
+        n = 256 * 256 // d
+        p = method.params
+        budget = factorization_bits(
+            n, d, p["n_components"], p.get("n_nonzero"), p.get("code_bits"),
+            p.get("codebook_bits"), p.get("component_nonzero"), float_bits=32,
+        )
+        assert 1.5 <= budget.per_element <= 2.6, method
+
+
+def test_cli_requires_a_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_cli_rejects_unknown_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_demo_has_a_seed_option():
+    args = build_parser().parse_args(["demo", "--seed", "3"])
+    assert args.seed == 3
