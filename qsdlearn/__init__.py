@@ -1,8 +1,16 @@
 """qsdlearn: sparse, quantized matrix factorizations ``X ~ Z C``, scikit-learn style."""
 
 from ._estimator import QuantizedSparseDecomposition
+from .codec import CompressedMatrix, load, save
 from .metrics import sqnr
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["QuantizedSparseDecomposition", "sqnr", "__version__"]
+__all__ = [
+    "CompressedMatrix",
+    "QuantizedSparseDecomposition",
+    "load",
+    "save",
+    "sqnr",
+    "__version__",
+]

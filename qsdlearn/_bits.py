@@ -121,3 +121,141 @@ def factorization_bits(
         codebook_values=k * t * centroid_bits,
         codebook_scales=0 if codebook_bits is None else k * float_bits,
     )
+
+
+# -- bit packing -------------------------------------------------------------------------------
+#
+# A stream holds fixed-width unsigned fields, most significant bit first, field after field,
+# and is padded with zero bits to a whole number of bytes. Packing runs in parallel over
+# blocks of 8 fields (a block then starts on a byte boundary, so blocks never share a byte).
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ._kernels import _njit  # noqa: E402
+
+_FIELDS_PER_TASK = 8 * 512
+
+
+def stream_bytes(n_fields, width):
+    """Bytes of a stream of ``n_fields`` fields of ``width`` bits."""
+    return (n_fields * width + 7) // 8
+
+
+@_njit(parallel=True)
+def _pack(values, width, out):
+    n = values.shape[0]
+    n_tasks = (n + _FIELDS_PER_TASK - 1) // _FIELDS_PER_TASK
+    for task in numba.prange(n_tasks):
+        for i in range(task * _FIELDS_PER_TASK, min(n, (task + 1) * _FIELDS_PER_TASK)):
+            value = np.uint64(values[i])
+            bitpos = i * width
+            remaining = width
+            while remaining > 0:
+                byte = bitpos >> 3
+                free = 8 - (bitpos & 7)
+                take = min(free, remaining)
+                shift = np.uint64(remaining - take)
+                bits = (value >> shift) & np.uint64((1 << take) - 1)
+                out[byte] |= np.uint8(bits << np.uint64(free - take))
+                bitpos += take
+                remaining -= take
+
+
+@_njit(parallel=True)
+def _unpack(buf, width, out):
+    n = out.shape[0]
+    n_tasks = (n + _FIELDS_PER_TASK - 1) // _FIELDS_PER_TASK
+    for task in numba.prange(n_tasks):
+        for i in range(task * _FIELDS_PER_TASK, min(n, (task + 1) * _FIELDS_PER_TASK)):
+            value = np.uint64(0)
+            bitpos = i * width
+            remaining = width
+            while remaining > 0:
+                byte = np.uint64(buf[bitpos >> 3])
+                free = 8 - (bitpos & 7)
+                take = min(free, remaining)
+                bits = (byte >> np.uint64(free - take)) & np.uint64((1 << take) - 1)
+                value = (value << np.uint64(take)) | bits
+                bitpos += take
+                remaining -= take
+            out[i] = value
+
+
+def pack_fields(values, width):
+    """Pack non-negative integers into ``width``-bit fields (``0 <= width <= 64``).
+
+    Returns
+    -------
+    bytes
+        ``stream_bytes(len(values), width)`` bytes.
+    """
+    values = np.ascontiguousarray(values, dtype=np.uint64).ravel()
+    if not 0 <= width <= 64:
+        raise ValueError(f"field width must be between 0 and 64 bits, got {width}")
+    if width < 64 and values.size and int(values.max()) >> width:
+        raise ValueError(f"a value does not fit in {width} bits")
+    out = np.zeros(stream_bytes(values.size, width), dtype=np.uint8)
+    if width and values.size:
+        _pack(values, width, out)
+    return out.tobytes()
+
+
+def unpack_fields(stream, width, count):
+    """Read ``count`` fields of ``width`` bits; the stream must have exactly the right size."""
+    buf = np.frombuffer(stream, dtype=np.uint8)
+    if buf.size != stream_bytes(count, width):
+        raise ValueError(
+            f"stream of {buf.size} bytes, expected {stream_bytes(count, width)} for {count} "
+            f"fields of {width} bits"
+        )
+    out = np.zeros(count, dtype=np.uint64)
+    if width and count:
+        _unpack(buf, width, out)
+    return out
+
+
+# -- subsets as ranks (combinatorial number system) --------------------------------------------
+
+
+def binomial_table(n_positions, n_keep):
+    """``table[m, i] = comb(m, i)`` for ``m < n_positions``, ``i <= n_keep``, as uint64.
+
+    Entries above 2**64 - 1 are saturated; ranking and unranking a support of ``n_keep`` out of
+    ``n_positions`` never reads them when ``comb(n_positions, n_keep) <= 2**64``: the entries it
+    reads are at most ``comb(n_positions - 1, n_keep)``.
+    """
+    table = np.zeros((max(n_positions, 1), n_keep + 1), dtype=np.uint64)
+    cap = 2**64 - 1
+    for m in range(n_positions):
+        for i in range(n_keep + 1):
+            table[m, i] = min(comb(m, i), cap)
+    return table
+
+
+@_njit(parallel=True)
+def rank_subsets(idx, table, out):
+    """Rank of every sorted row of ``idx`` among the subsets of its size: sum_i comb(c_i, i+1)."""
+    n, s = idx.shape
+    for r in numba.prange(n):
+        rank = np.uint64(0)
+        for i in range(s):
+            rank += table[idx[r, i], i + 1]
+        out[r] = rank
+
+
+@_njit(parallel=True)
+def unrank_subsets(ranks, n_positions, table, out):
+    """Inverse of :func:`rank_subsets`; ``ranks`` must be below ``comb(n_positions, s)``."""
+    n, s = out.shape
+    for r in numba.prange(n):
+        rank = ranks[r]
+        top = n_positions - 1
+        for i in range(s, 0, -1):
+            # largest c <= top with comb(c, i) <= rank (comb(i - 1, i) = 0 always qualifies)
+            c = top
+            while table[c, i] > rank:
+                c -= 1
+            out[r, i - 1] = c
+            rank -= table[c, i]
+            top = c - 1

@@ -1,0 +1,389 @@
+"""The codec: exact sizes, bit-exact round trips, the file format and damaged files."""
+
+import json
+import os
+import struct
+import warnings
+import zlib
+from math import comb
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qsdlearn
+from qsdlearn import QuantizedSparseDecomposition
+from qsdlearn._bits import pack_fields, support_bits, unpack_fields
+from qsdlearn.codec import HEADER_BYTES, STREAMS, CompressedMatrix, from_bytes, to_bytes
+
+from .test_estimator import SETTINGS, gaussian
+
+
+def fitted(setting, dtype=np.float64, n=120, d=6, seed=0):
+    X = gaussian(n, d, seed=seed).astype(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = QuantizedSparseDecomposition(random_state=0, max_iter=15, **SETTINGS[setting]).fit(X)
+    return est, X
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_round_trip_is_bit_exact(setting, dtype, tmp_path):
+    est, X = fitted(setting, dtype)
+    compressed = est.encode(X)
+    reference = est.inverse_transform(est.transform(X))
+    decoded = compressed.decode()
+    assert decoded.dtype == dtype and decoded.shape == X.shape
+    np.testing.assert_array_equal(decoded, reference)
+    path = tmp_path / "matrix.bin"
+    qsdlearn.save(compressed, path)
+    loaded = qsdlearn.load(path)
+    assert isinstance(loaded, CompressedMatrix)
+    np.testing.assert_array_equal(loaded.decode(), reference)
+    assert loaded.streams == compressed.streams
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_payload_has_exactly_the_counted_bits(setting, dtype, tmp_path):
+    est, X = fitted(setting, dtype)
+    compressed = est.encode(X)
+    assert compressed.bits == est.bits_
+    assert compressed.bits_per_element == est.bits_per_element_
+    budget = est.bit_budget_
+    counted = dict(
+        code_support=budget.code_support,
+        code_values=budget.code_values,
+        codebook_support=budget.codebook_support,
+        codebook_values=budget.codebook_values,
+        codebook_scales=budget.codebook_scales,
+    )
+    for name in STREAMS:
+        assert len(compressed.streams[name]) == (counted[name] + 7) // 8, name
+    qsdlearn.save(compressed, tmp_path / "m")
+    assert os.path.getsize(tmp_path / "m") == 8 + HEADER_BYTES + compressed.nbytes
+
+
+def test_vq_and_dense_codes_are_idempotent():
+    est, X = fitted("vq")
+    first = est.encode(X)
+    again = est.encode(first.decode())
+    assert again.streams == first.streams
+    est, X = fitted("svd")
+    once = est.encode(X).decode()
+    twice = est.encode(once).decode()
+    np.testing.assert_allclose(twice, once, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(est.transform(once), est.transform(X), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("setting", sorted(set(SETTINGS) - {"vq", "svd"}))
+def test_reencoding_never_increases_the_error(setting):
+    est, X = fitted(setting)
+    once = est.encode(X).decode()
+    twice = est.encode(once).decode()
+    assert np.sum((once - twice) ** 2) <= np.sum((X - once) ** 2)
+
+
+def test_repr_and_shape():
+    est, X = fitted("qsd")
+    compressed = est.encode(X[:10])
+    assert compressed.shape == (10, 6)
+    assert "CompressedMatrix" in repr(compressed) and "bits_per_element" in repr(compressed)
+
+
+@st.composite
+def factorization_problems(draw):
+    n = draw(st.integers(1, 30))
+    d = draw(st.integers(1, 6))
+    k = draw(st.integers(1, 8))
+    params = dict(n_components=k)
+    kind = draw(st.sampled_from(["dense", "sparse", "one-hot"]))
+    if kind != "dense":
+        params["n_nonzero"] = 1 if kind == "one-hot" else draw(st.integers(1, k))
+    params["code_bits"] = 0 if kind == "one-hot" else draw(st.sampled_from([None, 1, 2, 3]))
+    params["codebook_bits"] = draw(st.sampled_from([None, 1, 4, 8]))
+    params["component_nonzero"] = draw(st.one_of(st.none(), st.integers(1, d)))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    seed = draw(st.integers(0, 2**16))
+    return n, d, params, dtype, seed
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(factorization_problems())
+def test_round_trip_and_size_property(problem):
+    n, d, params, dtype, seed = problem
+    X = np.random.default_rng(seed).normal(size=(n, d)).astype(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = QuantizedSparseDecomposition(random_state=seed, max_iter=3, **params).fit(X)
+    compressed = est.encode(X)
+    np.testing.assert_array_equal(compressed.decode(), est.inverse_transform(est.transform(X)))
+    assert compressed.bits == est.bits_
+    loaded = from_bytes(to_bytes(compressed))
+    np.testing.assert_array_equal(loaded.decode(), compressed.decode())
+    assert len(to_bytes(compressed)) == 8 + HEADER_BYTES + compressed.nbytes
+
+
+# -- bit packing --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 7, 8, 9, 15, 31, 33, 63, 64])
+def test_pack_unpack_round_trip(width):
+    rng = np.random.default_rng(width)
+    values = rng.integers(0, 2 ** min(width, 62), size=5003, dtype=np.uint64)
+    if width == 64:
+        values |= np.uint64(1) << np.uint64(63)
+    stream = pack_fields(values, width)
+    assert len(stream) == (5003 * width + 7) // 8
+    np.testing.assert_array_equal(unpack_fields(stream, width, 5003), values)
+
+
+def test_pack_matches_a_plain_bit_string():
+    values = [5, 0, 7, 3, 1]
+    bits = "".join(format(v, "03b") for v in values)
+    bits += "0" * (-len(bits) % 8)
+    expected = bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
+    assert pack_fields(np.array(values), 3) == expected
+
+
+def test_pack_rejects_values_that_do_not_fit():
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_fields(np.array([8]), 3)
+    with pytest.raises(ValueError, match="expected"):
+        unpack_fields(b"\x00", 3, 5)
+
+
+# -- damaged files ------------------------------------------------------------------------------
+
+
+def _image(setting="qsd"):
+    est, X = fitted(setting)
+    return to_bytes(est.encode(X))
+
+
+def _rewrite(data, edit_header=None, edit_streams=None, fix_checksums=True):
+    """Re-serialize a file image after editing its header and/or streams."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    buffer = data[8 + length :]
+    streams = {
+        name: bytearray(buffer[header[name]["data_offsets"][0] : header[name]["data_offsets"][1]])
+        for name in STREAMS
+    }
+    if edit_streams:
+        edit_streams(streams, header)
+    offset = 0
+    for name in STREAMS:
+        header[name]["data_offsets"] = [offset, offset + len(streams[name])]
+        header[name]["shape"] = [len(streams[name])]
+        offset += len(streams[name])
+    if fix_checksums:
+        header["__metadata__"]["checksums"] = json.dumps(
+            {name: f"{zlib.crc32(bytes(streams[name])):08x}" for name in STREAMS}
+        )
+    if edit_header:
+        edit_header(header)
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + b"".join(bytes(streams[n]) for n in STREAMS)
+
+
+def _settings_edit(**changes):
+    def edit(header):
+        meta = header["__metadata__"]
+        settings_ = json.loads(meta["settings"])
+        settings_.update(changes)
+        meta["settings"] = json.dumps(settings_)
+
+    return edit
+
+
+def test_truncated_files_are_rejected():
+    data = _image()
+    for size in [0, 3, 8, 100, 8 + HEADER_BYTES, len(data) - 1]:
+        with pytest.raises(ValueError, match="short|truncated|damaged|not a qsdlearn"):
+            from_bytes(data[:size])
+
+
+def test_every_flipped_byte_is_rejected_or_harmless():
+    """Flip each byte of a small file in turn: the reader must reject it with ValueError or
+    (for a flip inside JSON whitespace padding) read the same matrix."""
+    est, X = fitted("qsd", n=12)
+    data = to_bytes(est.encode(X))
+    reference = from_bytes(data).decode()
+    for position in range(len(data)):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x41
+        try:
+            decoded = from_bytes(bytes(damaged)).decode()
+        except ValueError:
+            continue
+        np.testing.assert_array_equal(decoded, reference)
+
+
+def test_checksum_mismatch_names_the_stream():
+    data = bytearray(_image())
+    data[-1] ^= 0xFF
+    with pytest.raises(ValueError, match="checksum mismatch in stream codebook_scales"):
+        from_bytes(bytes(data))
+
+
+def test_unknown_version_and_foreign_files_are_rejected(tmp_path):
+    data = _image()
+    newer = _rewrite(data, lambda h: h["__metadata__"].update(format_version="99"))
+    with pytest.raises(ValueError, match="unsupported qsdlearn format version"):
+        from_bytes(newer)
+    foreign = _rewrite(data, lambda h: h["__metadata__"].update(format="other"))
+    with pytest.raises(ValueError, match="not a qsdlearn file"):
+        from_bytes(foreign)
+    with pytest.raises(ValueError, match="not a qsdlearn file"):
+        from_bytes(struct.pack("<Q", 4) + b"\xff\xfe{}")
+    path = tmp_path / "weights.npz"
+    np.savez(path, a=np.ones(3))
+    with pytest.raises(ValueError, match="not a qsdlearn file"):
+        qsdlearn.load(path)
+
+
+def test_declared_sizes_larger_than_the_file_are_rejected():
+    data = _image()
+    huge_header = struct.pack("<Q", 2**40) + data[8:]
+    with pytest.raises(ValueError, match="exceeds the cap"):
+        from_bytes(huge_header)
+    long_header = struct.pack("<Q", len(data)) + data[8:]
+    with pytest.raises(ValueError, match="longer than the file"):
+        from_bytes(long_header)
+    (length,) = struct.unpack("<Q", data[:8])
+    with pytest.raises(ValueError, match="truncated|ends at byte"):
+        from_bytes(data[: 8 + length + 3])
+
+
+def test_shapes_that_do_not_match_the_streams_are_rejected():
+    data = _image()
+    for change in [dict(n_rows=121), dict(n_components=17), dict(n_features=7), dict(code_bits=3)]:
+        with pytest.raises(ValueError, match="settings imply"):
+            from_bytes(_rewrite(data, _settings_edit(**change)))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(n_nonzero=99), "n_nonzero"),
+        (dict(code_bits=-1), "code_bits"),
+        (dict(codebook_bits=64), "codebook_bits"),
+        (dict(dtype="object"), "dtype"),
+        (dict(n_rows="12"), "n_rows"),
+        (dict(n_rows=True), "n_rows"),
+        (dict(extra=1), "expected fields"),
+    ],
+)
+def test_invalid_settings_are_rejected(change, match):
+    with pytest.raises(ValueError, match=match):
+        from_bytes(_rewrite(_image(), _settings_edit(**change)))
+
+
+def test_overlapping_or_gapped_streams_are_rejected():
+    data = _image()
+
+    def overlap(header):
+        header["code_values"]["data_offsets"][0] -= 1
+
+    with pytest.raises(ValueError, match="contiguous|settings imply|invalid offsets"):
+        from_bytes(_rewrite(data, overlap))
+
+    def negative(header):
+        header["code_support"]["data_offsets"] = [-1, 5]
+
+    with pytest.raises(ValueError, match="invalid offsets"):
+        from_bytes(_rewrite(data, negative))
+
+    with pytest.raises(ValueError, match="after the last stream"):
+        from_bytes(data + b"\x00")
+
+
+def test_support_rank_out_of_range_is_rejected():
+    """A rank >= comb(k, s) would make the decoder index past the codebook: rejected first."""
+    data = _image()  # qsd: k=16, s=2 -> ranks of support_bits(16, 2) = 7 bits, comb = 120
+
+    def bad_rank(streams, header):
+        width = support_bits(16, 2)
+        ranks = unpack_fields(bytes(streams["code_support"]), width, 120)
+        ranks[5] = comb(16, 2)  # one past the last valid rank
+        streams["code_support"] = bytearray(pack_fields(ranks, width))
+
+    with pytest.raises(ValueError, match="support rank is out of range"):
+        from_bytes(_rewrite(data, edit_streams=bad_rank))
+
+
+def test_fixed_width_position_out_of_range_is_rejected():
+    """Beyond 64-bit ranks positions are stored as fields; one >= k is rejected."""
+    X = gaussian(40, 40, seed=1)
+    est = QuantizedSparseDecomposition(n_components=40, n_nonzero=30, code_bits=1, max_iter=2,
+                                       random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.fit(X)
+    assert comb(40, 30) <= 2**64  # still a rank here: use a sparse codebook beyond the limit
+    X = gaussian(30, 80, seed=2)
+    est = QuantizedSparseDecomposition(n_components=2, component_nonzero=40, max_iter=2,
+                                       random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.fit(X)
+    assert comb(80, 40) > 2**64
+    data = to_bytes(est.encode(X))
+
+    def bad_position(streams, header):
+        width = support_bits(80, 40) // 40
+        positions = unpack_fields(bytes(streams["codebook_support"]), width, 80)
+        positions[39] = 127  # >= n_features = 80
+        streams["codebook_support"] = bytearray(pack_fields(positions, width))
+
+    with pytest.raises(ValueError, match="position is out of range"):
+        from_bytes(_rewrite(data, edit_streams=bad_position))
+
+
+def test_non_finite_floats_are_rejected():
+    data = _image()
+
+    def nan_scale(streams, header):
+        scales = np.frombuffer(bytes(streams["codebook_scales"]), dtype="<f8").copy()
+        scales[0] = np.nan
+        streams["codebook_scales"] = bytearray(scales.tobytes())
+
+    with pytest.raises(ValueError, match="non-finite"):
+        from_bytes(_rewrite(data, edit_streams=nan_scale))
+
+
+def test_save_is_atomic_and_never_damages_an_existing_file(tmp_path, monkeypatch):
+    est, X = fitted("vq")
+    path = tmp_path / "model.qsd"
+    qsdlearn.save(est.encode(X), path)
+    before = path.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        qsdlearn.save(est.encode(X[:5]), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.qsd"]  # no temporary left behind
+
+
+def test_save_rejects_other_objects(tmp_path):
+    with pytest.raises(TypeError, match="CompressedMatrix"):
+        qsdlearn.save(np.ones(3), tmp_path / "x")
+
+
+def test_files_are_readable_by_the_safetensors_library(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from safetensors import safe_open
+
+    est, X = fitted("qsd")
+    compressed = est.encode(X)
+    path = tmp_path / "m.safetensors"
+    qsdlearn.save(compressed, path)
+    tensors = safetensors_numpy.load_file(str(path))
+    for name in STREAMS:
+        assert tensors[name].tobytes() == compressed.streams[name]
+    with safe_open(str(path), framework="numpy") as file:
+        assert file.metadata()["format"] == "qsdlearn"
