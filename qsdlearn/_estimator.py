@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import _solver
 from ._bits import factorization_bits
-from .codec import MatrixSettings, encode_factors, reconstruct_from_dense
+from .codec import MatrixSettings, all_positions, encode_factors, reconstruct_from_slots
 
 
 @contextlib.contextmanager
@@ -350,7 +350,9 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
             )
         out = np.empty((codes.shape[0], self.components_.shape[1]), dtype=codes.dtype)
         # The codec's decoder sums in the same order, so decoding is bit-identical to this.
-        reconstruct_from_dense(codes, self.components_.astype(codes.dtype), out)
+        reconstruct_from_slots(
+            all_positions(*codes.shape), codes, self.components_.astype(codes.dtype), out
+        )
         return out
 
     def encode(self, X):

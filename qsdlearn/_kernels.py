@@ -417,6 +417,54 @@ def _solve_row_cold(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_swee
 WARM, COLD, BEST_OF_BOTH = 0, 1, 2
 
 
+@_njit()
+def _update_code_rows(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_rounds, max_sweeps,
+                      idx, val, err, start, stop):
+    """Serial body of :func:`update_codes` for rows ``start:stop`` (kept out of the parallel
+    loop so that the parallel wrapper stays small and quick to compile)."""
+    k = P.shape[1]
+    n = idx.shape[1]
+    work = (
+        np.empty(k, dtype=np.float64),  # c
+        np.empty(k, dtype=np.float64),  # z
+        np.empty(k, dtype=np.float64),  # gains
+        np.empty(k, dtype=np.bool_),  # used
+        np.empty(n, dtype=np.int64),  # old_idx
+        np.empty(n, dtype=np.float64),  # old_val
+        np.empty((n, n), dtype=np.float64),  # A
+        np.empty(n, dtype=np.float64),  # b
+    )
+    p = np.empty(k, dtype=np.float64)
+    row_idx = np.empty(n, dtype=np.int64)
+    row_val = np.empty(n, dtype=np.float64)
+    alt_idx = np.empty(n, dtype=np.int64)
+    alt_val = np.empty(n, dtype=np.float64)
+    for i in range(start, stop):
+        for t in range(k):
+            p[t] = P[i, t]
+        row_err = np.inf
+        if mode != COLD:
+            for a in range(n):
+                row_idx[a] = idx[i, a]
+                row_val[a] = val[i, a]
+            row_err = _run_rounds(row_idx, row_val, n, dense, p, G, xx[i], nbits, eta,
+                                  warm_rounds, max_sweeps, work)
+        if mode != WARM:
+            alt_err = _solve_row_cold(alt_idx, alt_val, n, dense, p, G, xx[i], nbits, eta,
+                                      cold_rounds, max_sweeps, work)
+            if alt_err <= row_err:
+                row_err = alt_err
+                for a in range(n):
+                    row_idx[a] = alt_idx[a]
+                    row_val[a] = alt_val[a]
+        if not dense:
+            _sort_slots(row_idx, row_val, n)
+        for a in range(n):
+            idx[i, a] = row_idx[a]
+            val[i, a] = row_val[a]
+        err[i] = max(row_err, 0.0)
+
+
 @_njit(parallel=True)
 def update_codes(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_rounds, max_sweeps,
                  idx, val, err):
@@ -453,49 +501,12 @@ def update_codes(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_rounds, ma
     err : ndarray of shape (m,), float64
         Output: the squared error of every row after the update.
     """
-    m, k = P.shape
-    n = idx.shape[1]
+    m = P.shape[0]
     n_chunks = (m + _CHUNK_ROWS - 1) // _CHUNK_ROWS
     for chunk in numba.prange(n_chunks):
-        work = (
-            np.empty(k, dtype=np.float64),  # c
-            np.empty(k, dtype=np.float64),  # z
-            np.empty(k, dtype=np.float64),  # gains
-            np.empty(k, dtype=np.bool_),  # used
-            np.empty(n, dtype=np.int64),  # old_idx
-            np.empty(n, dtype=np.float64),  # old_val
-            np.empty((n, n), dtype=np.float64),  # A
-            np.empty(n, dtype=np.float64),  # b
-        )
-        p = np.empty(k, dtype=np.float64)
-        row_idx = np.empty(n, dtype=np.int64)
-        row_val = np.empty(n, dtype=np.float64)
-        alt_idx = np.empty(n, dtype=np.int64)
-        alt_val = np.empty(n, dtype=np.float64)
-        for i in range(chunk * _CHUNK_ROWS, min(m, (chunk + 1) * _CHUNK_ROWS)):
-            for t in range(k):
-                p[t] = P[i, t]
-            row_err = np.inf
-            if mode != COLD:
-                for a in range(n):
-                    row_idx[a] = idx[i, a]
-                    row_val[a] = val[i, a]
-                row_err = _run_rounds(row_idx, row_val, n, dense, p, G, xx[i], nbits, eta,
-                                      warm_rounds, max_sweeps, work)
-            if mode != WARM:
-                alt_err = _solve_row_cold(alt_idx, alt_val, n, dense, p, G, xx[i], nbits, eta,
-                                          cold_rounds, max_sweeps, work)
-                if alt_err <= row_err:
-                    row_err = alt_err
-                    for a in range(n):
-                        row_idx[a] = alt_idx[a]
-                        row_val[a] = alt_val[a]
-            if not dense:
-                _sort_slots(row_idx, row_val, n)
-            for a in range(n):
-                idx[i, a] = row_idx[a]
-                val[i, a] = row_val[a]
-            err[i] = max(row_err, 0.0)
+        _update_code_rows(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_rounds,
+                          max_sweeps, idx, val, err, chunk * _CHUNK_ROWS,
+                          min(m, (chunk + 1) * _CHUNK_ROWS))
 
 
 @_njit(parallel=True)

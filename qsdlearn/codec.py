@@ -59,12 +59,16 @@ STREAMS = ("code_support", "code_values", "codebook_support", "codebook_values",
 _DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
-# -- reconstruction kernels (shared with inverse_transform) ------------------------------------
+# -- reconstruction (shared with inverse_transform) ---------------------------------------------
 
 
 @_njit(parallel=True)
 def reconstruct_from_slots(idx, val, C, out):
-    """``out[i] = sum_a val[i, a] * C[idx[i, a]]`` over nonzero values, in slot order."""
+    """``out[i] = sum_a val[i, a] * C[idx[i, a]]`` over nonzero values, in slot order.
+
+    Dense codes go through the same loop with :func:`all_positions`, so decoding and
+    ``inverse_transform`` perform the same operations in the same order.
+    """
     m, n = idx.shape
     d = C.shape[1]
     for i in numba.prange(m):
@@ -79,20 +83,9 @@ def reconstruct_from_slots(idx, val, C, out):
                 out[i, t] += v * C[j, t]
 
 
-@_njit(parallel=True)
-def reconstruct_from_dense(Z, C, out):
-    """``out = Z @ C`` summed over the nonzeros of each row in column order (as the slots)."""
-    m, k = Z.shape
-    d = C.shape[1]
-    for i in numba.prange(m):
-        for t in range(d):
-            out[i, t] = 0
-        for j in range(k):
-            v = Z[i, j]
-            if v == 0:
-                continue
-            for t in range(d):
-                out[i, t] += v * C[j, t]
+def all_positions(n_rows, n_components):
+    """Slot positions of dense codes: every row uses every component, in order."""
+    return np.broadcast_to(np.arange(n_components, dtype=np.int64), (n_rows, n_components))
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -294,9 +287,8 @@ class CompressedMatrix:
         s = self.settings
         out = np.empty(self.shape, dtype=_DTYPES[s.dtype])
         if idx is None:
-            reconstruct_from_dense(val, codebook, out)
-        else:
-            reconstruct_from_slots(idx, val, codebook, out)
+            idx = all_positions(*val.shape)
+        reconstruct_from_slots(idx, val, codebook, out)
         return out
 
     def __repr__(self):
