@@ -383,31 +383,131 @@ def _unpack_factors(s, streams):
 # -- files ---------------------------------------------------------------------------------------
 
 
-def to_bytes(compressed):
-    """The file image of a :class:`CompressedMatrix` (a safetensors file)."""
+#: safetensors dtype names of the tensors a container may hold.
+_CONTAINER_DTYPES = {
+    "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32,
+    "I32": np.int32, "U64": np.uint64, "I64": np.int64, "F16": np.float16, "F32": np.float32,
+    "F64": np.float64, "BOOL": np.bool_,
+}
+
+
+def write_container(tensors, metadata, header_bytes=None):
+    """A safetensors file image.
+
+    Parameters
+    ----------
+    tensors : list of (name, dtype, shape, bytes)
+        In file order; ``dtype`` is a safetensors dtype name.
+    metadata : dict of str to str
+        ``format``, ``format_version`` and CRC-32 ``checksums`` are added.
+    header_bytes : int, optional
+        Pad the JSON header with spaces to exactly this size.
+    """
     header = {}
     offset = 0
-    buffer = []
-    for name in STREAMS:
-        stream = compressed.streams[name]
-        header[name] = {"dtype": "U8", "shape": [len(stream)], "data_offsets": [offset, offset + len(stream)]}
-        offset += len(stream)
-        buffer.append(stream)
+    for name, dtype, shape, data in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
     header["__metadata__"] = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
-        "kind": "matrix",
-        "settings": compressed.settings.to_json(),
+        **metadata,
         "checksums": json.dumps(
-            {name: f"{zlib.crc32(compressed.streams[name]):08x}" for name in STREAMS},
-            sort_keys=True,
+            {name: f"{zlib.crc32(data):08x}" for name, _, _, data in tensors}, sort_keys=True
         ),
     }
     text = json.dumps(header, separators=(",", ":")).encode()
-    if len(text) > HEADER_BYTES:  # cannot happen within the validated ranges of the settings
-        raise ValueError(f"header of {len(text)} bytes exceeds the fixed {HEADER_BYTES}")
-    text += b" " * (HEADER_BYTES - len(text))  # fixed size; safetensors allows the padding
-    return struct.pack("<Q", len(text)) + text + b"".join(buffer)
+    if header_bytes is None:
+        header_bytes = len(text) + (-len(text) % 8)  # align the buffer, as safetensors does
+    if len(text) > header_bytes:
+        raise ValueError(f"header of {len(text)} bytes exceeds the fixed {header_bytes}")
+    text += b" " * (header_bytes - len(text))
+    return struct.pack("<Q", len(text)) + text + b"".join(data for _, _, _, data in tensors)
+
+
+def read_container(data):
+    """Parse and check a file image: header, offsets, sizes against shapes and checksums.
+
+    Returns
+    -------
+    metadata : dict
+    tensors : dict of str to (dtype name, shape tuple, bytes), in file order
+    """
+    header, meta, buffer = _parse_header(bytes(data))
+    try:
+        checksums = json.loads(meta.get("checksums", ""))
+    except (TypeError, ValueError):
+        raise ValueError("damaged file: the checksums are not valid JSON") from None
+    if not isinstance(checksums, dict):
+        raise ValueError("damaged file: the checksums are not a mapping")
+    tensors = {}
+    offset = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in _CONTAINER_DTYPES:
+            raise ValueError(f"damaged file: tensor {name} has no supported dtype")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**48 for v in shape
+        ):
+            raise ValueError(f"damaged file: tensor {name} has an invalid shape")
+        begin, end = _offsets(entry, name)
+        if begin != offset:
+            raise ValueError(f"damaged file: tensor {name} is not contiguous with the others")
+        itemsize = np.dtype(_CONTAINER_DTYPES[entry["dtype"]]).itemsize
+        if end - begin != int(np.prod(shape, dtype=object)) * itemsize:
+            raise ValueError(f"damaged file: tensor {name} size does not match its shape")
+        if end > len(buffer):
+            raise ValueError(
+                f"damaged file: tensor {name} ends at byte {end} of a {len(buffer)}-byte buffer; "
+                "the file is probably truncated"
+            )
+        chunk = buffer[begin:end]
+        if checksums.get(name) != f"{zlib.crc32(chunk):08x}":
+            raise ValueError(f"damaged file: checksum mismatch in stream {name}")
+        tensors[name] = (entry["dtype"], tuple(shape), chunk)
+        offset = end
+    if offset != len(buffer):
+        raise ValueError(f"damaged file: {len(buffer) - offset} bytes after the last stream")
+    if set(checksums) != set(tensors):
+        raise ValueError("damaged file: the checksums do not name the tensors of the file")
+    return meta, tensors
+
+
+def matrix_tensors(compressed, prefix=""):
+    """The streams of a :class:`CompressedMatrix` as container tensors."""
+    return [
+        (prefix + name, "U8", (len(compressed.streams[name]),), compressed.streams[name])
+        for name in STREAMS
+    ]
+
+
+def matrix_from_tensors(settings, tensors, prefix=""):
+    """Rebuild and fully validate a :class:`CompressedMatrix` from container tensors."""
+    expected = settings.stream_sizes()
+    streams = {}
+    for name in STREAMS:
+        if prefix + name not in tensors:
+            raise ValueError(f"damaged file: stream {prefix + name} is missing")
+        dtype, _, data = tensors[prefix + name]
+        if dtype != "U8":
+            raise ValueError(f"damaged file: stream {prefix + name} is not a U8 tensor")
+        if len(data) != expected[name]:
+            raise ValueError(
+                f"damaged file: stream {prefix + name} declares {len(data)} bytes, the settings "
+                f"imply {expected[name]}"
+            )
+        streams[name] = data
+    compressed = CompressedMatrix(settings, streams)
+    compressed.factors()  # validate indices and floats now, not at first decode
+    return compressed
+
+
+def to_bytes(compressed):
+    """The file image of a :class:`CompressedMatrix` (a safetensors file)."""
+    metadata = {"kind": "matrix", "settings": compressed.settings.to_json()}
+    return write_container(matrix_tensors(compressed), metadata, header_bytes=HEADER_BYTES)
 
 
 def _parse_header(data):
@@ -440,49 +540,12 @@ def _parse_header(data):
 
 def from_bytes(data):
     """Read a :class:`CompressedMatrix` from a file image, validating everything."""
-    header, meta, buffer = _parse_header(bytes(data))
+    meta, tensors = read_container(data)
     if meta.get("kind") != "matrix":
         raise ValueError(f"unsupported kind of qsdlearn file: {meta.get('kind')!r}")
-    settings = MatrixSettings.from_json(meta.get("settings"))
-    try:
-        checksums = json.loads(meta.get("checksums", ""))
-    except (TypeError, ValueError):
-        raise ValueError("damaged file: the checksums are not valid JSON") from None
-    names = [name for name in header if name != "__metadata__"]
-    if names != list(STREAMS) or not isinstance(checksums, dict):
-        raise ValueError(f"damaged file: expected the streams {list(STREAMS)}, found {names}")
-    expected = settings.stream_sizes()
-    streams = {}
-    offset = 0
-    for name in STREAMS:
-        entry = header[name]
-        if not isinstance(entry, dict) or entry.get("dtype") != "U8":
-            raise ValueError(f"damaged file: stream {name} is not a U8 tensor")
-        begin, end = _offsets(entry, name)
-        if begin != offset or entry.get("shape") != [end - begin]:
-            raise ValueError(f"damaged file: stream {name} is not contiguous with the others")
-        if end - begin != expected[name]:
-            raise ValueError(
-                f"damaged file: stream {name} declares {end - begin} bytes, the settings imply "
-                f"{expected[name]}"
-            )
-        if end > len(buffer):
-            raise ValueError(
-                f"damaged file: stream {name} ends at byte {end} of a {len(buffer)}-byte buffer; "
-                "the file is probably truncated"
-            )
-        stream = buffer[begin:end]
-        if checksums.get(name) != f"{zlib.crc32(stream):08x}":
-            raise ValueError(f"damaged file: checksum mismatch in stream {name}")
-        streams[name] = stream
-        offset = end
-    if offset != len(buffer):
-        raise ValueError(
-            f"damaged file: {len(buffer) - offset} bytes after the last stream"
-        )
-    compressed = CompressedMatrix(settings, streams)
-    compressed.factors()  # validate indices and floats now, not at first decode
-    return compressed
+    if list(tensors) != list(STREAMS):
+        raise ValueError(f"damaged file: expected the streams {list(STREAMS)}, found {list(tensors)}")
+    return matrix_from_tensors(MatrixSettings.from_json(meta.get("settings")), tensors)
 
 
 def _offsets(entry, name):
@@ -502,10 +565,20 @@ def save(obj, path):
 
     The file is written to a temporary file in the same folder and renamed over ``path``, so
     an interrupted save leaves either the old file or the new one, never a partial file.
+
+    Parameters
+    ----------
+    obj : CompressedMatrix or CompressedModel
+    path : str or path-like
     """
-    if not isinstance(obj, CompressedMatrix):
-        raise TypeError(f"save takes a CompressedMatrix, got {type(obj).__name__}")
-    data = to_bytes(obj)
+    if hasattr(obj, "to_bytes"):
+        data = obj.to_bytes()
+    elif isinstance(obj, CompressedMatrix):
+        data = to_bytes(obj)
+    else:
+        raise TypeError(
+            f"save takes a CompressedMatrix or a CompressedModel, got {type(obj).__name__}"
+        )
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".qsdlearn-", suffix=".tmp")
@@ -522,7 +595,17 @@ def save(obj, path):
 
 
 def load(path):
-    """Read a file written by :func:`save`; the format is recognised from the content."""
+    """Read a file written by :func:`save`; the kind of object is recognised from the content.
+
+    Returns
+    -------
+    CompressedMatrix or CompressedModel
+    """
     with open(path, "rb") as file:
         data = file.read()
+    header, meta, _ = _parse_header(data)
+    if meta.get("kind") == "model":
+        from .weights import CompressedModel
+
+        return CompressedModel.from_bytes(data)
     return from_bytes(data)

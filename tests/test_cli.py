@@ -58,3 +58,54 @@ def test_cli_rejects_unknown_command(capsys):
 def test_cli_demo_has_a_seed_option():
     args = build_parser().parse_args(["demo", "--seed", "3"])
     assert args.seed == 3
+
+
+def test_cli_compress_info_decompress_round_trip(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    weights = {
+        "layer.weight": rng.normal(size=(64, 32)).astype(np.float32),
+        "layer.bias": np.zeros(64, dtype=np.float32),
+    }
+    source = tmp_path / "w.npz"
+    np.savez(source, **weights)
+    target = tmp_path / "w.qsd"
+    assert main(["compress", str(source), str(target), "--bits-per-weight", "8",
+                 "--vector-size", "4", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "layer.weight" in out and "total" in out
+    assert main(["info", str(target)]) == 0
+    assert "bits/weight" in capsys.readouterr().out
+    for name in ["out.npz", "out.safetensors"]:
+        assert main(["decompress", str(target), str(tmp_path / name)]) == 0
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as restored:
+        assert set(restored.files) == set(weights)
+        assert restored["layer.weight"].shape == (64, 32)
+        np.testing.assert_array_equal(restored["layer.bias"], weights["layer.bias"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "missing.qsd"], "No such file"),
+        (["compress", "missing.npz", "out.qsd", "--bits-per-weight", "2"], "no such file"),
+        (["decompress", "missing.qsd", "out.npz"], "No such file"),
+    ],
+)
+def test_cli_errors_are_one_line_messages(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_rejects_unreadable_files(tmp_path, capsys):
+    junk = tmp_path / "junk.qsd"
+    junk.write_bytes(b"not a model at all")
+    assert main(["info", str(junk)]) == 1
+    assert "not a qsdlearn file" in capsys.readouterr().err
+    weights = tmp_path / "w.txt"
+    weights.write_text("hello")
+    assert main(["compress", str(weights), str(tmp_path / "o"), "--bits-per-weight", "2"]) == 1
+    assert ".npz or .safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compress", "a.npz", "b.qsd"])  # --bits-per-weight is required
