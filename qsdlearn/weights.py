@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import joblib
 import numpy as np
 from sklearn.utils import check_random_state
+from threadpoolctl import threadpool_limits
 
 from ._estimator import QuantizedSparseDecomposition
 from .codec import (
@@ -382,13 +383,20 @@ def _layer_seed(base, name):
     return (base + zlib.crc32(name.encode())) % 2**32
 
 
-def _fit_layer(name, weight, setting, seed, n_threads, max_iter):
+def _fit_layer(name, weight, setting, seed, n_threads, max_iter, max_fit_rows):
+    """Fit one layer's codebook (on at most ``max_fit_rows`` rows drawn at random) and encode
+    all its rows. Runs in a joblib worker: numba and BLAS threads are capped there so that
+    workers x threads stay within the cores (joblib's Dask backend does not do it)."""
     X = to_rows(weight.astype(np.float32), setting.vector_size)
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=max_iter)
-    with warnings.catch_warnings():
+    sample = X
+    if max_fit_rows is not None and X.shape[0] > max_fit_rows:
+        rows = np.random.default_rng(seed).choice(X.shape[0], max_fit_rows, replace=False)
+        sample = X[np.sort(rows)]
+    with threadpool_limits(limits=n_threads), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        est.fit(X)
-    matrix = est.encode(X)
+        est.fit(sample)
+        matrix = est.encode(X)
     decoded = from_rows(matrix.decode(), weight.shape)
     return CompressedLayer(matrix, weight.shape, weight.dtype.name, setting, sqnr(weight, decoded))
 
@@ -403,7 +411,7 @@ def _estimate(name, weight, setting, seed, n_threads):
     if setting.n_components > sample.shape[0]:
         return None
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=ESTIMATE_MAX_ITER)
-    with warnings.catch_warnings():
+    with threadpool_limits(limits=n_threads), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         est.fit(sample)
     error = est.reconstruction_err_**2 * X.shape[0] / sample.shape[0]
@@ -475,6 +483,7 @@ def compress_weights(
     n_jobs=None,
     random_state=None,
     max_iter=50,
+    max_fit_rows=None,
     verbose=None,
 ):
     """Compress every tensor of a model, layer by layer.
@@ -503,6 +512,9 @@ def compress_weights(
         Seed; each layer's seed is derived from it and the layer name.
     max_iter : int, default=50
         Iterations of each final fit.
+    max_fit_rows : int, optional
+        Fit each codebook on at most this many sub-vectors drawn at random (then encode all
+        of them), as vector quantizers are usually trained; ``None`` fits on all.
     verbose : bool, optional
         Progress bar over layers (tqdm, when installed); default: when run in a terminal.
 
@@ -546,7 +558,8 @@ def compress_weights(
     parallel = joblib.Parallel(n_jobs=n_jobs, return_as="generator")
     jobs = (
         joblib.delayed(_fit_layer)(
-            name, tensors[name], fixed[name], _layer_seed(base, name), n_threads, max_iter
+            name, tensors[name], fixed[name], _layer_seed(base, name), n_threads, max_iter,
+            max_fit_rows,
         )
         for name in compressible
     )
