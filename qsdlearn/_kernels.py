@@ -276,7 +276,7 @@ def _debias_slots(idx, val, n, p, G, A, b):
 
 
 @_njit()
-def _greedy_slots(idx, val, n, dense, p, G, nbits, c, used, A, b):
+def _greedy_slots(idx, val, n, dense, p, G, inv_g, nbits, c, used, A, b):
     """Cold start: fill the slots one at a time with the best (position, value) pair.
 
     With float values the values of the filled slots are refitted by least squares after
@@ -294,11 +294,18 @@ def _greedy_slots(idx, val, n, dense, p, G, nbits, c, used, A, b):
             best_q = 0.0
             best_gain = -np.inf
             for j in range(k):
-                if used[j]:
+                # c_j**2 / G_jj bounds what position j can save (pruning; ties keep the first)
+                if used[j] or c[j] * c[j] * inv_g[j] <= best_gain:
                     continue
                 q, gain = _best_value(c[j], G[j, j], nbits)
                 if gain > best_gain:
                     best_gain, best_j, best_q = gain, j, q
+            if best_j < 0:  # defensive (non-finite input, excluded by validation): stay in bounds
+                for j in range(k):
+                    if not used[j]:
+                        best_j = j
+                        best_q, best_gain = _best_value(c[j], G[j, j], nbits)
+                        break
         used[best_j] = True
         idx[a] = best_j
         val[a] = best_q
@@ -311,7 +318,7 @@ def _greedy_slots(idx, val, n, dense, p, G, nbits, c, used, A, b):
 
 
 @_njit()
-def _refine_slots(idx, val, n, dense, p, G, nbits, max_sweeps, tol, c, used):
+def _refine_slots(idx, val, n, dense, p, G, inv_g, nbits, max_sweeps, tol, c, used):
     """Exact block-coordinate descent: re-solve one slot at a time given all the others.
 
     Each step is the exact minimiser over (position, value) of one slot, the current pair
@@ -334,7 +341,7 @@ def _refine_slots(idx, val, n, dense, p, G, nbits, max_sweeps, tol, c, used):
             best_q, best_gain = _best_value(c[j0], G[j0, j0], nbits)
             if not dense:
                 for j in range(k):
-                    if used[j]:
+                    if used[j] or c[j] * c[j] * inv_g[j] <= best_gain + tol:
                         continue
                     q, gain = _best_value(c[j], G[j, j], nbits)
                     if gain > best_gain + tol:
@@ -376,7 +383,7 @@ def _pgd_step(idx, val, n, dense, p, G, nbits, eta, z, gains, c):
 def _run_rounds(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_sweeps, work):
     """Rounds of (gradient step, coordinate sweeps, debiasing) from the given slots; a round
     that does not lower the error is undone and ends the loop. Returns the error."""
-    c, z, gains, used, old_idx, old_val, A, b = work
+    c, z, gains, used, old_idx, old_val, A, b, inv_g = work
     tol = 1e-13 * xx + 1e-300
     err = _row_error(idx, val, n, p, G, xx)
     for _ in range(n_rounds):
@@ -385,7 +392,7 @@ def _run_rounds(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_sweeps, 
             old_val[a] = val[a]
         _pgd_step(idx, val, n, dense, p, G, nbits, eta, z, gains, c)
         _residual_correlation(idx, val, n, p, G, c)
-        _refine_slots(idx, val, n, dense, p, G, nbits, max_sweeps, tol, c, used)
+        _refine_slots(idx, val, n, dense, p, G, inv_g, nbits, max_sweeps, tol, c, used)
         if nbits < 0 and not dense:
             _debias_slots(idx, val, n, p, G, A, b)
         new_err = _row_error(idx, val, n, p, G, xx)
@@ -404,10 +411,10 @@ def _run_rounds(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_sweeps, 
 @_njit()
 def _solve_row_cold(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_sweeps, work):
     """Codes of one row from scratch: greedy fill, sweeps, then improvement rounds."""
-    c, z, gains, used, old_idx, old_val, A, b = work
+    c, z, gains, used, old_idx, old_val, A, b, inv_g = work
     tol = 1e-13 * xx + 1e-300
-    _greedy_slots(idx, val, n, dense, p, G, nbits, c, used, A, b)
-    _refine_slots(idx, val, n, dense, p, G, nbits, max_sweeps, tol, c, used)
+    _greedy_slots(idx, val, n, dense, p, G, inv_g, nbits, c, used, A, b)
+    _refine_slots(idx, val, n, dense, p, G, inv_g, nbits, max_sweeps, tol, c, used)
     if nbits < 0 and not dense:
         _debias_slots(idx, val, n, p, G, A, b)
     return _run_rounds(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_sweeps, work)
@@ -433,7 +440,11 @@ def _update_code_rows(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_round
         np.empty(n, dtype=np.float64),  # old_val
         np.empty((n, n), dtype=np.float64),  # A
         np.empty(n, dtype=np.float64),  # b
+        np.empty(k, dtype=np.float64),  # inv_g: 1 / G_jj (0 for an empty codebook row)
     )
+    inv_g = work[8]
+    for j in range(k):
+        inv_g[j] = 1.0 / G[j, j] if G[j, j] > 0.0 else 0.0
     p = np.empty(k, dtype=np.float64)
     row_idx = np.empty(n, dtype=np.int64)
     row_val = np.empty(n, dtype=np.float64)

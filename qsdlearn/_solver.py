@@ -27,7 +27,7 @@ from . import _kernels
 from ._levels import fit_level_scales, top_magnitude_mask
 
 #: Rounds of (gradient step, coordinate sweeps) after the greedy fill of ``transform``.
-TRANSFORM_ROUNDS = 1
+TRANSFORM_ROUNDS = 0
 #: Coordinate sweeps per round.
 MAX_SWEEPS = 4
 #: Entries of the correlation block ``X_block @ C.T`` computed at once.
