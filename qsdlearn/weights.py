@@ -18,8 +18,10 @@ Rate
 header, every stream's rounding to bytes and every kept tensor included.
 """
 
+import json
 import numbers
 import os
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -152,7 +154,7 @@ class CompressedModel:
     @property
     def n_weights(self):
         """Number of weights of all tensors."""
-        return sum(int(np.prod(_shape(entry), dtype=np.int64)) for entry in self.layers.values())
+        return sum(int(np.prod(entry.shape, dtype=np.int64)) for entry in self.layers.values())
 
     @property
     def nbytes(self):
@@ -168,7 +170,7 @@ class CompressedModel:
     def compression_ratio(self):
         """Size of the original tensors in their dtypes over the file size."""
         original = sum(
-            int(np.prod(_shape(entry), dtype=np.int64)) * np.dtype(_dtype(entry)).itemsize
+            int(np.prod(entry.shape, dtype=np.int64)) * np.dtype(entry.dtype).itemsize
             for entry in self.layers.values()
         )
         return original / self.nbytes
@@ -186,7 +188,7 @@ class CompressedModel:
         """Per-tensor records: name, shape, setting, bits, bits_per_weight, sqnr_db."""
         records = []
         for name, entry in self.layers.items():
-            size = int(np.prod(_shape(entry), dtype=np.int64))
+            size = int(np.prod(entry.shape, dtype=np.int64))
             if isinstance(entry, CompressedLayer):
                 bits = 8 * entry.matrix.nbytes
                 setting, quality = entry.setting.describe(), entry.sqnr_db
@@ -196,7 +198,7 @@ class CompressedModel:
             records.append(
                 dict(
                     name=name,
-                    shape=tuple(_shape(entry)),
+                    shape=tuple(entry.shape),
                     setting=setting,
                     bits=bits,
                     bits_per_weight=bits / max(size, 1),
@@ -241,8 +243,6 @@ class CompressedModel:
                 data = np.ascontiguousarray(entry).astype(entry.dtype.newbyteorder("<")).tobytes()
                 tensors.append((f"{i}", _KEPT_DTYPES[entry.dtype.name], entry.shape, data))
                 entries.append(dict(name=name, kind="kept"))
-        import json
-
         return tensors, {"kind": "model", "layers": json.dumps(entries, separators=(",", ":"))}
 
     def to_bytes(self):
@@ -261,8 +261,6 @@ class CompressedModel:
     @classmethod
     def from_bytes(cls, data):
         """Read and validate a file image written by :meth:`to_bytes`."""
-        import json
-
         meta, tensors = read_container(data)
         if meta.get("kind") != "model":
             raise ValueError(f"not a compressed model: kind {meta.get('kind')!r}")
@@ -332,14 +330,6 @@ def _layer_from_entry(entry, tensors, i, name):
         raise ValueError(f"damaged file: layer {name!r} shape does not match its codes")
     matrix = matrix_from_tensors(settings, tensors, prefix=f"{i}.")
     return CompressedLayer(matrix, shape, dtype.name, setting, quality)
-
-
-def _shape(entry):
-    return entry.shape
-
-
-def _dtype(entry):
-    return entry.dtype
 
 
 # -- reading weights -----------------------------------------------------------------------------
@@ -532,7 +522,7 @@ def compress_weights(
     if not isinstance(vector_size, numbers.Integral) or vector_size < 1:
         raise ValueError(f"vector_size must be a positive integer, got {vector_size!r}")
     if verbose is None:
-        verbose = bool(getattr(__import__("sys").stderr, "isatty", lambda: False)())
+        verbose = sys.stderr.isatty()
     base = check_random_state(random_state).randint(2**31)
     n_workers = joblib.effective_n_jobs(n_jobs)
     n_threads = max(1, (os.cpu_count() or 1) // max(n_workers, 1))
