@@ -59,16 +59,20 @@ class BitBudget:
     codebook_values: int
     codebook_scales: int
 
+    def stream_bits(self):
+        """Bits of every stream, by the stream names of the codec."""
+        return dict(
+            code_support=self.code_support,
+            code_values=self.code_values,
+            codebook_support=self.codebook_support,
+            codebook_values=self.codebook_values,
+            codebook_scales=self.codebook_scales,
+        )
+
     @property
     def total(self):
         """All payload bits."""
-        return (
-            self.code_support
-            + self.code_values
-            + self.codebook_support
-            + self.codebook_values
-            + self.codebook_scales
-        )
+        return sum(self.stream_bits().values())
 
     @property
     def per_element(self):

@@ -11,7 +11,6 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import _solver
-from ._bits import factorization_bits
 from .codec import MatrixSettings, all_positions, encode_factors, reconstruct_from_slots
 
 
@@ -293,11 +292,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         self.n_iter_ = result.n_iter
         self.objective_ = np.asarray(result.objective)
         self.reconstruction_err_ = float(np.sqrt(result.row_errors.sum()))
-        budget = factorization_bits(
-            n, d, k, setting.n_nonzero if not setting.dense_codes else None,
-            setting.code_bits, setting.codebook_bits, setting.component_nonzero,
-            float_bits=8 * X.dtype.itemsize,
-        )
+        budget = MatrixSettings.from_setting(setting, n, d, X.dtype).budget
         self.bit_budget_ = budget
         self.bits_ = budget.total
         self.bits_per_element_ = budget.per_element
@@ -318,11 +313,14 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         codes : ndarray of shape (n_samples, n_components)
             Dequantized codes, in the dtype of ``X``.
         """
-        return self._encode(X).to_dense(self.n_components_)
+        return self._encode(self._validate_new(X)).to_dense(self.n_components_)
+
+    def _validate_new(self, X):
+        check_is_fitted(self)
+        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
 
     def _encode(self, X):
-        check_is_fitted(self)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        """Codes of validated rows ``X`` (see :meth:`transform`)."""
         X = np.ascontiguousarray(X)
         with _numba_threads(self.n_threads):
             codes, _ = _solver.solve_codes(X, self.components_.astype(X.dtype), self._setting_)
@@ -371,21 +369,10 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
             ``decode()`` gives ``inverse_transform(transform(X))`` bit for bit; ``bits`` is
             the bit account of :attr:`bits_` for these rows.
         """
-        check_is_fitted(self)
+        X = self._validate_new(X)
         dtype = self.components_.dtype
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
         codes = self._encode(np.asarray(X, dtype=dtype))
-        setting = self._setting_
-        settings = MatrixSettings(
-            n_rows=X.shape[0],
-            n_features=X.shape[1],
-            n_components=self.n_components_,
-            n_nonzero=None if setting.dense_codes else setting.n_nonzero,
-            code_bits=setting.code_bits,
-            codebook_bits=setting.codebook_bits,
-            component_nonzero=setting.component_nonzero,
-            dtype=dtype.name,
-        )
+        settings = MatrixSettings.from_setting(self._setting_, *X.shape, dtype)
         return encode_factors(
             settings, codes.idx, codes.val, self.components_, self.codebook_scales_
         )
@@ -405,8 +392,8 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         score : float
             ``-mean((X - inverse_transform(transform(X)))**2)``.
         """
-        codes = self.transform(X)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        X = self._validate_new(X)
+        codes = self._encode(X).to_dense(self.n_components_)
         return -float(np.mean((X - self.inverse_transform(codes)) ** 2))
 
     @property

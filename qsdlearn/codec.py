@@ -117,15 +117,22 @@ class MatrixSettings:
 
     def stream_sizes(self):
         """Expected byte size of every stream (0 when absent)."""
-        b = self.budget
-        bits = dict(
-            code_support=b.code_support,
-            code_values=b.code_values,
-            codebook_support=b.codebook_support,
-            codebook_values=b.codebook_values,
-            codebook_scales=b.codebook_scales,
+        return {name: (bits + 7) // 8 for name, bits in self.budget.stream_bits().items()}
+
+    @classmethod
+    def from_setting(cls, setting, n_rows, n_features, dtype):
+        """Settings of an ``(n_rows, n_features)`` matrix factorized under a solver
+        :class:`~qsdlearn._solver.Setting` (dense codes store no support)."""
+        return cls(
+            n_rows=n_rows,
+            n_features=n_features,
+            n_components=setting.n_components,
+            n_nonzero=None if setting.dense_codes else setting.n_nonzero,
+            code_bits=setting.code_bits,
+            codebook_bits=setting.codebook_bits,
+            component_nonzero=setting.component_nonzero,
+            dtype=np.dtype(dtype).name,
         )
-        return {name: (value + 7) // 8 for name, value in bits.items()}
 
     def to_json(self):
         return json.dumps(self.__dict__, sort_keys=True)
@@ -434,12 +441,7 @@ def read_container(data):
     tensors : dict of str to (dtype name, shape tuple, bytes), in file order
     """
     header, meta, buffer = _parse_header(bytes(data))
-    try:
-        checksums = json.loads(meta.get("checksums", ""))
-    except (TypeError, ValueError):
-        raise ValueError("damaged file: the checksums are not valid JSON") from None
-    if not isinstance(checksums, dict):
-        raise ValueError("damaged file: the checksums are not a mapping")
+    checksums = json_field(meta, "checksums", dict)
     tensors = {}
     offset = 0
     for name, entry in header.items():
@@ -508,6 +510,17 @@ def to_bytes(compressed):
     """The file image of a :class:`CompressedMatrix` (a safetensors file)."""
     metadata = {"kind": "matrix", "settings": compressed.settings.to_json()}
     return write_container(matrix_tensors(compressed), metadata, header_bytes=HEADER_BYTES)
+
+
+def json_field(meta, key, kind):
+    """Decode the JSON text of metadata field ``key``; it must hold a ``kind`` (dict/list)."""
+    try:
+        value = json.loads(meta.get(key, ""))
+    except (TypeError, ValueError):
+        raise ValueError(f"damaged file: the {key} are not valid JSON") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"damaged file: the {key} are not a {kind.__name__}")
+    return value
 
 
 def _parse_header(data):

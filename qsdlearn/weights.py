@@ -32,9 +32,12 @@ from sklearn.utils import check_random_state
 from threadpoolctl import threadpool_limits
 
 from ._estimator import QuantizedSparseDecomposition
+from ._solver import Setting
 from .codec import (
+    STREAMS,
     CompressedMatrix,
     MatrixSettings,
+    json_field,
     matrix_from_tensors,
     matrix_tensors,
     read_container,
@@ -52,6 +55,7 @@ _KEPT_DTYPES = {
     "int16": "I16", "uint16": "U16", "int32": "I32", "uint32": "U32", "int64": "I64",
     "uint64": "U64", "bool": "BOOL",
 }
+_KEPT_DTYPE_NAMES = {container: name for name, container in _KEPT_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -264,12 +268,7 @@ class CompressedModel:
         meta, tensors = read_container(data)
         if meta.get("kind") != "model":
             raise ValueError(f"not a compressed model: kind {meta.get('kind')!r}")
-        try:
-            entries = json.loads(meta.get("layers", ""))
-        except (TypeError, ValueError):
-            raise ValueError("damaged file: the layer list is not valid JSON") from None
-        if not isinstance(entries, list):
-            raise ValueError("damaged file: the layer list is not a list")
+        entries = json_field(meta, "layers", list)
         layers = {}
         used = set()
         for i, entry in enumerate(entries):
@@ -282,15 +281,14 @@ class CompressedModel:
                 if f"{i}" not in tensors:
                     raise ValueError(f"damaged file: tensor of layer {name!r} is missing")
                 dtype_name, shape, chunk = tensors[f"{i}"]
-                dtype = {v: k for k, v in _KEPT_DTYPES.items()}[dtype_name]
+                dtype = _KEPT_DTYPE_NAMES[dtype_name]
                 layers[name] = np.frombuffer(chunk, dtype=np.dtype(dtype).newbyteorder("<")).astype(
                     dtype
                 ).reshape(shape)
                 used.add(f"{i}")
             elif entry.get("kind") == "compressed":
                 layers[name] = _layer_from_entry(entry, tensors, i, name)
-                used.update(f"{i}.{s}" for s in ("code_support", "code_values", "codebook_support",
-                                                   "codebook_values", "codebook_scales"))
+                used.update(f"{i}.{stream}" for stream in STREAMS)
             else:
                 raise ValueError(f"damaged file: layer {name!r} has an unknown kind")
         if used != set(tensors):
@@ -606,14 +604,14 @@ def _plan(tensors, compressible, free, fixed, bits_per_weight, candidates, base,
 
 
 def _matrix_settings(weight, setting):
+    """Settings of the matrix :func:`to_rows` makes of ``weight`` (what :func:`_fit_layer`
+    encodes), known before fitting."""
     width = int(np.prod(weight.shape[1:], dtype=np.int64))
     rows = weight.shape[0] * (-(-width // setting.vector_size))
-    return MatrixSettings(
-        rows, setting.vector_size, setting.n_components,
-        None if setting.n_nonzero is None or setting.n_nonzero >= setting.n_components
-        else setting.n_nonzero,
-        setting.code_bits, setting.codebook_bits, None, "float32",
+    constraints = Setting(
+        setting.n_components, setting.n_nonzero, setting.code_bits, setting.codebook_bits
     )
+    return MatrixSettings.from_setting(constraints, rows, setting.vector_size, np.float32)
 
 
 def _stream_bytes(weight, setting):
