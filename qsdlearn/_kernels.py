@@ -414,6 +414,9 @@ def _solve_row_cold(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_swee
     c, z, gains, used, old_idx, old_val, A, b, inv_g = work
     tol = 1e-13 * xx + 1e-300
     _greedy_slots(idx, val, n, dense, p, G, inv_g, nbits, c, used, A, b)
+    if n == 1 and not dense:
+        # One slot: the greedy choice is the exact minimiser over (position, value).
+        return _row_error(idx, val, n, p, G, xx)
     _refine_slots(idx, val, n, dense, p, G, inv_g, nbits, max_sweeps, tol, c, used)
     if nbits < 0 and not dense:
         _debias_slots(idx, val, n, p, G, A, b)

@@ -36,7 +36,7 @@ def quantize(values, scale, nbits):
     return np.where(scale == 0, 0.0, (i - half + 0.5) * scale)
 
 
-def fit_level_scales(values, nbits, mask=None):
+def fit_level_scales(values, nbits, mask=None, fractions=None):
     """Per-column scale of the ``nbits`` grid with the smallest squared quantization error.
 
     Searches steps from 5 % to 100 % of the step that covers the column's largest magnitude
@@ -50,6 +50,8 @@ def fit_level_scales(values, nbits, mask=None):
         At least 1.
     mask : ndarray of bool, shape (m, n), optional
         Entries that count; others are ignored.
+    fractions : sequence of float, optional
+        The steps tried, as fractions of the range-covering step (default: 39 from 0.05 to 1).
 
     Returns
     -------
@@ -61,7 +63,7 @@ def fit_level_scales(values, nbits, mask=None):
     full_step = top / (2 ** (nbits - 1) - 0.5)
     best_err = np.full(values.shape[1], np.inf)
     best = np.ones(values.shape[1])
-    for fraction in _SCALE_FRACTIONS:
+    for fraction in _SCALE_FRACTIONS if fractions is None else fractions:
         step = np.where(full_step > 0, full_step * fraction, 1.0)
         err = np.sum(weights * (values - quantize(values, step, nbits)) ** 2, axis=0)
         better = err < best_err

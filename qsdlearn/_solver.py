@@ -34,6 +34,9 @@ MAX_SWEEPS = 4
 _BLOCK_ENTRIES = 2**22
 #: Rows used to choose the initial code scales.
 _SCALE_SAMPLE_ROWS = 20000
+#: k-means++ seeds from at most this many rows per component (and at least _SEEDING_MIN_ROWS).
+_SEEDING_ROWS_PER_COMPONENT = 64
+_SEEDING_MIN_ROWS = 2**14
 
 
 @dataclass(frozen=True)
@@ -361,6 +364,17 @@ def _svd_components(X, k, rng):
     return (U * S).astype(np.float64), Vt.astype(np.float64)
 
 
+def _seeding_sample(X, k, rng):
+    """The rows k-means++ seeds ``k`` components from: all of ``X``, or a uniform sample of
+    ``_SEEDING_ROWS_PER_COMPONENT * k`` rows (at least ``_SEEDING_MIN_ROWS``) when ``X`` is
+    larger. Seeding costs O(rows * k * log k); on a sample its cost no longer grows with ``n``
+    (the iterations that follow use every row)."""
+    cap = max(_SEEDING_MIN_ROWS, _SEEDING_ROWS_PER_COMPONENT * k)
+    if X.shape[0] <= cap:
+        return X
+    return X[np.sort(rng.choice(X.shape[0], cap, replace=False))]
+
+
 def _pad_components(X, C, k, rng):
     """Add rows drawn from ``X`` (k-means++ seeding) until the codebook has ``k`` rows."""
     missing = k - C.shape[0]
@@ -368,7 +382,7 @@ def _pad_components(X, C, k, rng):
         return C
     n = X.shape[0]
     if n >= missing:
-        extra, _ = kmeans_plusplus(X, missing, random_state=rng)
+        extra, _ = kmeans_plusplus(_seeding_sample(X, missing, rng), missing, random_state=rng)
     else:
         extra = X[rng.randint(n, size=missing)] + rng.standard_normal((missing, X.shape[1])) * (
             np.std(X) + 1e-12
@@ -389,7 +403,7 @@ def initial_codebook(X, setting, init, rng):
             Z0 = None
         return C0, Z0
     if init == "k-means++" and n >= k:
-        seeds, _ = kmeans_plusplus(X, k, random_state=rng)
+        seeds, _ = kmeans_plusplus(_seeding_sample(X, k, rng), k, random_state=rng)
         return np.asarray(seeds, dtype=np.float64), None
     # "random" (or k-means++ with fewer rows than components): distinct rows plus noise.
     chosen = rng.choice(n, size=k, replace=n < k)

@@ -1,0 +1,337 @@
+"""The compression methods compared by the rate–distortion benchmark, with exact bit counts.
+
+Every method takes an ``(out, in)`` weight matrix and returns its reconstruction and the number
+of bits needed to store it, counted with the rules of DESIGN §3 for all of them:
+
+- a float value costs 32 bits (the data are float32), a float16 value 16 bits;
+- an index into ``m`` choices costs ``ceil(log2 m)`` bits, the positions of ``s`` nonzeros among
+  ``k`` cost :func:`qsdlearn._bits.support_bits` (as in qsdlearn's own codec);
+- codebooks, scales and per-row counts are included.
+
+Methods that work on short sub-vectors cut the matrix into rows of ``vector_size`` elements with
+:func:`qsdlearn.weights.to_rows` (the adapter's reshape rule). Learned codebooks are fitted on
+at most ``budget.fit_rows`` sampled rows and then every row is encoded, the same for all methods.
+"""
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from qsdlearn import QuantizedSparseDecomposition
+from qsdlearn._bits import ceil_log2, support_bits
+from qsdlearn._levels import fit_level_scales, quantize
+from qsdlearn.weights import from_rows, to_rows
+
+FLOAT_BITS = 32
+#: Rows MiniBatchDictionaryLearning learns from at most (and a quarter of the others' rows): its
+#: LARS coding step runs in Python row by row (about 2 ms a row here).
+DICTIONARY_FIT_ROWS = 4096
+
+
+class NotApplicable(Exception):
+    """The method cannot run on this matrix (e.g. more codewords than rows)."""
+
+
+@dataclass(frozen=True)
+class FitBudget:
+    """Effort given to every learned method.
+
+    Attributes
+    ----------
+    fit_rows : int
+        Codebooks are learned on at most this many rows, sampled without replacement.
+    max_iter : int
+        Iterations of the iterative fits (QSD, k-means, sparse PCA, dictionary-learning epochs).
+    seed : int
+    """
+
+    fit_rows: int = 16384
+    max_iter: int = 25
+    seed: int = 0
+
+    def sample(self, rows):
+        """At most ``fit_rows`` of ``rows``, drawn with this budget's seed."""
+        if rows.shape[0] <= self.fit_rows:
+            return rows
+        pick = np.random.default_rng(self.seed).choice(rows.shape[0], self.fit_rows, replace=False)
+        return rows[np.sort(pick)]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One point of a method family's grid.
+
+    ``run(weight, budget)`` returns ``(reconstruction, bits)``.
+    """
+
+    family: str
+    setting: str
+    run: Callable
+
+
+def _rows_or_skip(weight, vector_size, n_codewords):
+    rows = to_rows(weight, vector_size)
+    if rows.shape[0] < n_codewords:
+        raise NotApplicable(f"{rows.shape[0]} rows < {n_codewords} codewords")
+    return rows
+
+
+# -- QSD -----------------------------------------------------------------------------------------
+
+
+def qsd(vector_size, n_components, n_nonzero, code_bits, codebook_bits):
+    """QuantizedSparseDecomposition on rows of ``vector_size``; bits = the codec's exact count."""
+
+    def run(weight, budget):
+        rows = _rows_or_skip(weight, vector_size, n_components)
+        est = QuantizedSparseDecomposition(
+            n_components=n_components, n_nonzero=n_nonzero, code_bits=code_bits,
+            codebook_bits=codebook_bits, max_iter=budget.max_iter, random_state=budget.seed,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ConvergenceWarning: max_iter is the budget
+            est.fit(budget.sample(rows))
+        compressed = est.encode(rows)
+        return from_rows(compressed.decode(), weight.shape), compressed.bits
+
+    values = "one-hot" if code_bits == 0 else (
+        "float" if code_bits is None else f"{code_bits}-bit")
+    slots = "dense" if n_nonzero is None else f"{n_nonzero} of {n_components}"
+    codebook = "float" if codebook_bits is None else f"{codebook_bits}-bit"
+    return Method("QSD", f"d={vector_size} k={n_components} {slots} {values} codes, "
+                  f"{codebook} codebook", run)
+
+
+# -- truncated SVD with quantized factors --------------------------------------------------------
+
+_svd_memo = {}
+
+
+def _thin_svd(weight):
+    """SVD of the last matrix asked for (the grid asks for the same matrix many times)."""
+    if _svd_memo.get("weight") is not weight:
+        U, S, Vt = np.linalg.svd(np.asarray(weight, dtype=np.float64), full_matrices=False)
+        _svd_memo.update(weight=weight, factors=(U, S, Vt))
+    return _svd_memo["factors"]
+
+
+def _quantize_columns(values, nbits):
+    """Uniform ``nbits`` quantization with one MSE-optimal scale per column.
+
+    The clipping is searched on a grid of 50 steps from 2 % to 100 % of the full-range step,
+    then refined per column on 17 steps within +-2 % of the best one (the squared error is not
+    unimodal in the step, so a coarse grid alone can land in the wrong dip).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    full_step = np.max(np.abs(values), axis=0) / (2 ** (nbits - 1) - 0.5)
+    coarse = fit_level_scales(values, nbits, fractions=np.linspace(0.02, 1.0, 50))
+    fraction = np.where(full_step > 0, coarse / np.where(full_step > 0, full_step, 1), 1.0)
+    fine = [fraction * (1 + u) for u in np.linspace(-0.02, 0.02, 17)]
+    scales = np.where(full_step > 0, fit_level_scales(values, nbits, fractions=fine), 0.0)
+    return quantize(values, scales[None, :], nbits)  # a zero scale keeps a zero column zero
+
+
+def svd(rate, factor_bits):
+    """Rank-r SVD whose rank gives about ``rate`` bits per element with ``factor_bits`` factors.
+
+    16-bit factors are float16; 8-bit factors are uniform with one 32-bit scale per factor column
+    (per component). The singular values are split evenly between the two factors.
+    """
+
+    def run(weight, budget):
+        n, d = weight.shape
+        rank = int(round(rate * n * d / ((n + d) * factor_bits)))
+        if not 1 <= rank <= min(n, d):
+            raise NotApplicable(f"rank {rank} out of range")
+        U, S, Vt = _thin_svd(weight)
+        root = np.sqrt(S[:rank])
+        left, right = U[:, :rank] * root, Vt[:rank].T * root
+        if factor_bits == 16:
+            left, right = left.astype(np.float16), right.astype(np.float16)
+            bits = rank * (n + d) * 16
+        else:
+            left, right = _quantize_columns(left, factor_bits), _quantize_columns(right, factor_bits)
+            bits = rank * (n + d) * factor_bits + 2 * rank * FLOAT_BITS
+        reconstruction = left.astype(np.float64) @ right.astype(np.float64).T
+        return reconstruction.astype(weight.dtype), bits
+
+    return Method(f"SVD {factor_bits}-bit factors", f"about {rate:g} bits/element", run)
+
+
+# -- scalar round-to-nearest ---------------------------------------------------------------------
+
+
+def scalar(nbits):
+    """Per-row uniform ``nbits`` quantizer (qsdlearn's mid-rise grid) with MSE-optimal clipping
+    searched over :data:`CLIP_FRACTIONS`; one 32-bit scale per row."""
+
+    def run(weight, budget):
+        n, d = weight.shape
+        reconstruction = _quantize_columns(weight.T, nbits).T
+        return reconstruction.astype(weight.dtype), n * d * nbits + n * FLOAT_BITS
+
+    return Method("scalar RTN (per-row clip)", f"{nbits} bits", run)
+
+
+# -- k-means vector quantization -----------------------------------------------------------------
+
+
+def kmeans(vector_size, n_clusters):
+    """scikit-learn KMeans on rows of ``vector_size``; float32 codebook, fixed-width indices."""
+
+    def run(weight, budget):
+        from sklearn.cluster import KMeans
+
+        rows = _rows_or_skip(weight, vector_size, n_clusters)
+        model = KMeans(n_clusters, n_init=1, max_iter=budget.max_iter, random_state=budget.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(budget.sample(rows))
+        codebook = model.cluster_centers_.astype(weight.dtype)
+        reconstruction = codebook[model.predict(rows)]
+        bits = rows.shape[0] * ceil_log2(n_clusters) + n_clusters * vector_size * FLOAT_BITS
+        return from_rows(reconstruction, weight.shape), bits
+
+    return Method("VQ (sklearn KMeans)", f"d={vector_size} k={n_clusters}", run)
+
+
+# -- scikit-learn sparse coding and sparse PCA ---------------------------------------------------
+
+
+def dictionary_omp(vector_size, n_components, n_nonzero):
+    """MiniBatchDictionaryLearning, then OMP codes with ``n_nonzero`` float32 values per row.
+
+    Learns from at most a quarter of the budget's rows and :data:`DICTIONARY_FIT_ROWS`, in
+    ``max_iter // 10`` epochs (at least 1).
+    """
+
+    def run(weight, budget):
+        from sklearn.decomposition import MiniBatchDictionaryLearning
+
+        rows = _rows_or_skip(weight, vector_size, n_components)
+        model = MiniBatchDictionaryLearning(
+            n_components, transform_algorithm="omp", transform_n_nonzero_coefs=n_nonzero,
+            batch_size=256, max_iter=max(1, budget.max_iter // 10), random_state=budget.seed,
+        )
+        fit_rows = min(budget.fit_rows // 4, DICTIONARY_FIT_ROWS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(FitBudget(fit_rows, budget.max_iter, budget.seed).sample(rows))
+            codes = model.transform(rows)
+        reconstruction = codes @ model.components_
+        bits = (rows.shape[0] * (support_bits(n_components, n_nonzero) + n_nonzero * FLOAT_BITS)
+                + n_components * vector_size * FLOAT_BITS)
+        return from_rows(reconstruction.astype(weight.dtype), weight.shape), bits
+
+    return Method("sparse coding (sklearn DL + OMP)",
+                  f"d={vector_size} k={n_components} {n_nonzero} nonzeros", run)
+
+
+def sparse_pca(n_components, alpha):
+    """SparsePCA on the whole matrix; its sparse components with least-squares float32 codes.
+
+    Each component stores its nonzero count, their positions and float32 values.
+    """
+
+    def run(weight, budget):
+        from sklearn.decomposition import SparsePCA
+
+        n, d = weight.shape
+        model = SparsePCA(n_components, alpha=alpha, max_iter=budget.max_iter,
+                          random_state=budget.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(budget.sample(weight))
+        components = model.components_
+        codes = np.linalg.lstsq(components.T, (weight - model.mean_).T.astype(np.float64),
+                                rcond=None)[0].T.astype(np.float32)
+        reconstruction = codes @ components + model.mean_
+        nonzeros = (components != 0).sum(axis=1)
+        bits = (n * n_components * FLOAT_BITS + d * FLOAT_BITS  # codes and the mean
+                + sum(ceil_log2(d + 1) + support_bits(d, int(t)) + int(t) * FLOAT_BITS
+                      for t in nonzeros))
+        return reconstruction.astype(weight.dtype), bits
+
+    return Method("sparse PCA (sklearn)", f"{n_components} components, alpha={alpha:g}", run)
+
+
+# -- faiss additive quantizers (optional) --------------------------------------------------------
+
+
+def faiss_available():
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def faiss_quantizer(kind, vector_size, n_books, nbits):
+    """faiss ProductQuantizer / ResidualQuantizer with ``n_books`` codebooks of ``2**nbits``.
+
+    Codes cost ``n_books * nbits`` bits per row; PQ stores ``n_books`` sub-codebooks of
+    ``vector_size / n_books`` float32 values per word, RQ ``n_books`` full-width codebooks.
+    """
+
+    def run(weight, budget):
+        import faiss
+
+        rows = np.ascontiguousarray(_rows_or_skip(weight, vector_size, 2**nbits), np.float32)
+        if kind == "PQ":
+            quantizer = faiss.ProductQuantizer(vector_size, n_books, nbits)
+            codebook_values = 2**nbits * vector_size
+        else:
+            quantizer = faiss.ResidualQuantizer(vector_size, n_books, nbits)
+            codebook_values = n_books * 2**nbits * vector_size
+        quantizer.cp.min_points_per_centroid = 1  # fewer rows than faiss likes: no warning
+        quantizer.train(np.ascontiguousarray(budget.sample(rows)))
+        reconstruction = quantizer.decode(quantizer.compute_codes(rows))
+        bits = rows.shape[0] * n_books * nbits + codebook_values * FLOAT_BITS
+        return from_rows(reconstruction.astype(weight.dtype), weight.shape), bits
+
+    return Method(f"faiss {kind}", f"d={vector_size} {n_books} x {nbits} bits", run)
+
+
+# -- the grids -----------------------------------------------------------------------------------
+
+#: (vector size, n_components, n_nonzero, code_bits, codebook_bits): from 0.5 to 5 bits/element.
+QSD_GRID = [
+    (16, 256, 1, 2, 8),
+    (8, 256, 1, 0, 8),
+    (16, 64, 4, 1, 8),
+    (8, 256, 1, 3, 8),
+    (8, 64, 2, 2, 8),
+    (4, 256, 1, 0, 8),
+    (16, 256, 4, 2, 8),
+    (8, 256, 2, 2, 8),
+    (8, 256, 2, 3, 8),
+    (8, 8, None, 3, 8),
+    (8, 256, 3, 3, 8),
+    (8, 8, None, 4, 8),
+    (8, 256, 4, 3, 8),
+]
+QSD_GRID_QUICK = [(8, 256, 1, 0, 8), (8, 64, 2, 2, 8), (8, 256, 2, 2, 8), (8, 8, None, 4, 8)]
+
+
+def method_grid(quick=False, with_faiss=None):
+    """Every method and setting of the benchmark (a shorter list with ``quick``)."""
+    with_faiss = faiss_available() if with_faiss is None else with_faiss
+    methods = [qsd(*s) for s in (QSD_GRID_QUICK if quick else QSD_GRID)]
+    rates = [0.5, 1, 2, 4] if quick else [0.25, 0.5, 1, 2, 3, 4, 6]
+    methods += [svd(rate, bits) for bits in (16, 8) for rate in rates]
+    methods += [scalar(b) for b in range(1, 9)]
+    vq = [(8, 256), (4, 256), (2, 256)] if quick else [
+        (d, k) for d in (8, 4, 2) for k in (16, 64, 256, 1024)]
+    methods += [kmeans(d, k) for d, k in vq]
+    methods += [dictionary_omp(16, 256, 1)] if quick else [
+        dictionary_omp(32, 256, 1), dictionary_omp(16, 256, 1), dictionary_omp(32, 256, 2)]
+    methods += [sparse_pca(8, 1.0)] if quick else [sparse_pca(8, 1.0), sparse_pca(32, 1.0)]
+    if with_faiss:
+        pq = [(8, 2, 8)] if quick else [(16, 2, 8), (8, 1, 8), (16, 4, 8), (8, 2, 8), (8, 4, 8)]
+        # ResidualQuantizer's beam-search training takes seconds even on small data: full run only.
+        rq = [] if quick else [(16, 2, 8), (16, 4, 8), (8, 2, 8), (8, 3, 8)]
+        methods += [faiss_quantizer("PQ", *s) for s in pq]
+        methods += [faiss_quantizer("RQ", *s) for s in rq]
+    return methods

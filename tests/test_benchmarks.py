@@ -1,0 +1,183 @@
+"""The rate–distortion benchmark's baselines count bits by the project's rules and compute what
+they claim; its frontier and tables pick the right points. Tiny inputs only."""
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from benchmarks import methods as M
+from benchmarks import rate_distortion as RD
+from qsdlearn import QuantizedSparseDecomposition
+from qsdlearn._bits import support_bits
+from qsdlearn._levels import quantize
+
+BUDGET = M.FitBudget(fit_rows=512, max_iter=10, seed=0)
+
+
+@pytest.fixture
+def weight():
+    return np.random.default_rng(0).standard_normal((48, 64)).astype(np.float32)
+
+
+def sq_error(a, b):
+    return float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4])
+def test_scalar_counts_bits_and_clips_near_optimally(weight, nbits):
+    reconstruction, bits = M.scalar(nbits).run(weight, BUDGET)
+    n, d = weight.shape
+    assert bits == n * d * nbits + n * 32
+    for rec in reconstruction:
+        assert len(np.unique(rec)) <= 2**nbits
+    # Brute force over 2000 clipping steps per row: the searched scales are within 1 % of it.
+    W = weight.astype(np.float64)
+    top = np.max(np.abs(W), axis=1, keepdims=True) / (2 ** (nbits - 1) - 0.5)
+    best = np.min([np.sum((W - quantize(W, top * f, nbits)) ** 2, axis=1)
+                   for f in np.linspace(0.01, 1.0, 2000)], axis=0)
+    found = np.sum((W - reconstruction) ** 2, axis=1)
+    assert np.all(found <= 1.01 * best + 1e-12)
+
+
+def test_scalar_keeps_zero_rows_zero(weight):
+    weight = weight.copy()
+    weight[3] = 0
+    reconstruction, _ = M.scalar(2).run(weight, BUDGET)
+    assert np.all(reconstruction[3] == 0)
+
+
+@pytest.mark.parametrize("factor_bits", [16, 8])
+def test_svd_counts_bits_and_is_near_eckart_young(weight, factor_bits):
+    n, d = weight.shape
+    reconstruction, bits = M.svd(2.0, factor_bits).run(weight, BUDGET)
+    rank = round(2.0 * n * d / ((n + d) * factor_bits))
+    scales = 2 * rank * 32 if factor_bits == 8 else 0
+    assert bits == rank * (n + d) * factor_bits + scales
+    S = np.linalg.svd(weight.astype(np.float64), compute_uv=False)
+    optimum = float(np.sum(S[rank:] ** 2))
+    slack = 1e-4 if factor_bits == 16 else 2e-2
+    assert optimum <= sq_error(weight, reconstruction) <= optimum * (1 + slack) + 1e-6
+
+
+def test_svd_out_of_range_rank_is_not_applicable(weight):
+    with pytest.raises(M.NotApplicable):
+        M.svd(0.01, 16).run(weight, BUDGET)
+
+
+def test_kmeans_counts_bits_and_uses_codewords(weight):
+    reconstruction, bits = M.kmeans(4, 16).run(weight, BUDGET)
+    rows = weight.size // 4
+    assert bits == rows * 4 + 16 * 4 * 32
+    assert len(np.unique(reconstruction.reshape(-1, 4), axis=0)) <= 16
+    with pytest.raises(M.NotApplicable):
+        M.kmeans(8, 1024).run(weight, BUDGET)
+
+
+def test_qsd_bits_are_the_codecs_and_reconstruction_is_decode(weight):
+    reconstruction, bits = M.qsd(8, 16, 2, 2, 8).run(weight, BUDGET)
+    est = QuantizedSparseDecomposition(n_components=16, n_nonzero=2, code_bits=2,
+                                       codebook_bits=8, max_iter=10, random_state=0)
+    rows = weight.reshape(-1, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning
+        est.fit(rows)
+    expected = est.encode(rows)
+    assert bits == expected.bits
+    np.testing.assert_array_equal(reconstruction, expected.decode().reshape(weight.shape))
+
+
+def test_dictionary_omp_counts_bits_and_keeps_n_nonzero(weight):
+    reconstruction, bits = M.dictionary_omp(16, 8, 2).run(weight, BUDGET)
+    rows = weight.size // 16
+    assert bits == rows * (support_bits(8, 2) + 2 * 32) + 8 * 16 * 32
+    assert reconstruction.shape == weight.shape
+    assert sq_error(weight, reconstruction) < sq_error(weight, 0 * weight)
+
+
+def test_sparse_pca_counts_its_nonzeros(weight, monkeypatch):
+    from sklearn import decomposition
+
+    fitted = {}
+    original = decomposition.SparsePCA.fit
+
+    def spy(self, X, y=None):
+        fitted["model"] = self
+        return original(self, X, y)
+
+    monkeypatch.setattr(decomposition.SparsePCA, "fit", spy)
+    reconstruction, bits = M.sparse_pca(3, 1.0).run(weight, BUDGET)
+    n, d = weight.shape
+    nonzeros = (fitted["model"].components_ != 0).sum(axis=1)
+    expected = n * 3 * 32 + d * 32 + sum(
+        math.ceil(math.log2(d + 1)) + support_bits(d, int(t)) + int(t) * 32 for t in nonzeros)
+    assert bits == expected
+    assert reconstruction.shape == weight.shape
+
+
+@pytest.mark.parametrize("kind", ["PQ", "RQ"])
+def test_faiss_quantizers_count_bits(weight, kind):
+    pytest.importorskip("faiss")
+    reconstruction, bits = M.faiss_quantizer(kind, 8, 2, 4).run(weight, BUDGET)
+    rows = weight.size // 8
+    codebook = 16 * 8 if kind == "PQ" else 2 * 16 * 8
+    assert bits == rows * 2 * 4 + codebook * 32
+    assert sq_error(weight, reconstruction) < 0.9 * sq_error(weight, 0 * weight)
+
+
+def _record(family, rate, value, dataset="gaussian"):
+    return dict(dataset=dataset, family=family, setting=f"{rate}", bits=0, elements=1,
+                bits_per_element=rate, sqnr_db=value, seconds=0.0)
+
+
+def test_frontier_and_best_at_rates():
+    records = [_record("A", 1.0, 5.0), _record("A", 2.0, 4.0), _record("A", 3.0, 9.0),
+               _record("B", 0.4, 1.0)]
+    front = RD.frontier([r for r in records if r["family"] == "A"])
+    assert [r["bits_per_element"] for r in front] == [1.0, 3.0]
+    table = RD.best_at_rates(records, targets=[0.5, 2.0, 3.0])
+    assert table == {"A": [None, 5.0, 9.0], "B": [1.0, 1.0, 1.0]}
+
+
+def test_evaluate_totals_over_matrices_and_skips_not_applicable():
+    matrices = {"a": np.ones((2, 2), np.float32), "b": np.full((1, 2), 2.0, np.float32)}
+
+    def half(weight, budget):
+        return weight * 0.5, 3
+
+    def refuse(weight, budget):
+        raise M.NotApplicable("too small")
+
+    records = RD.evaluate([M.Method("half", "x", half), M.Method("no", "y", refuse)],
+                          matrices, BUDGET, "toy", log=lambda *_: None)
+    assert len(records) == 1
+    (r,) = records
+    assert r["bits"] == 6 and r["elements"] == 6
+    # signal 4 + 8 = 12, noise a quarter of it: 10 log10(4) dB
+    assert r["sqnr_db"] == pytest.approx(10 * np.log10(4.0))
+
+
+def test_write_report_makes_tables_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [_record("QSD", 1.0, 5.0), _record("QSD", 2.0, 10.0),
+               _record("VQ", 1.0, 4.5), dict(_record("QSD", 2.0, 9.0, "digits"), accuracy=0.9)]
+    speed = dict(
+        kmeans=[dict(method="m", seconds=1.0, n_iter=20, seconds_per_iter=0.05, mse=0.3)],
+        kmeans_rows=100, per_iteration=[dict(setting="s", n_rows=100, seconds_per_iter=0.1)],
+        scaling=[dict(n_rows=10, seconds=0.1), dict(n_rows=100, seconds=1.0)],
+        scaling_exponent=1.0, scaling_max_iter=5,
+        peak_memory=dict(shape=[8, 8], rows=[8, 8], setting="s", max_iter=1, input_mib=1.0,
+                         rss_before_fit_mib=10.0, peak_rss_mib=12.0, fit_seconds=0.1),
+    )
+    results = dict(quick=True, budget=BUDGET.__dict__, records=records, date="2026-11-28",
+                   machine="test", command="cmd", seconds=1.0, minilm_layers=None,
+                   digits_float_accuracy=0.95, speed=speed)
+    RD.write_report(results, str(tmp_path))
+    for name in ("rate_distortion.md", "results.json", "gaussian_sqnr.png", "digits_sqnr.png",
+                 "digits_accuracy.png", "fit_scaling.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    text = (tmp_path / "rate_distortion.md").read_text()
+    assert "| QSD | – | 5.00 | 5.00 | 10.00 |" in text
+    assert json.loads((tmp_path / "results.json").read_text())["records"] == records
