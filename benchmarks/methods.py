@@ -312,26 +312,66 @@ QSD_GRID = [
     (8, 8, None, 4, 8),
     (8, 256, 4, 3, 8),
 ]
+#: The settings of the "model" grid, for data sets of many matrices (each setting is fitted per
+#: matrix): QSD's frontier settings on Gaussian data.
+QSD_GRID_MODEL = [
+    (16, 256, 1, 2, 8),
+    (8, 256, 1, 0, 8),
+    (16, 64, 4, 1, 8),
+    (8, 64, 2, 2, 8),
+    (4, 256, 1, 0, 8),
+    (8, 256, 2, 2, 8),
+    (8, 8, None, 3, 8),
+    (8, 256, 3, 3, 8),
+    (8, 8, None, 4, 8),
+]
 QSD_GRID_QUICK = [(8, 256, 1, 0, 8), (8, 64, 2, 2, 8), (8, 256, 2, 2, 8), (8, 8, None, 4, 8)]
 
+#: Per grid ("quick", "model", "full"): settings of every family.
+_GRIDS = {
+    "quick": dict(
+        qsd=QSD_GRID_QUICK, svd_rates=[0.5, 1, 2, 4], kmeans=[(8, 256), (4, 256), (2, 256)],
+        dictionary=[(16, 256, 1)], sparse_pca=[(8, 1.0)], pq=[(8, 2, 8)],
+        # ResidualQuantizer's beam-search training takes seconds even on small data.
+        rq=[],
+    ),
+    "model": dict(
+        qsd=QSD_GRID_MODEL, svd_rates=[0.25, 0.5, 1, 2, 3, 4, 6],
+        kmeans=[(d, k) for d in (8, 4, 2) for k in (64, 256)],
+        dictionary=[(16, 256, 1)], sparse_pca=[(8, 1.0)],
+        pq=[(16, 2, 8), (8, 1, 8), (8, 2, 8), (8, 4, 8)], rq=[(8, 2, 8)],
+    ),
+    "full": dict(
+        qsd=QSD_GRID, svd_rates=[0.25, 0.5, 1, 2, 3, 4, 6],
+        kmeans=[(d, k) for d in (8, 4, 2) for k in (16, 64, 256, 1024)],
+        dictionary=[(32, 256, 1), (16, 256, 1)],
+        sparse_pca=[(8, 1.0), (16, 1.0)],
+        pq=[(16, 2, 8), (8, 1, 8), (16, 4, 8), (8, 2, 8), (8, 4, 8)],
+        rq=[(16, 2, 8), (16, 4, 8), (8, 2, 8), (8, 3, 8)],
+    ),
+}
 
-def method_grid(quick=False, with_faiss=None):
-    """Every method and setting of the benchmark (a shorter list with ``quick``)."""
+
+def method_grid(grid="full", with_faiss=None):
+    """Every method and setting of the benchmark.
+
+    Parameters
+    ----------
+    grid : {"full", "model", "quick"}
+        ``"model"`` has fewer settings of the slow methods (for data of many matrices),
+        ``"quick"`` a few of each.
+    with_faiss : bool, optional
+        Include faiss's quantizers (default: when faiss is installed).
+    """
+    g = _GRIDS[grid]
     with_faiss = faiss_available() if with_faiss is None else with_faiss
-    methods = [qsd(*s) for s in (QSD_GRID_QUICK if quick else QSD_GRID)]
-    rates = [0.5, 1, 2, 4] if quick else [0.25, 0.5, 1, 2, 3, 4, 6]
-    methods += [svd(rate, bits) for bits in (16, 8) for rate in rates]
+    methods = [qsd(*s) for s in g["qsd"]]
+    methods += [svd(rate, bits) for bits in (16, 8) for rate in g["svd_rates"]]
     methods += [scalar(b) for b in range(1, 9)]
-    vq = [(8, 256), (4, 256), (2, 256)] if quick else [
-        (d, k) for d in (8, 4, 2) for k in (16, 64, 256, 1024)]
-    methods += [kmeans(d, k) for d, k in vq]
-    methods += [dictionary_omp(16, 256, 1)] if quick else [
-        dictionary_omp(32, 256, 1), dictionary_omp(16, 256, 1), dictionary_omp(32, 256, 2)]
-    methods += [sparse_pca(8, 1.0)] if quick else [sparse_pca(8, 1.0), sparse_pca(32, 1.0)]
+    methods += [kmeans(d, k) for d, k in g["kmeans"]]
+    methods += [dictionary_omp(*s) for s in g["dictionary"]]
+    methods += [sparse_pca(*s) for s in g["sparse_pca"]]
     if with_faiss:
-        pq = [(8, 2, 8)] if quick else [(16, 2, 8), (8, 1, 8), (16, 4, 8), (8, 2, 8), (8, 4, 8)]
-        # ResidualQuantizer's beam-search training takes seconds even on small data: full run only.
-        rq = [] if quick else [(16, 2, 8), (16, 4, 8), (8, 2, 8), (8, 3, 8)]
-        methods += [faiss_quantizer("PQ", *s) for s in pq]
-        methods += [faiss_quantizer("RQ", *s) for s in rq]
+        methods += [faiss_quantizer("PQ", *s) for s in g["pq"]]
+        methods += [faiss_quantizer("RQ", *s) for s in g["rq"]]
     return methods

@@ -182,12 +182,11 @@ def run_all(quick=False, log=print):
     log(f"speed: k-means comparison on {n_big} x 8 rows")
     results = dict(kmeans=kmeans_comparison(n_big), kmeans_rows=n_big)
     log("speed: QSD vs VQ per iteration")
-    results["per_iteration"] = per_iteration(n_big, extra_iter=2 if quick else 3)
+    results["per_iteration"] = per_iteration(n_big, extra_iter=2)
     counts = [5_000, 15_000, 50_000] if quick else [10_000, 31_623, 100_000, 316_228, 1_000_000]
     log(f"speed: fit time against rows {counts}")
-    results["scaling"], results["scaling_exponent"] = fit_time_scaling(
-        counts, max_iter=5 if quick else 10)
-    results["scaling_max_iter"] = 5 if quick else 10
+    results["scaling"], results["scaling_exponent"] = fit_time_scaling(counts, max_iter=5)
+    results["scaling_max_iter"] = 5
     size = 1024 if quick else 4096
     log(f"speed: peak memory of a {size} x {size} fit")
     results["peak_memory"] = peak_memory(size)

@@ -479,6 +479,36 @@ def _update_code_rows(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_round
         err[i] = max(row_err, 0.0)
 
 
+@_njit()
+def _update_one_slot_rows(P, xx, G, nbits, idx, val, err, start, stop):
+    """Cold codes of rows ``start:stop`` with one slot, in one pass over the correlations.
+
+    With one slot the greedy fill of :func:`_solve_row_cold` is already the exact minimiser;
+    this is the same choice (same pruning, ties keep the first position) and the same error,
+    without the per-row work arrays the general solver needs.
+    """
+    k = P.shape[1]
+    inv_g = np.empty(k, dtype=np.float64)
+    for j in range(k):
+        inv_g[j] = 1.0 / G[j, j] if G[j, j] > 0.0 else 0.0
+    for i in range(start, stop):
+        best_j = 0
+        best_q, best_gain = _best_value(np.float64(P[i, 0]), G[0, 0], nbits)
+        for j in range(1, k):
+            cj = np.float64(P[i, j])
+            if cj * cj * inv_g[j] <= best_gain:
+                continue
+            q, gain = _best_value(cj, G[j, j], nbits)
+            if gain > best_gain:
+                best_gain, best_j, best_q = gain, j, q
+        row_err = xx[i]
+        row_err -= 2.0 * best_q * np.float64(P[i, best_j])
+        row_err += best_q * best_q * G[best_j, best_j]
+        idx[i, 0] = best_j
+        val[i, 0] = best_q
+        err[i] = max(row_err, 0.0)
+
+
 @_njit(parallel=True)
 def update_codes(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_rounds, max_sweeps,
                  idx, val, err):
@@ -517,7 +547,12 @@ def update_codes(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_rounds, ma
     """
     m = P.shape[0]
     n_chunks = (m + _CHUNK_ROWS - 1) // _CHUNK_ROWS
+    one_slot = idx.shape[1] == 1 and not dense and mode != WARM
     for chunk in numba.prange(n_chunks):
+        if one_slot:
+            _update_one_slot_rows(P, xx, G, nbits, idx, val, err, chunk * _CHUNK_ROWS,
+                                  min(m, (chunk + 1) * _CHUNK_ROWS))
+            continue
         _update_code_rows(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_rounds,
                           max_sweeps, idx, val, err, chunk * _CHUNK_ROWS,
                           min(m, (chunk + 1) * _CHUNK_ROWS))

@@ -171,7 +171,8 @@ def test_write_report_makes_tables_and_plots(tmp_path):
         peak_memory=dict(shape=[8, 8], rows=[8, 8], setting="s", max_iter=1, input_mib=1.0,
                          rss_before_fit_mib=10.0, peak_rss_mib=12.0, fit_seconds=0.1),
     )
-    results = dict(quick=True, budget=BUDGET.__dict__, records=records, date="2026-11-28",
+    results = dict(quick=True, budget=BUDGET.__dict__, model_budget=BUDGET.__dict__,
+                   records=records, date="2026-11-28",
                    machine="test", command="cmd", seconds=1.0, minilm_layers=None,
                    digits_float_accuracy=0.95, speed=speed)
     RD.write_report(results, str(tmp_path))
