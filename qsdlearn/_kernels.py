@@ -414,9 +414,6 @@ def _solve_row_cold(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_swee
     c, z, gains, used, old_idx, old_val, A, b, inv_g = work
     tol = 1e-13 * xx + 1e-300
     _greedy_slots(idx, val, n, dense, p, G, inv_g, nbits, c, used, A, b)
-    if n == 1 and not dense:
-        # One slot: the greedy choice is the exact minimiser over (position, value).
-        return _row_error(idx, val, n, p, G, xx)
     _refine_slots(idx, val, n, dense, p, G, inv_g, nbits, max_sweeps, tol, c, used)
     if nbits < 0 and not dense:
         _debias_slots(idx, val, n, p, G, A, b)
@@ -425,6 +422,16 @@ def _solve_row_cold(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_swee
 
 #: ``update_codes`` start modes.
 WARM, COLD, BEST_OF_BOTH = 0, 1, 2
+
+
+@_njit()
+def _inverse_diagonal(G):
+    """``1 / G_jj`` for every j (0 for an empty codebook row): the pruning bounds' factors."""
+    k = G.shape[0]
+    inv_g = np.empty(k, dtype=np.float64)
+    for j in range(k):
+        inv_g[j] = 1.0 / G[j, j] if G[j, j] > 0.0 else 0.0
+    return inv_g
 
 
 @_njit()
@@ -443,11 +450,8 @@ def _update_code_rows(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_round
         np.empty(n, dtype=np.float64),  # old_val
         np.empty((n, n), dtype=np.float64),  # A
         np.empty(n, dtype=np.float64),  # b
-        np.empty(k, dtype=np.float64),  # inv_g: 1 / G_jj (0 for an empty codebook row)
+        _inverse_diagonal(G),  # inv_g
     )
-    inv_g = work[8]
-    for j in range(k):
-        inv_g[j] = 1.0 / G[j, j] if G[j, j] > 0.0 else 0.0
     p = np.empty(k, dtype=np.float64)
     row_idx = np.empty(n, dtype=np.int64)
     row_val = np.empty(n, dtype=np.float64)
@@ -488,9 +492,7 @@ def _update_one_slot_rows(P, xx, G, nbits, idx, val, err, start, stop):
     without the per-row work arrays the general solver needs.
     """
     k = P.shape[1]
-    inv_g = np.empty(k, dtype=np.float64)
-    for j in range(k):
-        inv_g[j] = 1.0 / G[j, j] if G[j, j] > 0.0 else 0.0
+    inv_g = _inverse_diagonal(G)
     for i in range(start, stop):
         best_j = 0
         best_q, best_gain = _best_value(np.float64(P[i, 0]), G[0, 0], nbits)

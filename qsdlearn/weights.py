@@ -371,16 +371,22 @@ def _layer_seed(base, name):
     return (base + zlib.crc32(name.encode())) % 2**32
 
 
+def sample_rows(X, max_rows, seed):
+    """At most ``max_rows`` rows of ``X`` (all when ``None``), drawn uniformly without
+    replacement with ``seed`` and kept in their order."""
+    if max_rows is None or X.shape[0] <= max_rows:
+        return X
+    rows = np.random.default_rng(seed).choice(X.shape[0], max_rows, replace=False)
+    return X[np.sort(rows)]
+
+
 def _fit_layer(name, weight, setting, seed, n_threads, max_iter, max_fit_rows):
     """Fit one layer's codebook (on at most ``max_fit_rows`` rows drawn at random) and encode
     all its rows. Runs in a joblib worker: numba and BLAS threads are capped there so that
     workers x threads stay within the cores (joblib's Dask backend does not do it)."""
     X = to_rows(weight.astype(np.float32), setting.vector_size)
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=max_iter)
-    sample = X
-    if max_fit_rows is not None and X.shape[0] > max_fit_rows:
-        rows = np.random.default_rng(seed).choice(X.shape[0], max_fit_rows, replace=False)
-        sample = X[np.sort(rows)]
+    sample = sample_rows(X, max_fit_rows, seed)
     with threadpool_limits(limits=n_threads), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         est.fit(sample)
