@@ -1,7 +1,9 @@
 """qsdlearn: sparse, quantized matrix factorizations ``X ~ Z C``, scikit-learn style."""
 
+from ._constraints import Constraints
 from ._estimator import QuantizedSparseDecomposition
-from .codec import CompressedMatrix, load, save
+from ._io import load, save
+from .codec import CompressedMatrix
 from .metrics import sqnr
 from .weights import CompressedModel, LayerSetting, compress_weights
 
@@ -10,6 +12,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "CompressedMatrix",
     "CompressedModel",
+    "Constraints",
     "LayerSetting",
     "compress_weights",
     "QuantizedSparseDecomposition",

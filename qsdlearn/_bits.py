@@ -22,6 +22,11 @@ beyond that it is stored as ``s`` fixed-width positions of ``ceil(log2(k))`` bit
 from dataclasses import dataclass
 from math import comb
 
+import numba
+import numpy as np
+
+from ._jit import njit
+
 #: Largest number of subsets for which a support is stored as one enumerative rank.
 ENUMERATIVE_SUPPORT_LIMIT = 2**64
 
@@ -80,30 +85,15 @@ class BitBudget:
         return self.total / (self.n_rows * self.n_features)
 
 
-def factorization_bits(
-    n_rows,
-    n_features,
-    n_components,
-    n_nonzero,
-    code_bits,
-    codebook_bits,
-    component_nonzero,
-    float_bits,
-):
-    """Count the payload bits of a factorization ``X ~ Z C`` with the given settings.
+def factorization_bits(constraints, n_rows, n_features, float_bits):
+    """Count the payload bits of a factorization ``X ~ Z C``.
 
     Parameters
     ----------
+    constraints : Constraints
+        The constraints of the factorization (see :class:`qsdlearn.Constraints`).
     n_rows, n_features : int
         Shape of ``X``.
-    n_components : int
-        Number of codebook rows ``k``.
-    n_nonzero : int or None
-        Slots per code row; ``None`` for dense codes.
-    code_bits, codebook_bits : int or None
-        Bits per code value / codebook value; ``None`` for float values.
-    component_nonzero : int or None
-        Slots per codebook row; ``None`` for dense codebook rows.
     float_bits : int
         Width of a float value and of a scale (32 for float32, 64 for float64).
 
@@ -111,19 +101,21 @@ def factorization_bits(
     -------
     BitBudget
     """
-    k, d = n_components, n_features
-    s = k if n_nonzero is None else n_nonzero
-    t = d if component_nonzero is None else component_nonzero
-    value_bits = float_bits if code_bits is None else code_bits
-    centroid_bits = float_bits if codebook_bits is None else codebook_bits
+    k, d = constraints.n_components, n_features
+    s = constraints.slots
+    t = constraints.codebook_row_nonzero(d)
+    value_bits = float_bits if constraints.code_bits is None else constraints.code_bits
+    entry_bits = float_bits if constraints.codebook_bits is None else constraints.codebook_bits
     return BitBudget(
         n_rows=n_rows,
         n_features=n_features,
-        code_support=0 if n_nonzero is None else n_rows * support_bits(k, s),
+        code_support=0 if constraints.dense_codes else n_rows * support_bits(k, s),
         code_values=n_rows * s * value_bits,
-        codebook_support=0 if component_nonzero is None else k * support_bits(d, t),
-        codebook_values=k * t * centroid_bits,
-        codebook_scales=0 if codebook_bits is None else k * float_bits,
+        codebook_support=(
+            0 if constraints.component_nonzero is None else k * support_bits(d, t)
+        ),
+        codebook_values=k * t * entry_bits,
+        codebook_scales=0 if constraints.codebook_bits is None else k * float_bits,
     )
 
 
@@ -133,11 +125,6 @@ def factorization_bits(
 # and is padded with zero bits to a whole number of bytes. Packing runs in parallel over
 # blocks of 8 fields (a block then starts on a byte boundary, so blocks never share a byte).
 
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ._kernels import _njit  # noqa: E402
-
 _FIELDS_PER_TASK = 8 * 512
 
 
@@ -146,7 +133,7 @@ def stream_bytes(n_fields, width):
     return (n_fields * width + 7) // 8
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def _pack(values, width, out):
     n = values.shape[0]
     n_tasks = (n + _FIELDS_PER_TASK - 1) // _FIELDS_PER_TASK
@@ -166,7 +153,7 @@ def _pack(values, width, out):
                 remaining -= take
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def _unpack(buf, width, out):
     n = out.shape[0]
     n_tasks = (n + _FIELDS_PER_TASK - 1) // _FIELDS_PER_TASK
@@ -237,7 +224,7 @@ def binomial_table(n_positions, n_keep):
     return table
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def rank_subsets(idx, table, out):
     """Rank of every sorted row of ``idx`` among the subsets of its size: sum_i comb(c_i, i+1)."""
     n, s = idx.shape
@@ -248,7 +235,7 @@ def rank_subsets(idx, table, out):
         out[r] = rank
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def unrank_subsets(ranks, n_positions, table, out):
     """Inverse of :func:`rank_subsets`; ``ranks`` must be below ``comb(n_positions, s)``."""
     n, s = out.shape

@@ -12,9 +12,11 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 
 from ._estimator import QuantizedSparseDecomposition
 from .metrics import sqnr
+from .weights import from_rows, to_rows
 
 
 #: Iterations per fit: the demo compares methods at equal effort and stays under a minute.
@@ -76,7 +78,6 @@ def train_digits_mlp(random_state=0):
         Held-out 30 % of the digits.
     """
     from sklearn.datasets import load_digits
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier
 
@@ -93,14 +94,13 @@ def train_digits_mlp(random_state=0):
 
 def _compress(weight, method, random_state):
     """Fit one method on an (out, in) weight; return the reconstruction and the estimator."""
-    out_features, in_features = weight.shape
-    X = weight if method.vector_size == 0 else weight.reshape(-1, method.vector_size)
+    X = weight if method.vector_size == 0 else to_rows(weight, method.vector_size)
     params = {"max_iter": DEMO_MAX_ITER, **method.params}
     est = QuantizedSparseDecomposition(random_state=random_state, **params)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ConvergenceWarning: max_iter is the budget here
+        warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter is the budget here
         codes = est.fit_transform(X)
-    return est.inverse_transform(codes).reshape(out_features, in_features), est
+    return from_rows(est.inverse_transform(codes), weight.shape), est
 
 
 def run_demo(random_state=0, methods=DEMO_METHODS):

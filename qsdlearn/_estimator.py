@@ -5,13 +5,20 @@ from numbers import Integral, Real
 
 import numba
 import numpy as np
-from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    TransformerMixin,
+    _fit_context,
+)
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import _solver
-from .codec import MatrixSettings, all_positions, encode_factors, reconstruct_from_slots
+from ._constraints import Constraints
+from ._kernels import all_positions, reconstruct_from_slots
+from .codec import MatrixSettings, encode_factors
 
 
 @contextlib.contextmanager
@@ -32,8 +39,10 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
     Every row of ``X`` is approximated by a combination of at most ``n_nonzero`` rows of a
     codebook ``C`` (``components_``) with coefficients on a small level set, while the codebook
     entries themselves lie on a per-row uniform grid. The factors are found by alternating
-    projected gradient descent with exact projections (see the design notes). Truncated SVD,
-    k-means vector quantization, sparse coding and sparse PCA are special settings.
+    projected gradient descent with exact projections onto the constraint sets, exact block
+    minimisers where they are cheap, and a check that no step raises the objective (Kuzmin
+    et al., 2022). Truncated SVD, k-means vector quantization, sparse coding and sparse PCA are
+    special settings.
 
     Parameters
     ----------
@@ -61,7 +70,8 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         Starting codebook, projected onto the codebook constraints; overrides ``init``.
     n_init : int, default=1
         Number of starts with different seeds; the one with the lowest objective is kept.
-        Only random starts are repeated (not ``"svd"`` or ``codebook_init``).
+        Only random starts are repeated: an ``"svd"`` start (also when ``"auto"`` resolves to
+        it) or a ``codebook_init`` is run once.
     max_iter : int, default=100
         Maximum number of alternating iterations.
     tol : float, default=1e-4
@@ -93,6 +103,10 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         :meth:`transform` gives (they may differ slightly from the last iterate).
     bits_ : int
         Payload bits of the codes of the training data and of the codebook.
+    bit_budget_ : BitBudget
+        ``bits_`` stream by stream: ``code_support``, ``code_values``, ``codebook_support``,
+        ``codebook_values`` and ``codebook_scales`` (bits each, exact), as the codec writes
+        them; ``bit_budget_.total == bits_``.
     bits_per_element_ : float
         ``bits_ / (n_samples * n_features)``.
     compression_ratio_ : float
@@ -122,6 +136,16 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
     there only with ``codebook_bits``, and ``support(m, r)`` is 0 for dense rows
     (``r = m``), else ``ceil(log2(comb(m, r)))`` while ``comb(m, r) <= 2**64`` (the rank of the
     subset) and ``r * ceil(log2(m))`` beyond. The codec writes exactly these streams.
+
+    For the vector-quantization setting (``n_nonzero=1, code_bits=0``),
+    ``reconstruction_err_ ** 2`` is the k-means inertia (``KMeans.inertia_``) of the training
+    data: the error after the final assignment; ``objective_[-1]`` is that of the last
+    iterate, before it.
+
+    References
+    ----------
+    .. [1] A. Kuzmin, M. van Baalen, M. Nagel, A. Behboodi, "Quantized Sparse Weight
+       Decomposition for Neural Network Compression", arXiv:2207.11048, 2022.
 
     Examples
     --------
@@ -193,7 +217,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _setting(self, n_samples, n_features):
+    def _constraints(self, n_samples, n_features):
         """Resolve and cross-check the parameters for data of the given shape."""
         k = min(n_samples, n_features) if self.n_components is None else self.n_components
         if self.n_nonzero is not None and self.n_nonzero > k:
@@ -211,7 +235,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
                 "row would be the same sum of all components. Set n_nonzero=1 for vector "
                 "quantization."
             )
-        return _solver.Setting(
+        return Constraints(
             n_components=k,
             n_nonzero=self.n_nonzero,
             code_bits=self.code_bits,
@@ -229,6 +253,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
 
     # -- scikit-learn API --------------------------------------------------------------------
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Fit the codebook (and codes) to ``X``.
 
@@ -247,6 +272,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         self._fit(X)
         return self
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit_transform(self, X, y=None):
         """Fit to ``X`` and return its codes (the same as ``fit(X).transform(X)``).
 
@@ -265,18 +291,17 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         return self._fit(X).to_dense(self.n_components_)
 
     def _fit(self, X):
-        self._validate_params()
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
         X = np.ascontiguousarray(X)
         n, d = X.shape
-        setting = self._setting(n, d)
-        k = setting.n_components
+        constraints = self._constraints(n, d)
+        k = constraints.n_components
         codebook_init = self._check_init_array(self.codebook_init, "codebook_init", (k, d), X.dtype)
         code_init = self._check_init_array(self.code_init, "code_init", (n, k), X.dtype)
         with _numba_threads(self.n_threads):
             result = _solver.fit_factorization(
                 X,
-                setting,
+                constraints,
                 init=self.init,
                 code_init=code_init,
                 codebook_init=codebook_init,
@@ -292,12 +317,12 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         self.n_iter_ = result.n_iter
         self.objective_ = np.asarray(result.objective)
         self.reconstruction_err_ = float(np.sqrt(result.row_errors.sum()))
-        budget = MatrixSettings.from_setting(setting, n, d, X.dtype).budget
+        budget = constraints.bits(n, d, 8 * X.dtype.itemsize)
         self.bit_budget_ = budget
         self.bits_ = budget.total
         self.bits_per_element_ = budget.per_element
         self.compression_ratio_ = 32.0 * n * d / budget.total
-        self._setting_ = setting
+        self._constraints_ = constraints
         return result.codes
 
     def transform(self, X):
@@ -323,7 +348,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         """Codes of validated rows ``X`` (see :meth:`transform`)."""
         X = np.ascontiguousarray(X)
         with _numba_threads(self.n_threads):
-            codes, _ = _solver.solve_codes(X, self.components_.astype(X.dtype), self._setting_)
+            codes, _ = _solver.solve_codes(X, self.components_.astype(X.dtype), self._constraints_)
         return codes
 
     def inverse_transform(self, X):
@@ -347,7 +372,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
                 f"{self.n_components_} (n_components)."
             )
         out = np.empty((codes.shape[0], self.components_.shape[1]), dtype=codes.dtype)
-        # The codec's decoder sums in the same order, so decoding is bit-identical to this.
+        # The codec's decoder runs the same kernel, so decoding is bit-identical to this.
         reconstruct_from_slots(
             all_positions(*codes.shape), codes, self.components_.astype(codes.dtype), out
         )
@@ -372,7 +397,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         X = self._validate_new(X)
         dtype = self.components_.dtype
         codes = self._encode(np.asarray(X, dtype=dtype))
-        settings = MatrixSettings.from_setting(self._setting_, *X.shape, dtype)
+        settings = MatrixSettings(*X.shape, dtype.name, self._constraints_)
         return encode_factors(
             settings, codes.idx, codes.val, self.components_, self.codebook_scales_
         )

@@ -8,7 +8,7 @@ Level sets
 ----------
 Values are quantized on *unit* level sets, optionally multiplied by a per-row scale:
 
-- ``nbits < 0`` (:data:`FLOAT`): no quantization, the value itself;
+- ``nbits < 0`` (:data:`~qsdlearn._levels.FLOAT`): no quantization, the value itself;
 - ``nbits == 0``: the single value ``1`` (one-hot codes);
 - ``nbits >= 1``: the ``2**nbits`` symmetric mid-rise levels ``i - 2**(nbits-1) + 1/2`` for
   ``i = 0 .. 2**nbits - 1`` (``±1/2`` for one bit, ``±1/2, ±3/2`` for two bits, ...).
@@ -17,39 +17,37 @@ The mid-rise set has no zero level: zeros are expressed by the support, never by
 
 Slots
 -----
-A sparse row is stored as ``n_keep`` *slots* ``(index, value)``: exactly ``n_keep`` distinct
+A sparse row is stored as ``n_slots`` *slots* ``(index, value)``: exactly ``n_slots`` distinct
 positions, sorted by position. With quantized values every slot is nonzero; with float values
-a slot may hold zero. A *dense* row has one slot per position (slot ``a`` is position ``a``).
+a slot may hold zero. A *dense* row has one slot per position (slot ``a`` is position ``a``):
+the code kernels recognise it by ``n_slots == k``.
+
+Entry points
+------------
+Each compiled entry does one job on a block of rows, in parallel over fixed chunks of rows;
+the driver (:func:`qsdlearn._solver.solve_codes`) picks one per setting, before its loop:
+:func:`solve_codes_cold` (``transform``: greedy fill, then exact coordinate sweeps),
+:func:`improve_codes` (the alternating code step: the better of one improvement round from
+the current codes and the cold solution) and :func:`assign_one_slot` (one slot: the greedy
+choice is already exact).
 """
 
 import math
-import os
 
 import numba
 import numpy as np
 
-#: ``nbits`` value meaning "float values, no quantization".
-FLOAT = -1
+from ._jit import njit
+from ._levels import FLOAT  # noqa: F401  (re-exported: the kernels' name for float values)
+
+#: dtype of slot positions everywhere in the package (solver, kernels, codec).
+INDEX_DTYPE = np.int32
 
 #: Rows processed by one parallel task; fixed so results never depend on the thread count.
 _CHUNK_ROWS = 256
 
 
-def _cache_is_writable():
-    """Whether numba's on-disk cache can be used (never on read-only installs)."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return True
-    return os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK)
-
-
-_CACHE = _cache_is_writable()
-
-
-def _njit(**options):
-    return numba.njit(cache=_CACHE, nogil=True, **options)
-
-
-@_njit()
+@njit()
 def quantize_scalar(v, scale, nbits):
     """Nearest point to ``v`` on ``scale`` times the unit level set of ``nbits`` bits."""
     if nbits < 0:
@@ -67,10 +65,10 @@ def quantize_scalar(v, scale, nbits):
     return (i - half + 0.5) * scale
 
 
-@_njit()
-def _sort_slots(idx, val, n):
-    # Insertion sort by index: n is small and the slots are nearly sorted already.
-    for a in range(1, n):
+@njit()
+def _sort_slots(idx, val, n_slots):
+    # Insertion sort by index: n_slots is small and the slots are nearly sorted already.
+    for a in range(1, n_slots):
         j = idx[a]
         v = val[a]
         b = a - 1
@@ -82,35 +80,35 @@ def _sort_slots(idx, val, n):
         val[b + 1] = v
 
 
-@_njit()
-def _better(gains, i, j):
-    # Larger gain first; the lower index wins a tie, so the selection is deterministic.
-    return gains[i] > gains[j] or (gains[i] == gains[j] and i < j)
+@njit()
+def _better(savings, i, j):
+    # Larger saving first; the lower index wins a tie, so the selection is deterministic.
+    return savings[i] > savings[j] or (savings[i] == savings[j] and i < j)
 
 
-@_njit()
-def _select_largest(gains, n_keep, out_idx):
-    """Positions of the ``n_keep`` largest gains, in no particular order (a min-heap of the
+@njit()
+def _select_largest(savings, n_keep, out_idx):
+    """Positions of the ``n_keep`` largest savings, in no particular order (a min-heap of the
     kept ones, O(m log n_keep))."""
     for a in range(n_keep):
         out_idx[a] = a
         child = a
         while child > 0:  # sift up: the heap root is the worst kept position
             parent = (child - 1) // 2
-            if _better(gains, out_idx[parent], out_idx[child]):
+            if _better(savings, out_idx[parent], out_idx[child]):
                 out_idx[parent], out_idx[child] = out_idx[child], out_idx[parent]
                 child = parent
             else:
                 break
-    for i in range(n_keep, gains.shape[0]):
-        if not _better(gains, i, out_idx[0]):
+    for i in range(n_keep, savings.shape[0]):
+        if not _better(savings, i, out_idx[0]):
             continue
         out_idx[0] = i
         parent = 0
         while True:  # sift down
             worst = parent
             for child in (2 * parent + 1, 2 * parent + 2):
-                if child < n_keep and _better(gains, out_idx[worst], out_idx[child]):
+                if child < n_keep and _better(savings, out_idx[worst], out_idx[child]):
                     worst = child
             if worst == parent:
                 break
@@ -118,12 +116,12 @@ def _select_largest(gains, n_keep, out_idx):
             parent = worst
 
 
-@_njit()
-def _project_row(v, scale, nbits, n_keep, gains, out_idx, out_val):
+@njit()
+def _project_row(v, scale, nbits, n_keep, savings, out_idx, out_val):
     """Exact Euclidean projection of ``v`` onto {exactly ``n_keep`` slots, values on the grid}.
 
     The problem separates: quantizing entry ``i`` to its nearest level ``q_i`` saves
-    ``v_i**2 - (v_i - q_i)**2`` against leaving it at zero, so the best support is the
+    ``v_i**2 - (v_i - q_i)**2`` asavingst leaving it at zero, so the best support is the
     ``n_keep`` entries with the largest saving (ties go to the lower index).
     """
     m = v.shape[0]
@@ -134,30 +132,30 @@ def _project_row(v, scale, nbits, n_keep, gains, out_idx, out_val):
         return
     for i in range(m):
         q = quantize_scalar(v[i], scale, nbits)
-        gains[i] = v[i] * v[i] - (v[i] - q) * (v[i] - q)
-    _select_largest(gains, n_keep, out_idx)
+        savings[i] = v[i] * v[i] - (v[i] - q) * (v[i] - q)
+    _select_largest(savings, n_keep, out_idx)
     for a in range(n_keep):
         out_val[a] = quantize_scalar(v[out_idx[a]], scale, nbits)
     _sort_slots(out_idx, out_val, n_keep)
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def project_rows(V, scales, nbits, n_keep, out):
     """Project every row of ``V`` (its own scale) and write the dense result into ``out``."""
-    m, n = V.shape
-    keep = min(n_keep, n)
+    m, width = V.shape
+    keep = min(n_keep, width)
     for i in numba.prange(m):
-        gains = np.empty(n, dtype=np.float64)
+        savings = np.empty(width, dtype=np.float64)
         slot_idx = np.empty(keep, dtype=np.int64)
         slot_val = np.empty(keep, dtype=np.float64)
         row = V[i].astype(np.float64)
-        _project_row(row, np.float64(scales[i]), nbits, keep, gains, slot_idx, slot_val)
+        _project_row(row, np.float64(scales[i]), nbits, keep, savings, slot_idx, slot_val)
         out[i, :] = 0
         for a in range(keep):
             out[i, slot_idx[a]] = slot_val[a]
 
 
-@_njit()
+@njit()
 def codebook_row_sweep(ZtZ, ZtX, C, scales, nbits, n_keep):
     """Exact block-coordinate pass over the codebook rows, in place.
 
@@ -169,7 +167,7 @@ def codebook_row_sweep(ZtZ, ZtX, C, scales, nbits, n_keep):
     k, d = C.shape
     keep = min(n_keep, d)
     target = np.empty(d, dtype=np.float64)
-    gains = np.empty(d, dtype=np.float64)
+    savings = np.empty(d, dtype=np.float64)
     slot_idx = np.empty(keep, dtype=np.int64)
     slot_val = np.empty(keep, dtype=np.float64)
     for j in range(k):
@@ -181,7 +179,7 @@ def codebook_row_sweep(ZtZ, ZtX, C, scales, nbits, n_keep):
             for i in range(k):
                 residual -= ZtZ[j, i] * C[i, t]
             target[t] = C[j, t] + residual / weight
-        _project_row(target, scales[j], nbits, keep, gains, slot_idx, slot_val)
+        _project_row(target, scales[j], nbits, keep, savings, slot_idx, slot_val)
         for t in range(d):
             C[j, t] = 0.0
         for a in range(keep):
@@ -198,19 +196,25 @@ def codebook_row_sweep(ZtZ, ZtX, C, scales, nbits, n_keep):
 # --------------------------------------------------------------------------------------
 
 
-@_njit()
-def _row_error(idx, val, n, p, G, xx):
+@njit()
+def _row_error(idx, val, n_slots, p, G, xx):
     err = xx
-    for a in range(n):
+    for a in range(n_slots):
         ja = idx[a]
         va = np.float64(val[a])
         err -= 2.0 * va * p[ja]
-        for b in range(n):
+        for b in range(n_slots):
             err += va * np.float64(val[b]) * G[ja, idx[b]]
     return err
 
 
-@_njit()
+@njit()
+def _row_tolerance(xx):
+    """Smallest decrease of a row's error that counts as an improvement."""
+    return 1e-13 * xx + 1e-300
+
+
+@njit()
 def _best_value(cj, gjj, nbits):
     """Best value for one slot on position j given the others, and what it saves."""
     if nbits < 0:
@@ -222,19 +226,19 @@ def _best_value(cj, gjj, nbits):
     return q, 2.0 * q * cj - q * q * gjj
 
 
-@_njit()
-def _residual_correlation(idx, val, n, p, G, c):
+@njit()
+def _residual_correlation(idx, val, n_slots, p, G, c):
     k = p.shape[0]
     for t in range(k):
         c[t] = p[t]
-    for a in range(n):
+    for a in range(n_slots):
         ja = idx[a]
         va = np.float64(val[a])
         for t in range(k):
             c[t] -= va * G[ja, t]
 
 
-@_njit()
+@njit()
 def _cholesky_solve(A, b, n):
     """Solve A x = b in place (b becomes x) for the leading n x n block; False if singular."""
     tiny = 1e-12 * max(A[0, 0], 1e-300)
@@ -263,53 +267,53 @@ def _cholesky_solve(A, b, n):
     return True
 
 
-@_njit()
-def _debias_slots(idx, val, n, p, G, A, b):
+@njit()
+def _debias_slots(idx, val, n_slots, p, G, A, b):
     """Least-squares values on a fixed support (float codes); keeps the old ones if singular."""
-    for a in range(n):
+    for a in range(n_slots):
         b[a] = p[idx[a]]
-        for t in range(n):
+        for t in range(n_slots):
             A[a, t] = G[idx[a], idx[t]]
-    if _cholesky_solve(A, b, n):
-        for a in range(n):
+    if _cholesky_solve(A, b, n_slots):
+        for a in range(n_slots):
             val[a] = b[a]
 
 
-@_njit()
-def _greedy_slots(idx, val, n, dense, p, G, inv_g, nbits, c, used, A, b):
+@njit()
+def _greedy_slots(idx, val, n_slots, dense, debias, p, G, inv_g, nbits, c, used, A, b):
     """Cold start: fill the slots one at a time with the best (position, value) pair.
 
-    With float values the values of the filled slots are refitted by least squares after
-    every addition (orthogonal matching pursuit)."""
+    With ``debias`` (sparse float codes) the values of the filled slots are refitted by least
+    squares after every addition (orthogonal matching pursuit)."""
     k = p.shape[0]
     for t in range(k):
         c[t] = p[t]
         used[t] = False
-    for a in range(n):
+    for a in range(n_slots):
         if dense:
             best_j = a
             best_q, _ = _best_value(c[a], G[a, a], nbits)
         else:
             best_j = -1
             best_q = 0.0
-            best_gain = -np.inf
+            best_saving = -np.inf
             for j in range(k):
                 # c_j**2 / G_jj bounds what position j can save (pruning; ties keep the first)
-                if used[j] or c[j] * c[j] * inv_g[j] <= best_gain:
+                if used[j] or c[j] * c[j] * inv_g[j] <= best_saving:
                     continue
-                q, gain = _best_value(c[j], G[j, j], nbits)
-                if gain > best_gain:
-                    best_gain, best_j, best_q = gain, j, q
+                q, saving = _best_value(c[j], G[j, j], nbits)
+                if saving > best_saving:
+                    best_saving, best_j, best_q = saving, j, q
             if best_j < 0:  # defensive (non-finite input, excluded by validation): stay in bounds
                 for j in range(k):
                     if not used[j]:
                         best_j = j
-                        best_q, best_gain = _best_value(c[j], G[j, j], nbits)
+                        best_q, best_saving = _best_value(c[j], G[j, j], nbits)
                         break
         used[best_j] = True
         idx[a] = best_j
         val[a] = best_q
-        if nbits < 0 and not dense and a > 0:
+        if debias and a > 0:
             _debias_slots(idx, val, a + 1, p, G, A, b)
             _residual_correlation(idx, val, a + 1, p, G, c)
         else:
@@ -317,8 +321,8 @@ def _greedy_slots(idx, val, n, dense, p, G, inv_g, nbits, c, used, A, b):
                 c[t] -= best_q * G[best_j, t]
 
 
-@_njit()
-def _refine_slots(idx, val, n, dense, p, G, inv_g, nbits, max_sweeps, tol, c, used):
+@njit()
+def _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, tol, c, used):
     """Exact block-coordinate descent: re-solve one slot at a time given all the others.
 
     Each step is the exact minimiser over (position, value) of one slot, the current pair
@@ -327,26 +331,26 @@ def _refine_slots(idx, val, n, dense, p, G, inv_g, nbits, max_sweeps, tol, c, us
     k = p.shape[0]
     for t in range(k):
         used[t] = False
-    for a in range(n):
+    for a in range(n_slots):
         used[idx[a]] = True
     for _ in range(max_sweeps):
         changed = False
-        for a in range(n):
+        for a in range(n_slots):
             j0 = idx[a]
             q0 = np.float64(val[a])
             for t in range(k):
                 c[t] += q0 * G[j0, t]
-            keep_gain = 2.0 * q0 * c[j0] - q0 * q0 * G[j0, j0]
+            keep_saving = 2.0 * q0 * c[j0] - q0 * q0 * G[j0, j0]
             best_j = j0
-            best_q, best_gain = _best_value(c[j0], G[j0, j0], nbits)
+            best_q, best_saving = _best_value(c[j0], G[j0, j0], nbits)
             if not dense:
                 for j in range(k):
-                    if used[j] or c[j] * c[j] * inv_g[j] <= best_gain + tol:
+                    if used[j] or c[j] * c[j] * inv_g[j] <= best_saving + tol:
                         continue
-                    q, gain = _best_value(c[j], G[j, j], nbits)
-                    if gain > best_gain + tol:
-                        best_gain, best_j, best_q = gain, j, q
-            if best_gain <= keep_gain + tol:
+                    q, saving = _best_value(c[j], G[j, j], nbits)
+                    if saving > best_saving + tol:
+                        best_saving, best_j, best_q = saving, j, q
+            if best_saving <= keep_saving + tol:
                 best_j, best_q = j0, q0
             else:
                 changed = True
@@ -360,14 +364,14 @@ def _refine_slots(idx, val, n, dense, p, G, inv_g, nbits, max_sweeps, tol, c, us
             break
 
 
-@_njit()
-def _pgd_step(idx, val, n, dense, p, G, nbits, eta, z, gains, c):
+@njit()
+def _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c):
     """One projected gradient step: z <- P(z + eta (p - G z)), written back into the slots."""
     k = p.shape[0]
-    _residual_correlation(idx, val, n, p, G, c)
+    _residual_correlation(idx, val, n_slots, p, G, c)
     for t in range(k):
         z[t] = 0.0
-    for a in range(n):
+    for a in range(n_slots):
         z[idx[a]] = val[a]
     for t in range(k):
         z[t] += eta * c[t]
@@ -376,55 +380,48 @@ def _pgd_step(idx, val, n, dense, p, G, nbits, eta, z, gains, c):
             idx[t] = t
             val[t] = quantize_scalar(z[t], 1.0, nbits)
     else:
-        _project_row(z, 1.0, nbits, n, gains, idx, val)
+        _project_row(z, 1.0, nbits, n_slots, savings, idx, val)
 
 
-@_njit()
-def _run_rounds(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_sweeps, work):
-    """Rounds of (gradient step, coordinate sweeps, debiasing) from the given slots; a round
-    that does not lower the error is undone and ends the loop. Returns the error."""
-    c, z, gains, used, old_idx, old_val, A, b, inv_g = work
-    tol = 1e-13 * xx + 1e-300
-    err = _row_error(idx, val, n, p, G, xx)
-    for _ in range(n_rounds):
-        for a in range(n):
-            old_idx[a] = idx[a]
-            old_val[a] = val[a]
-        _pgd_step(idx, val, n, dense, p, G, nbits, eta, z, gains, c)
-        _residual_correlation(idx, val, n, p, G, c)
-        _refine_slots(idx, val, n, dense, p, G, inv_g, nbits, max_sweeps, tol, c, used)
-        if nbits < 0 and not dense:
-            _debias_slots(idx, val, n, p, G, A, b)
-        new_err = _row_error(idx, val, n, p, G, xx)
-        if new_err > err:
-            for a in range(n):
-                idx[a] = old_idx[a]
-                val[a] = old_val[a]
-            break
-        improved = err - new_err
-        err = new_err
-        if improved <= tol:
-            break
-    return err
+@njit()
+def _improvement_round(idx, val, n_slots, dense, debias, p, G, xx, nbits, eta, max_sweeps,
+                       work):
+    """One round of (projected gradient step, coordinate sweeps, debiasing) from the given
+    slots; undone when it does not lower the error. Returns the row's error."""
+    c, z, savings, used, old_idx, old_val, A, b, inv_g = work
+    err = _row_error(idx, val, n_slots, p, G, xx)
+    for a in range(n_slots):
+        old_idx[a] = idx[a]
+        old_val[a] = val[a]
+    _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c)
+    _residual_correlation(idx, val, n_slots, p, G, c)
+    _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, _row_tolerance(xx),
+                  c, used)
+    if debias:
+        _debias_slots(idx, val, n_slots, p, G, A, b)
+    new_err = _row_error(idx, val, n_slots, p, G, xx)
+    if new_err > err:
+        for a in range(n_slots):
+            idx[a] = old_idx[a]
+            val[a] = old_val[a]
+        return err
+    return new_err
 
 
-@_njit()
-def _solve_row_cold(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_sweeps, work):
-    """Codes of one row from scratch: greedy fill, sweeps, then improvement rounds."""
-    c, z, gains, used, old_idx, old_val, A, b, inv_g = work
-    tol = 1e-13 * xx + 1e-300
-    _greedy_slots(idx, val, n, dense, p, G, inv_g, nbits, c, used, A, b)
-    _refine_slots(idx, val, n, dense, p, G, inv_g, nbits, max_sweeps, tol, c, used)
-    if nbits < 0 and not dense:
-        _debias_slots(idx, val, n, p, G, A, b)
-    return _run_rounds(idx, val, n, dense, p, G, xx, nbits, eta, n_rounds, max_sweeps, work)
+@njit()
+def _solve_row_cold(idx, val, n_slots, dense, debias, p, G, xx, nbits, max_sweeps, work):
+    """Codes of one row from scratch: greedy fill, then exact coordinate sweeps. Returns the
+    row's error."""
+    c, z, savings, used, old_idx, old_val, A, b, inv_g = work
+    _greedy_slots(idx, val, n_slots, dense, debias, p, G, inv_g, nbits, c, used, A, b)
+    _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, _row_tolerance(xx),
+                  c, used)
+    if debias:
+        _debias_slots(idx, val, n_slots, p, G, A, b)
+    return _row_error(idx, val, n_slots, p, G, xx)
 
 
-#: ``update_codes`` start modes.
-WARM, COLD, BEST_OF_BOTH = 0, 1, 2
-
-
-@_njit()
+@njit()
 def _inverse_diagonal(G):
     """``1 / G_jj`` for every j (0 for an empty codebook row): the pruning bounds' factors."""
     k = G.shape[0]
@@ -434,87 +431,66 @@ def _inverse_diagonal(G):
     return inv_g
 
 
-@_njit()
-def _update_code_rows(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_rounds, max_sweeps,
-                      idx, val, err, start, stop):
-    """Serial body of :func:`update_codes` for rows ``start:stop`` (kept out of the parallel
-    loop so that the parallel wrapper stays small and quick to compile)."""
-    k = P.shape[1]
-    n = idx.shape[1]
-    work = (
-        np.empty(k, dtype=np.float64),  # c
-        np.empty(k, dtype=np.float64),  # z
-        np.empty(k, dtype=np.float64),  # gains
-        np.empty(k, dtype=np.bool_),  # used
-        np.empty(n, dtype=np.int64),  # old_idx
-        np.empty(n, dtype=np.float64),  # old_val
-        np.empty((n, n), dtype=np.float64),  # A
-        np.empty(n, dtype=np.float64),  # b
+@njit()
+def _row_work(G, n_slots):
+    """Per-task scratch arrays of the row solvers."""
+    k = G.shape[0]
+    return (
+        np.empty(k, dtype=np.float64),  # c: residual correlations p - G z
+        np.empty(k, dtype=np.float64),  # z: the dense code row of a gradient step
+        np.empty(k, dtype=np.float64),  # savings of the projection
+        np.empty(k, dtype=np.bool_),  # used positions
+        np.empty(n_slots, dtype=np.int64),  # old_idx
+        np.empty(n_slots, dtype=np.float64),  # old_val
+        np.empty((n_slots, n_slots), dtype=np.float64),  # A: Gram of the support
+        np.empty(n_slots, dtype=np.float64),  # b: right-hand side of the debiasing
         _inverse_diagonal(G),  # inv_g
     )
+
+
+@njit()
+def _code_rows(P, xx, G, eta, nbits, max_sweeps, improve, idx, val, err, start, stop):
+    """Serial body of :func:`solve_codes_cold` and :func:`improve_codes` for rows
+    ``start:stop`` (kept out of the parallel loop so that the parallel wrappers stay small
+    and quick to compile)."""
+    k = P.shape[1]
+    n_slots = idx.shape[1]
+    dense = n_slots == k
+    debias = nbits < 0 and not dense
+    work = _row_work(G, n_slots)
     p = np.empty(k, dtype=np.float64)
-    row_idx = np.empty(n, dtype=np.int64)
-    row_val = np.empty(n, dtype=np.float64)
-    alt_idx = np.empty(n, dtype=np.int64)
-    alt_val = np.empty(n, dtype=np.float64)
+    row_idx = np.empty(n_slots, dtype=np.int64)
+    row_val = np.empty(n_slots, dtype=np.float64)
+    alt_idx = np.empty(n_slots, dtype=np.int64)
+    alt_val = np.empty(n_slots, dtype=np.float64)
     for i in range(start, stop):
         for t in range(k):
             p[t] = P[i, t]
         row_err = np.inf
-        if mode != COLD:
-            for a in range(n):
+        if improve:
+            for a in range(n_slots):
                 row_idx[a] = idx[i, a]
                 row_val[a] = val[i, a]
-            row_err = _run_rounds(row_idx, row_val, n, dense, p, G, xx[i], nbits, eta,
-                                  warm_rounds, max_sweeps, work)
-        if mode != WARM:
-            alt_err = _solve_row_cold(alt_idx, alt_val, n, dense, p, G, xx[i], nbits, eta,
-                                      cold_rounds, max_sweeps, work)
-            if alt_err <= row_err:
-                row_err = alt_err
-                for a in range(n):
-                    row_idx[a] = alt_idx[a]
-                    row_val[a] = alt_val[a]
+            row_err = _improvement_round(row_idx, row_val, n_slots, dense, debias, p, G, xx[i],
+                                         nbits, eta, max_sweeps, work)
+        alt_err = _solve_row_cold(alt_idx, alt_val, n_slots, dense, debias, p, G, xx[i], nbits,
+                                  max_sweeps, work)
+        if alt_err <= row_err:
+            row_err = alt_err
+            for a in range(n_slots):
+                row_idx[a] = alt_idx[a]
+                row_val[a] = alt_val[a]
         if not dense:
-            _sort_slots(row_idx, row_val, n)
-        for a in range(n):
+            _sort_slots(row_idx, row_val, n_slots)
+        for a in range(n_slots):
             idx[i, a] = row_idx[a]
             val[i, a] = row_val[a]
         err[i] = max(row_err, 0.0)
 
 
-@_njit()
-def _update_one_slot_rows(P, xx, G, nbits, idx, val, err, start, stop):
-    """Cold codes of rows ``start:stop`` with one slot, in one pass over the correlations.
-
-    With one slot the greedy fill of :func:`_solve_row_cold` is already the exact minimiser;
-    this is the same choice (same pruning, ties keep the first position) and the same error,
-    without the per-row work arrays the general solver needs.
-    """
-    k = P.shape[1]
-    inv_g = _inverse_diagonal(G)
-    for i in range(start, stop):
-        best_j = 0
-        best_q, best_gain = _best_value(np.float64(P[i, 0]), G[0, 0], nbits)
-        for j in range(1, k):
-            cj = np.float64(P[i, j])
-            if cj * cj * inv_g[j] <= best_gain:
-                continue
-            q, gain = _best_value(cj, G[j, j], nbits)
-            if gain > best_gain:
-                best_gain, best_j, best_q = gain, j, q
-        row_err = xx[i]
-        row_err -= 2.0 * best_q * np.float64(P[i, best_j])
-        row_err += best_q * best_q * G[best_j, best_j]
-        idx[i, 0] = best_j
-        val[i, 0] = best_q
-        err[i] = max(row_err, 0.0)
-
-
-@_njit(parallel=True)
-def update_codes(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_rounds, max_sweeps,
-                 idx, val, err):
-    """Solve or improve the codes of a block of rows in place.
+@njit(parallel=True)
+def solve_codes_cold(P, xx, G, nbits, max_sweeps, idx, val, err):
+    """Codes of a block of rows from scratch, in place: greedy fill, then exact sweeps.
 
     Parameters
     ----------
@@ -524,61 +500,124 @@ def update_codes(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_rounds, ma
         Squared norms of the rows.
     G : ndarray of shape (k, k), float64
         Gram matrix ``C @ C.T``.
-    eta : float
-        Gradient step, ``1 / lambda_max(G)``.
     nbits : int
         Level set of the code values (see the module docstring).
-    dense : bool
-        Whether slot ``a`` is pinned to position ``a`` (``n_keep == k``, no support).
-    mode : int
-        :data:`WARM`: improve the incoming slots by ``warm_rounds`` rounds (never worse);
-        :data:`COLD`: ignore them and solve from scratch (greedy fill, coordinate sweeps, then
-        ``cold_rounds`` rounds); :data:`BEST_OF_BOTH`: keep the better of the two per row
-        (the cold one on a tie).
-    warm_rounds, cold_rounds : int
-        Rounds of (projected gradient step, coordinate sweeps, debiasing); a row stops early
-        when a round does not lower its error.
     max_sweeps : int
-        Coordinate sweeps per round (each re-solves every slot once, exactly).
-    idx : ndarray of shape (m, n_keep), int32
-        Slot positions, updated in place.
-    val : ndarray of shape (m, n_keep)
-        Slot values, updated in place.
+        Coordinate sweeps (each re-solves every slot once, exactly); a row stops early when a
+        sweep changes nothing.
+    idx : ndarray of shape (m, n_slots), int32
+        Output: slot positions (``n_slots == k``: dense codes, slot ``a`` at position ``a``).
+    val : ndarray of shape (m, n_slots)
+        Output: slot values.
     err : ndarray of shape (m,), float64
-        Output: the squared error of every row after the update.
+        Output: the squared error of every row.
     """
     m = P.shape[0]
-    n_chunks = (m + _CHUNK_ROWS - 1) // _CHUNK_ROWS
-    one_slot = idx.shape[1] == 1 and not dense and mode != WARM
-    for chunk in numba.prange(n_chunks):
-        if one_slot:
-            _update_one_slot_rows(P, xx, G, nbits, idx, val, err, chunk * _CHUNK_ROWS,
-                                  min(m, (chunk + 1) * _CHUNK_ROWS))
-            continue
-        _update_code_rows(P, xx, G, eta, nbits, dense, mode, warm_rounds, cold_rounds,
-                          max_sweeps, idx, val, err, chunk * _CHUNK_ROWS,
-                          min(m, (chunk + 1) * _CHUNK_ROWS))
+    for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
+        _code_rows(P, xx, G, 0.0, nbits, max_sweeps, False, idx, val, err,
+                   chunk * _CHUNK_ROWS, min(m, (chunk + 1) * _CHUNK_ROWS))
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
+def improve_codes(P, xx, G, eta, nbits, max_sweeps, idx, val, err):
+    """Improve the codes of a block of rows in place; no row's error increases.
+
+    Every row keeps the better of (a) its incoming slots after one round of (projected
+    gradient step with step ``eta``, exact sweeps, debiasing), the round undone if it does
+    not help, and (b) the cold solution of :func:`solve_codes_cold` (taken on a tie).
+    Arguments are those of :func:`solve_codes_cold`, plus the gradient step ``eta``
+    (``1 / lambda_max(G)``); ``idx`` and ``val`` hold the incoming slots on entry.
+    """
+    m = P.shape[0]
+    for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
+        _code_rows(P, xx, G, eta, nbits, max_sweeps, True, idx, val, err,
+                   chunk * _CHUNK_ROWS, min(m, (chunk + 1) * _CHUNK_ROWS))
+
+
+@njit()
+def _one_slot_rows(P, xx, G, nbits, idx, val, err, start, stop):
+    """Serial body of :func:`assign_one_slot` for rows ``start:stop``."""
+    k = P.shape[1]
+    inv_g = _inverse_diagonal(G)
+    for i in range(start, stop):
+        best_j = 0
+        best_q, best_saving = _best_value(np.float64(P[i, 0]), G[0, 0], nbits)
+        for j in range(1, k):
+            cj = np.float64(P[i, j])
+            if cj * cj * inv_g[j] <= best_saving:
+                continue
+            q, saving = _best_value(cj, G[j, j], nbits)
+            if saving > best_saving:
+                best_saving, best_j, best_q = saving, j, q
+        row_err = xx[i]
+        row_err -= 2.0 * best_q * np.float64(P[i, best_j])
+        row_err += best_q * best_q * G[best_j, best_j]
+        idx[i, 0] = best_j
+        val[i, 0] = best_q
+        err[i] = max(row_err, 0.0)
+
+
+@njit(parallel=True)
+def assign_one_slot(P, xx, G, nbits, idx, val, err):
+    """Codes of rows with one slot, in place: the best (codebook row, value) pair of each.
+
+    With one slot the greedy choice of :func:`solve_codes_cold` is already the exact
+    minimiser; this is the same choice (same pruning, ties keep the first position), in one
+    pass over the correlations. Arguments as in :func:`solve_codes_cold`,
+    with ``idx`` and ``val`` of shape ``(m, 1)``.
+    """
+    m = P.shape[0]
+    for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
+        _one_slot_rows(P, xx, G, nbits, idx, val, err, chunk * _CHUNK_ROWS,
+                       min(m, (chunk + 1) * _CHUNK_ROWS))
+
+
+@njit(parallel=True)
 def row_squared_errors(X, C, idx, val, out):
     """``out[i] = ||X[i] - sum_a val[i, a] C[idx[i, a]]||^2``, accumulated in float64."""
     m, d = X.shape
-    n = idx.shape[1]
+    n_slots = idx.shape[1]
     for i in numba.prange(m):
         total = 0.0
         for t in range(d):
             r = np.float64(X[i, t])
-            for a in range(n):
+            for a in range(n_slots):
                 r -= np.float64(val[i, a]) * np.float64(C[idx[i, a], t])
             total += r * r
         out[i] = total
 
 
-@_njit(parallel=True)
+@njit(parallel=True)
 def densify_codes(idx, val, out):
     """Scatter slots into a dense (m, k) code matrix (``out`` must be zero on entry)."""
-    m, n = idx.shape
+    m, n_slots = idx.shape
     for i in numba.prange(m):
-        for a in range(n):
+        for a in range(n_slots):
             out[i, idx[i, a]] = val[i, a]
+
+
+@njit(parallel=True)
+def reconstruct_from_slots(idx, val, C, out):
+    """``out[i] = sum_a val[i, a] * C[idx[i, a]]`` over nonzero values, in slot order.
+
+    Dense codes go through the same loop with :func:`all_positions`, so decoding and
+    ``inverse_transform`` perform the same operations in the same order.
+    """
+    m, n_slots = idx.shape
+    d = C.shape[1]
+    for i in numba.prange(m):
+        for t in range(d):
+            out[i, t] = 0
+        for a in range(n_slots):
+            v = val[i, a]
+            if v == 0:
+                continue
+            j = idx[i, a]
+            for t in range(d):
+                out[i, t] += v * C[j, t]
+
+
+def all_positions(n_rows, n_components):
+    """Slot positions of dense codes (every row uses every component, in order), as a
+    read-only ``(n_rows, n_components)`` view of :data:`INDEX_DTYPE`."""
+    return np.broadcast_to(np.arange(n_components, dtype=INDEX_DTYPE), (n_rows, n_components))

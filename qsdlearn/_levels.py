@@ -7,6 +7,9 @@ uses where vectorized NumPy is fast enough (initial scales).
 
 import numpy as np
 
+#: ``nbits`` code of float values, no quantization (the kernels' level-set argument).
+FLOAT = -1
+
 #: Relative grid steps tried when fitting a scale, as fractions of the range-covering step.
 _SCALE_FRACTIONS = np.linspace(0.05, 1.0, 39)
 
@@ -17,6 +20,28 @@ def unit_levels(nbits):
         return np.ones(1)
     half = 2 ** (nbits - 1)
     return np.arange(2 * half) - half + 0.5
+
+
+def level_indices(levels, nbits):
+    """Unit levels (half-integers) -> their indices ``0 .. 2**nbits - 1``, as uint64.
+
+    The levels must lie on the grid: an index out of range is left for the bit packer to
+    reject."""
+    return np.rint(np.asarray(levels, dtype=np.float64) + 2 ** (nbits - 1) - 0.5).astype(np.uint64)
+
+
+def level_values(indices, nbits, dtype=np.float64):
+    """Inverse of :func:`level_indices`: the unit level of every index, in ``dtype``."""
+    return (np.asarray(indices).astype(np.float64) - 2 ** (nbits - 1) + 0.5).astype(dtype)
+
+
+def snap_to_levels(levels, nbits):
+    """Put values that lie on the unit grid up to rounding errors exactly back on it.
+
+    Every value goes to the nearest multiple of 1/2 within the grid's range, so zeros (the
+    entries off a sparse row's support) stay zero."""
+    top = 2.0 ** (nbits - 1) - 0.5
+    return np.clip(np.rint(np.asarray(levels, dtype=np.float64) * 2.0) / 2.0, -top, top)
 
 
 def quantize(values, scale, nbits):

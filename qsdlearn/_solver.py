@@ -1,7 +1,7 @@
 """Alternating projected gradient descent for ``X ~ Z C`` under sparsity and quantization.
 
-The solver takes arrays and returns arrays; :class:`qsdlearn.QuantizedSparseDecomposition`
-validates input and stores results. Every update below either solves its block exactly or is
+The solver takes arrays and a :class:`~qsdlearn.Constraints` and returns arrays;
+:class:`qsdlearn.QuantizedSparseDecomposition` validates input and stores results. Every update below either solves its block exactly or is
 a projected gradient step with step ``1 / L`` from a feasible point followed by exact
 improvements, and each is checked against the objective, so the objective never increases.
 
@@ -24,11 +24,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.extmath import randomized_svd
 
 from . import _kernels
-from ._levels import fit_level_scales, top_magnitude_mask
+from ._levels import fit_level_scales, snap_to_levels, top_magnitude_mask
 
-#: Rounds of (gradient step, coordinate sweeps) after the greedy fill of ``transform``.
-TRANSFORM_ROUNDS = 0
-#: Coordinate sweeps per round.
+#: Exact coordinate sweeps over the code slots per row and code step.
 MAX_SWEEPS = 4
 #: Entries of the correlation block ``X_block @ C.T`` computed at once.
 _BLOCK_ENTRIES = 2**22
@@ -39,37 +37,6 @@ _SEEDING_ROWS_PER_COMPONENT = 64
 _SEEDING_MIN_ROWS = 2**14
 
 
-@dataclass(frozen=True)
-class Setting:
-    """Constraints of a factorization (validated by the estimator)."""
-
-    n_components: int
-    n_nonzero: int | None = None  # None: dense codes
-    code_bits: int | None = None  # None: float; 0: the value 1
-    codebook_bits: int | None = None  # None: float
-    component_nonzero: int | None = None  # None: dense codebook rows
-
-    @property
-    def dense_codes(self):
-        return self.n_nonzero is None or self.n_nonzero >= self.n_components
-
-    @property
-    def slots(self):
-        return self.n_components if self.dense_codes else self.n_nonzero
-
-    @property
-    def code_nbits(self):
-        return _kernels.FLOAT if self.code_bits is None else self.code_bits
-
-    @property
-    def one_hot(self):
-        return self.code_bits == 0 and self.n_nonzero == 1
-
-    @property
-    def free_codebook(self):
-        return self.codebook_bits is None and self.component_nonzero is None
-
-
 @dataclass
 class Codes:
     """Code slots of ``n`` rows: ``idx`` (None when dense) and ``val``."""
@@ -78,11 +45,10 @@ class Codes:
     val: np.ndarray
 
     def slot_index(self):
-        """Slot positions as an array, also for dense codes."""
+        """Slot positions as an array, also for dense codes (a read-only view then)."""
         if self.idx is not None:
             return self.idx
-        n, k = self.val.shape
-        return np.broadcast_to(np.arange(k, dtype=np.int32), (n, k))
+        return _kernels.all_positions(*self.val.shape)
 
     def to_dense(self, n_components):
         """The ``(n, k)`` code matrix."""
@@ -202,7 +168,7 @@ def _least_squares_codes(X, C):
     return ((X @ C.T).astype(np.float64) @ pinv).astype(X.dtype)
 
 
-def solve_codes(X, C, setting, codes=None):
+def solve_codes(X, C, constraints, codes=None):
     """Codes of the rows of ``X`` against codebook ``C``, row by row.
 
     With ``codes=None`` every row is solved from scratch (this is ``transform``). Given
@@ -214,46 +180,41 @@ def solve_codes(X, C, setting, codes=None):
     codes : Codes
     row_errors : ndarray of shape (n,), float64
     """
-    n, k = X.shape[0], setting.n_components
-    if setting.dense_codes and setting.code_bits is None:
+    n, k = X.shape[0], constraints.n_components
+    if constraints.dense_codes and constraints.code_bits is None:
         codes = Codes(None, _least_squares_codes(X, C))
         return codes, squared_error(X, C, codes)[0]
 
-    mode = _kernels.COLD if codes is None else _kernels.BEST_OF_BOTH
+    nbits = constraints.code_levels
+    gram = C.astype(np.float64) @ C.T.astype(np.float64)
+    if not constraints.dense_codes and constraints.slots == 1:
+        # One slot: the greedy choice is already the exact minimiser, warm start or not.
+        def kernel(P, xx, idx, val, err):
+            _kernels.assign_one_slot(P, xx, gram, nbits, idx, val, err)
+    elif codes is None:
+        def kernel(P, xx, idx, val, err):
+            _kernels.solve_codes_cold(P, xx, gram, nbits, MAX_SWEEPS, idx, val, err)
+    else:
+        top = _largest_eigenvalue(gram)
+        eta = 1.0 / top if top > 0 else 0.0
+
+        def kernel(P, xx, idx, val, err):
+            _kernels.improve_codes(P, xx, gram, eta, nbits, MAX_SWEEPS, idx, val, err)
+
     if codes is None:
-        s = setting.slots
+        s = constraints.slots
         codes = Codes(
-            None if setting.dense_codes else np.zeros((n, s), dtype=np.int32),
+            None if constraints.dense_codes else np.zeros((n, s), dtype=_kernels.INDEX_DTYPE),
             np.zeros((n, s), dtype=X.dtype),
         )
-    cold_rounds = TRANSFORM_ROUNDS
-    if setting.n_nonzero == 1 and not setting.dense_codes:
-        # One slot: the greedy fill is already the exact minimiser.
-        mode, cold_rounds = _kernels.COLD, 0
-    gram = C.astype(np.float64) @ C.T.astype(np.float64)
-    top = _largest_eigenvalue(gram)
-    eta = 1.0 / top if top > 0 else 0.0
-    idx = np.array(codes.slot_index(), dtype=np.int32, order="C")  # a writable copy
+    idx = np.array(codes.slot_index(), dtype=_kernels.INDEX_DTYPE, order="C")  # writable
     row_errors = np.empty(n, dtype=np.float64)
     block = max(1, _BLOCK_ENTRIES // max(k, 1))
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))
         Xb = X[rows]
-        _kernels.update_codes(
-            Xb @ C.T,
-            np.einsum("ij,ij->i", Xb, Xb, dtype=np.float64),
-            gram,
-            eta,
-            setting.code_nbits,
-            setting.dense_codes,
-            mode,
-            1,
-            cold_rounds,
-            MAX_SWEEPS,
-            idx[rows],
-            codes.val[rows],
-            row_errors[rows],
-        )
+        kernel(Xb @ C.T, np.einsum("ij,ij->i", Xb, Xb, dtype=np.float64), idx[rows],
+               codes.val[rows], row_errors[rows])
     if codes.idx is not None:
         codes.idx = idx
     # The kernel's errors come from correlations; report direct residuals instead.
@@ -263,32 +224,31 @@ def solve_codes(X, C, setting, codes=None):
 # -- codebook --------------------------------------------------------------------------------
 
 
-def _project_codebook(V, scales, setting):
-    nbits = _kernels.FLOAT if setting.codebook_bits is None else setting.codebook_bits
+def _project_codebook(V, scales, constraints):
     k, d = V.shape
-    keep = d if setting.component_nonzero is None else setting.component_nonzero
     if scales is None:
         scales = np.ones(k)
     out = np.empty((k, d), dtype=np.float64)
-    _kernels.project_rows(np.ascontiguousarray(V, dtype=np.float64), scales, nbits, keep, out)
+    _kernels.project_rows(np.ascontiguousarray(V, dtype=np.float64), scales,
+                          constraints.codebook_levels, constraints.codebook_row_nonzero(d), out)
     return out
 
 
-def quantize_codebook(C, setting):
+def quantize_codebook(C, constraints):
     """Put a float codebook on its constraint set; returns the codebook and its scales."""
     C = np.asarray(C, dtype=np.float64)
     scales = None
-    if setting.codebook_bits is not None:
-        mask = top_magnitude_mask(C, setting.component_nonzero)
-        scales = fit_level_scales(C.T, setting.codebook_bits, mask.T)
-    if setting.free_codebook:
+    if constraints.codebook_bits is not None:
+        mask = top_magnitude_mask(C, constraints.component_nonzero)
+        scales = fit_level_scales(C.T, constraints.codebook_bits, mask.T)
+    if constraints.free_codebook:
         return C, scales
-    return _project_codebook(C, scales, setting), scales
+    return _project_codebook(C, scales, constraints), scales
 
 
-def update_codebook(ZtZ, ZtX, C, scales, setting):
+def update_codebook(ZtZ, ZtX, C, scales, constraints):
     """One codebook block update (float64 in and out)."""
-    if setting.free_codebook:
+    if constraints.free_codebook:
         active = np.diag(ZtZ) > 0
         C = C.copy()
         if active.any():
@@ -299,23 +259,22 @@ def update_codebook(ZtZ, ZtX, C, scales, setting):
     if top <= 0:
         return C, scales
     V = C - (ZtZ @ C - ZtX) / top
-    C_new = _project_codebook(V, scales, setting)
+    C_new = _project_codebook(V, scales, constraints)
     # The gradient step moves all rows with the step of the worst-conditioned one; an exact
     # pass over the rows then lets each row move as far as it should.
-    nbits = _kernels.FLOAT if setting.codebook_bits is None else setting.codebook_bits
-    keep = C.shape[1] if setting.component_nonzero is None else setting.component_nonzero
     row_scales = np.ones(C.shape[0]) if scales is None else scales
-    _kernels.codebook_row_sweep(ZtZ, ZtX, C_new, row_scales, nbits, keep)
-    if setting.codebook_bits is None:
+    _kernels.codebook_row_sweep(ZtZ, ZtX, C_new, row_scales, constraints.codebook_levels,
+                                constraints.codebook_row_nonzero(C.shape[1]))
+    if constraints.codebook_bits is None:
         return C_new, scales
     pattern = C_new / scales[:, None]
     new_scales = refit_scales(ZtZ, ZtX, pattern, scales)
-    keep = new_scales == 0
-    new_scales[keep] = scales[keep]
+    vanished = new_scales == 0
+    new_scales[vanished] = scales[vanished]
     return pattern * new_scales[:, None], np.abs(new_scales)
 
 
-def _relocate_unused(X, C, scales, codes, row_errors, ZtZ, setting):
+def _relocate_unused(X, C, scales, codes, row_errors, ZtZ, constraints):
     """Move unused codebook rows onto the worst-fitted rows (their residual, or the row itself
     for one-hot codes). Unused rows do not enter the objective, so it is unchanged."""
     unused = np.flatnonzero(np.diag(ZtZ) <= 0)
@@ -323,25 +282,25 @@ def _relocate_unused(X, C, scales, codes, row_errors, ZtZ, setting):
         return C, scales
     worst = np.argsort(-row_errors, kind="stable")[: unused.size]
     targets = X[worst].astype(np.float64)
-    if not setting.one_hot:
-        dense = codes.to_dense(setting.n_components)[worst].astype(np.float64)
+    if not constraints.one_hot:
+        dense = codes.to_dense(constraints.n_components)[worst].astype(np.float64)
         targets = targets - dense @ C
     C = C.copy()
     scales = None if scales is None else scales.copy()
     for j, target in zip(unused[: worst.size], targets):
         if not np.any(target):
             continue
-        row, row_scale = quantize_codebook(target[None, :], setting)
+        row, row_scale = quantize_codebook(target[None, :], constraints)
         C[j] = row[0]
         if scales is not None:
             scales[j] = row_scale[0]
     return C, scales
 
 
-def _fold_code_scales(X, codes, C, scales, setting):
+def _fold_code_scales(X, codes, C, scales, constraints):
     """Refit per-component scales of quantized codes and fold them into the codebook."""
-    ZtZ, ZtX = code_statistics(X, codes, setting.n_components)
-    alpha = refit_scales(ZtZ, ZtX, C, np.ones(setting.n_components))
+    ZtZ, ZtX = code_statistics(X, codes, constraints.n_components)
+    alpha = refit_scales(ZtZ, ZtX, C, np.ones(constraints.n_components))
     alpha[alpha == 0] = 1.0
     C = C * alpha[:, None]
     if scales is not None:
@@ -390,12 +349,22 @@ def _pad_components(X, C, k, rng):
     return np.vstack([C, np.asarray(extra, dtype=np.float64)])
 
 
-def initial_codebook(X, setting, init, rng):
-    """Float codebook to start from, and the matching float codes when the init gives them."""
-    k = setting.n_components
+def resolve_init(init, shape, constraints):
+    """The start ``init="auto"`` stands for on data of ``shape``: ``"svd"`` when the
+    codebook has at most ``min(n, d)`` rows and the codes are not one-hot, else
+    ``"k-means++"``. Other values are returned as they are."""
+    if init != "auto":
+        return init
+    k = constraints.n_components
+    return "svd" if k <= min(shape) and not constraints.one_hot else "k-means++"
+
+
+def initial_codebook(X, constraints, init, rng):
+    """Float codebook to start from, and the matching float codes when the init gives them.
+
+    ``init`` is resolved (see :func:`resolve_init`)."""
+    k = constraints.n_components
     n, d = X.shape
-    if init == "auto":
-        init = "svd" if k <= min(n, d) and not setting.one_hot else "k-means++"
     if init == "svd":
         Z0, C0 = _svd_components(X, k, rng)
         if C0.shape[0] < k:
@@ -413,44 +382,44 @@ def initial_codebook(X, setting, init, rng):
     return C0, None
 
 
-def _scale_for_code_levels(C0, Z0, setting, rng):
+def _scale_for_code_levels(C0, Z0, constraints, rng):
     """Rescale codebook rows so that the initial float codes sit well on the code levels."""
-    if setting.code_bits is None or setting.code_bits == 0 or Z0 is None:
+    if constraints.code_bits is None or constraints.code_bits == 0 or Z0 is None:
         return C0
     rows = Z0
     if rows.shape[0] > _SCALE_SAMPLE_ROWS:
         rows = rows[rng.choice(rows.shape[0], _SCALE_SAMPLE_ROWS, replace=False)]
-    mask = top_magnitude_mask(rows, None if setting.dense_codes else setting.n_nonzero)
-    alpha = fit_level_scales(rows, setting.code_bits, mask)
+    mask = top_magnitude_mask(rows, constraints.n_nonzero)
+    alpha = fit_level_scales(rows, constraints.code_bits, mask)
     return C0 * alpha[:, None]
 
 
 # -- driver ----------------------------------------------------------------------------------
 
 
-def _single_fit(X, setting, C0, Z0_codes, max_iter, tol, verbose, rng):
+def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose):
     dtype = X.dtype
-    C, scales = quantize_codebook(C0, setting)
+    C, scales = quantize_codebook(C0, constraints)
     if Z0_codes is not None:
-        codes, row_errors = solve_codes(X, C.astype(dtype), setting, codes=Z0_codes)
+        codes, row_errors = solve_codes(X, C.astype(dtype), constraints, codes=Z0_codes)
     else:
-        codes, row_errors = solve_codes(X, C.astype(dtype), setting)
+        codes, row_errors = solve_codes(X, C.astype(dtype), constraints)
     objective = [float(row_errors.sum())]
     n_iter = 0
     converged = False
     for n_iter in range(1, max_iter + 1):
         # Code block (skipped on the first pass when the codes were just solved from scratch).
         if n_iter > 1 or Z0_codes is not None:
-            codes, row_errors = solve_codes(X, C.astype(dtype), setting, codes=codes)
+            codes, row_errors = solve_codes(X, C.astype(dtype), constraints, codes=codes)
         after_codes = float(row_errors.sum())
 
         # Codebook block: fold code scales, then exact LS or a projected gradient step.
         C_old, scales_old = C, scales
-        if setting.code_bits is not None and setting.code_bits > 0:
-            C, scales = _fold_code_scales(X, codes, C, scales, setting)
-        ZtZ, ZtX = code_statistics(X, codes, setting.n_components)
-        C, scales = update_codebook(ZtZ, ZtX, C, scales, setting)
-        C, scales = _relocate_unused(X, C, scales, codes, row_errors, ZtZ, setting)
+        if constraints.code_bits is not None and constraints.code_bits > 0:
+            C, scales = _fold_code_scales(X, codes, C, scales, constraints)
+        ZtZ, ZtX = code_statistics(X, codes, constraints.n_components)
+        C, scales = update_codebook(ZtZ, ZtX, C, scales, constraints)
+        C, scales = _relocate_unused(X, C, scales, codes, row_errors, ZtZ, constraints)
         new_errors, value = squared_error(X, C.astype(dtype), codes)
         if value > after_codes:
             C, scales, value = C_old, scales_old, after_codes
@@ -474,7 +443,7 @@ def _single_fit(X, setting, C0, Z0_codes, max_iter, tol, verbose, rng):
 
 def fit_factorization(
     X,
-    setting,
+    constraints,
     *,
     init="auto",
     code_init=None,
@@ -485,7 +454,7 @@ def fit_factorization(
     random_state,
     verbose=0,
 ):
-    """Fit ``X ~ Z C`` under ``setting``; keep the best of ``n_init`` starts.
+    """Fit ``X ~ Z C`` under ``constraints``; keep the best of ``n_init`` starts.
 
     The returned codes are those of :func:`solve_codes` from scratch against the final
     codebook (what ``transform`` gives), so that fitting and transforming agree.
@@ -497,54 +466,54 @@ def fit_factorization(
         ``row_errors`` the final per-row squared errors.
     """
     rng = random_state
+    init = resolve_init(init, X.shape, constraints)
+    # One start when the start is fixed; repeating it would only repeat the same fit.
     deterministic = codebook_init is not None or init == "svd"
     best = None
     for _ in range(1 if deterministic else n_init):
         if codebook_init is not None:
             C0, Z0 = np.asarray(codebook_init, dtype=np.float64), None
         else:
-            C0, Z0 = initial_codebook(X, setting, init, rng)
-            C0 = _scale_for_code_levels(C0, Z0, setting, rng)
+            C0, Z0 = initial_codebook(X, constraints, init, rng)
+            C0 = _scale_for_code_levels(C0, Z0, constraints, rng)
         start_codes = None
         if code_init is not None:
-            start_codes = _project_code_init(code_init, setting, X.dtype)
-        result = _single_fit(X, setting, C0, start_codes, max_iter, tol, verbose, rng)
+            start_codes = _project_code_init(code_init, constraints, X.dtype)
+        result = _single_fit(X, constraints, C0, start_codes, max_iter, tol, verbose)
         if best is None or result.objective[-1] < best.objective[-1]:
             best = result
     best.codebook, best.codebook_scales = _finalize_codebook(
-        best.codebook, best.codebook_scales, setting, X.dtype
+        best.codebook, best.codebook_scales, constraints, X.dtype
     )
-    codes, row_errors = solve_codes(X, best.codebook, setting)
+    codes, row_errors = solve_codes(X, best.codebook, constraints)
     best.codes, best.row_errors = codes, row_errors
     return best
 
 
-def _finalize_codebook(C, scales, setting, dtype):
+def _finalize_codebook(C, scales, constraints, dtype):
     """Cast to the data type so that ``levels * scale`` in that type is exactly the codebook.
 
     The codec stores the half-integer levels and the scales; decoding multiplies them in the
     data type, and that product must be the fitted codebook bit for bit.
     """
-    if setting.codebook_bits is None:
+    if constraints.codebook_bits is None:
         return np.asarray(C, dtype=dtype), None
     scales = np.asarray(scales, dtype=dtype)
     safe = np.where(scales > 0, scales, 1).astype(np.float64)
-    top = 2.0 ** (setting.codebook_bits - 1) - 0.5
-    levels = np.rint(np.asarray(C, dtype=np.float64) / safe[:, None] * 2.0) / 2.0
-    levels = np.clip(levels, -top, top)
+    levels = snap_to_levels(np.asarray(C, dtype=np.float64) / safe[:, None], constraints.codebook_bits)
     return levels.astype(dtype) * scales[:, None], scales
 
 
-def _project_code_init(code_init, setting, dtype):
+def _project_code_init(code_init, constraints, dtype):
     """Feasible slots closest to user-given dense codes."""
     Z = np.ascontiguousarray(code_init, dtype=np.float64)
     n, k = Z.shape
-    s = setting.slots
+    s = constraints.slots
     dense = np.empty_like(Z)
-    _kernels.project_rows(Z, np.ones(n), setting.code_nbits, s, dense)
-    if setting.dense_codes:
+    _kernels.project_rows(Z, np.ones(n), constraints.code_levels, s, dense)
+    if constraints.dense_codes:
         return Codes(None, dense.astype(dtype))
     idx = np.argsort(dense == 0, axis=1, kind="stable")[:, :s]
     idx.sort(axis=1)
     val = np.take_along_axis(dense, idx, axis=1)
-    return Codes(idx.astype(np.int32), val.astype(dtype))
+    return Codes(idx.astype(_kernels.INDEX_DTYPE), val.astype(dtype))

@@ -34,7 +34,7 @@ def _compress(args):
 
 
 def _decompress(args):
-    from .codec import load
+    from ._io import load
     from .weights import CompressedModel
 
     model = load(args.input)
@@ -55,7 +55,7 @@ def _decompress(args):
 
 
 def _info(args):
-    from .codec import load
+    from ._io import load
     from .weights import CompressedModel
 
     obj = load(args.file)

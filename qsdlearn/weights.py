@@ -15,34 +15,32 @@ Tensors with fewer than two dimensions, integer or boolean tensors, and tensors 
 Rate
 ----
 ``bits_per_weight`` is that of the whole file: ``8 * file bytes / number of weights``, the
-header, every stream's rounding to bytes and every kept tensor included.
+header, every stream's rounding to bytes and every kept tensor included. The budget is spent
+by :func:`qsdlearn._allocation.allocate`.
 """
 
 import json
-import numbers
+import math
 import os
 import sys
 import warnings
 import zlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import joblib
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, validate_params
 from threadpoolctl import threadpool_limits
 
+from ._allocation import allocate
+from ._constraints import Constraints
+from ._container import FileImage, json_field, write_container
 from ._estimator import QuantizedSparseDecomposition
-from ._solver import Setting
-from .codec import (
-    STREAMS,
-    CompressedMatrix,
-    MatrixSettings,
-    json_field,
-    matrix_from_tensors,
-    matrix_tensors,
-    read_container,
-    write_container,
-)
+from .codec import STREAMS, CompressedMatrix, MatrixSettings, matrix_from_tensors, matrix_tensors
 from .metrics import sqnr
 
 MIN_COMPRESSED_SIZE = 1024
@@ -60,29 +58,48 @@ _KEPT_DTYPE_NAMES = {container: name for name, container in _KEPT_DTYPES.items()
 
 @dataclass(frozen=True)
 class LayerSetting:
-    """How one layer is compressed (see :class:`QuantizedSparseDecomposition`)."""
+    """How one tensor is compressed: its sub-vector length and the constraints of its
+    factorization.
+
+    Parameters
+    ----------
+    vector_size : int, default=8
+        Length ``d`` of the sub-vectors the tensor's rows are cut into (see
+        :func:`to_rows`): the rows of the factorized matrix.
+    constraints : Constraints, default=Constraints(256, 2, 2, 8)
+        The factorization of the ``(rows, vector_size)`` matrix: 256 codebook rows, two
+        2-bit code values per sub-vector, 8-bit codebook entries by default.
+
+    Examples
+    --------
+    >>> from qsdlearn import Constraints, LayerSetting
+    >>> vq = LayerSetting(4, Constraints(256, n_nonzero=1, code_bits=0, codebook_bits=8))
+    >>> vq.describe()
+    'd=4 k=256 1 of 256 codes=0b codebook=8b'
+    """
 
     vector_size: int = 8
-    n_components: int = 256
-    n_nonzero: int | None = 2
-    code_bits: int | None = 2
-    codebook_bits: int | None = 8
+    constraints: Constraints = field(
+        default_factory=lambda: Constraints(256, n_nonzero=2, code_bits=2, codebook_bits=8)
+    )
 
     def describe(self):
-        slots = "dense" if self.n_nonzero is None else f"{self.n_nonzero} of {self.n_components}"
-        return (
-            f"d={self.vector_size} k={self.n_components} {slots} "
-            f"codes={self.code_bits}b codebook={self.codebook_bits}b"
-        )
+        """A short human-readable form of the setting."""
+        return f"d={self.vector_size} {self.constraints.describe()}"
 
     def estimator(self, **params):
-        return QuantizedSparseDecomposition(
-            n_components=self.n_components,
-            n_nonzero=self.n_nonzero,
-            code_bits=self.code_bits,
-            codebook_bits=self.codebook_bits,
-            **params,
-        )
+        """A :class:`QuantizedSparseDecomposition` with these constraints and ``params``."""
+        return QuantizedSparseDecomposition(**self.constraints.to_dict(), **params)
+
+    def matrix_settings(self, shape, dtype=np.float32):
+        """Settings of the matrix :func:`to_rows` makes of a tensor of ``shape`` (what
+        :func:`compress_weights` encodes), known before fitting."""
+        return MatrixSettings(rows_of(shape, self.vector_size), self.vector_size,
+                              np.dtype(dtype).name, self.constraints)
+
+    def stream_bytes(self, shape):
+        """Bytes of the streams of a tensor of ``shape`` under this setting."""
+        return sum(self.matrix_settings(shape).stream_sizes().values())
 
 
 def default_candidates(vector_size=8):
@@ -92,10 +109,15 @@ def default_candidates(vector_size=8):
         (16, 1, 0), (256, 1, 0), (256, 1, 2), (64, 2, 2), (256, 2, 2), (256, 2, 3),
         (256, 3, 3), (256, 4, 3), (d, None, 2), (d, None, 3), (d, None, 4), (d, None, 5),
     ]
-    return [LayerSetting(d, k, s, b, 8) for k, s, b in grid]
+    return [LayerSetting(d, Constraints(k, s, b, 8)) for k, s, b in grid]
 
 
 # -- reshape rules -------------------------------------------------------------------------------
+
+
+def rows_of(shape, vector_size):
+    """Number of sub-vectors :func:`to_rows` cuts a tensor of ``shape`` into."""
+    return shape[0] * (-(-math.prod(shape[1:]) // vector_size))
 
 
 def to_rows(weight, vector_size):
@@ -127,27 +149,139 @@ def _is_compressible(array):
 
 @dataclass
 class CompressedLayer:
-    """One compressed tensor: its matrix, original shape and dtype, setting and SQNR."""
+    """One compressed tensor: its matrix, original shape and dtype, setting and fit record.
 
-    matrix: object  # CompressedMatrix
+    Attributes
+    ----------
+    matrix : CompressedMatrix
+        The encoded ``(rows, vector_size)`` matrix of the tensor's sub-vectors.
+    shape : tuple of int
+        Shape of the original tensor.
+    dtype : str
+        Its dtype, restored on decompression.
+    setting : LayerSetting
+        How it was compressed.
+    sqnr_db : float
+        SQNR of the decompressed tensor against the original, in dB.
+    n_iter : int or None
+        Iterations of the final fit (``None`` when not recorded, e.g. read from a file).
+    converged : bool or None
+        Whether the final fit met its tolerance before ``max_iter`` (``None``: not recorded).
+    """
+
+    matrix: CompressedMatrix
     shape: tuple
     dtype: str
     setting: LayerSetting
     sqnr_db: float
+    n_iter: int | None = None
+    converged: bool | None = None
+
+    @property
+    def nbytes(self):
+        """Bytes of its streams in a file."""
+        return self.matrix.nbytes
 
     def decompress(self):
+        """The reconstructed tensor, in its original shape and dtype."""
         rows = self.matrix.decode()
         return from_rows(rows, self.shape).astype(self.dtype)
 
+    def record(self):
+        """What :meth:`CompressedModel.report` shows of this tensor."""
+        return dict(setting=self.setting.describe(), payload_bits=self.matrix.bits,
+                    sqnr_db=self.sqnr_db, n_iter=self.n_iter, converged=self.converged)
 
-class CompressedModel:
-    """The compressed weights of a model: compressed layers and tensors kept verbatim.
+    def header_entry(self, name):
+        """The layer's entry in the file header."""
+        return dict(name=name, kind="compressed", shape=list(self.shape), dtype=self.dtype,
+                    matrix=self.matrix.settings.to_dict(), sqnr_db=self.sqnr_db)
+
+    def tensors(self, key):
+        """Its container tensors, named ``key.<stream>``."""
+        return matrix_tensors(self.matrix, prefix=f"{key}.")
+
+
+@dataclass
+class KeptTensor:
+    """A tensor stored verbatim (1-D, integer, boolean or small), with the interface of
+    :class:`CompressedLayer`.
 
     Attributes
     ----------
-    layers : dict
-        Name to :class:`CompressedLayer` or to the kept ``ndarray``, in the original order.
+    array : ndarray
+        The tensor itself.
     """
+
+    array: np.ndarray
+
+    @property
+    def shape(self):
+        """Shape of the tensor."""
+        return self.array.shape
+
+    @property
+    def dtype(self):
+        """Its dtype name."""
+        return self.array.dtype.name
+
+    @property
+    def nbytes(self):
+        """Bytes of the tensor in a file."""
+        return self.array.nbytes
+
+    def decompress(self):
+        """A copy of the tensor."""
+        return self.array.copy()
+
+    def record(self):
+        """What :meth:`CompressedModel.report` shows of this tensor."""
+        return dict(setting=f"kept ({self.dtype})", payload_bits=8 * self.nbytes,
+                    sqnr_db=float("inf"), n_iter=None, converged=None)
+
+    def header_entry(self, name):
+        """The tensor's entry in the file header."""
+        return dict(name=name, kind="kept")
+
+    def tensors(self, key):
+        """Its container tensor, named ``key`` (little-endian bytes of its dtype)."""
+        array = self.array
+        data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+        return [(key, _KEPT_DTYPES[self.dtype], array.shape, data)]
+
+
+class CompressedModel(FileImage):
+    """The compressed weights of a model: compressed layers and tensors kept verbatim.
+
+    Build one with :func:`compress_weights`, or read one with :func:`qsdlearn.load` or
+    :meth:`from_bytes`.
+
+    Parameters
+    ----------
+    layers : mapping of str to CompressedLayer or KeptTensor
+        In the model's order.
+
+    Attributes
+    ----------
+    layers : dict of str to CompressedLayer or KeptTensor
+        The tensors, in the original order.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import qsdlearn
+    >>> rng = np.random.default_rng(0)
+    >>> weights = {"fc.weight": rng.standard_normal((128, 64)), "fc.bias": np.zeros(128)}
+    >>> setting = qsdlearn.LayerSetting(8, qsdlearn.Constraints(16, n_nonzero=1, code_bits=0))
+    >>> model = qsdlearn.compress_weights(weights, settings=setting, random_state=0)
+    >>> [record["setting"] for record in model.report()]
+    ['d=8 k=16 1 of 16 codes=0b codebook=float', 'kept (float64)']
+    >>> restored = model.decompress()
+    >>> restored["fc.weight"].shape, restored["fc.bias"].dtype
+    ((128, 64), dtype('float64'))
+    """
+
+    KIND = "model"
 
     def __init__(self, layers):
         self.layers = dict(layers)
@@ -158,7 +292,7 @@ class CompressedModel:
     @property
     def n_weights(self):
         """Number of weights of all tensors."""
-        return sum(int(np.prod(entry.shape, dtype=np.int64)) for entry in self.layers.values())
+        return sum(math.prod(entry.shape) for entry in self.layers.values())
 
     @property
     def nbytes(self):
@@ -172,43 +306,40 @@ class CompressedModel:
 
     @property
     def compression_ratio(self):
-        """Size of the original tensors in their dtypes over the file size."""
-        original = sum(
-            int(np.prod(entry.shape, dtype=np.int64)) * np.dtype(entry.dtype).itemsize
-            for entry in self.layers.values()
-        )
-        return original / self.nbytes
+        """``32 * n_weights / (8 * file bytes)``: the weights as float32 over the file, as
+        :attr:`QuantizedSparseDecomposition.compression_ratio_` counts a matrix."""
+        return 32.0 / self.bits_per_weight
 
     # content ------------------------------------------------------------------------------------
 
     def decompress(self):
         """Name to array, with the original shapes and dtypes."""
-        return {
-            name: entry.decompress() if isinstance(entry, CompressedLayer) else entry.copy()
-            for name, entry in self.layers.items()
-        }
+        return {name: entry.decompress() for name, entry in self.layers.items()}
 
     def report(self):
-        """Per-tensor records: name, shape, setting, bits, bits_per_weight, sqnr_db."""
+        """Per-tensor records.
+
+        Returns
+        -------
+        list of dict
+            One per tensor, in order: ``name``, ``shape``, ``setting`` (text),
+            ``payload_bits`` (exact bits of its streams or of the kept tensor),
+            ``stored_bits`` (what the file holds for it: streams rounded up to whole bytes),
+            ``bits_per_weight`` (``stored_bits`` per weight), ``sqnr_db`` (``inf`` for kept
+            tensors), ``n_iter`` and ``converged`` of the final fit (``None`` when not
+            recorded).
+        """
         records = []
         for name, entry in self.layers.items():
-            size = int(np.prod(entry.shape, dtype=np.int64))
-            if isinstance(entry, CompressedLayer):
-                bits = 8 * entry.matrix.nbytes
-                setting, quality = entry.setting.describe(), entry.sqnr_db
-            else:
-                bits = 8 * entry.nbytes
-                setting, quality = f"kept ({entry.dtype})", float("inf")
-            records.append(
-                dict(
-                    name=name,
-                    shape=tuple(entry.shape),
-                    setting=setting,
-                    bits=bits,
-                    bits_per_weight=bits / max(size, 1),
-                    sqnr_db=quality,
-                )
-            )
+            size = math.prod(entry.shape)
+            record = entry.record()
+            stored = 8 * entry.nbytes
+            records.append(dict(
+                name=name, shape=tuple(entry.shape), setting=record["setting"],
+                payload_bits=record["payload_bits"], stored_bits=stored,
+                bits_per_weight=stored / max(size, 1), sqnr_db=record["sqnr_db"],
+                n_iter=record["n_iter"], converged=record["converged"],
+            ))
         return records
 
     def report_table(self):
@@ -219,55 +350,35 @@ class CompressedModel:
             f"{'name':<{width}}  {'shape':<18} {'setting':<44} {'bits/weight':>11} {'SQNR dB':>8}"
         ]
         for r in rows:
+            note = "" if r["converged"] is not False else f"  (not converged in {r['n_iter']})"
             lines.append(
                 f"{r['name']:<{width}}  {str(r['shape']):<18} {r['setting']:<44} "
-                f"{r['bits_per_weight']:>11.3f} {r['sqnr_db']:>8.2f}"
+                f"{r['bits_per_weight']:>11.3f} {r['sqnr_db']:>8.2f}{note}"
             )
         lines.append(
             f"total: {self.n_weights} weights, {self.nbytes} bytes, "
             f"{self.bits_per_weight:.3f} bits/weight (header included), "
-            f"ratio {self.compression_ratio:.1f}x"
+            f"ratio {self.compression_ratio:.1f}x over float32"
         )
         return "\n".join(lines)
 
     # file image ---------------------------------------------------------------------------------
 
-    def _container(self):
-        tensors, entries = [], []
-        for i, (name, entry) in enumerate(self.layers.items()):
-            if isinstance(entry, CompressedLayer):
-                tensors += matrix_tensors(entry.matrix, prefix=f"{i}.")
-                entries.append(
-                    dict(
-                        name=name, kind="compressed", shape=list(entry.shape), dtype=entry.dtype,
-                        matrix=entry.matrix.settings.__dict__, sqnr_db=entry.sqnr_db,
-                    )
-                )
-            else:
-                data = np.ascontiguousarray(entry).astype(entry.dtype.newbyteorder("<")).tobytes()
-                tensors.append((f"{i}", _KEPT_DTYPES[entry.dtype.name], entry.shape, data))
-                entries.append(dict(name=name, kind="kept"))
-        return tensors, {"kind": "model", "layers": json.dumps(entries, separators=(",", ":"))}
-
     def to_bytes(self):
         """The file image (a safetensors file)."""
         if self._image is None:
-            tensors, metadata = self._container()
+            tensors, entries = [], []
+            for i, (name, entry) in enumerate(self.layers.items()):
+                tensors += entry.tensors(f"{i}")
+                entries.append(entry.header_entry(name))
+            metadata = {"kind": self.KIND, "layers": json.dumps(entries, separators=(",", ":"))}
             self._image = write_container(tensors, metadata)
         return self._image
 
-    def save(self, path):
-        """Write to ``path`` atomically (see :func:`qsdlearn.save`)."""
-        from .codec import save
-
-        save(self, path)
-
     @classmethod
-    def from_bytes(cls, data):
-        """Read and validate a file image written by :meth:`to_bytes`."""
-        meta, tensors = read_container(data)
-        if meta.get("kind") != "model":
-            raise ValueError(f"not a compressed model: kind {meta.get('kind')!r}")
+    def from_container(cls, meta, tensors):
+        """Rebuild from a parsed container (:func:`qsdlearn._container.read_container`)."""
+        cls.check_kind(meta)
         entries = json_field(meta, "layers", list)
         layers = {}
         used = set()
@@ -282,9 +393,8 @@ class CompressedModel:
                     raise ValueError(f"damaged file: tensor of layer {name!r} is missing")
                 dtype_name, shape, chunk = tensors[f"{i}"]
                 dtype = _KEPT_DTYPE_NAMES[dtype_name]
-                layers[name] = np.frombuffer(chunk, dtype=np.dtype(dtype).newbyteorder("<")).astype(
-                    dtype
-                ).reshape(shape)
+                array = np.frombuffer(chunk, dtype=np.dtype(dtype).newbyteorder("<"))
+                layers[name] = KeptTensor(array.astype(dtype).reshape(shape))
                 used.add(f"{i}")
             elif entry.get("kind") == "compressed":
                 layers[name] = _layer_from_entry(entry, tensors, i, name)
@@ -304,27 +414,24 @@ class CompressedModel:
 
 def _layer_from_entry(entry, tensors, i, name):
     try:
-        settings = MatrixSettings(**entry["matrix"])
-        setting = LayerSetting(
-            settings.n_features, settings.n_components, settings.n_nonzero, settings.code_bits,
-            settings.codebook_bits,
-        )
+        settings = MatrixSettings.from_dict(entry["matrix"])
+        setting = LayerSetting(settings.n_features, settings.constraints)
         shape = tuple(entry["shape"])
         dtype = np.dtype(entry["dtype"])
         quality = float(entry["sqnr_db"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError):
         raise ValueError(f"damaged file: layer {name!r} has invalid settings") from None
-    settings.validate()
+    except ValueError as exc:
+        if str(exc).startswith("damaged file"):
+            raise
+        raise ValueError(f"damaged file: layer {name!r} has invalid settings") from None
     if (
         not all(isinstance(v, int) and v > 0 for v in shape)
         or len(shape) < 2
         or dtype.kind != "f"
-        or settings.n_features != setting.vector_size
     ):
         raise ValueError(f"damaged file: layer {name!r} has an invalid shape or dtype")
-    width = int(np.prod(shape[1:], dtype=object))
-    rows = shape[0] * (-(-width // setting.vector_size))
-    if settings.n_rows != rows:
+    if settings.n_rows != rows_of(shape, setting.vector_size):
         raise ValueError(f"damaged file: layer {name!r} shape does not match its codes")
     matrix = matrix_from_tensors(settings, tensors, prefix=f"{i}.")
     return CompressedLayer(matrix, shape, dtype.name, setting, quality)
@@ -371,90 +478,58 @@ def _layer_seed(base, name):
     return (base + zlib.crc32(name.encode())) % 2**32
 
 
-def sample_rows(X, max_rows, seed):
+def sample_rows(X, max_rows, seed, keep_order=True):
     """At most ``max_rows`` rows of ``X`` (all when ``None``), drawn uniformly without
-    replacement with ``seed`` and kept in their order."""
+    replacement with ``seed``; kept in their order unless ``keep_order=False`` (then in the
+    order drawn)."""
     if max_rows is None or X.shape[0] <= max_rows:
         return X
     rows = np.random.default_rng(seed).choice(X.shape[0], max_rows, replace=False)
-    return X[np.sort(rows)]
+    return X[np.sort(rows) if keep_order else rows]
 
 
-def _fit_layer(name, weight, setting, seed, n_threads, max_iter, max_fit_rows):
+def _fit_quietly(estimator, X):
+    """Fit, turning a :class:`~sklearn.exceptions.ConvergenceWarning` into the fit's record
+    (other warnings reach the caller). Returns whether the fit converged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        estimator.fit(X)
+    converged = True
+    for warning in caught:
+        if issubclass(warning.category, ConvergenceWarning):
+            converged = False
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                   warning.lineno)
+    return converged
+
+
+def _fit_layer(weight, setting, seed, n_threads, max_iter, max_fit_rows):
     """Fit one layer's codebook (on at most ``max_fit_rows`` rows drawn at random) and encode
     all its rows. Runs in a joblib worker: numba and BLAS threads are capped there so that
     workers x threads stay within the cores (joblib's Dask backend does not do it)."""
     X = to_rows(weight.astype(np.float32), setting.vector_size)
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=max_iter)
     sample = sample_rows(X, max_fit_rows, seed)
-    with threadpool_limits(limits=n_threads), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        est.fit(sample)
+    with threadpool_limits(limits=n_threads):
+        converged = _fit_quietly(est, sample)
         matrix = est.encode(X)
     decoded = from_rows(matrix.decode(), weight.shape)
-    return CompressedLayer(matrix, weight.shape, weight.dtype.name, setting, sqnr(weight, decoded))
+    return CompressedLayer(matrix, weight.shape, weight.dtype.name, setting, sqnr(weight, decoded),
+                           n_iter=est.n_iter_, converged=converged)
 
 
-def _estimate(name, weight, setting, seed, n_threads):
+def _estimate(weight, setting, seed, n_threads):
     """Bytes of the layer's streams (exact) and its squared error (from a row sample)."""
     X = to_rows(weight.astype(np.float32), setting.vector_size)
-    if setting.n_nonzero is not None and setting.n_nonzero > setting.n_components:
-        return None
-    rng = np.random.default_rng(seed)
-    sample = X if X.shape[0] <= ESTIMATE_ROWS else X[rng.choice(X.shape[0], ESTIMATE_ROWS, False)]
-    if setting.n_components > sample.shape[0]:
+    sample = sample_rows(X, ESTIMATE_ROWS, seed, keep_order=False)
+    if setting.constraints.n_components > sample.shape[0]:
         return None
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=ESTIMATE_MAX_ITER)
-    with threadpool_limits(limits=n_threads), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        est.fit(sample)
+    with threadpool_limits(limits=n_threads):
+        _fit_quietly(est, sample)
     error = est.reconstruction_err_**2 * X.shape[0] / sample.shape[0]
-    return _stream_bytes(weight, setting), error
-
-
-def _allocate(estimates, budget_bytes):
-    """Greedy marginal-return allocation over each layer's lower convex hull.
-
-    ``estimates[name]`` is a list of (bytes, error, setting). Returns name -> setting, or
-    None when even the smallest choices exceed the budget.
-    """
-    hulls = {}
-    for name, options in estimates.items():
-        options = sorted(options, key=lambda o: (o[0], o[1]))
-        hull = []
-        for option in options:
-            if hull and option[1] >= hull[-1][1]:
-                continue  # more bytes, no less error
-            while len(hull) >= 2:
-                (b0, e0, _), (b1, e1, _) = hull[-2], hull[-1]
-                if (e0 - e1) * (option[0] - b1) <= (e1 - option[1]) * (b1 - b0):
-                    hull.pop()  # hull[-1] is above the segment: not on the convex hull
-                else:
-                    break
-            hull.append(option)
-        hulls[name] = hull
-    position = {name: 0 for name in hulls}
-    used = sum(hull[0][0] for hull in hulls.values())
-    if used > budget_bytes:
-        return None
-    while True:
-        best, best_slope = None, 0.0
-        for name, hull in hulls.items():
-            i = position[name]
-            if i + 1 >= len(hull):
-                continue
-            extra = hull[i + 1][0] - hull[i][0]
-            if used + extra > budget_bytes:
-                continue
-            slope = (hull[i][1] - hull[i + 1][1]) / max(extra, 1)
-            if slope > best_slope:
-                best, best_slope = name, slope
-        if best is None:
-            break
-        i = position[best]
-        used += hulls[best][i + 1][0] - hulls[best][i][0]
-        position[best] = i + 1
-    return {name: hulls[name][position[name]][2] for name in hulls}
+    return setting.stream_bytes(weight.shape), error
 
 
 def _progress(iterable, total, enabled):
@@ -467,6 +542,21 @@ def _progress(iterable, total, enabled):
     return tqdm(iterable, total=total, desc="layers", unit="layer")
 
 
+@validate_params(
+    {
+        "weights": [Mapping, str, os.PathLike],
+        "bits_per_weight": [Interval(Real, 0, None, closed="neither"), None],
+        "settings": [LayerSetting, dict, None],
+        "vector_size": [Interval(Integral, 1, None, closed="left")],
+        "candidates": [list, None],
+        "n_jobs": [Integral, None],
+        "random_state": ["random_state"],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "max_fit_rows": [Interval(Integral, 1, None, closed="left"), None],
+        "verbose": ["boolean", None],
+    },
+    prefer_skip_nested_validation=True,
+)
 def compress_weights(
     weights,
     *,
@@ -488,9 +578,10 @@ def compress_weights(
         Name to tensor (e.g. ``{k: v.numpy() for k, v in model.state_dict().items()}``), or
         a ``.npz`` / ``.safetensors`` file.
     bits_per_weight : float, optional
-        Target for the whole file (header and kept tensors included). Each compressible
-        tensor gets the candidate setting that minimises the total squared weight error under
-        that budget (greedy marginal returns on estimates from a row sample).
+        Target for the whole file in bits per weight (header and kept tensors included).
+        Each compressible tensor gets the candidate setting that minimises the total squared
+        weight error under that budget (greedy marginal returns on estimates from a row
+        sample).
     settings : LayerSetting or mapping of str to LayerSetting, optional
         Fixed settings, for all compressible tensors or per name (others then follow
         ``bits_per_weight`` when given, else the default :class:`LayerSetting`).
@@ -502,7 +593,7 @@ def compress_weights(
         Layers run through ``joblib.Parallel(n_jobs)``; under
         ``joblib.parallel_config(backend="dask")`` on a Dask cluster. Results do not depend on
         it.
-    random_state : int, optional
+    random_state : int, RandomState instance or None, default=None
         Seed; each layer's seed is derived from it and the layer name.
     max_iter : int, default=50
         Iterations of each final fit.
@@ -515,16 +606,38 @@ def compress_weights(
     Returns
     -------
     CompressedModel
+        Its ``report()`` holds every layer's setting, bits, SQNR (dB) and whether its final
+        fit converged.
+
+    Raises
+    ------
+    ValueError
+        If there are no tensors, a tensor holds NaN or infinity, ``settings`` names a tensor
+        that is not compressible, or ``bits_per_weight`` is below what the candidates reach.
+    TypeError
+        If a tensor name is not a string or a dtype is not supported.
+
+    See Also
+    --------
+    CompressedModel : What is returned.
+    QuantizedSparseDecomposition : The factorization of every layer.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import qsdlearn
+    >>> rng = np.random.default_rng(0)
+    >>> weights = {"fc1.weight": rng.standard_normal((256, 64)).astype(np.float32),
+    ...            "fc1.bias": np.zeros(256, dtype=np.float32)}
+    >>> model = qsdlearn.compress_weights(weights, bits_per_weight=3.0, random_state=0)
+    >>> bool(model.bits_per_weight <= 3.0)
+    True
+    >>> model.decompress()["fc1.weight"].shape
+    (256, 64)
     """
     tensors = read_weights(weights)
     if not tensors:
         raise ValueError("no tensors to compress")
-    if bits_per_weight is not None and not (
-        isinstance(bits_per_weight, numbers.Real) and bits_per_weight > 0
-    ):
-        raise ValueError(f"bits_per_weight must be a positive number, got {bits_per_weight!r}")
-    if not isinstance(vector_size, numbers.Integral) or vector_size < 1:
-        raise ValueError(f"vector_size must be a positive integer, got {vector_size!r}")
     if verbose is None:
         verbose = sys.stderr.isatty()
     base = check_random_state(random_state).randint(2**31)
@@ -552,14 +665,14 @@ def compress_weights(
     parallel = joblib.Parallel(n_jobs=n_jobs, return_as="generator")
     jobs = (
         joblib.delayed(_fit_layer)(
-            name, tensors[name], fixed[name], _layer_seed(base, name), n_threads, max_iter,
+            tensors[name], fixed[name], _layer_seed(base, name), n_threads, max_iter,
             max_fit_rows,
         )
         for name in compressible
     )
     fitted = dict(zip(compressible, _progress(parallel(jobs), len(compressible), verbose)))
     return CompressedModel(
-        {name: fitted.get(name, tensors[name]) for name in tensors}
+        {name: fitted.get(name) or KeptTensor(tensors[name]) for name in tensors}
     )
 
 
@@ -568,7 +681,9 @@ def _plan(tensors, compressible, free, fixed, bits_per_weight, candidates, base,
     n_weights = sum(array.size for array in tensors.values())
     budget = int(bits_per_weight * n_weights // 8)
     # Feasibility needs no fitting: the sizes are known from the settings alone.
-    smallest = {name: min(candidates, key=lambda c: _stream_bytes(tensors[name], c)) for name in free}
+    smallest = {
+        name: min(candidates, key=lambda c: c.stream_bytes(tensors[name].shape)) for name in free
+    }
     least_bytes = _file_bytes(tensors, compressible, {**fixed, **smallest})
     if least_bytes > budget:
         raise ValueError(
@@ -578,7 +693,7 @@ def _plan(tensors, compressible, free, fixed, bits_per_weight, candidates, base,
         )
     pairs = [(name, c) for name in free for c in candidates]
     results = joblib.Parallel(n_jobs=n_jobs)(
-        joblib.delayed(_estimate)(name, tensors[name], c, _layer_seed(base, name), n_threads)
+        joblib.delayed(_estimate)(tensors[name], c, _layer_seed(base, name), n_threads)
         for name, c in pairs
     )
     estimates = {name: [] for name in free}
@@ -592,10 +707,10 @@ def _plan(tensors, compressible, free, fixed, bits_per_weight, candidates, base,
     # Everything but the free layers' streams (header, kept tensors, fixed layers), with a
     # margin for the digits of offsets that grow with the chosen sizes; checked exactly below.
     overhead = _file_bytes(tensors, compressible, {**fixed, **smallest})
-    overhead -= sum(_stream_bytes(tensors[name], smallest[name]) for name in free)
+    overhead -= sum(smallest[name].stream_bytes(tensors[name].shape) for name in free)
     overhead += 32 * len(tensors)
     for _ in range(5):
-        plan = _allocate(estimates, budget - overhead)
+        plan = allocate(estimates, budget - overhead)
         if plan is None:
             least = 8 * _file_bytes(tensors, compressible, {**fixed, **smallest}) / n_weights
             raise ValueError(
@@ -609,21 +724,6 @@ def _plan(tensors, compressible, free, fixed, bits_per_weight, candidates, base,
     raise ValueError(f"could not meet bits_per_weight={bits_per_weight}")  # pragma: no cover
 
 
-def _matrix_settings(weight, setting):
-    """Settings of the matrix :func:`to_rows` makes of ``weight`` (what :func:`_fit_layer`
-    encodes), known before fitting."""
-    width = int(np.prod(weight.shape[1:], dtype=np.int64))
-    rows = weight.shape[0] * (-(-width // setting.vector_size))
-    constraints = Setting(
-        setting.n_components, setting.n_nonzero, setting.code_bits, setting.codebook_bits
-    )
-    return MatrixSettings.from_setting(constraints, rows, setting.vector_size, np.float32)
-
-
-def _stream_bytes(weight, setting):
-    return sum(_matrix_settings(weight, setting).stream_sizes().values())
-
-
 #: A stand-in SQNR with the longest JSON form a float can take, for sizing headers.
 _WIDEST_FLOAT = -1.2345678901234567e-100
 
@@ -633,12 +733,12 @@ def _file_bytes(tensors, compressible, plan):
     layers = {}
     for name, array in tensors.items():
         if name in compressible:
-            settings = _matrix_settings(array, plan[name])
+            settings = plan[name].matrix_settings(array.shape)
             streams = {k: bytes(v) for k, v in settings.stream_sizes().items()}
             layers[name] = CompressedLayer(
                 CompressedMatrix(settings, streams), array.shape, array.dtype.name, plan[name],
                 _WIDEST_FLOAT,
             )
         else:
-            layers[name] = array
+            layers[name] = KeptTensor(array)
     return CompressedModel(layers).nbytes

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from qsdlearn import QuantizedSparseDecomposition
+from qsdlearn import Constraints
 from qsdlearn._bits import ceil_log2, factorization_bits, support_bits
 
 
@@ -44,7 +45,7 @@ def test_support_bits_falls_back_to_fixed_width_beyond_64_bits():
 
 
 def test_factorization_bits_vq():
-    budget = factorization_bits(1000, 8, 256, 1, 0, None, None, float_bits=32)
+    budget = factorization_bits(Constraints(256, 1, 0), 1000, 8, float_bits=32)
     assert budget.code_support == 1000 * 8
     assert budget.code_values == 0
     assert budget.codebook_values == 256 * 8 * 32
@@ -53,7 +54,7 @@ def test_factorization_bits_vq():
 
 
 def test_factorization_bits_qsd_and_sparse_codebook():
-    budget = factorization_bits(100, 16, 64, 2, 3, 4, 5, float_bits=64)
+    budget = factorization_bits(Constraints(64, 2, 3, 4, 5), 100, 16, float_bits=64)
     assert budget.code_support == 100 * 11
     assert budget.code_values == 100 * 2 * 3
     assert budget.codebook_support == 64 * ceil_log2(comb(16, 5))

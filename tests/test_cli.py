@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from qsdlearn import Constraints
 from qsdlearn._demo import DEMO_METHODS, DemoMethod, format_table, run_demo
 from qsdlearn.cli import build_parser, main
 
@@ -28,16 +29,10 @@ def test_demo_rows_are_measured():
 
 def test_demo_methods_sit_near_two_bits_per_weight():
     """The demo compares methods at comparable rates: check the formulas, without fitting."""
-    from qsdlearn._bits import factorization_bits
-
     for method in DEMO_METHODS:
         d = 256 if method.vector_size == 0 else method.vector_size
         n = 256 * 256 // d
-        p = method.params
-        budget = factorization_bits(
-            n, d, p["n_components"], p.get("n_nonzero"), p.get("code_bits"),
-            p.get("codebook_bits"), p.get("component_nonzero"), float_bits=32,
-        )
+        budget = Constraints(**method.params).bits(n, d, float_bits=32)
         assert 1.5 <= budget.per_element <= 2.6, method
 
 
@@ -53,11 +48,6 @@ def test_cli_rejects_unknown_command(capsys):
         main(["frobnicate"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
-
-
-def test_cli_demo_has_a_seed_option():
-    args = build_parser().parse_args(["demo", "--seed", "3"])
-    assert args.seed == 3
 
 
 def test_cli_compress_info_decompress_round_trip(tmp_path, capsys):

@@ -15,9 +15,16 @@ from hypothesis import strategies as st
 import qsdlearn
 from qsdlearn import QuantizedSparseDecomposition
 from qsdlearn._bits import pack_fields, support_bits, unpack_fields
-from qsdlearn.codec import HEADER_BYTES, STREAMS, CompressedMatrix, from_bytes, to_bytes
+from qsdlearn.codec import HEADER_BYTES, STREAMS, CompressedMatrix
 
-from .test_estimator import SETTINGS, gaussian
+from ._data import SETTINGS, gaussian
+
+from_bytes = CompressedMatrix.from_bytes
+
+
+
+def to_bytes(compressed):
+    return compressed.to_bytes()
 
 
 def fitted(setting, dtype=np.float64, n=120, d=6, seed=0):
@@ -102,9 +109,7 @@ def factorization_problems(draw):
     return n, d, params, dtype, seed
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(factorization_problems())
-def test_round_trip_and_size_property(problem):
+def check_round_trip_and_size(problem):
     n, d, params, dtype, seed = problem
     X = np.random.default_rng(seed).normal(size=(n, d)).astype(dtype)
     with warnings.catch_warnings():
@@ -116,6 +121,19 @@ def test_round_trip_and_size_property(problem):
     loaded = from_bytes(to_bytes(compressed))
     np.testing.assert_array_equal(loaded.decode(), compressed.decode())
     assert len(to_bytes(compressed)) == 8 + HEADER_BYTES + compressed.nbytes
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(factorization_problems())
+def test_round_trip_and_size_property(problem):
+    check_round_trip_and_size(problem)
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(factorization_problems())
+def test_round_trip_and_size_property_many_examples(problem):
+    check_round_trip_and_size(problem)
 
 
 # -- bit packing --------------------------------------------------------------------------------

@@ -96,33 +96,51 @@ def brute_force_codes(x, C, nbits, n_keep):
     return best
 
 
-def run_update(X, C, nbits, n_keep, *, cold=True, n_rounds=10, idx=None, val=None):
+def run_update(X, C, nbits, n_keep, *, entry="cold", idx=None, val=None):
+    """Run one of the code kernels' entry points (``cold``, ``improve`` or ``one_slot``)."""
     m, k = X.shape[0], C.shape[0]
-    dense_codes = n_keep >= k
     if idx is None:
-        idx = np.zeros((m, n_keep), dtype=np.int32)
+        idx = np.zeros((m, n_keep), dtype=_kernels.INDEX_DTYPE)
         val = np.zeros((m, n_keep), dtype=X.dtype)
     gram = C.astype(np.float64) @ C.T.astype(np.float64)
     eta = 1.0 / np.linalg.eigvalsh(gram)[-1]
     xx = np.einsum("ij,ij->i", X, X, dtype=np.float64)
     err = np.empty(m)
-    mode = _kernels.COLD if cold else _kernels.WARM
-    _kernels.update_codes(
-        X @ C.T, xx, gram, eta, nbits, dense_codes, mode, n_rounds, n_rounds, 4, idx, val, err
-    )
+    if entry == "cold":
+        _kernels.solve_codes_cold(X @ C.T, xx, gram, nbits, 4, idx, val, err)
+    elif entry == "improve":
+        _kernels.improve_codes(X @ C.T, xx, gram, eta, nbits, 4, idx, val, err)
+    else:
+        _kernels.assign_one_slot(X @ C.T, xx, gram, nbits, idx, val, err)
     return idx, val, err
 
 
+@pytest.mark.parametrize("entry", ["cold", "one_slot"])
 @pytest.mark.parametrize("nbits", NBITS)
-def test_single_slot_codes_are_exact(nbits, dtype):
+def test_single_slot_codes_are_exact(nbits, entry, dtype):
     """With one slot the greedy fill is the exact minimiser: compare with brute force."""
     rng = np.random.default_rng(7 + nbits)
     X = rng.normal(size=(30, 5)).astype(dtype)
     C = rng.normal(size=(6, 5)).astype(dtype)
-    idx, val, err = run_update(X, C, nbits, 1, n_rounds=0)
+    idx, val, err = run_update(X, C, nbits, 1, entry=entry)
     tol = 1e-9 if dtype == np.float64 else 1e-4
     for x, e in zip(X.astype(np.float64), err):
         assert e == pytest.approx(brute_force_codes(x, C.astype(np.float64), nbits, 1), rel=tol)
+
+
+@pytest.mark.parametrize("nbits", NBITS)
+def test_one_slot_entry_equals_the_cold_solver(nbits, dtype):
+    """The one-slot fast path makes the same choice as the general solver (float values and
+    errors agree to rounding: the two compute them in different orders)."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(300, 4)).astype(dtype)
+    C = rng.normal(size=(9, 4)).astype(dtype)
+    fast = run_update(X, C, nbits, 1, entry="one_slot")
+    general = run_update(X, C, nbits, 1, entry="cold")
+    np.testing.assert_array_equal(fast[0], general[0])
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(fast[1], general[1], rtol=rtol)
+    np.testing.assert_allclose(fast[2], general[2], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("nbits", NBITS[1:])
@@ -146,11 +164,13 @@ def test_code_update_never_increases_the_error(nbits, dtype):
     rng = np.random.default_rng(5)
     X = rng.normal(size=(60, 6)).astype(dtype)
     C = rng.normal(size=(8, 6)).astype(dtype)
-    idx, val, err0 = run_update(X, C, nbits, 2, n_rounds=0)
+    idx, val, err0 = run_update(X, C, nbits, 2)
     C2 = (C + 0.3 * rng.normal(size=C.shape)).astype(dtype)
     before = np.sum((X.astype(np.float64) - dense(idx, val, 8) @ C2.astype(np.float64)) ** 2, 1)
-    idx, val, err = run_update(X, C2, nbits, 2, cold=False, n_rounds=3, idx=idx, val=val)
-    assert np.all(err <= before * (1 + 1e-6) + 1e-9)
+    _, _, cold = run_update(X, C2, nbits, 2)
+    idx, val, err = run_update(X, C2, nbits, 2, entry="improve", idx=idx, val=val)
+    assert np.all(err <= before * (1 + 1e-6) + 1e-9)  # never worse than the incoming codes
+    assert np.all(err <= cold * (1 + 1e-12) + 1e-12)  # nor than solving from scratch
 
 
 @pytest.mark.parametrize("nbits", [1, 2])

@@ -1,20 +1,22 @@
 """The layer-wise adapter: reshape rules, rate targets, files, parallel and distributed runs."""
 
+import warnings
+
 import numpy as np
 import pytest
 
 import qsdlearn
-from qsdlearn import CompressedModel, LayerSetting, compress_weights
+from qsdlearn import CompressedModel, Constraints, LayerSetting, compress_weights
 from qsdlearn._demo import train_digits_mlp
-from qsdlearn.weights import MIN_COMPRESSED_SIZE, from_rows, read_weights, to_rows
+from qsdlearn.weights import MIN_COMPRESSED_SIZE, KeptTensor, from_rows, read_weights, to_rows
 
-FAST = LayerSetting(vector_size=8, n_components=16, n_nonzero=1, code_bits=0, codebook_bits=8)
+FAST = LayerSetting(8, Constraints(16, n_nonzero=1, code_bits=0, codebook_bits=8))
 # A short candidate list keeps the rate tests fast; the digits test uses the default one.
 QUICK = [
     FAST,
-    LayerSetting(8, 64, 2, 2, 8),
-    LayerSetting(8, 8, None, 3, 8),
-    LayerSetting(8, 8, None, 5, 8),
+    LayerSetting(8, Constraints(64, 2, 2, 8)),
+    LayerSetting(8, Constraints(8, None, 3, 8)),
+    LayerSetting(8, Constraints(8, None, 5, 8)),
 ]
 
 
@@ -66,20 +68,20 @@ def _accuracy_with(model, X_test, y_test, arrays):
         model.coefs_ = original
 
 
-@pytest.mark.parametrize("bits", [4.0, 2.0])
-def test_digits_mlp_keeps_its_accuracy(mlp, bits):
+@pytest.mark.slow
+@pytest.mark.parametrize("bits, floor", [(4.0, 0.01), (2.0, 0.03)])
+def test_digits_mlp_keeps_its_accuracy(mlp, bits, floor):
+    """Test accuracy of the digits MLP with its compressed weights put back. The floors are
+    the accuracy points the network may lose: measured losses are 0 points at 4 and about
+    1 point at 2 bits per weight (benchmarks/README.md), so each floor leaves a margin for
+    platform differences and fails on a real regression."""
     model, X_test, y_test = mlp
     weights = {f"coefs_{i}": c.T.astype(np.float32) for i, c in enumerate(model.coefs_)}
     compressed = compress_weights(weights, bits_per_weight=bits, random_state=0, max_iter=30)
     assert compressed.bits_per_weight <= bits
     original = model.score(X_test, y_test)
     accuracy = _accuracy_with(model, X_test, y_test, compressed.decompress())
-    print(f"\n{bits} bits/weight target: {compressed.bits_per_weight:.3f} bits/weight, "
-          f"accuracy {original:.4f} -> {accuracy:.4f}")
-    if bits == 4.0:
-        assert accuracy >= original - 0.01
-    else:
-        assert accuracy >= original - 0.10  # reported above; a floor against regressions
+    assert accuracy >= original - floor
 
 
 # -- rate targets, names, shapes, dtypes, files -----------------------------------------------------
@@ -109,7 +111,7 @@ def test_decompress_restores_names_shapes_and_dtypes(tmp_path):
         assert arrays[name].shape == array.shape and arrays[name].dtype == array.dtype, name
     # kept verbatim: 1-D, integer and tiny tensors
     for name in ["conv.bias", "step", "tiny.weight"]:
-        assert isinstance(compressed.layers[name], np.ndarray)
+        assert isinstance(compressed.layers[name], KeptTensor)
         np.testing.assert_array_equal(arrays[name], weights[name])
     assert weights["tiny.weight"].size < MIN_COMPRESSED_SIZE
     path = tmp_path / "model.qsd"
@@ -128,15 +130,28 @@ def test_report_has_a_record_per_tensor():
     assert [r["name"] for r in records] == list(small_model())
     embed = records[0]
     assert embed["shape"] == (512, 64) and "k=16" in embed["setting"]
-    assert embed["bits"] == 8 * compressed.layers["embed.weight"].matrix.nbytes
+    assert embed["stored_bits"] == 8 * compressed.layers["embed.weight"].matrix.nbytes
+    assert embed["payload_bits"] == compressed.layers["embed.weight"].matrix.bits
     assert np.isfinite(embed["sqnr_db"])
+    assert embed["n_iter"] <= 5 and embed["converged"] in (True, False)
+    kept = next(r for r in records if r["name"] == "conv.bias")
+    assert kept["n_iter"] is None and kept["converged"] is None  # a kept tensor has no fit
     table = compressed.report_table()
     assert "embed.weight" in table and "bits/weight" in table and "total" in table
 
 
+def test_unconverged_layers_are_reported_not_warned():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a ConvergenceWarning escaping would fail here
+        compressed = compress_weights(small_model(), settings=FAST, random_state=0, max_iter=1)
+    embed = compressed.report()[0]
+    assert embed["converged"] is False and embed["n_iter"] == 1
+    assert "not converged in 1" in compressed.report_table()
+
+
 def test_per_layer_settings(tmp_path):
     weights = small_model()
-    other = LayerSetting(vector_size=4, n_components=8, n_nonzero=2, code_bits=1, codebook_bits=4)
+    other = LayerSetting(4, Constraints(8, n_nonzero=2, code_bits=1, codebook_bits=4))
     compressed = compress_weights(
         weights, settings={"embed.weight": other}, bits_per_weight=8.0, candidates=QUICK,
         random_state=0, max_iter=5,
@@ -192,6 +207,7 @@ def test_damaged_model_files_are_rejected(tmp_path):
 # -- parallel and distributed ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_serial_joblib_and_dask_give_identical_models():
     weights = small_model()
     serial = compress_weights(weights, settings=FAST, random_state=3, max_iter=5, n_jobs=1)

@@ -1,0 +1,52 @@
+"""Rate allocation: which setting each layer gets under one byte budget.
+
+Each layer has candidate settings with an exact size in bytes and an estimated squared error.
+The total error under the budget is minimised greedily over every layer's lower convex hull of
+(bytes, error): the step with the largest error decrease per byte goes first (the Lagrangian
+solution on the hulls). This module works on numbers only and imports nothing from the package.
+"""
+
+
+def allocate(estimates, budget_bytes):
+    """Greedy marginal-return allocation over each layer's lower convex hull.
+
+    ``estimates[name]`` is a list of (bytes, error, setting). Returns name -> setting, or
+    None when even the smallest choices exceed the budget.
+    """
+    hulls = {}
+    for name, options in estimates.items():
+        options = sorted(options, key=lambda o: (o[0], o[1]))
+        hull = []
+        for option in options:
+            if hull and option[1] >= hull[-1][1]:
+                continue  # more bytes, no less error
+            while len(hull) >= 2:
+                (b0, e0, _), (b1, e1, _) = hull[-2], hull[-1]
+                if (e0 - e1) * (option[0] - b1) <= (e1 - option[1]) * (b1 - b0):
+                    hull.pop()  # hull[-1] is above the segment: not on the convex hull
+                else:
+                    break
+            hull.append(option)
+        hulls[name] = hull
+    position = {name: 0 for name in hulls}
+    used = sum(hull[0][0] for hull in hulls.values())
+    if used > budget_bytes:
+        return None
+    while True:
+        best, best_slope = None, 0.0
+        for name, hull in hulls.items():
+            i = position[name]
+            if i + 1 >= len(hull):
+                continue
+            extra = hull[i + 1][0] - hull[i][0]
+            if used + extra > budget_bytes:
+                continue
+            slope = (hull[i][1] - hull[i + 1][1]) / max(extra, 1)
+            if slope > best_slope:
+                best, best_slope = name, slope
+        if best is None:
+            break
+        i = position[best]
+        used += hulls[best][i + 1][0] - hulls[best][i][0]
+        position[best] = i + 1
+    return {name: hulls[name][position[name]][2] for name in hulls}

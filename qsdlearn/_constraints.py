@@ -1,0 +1,126 @@
+"""The constraints of a factorization ``X ~ Z C``: one frozen type for every layer.
+
+The estimator builds one from its parameters, the solver fits under it, the codec stores it
+(flat, next to the matrix shape and dtype), the model adapter pairs it with a vector size, and
+the bit account is a method of it.
+"""
+
+from dataclasses import asdict, dataclass
+
+from ._bits import factorization_bits
+
+#: Level-set code of float values, no quantization (see :mod:`qsdlearn._kernels`).
+FLOAT = -1
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Constraints of ``X ~ Z C``; the parameters of :class:`QuantizedSparseDecomposition`.
+
+    ``n_nonzero == n_components`` is the same as dense codes and is stored as ``None``, so
+    that equal constraints compare, hash and serialise equal.
+
+    Parameters
+    ----------
+    n_components : int
+        Codebook rows ``k``.
+    n_nonzero : int or None, default=None
+        Code slots per row ``s``; ``None``: dense codes (no support stored).
+    code_bits : int or None, default=None
+        Bits per code value; ``None``: float values; ``0``: the single value 1 (one-hot).
+    codebook_bits : int or None, default=None
+        Bits per codebook entry, on a per-row uniform grid; ``None``: float entries.
+    component_nonzero : int or None, default=None
+        Nonzeros per codebook row; ``None``: dense codebook rows.
+
+    Raises
+    ------
+    ValueError
+        If ``n_nonzero`` exceeds ``n_components``.
+
+    Examples
+    --------
+    >>> from qsdlearn import Constraints
+    >>> vq = Constraints(256, n_nonzero=1, code_bits=0, codebook_bits=8)
+    >>> vq.one_hot, vq.slots
+    (True, 1)
+    >>> budget = vq.bits(n_rows=1000, n_features=8, float_bits=32)
+    >>> budget.code_support, budget.codebook_values, budget.codebook_scales  # 8 bits a row
+    (8000, 16384, 8192)
+    >>> budget.total
+    32576
+    """
+
+    n_components: int
+    n_nonzero: int | None = None
+    code_bits: int | None = None
+    codebook_bits: int | None = None
+    component_nonzero: int | None = None
+
+    def __post_init__(self):
+        if self.n_nonzero is not None and self.n_nonzero > self.n_components:
+            raise ValueError(
+                f"n_nonzero={self.n_nonzero} exceeds n_components={self.n_components}: a row "
+                "cannot use more components than there are; lower n_nonzero or raise "
+                "n_components."
+            )
+        if self.n_nonzero == self.n_components:
+            object.__setattr__(self, "n_nonzero", None)
+
+    @property
+    def dense_codes(self):
+        """Whether every row uses every codebook row (no support is stored)."""
+        return self.n_nonzero is None
+
+    @property
+    def slots(self):
+        """Code slots per row: ``n_nonzero``, or ``n_components`` for dense codes."""
+        return self.n_components if self.dense_codes else self.n_nonzero
+
+    @property
+    def one_hot(self):
+        """Whether every row is one codebook row (vector quantization)."""
+        return self.code_bits == 0 and self.slots == 1
+
+    @property
+    def free_codebook(self):
+        """Whether the codebook is unconstrained (float, dense rows)."""
+        return self.codebook_bits is None and self.component_nonzero is None
+
+    @property
+    def code_levels(self):
+        """Level-set code of the code values for the kernels (:data:`FLOAT` for floats)."""
+        return FLOAT if self.code_bits is None else self.code_bits
+
+    @property
+    def codebook_levels(self):
+        """Level-set code of the codebook entries for the kernels (:data:`FLOAT` for floats)."""
+        return FLOAT if self.codebook_bits is None else self.codebook_bits
+
+    def codebook_row_nonzero(self, n_features):
+        """Entries kept per codebook row of ``n_features`` columns."""
+        return n_features if self.component_nonzero is None else self.component_nonzero
+
+    def bits(self, n_rows, n_features, float_bits):
+        """The exact bit account (:class:`~qsdlearn._bits.BitBudget`) of an
+        ``(n_rows, n_features)`` matrix whose float values are ``float_bits`` wide."""
+        return factorization_bits(self, n_rows, n_features, float_bits)
+
+    def to_dict(self):
+        """The fields, in declaration order (the flat form files store)."""
+        return asdict(self)
+
+    def describe(self):
+        """A short human-readable form, e.g. ``k=256 2 of 256 codes=2b codebook=8b``."""
+        slots = "dense" if self.dense_codes else f"{self.n_nonzero} of {self.n_components}"
+        text = (
+            f"k={self.n_components} {slots} codes={_bits_text(self.code_bits)} "
+            f"codebook={_bits_text(self.codebook_bits)}"
+        )
+        if self.component_nonzero is not None:
+            text += f" nnz/row={self.component_nonzero}"
+        return text
+
+
+def _bits_text(bits):
+    return "float" if bits is None else f"{bits}b"

@@ -1,0 +1,226 @@
+"""The safetensors container every qsdlearn file is, and the atomic write.
+
+A file is a `safetensors <https://github.com/huggingface/safetensors>`_ file: an 8-byte
+little-endian header length ``N``, ``N`` bytes of JSON, then the byte buffer. The JSON maps
+every tensor name to its dtype, shape and ``data_offsets`` in the buffer; ``__metadata__``
+(string to string) holds ``format = "qsdlearn"``, ``format_version``, the ``kind`` of object
+and a CRC-32 of every tensor. This module knows nothing of what the tensors mean: the matrix
+codec and the model adapter both build on it. It imports nothing from the package.
+"""
+
+import json
+import os
+import struct
+import tempfile
+import zlib
+
+import numpy as np
+
+FORMAT_NAME = "qsdlearn"
+FORMAT_VERSION = 1
+#: Largest JSON header accepted when reading (bytes).
+MAX_HEADER_BYTES = 64 * 2**20
+#: Prefix and suffix of the temporary files :func:`write_atomic` creates next to the target.
+TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".qsdlearn-", ".tmp"
+
+#: safetensors dtype names of the tensors a container may hold.
+CONTAINER_DTYPES = {
+    "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32,
+    "I32": np.int32, "U64": np.uint64, "I64": np.int64, "F16": np.float16, "F32": np.float32,
+    "F64": np.float64, "BOOL": np.bool_,
+}
+
+
+def write_container(tensors, metadata, header_bytes=None):
+    """A safetensors file image.
+
+    Parameters
+    ----------
+    tensors : list of (name, dtype, shape, bytes)
+        In file order; ``dtype`` is a safetensors dtype name.
+    metadata : dict of str to str
+        ``format``, ``format_version`` and CRC-32 ``checksums`` are added.
+    header_bytes : int, optional
+        Pad the JSON header with spaces to exactly this size.
+
+    Returns
+    -------
+    bytes
+    """
+    header = {}
+    offset = 0
+    for name, dtype, shape, data in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    header["__metadata__"] = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        **metadata,
+        "checksums": json.dumps(
+            {name: f"{zlib.crc32(data):08x}" for name, _, _, data in tensors}, sort_keys=True
+        ),
+    }
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if header_bytes is None:
+        header_bytes = len(text) + (-len(text) % 8)  # align the buffer, as safetensors does
+    if len(text) > header_bytes:
+        raise ValueError(f"header of {len(text)} bytes exceeds the fixed {header_bytes}")
+    text += b" " * (header_bytes - len(text))
+    return struct.pack("<Q", len(text)) + text + b"".join(data for _, _, _, data in tensors)
+
+
+def read_container(data):
+    """Parse and check a file image: header, offsets, sizes against shapes and checksums.
+
+    Returns
+    -------
+    metadata : dict
+    tensors : dict of str to (dtype name, shape tuple, bytes), in file order
+
+    Raises
+    ------
+    ValueError
+        If the image is not a qsdlearn file of this version, or is truncated or altered.
+    """
+    header, meta, buffer = _parse_header(bytes(data))
+    checksums = json_field(meta, "checksums", dict)
+    tensors = {}
+    offset = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in CONTAINER_DTYPES:
+            raise ValueError(f"damaged file: tensor {name} has no supported dtype")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**48 for v in shape
+        ):
+            raise ValueError(f"damaged file: tensor {name} has an invalid shape")
+        begin, end = _offsets(entry, name)
+        if begin != offset:
+            raise ValueError(f"damaged file: tensor {name} is not contiguous with the others")
+        itemsize = np.dtype(CONTAINER_DTYPES[entry["dtype"]]).itemsize
+        if end - begin != int(np.prod(shape, dtype=object)) * itemsize:
+            raise ValueError(f"damaged file: tensor {name} size does not match its shape")
+        if end > len(buffer):
+            raise ValueError(
+                f"damaged file: tensor {name} ends at byte {end} of a {len(buffer)}-byte buffer; "
+                "the file is probably truncated"
+            )
+        chunk = buffer[begin:end]
+        if checksums.get(name) != f"{zlib.crc32(chunk):08x}":
+            raise ValueError(f"damaged file: checksum mismatch in stream {name}")
+        tensors[name] = (entry["dtype"], tuple(shape), chunk)
+        offset = end
+    if offset != len(buffer):
+        raise ValueError(f"damaged file: {len(buffer) - offset} bytes after the last stream")
+    if set(checksums) != set(tensors):
+        raise ValueError("damaged file: the checksums do not name the tensors of the file")
+    return meta, tensors
+
+
+def json_field(meta, key, kind):
+    """Decode the JSON text of metadata field ``key``; it must hold a ``kind`` (dict/list)."""
+    try:
+        value = json.loads(meta.get(key, ""))
+    except (TypeError, ValueError):
+        raise ValueError(f"damaged file: the {key} are not valid JSON") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"damaged file: the {key} are not a {kind.__name__}")
+    return value
+
+
+def _parse_header(data):
+    if len(data) < 8:
+        raise ValueError(f"not a qsdlearn file: {len(data)} bytes is too short for a header")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > MAX_HEADER_BYTES:
+        raise ValueError(f"not a qsdlearn file: header length {length} exceeds the cap")
+    if 8 + length > len(data):
+        raise ValueError(
+            f"damaged file: header of {length} bytes is longer than the file ({len(data)} bytes); "
+            "the file is probably truncated"
+        )
+    try:
+        header = json.loads(data[8 : 8 + length].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError("not a qsdlearn file: the header is not valid JSON") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        raise ValueError("not a qsdlearn file: the header has no metadata")
+    meta = header["__metadata__"]
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError("not a qsdlearn file: the metadata does not name the qsdlearn format")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise ValueError(
+            f"unsupported qsdlearn format version {meta.get('format_version')!r}; this version "
+            f"reads version {FORMAT_VERSION}"
+        )
+    return header, meta, data[8 + length :]
+
+
+def _offsets(entry, name):
+    offsets = entry.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise ValueError(f"damaged file: stream {name} has invalid offsets")
+    return offsets
+
+
+def write_atomic(path, data):
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    An interrupted write leaves either the old file or the new one at ``path``, never a
+    partial file.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+class FileImage:
+    """What every kind of qsdlearn file shares: ``save`` and ``from_bytes`` around the
+    subclass's ``to_bytes`` and ``from_container``; ``KIND`` is the ``kind`` its metadata
+    names."""
+
+    KIND = None
+
+    def save(self, path):
+        """Write :meth:`to_bytes` to ``path`` atomically (see :func:`qsdlearn.save`)."""
+        write_atomic(path, self.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data):
+        """Read and fully validate a file image written by :meth:`to_bytes`.
+
+        Raises
+        ------
+        ValueError
+            If the image is not a file of this kind and format version, or is damaged.
+        """
+        return cls.from_container(*read_container(data))
+
+    @classmethod
+    def check_kind(cls, meta):
+        """Reject metadata of another kind of file."""
+        if meta.get("kind") != cls.KIND:
+            raise ValueError(f"not a compressed {cls.KIND}: kind {meta.get('kind')!r}")
+
+
+def read_file(path):
+    """The bytes of the file at ``path``."""
+    with open(path, "rb") as file:
+        return file.read()

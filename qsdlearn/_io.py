@@ -1,0 +1,88 @@
+"""``qsdlearn.save`` and ``qsdlearn.load``: files of any kind, recognised from their content.
+
+This module sits above the matrix codec and the model adapter, which both write the same
+container (:mod:`qsdlearn._container`); it is the only place that knows both kinds.
+"""
+
+from ._container import read_container, read_file
+from .codec import CompressedMatrix
+from .weights import CompressedModel
+
+_KINDS = {kind.KIND: kind for kind in (CompressedMatrix, CompressedModel)}
+
+
+def save(obj, path):
+    """Write a compressed matrix or model to ``path`` atomically (whatever its extension).
+
+    The file is written to a temporary file in the same folder and renamed over ``path``, so
+    an interrupted save leaves either the old file or the new one, never a partial file.
+
+    Parameters
+    ----------
+    obj : CompressedMatrix or CompressedModel
+        What to write (its ``to_bytes()``).
+    path : str or path-like
+        Destination.
+
+    Raises
+    ------
+    TypeError
+        If ``obj`` is neither a :class:`CompressedMatrix` nor a :class:`CompressedModel`.
+
+    See Also
+    --------
+    load : Read the file back.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import qsdlearn
+    >>> X = np.random.default_rng(0).standard_normal((300, 4))
+    >>> qsd = qsdlearn.QuantizedSparseDecomposition(8, n_nonzero=1, code_bits=0,
+    ...                                             random_state=0).fit(X)
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.qsd")
+    >>> qsdlearn.save(qsd.encode(X), path)
+    >>> qsdlearn.load(path).shape
+    (300, 4)
+    """
+    if not isinstance(obj, tuple(_KINDS.values())):
+        raise TypeError(
+            f"save takes a CompressedMatrix or a CompressedModel, got {type(obj).__name__}"
+        )
+    obj.save(path)
+
+
+def load(path):
+    """Read a file written by :func:`save`; the kind of object is recognised from the content.
+
+    Loading never uses pickle: the header and every stream are checked (format name and
+    version, sizes, checksums, index ranges, finite values) before anything is returned.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A file written by :func:`save`, :meth:`CompressedMatrix.save` or
+        :meth:`CompressedModel.save`.
+
+    Returns
+    -------
+    CompressedMatrix or CompressedModel
+
+    Raises
+    ------
+    ValueError
+        If the file is not a qsdlearn file of a supported version, or is truncated or
+        altered; the message names the problem.
+    OSError
+        If the file cannot be read.
+
+    See Also
+    --------
+    save : Write a file.
+    """
+    meta, tensors = read_container(read_file(path))
+    kind = _KINDS.get(meta.get("kind"))
+    if kind is None:
+        raise ValueError(f"unsupported kind of qsdlearn file: {meta.get('kind')!r}")
+    return kind.from_container(meta, tensors)
