@@ -20,8 +20,14 @@ FORMAT_NAME = "qsdlearn"
 FORMAT_VERSION = 1
 #: Largest JSON header accepted when reading (bytes).
 MAX_HEADER_BYTES = 64 * 2**20
-#: Prefix and suffix of the temporary files :func:`write_atomic` creates next to the target.
+#: Prefix and suffix of the temporary files :func:`write_atomic` creates next to the target:
+#: ``.qsdlearn-<pid>-<random>.tmp``, the pid being that of the writing process.
 TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".qsdlearn-", ".tmp"
+
+#: Default cap on the elements a file may declare (matrix entries and code slots): sizes in a
+#: header are checked against it before anything is allocated; ``load(..., max_elements=)``
+#: raises it.
+MAX_ELEMENTS = 2**32
 
 #: safetensors dtype names of the tensors a container may hold.
 CONTAINER_DTYPES = {
@@ -174,11 +180,15 @@ def write_atomic(path, data):
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
     An interrupted write leaves either the old file or the new one at ``path``, never a
-    partial file.
+    partial file. Temporary files left in that folder by writers that no longer run (a killed
+    process) are removed first.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=TEMPORARY_SUFFIX)
+    remove_stale_temporaries(folder)
+    handle, temporary = tempfile.mkstemp(
+        dir=folder, prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-", suffix=TEMPORARY_SUFFIX
+    )
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
@@ -203,21 +213,75 @@ class FileImage:
         write_atomic(path, self.to_bytes())
 
     @classmethod
-    def from_bytes(cls, data):
+    def from_bytes(cls, data, *, max_elements=None):
         """Read and fully validate a file image written by :meth:`to_bytes`.
+
+        Parameters
+        ----------
+        data : bytes
+            The file image.
+        max_elements : int, optional
+            Refuse files that declare more decoded elements than this (default:
+            :data:`MAX_ELEMENTS`), before anything is allocated.
 
         Raises
         ------
         ValueError
-            If the image is not a file of this kind and format version, or is damaged.
+            If the image is not a file of this kind and format version, is damaged, or
+            declares more than ``max_elements`` elements.
         """
-        return cls.from_container(*read_container(data))
+        return cls.from_container(*read_container(data), max_elements=max_elements)
 
     @classmethod
     def check_kind(cls, meta):
         """Reject metadata of another kind of file."""
         if meta.get("kind") != cls.KIND:
             raise ValueError(f"not a compressed {cls.KIND}: kind {meta.get('kind')!r}")
+
+
+def _process_is_running(pid):
+    if os.name == "nt":  # os.kill would terminate the process there: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists, or we cannot tell: leave its file alone
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files of :func:`write_atomic` in ``folder`` whose writing process
+    has ended; returns their names. Files of running writers are left alone."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(TEMPORARY_PREFIX) and name.endswith(TEMPORARY_SUFFIX)):
+            continue
+        pid = name[len(TEMPORARY_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _process_is_running(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def check_declared_elements(elements, max_elements, what):
+    """Reject a file that declares more than ``max_elements`` elements (``None``: the
+    default :data:`MAX_ELEMENTS`)."""
+    limit = MAX_ELEMENTS if max_elements is None else max_elements
+    if elements > limit:
+        raise ValueError(
+            f"the file declares {what} of {elements} elements, more than max_elements={limit}; "
+            "if you trust the file and have the memory, load it with a larger max_elements"
+        )
 
 
 def read_file(path):

@@ -1,9 +1,7 @@
 """The scikit-learn estimator: validation and bookkeeping around :mod:`qsdlearn._solver`."""
 
-import contextlib
 from numbers import Integral, Real
 
-import numba
 import numpy as np
 from sklearn.base import (
     BaseEstimator,
@@ -17,20 +15,9 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import _solver
 from ._constraints import Constraints
+from ._jit import kernel_threads
 from ._kernels import all_positions, reconstruct_from_slots
 from .codec import MatrixSettings, encode_factors
-
-
-@contextlib.contextmanager
-def _numba_threads(n_threads):
-    """Run the kernels on ``n_threads`` threads (numba's setting is per calling thread)."""
-    previous = numba.get_num_threads()
-    wanted = numba.config.NUMBA_NUM_THREADS if n_threads is None else n_threads
-    numba.set_num_threads(max(1, min(wanted, numba.config.NUMBA_NUM_THREADS)))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
 
 
 class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -58,7 +45,9 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         mid-rise levels ``±1/2, ±3/2, ...`` (their scale is folded into the codebook rows).
     codebook_bits : int, default=None
         Bits per codebook entry: the entries of codebook row ``j`` lie on the mid-rise grid of
-        ``2**codebook_bits`` levels times a scale of that row. ``None``: float codebook.
+        ``2**codebook_bits`` levels times a scale of that row. ``None``: float codebook. At most
+        22 for float32 data: beyond, a level times its scale is not exact in float32, and
+        ``fit`` raises a ValueError.
     component_nonzero : int, default=None
         Nonzeros per codebook row (sparse loadings, as in sparse PCA). ``None``: dense rows.
     init : {"auto", "svd", "k-means++", "random"}, default="auto"
@@ -95,6 +84,10 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         The number of components actually used.
     n_iter_ : int
         Number of iterations run by the best start.
+    converged_ : bool
+        Whether the best start met ``tol`` within ``max_iter`` iterations (when it did not
+        and ``max_iter > 0``, ``fit`` also warns with a
+        :class:`~sklearn.exceptions.ConvergenceWarning`).
     objective_ : ndarray
         Squared error ``||X - Z C||_F**2`` after initialization and after every iteration; it
         never increases.
@@ -217,8 +210,8 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _constraints(self, n_samples, n_features):
-        """Resolve and cross-check the parameters for data of the given shape."""
+    def _constraints(self, n_samples, n_features, dtype):
+        """Resolve and cross-check the parameters for data of the given shape and dtype."""
         k = min(n_samples, n_features) if self.n_components is None else self.n_components
         if self.n_nonzero is not None and self.n_nonzero > k:
             raise ValueError(
@@ -234,6 +227,15 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
                 "code_bits=0 (every code value is 1) needs n_nonzero: with dense codes every "
                 "row would be the same sum of all components. Set n_nonzero=1 for vector "
                 "quantization."
+            )
+        # a level (b bits, half-integer) times a scale must be exact in the dtype, with one bit
+        # to spare for the rounding of the scale itself
+        precision = np.finfo(dtype).nmant - 1
+        if self.codebook_bits is not None and self.codebook_bits > precision:
+            raise ValueError(
+                f"codebook_bits={self.codebook_bits} needs more precision than {dtype.name} has: "
+                f"levels times a scale are exact in {dtype.name} up to codebook_bits={precision}. "
+                "Lower codebook_bits or fit float64 data."
             )
         return Constraints(
             n_components=k,
@@ -294,11 +296,11 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
         X = np.ascontiguousarray(X)
         n, d = X.shape
-        constraints = self._constraints(n, d)
+        constraints = self._constraints(n, d, X.dtype)
         k = constraints.n_components
         codebook_init = self._check_init_array(self.codebook_init, "codebook_init", (k, d), X.dtype)
         code_init = self._check_init_array(self.code_init, "code_init", (n, k), X.dtype)
-        with _numba_threads(self.n_threads):
+        with kernel_threads(self.n_threads):
             result = _solver.fit_factorization(
                 X,
                 constraints,
@@ -315,6 +317,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         self.codebook_scales_ = result.codebook_scales
         self.n_components_ = k
         self.n_iter_ = result.n_iter
+        self.converged_ = result.converged
         self.objective_ = np.asarray(result.objective)
         self.reconstruction_err_ = float(np.sqrt(result.row_errors.sum()))
         budget = constraints.bits(n, d, 8 * X.dtype.itemsize)
@@ -347,7 +350,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
     def _encode(self, X):
         """Codes of validated rows ``X`` (see :meth:`transform`)."""
         X = np.ascontiguousarray(X)
-        with _numba_threads(self.n_threads):
+        with kernel_threads(self.n_threads):
             codes, _ = _solver.solve_codes(X, self.components_.astype(X.dtype), self._constraints_)
         return codes
 

@@ -53,7 +53,7 @@ def save(obj, path):
     obj.save(path)
 
 
-def load(path):
+def load(path, *, max_elements=None):
     """Read a file written by :func:`save`; the kind of object is recognised from the content.
 
     Loading never uses pickle: the header and every stream are checked (format name and
@@ -64,6 +64,9 @@ def load(path):
     path : str or path-like
         A file written by :func:`save`, :meth:`CompressedMatrix.save` or
         :meth:`CompressedModel.save`.
+    max_elements : int, optional
+        Largest number of elements (matrix entries and code slots, over all layers) the file
+        may declare; checked before anything is allocated. Default ``2**32``.
 
     Returns
     -------
@@ -72,8 +75,9 @@ def load(path):
     Raises
     ------
     ValueError
-        If the file is not a qsdlearn file of a supported version, or is truncated or
-        altered; the message names the problem.
+        If the file is not a qsdlearn file of a supported version, is truncated or
+        altered, or declares more than ``max_elements`` elements; the message names the
+        problem.
     OSError
         If the file cannot be read.
 
@@ -85,4 +89,4 @@ def load(path):
     kind = _KINDS.get(meta.get("kind"))
     if kind is None:
         raise ValueError(f"unsupported kind of qsdlearn file: {meta.get('kind')!r}")
-    return kind.from_container(meta, tensors)
+    return kind.from_container(meta, tensors, max_elements=max_elements)

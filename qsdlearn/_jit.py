@@ -1,11 +1,23 @@
-"""Numba plumbing shared by every compiled module: one ``njit`` with the project's options.
+"""Numba plumbing shared by every compiled module: one ``njit`` with the project's options,
+the on-disk cache, and the threading layer.
 
 The on-disk cache is used only where it can be written: next to the package, or in
 ``NUMBA_CACHE_DIR`` when the user sets it. A read-only install compiles without a cache
 instead of failing.
+
+Threading layer: numba's ``omp`` layer aborts a child forked after parallel code ran
+("fork() called from a process already using GNU OpenMP"), and its ``workqueue`` layer
+aborts when parallel code is called from several threads at once. Unless the user chose a
+layer (``NUMBA_THREADING_LAYER`` or ``numba.config.THREADING_LAYER``), qsdlearn selects
+``tbb``, which is safe under both, from the ``tbb`` package (a dependency where wheels exist);
+without it, ``workqueue``, which is safe under fork, with :data:`KERNEL_LOCK` serialising
+calls from several threads.
 """
 
+import contextlib
+import importlib.metadata
 import os
+import threading
 
 import numba
 
@@ -20,6 +32,81 @@ def cache_is_writable():
 _CACHE = cache_is_writable()
 
 
+class _NoLock:
+    """A context manager that does nothing, where the threading layer needs no lock."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def njit(**options):
     """``numba.njit`` with the project's options: cached where possible, no GIL held."""
     return numba.njit(cache=_CACHE, nogil=True, **options)
+
+
+#: Libraries of the ``tbb`` package numba's tbb layer links against, by platform.
+_TBB_LIBRARIES = ("libtbb.so.12", "libtbb.12.dylib", "tbb12.dll")
+
+
+def _load_tbb():
+    """Load the ``tbb`` package's runtime so that numba's tbb layer finds it.
+
+    pip installs ``libtbb`` into the environment's ``lib`` folder, which is not on the loader's
+    search path; loading it by its full path first lets numba's extension link against it.
+    Returns whether the tbb layer can be used.
+    """
+    import ctypes
+
+    try:
+        files = importlib.metadata.files("tbb") or []
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    for file in files:
+        if file.name in _TBB_LIBRARIES:
+            try:
+                ctypes.CDLL(str(file.locate()), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+                from numba.np.ufunc import tbbpool  # noqa: F401
+            except (OSError, ImportError):
+                return False
+            return True
+    return False
+
+
+def choose_threading_layer():
+    """Select the threading layer (see the module notes) unless the user chose one.
+
+    Returns
+    -------
+    str
+        The configured layer: the user's, ``"tbb"`` or ``"workqueue"``.
+    """
+    if os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER != "default":
+        return numba.config.THREADING_LAYER
+    numba.config.THREADING_LAYER = "tbb" if _load_tbb() else "workqueue"
+    return numba.config.THREADING_LAYER
+
+
+THREADING_LAYER = choose_threading_layer()
+
+#: Held around compiled calls when the layer cannot take concurrent calls from several
+#: threads (``workqueue``); a no-op lock otherwise.
+KERNEL_LOCK = threading.RLock() if THREADING_LAYER == "workqueue" else _NoLock()
+
+
+@contextlib.contextmanager
+def kernel_threads(n_threads=None):
+    """Run compiled kernels on ``n_threads`` threads (all of numba's when ``None``).
+
+    numba's setting is per calling thread and is restored on exit; :data:`KERNEL_LOCK` is held
+    meanwhile."""
+    with KERNEL_LOCK:
+        previous = numba.get_num_threads()
+        wanted = numba.config.NUMBA_NUM_THREADS if n_threads is None else n_threads
+        numba.set_num_threads(max(1, min(wanted, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            yield
+        finally:
+            numba.set_num_threads(previous)

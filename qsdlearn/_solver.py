@@ -69,6 +69,7 @@ class FitResult:
     objective: list = field(default_factory=list)
     n_iter: int = 0
     row_errors: np.ndarray | None = None
+    converged: bool = True
 
 
 # -- small linear-algebra helpers ------------------------------------------------------------
@@ -438,7 +439,8 @@ def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose):
             f"(tol={tol}); increase max_iter or tol.",
             ConvergenceWarning,
         )
-    return FitResult(codes, C.astype(dtype), scales, objective, n_iter, row_errors)
+    return FitResult(codes, C.astype(dtype), scales, objective, n_iter, row_errors,
+                     converged=converged)
 
 
 def fit_factorization(
@@ -465,6 +467,8 @@ def fit_factorization(
         ``objective`` holds the squared error after initialization and after every iteration;
         ``row_errors`` the final per-row squared errors.
     """
+    if not X.any():
+        return _zero_fit(X, constraints)
     rng = random_state
     init = resolve_init(init, X.shape, constraints)
     # One start when the start is fixed; repeating it would only repeat the same fit.
@@ -488,6 +492,17 @@ def fit_factorization(
     codes, row_errors = solve_codes(X, best.codebook, constraints)
     best.codes, best.row_errors = codes, row_errors
     return best
+
+
+def _zero_fit(X, constraints):
+    """The exact factorization of an all-zero ``X``: a zero codebook (zero grid scales), and
+    codes solved against it. No iteration is needed; the mid-rise grids have no zero level, so
+    an iterated fit could only approach zero."""
+    k, d = constraints.n_components, X.shape[1]
+    C = np.zeros((k, d), dtype=X.dtype)
+    scales = None if constraints.codebook_bits is None else np.zeros(k, dtype=X.dtype)
+    codes, row_errors = solve_codes(X, C, constraints)
+    return FitResult(codes, C, scales, [0.0], 0, row_errors, converged=True)
 
 
 def _finalize_codebook(C, scales, constraints, dtype):

@@ -42,7 +42,8 @@ import numpy as np
 from . import _bits
 from ._bits import support_bits, support_is_enumerative
 from ._constraints import Constraints
-from ._container import FileImage, write_container
+from ._container import FileImage, check_declared_elements, write_container
+from ._jit import kernel_threads
 from ._kernels import INDEX_DTYPE, all_positions, reconstruct_from_slots
 from ._levels import level_indices, level_values
 
@@ -87,6 +88,11 @@ class MatrixSettings:
     def budget(self):
         """The exact bit account (:class:`~qsdlearn._bits.BitBudget`) of the streams."""
         return self.constraints.bits(self.n_rows, self.n_features, self.float_bits)
+
+    @property
+    def declared_elements(self):
+        """Elements a decoder allocates: the matrix and its code slots (the larger)."""
+        return self.n_rows * max(self.n_features, self.constraints.slots)
 
     def stream_sizes(self):
         """Expected byte size of every stream (0 when absent)."""
@@ -289,7 +295,8 @@ class CompressedMatrix(FileImage):
         ``idx`` is ``None`` for dense codes; ``val`` has the data's dtype.
         """
         if self._factors is None:
-            self._factors = _unpack_factors(self.settings, self.streams)
+            with kernel_threads():
+                self._factors = _unpack_factors(self.settings, self.streams)
         return self._factors
 
     def decode(self):
@@ -298,7 +305,8 @@ class CompressedMatrix(FileImage):
         out = np.empty(self.shape, dtype=_DTYPES[self.settings.dtype])
         if idx is None:
             idx = all_positions(*val.shape)
-        reconstruct_from_slots(idx, val, codebook, out)
+        with kernel_threads():
+            reconstruct_from_slots(idx, val, codebook, out)
         return out
 
     # file image -----------------------------------------------------------------------------
@@ -310,14 +318,16 @@ class CompressedMatrix(FileImage):
         return write_container(matrix_tensors(self), metadata, header_bytes=HEADER_BYTES)
 
     @classmethod
-    def from_container(cls, meta, tensors):
+    def from_container(cls, meta, tensors, max_elements=None):
         """Rebuild from a parsed container (:func:`qsdlearn._container.read_container`)."""
         cls.check_kind(meta)
         if list(tensors) != list(STREAMS):
             raise ValueError(
                 f"damaged file: expected the streams {list(STREAMS)}, found {list(tensors)}"
             )
-        return matrix_from_tensors(MatrixSettings.from_json(meta.get("settings")), tensors)
+        settings = MatrixSettings.from_json(meta.get("settings"))
+        check_declared_elements(settings.declared_elements, max_elements, "a matrix")
+        return matrix_from_tensors(settings, tensors)
 
     def __repr__(self):
         c = self.settings.constraints
@@ -341,6 +351,11 @@ def encode_factors(settings, idx, val, codebook, codebook_scales):
     codebook : ndarray of shape (k, d)
     codebook_scales : ndarray of shape (k,) or None
     """
+    with kernel_threads():
+        return _pack_factors(settings, idx, val, codebook, codebook_scales)
+
+
+def _pack_factors(settings, idx, val, codebook, codebook_scales):
     s = settings.constraints
     dtype = _DTYPES[settings.dtype]
     streams = {}

@@ -16,7 +16,8 @@ def sqnr(X, X_hat):
     Returns
     -------
     float
-        ``inf`` when the approximation is exact.
+        In decibels; ``inf`` when the approximation is exact (an all-zero ``X`` included),
+        ``-inf`` when ``X`` is all zero and the approximation is not.
 
     Examples
     --------
@@ -33,4 +34,6 @@ def sqnr(X, X_hat):
     signal = float(np.sum(X**2))
     if noise == 0.0:
         return float("inf")
+    if signal == 0.0:
+        return float("-inf")
     return float(10.0 * np.log10(signal / noise))

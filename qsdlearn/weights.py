@@ -38,7 +38,7 @@ from threadpoolctl import threadpool_limits
 
 from ._allocation import allocate
 from ._constraints import Constraints
-from ._container import FileImage, json_field, write_container
+from ._container import FileImage, check_declared_elements, json_field, write_container
 from ._estimator import QuantizedSparseDecomposition
 from .codec import STREAMS, CompressedMatrix, MatrixSettings, matrix_from_tensors, matrix_tensors
 from .metrics import sqnr
@@ -376,31 +376,44 @@ class CompressedModel(FileImage):
         return self._image
 
     @classmethod
-    def from_container(cls, meta, tensors):
-        """Rebuild from a parsed container (:func:`qsdlearn._container.read_container`)."""
+    def from_container(cls, meta, tensors, max_elements=None):
+        """Rebuild from a parsed container (:func:`qsdlearn._container.read_container`).
+
+        Every layer's header entry is checked, and the declared sizes against
+        ``max_elements``, before any stream is decoded."""
         cls.check_kind(meta)
-        entries = json_field(meta, "layers", list)
-        layers = {}
-        used = set()
-        for i, entry in enumerate(entries):
+        headers = {}
+        for i, entry in enumerate(json_field(meta, "layers", list)):
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
                 raise ValueError(f"damaged file: layer {i} has no name")
             name = entry["name"]
-            if name in layers:
+            if name in headers:
                 raise ValueError(f"damaged file: layer {name!r} appears twice")
             if entry.get("kind") == "kept":
                 if f"{i}" not in tensors:
                     raise ValueError(f"damaged file: tensor of layer {name!r} is missing")
-                dtype_name, shape, chunk = tensors[f"{i}"]
+                headers[name] = (f"{i}", None)
+            elif entry.get("kind") == "compressed":
+                headers[name] = (f"{i}", _layer_header(entry, name))
+            else:
+                raise ValueError(f"damaged file: layer {name!r} has an unknown kind")
+        declared = sum(header[0].declared_elements for _, header in headers.values() if header)
+        check_declared_elements(declared, max_elements, "compressed layers")
+        layers = {}
+        used = set()
+        for name, (key, header) in headers.items():
+            if header is None:
+                dtype_name, shape, chunk = tensors[key]
                 dtype = _KEPT_DTYPE_NAMES[dtype_name]
                 array = np.frombuffer(chunk, dtype=np.dtype(dtype).newbyteorder("<"))
                 layers[name] = KeptTensor(array.astype(dtype).reshape(shape))
-                used.add(f"{i}")
-            elif entry.get("kind") == "compressed":
-                layers[name] = _layer_from_entry(entry, tensors, i, name)
-                used.update(f"{i}.{stream}" for stream in STREAMS)
+                used.add(key)
             else:
-                raise ValueError(f"damaged file: layer {name!r} has an unknown kind")
+                settings, shape, dtype, quality = header
+                matrix = matrix_from_tensors(settings, tensors, prefix=f"{key}.")
+                layers[name] = CompressedLayer(matrix, shape, dtype, LayerSetting(
+                    settings.n_features, settings.constraints), quality)
+                used.update(f"{key}.{stream}" for stream in STREAMS)
         if used != set(tensors):
             raise ValueError("damaged file: tensors that no layer uses")
         return cls(layers)
@@ -412,10 +425,11 @@ class CompressedModel(FileImage):
         )
 
 
-def _layer_from_entry(entry, tensors, i, name):
+def _layer_header(entry, name):
+    """The checked header entry of a compressed layer: its matrix settings, shape, dtype name
+    and SQNR."""
     try:
         settings = MatrixSettings.from_dict(entry["matrix"])
-        setting = LayerSetting(settings.n_features, settings.constraints)
         shape = tuple(entry["shape"])
         dtype = np.dtype(entry["dtype"])
         quality = float(entry["sqnr_db"])
@@ -431,10 +445,9 @@ def _layer_from_entry(entry, tensors, i, name):
         or dtype.kind != "f"
     ):
         raise ValueError(f"damaged file: layer {name!r} has an invalid shape or dtype")
-    if settings.n_rows != rows_of(shape, setting.vector_size):
+    if settings.n_rows != rows_of(shape, settings.n_features):
         raise ValueError(f"damaged file: layer {name!r} shape does not match its codes")
-    matrix = matrix_from_tensors(settings, tensors, prefix=f"{i}.")
-    return CompressedLayer(matrix, shape, dtype.name, setting, quality)
+    return settings, shape, dtype.name, quality
 
 
 # -- reading weights -----------------------------------------------------------------------------
@@ -489,19 +502,14 @@ def sample_rows(X, max_rows, seed, keep_order=True):
 
 
 def _fit_quietly(estimator, X):
-    """Fit, turning a :class:`~sklearn.exceptions.ConvergenceWarning` into the fit's record
-    (other warnings reach the caller). Returns whether the fit converged."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        estimator.fit(X)
-    converged = True
-    for warning in caught:
-        if issubclass(warning.category, ConvergenceWarning):
-            converged = False
-        else:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename,
-                                   warning.lineno)
-    return converged
+    """Fit without the :class:`~sklearn.exceptions.ConvergenceWarning`, which the layer's
+    record reports instead (``converged_``); other warnings reach the caller.
+
+    Python's warning filters are process-wide: under joblib's threading backend a filter set
+    by one layer may not cover another's fit, so the warning can still show there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        return estimator.fit(X)
 
 
 def _fit_layer(weight, setting, seed, n_threads, max_iter, max_fit_rows):
@@ -512,11 +520,11 @@ def _fit_layer(weight, setting, seed, n_threads, max_iter, max_fit_rows):
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=max_iter)
     sample = sample_rows(X, max_fit_rows, seed)
     with threadpool_limits(limits=n_threads):
-        converged = _fit_quietly(est, sample)
+        _fit_quietly(est, sample)
         matrix = est.encode(X)
     decoded = from_rows(matrix.decode(), weight.shape)
     return CompressedLayer(matrix, weight.shape, weight.dtype.name, setting, sqnr(weight, decoded),
-                           n_iter=est.n_iter_, converged=converged)
+                           n_iter=est.n_iter_, converged=est.converged_)
 
 
 def _estimate(weight, setting, seed, n_threads):

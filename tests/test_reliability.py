@@ -1,0 +1,152 @@
+"""Degenerate data, what a dtype can hold, hostile files and interrupted saves."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+import qsdlearn
+from qsdlearn import CompressedMatrix, Constraints, QuantizedSparseDecomposition
+from qsdlearn._container import TEMPORARY_PREFIX, TEMPORARY_SUFFIX
+from qsdlearn.codec import MatrixSettings
+from qsdlearn.metrics import sqnr
+
+from ._data import SETTINGS, fit_quietly, gaussian
+
+# -- all-zero data ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_zero_in_zero_out(setting, dtype):
+    X = np.zeros((60, 6), dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = QuantizedSparseDecomposition(random_state=0, **SETTINGS[setting]).fit(X)
+    assert est.reconstruction_err_ == 0.0 and est.converged_
+    np.testing.assert_array_equal(est.inverse_transform(est.transform(X)), X)
+    np.testing.assert_array_equal(est.encode(X).decode(), X)
+    # rows that are not zero are still encoded against the zero codebook, without NaN
+    assert np.all(np.isfinite(est.transform(gaussian(5, 6).astype(dtype))))
+
+
+def test_an_all_zero_layer_is_reported_exact():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = qsdlearn.compress_weights({"w": np.zeros((128, 128), np.float32)},
+                                          bits_per_weight=2.0, random_state=0)
+    np.testing.assert_array_equal(model.decompress()["w"], 0.0)
+    assert model.report()[0]["sqnr_db"] == float("inf")
+
+
+def test_sqnr_of_zeros():
+    assert sqnr(np.zeros(3), np.zeros(3)) == float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sqnr(np.zeros(3), np.ones(3)) == float("-inf")
+
+
+# -- what a dtype can hold ----------------------------------------------------------------------
+
+
+def test_codebook_bits_beyond_the_dtype_are_rejected_at_fit():
+    X = gaussian(200, 8).astype(np.float32)
+    for bits in (23, 24, 32):
+        with pytest.raises(ValueError, match="up to codebook_bits=22"):
+            QuantizedSparseDecomposition(16, n_nonzero=1, code_bits=0, codebook_bits=bits).fit(X)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype, bits", [(np.float32, 22), (np.float64, 32)])
+def test_the_widest_codebook_the_dtype_holds_decodes_bit_for_bit(dtype, bits, seed):
+    X = gaussian(300, 8, seed=seed).astype(dtype)
+    est = fit_quietly(QuantizedSparseDecomposition(
+        16, n_nonzero=1, code_bits=0, codebook_bits=bits, random_state=0, max_iter=5), X)
+    np.testing.assert_array_equal(est.encode(X).decode(), est.inverse_transform(est.transform(X)))
+
+
+# -- hostile files ------------------------------------------------------------------------------
+
+
+def _huge_vq_file(n_rows):
+    """A valid-looking file of a one-codeword VQ matrix whose settings declare ``n_rows``
+    rows: its code streams are empty, so only the declared shape is large."""
+    X = np.ones((4, 4), dtype=np.float32)
+    est = QuantizedSparseDecomposition(1, n_nonzero=1, code_bits=0, random_state=0).fit(X)
+    small = est.encode(X)
+    settings = MatrixSettings(n_rows, 4, "float32", small.settings.constraints)
+    return CompressedMatrix(settings, small.streams).to_bytes()
+
+
+def test_a_file_declaring_a_huge_matrix_is_refused_before_allocating(tmp_path):
+    data = _huge_vq_file(2**40)
+    assert len(data) < 1100
+    path = tmp_path / "huge.qsd"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match="max_elements"):
+        qsdlearn.load(path)
+    with pytest.raises(ValueError, match="max_elements"):
+        CompressedMatrix.from_bytes(data)
+    # the caller can raise the limit for files it trusts
+    small = _huge_vq_file(1000)
+    assert CompressedMatrix.from_bytes(small, max_elements=4000).decode().shape == (1000, 4)
+    with pytest.raises(ValueError, match="max_elements=3999"):
+        CompressedMatrix.from_bytes(small, max_elements=3999)
+
+
+def test_a_model_file_declaring_huge_layers_is_refused():
+    model = qsdlearn.compress_weights(
+        {"w": gaussian(64, 64).astype(np.float32)},
+        settings=qsdlearn.LayerSetting(8, Constraints(4, n_nonzero=1, code_bits=0)),
+        random_state=0, max_iter=2)
+    data = model.to_bytes()
+    with pytest.raises(ValueError, match="max_elements=100"):
+        qsdlearn.CompressedModel.from_bytes(data, max_elements=100)
+    assert qsdlearn.CompressedModel.from_bytes(data, max_elements=4096).n_weights == 4096
+
+
+# -- interrupted saves --------------------------------------------------------------------------
+
+_WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from qsdlearn._container import write_atomic
+    path = sys.argv[1]
+    for i in range(10**6):
+        write_atomic(path, bytes([i % 251]) * (8 << 20))
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uses POSIX signals")
+def test_a_killed_save_never_leaves_a_partial_file(tmp_path):
+    """Kill a process that keeps saving 8 MiB files at random moments: the destination always
+    holds a whole file, and the next save removes the dead writer's temporary file."""
+    path = tmp_path / "model.qsd"
+    path.write_bytes(b"\x07" * (8 << 20))
+    rng = np.random.default_rng(0)
+    for delay in rng.uniform(0.3, 1.5, size=4):
+        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)])
+        time.sleep(delay)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        data = path.read_bytes()
+        assert len(data) == 8 << 20 and len(set(data)) == 1
+    leftovers = [n for n in os.listdir(tmp_path) if n.startswith(TEMPORARY_PREFIX)]
+    qsdlearn._container.write_atomic(path, b"new")
+    assert path.read_bytes() == b"new"
+    remaining = [n for n in os.listdir(tmp_path) if n.startswith(TEMPORARY_PREFIX)]
+    assert remaining == [] and all(n.endswith(TEMPORARY_SUFFIX) for n in leftovers)
+
+
+def test_a_running_writers_temporary_file_is_left_alone(tmp_path):
+    mine = tmp_path / f"{TEMPORARY_PREFIX}{os.getpid()}-abc{TEMPORARY_SUFFIX}"
+    mine.write_bytes(b"in progress")
+    qsdlearn._container.write_atomic(tmp_path / "other.qsd", b"x")
+    assert mine.exists()
