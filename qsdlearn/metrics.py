@@ -1,6 +1,31 @@
-"""Distortion measures for compressed matrices."""
+"""Distortion, rate–distortion hulls and rate-aware scorers for model selection.
+
+The rate of an encoded matrix is its exact payload in bits per element
+(``CompressedMatrix.bits_per_element``, codebook included); its distortion is the normalised
+mean squared error ``||X - X_hat||^2 / ||X||^2`` (``10 log10`` of its inverse is the SQNR).
+Two settings can share one matrix, each coding a share of its rows, so every convex
+combination of measured (rate, distortion) points is achievable: the *operational hull*
+(:func:`lower_hull`, :func:`hull_at`) is what a set of settings can reach at each rate.
+
+This module needs nothing of the package: scorers and curves use an estimator's public
+``fit``, ``transform``, ``inverse_transform`` and ``encode``.
+"""
+
+import math
 
 import numpy as np
+from sklearn.base import clone
+from sklearn.pipeline import Pipeline
+
+__all__ = [
+    "budget_scorer",
+    "hull_at",
+    "lower_hull",
+    "normalized_mse",
+    "rate_distortion_curve",
+    "rate_distortion_scorer",
+    "sqnr",
+]
 
 
 def sqnr(X, X_hat):
@@ -19,6 +44,11 @@ def sqnr(X, X_hat):
         In decibels; ``inf`` when the approximation is exact (an all-zero ``X`` included),
         ``-inf`` when ``X`` is all zero and the approximation is not.
 
+    Raises
+    ------
+    ValueError
+        If the shapes differ.
+
     Examples
     --------
     >>> import numpy as np
@@ -26,14 +56,342 @@ def sqnr(X, X_hat):
     >>> round(sqnr(np.ones(4), np.full(4, 1.1)), 2)
     20.0
     """
-    X = np.asarray(X, dtype=np.float64)
-    X_hat = np.asarray(X_hat, dtype=np.float64)
-    if X.shape != X_hat.shape:
-        raise ValueError(f"shapes differ: {X.shape} and {X_hat.shape}")
-    noise = float(np.sum((X - X_hat) ** 2))
-    signal = float(np.sum(X**2))
+    noise, signal = _noise_and_signal(X, X_hat)
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:
         return float("-inf")
     return float(10.0 * np.log10(signal / noise))
+
+
+def normalized_mse(X, X_hat):
+    """Squared error over signal energy, ``||X - X_hat||^2 / ||X||^2`` (the distortion of the
+    rate–distortion curves; 1 for ``X_hat = 0``).
+
+    Parameters
+    ----------
+    X : array-like
+        Reference data.
+    X_hat : array-like of the same shape
+        Approximation of ``X``.
+
+    Returns
+    -------
+    float
+        0 when exact, ``inf`` when ``X`` is all zero and the approximation is not.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qsdlearn.metrics import normalized_mse
+    >>> normalized_mse([3.0, 4.0], [3.0, 3.0])
+    0.04
+    """
+    noise, signal = _noise_and_signal(X, X_hat)
+    if noise == 0.0:
+        return 0.0
+    return noise / signal if signal > 0 else float("inf")
+
+
+def _noise_and_signal(X, X_hat):
+    X = np.asarray(X, dtype=np.float64)
+    X_hat = np.asarray(X_hat, dtype=np.float64)
+    if X.shape != X_hat.shape:
+        raise ValueError(f"shapes differ: {X.shape} and {X_hat.shape}")
+    return float(np.sum((X - X_hat) ** 2)), float(np.sum(X**2))
+
+
+# -- the operational hull ----------------------------------------------------------------------
+
+
+def _as_points(points):
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if points.size and (not np.all(np.isfinite(points)) or np.any(points[:, 0] < 0)):
+        raise ValueError("points must be finite with nonnegative rates")
+    return points
+
+
+def lower_hull(points, origin=(0.0, 1.0)):
+    """Vertices of the operational (lower convex, nonincreasing) hull of rate–distortion points.
+
+    Parameters
+    ----------
+    points : array-like of shape (n_points, 2)
+        ``(rate, distortion)`` pairs, e.g. bits per element and normalised mean squared error.
+        ``n_points`` may be 0.
+    origin : tuple of two floats or None, default=(0.0, 1.0)
+        A point that is always achievable and is added to ``points``: by default sending
+        nothing, which costs no bits and leaves all of the (normalised) signal as error.
+        ``None`` adds nothing.
+
+    Returns
+    -------
+    vertices : ndarray of shape (n_vertices, 2)
+        The hull's vertices by increasing rate and strictly decreasing distortion. The hull
+        is the piecewise linear function through them, constant after the last one and
+        undefined before the first one. Empty when there are no points at all.
+
+    Raises
+    ------
+    ValueError
+        If a point is not finite or has a negative rate.
+
+    Notes
+    -----
+    Andrew's monotone chain on the points sorted by rate (ties: lowest distortion first),
+    keeping only turns to the left, then cut at the lowest distortion: beyond it, extra bits
+    can be left unused, so the hull does not rise again.
+
+    Examples
+    --------
+    >>> from qsdlearn.metrics import lower_hull
+    >>> lower_hull([(1.0, 0.5), (2.0, 0.45), (3.0, 0.1)]).tolist()
+    [[0.0, 1.0], [1.0, 0.5], [3.0, 0.1]]
+    """
+    points = _as_points(points)
+    if origin is not None:
+        points = np.vstack([np.asarray(origin, dtype=np.float64).reshape(1, 2), points])
+    if len(points) == 0:
+        return points.reshape(0, 2)
+    order = np.lexsort((points[:, 1], points[:, 0]))
+    hull = []
+    for rate, dist in points[order]:
+        if hull and hull[-1][0] == rate:
+            continue  # same rate, not lower (sorted): never a vertex
+        if hull and dist >= hull[-1][1]:
+            continue  # more bits for no less error: never on a nonincreasing hull
+        while len(hull) >= 2:
+            (r0, d0), (r1, d1) = hull[-2], hull[-1]
+            # Drop the last vertex when it lies on or above the chord from r0 to the new point.
+            if (d1 - d0) * (rate - r0) >= (dist - d0) * (r1 - r0):
+                hull.pop()
+            else:
+                break
+        hull.append((rate, dist))
+    return np.array(hull, dtype=np.float64).reshape(-1, 2)
+
+
+def hull_at(points, rates, origin=(0.0, 1.0)):
+    """Distortion of the operational hull at given rates.
+
+    Parameters
+    ----------
+    points : array-like of shape (n_points, 2)
+        ``(rate, distortion)`` pairs, as in :func:`lower_hull`.
+    rates : float or array-like of floats
+        Rates at which to read the hull.
+    origin : tuple of two floats or None, default=(0.0, 1.0)
+        As in :func:`lower_hull`.
+
+    Returns
+    -------
+    distortion : float or ndarray
+        The least distortion of any convex combination of the points (and ``origin``) whose
+        rate is at most the given rate; ``nan`` where no point has a rate that low. A float
+        for a scalar ``rates``.
+
+    Examples
+    --------
+    >>> from qsdlearn.metrics import hull_at
+    >>> hull_at([(2.0, 0.25)], [0.5, 1.0, 2.0, 3.0])
+    array([0.8125, 0.625 , 0.25  , 0.25  ])
+    """
+    vertices = lower_hull(points, origin)
+    rates_arr = np.asarray(rates, dtype=np.float64)
+    out = np.full(rates_arr.shape, np.nan)
+    if len(vertices):
+        below = rates_arr >= vertices[0, 0]
+        out[below] = np.interp(rates_arr[below], vertices[:, 0], vertices[:, 1])
+    return float(out) if out.ndim == 0 else out
+
+
+# -- curves and scorers ------------------------------------------------------------------------
+
+
+def _encoder_and_input(estimator, X):
+    """The encoding step of ``estimator`` (the last step of a pipeline) and its input."""
+    if isinstance(estimator, Pipeline):
+        for _, step in estimator.steps[:-1]:
+            if step is not None and step != "passthrough":
+                X = step.transform(X)
+        estimator = estimator.steps[-1][1]
+    if not hasattr(estimator, "encode"):
+        raise TypeError(
+            f"{type(estimator).__name__} has no encode(X): rate-aware scores need an estimator "
+            "such as QuantizedSparseDecomposition (or a pipeline ending in one)"
+        )
+    return estimator, X
+
+
+def _rate_and_distortion(estimator, X):
+    encoder, X = _encoder_and_input(estimator, X)
+    compressed = encoder.encode(X)
+    X = np.asarray(X, dtype=np.float64)
+    return compressed.bits_per_element, normalized_mse(X, compressed.decode())
+
+
+def rate_distortion_scorer(lmbda):
+    """A scorer for scikit-learn's model selection: ``-(distortion + lmbda * rate)``.
+
+    The rate is what storing the scored rows costs, ``encode(X).bits_per_element`` (codebook
+    included); the distortion is their normalised mean squared error. Higher is better, so
+    ``GridSearchCV(..., scoring=rate_distortion_scorer(lmbda))`` picks the setting on the
+    operational hull where its slope is ``-lmbda``: larger ``lmbda`` favours fewer bits.
+
+    Parameters
+    ----------
+    lmbda : float
+        Price of one bit per element in units of normalised squared error (non-negative).
+
+    Returns
+    -------
+    callable
+        ``scorer(estimator, X, y=None) -> float``. The estimator (or a pipeline's last step)
+        must have ``encode``.
+
+    Raises
+    ------
+    ValueError
+        If ``lmbda`` is negative or not finite.
+
+    See Also
+    --------
+    budget_scorer : SQNR subject to a bit budget.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.model_selection import GridSearchCV
+    >>> from qsdlearn import QuantizedSparseDecomposition
+    >>> from qsdlearn.metrics import rate_distortion_scorer
+    >>> X = np.random.default_rng(0).standard_normal((2000, 4)).astype(np.float32)
+    >>> search = GridSearchCV(
+    ...     QuantizedSparseDecomposition(n_nonzero=1, code_bits=0, random_state=0),
+    ...     {"n_components": [2, 16, 256]}, scoring=rate_distortion_scorer(0.1), cv=2)
+    >>> search.fit(X).best_params_
+    {'n_components': 16}
+    """
+    if not (isinstance(lmbda, (int, float, np.floating)) and math.isfinite(lmbda) and lmbda >= 0):
+        raise ValueError(f"lmbda must be a finite non-negative number, got {lmbda!r}")
+
+    def score(estimator, X, y=None):
+        rate, distortion = _rate_and_distortion(estimator, X)
+        return -(distortion + lmbda * rate)
+
+    return score
+
+
+def budget_scorer(max_bits_per_element):
+    """A scorer for scikit-learn's model selection: SQNR (dB) within a bit budget.
+
+    A setting whose encoding of the scored rows fits in ``max_bits_per_element``
+    (``encode(X).bits_per_element``, codebook included) scores its SQNR. One that costs
+    ``R > max_bits_per_element`` scores what it can deliver within the budget: coding a share
+    ``max_bits_per_element / R`` of the rows and nothing for the others (a point of the
+    operational hull), whose normalised error is ``1 - (B / R) (1 - D)``. So settings over
+    budget rank below what they would reach within it, and every score stays finite.
+
+    Parameters
+    ----------
+    max_bits_per_element : float
+        The budget in bits per element (positive).
+
+    Returns
+    -------
+    callable
+        ``scorer(estimator, X, y=None) -> float``.
+
+    Raises
+    ------
+    ValueError
+        If the budget is not a positive finite number.
+
+    See Also
+    --------
+    rate_distortion_scorer : The Lagrangian trade-off of error and bits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.model_selection import GridSearchCV
+    >>> from qsdlearn import QuantizedSparseDecomposition
+    >>> from qsdlearn.metrics import budget_scorer
+    >>> X = np.random.default_rng(0).standard_normal((2000, 4)).astype(np.float32)
+    >>> search = GridSearchCV(
+    ...     QuantizedSparseDecomposition(n_nonzero=1, code_bits=0, random_state=0),
+    ...     {"n_components": [4, 16, 256]}, scoring=budget_scorer(2.0), cv=2)
+    >>> search.fit(X).best_params_
+    {'n_components': 16}
+    """
+    if not (isinstance(max_bits_per_element, (int, float, np.floating))
+            and math.isfinite(max_bits_per_element) and max_bits_per_element > 0):
+        raise ValueError(
+            f"max_bits_per_element must be a positive number, got {max_bits_per_element!r}"
+        )
+
+    def score(estimator, X, y=None):
+        rate, distortion = _rate_and_distortion(estimator, X)
+        if rate > max_bits_per_element:
+            distortion = 1.0 - max_bits_per_element / rate * (1.0 - distortion)
+        return float("inf") if distortion == 0 else float(-10.0 * np.log10(distortion))
+
+    return score
+
+
+def rate_distortion_curve(X, estimators):
+    """Fit each estimator to ``X`` and measure its exact rate and distortion on ``X``.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        The matrix to compress.
+    estimators : iterable of estimators
+        Unfitted estimators with ``encode`` (e.g. :class:`QuantizedSparseDecomposition` of
+        several settings); each is cloned, so they are left unfitted.
+
+    Returns
+    -------
+    list of dict
+        One record per estimator, in order: ``estimator`` (the fitted clone), ``bits`` (exact
+        payload), ``bits_per_element``, ``normalized_mse`` and ``sqnr_db``. The points
+        ``(bits_per_element, normalized_mse)`` are what :func:`lower_hull` and
+        :func:`hull_at` take.
+
+    See Also
+    --------
+    hull_at : The least distortion the settings reach at a rate, splitting rows if needed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qsdlearn import QuantizedSparseDecomposition
+    >>> from qsdlearn.metrics import hull_at, rate_distortion_curve
+    >>> X = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32)
+    >>> curve = rate_distortion_curve(X, [
+    ...     QuantizedSparseDecomposition(k, n_nonzero=1, code_bits=0, random_state=0)
+    ...     for k in (4, 16, 64)])
+    >>> [round(r["bits_per_element"], 3) for r in curve]
+    [0.378, 1.012, 2.798]
+    >>> points = [(r["bits_per_element"], r["normalized_mse"]) for r in curve]
+    >>> # 1.5 bits per element: split the rows between k=16 and k=64, better than k=16 alone
+    >>> bool(hull_at(points, 1.5) < curve[1]["normalized_mse"])
+    True
+    """
+    X = np.asarray(X)
+    records = []
+    for template in estimators:
+        estimator = clone(template).fit(X)
+        encoder, X_enc = _encoder_and_input(estimator, X)
+        compressed = encoder.encode(X_enc)
+        X_hat = compressed.decode()
+        records.append(dict(
+            estimator=estimator, bits=compressed.bits,
+            bits_per_element=compressed.bits_per_element,
+            normalized_mse=normalized_mse(X_enc, X_hat), sqnr_db=sqnr(X_enc, X_hat),
+        ))
+    return records
