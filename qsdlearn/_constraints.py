@@ -98,20 +98,56 @@ class Constraints:
         return FLOAT if self.codebook_bits is None else self.codebook_bits
 
     def codebook_row_nonzero(self, n_features):
-        """Entries kept per codebook row of ``n_features`` columns."""
+        """Entries kept per codebook row.
+
+        Parameters
+        ----------
+        n_features : int
+            Columns of the codebook.
+
+        Returns
+        -------
+        int
+            ``component_nonzero``, or ``n_features`` for dense rows.
+        """
         return n_features if self.component_nonzero is None else self.component_nonzero
 
     def bits(self, n_rows, n_features, float_bits):
-        """The exact bit account (:class:`~qsdlearn._bits.BitBudget`) of an
-        ``(n_rows, n_features)`` matrix whose float values are ``float_bits`` wide."""
+        """The exact bit account of a matrix factorized under these constraints.
+
+        Parameters
+        ----------
+        n_rows, n_features : int
+            Shape of the matrix.
+        float_bits : int
+            Width of a float value and of a scale: 32 for float32 data, 64 for float64.
+
+        Returns
+        -------
+        BitBudget
+            Bits of every stream (``code_support``, ``code_values``, ``codebook_support``,
+            ``codebook_values``, ``codebook_scales``), their ``total`` and ``per_element``.
+        """
         return factorization_bits(self, n_rows, n_features, float_bits)
 
     def to_dict(self):
-        """The fields, in declaration order (the flat form files store)."""
+        """The fields as a mapping.
+
+        Returns
+        -------
+        dict
+            The five fields in declaration order (the flat form files store).
+        """
         return asdict(self)
 
     def describe(self):
-        """A short human-readable form, e.g. ``k=256 2 of 256 codes=2b codebook=8b``."""
+        """A short human-readable form.
+
+        Returns
+        -------
+        str
+            For example ``"k=256 2 of 256 codes=2b codebook=8b"``.
+        """
         slots = "dense" if self.dense_codes else f"{self.n_nonzero} of {self.n_components}"
         text = (
             f"k={self.n_components} {slots} codes={_bits_text(self.code_bits)} "

@@ -185,6 +185,10 @@ def write_atomic(path, data):
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
     remove_stale_temporaries(folder)
     handle, temporary = tempfile.mkstemp(
         dir=folder, prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-", suffix=TEMPORARY_SUFFIX
@@ -194,6 +198,7 @@ def write_atomic(path, data):
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, _new_file_mode())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -237,6 +242,26 @@ class FileImage:
         """Reject metadata of another kind of file."""
         if meta.get("kind") != cls.KIND:
             raise ValueError(f"not a compressed {cls.KIND}: kind {meta.get('kind')!r}")
+
+
+def _new_file_mode():
+    """The mode ``open(path, "w")`` would give a new file (0o666 less the umask); temporary
+    files are created private, and get this mode before they are renamed."""
+    return 0o666 & ~_umask()
+
+
+def _umask():
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)  # restrictive while it is read, for other threads' new files
+    os.umask(umask)
+    return umask
 
 
 def _process_is_running(pid):

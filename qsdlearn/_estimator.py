@@ -20,6 +20,17 @@ from ._kernels import all_positions, reconstruct_from_slots
 from .codec import MatrixSettings, encode_factors
 
 
+def _native_float(X):
+    """float16 arrays as float32 and non-native byte orders as native, so that
+    ``validate_data`` keeps them in single precision (it would upcast them to float64)."""
+    dtype = getattr(X, "dtype", None)
+    if not isinstance(X, np.ndarray) or dtype is None or dtype.kind != "f":
+        return X
+    if dtype.itemsize <= 2:
+        return X.astype(np.float32)
+    return X.astype(dtype.newbyteorder("=")) if not dtype.isnative else X
+
+
 class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Sparse, quantized matrix factorization ``X ~ Z C``.
 
@@ -293,7 +304,8 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         return self._fit(X).to_dense(self.n_components_)
 
     def _fit(self, X):
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
+        X = validate_data(self, _native_float(X), dtype=[np.float64, np.float32],
+                          ensure_min_samples=1)
         X = np.ascontiguousarray(X)
         n, d = X.shape
         constraints = self._constraints(n, d, X.dtype)
@@ -345,7 +357,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
 
     def _validate_new(self, X):
         check_is_fitted(self)
-        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return validate_data(self, _native_float(X), dtype=[np.float64, np.float32], reset=False)
 
     def _encode(self, X):
         """Codes of validated rows ``X`` (see :meth:`transform`)."""
@@ -368,7 +380,8 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
             The reconstruction.
         """
         check_is_fitted(self)
-        codes = check_array(X, dtype=[np.float64, np.float32], input_name="X", order="C")
+        codes = check_array(_native_float(X), dtype=[np.float64, np.float32], input_name="X",
+                            order="C")
         if codes.shape[1] != self.n_components_:
             raise ValueError(
                 f"X has {codes.shape[1]} columns, but codes of this estimator have "

@@ -71,6 +71,7 @@ def load(path, *, max_elements=None):
     Returns
     -------
     CompressedMatrix or CompressedModel
+        What the file holds, validated.
 
     Raises
     ------
@@ -84,6 +85,20 @@ def load(path, *, max_elements=None):
     See Also
     --------
     save : Write a file.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import qsdlearn
+    >>> X = np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32)
+    >>> qsd = qsdlearn.QuantizedSparseDecomposition(4, n_nonzero=1, code_bits=0,
+    ...                                             random_state=0).fit(X)
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.qsd")
+    >>> qsd.encode(X).save(path)
+    >>> loaded = qsdlearn.load(path)
+    >>> bool(np.array_equal(loaded.decode(), qsd.inverse_transform(qsd.transform(X))))
+    True
     """
     meta, tensors = read_container(read_file(path))
     kind = _KINDS.get(meta.get("kind"))

@@ -290,9 +290,21 @@ class CompressedMatrix(FileImage):
         return sum(len(stream) for stream in self.streams.values())
 
     def factors(self):
-        """Unpack and validate the streams into ``(idx, val, codebook)``.
+        """Unpack and validate the streams into the factors.
 
-        ``idx`` is ``None`` for dense codes; ``val`` has the data's dtype.
+        Returns
+        -------
+        idx : ndarray of shape (n_rows, n_nonzero), int32, or None
+            Sorted codebook rows of every code row; ``None`` for dense codes.
+        val : ndarray of shape (n_rows, n_nonzero) or (n_rows, n_components)
+            Code values (unit levels, ones or floats), in the data's dtype.
+        codebook : ndarray of shape (n_components, n_features)
+            The dequantized codebook, in the data's dtype.
+
+        Raises
+        ------
+        ValueError
+            If an index is out of range or a float is not finite (a damaged file).
         """
         if self._factors is None:
             with kernel_threads():
@@ -300,7 +312,14 @@ class CompressedMatrix(FileImage):
         return self._factors
 
     def decode(self):
-        """The reconstructed ``(n_rows, n_features)`` matrix, in the dtype of the data."""
+        """Reconstruct the matrix from its factors.
+
+        Returns
+        -------
+        ndarray of shape (n_rows, n_features)
+            ``Z @ C`` in the dtype of the data, bit for bit what
+            ``inverse_transform(transform(X))`` of the encoding estimator gives.
+        """
         idx, val, codebook = self.factors()
         out = np.empty(self.shape, dtype=_DTYPES[self.settings.dtype])
         if idx is None:
@@ -312,14 +331,34 @@ class CompressedMatrix(FileImage):
     # file image -----------------------------------------------------------------------------
 
     def to_bytes(self):
-        """The file image: a safetensors file of :data:`HEADER_BYTES` of header plus the
-        streams (see :mod:`qsdlearn.codec`)."""
+        """The file image of the matrix.
+
+        Returns
+        -------
+        bytes
+            A safetensors file: 8 + :data:`HEADER_BYTES` bytes of header, then the streams.
+        """
         metadata = {"kind": self.KIND, "settings": self.settings.to_json()}
         return write_container(matrix_tensors(self), metadata, header_bytes=HEADER_BYTES)
 
     @classmethod
     def from_container(cls, meta, tensors, max_elements=None):
-        """Rebuild from a parsed container (:func:`qsdlearn._container.read_container`)."""
+        """Rebuild from a parsed container.
+
+        Parameters
+        ----------
+        meta : dict
+            The file's metadata (:func:`qsdlearn._container.read_container`).
+        tensors : dict
+            Its tensors by name.
+        max_elements : int, optional
+            Largest number of elements the file may declare (default ``2**32``).
+
+        Returns
+        -------
+        CompressedMatrix
+            The validated matrix.
+        """
         cls.check_kind(meta)
         if list(tensors) != list(STREAMS):
             raise ValueError(

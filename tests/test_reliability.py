@@ -150,3 +150,33 @@ def test_a_running_writers_temporary_file_is_left_alone(tmp_path):
     mine.write_bytes(b"in progress")
     qsdlearn._container.write_atomic(tmp_path / "other.qsd", b"x")
     assert mine.exists()
+
+
+# -- input dtypes and file modes ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, expected", [
+    (np.float16, np.float32), (">f4", np.float32), (np.float32, np.float32), (">f8", np.float64)])
+def test_half_and_byte_swapped_input_keep_their_precision(dtype, expected):
+    X = gaussian(120, 4)
+    est = fit_quietly(QuantizedSparseDecomposition(4, n_nonzero=1, code_bits=0, random_state=0),
+                      X.astype(dtype))
+    assert est.components_.dtype == expected
+    assert est.transform(X.astype(dtype)).dtype == expected
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+def test_saved_files_follow_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        qsdlearn._container.write_atomic(tmp_path / "a.qsd", b"x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.qsd").stat().st_mode & 0o777 == 0o644
+
+
+def test_save_errors_name_the_path_the_user_gave(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nodir"):
+        qsdlearn._container.write_atomic(tmp_path / "nodir" / "x.qsd", b"x")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        qsdlearn._container.write_atomic(tmp_path, b"x")
