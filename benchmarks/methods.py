@@ -1,12 +1,14 @@
 """The compression methods compared by the rate–distortion benchmark, with exact bit counts.
 
 Every method takes an ``(out, in)`` weight matrix and returns its reconstruction and the number
-of bits needed to store it, counted with the rules of DESIGN §3 for all of them:
+of bits needed to store it, counted with the same rules for all of them:
 
 - a float value costs 32 bits (the data are float32), a float16 value 16 bits;
-- an index into ``m`` choices costs ``ceil(log2 m)`` bits, the positions of ``s`` nonzeros among
-  ``k`` cost :func:`qsdlearn._bits.support_bits` (as in qsdlearn's own codec);
-- codebooks, scales and per-row counts are included.
+- an index into ``m`` choices costs ``ceil(log2 m)`` bits (fixed width, no entropy coding);
+  the positions of ``s`` nonzeros among ``k`` cost :func:`qsdlearn._bits.support_bits` (as in
+  qsdlearn's own codec);
+- everything a decoder needs besides the method itself is counted: codebooks, scales, means
+  and per-row counts; nothing is shared between matrices.
 
 Methods that work on short sub-vectors cut the matrix into rows of ``vector_size`` elements with
 :func:`qsdlearn.weights.to_rows` (the adapter's reshape rule). Learned codebooks are fitted on
@@ -163,7 +165,7 @@ def svd(rate, factor_bits):
 
 def scalar(nbits):
     """Per-row uniform ``nbits`` quantizer (qsdlearn's mid-rise grid) with MSE-optimal clipping
-    searched over :data:`CLIP_FRACTIONS`; one 32-bit scale per row."""
+    searched as in :func:`_quantize_columns`; one 32-bit scale per row."""
 
     def run(weight, budget):
         n, d = weight.shape
@@ -177,7 +179,12 @@ def scalar(nbits):
 
 
 def kmeans(vector_size, n_clusters):
-    """scikit-learn KMeans on rows of ``vector_size``; float32 codebook, fixed-width indices."""
+    """scikit-learn KMeans on rows of ``vector_size``; float32 codebook, fixed-width indices.
+
+    With ``vector_size=1`` this is a non-uniform scalar quantizer of the whole matrix (Lloyd–Max
+    on its values): ``n_clusters`` float32 levels and a ``ceil(log2 n_clusters)``-bit index per
+    element.
+    """
 
     def run(weight, budget):
         from sklearn.cluster import KMeans
@@ -266,11 +273,18 @@ def faiss_available():
     return True
 
 
-def faiss_quantizer(kind, vector_size, n_books, nbits):
-    """faiss ProductQuantizer / ResidualQuantizer with ``n_books`` codebooks of ``2**nbits``.
+#: Beam size of faiss's ResidualQuantizer, in training and encoding (faiss's default is 5).
+RQ_BEAM_SIZE = 8
 
-    Codes cost ``n_books * nbits`` bits per row; PQ stores ``n_books`` sub-codebooks of
-    ``vector_size / n_books`` float32 values per word, RQ ``n_books`` full-width codebooks.
+
+def faiss_quantizer(kind, vector_size, n_books, nbits):
+    """faiss ``ProductQuantizer``, ``ResidualQuantizer`` or ``LocalSearchQuantizer``.
+
+    ``n_books`` codebooks of ``2**nbits`` words. Codes cost ``n_books * nbits`` bits per row; PQ
+    stores ``n_books`` sub-codebooks of ``vector_size / n_books`` float32 values per word, RQ
+    and LSQ (additive quantizers) ``n_books`` full-width codebooks. RQ searches with a beam of
+    :data:`RQ_BEAM_SIZE`. The additive quantizers decode without a stored norm, so none is
+    counted.
     """
 
     def run(weight, budget):
@@ -279,17 +293,27 @@ def faiss_quantizer(kind, vector_size, n_books, nbits):
         rows = np.ascontiguousarray(_rows_or_skip(weight, vector_size, 2**nbits), np.float32)
         if kind == "PQ":
             quantizer = faiss.ProductQuantizer(vector_size, n_books, nbits)
+            quantizer.cp.min_points_per_centroid = 1  # fewer rows than faiss likes: no warning
             codebook_values = 2**nbits * vector_size
-        else:
+        elif kind == "RQ":
             quantizer = faiss.ResidualQuantizer(vector_size, n_books, nbits)
+            quantizer.max_beam_size = RQ_BEAM_SIZE
+            quantizer.cp.min_points_per_centroid = 1
             codebook_values = n_books * 2**nbits * vector_size
-        quantizer.cp.min_points_per_centroid = 1  # fewer rows than faiss likes: no warning
+        elif kind == "LSQ":
+            quantizer = faiss.LocalSearchQuantizer(vector_size, n_books, nbits)
+            quantizer.train_iters = budget.max_iter
+            quantizer.random_seed = budget.seed
+            codebook_values = n_books * 2**nbits * vector_size
+        else:
+            raise ValueError(f"unknown faiss quantizer {kind!r}")
         quantizer.train(np.ascontiguousarray(budget.sample(rows)))
         reconstruction = quantizer.decode(quantizer.compute_codes(rows))
         bits = rows.shape[0] * n_books * nbits + codebook_values * FLOAT_BITS
         return from_rows(reconstruction.astype(weight.dtype), weight.shape), bits
 
-    return Method(f"faiss {kind}", f"d={vector_size} {n_books} x {nbits} bits", run)
+    beam = f", beam {RQ_BEAM_SIZE}" if kind == "RQ" else ""
+    return Method(f"faiss {kind}", f"d={vector_size} {n_books} x {nbits} bits{beam}", run)
 
 
 # -- the grids -----------------------------------------------------------------------------------
@@ -316,27 +340,35 @@ QSD_GRID_MODEL = [s for s in QSD_GRID if s not in {
     (8, 256, 1, 3, 8), (16, 256, 4, 2, 8), (8, 256, 2, 3, 8), (8, 256, 4, 3, 8)}]
 QSD_GRID_QUICK = [(8, 256, 1, 0, 8), (8, 64, 2, 2, 8), (8, 256, 2, 2, 8), (8, 8, None, 4, 8)]
 
-#: Per grid ("quick", "model", "full"): settings of every family.
+#: Per grid ("quick", "model", "full"): settings of every family. k-means runs at vector sizes 1
+#: (a per-matrix Lloyd–Max scalar quantizer), 2, 4, 8 and 16; PQ, RQ and LSQ are (vector size,
+#: codebooks, bits per codebook).
 _GRIDS = {
     "quick": dict(
-        qsd=QSD_GRID_QUICK, svd_rates=[0.5, 1, 2, 4], kmeans=[(8, 256), (4, 256), (2, 256)],
+        qsd=QSD_GRID_QUICK, svd_rates=[0.5, 1, 2, 4], scalar=range(1, 6),
+        kmeans=[(1, 4), (1, 16), (8, 256), (4, 256), (2, 256), (16, 256)],
         dictionary=[(16, 256, 1)], sparse_pca=[(8, 1.0)], pq=[(8, 2, 8)],
-        # ResidualQuantizer's beam-search training takes seconds even on small data.
-        rq=[],
+        # The additive quantizers' training takes seconds even on small data.
+        rq=[(8, 2, 6)], lsq=[(8, 2, 6)],
     ),
     "model": dict(
-        qsd=QSD_GRID_MODEL, svd_rates=[0.25, 0.5, 1, 2, 3, 4, 6],
-        kmeans=[(d, k) for d in (8, 4, 2) for k in (64, 256)],
+        qsd=QSD_GRID_MODEL, svd_rates=[0.25, 0.5, 1, 2, 3, 4, 6], scalar=range(1, 7),
+        kmeans=[(1, k) for k in (2, 4, 8, 16, 32)]
+        + [(d, k) for d in (2, 4, 8) for k in (16, 64, 256)] + [(16, 64), (16, 256)],
         dictionary=[(16, 256, 1)], sparse_pca=[(8, 1.0)],
-        pq=[(16, 2, 8), (8, 1, 8), (8, 2, 8), (8, 4, 8)], rq=[(8, 2, 8)],
+        pq=[(16, 2, 8), (8, 1, 8), (8, 2, 8), (8, 4, 8)],
+        rq=[(8, 2, 8), (8, 3, 8)], lsq=[(8, 2, 8), (8, 3, 8)],
     ),
     "full": dict(
-        qsd=QSD_GRID, svd_rates=[0.25, 0.5, 1, 2, 3, 4, 6],
-        kmeans=[(d, k) for d in (8, 4, 2) for k in (16, 64, 256, 1024)],
+        qsd=QSD_GRID, svd_rates=[0.25, 0.5, 1, 2, 3, 4, 6], scalar=range(1, 9),
+        kmeans=[(1, k) for k in (2, 4, 8, 16, 32, 64)]
+        + [(d, k) for d in (2, 4, 8) for k in (16, 64, 256, 1024)]
+        + [(16, 64), (16, 256), (16, 1024)],
         dictionary=[(32, 256, 1), (16, 256, 1)],
         sparse_pca=[(8, 1.0), (16, 1.0)],
         pq=[(16, 2, 8), (8, 1, 8), (16, 4, 8), (8, 2, 8), (8, 4, 8)],
-        rq=[(16, 2, 8), (16, 4, 8), (8, 2, 8), (8, 3, 8)],
+        rq=[(16, 2, 8), (16, 4, 8), (8, 2, 8), (8, 3, 8), (8, 4, 8)],
+        lsq=[(16, 2, 8), (8, 2, 8), (8, 3, 8), (8, 4, 8)],
     ),
 }
 
@@ -350,17 +382,18 @@ def method_grid(grid="full", with_faiss=None):
         ``"model"`` has fewer settings of the slow methods (for data of many matrices),
         ``"quick"`` a few of each.
     with_faiss : bool, optional
-        Include faiss's quantizers (default: when faiss is installed).
+        Include faiss's quantizers (PQ, RQ, LSQ) (default: when faiss is installed).
     """
     g = _GRIDS[grid]
     with_faiss = faiss_available() if with_faiss is None else with_faiss
     methods = [qsd(*s) for s in g["qsd"]]
     methods += [svd(rate, bits) for bits in (16, 8) for rate in g["svd_rates"]]
-    methods += [scalar(b) for b in range(1, 9)]
+    methods += [scalar(b) for b in g["scalar"]]
     methods += [kmeans(d, k) for d, k in g["kmeans"]]
     methods += [dictionary_omp(*s) for s in g["dictionary"]]
     methods += [sparse_pca(*s) for s in g["sparse_pca"]]
     if with_faiss:
         methods += [faiss_quantizer("PQ", *s) for s in g["pq"]]
         methods += [faiss_quantizer("RQ", *s) for s in g["rq"]]
+        methods += [faiss_quantizer("LSQ", *s) for s in g["lsq"]]
     return methods

@@ -1,5 +1,5 @@
 """The rate–distortion benchmark's baselines count bits by the project's rules and compute what
-they claim; its frontier and tables pick the right points. Tiny inputs only."""
+they claim; its hull, frontier and tables pick the right points. Tiny inputs only."""
 
 import json
 import math
@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import methods as M
 from benchmarks import rate_distortion as RD
+from benchmarks.hull import hull_at, lower_hull
 from qsdlearn import QuantizedSparseDecomposition
 from qsdlearn._bits import support_bits
 from qsdlearn._levels import quantize
@@ -67,6 +68,14 @@ def test_svd_out_of_range_rank_is_not_applicable(weight):
         M.svd(0.01, 16).run(weight, BUDGET)
 
 
+def test_kmeans_on_single_values_is_a_scalar_quantizer(weight):
+    reconstruction, bits = M.kmeans(1, 8).run(weight, BUDGET)
+    assert bits == weight.size * 3 + 8 * 32
+    assert len(np.unique(reconstruction)) <= 8
+    # Lloyd–Max on Gaussian data at 3 bits: about 14.6 dB, far above 0.
+    assert sq_error(weight, reconstruction) < 0.1 * sq_error(weight, 0 * weight)
+
+
 def test_kmeans_counts_bits_and_uses_codewords(weight):
     reconstruction, bits = M.kmeans(4, 16).run(weight, BUDGET)
     rows = weight.size // 4
@@ -117,7 +126,7 @@ def test_sparse_pca_counts_its_nonzeros(weight, monkeypatch):
     assert reconstruction.shape == weight.shape
 
 
-@pytest.mark.parametrize("kind", ["PQ", "RQ"])
+@pytest.mark.parametrize("kind", ["PQ", "RQ", "LSQ"])
 def test_faiss_quantizers_count_bits(weight, kind):
     pytest.importorskip("faiss")
     reconstruction, bits = M.faiss_quantizer(kind, 8, 2, 4).run(weight, BUDGET)
@@ -127,9 +136,84 @@ def test_faiss_quantizers_count_bits(weight, kind):
     assert sq_error(weight, reconstruction) < 0.9 * sq_error(weight, 0 * weight)
 
 
-def _record(family, rate, value, dataset="gaussian"):
+def test_faiss_rq_uses_a_beam_of_at_least_8(weight, monkeypatch):
+    faiss = pytest.importorskip("faiss")
+    assert M.RQ_BEAM_SIZE >= 8
+    seen = {}
+    original = faiss.ResidualQuantizer.train
+
+    def spy(self, x):
+        seen["beam"] = self.max_beam_size
+        return original(self, x)
+
+    monkeypatch.setattr(faiss.ResidualQuantizer, "train", spy)
+    M.faiss_quantizer("RQ", 8, 2, 4).run(weight, BUDGET)
+    assert seen["beam"] == M.RQ_BEAM_SIZE
+    assert "beam 8" in M.faiss_quantizer("RQ", 8, 2, 4).setting
+
+
+def test_method_grids_have_the_new_baselines():
+    families = {m.family: m for m in M.method_grid("full", with_faiss=True)}
+    assert {"faiss PQ", "faiss RQ", "faiss LSQ", "VQ (sklearn KMeans)"} <= set(families)
+    sizes = {int(m.setting.split()[0][2:]) for m in M.method_grid("full", with_faiss=False)
+             if m.family == "VQ (sklearn KMeans)"}
+    assert sizes == {1, 2, 4, 8, 16}
+
+
+# -- the operational hull --------------------------------------------------------------------
+
+
+def brute_force_hull(points, rate):
+    """Least distortion of any mix of at most two points (or (0, 1)) within ``rate``: an LP
+    with two constraints has an optimum on at most two points."""
+    points = [(0.0, 1.0)] + [tuple(p) for p in points]
+    best = min((d for r, d in points if r <= rate), default=np.nan)
+    for ra, da in points:
+        for rb, db in points:
+            if ra < rate < rb:
+                t = (rate - ra) / (rb - ra)
+                best = min(best, (1 - t) * da + t * db)
+    return best
+
+
+def test_hull_of_one_point_and_the_origin():
+    np.testing.assert_allclose(hull_at([(2.0, 0.25)], [0, 0.5, 2.0, 3.0]),
+                               [1.0, 0.8125, 0.25, 0.25])
+    np.testing.assert_array_equal(lower_hull([(2.0, 0.25)]), [[0, 1], [2, 0.25]])
+    assert hull_at([], 1.0) == 1.0
+    assert np.isnan(hull_at([(1.0, 0.5)], 0.5, origin=None))
+    assert lower_hull(np.empty((0, 2)), origin=None).shape == (0, 2)
+
+
+def test_hull_drops_points_above_chords_and_worse_points_at_more_bits():
+    points = [(1.0, 0.8), (2.0, 0.2), (3.0, 0.3), (4.0, 0.05), (2.0, 0.5), (1.5, 0.9)]
+    # (1, 0.8) lies above the chord from (0, 1) to (2, 0.2); (3, 0.3) is worse than (2, 0.2).
+    np.testing.assert_allclose(lower_hull(points), [[0, 1], [2, 0.2], [4, 0.05]])
+    assert hull_at(points, 3.0) == pytest.approx(0.125)
+    assert hull_at(points, 9.0) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_hull_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 12))
+    rates = np.round(rng.uniform(0, 5, n), 1)  # ties in rate happen
+    dists = rng.uniform(0, 1.3, n)  # some are worse than sending nothing
+    points = np.column_stack([rates, dists])
+    queries = np.concatenate([np.linspace(0, 6, 61), rates])
+    expected = [brute_force_hull(points, q) for q in queries]
+    np.testing.assert_allclose(hull_at(points, queries), expected, rtol=1e-12, atol=1e-12)
+    vertices = lower_hull(points)
+    assert np.all(np.diff(vertices[:, 0]) > 0) and np.all(np.diff(vertices[:, 1]) < 0)
+    slopes = np.diff(vertices[:, 1]) / np.diff(vertices[:, 0])
+    assert np.all(np.diff(slopes) >= -1e-12)  # convex
+
+
+def _record(family, rate, value, dataset="gaussian", matrices=None):
+    nmse = 10 ** (-value / 10)
+    matrices = matrices or {"m": dict(bits=rate * 100, elements=100, error=nmse, signal=1.0)}
     return dict(dataset=dataset, family=family, setting=f"{rate}", bits=0, elements=1,
-                bits_per_element=rate, sqnr_db=value, seconds=0.0)
+                bits_per_element=rate, sqnr_db=value, nmse=nmse, seconds=0.0, matrices=matrices)
 
 
 def test_frontier_and_best_at_rates():
@@ -157,12 +241,46 @@ def test_evaluate_totals_over_matrices_and_skips_not_applicable():
     assert r["bits"] == 6 and r["elements"] == 6
     # signal 4 + 8 = 12, noise a quarter of it: 10 log10(4) dB
     assert r["sqnr_db"] == pytest.approx(10 * np.log10(4.0))
+    assert r["nmse"] == pytest.approx(0.25)
+    assert r["matrices"]["b"] == dict(bits=3, elements=2, error=2.0, signal=8.0)
+
+
+def test_hull_table_reads_every_family_and_the_best_baseline():
+    db = lambda nmse: -10 * np.log10(nmse)  # noqa: E731
+    records = [_record("QSD", 2.0, db(0.25)), _record("A", 1.0, db(0.5)),
+               _record("B", 4.0, db(0.01))]
+    table = RD.hull_table(records, rates=[1.0, 2.0, 4.0])
+    # QSD: (0, 1) to (2, 0.25); A: (0, 1) to (1, 0.5); B: (0, 1) to (4, 0.01).
+    np.testing.assert_allclose(table["families"]["QSD"], [db(0.625), db(0.25), db(0.25)])
+    np.testing.assert_allclose(table["best_baseline"], [db(0.5), db(0.5), db(0.01)])
+    assert table["best_baseline_family"] == ["A", "A", "B"]
+    np.testing.assert_allclose(table["qsd_minus_baseline"],
+                               [db(0.625) - db(0.5), db(0.25) - db(0.5), db(0.25) - db(0.01)])
+
+
+def test_pooled_and_per_matrix_hulls():
+    def rec(family, m1, m2):  # (bits, error) on two matrices of 100 elements, signal 1 and 3
+        matrices = {"x": dict(bits=m1[0], elements=100, error=m1[1], signal=1.0),
+                    "y": dict(bits=m2[0], elements=100, error=m2[1], signal=3.0)}
+        nmse = (m1[1] + m2[1]) / 4.0
+        r = _record(family, (m1[0] + m2[0]) / 200, -10 * np.log10(nmse), matrices=matrices)
+        return r
+
+    records = [rec("QSD", (200, 0.1), (200, 2.0)), rec("VQ", (200, 0.5), (200, 0.3))]
+    margins = RD.per_matrix_margins(records, rates=[2.0])
+    assert margins["x"]["qsd_minus_baseline"][0] == pytest.approx(10 * np.log10(5))
+    assert margins["y"]["qsd_minus_baseline"][0] == pytest.approx(-10 * np.log10(2.0 / 0.3))
+    pooled = RD.hull_table(records, rates=[2.0])
+    assert pooled["families"]["QSD"][0] == pytest.approx(-10 * np.log10(2.1 / 4))
+    summary = RD.per_matrix_summary(margins)
+    assert summary["wins"] == [1] and summary["n_matrices"] == 2
 
 
 def test_write_report_makes_tables_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
     records = [_record("QSD", 1.0, 5.0), _record("QSD", 2.0, 10.0),
-               _record("VQ", 1.0, 4.5), dict(_record("QSD", 2.0, 9.0, "digits"), accuracy=0.9)]
+               _record("VQ", 1.0, 4.5), dict(_record("QSD", 2.0, 9.0, "digits"), accuracy=0.9),
+               dict(_record("VQ", 1.0, 8.0, "digits"), accuracy=0.8)]
     speed = dict(
         kmeans=[dict(method="m", seconds=1.0, n_iter=20, seconds_per_iter=0.05, mse=0.3)],
         kmeans_rows=100, per_iteration=[dict(setting="s", n_rows=100, seconds_per_iter=0.1)],
@@ -177,8 +295,11 @@ def test_write_report_makes_tables_and_plots(tmp_path):
                    digits_float_accuracy=0.95, speed=speed)
     RD.write_report(results, str(tmp_path))
     for name in ("rate_distortion.md", "results.json", "gaussian_sqnr.png", "digits_sqnr.png",
-                 "digits_accuracy.png", "fit_scaling.png"):
+                 "digits_accuracy.png", "fit_scaling.png", "qsd_margin.png"):
         assert (tmp_path / name).stat().st_size > 0
     text = (tmp_path / "rate_distortion.md").read_text()
-    assert "| QSD | – | 5.00 | 5.00 | 10.00 |" in text
-    assert json.loads((tmp_path / "results.json").read_text())["records"] == records
+    assert "| QSD | – | 5.00 | 5.00 | 10.00 | 10.00 | 10.00 | 10.00 | 10.00 |" in text  # buckets
+    assert "| **QSD** | " in text and "| **QSD − best baseline** | " in text
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["records"] == records
+    assert saved["hulls"]["gaussian"]["best_baseline_family"][0] == "VQ"
