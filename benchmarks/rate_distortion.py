@@ -30,7 +30,7 @@ import numpy as np
 
 from . import methods as M
 from . import speed
-from .hull import hull_at, lower_hull
+from qsdlearn.metrics import hull_at, lower_hull
 
 #: Exact rates (bits per element) at which every method's hull is read.
 HULL_RATES = [0.75, 1, 1.5, 2, 2.5, 3, 4]

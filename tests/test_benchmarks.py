@@ -10,7 +10,6 @@ import pytest
 
 from benchmarks import methods as M
 from benchmarks import rate_distortion as RD
-from benchmarks.hull import hull_at, lower_hull
 from qsdlearn import QuantizedSparseDecomposition
 from qsdlearn._bits import support_bits
 from qsdlearn._levels import quantize
@@ -158,55 +157,6 @@ def test_method_grids_have_the_new_baselines():
     sizes = {int(m.setting.split()[0][2:]) for m in M.method_grid("full", with_faiss=False)
              if m.family == "VQ (sklearn KMeans)"}
     assert sizes == {1, 2, 4, 8, 16}
-
-
-# -- the operational hull --------------------------------------------------------------------
-
-
-def brute_force_hull(points, rate):
-    """Least distortion of any mix of at most two points (or (0, 1)) within ``rate``: an LP
-    with two constraints has an optimum on at most two points."""
-    points = [(0.0, 1.0)] + [tuple(p) for p in points]
-    best = min((d for r, d in points if r <= rate), default=np.nan)
-    for ra, da in points:
-        for rb, db in points:
-            if ra < rate < rb:
-                t = (rate - ra) / (rb - ra)
-                best = min(best, (1 - t) * da + t * db)
-    return best
-
-
-def test_hull_of_one_point_and_the_origin():
-    np.testing.assert_allclose(hull_at([(2.0, 0.25)], [0, 0.5, 2.0, 3.0]),
-                               [1.0, 0.8125, 0.25, 0.25])
-    np.testing.assert_array_equal(lower_hull([(2.0, 0.25)]), [[0, 1], [2, 0.25]])
-    assert hull_at([], 1.0) == 1.0
-    assert np.isnan(hull_at([(1.0, 0.5)], 0.5, origin=None))
-    assert lower_hull(np.empty((0, 2)), origin=None).shape == (0, 2)
-
-
-def test_hull_drops_points_above_chords_and_worse_points_at_more_bits():
-    points = [(1.0, 0.8), (2.0, 0.2), (3.0, 0.3), (4.0, 0.05), (2.0, 0.5), (1.5, 0.9)]
-    # (1, 0.8) lies above the chord from (0, 1) to (2, 0.2); (3, 0.3) is worse than (2, 0.2).
-    np.testing.assert_allclose(lower_hull(points), [[0, 1], [2, 0.2], [4, 0.05]])
-    assert hull_at(points, 3.0) == pytest.approx(0.125)
-    assert hull_at(points, 9.0) == pytest.approx(0.05)
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_hull_matches_brute_force(seed):
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(1, 12))
-    rates = np.round(rng.uniform(0, 5, n), 1)  # ties in rate happen
-    dists = rng.uniform(0, 1.3, n)  # some are worse than sending nothing
-    points = np.column_stack([rates, dists])
-    queries = np.concatenate([np.linspace(0, 6, 61), rates])
-    expected = [brute_force_hull(points, q) for q in queries]
-    np.testing.assert_allclose(hull_at(points, queries), expected, rtol=1e-12, atol=1e-12)
-    vertices = lower_hull(points)
-    assert np.all(np.diff(vertices[:, 0]) > 0) and np.all(np.diff(vertices[:, 1]) < 0)
-    slopes = np.diff(vertices[:, 1]) / np.diff(vertices[:, 0])
-    assert np.all(np.diff(slopes) >= -1e-12)  # convex
 
 
 def _record(family, rate, value, dataset="gaussian", matrices=None):
