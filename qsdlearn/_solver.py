@@ -13,6 +13,7 @@ Quantized code values are *unit* levels: their scale is folded into the codebook
 keeps the codebook on its grid because the grid is symmetric and scaled per row.
 """
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,6 +29,9 @@ from ._levels import fit_level_scales, snap_to_levels, top_magnitude_mask
 
 #: Exact coordinate sweeps over the code slots per row and code step.
 MAX_SWEEPS = 4
+#: Relative decreases of the objective below this are float64 rounding noise of its sum, not
+#: progress: the fit stops there even with ``tol=0``.
+_NOISE_DECREASE = 1e-12
 #: Entries of the correlation block ``X_block @ C.T`` computed at once.
 _BLOCK_ENTRIES = 2**22
 #: Rows used to choose the initial code scales.
@@ -122,17 +126,19 @@ def squared_error(X, C, codes):
 
 
 def code_statistics(X, codes, n_components):
-    """``Z^T Z`` and ``Z^T X`` in float64, the sufficient statistics of the codebook step."""
+    """``Z^T Z`` and ``Z^T X``, the sufficient statistics of the codebook step, computed in
+    float64 (float32 sums of rows with a large common offset would lose the offset-free part)."""
+    X64 = X.astype(np.float64, copy=False)
     if codes.idx is None:
-        Z = codes.val
-        return (Z.T @ Z).astype(np.float64), (Z.T @ X).astype(np.float64)
+        Z = codes.val.astype(np.float64, copy=False)
+        return Z.T @ Z, Z.T @ X64
     n, s = codes.idx.shape
     Z = scipy.sparse.csr_matrix(
-        (codes.val.ravel(), codes.idx.ravel(), np.arange(0, n * s + 1, s)),
+        (codes.val.ravel().astype(np.float64), codes.idx.ravel(), np.arange(0, n * s + 1, s)),
         shape=(n, n_components),
     )
-    ZtZ = (Z.T @ Z).toarray().astype(np.float64)
-    ZtX = np.asarray(Z.T @ X, dtype=np.float64)
+    ZtZ = (Z.T @ Z).toarray()
+    ZtX = np.asarray(Z.T @ X64)
     return ZtZ, ZtX
 
 
@@ -162,10 +168,40 @@ def refit_scales(ZtZ, ZtX, B, current):
 # -- codes -----------------------------------------------------------------------------------
 
 
+def _correlations(X, C64):
+    """``X @ C.T`` in float64. Correlations in float32 lose everything that distinguishes two
+    codebook rows when the data sit far from the origin (``x.c`` is then dominated by the
+    offset); the float32 values are exact in float64, so float64 products keep it."""
+    return X.astype(np.float64, copy=False) @ C64.T
+
+
 def _least_squares_codes(X, C):
-    gram = (C.astype(np.float64) @ C.T.astype(np.float64))
-    pinv = scipy.linalg.pinvh(gram)
-    return ((X @ C.T).astype(np.float64) @ pinv).astype(X.dtype)
+    C64 = C.astype(np.float64)
+    pinv = scipy.linalg.pinvh(C64 @ C64.T)
+    return (_correlations(X, C64) @ pinv).astype(X.dtype)
+
+
+# -- scale normalisation ---------------------------------------------------------------------
+#
+# The solver is scale-equivariant in exact arithmetic, but not in floating point at the ends of
+# a dtype's range: squared norms and correlations overflow (float32 above ~1e19) or underflow
+# (below ~1e-19), and absolute tolerances stop meaning anything. Every entry point therefore
+# works on the data divided by a power of two that brings its largest magnitude into [1/2, 1):
+# dividing by a power of two is exact (barring subnormal results, which only affect values
+# below 2**-126 of the largest one in float32), codes are invariant when data and codebook are
+# scaled together, and the codebook, its scales and the squared errors are scaled back exactly.
+
+
+def _scale_exponent(*arrays):
+    """``e`` such that the largest magnitude over ``arrays`` divided by ``2**e`` lies in
+    [1/2, 1); 0 for all-zero arrays."""
+    top = max(max(abs(float(a.max())), abs(float(a.min()))) if a.size else 0.0 for a in arrays)
+    return int(np.frexp(top)[1]) if top > 0 else 0
+
+
+def _scaled(a, exponent):
+    """``a * 2**exponent`` in its own dtype (exact, unless it under- or overflows)."""
+    return a if exponent == 0 or a is None else np.ldexp(a, exponent).astype(a.dtype, copy=False)
 
 
 def solve_codes(X, C, constraints, codes=None):
@@ -174,12 +210,23 @@ def solve_codes(X, C, constraints, codes=None):
     With ``codes=None`` every row is solved from scratch (this is ``transform``). Given
     ``codes``, each row keeps the better of that solution and its codes improved by one
     projected gradient round, so the error of no row increases (the alternating code step).
+    ``X`` and ``C`` are divided by one power of two first (see above), so the codes do not
+    depend on the scale of the data.
 
     Returns
     -------
     codes : Codes
     row_errors : ndarray of shape (n,), float64
+        Squared errors from direct residuals, in the units of ``X``.
     """
+    exponent = _scale_exponent(X, C)
+    codes, row_errors = _solve_codes(_scaled(X, -exponent), _scaled(C, -exponent), constraints,
+                                     codes)
+    return codes, _scaled(row_errors, 2 * exponent)
+
+
+def _solve_codes(X, C, constraints, codes=None):
+    """:func:`solve_codes` on data of unit scale (no normalisation)."""
     n, k = X.shape[0], constraints.n_components
     if constraints.dense_codes and constraints.code_bits is None:
         codes = Codes(None, _least_squares_codes(X, C))
@@ -210,11 +257,12 @@ def solve_codes(X, C, constraints, codes=None):
     idx = np.array(codes.slot_index(), dtype=_kernels.INDEX_DTYPE, order="C")  # writable
     row_errors = np.empty(n, dtype=np.float64)
     block = max(1, _BLOCK_ENTRIES // max(k, 1))
+    C64 = C.astype(np.float64)
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))
         Xb = X[rows]
-        kernel(Xb @ C.T, np.einsum("ij,ij->i", Xb, Xb, dtype=np.float64), idx[rows],
-               codes.val[rows], row_errors[rows])
+        kernel(_correlations(Xb, C64), np.einsum("ij,ij->i", Xb, Xb, dtype=np.float64),
+               idx[rows], codes.val[rows], row_errors[rows])
     if codes.idx is not None:
         codes.idx = idx
     # The kernel's errors come from correlations; report direct residuals instead.
@@ -274,10 +322,10 @@ def update_codebook(ZtZ, ZtX, C, scales, constraints):
     return pattern * new_scales[:, None], np.abs(new_scales)
 
 
-def _relocate_unused(X, C, scales, codes, row_errors, ZtZ, constraints):
-    """Move unused codebook rows onto the worst-fitted rows (their residual, or the row itself
-    for one-hot codes). Unused rows do not enter the objective, so it is unchanged."""
-    unused = np.flatnonzero(np.diag(ZtZ) <= 0)
+def _relocate_unused(X, C, scales, codes, row_errors, unused, constraints):
+    """Move the ``unused`` codebook rows onto the worst-fitted rows (their residual, or the row
+    itself for one-hot codes, when ``codes`` may be None). Unused rows do not enter the
+    objective, so it is unchanged."""
     if unused.size == 0 or X.shape[0] == 0:
         return C, scales
     worst = np.argsort(-row_errors, kind="stable")[: unused.size]
@@ -397,20 +445,35 @@ def _scale_for_code_levels(C0, Z0, constraints, rng):
 # -- driver ----------------------------------------------------------------------------------
 
 
-def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose):
+def _has_converged(objective, tol):
+    """Whether the last iteration lowered the objective by at most ``tol`` of its value."""
+    previous, value = objective[-2], objective[-1]
+    return value == 0.0 or (previous - value) <= max(tol, _NOISE_DECREASE) * previous
+
+
+def _warn_if_not_converged(converged, max_iter, tol):
+    if not converged and max_iter > 0:
+        warnings.warn(
+            f"QuantizedSparseDecomposition did not converge in max_iter={max_iter} iterations "
+            f"(tol={tol}); increase max_iter or tol.",
+            ConvergenceWarning,
+        )
+
+
+def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit=1.0):
     dtype = X.dtype
     C, scales = quantize_codebook(C0, constraints)
     if Z0_codes is not None:
-        codes, row_errors = solve_codes(X, C.astype(dtype), constraints, codes=Z0_codes)
+        codes, row_errors = _solve_codes(X, C.astype(dtype), constraints, codes=Z0_codes)
     else:
-        codes, row_errors = solve_codes(X, C.astype(dtype), constraints)
+        codes, row_errors = _solve_codes(X, C.astype(dtype), constraints)
     objective = [float(row_errors.sum())]
     n_iter = 0
     converged = False
     for n_iter in range(1, max_iter + 1):
         # Code block (skipped on the first pass when the codes were just solved from scratch).
         if n_iter > 1 or Z0_codes is not None:
-            codes, row_errors = solve_codes(X, C.astype(dtype), constraints, codes=codes)
+            codes, row_errors = _solve_codes(X, C.astype(dtype), constraints, codes=codes)
         after_codes = float(row_errors.sum())
 
         # Codebook block: fold code scales, then exact LS or a projected gradient step.
@@ -419,7 +482,8 @@ def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose):
             C, scales = _fold_code_scales(X, codes, C, scales, constraints)
         ZtZ, ZtX = code_statistics(X, codes, constraints.n_components)
         C, scales = update_codebook(ZtZ, ZtX, C, scales, constraints)
-        C, scales = _relocate_unused(X, C, scales, codes, row_errors, ZtZ, constraints)
+        C, scales = _relocate_unused(X, C, scales, codes, row_errors,
+                                     np.flatnonzero(np.diag(ZtZ) <= 0), constraints)
         new_errors, value = squared_error(X, C.astype(dtype), codes)
         if value > after_codes:
             C, scales, value = C_old, scales_old, after_codes
@@ -427,17 +491,11 @@ def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose):
             row_errors = new_errors
         objective.append(value)
         if verbose:
-            print(f"[qsdlearn] iteration {n_iter:4d}  objective {value:.6e}")
-        previous = objective[-2]
-        if value == 0.0 or (previous - value) <= tol * previous:
+            print(f"[qsdlearn] iteration {n_iter:4d}  objective {value * error_unit:.6e}")
+        if _has_converged(objective, tol):
             converged = True
             break
-    if not converged and max_iter > 0:
-        warnings.warn(
-            f"QuantizedSparseDecomposition did not converge in max_iter={max_iter} iterations "
-            f"(tol={tol}); increase max_iter or tol.",
-            ConvergenceWarning,
-        )
+    _warn_if_not_converged(converged, max_iter, tol)
     return FitResult(codes, C.astype(dtype), scales, objective, n_iter, row_errors)
 
 
@@ -465,6 +523,12 @@ def fit_factorization(
         ``objective`` holds the squared error after initialization and after every iteration;
         ``row_errors`` the final per-row squared errors.
     """
+    # Fit on X / 2**exponent (see "scale normalisation"); the result is scaled back exactly.
+    exponent = _scale_exponent(X)
+    X = _scaled(X, -exponent)
+    if codebook_init is not None:
+        codebook_init = np.ldexp(np.asarray(codebook_init, dtype=np.float64), -exponent)
+    error_unit = math.ldexp(1.0, 2 * exponent)
     rng = random_state
     init = resolve_init(init, X.shape, constraints)
     # One start when the start is fixed; repeating it would only repeat the same fit.
@@ -479,15 +543,24 @@ def fit_factorization(
         start_codes = None
         if code_init is not None:
             start_codes = _project_code_init(code_init, constraints, X.dtype)
-        result = _single_fit(X, constraints, C0, start_codes, max_iter, tol, verbose)
+        result = _single_fit(X, constraints, C0, start_codes, max_iter, tol, verbose, error_unit)
         if best is None or result.objective[-1] < best.objective[-1]:
             best = result
     best.codebook, best.codebook_scales = _finalize_codebook(
         best.codebook, best.codebook_scales, constraints, X.dtype
     )
-    codes, row_errors = solve_codes(X, best.codebook, constraints)
-    best.codes, best.row_errors = codes, row_errors
-    return best
+    best.codes, best.row_errors = _solve_codes(X, best.codebook, constraints)
+    return _scale_result(best, exponent)
+
+
+def _scale_result(result, exponent):
+    """The fit of ``X / 2**exponent`` as the fit of ``X``: codebook and scales times
+    ``2**exponent``, squared errors times ``4**exponent`` (codes are unchanged)."""
+    result.codebook = _scaled(result.codebook, exponent)
+    result.codebook_scales = _scaled(result.codebook_scales, exponent)
+    result.row_errors = _scaled(result.row_errors, 2 * exponent)
+    result.objective = [math.ldexp(value, 2 * exponent) for value in result.objective]
+    return result
 
 
 def _finalize_codebook(C, scales, constraints, dtype):
