@@ -228,6 +228,8 @@ def solve_codes(X, C, constraints, codes=None):
 def _solve_codes(X, C, constraints, codes=None):
     """:func:`solve_codes` on data of unit scale (no normalisation)."""
     n, k = X.shape[0], constraints.n_components
+    if constraints.one_hot:
+        return _nearest_codewords(X, C)
     if constraints.dense_codes and constraints.code_bits is None:
         codes = Codes(None, _least_squares_codes(X, C))
         return codes, squared_error(X, C, codes)[0]
@@ -267,6 +269,19 @@ def _solve_codes(X, C, constraints, codes=None):
         codes.idx = idx
     # The kernel's errors come from correlations; report direct residuals instead.
     return codes, squared_error(X, C, codes)[0]
+
+
+def _one_hot_codes(labels, dtype):
+    """One-hot codes (one slot of value 1) from the codeword index of every row."""
+    return Codes(labels.reshape(-1, 1), np.ones((labels.shape[0], 1), dtype=dtype))
+
+
+def _nearest_codewords(X, C):
+    """One-hot codes: the nearest codeword of every row, and its squared distance."""
+    labels = np.empty(X.shape[0], dtype=_kernels.INDEX_DTYPE)
+    row_errors = np.empty(X.shape[0], dtype=np.float64)
+    _kernels.assign_nearest(X, np.ascontiguousarray(C.T, dtype=X.dtype), labels, row_errors)
+    return _one_hot_codes(labels, X.dtype), row_errors
 
 
 # -- codebook --------------------------------------------------------------------------------
@@ -442,6 +457,101 @@ def _scale_for_code_levels(C0, Z0, constraints, rng):
     return C0 * alpha[:, None]
 
 
+# -- one-hot codes: Lloyd's algorithm ------------------------------------------------------
+#
+# With one-hot codes the code step is the nearest codeword of every row and the sufficient
+# statistics of the codebook step are the per-codeword sums and counts (Z^T Z is diagonal), so
+# an iteration is one fused pass over the rows (kernels.lloyd_pass) and a k x d update:
+# centroids = sums / counts for a free codebook, the exact per-row projections of
+# qsdlearn._solver.update_codebook for a constrained one.
+
+#: Rows per task of the Lloyd pass, at least (see _LloydScratch).
+_LLOYD_CHUNK_ROWS = 4096
+
+
+class _LloydScratch:
+    """Per-chunk buffers of :func:`qsdlearn._kernels.lloyd_pass`, allocated once per fit.
+
+    Chunks have at least ``2 k`` rows, so the per-chunk sums (k x d float64) never take more
+    memory than the float32 rows they sum; the chunking depends on ``n`` and ``k`` only."""
+
+    def __init__(self, n, k, d):
+        self.chunk_rows = max(_LLOYD_CHUNK_ROWS, 2 * k)
+        n_chunks = max(1, -(-n // self.chunk_rows))
+        self.sums = np.empty((n_chunks, k, d), dtype=np.float64)
+        self.counts = np.empty((n_chunks, k), dtype=np.int64)
+
+
+@dataclass
+class _LloydState:
+    """One assignment: labels and row errors against a codebook, with its statistics."""
+
+    labels: np.ndarray
+    row_errors: np.ndarray
+    sums: np.ndarray
+    counts: np.ndarray
+    value: float = np.inf
+
+    @classmethod
+    def empty(cls, n, k, d):
+        return cls(np.empty(n, dtype=_kernels.INDEX_DTYPE), np.empty(n, dtype=np.float64),
+                   np.empty((k, d), dtype=np.float64), np.empty(k, dtype=np.int64))
+
+
+def _lloyd_assign(X, C, scratch, state):
+    """Fill ``state`` with the assignment of the rows of ``X`` to codebook ``C``."""
+    CT = np.ascontiguousarray(C.T, dtype=X.dtype)
+    state.value = _kernels.lloyd_pass(X, CT, scratch.chunk_rows, state.labels, state.row_errors,
+                                      scratch.sums, scratch.counts, state.sums, state.counts)
+
+
+def _centroid_step(X, C, scales, state, constraints):
+    """The codebook block given one-hot codes: exact per codeword (Z^T Z is diagonal); unused
+    codewords move onto the worst-fitted rows."""
+    counts = state.counts.astype(np.float64)
+    used = counts > 0
+    if constraints.free_codebook:
+        C = C.copy()
+        C[used] = state.sums[used] / counts[used, None]
+    else:
+        C, scales = update_codebook(np.diag(counts), state.sums, C, scales, constraints)
+    return _relocate_unused(X, C, scales, None, state.row_errors, np.flatnonzero(~used),
+                            constraints)
+
+
+def _lloyd_fit(X, constraints, C0, max_iter, tol, verbose, error_unit):
+    """:func:`_single_fit` for one-hot codes, in the shape of Lloyd's algorithm.
+
+    ``objective[t]`` is the error after ``t`` iterations, each a centroid step followed by
+    the assignment to the new centroids, so the last codes are the nearest codewords of the
+    returned codebook. An iteration whose error is higher (rounding, or a constrained
+    codebook step that the new assignment does not make up for) is undone, and the fit stops.
+    """
+    n, d = X.shape
+    k = constraints.n_components
+    scratch = _LloydScratch(n, k, d)
+    state, spare = _LloydState.empty(n, k, d), _LloydState.empty(n, k, d)
+    C, scales = quantize_codebook(C0, constraints)
+    _lloyd_assign(X, C, scratch, state)
+    objective = [state.value]
+    n_iter = 0
+    converged = False
+    for n_iter in range(1, max_iter + 1):
+        C_new, scales_new = _centroid_step(X, C, scales, state, constraints)
+        _lloyd_assign(X, C_new, scratch, spare)
+        if spare.value <= state.value:
+            C, scales, state, spare = C_new, scales_new, spare, state
+        objective.append(state.value)
+        if verbose:
+            print(f"[qsdlearn] iteration {n_iter:4d}  objective {state.value * error_unit:.6e}")
+        if _has_converged(objective, tol):
+            converged = True
+            break
+    _warn_if_not_converged(converged, max_iter, tol)
+    return FitResult(_one_hot_codes(state.labels, X.dtype), C.astype(X.dtype), scales, objective,
+                     n_iter, state.row_errors)
+
+
 # -- driver ----------------------------------------------------------------------------------
 
 
@@ -461,6 +571,11 @@ def _warn_if_not_converged(converged, max_iter, tol):
 
 
 def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit=1.0):
+    """One fit from codebook ``C0`` (and codes ``Z0_codes``, if given). One-hot codes go to
+    :func:`_lloyd_fit` (a start from codes is superseded there by the nearest codewords, the
+    exact code step)."""
+    if constraints.one_hot:
+        return _lloyd_fit(X, constraints, C0, max_iter, tol, verbose, error_unit)
     dtype = X.dtype
     C, scales = quantize_codebook(C0, constraints)
     if Z0_codes is not None:
@@ -546,10 +661,13 @@ def fit_factorization(
         result = _single_fit(X, constraints, C0, start_codes, max_iter, tol, verbose, error_unit)
         if best is None or result.objective[-1] < best.objective[-1]:
             best = result
-    best.codebook, best.codebook_scales = _finalize_codebook(
+    codebook, best.codebook_scales = _finalize_codebook(
         best.codebook, best.codebook_scales, constraints, X.dtype
     )
-    best.codes, best.row_errors = _solve_codes(X, best.codebook, constraints)
+    # One-hot codes from the last iteration are already the nearest codewords of the codebook.
+    if not (constraints.one_hot and np.array_equal(codebook, best.codebook)):
+        best.codes, best.row_errors = _solve_codes(X, codebook, constraints)
+    best.codebook = codebook
     return _scale_result(best, exponent)
 
 

@@ -72,6 +72,23 @@ def test_vq_setting_is_lloyd_from_the_same_start(n_iter, dtype):
     assert est.reconstruction_err_**2 == pytest.approx(kmeans.inertia_, rel=rtol)
 
 
+@pytest.mark.parametrize("codebook_bits", [None, 6])
+def test_vq_setting_ends_on_the_assignment_to_its_codebook(codebook_bits, dtype):
+    """Lloyd's shape: every iteration ends with the nearest-codeword assignment, so the last
+    objective is the error of the returned codes; a codeword no row picks is moved onto the
+    worst-fitted row and gets used."""
+    X = make_blobs(300, n_features=3, centers=4, random_state=3)[0].astype(dtype)
+    C0 = X[:4].copy()
+    C0[3] = 1e3  # far from every row: unused after the first assignment
+    est = fit_quietly(QuantizedSparseDecomposition(
+        4, n_nonzero=1, code_bits=0, codebook_bits=codebook_bits, codebook_init=C0,
+        max_iter=30), X)
+    assert np.all(np.diff(est.objective_) <= 0)
+    assert len(np.unique(est.transform(X).argmax(axis=1))) == 4
+    if codebook_bits is None:
+        assert est.objective_[-1] == pytest.approx(est.reconstruction_err_**2, rel=1e-12)
+
+
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_float32_and_float64_fits_agree(setting):
     """The same data in float32 and float64 give the same factorization, to float32's
