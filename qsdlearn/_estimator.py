@@ -327,6 +327,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
             )
         self.components_ = result.codebook
         self.codebook_scales_ = result.codebook_scales
+        self._codebook_levels = result.codebook_levels
         self.n_components_ = k
         self.n_iter_ = result.n_iter
         self.converged_ = result.converged
@@ -415,7 +416,8 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         codes = self._encode(np.asarray(X, dtype=dtype))
         settings = MatrixSettings(*X.shape, dtype.name, self._constraints_)
         return encode_factors(
-            settings, codes.idx, codes.val, self.components_, self.codebook_scales_
+            settings, codes.idx, codes.val, self.components_, self.codebook_scales_,
+            codebook_levels=self._codebook_levels,
         )
 
     def score(self, X, y=None):

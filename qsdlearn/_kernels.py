@@ -36,6 +36,7 @@ import math
 
 import numba
 import numpy as np
+from numba.extending import overload
 
 from ._jit import njit
 from ._levels import FLOAT  # noqa: F401  (re-exported: the kernels' name for float values)
@@ -570,6 +571,174 @@ def assign_one_slot(P, xx, G, nbits, idx, val, err):
     for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
         _one_slot_rows(P, xx, G, nbits, idx, val, err, chunk * _CHUNK_ROWS,
                        min(m, (chunk + 1) * _CHUNK_ROWS))
+
+
+# --------------------------------------------------------------------------------------
+# One-hot codes (vector quantization): Lloyd's algorithm in one pass per chunk of rows.
+#
+# Distances are computed from differences, sum_t (x_t - c_t)**2, never as
+# ||x||**2 - 2 x.c + ||c||**2: a difference of two close numbers is exact (Sterbenz), so the
+# distances keep their precision however far from the origin the data lie, which the expanded
+# form loses to cancellation (in float32 entirely, at an offset of 1e4). With differences no
+# centring of the data is needed. The codebook is passed transposed, ``CT`` of shape (d, k),
+# so that the inner loop runs over codewords with unit stride (SIMD over codewords).
+# --------------------------------------------------------------------------------------
+
+
+def _bits_view(a):
+    """The bit patterns of a float array as signed integers of the same width (a view)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(_bits_view)
+def _bits_view_impl(a):
+    int_type = np.int32 if a.dtype.bitwidth == 32 else np.int64
+
+    def impl(a):
+        return a.view(int_type)
+
+    return impl
+
+
+@njit()
+def _first_minimum(bits):
+    """Position of the first minimum of nonnegative floats given as their bit patterns.
+
+    Nonnegative IEEE floats order like their bit patterns as integers, and integer minima
+    vectorize (float minima do not without fastmath); two vector passes instead of one
+    branchy scalar pass."""
+    k = bits.shape[0]
+    smallest = bits[0]
+    for j in range(1, k):
+        smallest = min(smallest, bits[j])
+    first = k
+    for j in range(k):
+        first = min(first, j if bits[j] == smallest else k)
+    return first
+
+
+@njit()
+def _nearest_codeword(X, i, CT, dist, bits):
+    """Index of the codeword nearest to row ``i`` (the lowest index on a tie); ``dist`` is
+    scratch of length k in the data type, ``bits`` its :func:`_bits_view`."""
+    d, k = CT.shape
+    for j in range(k):
+        dist[j] = 0.0
+    # Four features per sweep over the codewords: a quarter of the loads and stores of ``dist``
+    # (the loop is otherwise bound by them), the same SIMD over codewords.
+    t = 0
+    while t + 4 <= d:
+        x0, x1, x2, x3 = X[i, t], X[i, t + 1], X[i, t + 2], X[i, t + 3]
+        for j in range(k):
+            e0 = x0 - CT[t, j]
+            e1 = x1 - CT[t + 1, j]
+            e2 = x2 - CT[t + 2, j]
+            e3 = x3 - CT[t + 3, j]
+            dist[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+        t += 4
+    for t in range(t, d):
+        x_t = X[i, t]
+        for j in range(k):
+            e = x_t - CT[t, j]
+            dist[j] += e * e
+    return _first_minimum(bits)
+
+
+@njit()
+def _distance64(X, i, CT, j):
+    """``||X[i] - C[j]||**2`` from the differences, accumulated in float64."""
+    total = 0.0
+    for t in range(X.shape[1]):
+        diff = np.float64(X[i, t]) - np.float64(CT[t, j])
+        total += diff * diff
+    return total
+
+
+@njit()
+def _lloyd_rows(X, CT, start, stop, labels, row_err, dist, bits, sums, counts):
+    """Serial body of :func:`lloyd_pass` for rows ``start:stop``: assign, then add each row
+    to its codeword's sum and count (``sums``, ``counts`` zeroed here). Returns the rows'
+    total squared error."""
+    d = X.shape[1]
+    sums[:, :] = 0.0
+    counts[:] = 0
+    total = 0.0
+    for i in range(start, stop):
+        j = _nearest_codeword(X, i, CT, dist, bits)
+        labels[i] = j
+        err = _distance64(X, i, CT, j)
+        row_err[i] = err
+        total += err
+        counts[j] += 1
+        for t in range(d):
+            sums[j, t] += np.float64(X[i, t])
+    return total
+
+
+@njit(parallel=True)
+def lloyd_pass(X, CT, chunk_rows, labels, row_err, chunk_sums, chunk_counts, sums, counts):
+    """One Lloyd pass: nearest codewords and the statistics of the centroid step, in place.
+
+    Each fixed chunk of ``chunk_rows`` rows is one task with its own slice of
+    ``chunk_sums``/``chunk_counts``; the chunks are then reduced in chunk order, so the result
+    does not depend on the number of threads.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, d)
+    CT : ndarray of shape (d, k), the dtype of ``X``
+        The codebook, transposed.
+    chunk_rows : int
+    labels : ndarray of shape (n,), int32
+        Output: the nearest codeword of every row (lowest index on a tie).
+    row_err : ndarray of shape (n,), float64
+        Output: squared distance of every row to its codeword (from differences, in float64).
+    chunk_sums : ndarray of shape (n_chunks, k, d), float64
+        Scratch, ``n_chunks = ceil(n / chunk_rows)``.
+    chunk_counts : ndarray of shape (n_chunks, k), int64
+        Scratch.
+    sums : ndarray of shape (k, d), float64
+        Output: the sum of the rows assigned to every codeword.
+    counts : ndarray of shape (k,), int64
+        Output: the number of rows assigned to every codeword.
+
+    Returns
+    -------
+    float
+        The total squared error (chunk totals added in chunk order).
+    """
+    n = X.shape[0]
+    k = CT.shape[1]
+    n_chunks = chunk_sums.shape[0]
+    chunk_err = np.empty(n_chunks, dtype=np.float64)
+    for c in numba.prange(n_chunks):
+        dist = np.empty(k, dtype=X.dtype)
+        chunk_err[c] = _lloyd_rows(X, CT, c * chunk_rows, min(n, (c + 1) * chunk_rows), labels,
+                                   row_err, dist, _bits_view(dist), chunk_sums[c],
+                                   chunk_counts[c])
+    sums[:, :] = 0.0
+    counts[:] = 0
+    total = 0.0
+    for c in range(n_chunks):
+        total += chunk_err[c]
+        sums += chunk_sums[c]
+        counts += chunk_counts[c]
+    return total
+
+
+@njit(parallel=True)
+def assign_nearest(X, CT, labels, row_err):
+    """Nearest codewords only (``transform`` of one-hot codes): the assignment of
+    :func:`lloyd_pass`, the same operations in the same order, without the statistics."""
+    n = X.shape[0]
+    k = CT.shape[1]
+    for c in numba.prange((n + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
+        dist = np.empty(k, dtype=X.dtype)
+        bits = _bits_view(dist)
+        for i in range(c * _CHUNK_ROWS, min(n, (c + 1) * _CHUNK_ROWS)):
+            j = _nearest_codeword(X, i, CT, dist, bits)
+            labels[i] = j
+            row_err[i] = _distance64(X, i, CT, j)
 
 
 @njit(parallel=True)

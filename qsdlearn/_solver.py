@@ -13,6 +13,7 @@ Quantized code values are *unit* levels: their scale is folded into the codebook
 keeps the codebook on its grid because the grid is symmetric and scaled per row.
 """
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,6 +29,9 @@ from ._levels import fit_level_scales, snap_to_levels, top_magnitude_mask
 
 #: Exact coordinate sweeps over the code slots per row and code step.
 MAX_SWEEPS = 4
+#: Relative decreases of the objective below this are float64 rounding noise of its sum, not
+#: progress: the fit stops there even with ``tol=0``.
+_NOISE_DECREASE = 1e-12
 #: Entries of the correlation block ``X_block @ C.T`` computed at once.
 _BLOCK_ENTRIES = 2**22
 #: Rows used to choose the initial code scales.
@@ -70,6 +74,8 @@ class FitResult:
     n_iter: int = 0
     row_errors: np.ndarray | None = None
     converged: bool = True
+    #: Half-integer levels of a quantized codebook (``codebook == levels * scales[:, None]``).
+    codebook_levels: np.ndarray | None = None
 
 
 # -- small linear-algebra helpers ------------------------------------------------------------
@@ -123,17 +129,19 @@ def squared_error(X, C, codes):
 
 
 def code_statistics(X, codes, n_components):
-    """``Z^T Z`` and ``Z^T X`` in float64, the sufficient statistics of the codebook step."""
+    """``Z^T Z`` and ``Z^T X``, the sufficient statistics of the codebook step, computed in
+    float64 (float32 sums of rows with a large common offset would lose the offset-free part)."""
+    X64 = X.astype(np.float64, copy=False)
     if codes.idx is None:
-        Z = codes.val
-        return (Z.T @ Z).astype(np.float64), (Z.T @ X).astype(np.float64)
+        Z = codes.val.astype(np.float64, copy=False)
+        return Z.T @ Z, Z.T @ X64
     n, s = codes.idx.shape
     Z = scipy.sparse.csr_matrix(
-        (codes.val.ravel(), codes.idx.ravel(), np.arange(0, n * s + 1, s)),
+        (codes.val.ravel().astype(np.float64), codes.idx.ravel(), np.arange(0, n * s + 1, s)),
         shape=(n, n_components),
     )
-    ZtZ = (Z.T @ Z).toarray().astype(np.float64)
-    ZtX = np.asarray(Z.T @ X, dtype=np.float64)
+    ZtZ = (Z.T @ Z).toarray()
+    ZtX = np.asarray(Z.T @ X64)
     return ZtZ, ZtX
 
 
@@ -163,10 +171,40 @@ def refit_scales(ZtZ, ZtX, B, current):
 # -- codes -----------------------------------------------------------------------------------
 
 
+def _correlations(X, C64):
+    """``X @ C.T`` in float64. Correlations in float32 lose everything that distinguishes two
+    codebook rows when the data sit far from the origin (``x.c`` is then dominated by the
+    offset); the float32 values are exact in float64, so float64 products keep it."""
+    return X.astype(np.float64, copy=False) @ C64.T
+
+
 def _least_squares_codes(X, C):
-    gram = (C.astype(np.float64) @ C.T.astype(np.float64))
-    pinv = scipy.linalg.pinvh(gram)
-    return ((X @ C.T).astype(np.float64) @ pinv).astype(X.dtype)
+    C64 = C.astype(np.float64)
+    pinv = scipy.linalg.pinvh(C64 @ C64.T)
+    return (_correlations(X, C64) @ pinv).astype(X.dtype)
+
+
+# -- scale normalisation ---------------------------------------------------------------------
+#
+# The solver is scale-equivariant in exact arithmetic, but not in floating point at the ends of
+# a dtype's range: squared norms and correlations overflow (float32 above ~1e19) or underflow
+# (below ~1e-19), and absolute tolerances stop meaning anything. Every entry point therefore
+# works on the data divided by a power of two that brings its largest magnitude into [1/2, 1):
+# dividing by a power of two is exact (barring subnormal results, which only affect values
+# below 2**-126 of the largest one in float32), codes are invariant when data and codebook are
+# scaled together, and the codebook, its scales and the squared errors are scaled back exactly.
+
+
+def _scale_exponent(*arrays):
+    """``e`` such that the largest magnitude over ``arrays`` divided by ``2**e`` lies in
+    [1/2, 1); 0 for all-zero arrays."""
+    top = max(max(abs(float(a.max())), abs(float(a.min()))) if a.size else 0.0 for a in arrays)
+    return int(np.frexp(top)[1]) if top > 0 else 0
+
+
+def _scaled(a, exponent):
+    """``a * 2**exponent`` in its own dtype (exact, unless it under- or overflows)."""
+    return a if exponent == 0 or a is None else np.ldexp(a, exponent).astype(a.dtype, copy=False)
 
 
 def solve_codes(X, C, constraints, codes=None):
@@ -175,13 +213,26 @@ def solve_codes(X, C, constraints, codes=None):
     With ``codes=None`` every row is solved from scratch (this is ``transform``). Given
     ``codes``, each row keeps the better of that solution and its codes improved by one
     projected gradient round, so the error of no row increases (the alternating code step).
+    ``X`` and ``C`` are divided by one power of two first (see above), so the codes do not
+    depend on the scale of the data.
 
     Returns
     -------
     codes : Codes
     row_errors : ndarray of shape (n,), float64
+        Squared errors from direct residuals, in the units of ``X``.
     """
+    exponent = _scale_exponent(X, C)
+    codes, row_errors = _solve_codes(_scaled(X, -exponent), _scaled(C, -exponent), constraints,
+                                     codes)
+    return codes, _scaled(row_errors, 2 * exponent)
+
+
+def _solve_codes(X, C, constraints, codes=None):
+    """:func:`solve_codes` on data of unit scale (no normalisation)."""
     n, k = X.shape[0], constraints.n_components
+    if constraints.one_hot:
+        return _nearest_codewords(X, C)
     if constraints.dense_codes and constraints.code_bits is None:
         codes = Codes(None, _least_squares_codes(X, C))
         return codes, squared_error(X, C, codes)[0]
@@ -211,15 +262,29 @@ def solve_codes(X, C, constraints, codes=None):
     idx = np.array(codes.slot_index(), dtype=_kernels.INDEX_DTYPE, order="C")  # writable
     row_errors = np.empty(n, dtype=np.float64)
     block = max(1, _BLOCK_ENTRIES // max(k, 1))
+    C64 = C.astype(np.float64)
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))
         Xb = X[rows]
-        kernel(Xb @ C.T, np.einsum("ij,ij->i", Xb, Xb, dtype=np.float64), idx[rows],
-               codes.val[rows], row_errors[rows])
+        kernel(_correlations(Xb, C64), np.einsum("ij,ij->i", Xb, Xb, dtype=np.float64),
+               idx[rows], codes.val[rows], row_errors[rows])
     if codes.idx is not None:
         codes.idx = idx
     # The kernel's errors come from correlations; report direct residuals instead.
     return codes, squared_error(X, C, codes)[0]
+
+
+def _one_hot_codes(labels, dtype):
+    """One-hot codes (one slot of value 1) from the codeword index of every row."""
+    return Codes(labels.reshape(-1, 1), np.ones((labels.shape[0], 1), dtype=dtype))
+
+
+def _nearest_codewords(X, C):
+    """One-hot codes: the nearest codeword of every row, and its squared distance."""
+    labels = np.empty(X.shape[0], dtype=_kernels.INDEX_DTYPE)
+    row_errors = np.empty(X.shape[0], dtype=np.float64)
+    _kernels.assign_nearest(X, np.ascontiguousarray(C.T, dtype=X.dtype), labels, row_errors)
+    return _one_hot_codes(labels, X.dtype), row_errors
 
 
 # -- codebook --------------------------------------------------------------------------------
@@ -275,10 +340,10 @@ def update_codebook(ZtZ, ZtX, C, scales, constraints):
     return pattern * new_scales[:, None], np.abs(new_scales)
 
 
-def _relocate_unused(X, C, scales, codes, row_errors, ZtZ, constraints):
-    """Move unused codebook rows onto the worst-fitted rows (their residual, or the row itself
-    for one-hot codes). Unused rows do not enter the objective, so it is unchanged."""
-    unused = np.flatnonzero(np.diag(ZtZ) <= 0)
+def _relocate_unused(X, C, scales, codes, row_errors, unused, constraints):
+    """Move the ``unused`` codebook rows onto the worst-fitted rows (their residual, or the row
+    itself for one-hot codes, when ``codes`` may be None). Unused rows do not enter the
+    objective, so it is unchanged."""
     if unused.size == 0 or X.shape[0] == 0:
         return C, scales
     worst = np.argsort(-row_errors, kind="stable")[: unused.size]
@@ -395,23 +460,138 @@ def _scale_for_code_levels(C0, Z0, constraints, rng):
     return C0 * alpha[:, None]
 
 
+# -- one-hot codes: Lloyd's algorithm ------------------------------------------------------
+#
+# With one-hot codes the code step is the nearest codeword of every row and the sufficient
+# statistics of the codebook step are the per-codeword sums and counts (Z^T Z is diagonal), so
+# an iteration is one fused pass over the rows (kernels.lloyd_pass) and a k x d update:
+# centroids = sums / counts for a free codebook, the exact per-row projections of
+# qsdlearn._solver.update_codebook for a constrained one.
+
+#: Rows per task of the Lloyd pass, at least (see _LloydScratch).
+_LLOYD_CHUNK_ROWS = 4096
+
+
+class _LloydScratch:
+    """Per-chunk buffers of :func:`qsdlearn._kernels.lloyd_pass`, allocated once per fit.
+
+    Chunks have at least ``2 k`` rows, so the per-chunk sums (k x d float64) never take more
+    memory than the float32 rows they sum; the chunking depends on ``n`` and ``k`` only."""
+
+    def __init__(self, n, k, d):
+        self.chunk_rows = max(_LLOYD_CHUNK_ROWS, 2 * k)
+        n_chunks = max(1, -(-n // self.chunk_rows))
+        self.sums = np.empty((n_chunks, k, d), dtype=np.float64)
+        self.counts = np.empty((n_chunks, k), dtype=np.int64)
+
+
+@dataclass
+class _LloydState:
+    """One assignment: labels and row errors against a codebook, with its statistics."""
+
+    labels: np.ndarray
+    row_errors: np.ndarray
+    sums: np.ndarray
+    counts: np.ndarray
+    value: float = np.inf
+
+    @classmethod
+    def empty(cls, n, k, d):
+        return cls(np.empty(n, dtype=_kernels.INDEX_DTYPE), np.empty(n, dtype=np.float64),
+                   np.empty((k, d), dtype=np.float64), np.empty(k, dtype=np.int64))
+
+
+def _lloyd_assign(X, C, scratch, state):
+    """Fill ``state`` with the assignment of the rows of ``X`` to codebook ``C``."""
+    CT = np.ascontiguousarray(C.T, dtype=X.dtype)
+    state.value = _kernels.lloyd_pass(X, CT, scratch.chunk_rows, state.labels, state.row_errors,
+                                      scratch.sums, scratch.counts, state.sums, state.counts)
+
+
+def _centroid_step(X, C, scales, state, constraints):
+    """The codebook block given one-hot codes: exact per codeword (Z^T Z is diagonal); unused
+    codewords move onto the worst-fitted rows."""
+    counts = state.counts.astype(np.float64)
+    used = counts > 0
+    if constraints.free_codebook:
+        C = C.copy()
+        C[used] = state.sums[used] / counts[used, None]
+    else:
+        C, scales = update_codebook(np.diag(counts), state.sums, C, scales, constraints)
+    return _relocate_unused(X, C, scales, None, state.row_errors, np.flatnonzero(~used),
+                            constraints)
+
+
+def _lloyd_fit(X, constraints, C0, max_iter, tol, verbose, error_unit):
+    """:func:`_single_fit` for one-hot codes, in the shape of Lloyd's algorithm.
+
+    ``objective[t]`` is the error after ``t`` iterations, each a centroid step followed by
+    the assignment to the new centroids, so the last codes are the nearest codewords of the
+    returned codebook. An iteration whose error is higher (rounding, or a constrained
+    codebook step that the new assignment does not make up for) is undone, and the fit stops.
+    """
+    n, d = X.shape
+    k = constraints.n_components
+    scratch = _LloydScratch(n, k, d)
+    state, spare = _LloydState.empty(n, k, d), _LloydState.empty(n, k, d)
+    C, scales = quantize_codebook(C0, constraints)
+    _lloyd_assign(X, C, scratch, state)
+    objective = [state.value]
+    n_iter = 0
+    converged = False
+    for n_iter in range(1, max_iter + 1):
+        C_new, scales_new = _centroid_step(X, C, scales, state, constraints)
+        _lloyd_assign(X, C_new, scratch, spare)
+        if spare.value <= state.value:
+            C, scales, state, spare = C_new, scales_new, spare, state
+        objective.append(state.value)
+        if verbose:
+            print(f"[qsdlearn] iteration {n_iter:4d}  objective {state.value * error_unit:.6e}")
+        if _has_converged(objective, tol):
+            converged = True
+            break
+    _warn_if_not_converged(converged, max_iter, tol)
+    return FitResult(_one_hot_codes(state.labels, X.dtype), C.astype(X.dtype), scales, objective,
+                     n_iter, state.row_errors, converged=converged)
+
+
 # -- driver ----------------------------------------------------------------------------------
 
 
-def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose):
+def _has_converged(objective, tol):
+    """Whether the last iteration lowered the objective by at most ``tol`` of its value."""
+    previous, value = objective[-2], objective[-1]
+    return value == 0.0 or (previous - value) <= max(tol, _NOISE_DECREASE) * previous
+
+
+def _warn_if_not_converged(converged, max_iter, tol):
+    if not converged and max_iter > 0:
+        warnings.warn(
+            f"QuantizedSparseDecomposition did not converge in max_iter={max_iter} iterations "
+            f"(tol={tol}); increase max_iter or tol.",
+            ConvergenceWarning,
+        )
+
+
+def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit=1.0):
+    """One fit from codebook ``C0`` (and codes ``Z0_codes``, if given). One-hot codes go to
+    :func:`_lloyd_fit` (a start from codes is superseded there by the nearest codewords, the
+    exact code step)."""
+    if constraints.one_hot:
+        return _lloyd_fit(X, constraints, C0, max_iter, tol, verbose, error_unit)
     dtype = X.dtype
     C, scales = quantize_codebook(C0, constraints)
     if Z0_codes is not None:
-        codes, row_errors = solve_codes(X, C.astype(dtype), constraints, codes=Z0_codes)
+        codes, row_errors = _solve_codes(X, C.astype(dtype), constraints, codes=Z0_codes)
     else:
-        codes, row_errors = solve_codes(X, C.astype(dtype), constraints)
+        codes, row_errors = _solve_codes(X, C.astype(dtype), constraints)
     objective = [float(row_errors.sum())]
     n_iter = 0
     converged = False
     for n_iter in range(1, max_iter + 1):
         # Code block (skipped on the first pass when the codes were just solved from scratch).
         if n_iter > 1 or Z0_codes is not None:
-            codes, row_errors = solve_codes(X, C.astype(dtype), constraints, codes=codes)
+            codes, row_errors = _solve_codes(X, C.astype(dtype), constraints, codes=codes)
         after_codes = float(row_errors.sum())
 
         # Codebook block: fold code scales, then exact LS or a projected gradient step.
@@ -420,7 +600,8 @@ def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose):
             C, scales = _fold_code_scales(X, codes, C, scales, constraints)
         ZtZ, ZtX = code_statistics(X, codes, constraints.n_components)
         C, scales = update_codebook(ZtZ, ZtX, C, scales, constraints)
-        C, scales = _relocate_unused(X, C, scales, codes, row_errors, ZtZ, constraints)
+        C, scales = _relocate_unused(X, C, scales, codes, row_errors,
+                                     np.flatnonzero(np.diag(ZtZ) <= 0), constraints)
         new_errors, value = squared_error(X, C.astype(dtype), codes)
         if value > after_codes:
             C, scales, value = C_old, scales_old, after_codes
@@ -428,17 +609,11 @@ def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose):
             row_errors = new_errors
         objective.append(value)
         if verbose:
-            print(f"[qsdlearn] iteration {n_iter:4d}  objective {value:.6e}")
-        previous = objective[-2]
-        if value == 0.0 or (previous - value) <= tol * previous:
+            print(f"[qsdlearn] iteration {n_iter:4d}  objective {value * error_unit:.6e}")
+        if _has_converged(objective, tol):
             converged = True
             break
-    if not converged and max_iter > 0:
-        warnings.warn(
-            f"QuantizedSparseDecomposition did not converge in max_iter={max_iter} iterations "
-            f"(tol={tol}); increase max_iter or tol.",
-            ConvergenceWarning,
-        )
+    _warn_if_not_converged(converged, max_iter, tol)
     return FitResult(codes, C.astype(dtype), scales, objective, n_iter, row_errors,
                      converged=converged)
 
@@ -469,6 +644,12 @@ def fit_factorization(
     """
     if not X.any():
         return _zero_fit(X, constraints)
+    # Fit on X / 2**exponent (see "scale normalisation"); the result is scaled back exactly.
+    exponent = _scale_exponent(X)
+    X = _scaled(X, -exponent)
+    if codebook_init is not None:
+        codebook_init = np.ldexp(np.asarray(codebook_init, dtype=np.float64), -exponent)
+    error_unit = math.ldexp(1.0, 2 * exponent)
     rng = random_state
     init = resolve_init(init, X.shape, constraints)
     # One start when the start is fixed; repeating it would only repeat the same fit.
@@ -483,15 +664,32 @@ def fit_factorization(
         start_codes = None
         if code_init is not None:
             start_codes = _project_code_init(code_init, constraints, X.dtype)
-        result = _single_fit(X, constraints, C0, start_codes, max_iter, tol, verbose)
+        result = _single_fit(X, constraints, C0, start_codes, max_iter, tol, verbose, error_unit)
         if best is None or result.objective[-1] < best.objective[-1]:
             best = result
-    best.codebook, best.codebook_scales = _finalize_codebook(
+    codebook, best.codebook_scales, best.codebook_levels = _finalize_codebook(
         best.codebook, best.codebook_scales, constraints, X.dtype
     )
-    codes, row_errors = solve_codes(X, best.codebook, constraints)
-    best.codes, best.row_errors = codes, row_errors
-    return best
+    # One-hot codes from the last iteration are already the nearest codewords of the codebook.
+    if not (constraints.one_hot and np.array_equal(codebook, best.codebook)):
+        best.codes, best.row_errors = _solve_codes(X, codebook, constraints)
+    best.codebook = codebook
+    return _scale_result(best, exponent)
+
+
+def _scale_result(result, exponent):
+    """The fit of ``X / 2**exponent`` as the fit of ``X``: codebook and scales times
+    ``2**exponent``, squared errors times ``4**exponent`` (codes are unchanged). A quantized
+    codebook is recomputed as its levels times the scaled scales, the product the decoder
+    computes (the two differ where scaling rounds, among subnormal numbers)."""
+    result.codebook_scales = _scaled(result.codebook_scales, exponent)
+    if result.codebook_levels is None:
+        result.codebook = _scaled(result.codebook, exponent)
+    else:
+        result.codebook = result.codebook_levels * result.codebook_scales[:, None]
+    result.row_errors = _scaled(result.row_errors, 2 * exponent)
+    result.objective = [math.ldexp(value, 2 * exponent) for value in result.objective]
+    return result
 
 
 def _zero_fit(X, constraints):
@@ -509,14 +707,16 @@ def _finalize_codebook(C, scales, constraints, dtype):
     """Cast to the data type so that ``levels * scale`` in that type is exactly the codebook.
 
     The codec stores the half-integer levels and the scales; decoding multiplies them in the
-    data type, and that product must be the fitted codebook bit for bit.
+    data type, and that product must be the fitted codebook bit for bit. Returns the codebook,
+    its scales and its levels (``None`` twice for a float codebook).
     """
     if constraints.codebook_bits is None:
-        return np.asarray(C, dtype=dtype), None
+        return np.asarray(C, dtype=dtype), None, None
     scales = np.asarray(scales, dtype=dtype)
     safe = np.where(scales > 0, scales, 1).astype(np.float64)
-    levels = snap_to_levels(np.asarray(C, dtype=np.float64) / safe[:, None], constraints.codebook_bits)
-    return levels.astype(dtype) * scales[:, None], scales
+    levels = snap_to_levels(np.asarray(C, dtype=np.float64) / safe[:, None],
+                            constraints.codebook_bits).astype(dtype)
+    return levels * scales[:, None], scales, levels
 
 
 def _project_code_init(code_init, constraints, dtype):

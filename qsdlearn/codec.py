@@ -377,7 +377,7 @@ class CompressedMatrix(FileImage):
         )
 
 
-def encode_factors(settings, idx, val, codebook, codebook_scales):
+def encode_factors(settings, idx, val, codebook, codebook_scales, codebook_levels=None):
     """Pack fitted factors into a :class:`CompressedMatrix`.
 
     Parameters
@@ -388,13 +388,24 @@ def encode_factors(settings, idx, val, codebook, codebook_scales):
     val : ndarray of shape (n, s) or (n, k)
         Slot values: unit levels, ones, or floats.
     codebook : ndarray of shape (k, d)
+        The dequantized codebook.
     codebook_scales : ndarray of shape (k,) or None
+        Grid scales of a quantized codebook.
+    codebook_levels : ndarray of shape (k, d), optional
+        Its half-integer levels (``codebook == levels * scales[:, None]``); recovered from
+        ``codebook / scales`` when not given, which is exact unless the products round (among
+        subnormal numbers).
+
+    Returns
+    -------
+    CompressedMatrix
+        The encoded factors.
     """
     with kernel_threads():
-        return _pack_factors(settings, idx, val, codebook, codebook_scales)
+        return _pack_factors(settings, idx, val, codebook, codebook_scales, codebook_levels)
 
 
-def _pack_factors(settings, idx, val, codebook, codebook_scales):
+def _pack_factors(settings, idx, val, codebook, codebook_scales, codebook_levels):
     s = settings.constraints
     dtype = _DTYPES[settings.dtype]
     streams = {}
@@ -406,6 +417,12 @@ def _pack_factors(settings, idx, val, codebook, codebook_scales):
         streams["code_values"] = _bits.pack_fields(level_indices(val, s.code_bits), s.code_bits)
 
     codebook = np.asarray(codebook, dtype=dtype)
+    if s.codebook_bits is not None:
+        scales = np.asarray(codebook_scales, dtype=dtype)
+        streams["codebook_scales"] = _float_stream(scales, dtype)
+        if codebook_levels is None:
+            codebook_levels = codebook.astype(np.float64) / np.where(scales > 0, scales, 1)[:, None]
+        codebook = np.asarray(codebook_levels, dtype=np.float64)  # the values to store
     if s.component_nonzero is not None:
         t = s.component_nonzero
         # The t slots of a row: its nonzeros, then zero positions in order (a float row may have
@@ -418,12 +435,9 @@ def _pack_factors(settings, idx, val, codebook, codebook_scales):
     if s.codebook_bits is None:
         streams["codebook_values"] = _float_stream(kept, dtype)
     else:
-        scales = np.asarray(codebook_scales, dtype=dtype)
-        levels = kept.astype(np.float64) / np.where(scales > 0, scales, 1)[:, None]
         streams["codebook_values"] = _bits.pack_fields(
-            level_indices(levels, s.codebook_bits), s.codebook_bits
+            level_indices(kept, s.codebook_bits), s.codebook_bits
         )
-        streams["codebook_scales"] = _float_stream(scales, dtype)
     return CompressedMatrix(settings, streams)
 
 

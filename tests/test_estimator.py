@@ -72,6 +72,23 @@ def test_vq_setting_is_lloyd_from_the_same_start(n_iter, dtype):
     assert est.reconstruction_err_**2 == pytest.approx(kmeans.inertia_, rel=rtol)
 
 
+@pytest.mark.parametrize("codebook_bits", [None, 6])
+def test_vq_setting_ends_on_the_assignment_to_its_codebook(codebook_bits, dtype):
+    """Lloyd's shape: every iteration ends with the nearest-codeword assignment, so the last
+    objective is the error of the returned codes; a codeword no row picks is moved onto the
+    worst-fitted row and gets used."""
+    X = make_blobs(300, n_features=3, centers=4, random_state=3)[0].astype(dtype)
+    C0 = X[:4].copy()
+    C0[3] = 1e3  # far from every row: unused after the first assignment
+    est = fit_quietly(QuantizedSparseDecomposition(
+        4, n_nonzero=1, code_bits=0, codebook_bits=codebook_bits, codebook_init=C0,
+        max_iter=30), X)
+    assert np.all(np.diff(est.objective_) <= 0)
+    assert len(np.unique(est.transform(X).argmax(axis=1))) == 4
+    if codebook_bits is None:
+        assert est.objective_[-1] == pytest.approx(est.reconstruction_err_**2, rel=1e-12)
+
+
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_float32_and_float64_fits_agree(setting):
     """The same data in float32 and float64 give the same factorization, to float32's
@@ -268,6 +285,79 @@ def test_more_code_bits_lower_the_error():
 def test_verbose_prints_objective(capsys):
     fit_quietly(QuantizedSparseDecomposition(n_components=2, verbose=1, random_state=0), gaussian())
     assert "objective" in capsys.readouterr().out
+
+
+# -- numerical robustness: offset and scale (issue #14) --------------------------------------
+
+
+def _blobs_far_from_the_origin():
+    """400 rows of 4 features: four integer centres in [-2, 2] plus 0.01 noise, offset by 1e4."""
+    rng = np.random.default_rng(7)
+    centers = rng.integers(-2, 3, size=(4, 4)).astype(np.float64)
+    labels = rng.integers(0, 4, size=400)
+    return 1e4 + centers[labels] + 0.01 * rng.standard_normal((400, 4))
+
+
+def test_vq_setting_on_float32_data_far_from_the_origin():
+    """Distances as ||x||^2 - 2 x.c + ||c||^2 in float32 lose everything here; the fit must
+    reach the float64 error, keep its objective monotone and assign every row to its nearest
+    codeword."""
+    X = _blobs_far_from_the_origin()
+    params = dict(n_components=4, n_nonzero=1, code_bits=0, n_init=3, random_state=0)
+    reference = QuantizedSparseDecomposition(**params).fit(X)
+    assert reference.reconstruction_err_ < 0.5
+    X32 = X.astype(np.float32)
+    est = QuantizedSparseDecomposition(**params).fit(X32)
+    assert est.reconstruction_err_ == pytest.approx(reference.reconstruction_err_, rel=1e-2)
+    assert np.all(np.diff(est.objective_) <= 0)
+    distances = ((X32.astype(np.float64)[:, None] - est.components_.astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(est.transform(X32).argmax(axis=1), distances.argmin(axis=1))
+
+
+_SCALE_SETTINGS = {
+    "vq": dict(n_components=16, n_nonzero=1, code_bits=0),
+    "qsd": dict(n_components=32, n_nonzero=2, code_bits=2, codebook_bits=8),
+    "svd": dict(n_components=3),
+}
+
+
+def _relative_error(est, X):
+    return est.reconstruction_err_ / np.linalg.norm(X.astype(np.float64))
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+@pytest.mark.parametrize("setting", sorted(_SCALE_SETTINGS))
+def test_float32_fits_do_not_depend_on_the_scale(setting, scale):
+    """The same float32 matrix at unit scale and multiplied by 1e20 or 1e-30 (whose squares
+    leave float32's range) gives the same relative error, and reconstruction_err_ is the true
+    error at that scale."""
+    X = gaussian(2000, 8).astype(np.float32)
+    X_scaled = X * np.float32(scale)
+    assert np.all(np.isfinite(X_scaled)) and np.all(X_scaled[X != 0] != 0)
+    fits = [fit_quietly(QuantizedSparseDecomposition(random_state=0, max_iter=20,
+                                                     **_SCALE_SETTINGS[setting]), data)
+            for data in (X, X_scaled)]
+    assert _relative_error(fits[0], X) < 0.8
+    assert _relative_error(fits[1], X_scaled) == pytest.approx(_relative_error(fits[0], X),
+                                                               rel=1e-3)
+    X_hat = fits[1].inverse_transform(fits[1].transform(X_scaled)).astype(np.float64)
+    true_error = np.linalg.norm((X_scaled.astype(np.float64) - X_hat) / scale) * scale
+    assert fits[1].reconstruction_err_ == pytest.approx(true_error, rel=1e-4)
+
+
+@pytest.mark.parametrize("exponent", [70, -100])
+@pytest.mark.parametrize("setting", ["vq", "qsd", "sparse-float"])
+def test_power_of_two_scaling_is_exact(setting, exponent, dtype):
+    """Scaling the data by a power of two scales the codebook exactly and leaves the codes
+    unchanged: the solver normalises by a power of two, so both fits compute the same thing."""
+    X = gaussian(300, 6, seed=8).astype(dtype)
+    X_scaled = np.ldexp(X, exponent).astype(dtype)
+    fits = [fit_quietly(QuantizedSparseDecomposition(random_state=0, max_iter=10,
+                                                     **SETTINGS[setting]), data)
+            for data in (X, X_scaled)]
+    np.testing.assert_array_equal(np.ldexp(fits[0].components_, exponent), fits[1].components_)
+    np.testing.assert_array_equal(fits[0].transform(X), fits[1].transform(X_scaled))
+    np.testing.assert_array_equal(np.ldexp(fits[0].objective_, 2 * exponent), fits[1].objective_)
 
 
 # -- bad parameters and bad input ------------------------------------------------------------

@@ -105,7 +105,7 @@ def problems(draw):
     if draw(st.booleans()):
         params["component_nonzero"] = draw(st.integers(1, d))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
-    exponent = draw(st.integers(-8, 8))
+    exponent = draw(st.integers(-30, 30))
     seed = draw(st.integers(0, 2**16))
     return n, d, params, dtype, exponent, seed
 

@@ -2,6 +2,7 @@
 
 import itertools
 
+import numba
 import numpy as np
 import pytest
 
@@ -191,3 +192,77 @@ def test_densify_codes():
     out = np.zeros((2, 4))
     _kernels.densify_codes(idx, val, out)
     np.testing.assert_array_equal(out, [[1.5, 0, -0.5, 0], [0, 2.0, 0, 3.0]])
+
+
+# -- one-hot codes: the Lloyd pass -------------------------------------------------------------
+
+
+def run_lloyd_pass(X, C, chunk_rows):
+    n, d = X.shape
+    k = C.shape[0]
+    n_chunks = -(-n // chunk_rows)
+    labels = np.empty(n, dtype=_kernels.INDEX_DTYPE)
+    row_err = np.empty(n)
+    sums = np.empty((k, d))
+    counts = np.empty(k, dtype=np.int64)
+    total = _kernels.lloyd_pass(X, np.ascontiguousarray(C.T), chunk_rows, labels, row_err,
+                                np.empty((n_chunks, k, d)), np.empty((n_chunks, k), np.int64),
+                                sums, counts)
+    return labels, row_err, sums, counts, total
+
+
+@pytest.mark.parametrize("d", [3, 9])
+@pytest.mark.parametrize("chunk_rows", [1, 4, 64])
+def test_lloyd_pass_matches_numpy_reference(chunk_rows, d, dtype):
+    rng = np.random.default_rng(12)
+    X = rng.normal(size=(37, d)).astype(dtype)
+    C = rng.normal(size=(5, d)).astype(dtype)
+    labels, row_err, sums, counts, total = run_lloyd_pass(X, C, chunk_rows)
+    X64, C64 = X.astype(np.float64), C.astype(np.float64)
+    distances = ((X64[:, None, :] - C64[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(labels, distances.argmin(axis=1))
+    np.testing.assert_allclose(row_err, distances.min(axis=1), rtol=1e-12)
+    ref_sums = np.zeros((5, d))
+    np.add.at(ref_sums, labels, X64)
+    np.testing.assert_allclose(sums, ref_sums, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=5))
+    assert total == pytest.approx(row_err.sum(), rel=1e-12)
+    # transform's entry makes the same choice and reports the same errors
+    nearest, nearest_err = np.empty_like(labels), np.empty(37)
+    _kernels.assign_nearest(X, np.ascontiguousarray(C.T), nearest, nearest_err)
+    np.testing.assert_array_equal(nearest, labels)
+    np.testing.assert_array_equal(nearest_err, row_err)
+
+
+def test_lloyd_pass_ties_go_to_the_lowest_index(dtype):
+    X = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]], dtype=dtype)
+    C = np.array([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=dtype)
+    labels, row_err, _, counts, _ = run_lloyd_pass(X, C, 2)
+    np.testing.assert_array_equal(labels, [0, 0, 0])
+    np.testing.assert_array_equal(row_err, [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(counts, [3, 0, 0, 0])
+
+
+def test_lloyd_pass_is_exact_far_from_the_origin():
+    """Distances from differences: an offset of 1e4 in float32 costs nothing."""
+    rng = np.random.default_rng(2)
+    C = (1e4 + rng.integers(-2, 3, size=(4, 4))).astype(np.float32)
+    X = (C[rng.integers(0, 4, size=50)] + 0.01 * rng.normal(size=(50, 4))).astype(np.float32)
+    labels, row_err, *_ = run_lloyd_pass(X, C, 8)
+    distances = ((X.astype(np.float64)[:, None] - C.astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(labels, distances.argmin(axis=1))
+    np.testing.assert_allclose(row_err, distances.min(axis=1), rtol=1e-12)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="numba has one thread here")
+def test_lloyd_pass_does_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(5000, 4)).astype(np.float32)
+    C = X[:7].copy()
+    results = []
+    for threads in (1, 2):
+        numba.set_num_threads(threads)
+        results.append(run_lloyd_pass(X, C, 64))
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
