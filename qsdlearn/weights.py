@@ -149,6 +149,12 @@ def _is_compressible(info):
     return len(info.shape) >= 2 and is_float(info.dtype) and info.size >= MIN_COMPRESSED_SIZE
 
 
+def _decode_once(matrix):
+    """Decode ``matrix`` without keeping its unpacked factors: they take several times the
+    streams' size, and a model decoded layer by layer must not hold every layer's."""
+    return CompressedMatrix(matrix.settings, matrix.streams).decode()
+
+
 # -- the compressed model ------------------------------------------------------------------------
 
 
@@ -189,8 +195,7 @@ class CompressedLayer:
 
     def decompress(self):
         """The reconstructed tensor (decoded in float32), in its original shape and dtype."""
-        rows = self.matrix.decode()
-        return from_rows(rows, self.shape).astype(numpy_dtype(self.dtype))
+        return from_rows(_decode_once(self.matrix), self.shape).astype(numpy_dtype(self.dtype))
 
     def record(self):
         """What :meth:`CompressedModel.report` shows of this tensor."""
@@ -580,7 +585,7 @@ def _fit_layer(ref, setting, seed, n_threads, max_iter, max_fit_rows):
     with threadpool_limits(limits=n_threads):
         converged = _fit_quietly(est, sample)
         matrix = est.encode(X)
-    decoded = from_rows(matrix.decode(), weight.shape)
+    decoded = from_rows(_decode_once(matrix), weight.shape)
     return CompressedLayer(matrix, weight.shape, weight.dtype.name, setting, sqnr(weight, decoded),
                            n_iter=est.n_iter_, converged=converged)
 

@@ -1,6 +1,7 @@
 """The layer-wise adapter: reshape rules, rate targets, files, parallel and distributed runs."""
 
 import json
+import os
 import warnings
 
 import ml_dtypes
@@ -378,3 +379,48 @@ def test_sharded_input_gives_the_same_model(tmp_path):
     from_dict = compress_weights({n: weights[n] for n in names}, settings=FAST, random_state=0,
                                  max_iter=2)
     assert from_shards.to_bytes() == from_dict.to_bytes()
+
+
+MEMORY_SCRIPT = """
+import sys, tracemalloc
+import numpy as np
+from safetensors.numpy import save_file
+from qsdlearn import Constraints, LayerSetting, compress_weights
+
+folder, = sys.argv[1:]
+setting = LayerSetting(8, Constraints(16, n_nonzero=1, code_bits=0, codebook_bits=8))
+rng = np.random.default_rng(0)
+for n_layers in (4, 4, 32):  # the first run warms up imports and caches
+    path = f"{folder}/model-{n_layers}.safetensors"
+    save_file({f"layers.{i}.weight": rng.normal(size=(256, 256)).astype(np.float32)
+               for i in range(n_layers)}, path)
+    tracemalloc.start()
+    model = compress_weights(path, settings=setting, random_state=0, max_iter=2, verbose=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(n_layers, peak, model.nbytes)
+    del model
+"""
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_the_number_of_layers(tmp_path):
+    """Compressing from a file holds one layer at a time (plus the results): the peak of
+    NumPy allocations (tracemalloc) of a 32-layer checkpoint stays within that of a 4-layer
+    one plus the larger results, well below the 8 MB the 32 layers take."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("safetensors")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=600, check=True)
+    peaks = {}
+    for line in result.stdout.split("\n")[-3:]:
+        if line:
+            n_layers, peak, nbytes = map(int, line.split())
+            peaks[n_layers] = (peak, nbytes)
+    layer_bytes = 256 * 256 * 4
+    (small, small_file), (large, large_file) = peaks[4], peaks[32]
+    assert large <= small + 2 * (large_file - small_file) + layer_bytes // 4, peaks
+    assert large < 32 * layer_bytes / 2, peaks  # measured: about 10 layers' bytes
