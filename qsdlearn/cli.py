@@ -23,8 +23,12 @@ def _check_output(args):
     """Refuse to write over the input, or over an existing output without ``--force``."""
     output = os.path.abspath(args.output)
     inputs = [os.path.abspath(args.input)]
-    if os.path.isdir(inputs[0]):
-        inputs += [os.path.join(inputs[0], name) for name in os.listdir(inputs[0])]
+    # A sharded checkpoint (a folder or its index) is every file of its folder.
+    folder = inputs[0] if os.path.isdir(inputs[0]) else None
+    if inputs[0].endswith(".json"):
+        folder = os.path.dirname(inputs[0])
+    if folder is not None:
+        inputs += [os.path.join(folder, name) for name in os.listdir(folder)]
     if any(os.path.exists(path) and os.path.exists(output) and os.path.samefile(path, output)
            for path in inputs):
         raise ValueError(f"{args.output} is the input; write the output elsewhere")

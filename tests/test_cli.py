@@ -174,6 +174,9 @@ def test_cli_reads_sharded_checkpoints(tmp_path, capsys):
         weight_map.update({n: file_name for n in group})
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": weight_map}))
+    shard = tmp_path / "model-00001-of-00002.safetensors"
+    assert main(["compress", str(index), str(shard), "--bits-per-weight", "16", "--force"]) == 1
+    assert "is the input" in capsys.readouterr().err  # a shard of the input is the input
     assert main(["compress", str(index), str(tmp_path / "m.qsd"), "--bits-per-weight", "16"]) == 0
     assert main(["decompress", str(tmp_path / "m.qsd"), str(tmp_path / "out.safetensors")]) == 0
     restored = read_back(tmp_path / "out.safetensors")

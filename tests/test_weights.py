@@ -213,7 +213,7 @@ def test_damaged_model_files_are_rejected(tmp_path):
 
 
 @pytest.mark.slow
-def test_serial_joblib_and_dask_give_identical_models():
+def test_serial_joblib_and_dask_give_identical_models(tmp_path):
     weights = small_model()
     serial = compress_weights(weights, settings=FAST, random_state=3, max_iter=5, n_jobs=1)
     processes = compress_weights(weights, settings=FAST, random_state=3, max_iter=5, n_jobs=2)
@@ -227,7 +227,17 @@ def test_serial_joblib_and_dask_give_identical_models():
     ) as cluster, distributed.Client(cluster):
         with joblib.parallel_config(backend="dask"):
             on_dask = compress_weights(weights, settings=FAST, random_state=3, max_iter=5, n_jobs=2)
+            # Given a file, each worker reads its own layer: it receives the path and a name.
+            safetensors_numpy = pytest.importorskip("safetensors.numpy")
+            path = tmp_path / "model.safetensors"
+            safetensors_numpy.save_file(weights, str(path))
+            from_file = compress_weights(path, settings=FAST, random_state=3, max_iter=5,
+                                         n_jobs=2)
     assert on_dask.to_bytes() == serial.to_bytes()
+    assert set(from_file.decompress()) == set(serial.decompress())
+    by_name = compress_weights(dict(sorted(weights.items())), settings=FAST, random_state=3,
+                               max_iter=5)
+    assert from_file.to_bytes() == by_name.to_bytes()
 
 
 # -- dtypes, unusable tensors, keep patterns, tied tensors, lazy reading --------------------------
