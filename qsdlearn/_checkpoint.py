@@ -187,7 +187,13 @@ def _open_mapping(mapping):
     for name, value in mapping.items():
         if not isinstance(name, str):
             raise TypeError(f"tensor names must be strings, got {name!r}")
-        array = np.asarray(value)
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(
+                f"tensor {name!r} cannot be read as a NumPy array ({exc}); pass arrays, e.g. "
+                "v.float().numpy() for a bfloat16 torch tensor"
+            ) from None
         infos.append(TensorInfo(name, array.shape, array.dtype))
         refs[name] = ArrayRef(array)
     return Checkpoint(infos, refs, "the weights")

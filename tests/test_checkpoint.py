@@ -93,6 +93,15 @@ def test_unusable_dtypes_are_named(value, words, tmp_path):
             open_checkpoint(tmp_path / "m.npz")
 
 
+def test_values_numpy_cannot_read_are_named():
+    class Unreadable:
+        def __array__(self, dtype=None, copy=None):
+            raise TypeError("Got unsupported ScalarType BFloat16")
+
+    with pytest.raises(TypeError, match="tensor 'layer' cannot be read.*float"):
+        open_checkpoint({"layer": Unreadable()})
+
+
 def test_check_names_the_tensor_with_nan(tmp_path):
     bad = np.ones((4, 4), dtype=ml_dtypes.bfloat16)
     bad[1, 2] = np.inf
