@@ -14,6 +14,7 @@ import struct
 import tempfile
 import zlib
 
+import ml_dtypes
 import numpy as np
 
 FORMAT_NAME = "qsdlearn"
@@ -33,7 +34,7 @@ MAX_ELEMENTS = 2**32
 CONTAINER_DTYPES = {
     "U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32,
     "I32": np.int32, "U64": np.uint64, "I64": np.int64, "F16": np.float16, "F32": np.float32,
-    "F64": np.float64, "BOOL": np.bool_,
+    "F64": np.float64, "BOOL": np.bool_, "BF16": ml_dtypes.bfloat16,
 }
 
 

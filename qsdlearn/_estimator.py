@@ -114,8 +114,10 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
     bits_per_element_ : float
         ``bits_ / (n_samples * n_features)``.
     compression_ratio_ : float
-        ``32 * n_samples * n_features / bits_``: the size of the matrix as float32 over its
-        encoded size.
+        ``w * n_samples * n_features / bits_`` with ``w`` the width of the data's dtype (32
+        for float32, 64 for float64): the size of the matrix in its own dtype over its encoded
+        size, as :attr:`CompressedMatrix.compression_ratio` and
+        :attr:`CompressedModel.compression_ratio` count it.
     n_features_in_ : int
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
@@ -337,7 +339,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         self.bit_budget_ = budget
         self.bits_ = budget.total
         self.bits_per_element_ = budget.per_element
-        self.compression_ratio_ = 32.0 * n * d / budget.total
+        self.compression_ratio_ = 8.0 * X.dtype.itemsize * n * d / budget.total
         self._constraints_ = constraints
         return result.codes
 

@@ -1,9 +1,10 @@
 """The ``qsdlearn`` command."""
 
 import argparse
+import math
+import os
 import sys
-
-import numpy as np
+import warnings
 
 
 def _demo(args):
@@ -18,15 +19,35 @@ def _demo(args):
     return 0
 
 
+def _check_output(args):
+    """Refuse to write over the input, or over an existing output without ``--force``."""
+    output = os.path.abspath(args.output)
+    inputs = [os.path.abspath(args.input)]
+    # A sharded checkpoint (a folder or its index) is every file of its folder.
+    folder = inputs[0] if os.path.isdir(inputs[0]) else None
+    if inputs[0].endswith(".json"):
+        folder = os.path.dirname(inputs[0])
+    if folder is not None:
+        inputs += [os.path.join(folder, name) for name in os.listdir(folder)]
+    if any(os.path.exists(path) and os.path.exists(output) and os.path.samefile(path, output)
+           for path in inputs):
+        raise ValueError(f"{args.output} is the input; write the output elsewhere")
+    if os.path.exists(output) and not args.force:
+        raise ValueError(f"{args.output} exists; pass --force to overwrite it")
+
+
 def _compress(args):
     from .weights import compress_weights
 
+    _check_output(args)
     model = compress_weights(
         args.input,
         bits_per_weight=args.bits_per_weight,
         vector_size=args.vector_size,
+        keep=args.keep,
         n_jobs=args.jobs,
         random_state=args.seed,
+        verbose=True if args.verbose else None,
     )
     model.save(args.output)
     print(model.report_table())
@@ -34,24 +55,47 @@ def _compress(args):
 
 
 def _decompress(args):
+    from ._checkpoint import write_checkpoint
+    from ._dtypes import numpy_dtype
     from ._io import load
     from .weights import CompressedModel
 
+    _check_output(args)
     model = load(args.input)
     if not isinstance(model, CompressedModel):
         raise ValueError(f"{args.input} holds a single matrix, not a compressed model")
-    arrays = model.decompress()
-    output = str(args.output)
-    if output.endswith(".npz"):
-        np.savez(output, **arrays)
-    elif output.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, output)
-    else:
-        raise ValueError(f"cannot write {output}: name it .npz or .safetensors")
-    print(f"wrote {len(arrays)} tensors to {output}")
+    sizes = {
+        name: math.prod(entry.shape) * numpy_dtype(entry.dtype).itemsize
+        for name, entry in model.layers.items()
+    }
+    shard_bytes = None if args.shard_size is None else _parse_size(args.shard_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        files = write_checkpoint(args.output, sizes, model.decompress, shard_bytes)
+    for warning in caught:
+        print(f"qsdlearn decompress: note: {warning.message}", file=sys.stderr)
+    where = args.output if len(files) == 1 else f"{len(files) - 1} shards and an index in {args.output}"
+    print(f"wrote {len(sizes)} tensors to {where}")
     return 0
+
+
+def _parse_size(text):
+    """Bytes of a size such as ``500MB``, ``2GB`` or ``1000000``."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            upper, scale = upper[: -len(unit)], factor
+            break
+    else:
+        scale = 1
+    try:
+        size = int(float(upper) * scale)
+    except ValueError:
+        raise ValueError(f"cannot read the size {text!r}: write e.g. 500MB or 2GB") from None
+    if size <= 0:
+        raise ValueError(f"the shard size must be positive, got {text!r}")
+    return size
 
 
 def _info(args):
@@ -89,7 +133,8 @@ def build_parser():
         "compress",
         help="compress a model's weights (.npz or .safetensors) to a target bits per weight",
     )
-    compress.add_argument("input", help="weights: a .npz or .safetensors file")
+    compress.add_argument("input", help="weights: a .npz or .safetensors file, a sharded "
+                          "checkpoint's .safetensors.index.json or a folder of shards")
     compress.add_argument("output", help="the compressed model file to write")
     compress.add_argument("--bits-per-weight", type=float, required=True, metavar="B",
                           help="target for the whole file, header and kept tensors included")
@@ -98,14 +143,28 @@ def build_parser():
     compress.add_argument("--jobs", type=int, default=None, metavar="N",
                           help="layers compressed in parallel (default: 1)")
     compress.add_argument("--seed", type=int, default=0, metavar="S", help="random seed")
+    compress.add_argument("--keep", action="append", default=[], metavar="PATTERN",
+                          help="store tensors whose name matches this glob verbatim, e.g. "
+                          "'*embed*' or 'lm_head.*' (repeatable)")
+    compress.add_argument("--force", action="store_true", help="overwrite an existing output")
+    compress.add_argument("--verbose", action="store_true",
+                          help="progress bar even when standard error is not a terminal")
     compress.set_defaults(handler=_compress)
 
     decompress = commands.add_parser("decompress", help="write the decompressed weights")
     decompress.add_argument("input", help="a compressed model file")
-    decompress.add_argument("output", help="weights to write: .npz or .safetensors")
+    decompress.add_argument("output", help="weights to write: .npz or .safetensors, or a "
+                            "folder of shards with --shard-size (.npz has no bfloat16: those "
+                            "tensors are written as float32, exactly)")
+    decompress.add_argument("--shard-size", metavar="SIZE",
+                            help="write safetensors shards of at most SIZE (e.g. 2GB) and an "
+                            "index into the folder OUTPUT")
+    decompress.add_argument("--force", action="store_true", help="overwrite an existing output")
     decompress.set_defaults(handler=_decompress)
 
-    info = commands.add_parser("info", help="settings, sizes and ratio of a compressed file")
+    info = commands.add_parser(
+        "info", help="per-layer dtype, setting, bits per weight and SQNR of a compressed file, "
+        "and the ratio over the original")
     info.add_argument("file")
     info.set_defaults(handler=_info)
     return parser

@@ -281,8 +281,9 @@ class CompressedMatrix(FileImage):
 
     @property
     def compression_ratio(self):
-        """``32 * n_rows * n_features / bits``: the matrix as float32 over its payload."""
-        return 32.0 * self.shape[0] * self.shape[1] / self.bits
+        """The matrix in its dtype over its payload: ``float_bits * n_rows * n_features /
+        bits``."""
+        return self.settings.float_bits * self.shape[0] * self.shape[1] / self.bits
 
     @property
     def nbytes(self):

@@ -9,8 +9,21 @@ positions are flattened together). Each matrix row is cut into consecutive sub-v
 the row length, every row is padded with zeros at its end up to the next multiple (the padding
 is encoded, counted in the bits, and dropped on decompression).
 
-Tensors with fewer than two dimensions, integer or boolean tensors, and tensors with fewer than
-:data:`MIN_COMPRESSED_SIZE` elements are kept verbatim in their dtype, and counted.
+Tensors with fewer than two dimensions, integer or boolean tensors, tensors with fewer than
+:data:`MIN_COMPRESSED_SIZE` elements and tensors whose name matches a ``keep`` pattern are kept
+verbatim in their dtype, and counted.
+
+Dtypes
+------
+float16, bfloat16, float32 and float64 tensors are fitted and decoded in float32, then cast
+back to their own dtype; integers and booleans are kept verbatim; any other dtype is refused
+before anything is fitted (:mod:`qsdlearn._dtypes`).
+
+Tied tensors
+------------
+Tensors with the same dtype, shape and content (tied embeddings, or any exact copy) are
+compressed once; the file stores the others as ``tied`` to the first, and decompression
+restores every name.
 
 Rate
 ----
@@ -37,8 +50,11 @@ from sklearn.utils._param_validation import Interval, validate_params
 from threadpoolctl import threadpool_limits
 
 from ._allocation import allocate
+from ._checkpoint import matching, open_checkpoint
 from ._constraints import Constraints
 from ._container import FileImage, check_declared_elements, json_field, write_container
+from ._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, from_little_endian_bytes,
+                      is_float, numpy_dtype, to_little_endian_bytes)
 from ._estimator import QuantizedSparseDecomposition
 from .codec import STREAMS, CompressedMatrix, MatrixSettings, matrix_from_tensors, matrix_tensors
 from .metrics import sqnr
@@ -47,13 +63,6 @@ MIN_COMPRESSED_SIZE = 1024
 #: Rows of a layer used to estimate the error of a candidate setting.
 ESTIMATE_ROWS = 1024
 ESTIMATE_MAX_ITER = 8
-
-_KEPT_DTYPES = {
-    "float16": "F16", "float32": "F32", "float64": "F64", "int8": "I8", "uint8": "U8",
-    "int16": "I16", "uint16": "U16", "int32": "I32", "uint32": "U32", "int64": "I64",
-    "uint64": "U64", "bool": "BOOL",
-}
-_KEPT_DTYPE_NAMES = {container: name for name, container in _KEPT_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -136,12 +145,14 @@ def from_rows(rows, shape):
     return rows.reshape(out, -1)[:, :width].reshape(shape)
 
 
-def _is_compressible(array):
-    return (
-        array.ndim >= 2
-        and np.issubdtype(array.dtype, np.floating)
-        and array.size >= MIN_COMPRESSED_SIZE
-    )
+def _is_compressible(info):
+    return len(info.shape) >= 2 and is_float(info.dtype) and info.size >= MIN_COMPRESSED_SIZE
+
+
+def _decode_once(matrix):
+    """Decode ``matrix`` without keeping its unpacked factors: they take several times the
+    streams' size, and a model decoded layer by layer must not hold every layer's."""
+    return CompressedMatrix(matrix.settings, matrix.streams).decode()
 
 
 # -- the compressed model ------------------------------------------------------------------------
@@ -158,7 +169,7 @@ class CompressedLayer:
     shape : tuple of int
         Shape of the original tensor.
     dtype : str
-        Its dtype, restored on decompression.
+        Its dtype name (``"bfloat16"`` included), restored on decompression.
     setting : LayerSetting
         How it was compressed.
     sqnr_db : float
@@ -183,9 +194,8 @@ class CompressedLayer:
         return self.matrix.nbytes
 
     def decompress(self):
-        """The reconstructed tensor, in its original shape and dtype."""
-        rows = self.matrix.decode()
-        return from_rows(rows, self.shape).astype(self.dtype)
+        """The reconstructed tensor (decoded in float32), in its original shape and dtype."""
+        return from_rows(_decode_once(self.matrix), self.shape).astype(numpy_dtype(self.dtype))
 
     def record(self):
         """What :meth:`CompressedModel.report` shows of this tensor."""
@@ -246,20 +256,21 @@ class KeptTensor:
     def tensors(self, key):
         """Its container tensor, named ``key`` (little-endian bytes of its dtype)."""
         array = self.array
-        data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-        return [(key, _KEPT_DTYPES[self.dtype], array.shape, data)]
+        return [(key, SAFETENSORS_NAMES[self.dtype], array.shape, to_little_endian_bytes(array))]
 
 
 class CompressedModel(FileImage):
     """The compressed weights of a model: compressed layers and tensors kept verbatim.
 
     Build one with :func:`compress_weights`, or read one with :func:`qsdlearn.load` or
-    :meth:`from_bytes`.
+    :meth:`from_bytes`. Decompression restores every tensor's name, shape (0-d included) and
+    dtype (bfloat16 included); :meth:`decompress` with a name decodes that tensor alone.
 
     Parameters
     ----------
     layers : mapping of str to CompressedLayer or KeptTensor
-        In the model's order.
+        In the model's order. Names that map to the same object are tied: stored once, and
+        counted once in :attr:`n_weights`.
 
     Attributes
     ----------
@@ -279,6 +290,8 @@ class CompressedModel(FileImage):
     >>> restored = model.decompress()
     >>> restored["fc.weight"].shape, restored["fc.bias"].dtype
     ((128, 64), dtype('float64'))
+    >>> model.decompress("fc.bias").shape
+    (128,)
     """
 
     KIND = "model"
@@ -287,12 +300,41 @@ class CompressedModel(FileImage):
         self.layers = dict(layers)
         self._image = None
 
+    def tied_to(self, name):
+        """The first name whose entry tensor ``name`` shares (``name`` itself when none)."""
+        return self._firsts()[name]
+
+    def _firsts(self):
+        """Every name to the first name of its entry."""
+        seen = {}
+        return {name: seen.setdefault(id(entry), name) for name, entry in self.layers.items()}
+
+    def _distinct(self):
+        """The entries, each tied group once."""
+        return list({id(entry): entry for entry in self.layers.values()}.values())
+
     # size ---------------------------------------------------------------------------------------
 
     @property
     def n_weights(self):
-        """Number of weights of all tensors."""
-        return sum(math.prod(entry.shape) for entry in self.layers.values())
+        """Number of weights of all tensors (tied tensors counted once)."""
+        return sum(math.prod(entry.shape) for entry in self._distinct())
+
+    @property
+    def original_nbytes(self):
+        """Bytes of the weights in their original dtypes (tied tensors counted once)."""
+        return sum(math.prod(entry.shape) * numpy_dtype(entry.dtype).itemsize
+                   for entry in self._distinct())
+
+    @property
+    def original_dtypes(self):
+        """Names of the original dtypes of the compressed layers (of all tensors when none is
+        compressed), most weights first."""
+        counts = {}
+        compressed = [e for e in self._distinct() if isinstance(e, CompressedLayer)]
+        for entry in compressed or self._distinct():
+            counts[entry.dtype] = counts.get(entry.dtype, 0) + math.prod(entry.shape)
+        return sorted(counts, key=lambda name: -counts[name])
 
     @property
     def nbytes(self):
@@ -306,15 +348,34 @@ class CompressedModel(FileImage):
 
     @property
     def compression_ratio(self):
-        """``32 * n_weights / (8 * file bytes)``: the weights as float32 over the file, as
-        :attr:`QuantizedSparseDecomposition.compression_ratio_` counts a matrix."""
-        return 32.0 / self.bits_per_weight
+        """:attr:`original_nbytes` over the file's bytes: how much smaller the file is than
+        the weights in their own dtypes (a bfloat16 model counts 16 bits a weight)."""
+        return self.original_nbytes / self.nbytes
 
     # content ------------------------------------------------------------------------------------
 
-    def decompress(self):
-        """Name to array, with the original shapes and dtypes."""
-        return {name: entry.decompress() for name, entry in self.layers.items()}
+    def decompress(self, name=None):
+        """The decompressed tensors, or one of them.
+
+        Parameters
+        ----------
+        name : str, optional
+            Decode only this tensor (memory: that tensor alone).
+
+        Returns
+        -------
+        dict of str to ndarray, or ndarray
+            Name to array with the original shapes and dtypes, in order; or the array of
+            ``name``.
+        """
+        if name is not None:
+            if name not in self.layers:
+                raise KeyError(f"no tensor named {name!r}")
+            return self.layers[name].decompress()
+        decoded = {}
+        for key, first in self._firsts().items():
+            decoded[key] = decoded[first] if first != key else self.layers[key].decompress()
+        return decoded
 
     def report(self):
         """Per-tensor records.
@@ -322,43 +383,54 @@ class CompressedModel(FileImage):
         Returns
         -------
         list of dict
-            One per tensor, in order: ``name``, ``shape``, ``setting`` (text),
-            ``payload_bits`` (exact bits of its streams or of the kept tensor),
-            ``stored_bits`` (what the file holds for it: streams rounded up to whole bytes),
-            ``bits_per_weight`` (``stored_bits`` per weight), ``sqnr_db`` (``inf`` for kept
-            tensors), ``n_iter`` and ``converged`` of the final fit (``None`` when not
-            recorded).
+            One per tensor, in order: ``name``, ``shape``, ``dtype`` (original),
+            ``setting`` (text), ``payload_bits`` (exact bits of its streams or of the kept
+            tensor), ``stored_bits`` (what the file holds for it: streams rounded up to whole
+            bytes; 0 for a tensor tied to an earlier one), ``bits_per_weight``
+            (``stored_bits`` per weight), ``sqnr_db`` (``inf`` for kept tensors), ``n_iter``
+            and ``converged`` of the final fit (``None`` when not recorded).
         """
         records = []
+        firsts = self._firsts()
         for name, entry in self.layers.items():
             size = math.prod(entry.shape)
             record = entry.record()
             stored = 8 * entry.nbytes
+            first = firsts[name]
+            if first != name:
+                record = dict(record, setting=f"tied to {first}", payload_bits=0)
+                stored = 0
             records.append(dict(
-                name=name, shape=tuple(entry.shape), setting=record["setting"],
-                payload_bits=record["payload_bits"], stored_bits=stored,
-                bits_per_weight=stored / max(size, 1), sqnr_db=record["sqnr_db"],
-                n_iter=record["n_iter"], converged=record["converged"],
+                name=name, shape=tuple(entry.shape), dtype=entry.dtype,
+                setting=record["setting"], payload_bits=record["payload_bits"],
+                stored_bits=stored, bits_per_weight=stored / max(size, 1),
+                sqnr_db=record["sqnr_db"], n_iter=record["n_iter"],
+                converged=record["converged"],
             ))
         return records
 
     def report_table(self):
-        """The report and the totals as printable text."""
+        """The report and the totals as printable text.
+
+        Bits per weight are over the whole file; the ratio is over the weights in their
+        original dtypes, which the last line names."""
         rows = self.report()
         width = max([len(r["name"]) for r in rows] + [4])
         lines = [
-            f"{'name':<{width}}  {'shape':<18} {'setting':<44} {'bits/weight':>11} {'SQNR dB':>8}"
+            f"{'name':<{width}}  {'shape':<18} {'dtype':<8} {'setting':<44} {'bits/weight':>11} "
+            f"{'SQNR dB':>8}"
         ]
         for r in rows:
             note = "" if r["converged"] is not False else f"  (not converged in {r['n_iter']})"
             lines.append(
-                f"{r['name']:<{width}}  {str(r['shape']):<18} {r['setting']:<44} "
-                f"{r['bits_per_weight']:>11.3f} {r['sqnr_db']:>8.2f}{note}"
+                f"{r['name']:<{width}}  {str(r['shape']):<18} {r['dtype']:<8} "
+                f"{r['setting']:<44} {r['bits_per_weight']:>11.3f} {r['sqnr_db']:>8.2f}{note}"
             )
         lines.append(
             f"total: {self.n_weights} weights, {self.nbytes} bytes, "
             f"{self.bits_per_weight:.3f} bits/weight (header included), "
-            f"ratio {self.compression_ratio:.1f}x over float32"
+            f"ratio {self.compression_ratio:.1f}x over the original "
+            f"({', '.join(self.original_dtypes)})"
         )
         return "\n".join(lines)
 
@@ -368,7 +440,12 @@ class CompressedModel(FileImage):
         """The file image (a safetensors file)."""
         if self._image is None:
             tensors, entries = [], []
+            firsts = self._firsts()
             for i, (name, entry) in enumerate(self.layers.items()):
+                first = firsts[name]
+                if first != name:
+                    entries.append(dict(name=name, kind="tied", to=first))
+                    continue
                 tensors += entry.tensors(f"{i}")
                 entries.append(entry.header_entry(name))
             metadata = {"kind": self.KIND, "layers": json.dumps(entries, separators=(",", ":"))}
@@ -392,21 +469,28 @@ class CompressedModel(FileImage):
             if entry.get("kind") == "kept":
                 if f"{i}" not in tensors:
                     raise ValueError(f"damaged file: tensor of layer {name!r} is missing")
-                headers[name] = (f"{i}", None)
+                headers[name] = (f"{i}", "kept")
             elif entry.get("kind") == "compressed":
                 headers[name] = (f"{i}", _layer_header(entry, name))
+            elif entry.get("kind") == "tied":
+                target = entry.get("to")
+                if not isinstance(target, str) or target not in headers:
+                    raise ValueError(f"damaged file: layer {name!r} is tied to no earlier layer")
+                headers[name] = (target, "tied")
             else:
                 raise ValueError(f"damaged file: layer {name!r} has an unknown kind")
-        declared = sum(header[0].declared_elements for _, header in headers.values() if header)
+        declared = sum(header[0].declared_elements for _, header in headers.values()
+                       if isinstance(header, tuple))
         check_declared_elements(declared, max_elements, "compressed layers")
         layers = {}
         used = set()
         for name, (key, header) in headers.items():
-            if header is None:
+            if header == "tied":
+                layers[name] = layers[key]
+            elif header == "kept":
                 dtype_name, shape, chunk = tensors[key]
-                dtype = _KEPT_DTYPE_NAMES[dtype_name]
-                array = np.frombuffer(chunk, dtype=np.dtype(dtype).newbyteorder("<"))
-                layers[name] = KeptTensor(array.astype(dtype).reshape(shape))
+                layers[name] = KeptTensor(from_little_endian_bytes(chunk, NUMPY_NAMES[dtype_name],
+                                                                   shape))
                 used.add(key)
             else:
                 settings, shape, dtype, quality = header
@@ -431,7 +515,7 @@ def _layer_header(entry, name):
     try:
         settings = MatrixSettings.from_dict(entry["matrix"])
         shape = tuple(entry["shape"])
-        dtype = np.dtype(entry["dtype"])
+        dtype = entry["dtype"]
         quality = float(entry["sqnr_db"])
     except (KeyError, TypeError):
         raise ValueError(f"damaged file: layer {name!r} has invalid settings") from None
@@ -442,46 +526,34 @@ def _layer_header(entry, name):
     if (
         not all(isinstance(v, int) and v > 0 for v in shape)
         or len(shape) < 2
-        or dtype.kind != "f"
+        or dtype not in FLOAT_DTYPES
     ):
         raise ValueError(f"damaged file: layer {name!r} has an invalid shape or dtype")
     if settings.n_rows != rows_of(shape, settings.n_features):
         raise ValueError(f"damaged file: layer {name!r} shape does not match its codes")
-    return settings, shape, dtype.name, quality
+    return settings, shape, dtype, quality
 
 
 # -- reading weights -----------------------------------------------------------------------------
 
 
 def read_weights(source):
-    """Name to array from a mapping or a ``.npz`` / ``.safetensors`` file (never pickle)."""
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.exists(path):
-            raise ValueError(f"no such file: {path}")
-        if path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as archive:
-                return {name: archive[name] for name in archive.files}
-        if path.endswith(".safetensors"):
-            try:
-                from safetensors.numpy import load_file
-            except ImportError as exc:  # pragma: no cover - optional dependency
-                raise ImportError("reading .safetensors needs: pip install safetensors") from exc
-            return dict(load_file(path))
-        raise ValueError(f"cannot read {path}: expected a .npz or .safetensors file")
-    if not hasattr(source, "items"):
-        raise TypeError(f"weights must be a mapping name -> array or a path, got {type(source)}")
-    weights = {}
-    for name, value in source.items():
-        if not isinstance(name, str):
-            raise TypeError(f"tensor names must be strings, got {name!r}")
-        array = np.asarray(value)
-        if array.dtype.name not in _KEPT_DTYPES:
-            raise TypeError(f"tensor {name!r} has unsupported dtype {array.dtype}")
-        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-            raise ValueError(f"tensor {name!r} holds NaN or infinity")
-        weights[name] = array
-    return weights
+    """Name to array from a mapping or a file, checked as :func:`compress_weights` checks
+    them (dtypes, then finiteness, naming the tensor); never pickle.
+
+    Parameters
+    ----------
+    source : mapping or str or path-like
+        What :func:`compress_weights` accepts: a mapping, a ``.npz`` or ``.safetensors``
+        file, a ``*.safetensors.index.json`` index of shards or a folder of shards.
+
+    Returns
+    -------
+    dict of str to ndarray
+    """
+    checkpoint = open_checkpoint(source)
+    checkpoint.check()
+    return {name: checkpoint.read(name) for name in checkpoint.names}
 
 
 # -- fitting -------------------------------------------------------------------------------------
@@ -512,42 +584,58 @@ def _fit_quietly(estimator, X):
         return estimator.fit(X)
 
 
-def _fit_layer(weight, setting, seed, n_threads, max_iter, max_fit_rows):
-    """Fit one layer's codebook (on at most ``max_fit_rows`` rows drawn at random) and encode
-    all its rows. Runs in a joblib worker: numba and BLAS threads are capped there so that
-    workers x threads stay within the cores (joblib's Dask backend does not do it)."""
+def _fit_layer(ref, setting, seed, n_threads, max_iter, max_fit_rows):
+    """Read one layer (``ref.load()``: a worker reads its own layer from the file), fit its
+    codebook (on at most ``max_fit_rows`` rows drawn at random) and encode all its rows.
+    Runs in a joblib worker: numba and BLAS threads are capped there so that workers x
+    threads stay within the cores (joblib's Dask backend does not do it)."""
+    weight = ref.load()
     X = to_rows(weight.astype(np.float32), setting.vector_size)
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=max_iter)
     sample = sample_rows(X, max_fit_rows, seed)
     with threadpool_limits(limits=n_threads):
         _fit_quietly(est, sample)
         matrix = est.encode(X)
-    decoded = from_rows(matrix.decode(), weight.shape)
+    decoded = from_rows(_decode_once(matrix), weight.shape)
     return CompressedLayer(matrix, weight.shape, weight.dtype.name, setting, sqnr(weight, decoded),
                            n_iter=est.n_iter_, converged=est.converged_)
 
 
-def _estimate(weight, setting, seed, n_threads):
-    """Bytes of the layer's streams (exact) and its squared error (from a row sample)."""
-    X = to_rows(weight.astype(np.float32), setting.vector_size)
-    sample = sample_rows(X, ESTIMATE_ROWS, seed, keep_order=False)
-    if setting.constraints.n_components > sample.shape[0]:
-        return None
-    est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=ESTIMATE_MAX_ITER)
-    with threadpool_limits(limits=n_threads):
-        _fit_quietly(est, sample)
-    error = est.reconstruction_err_**2 * X.shape[0] / sample.shape[0]
-    return setting.stream_bytes(weight.shape), error
+def _estimate(ref, candidates, seed, n_threads):
+    """For each candidate: bytes of the layer's streams (exact) and its squared error (from
+    a row sample), or ``None`` when the sample is too small for it. Reads the layer once."""
+    weight = ref.load()
+    results = []
+    for setting in candidates:
+        X = to_rows(weight.astype(np.float32), setting.vector_size)
+        sample = sample_rows(X, ESTIMATE_ROWS, seed, keep_order=False)
+        if setting.constraints.n_components > sample.shape[0]:
+            results.append(None)
+            continue
+        est = setting.estimator(random_state=seed, n_threads=n_threads,
+                                max_iter=ESTIMATE_MAX_ITER)
+        with threadpool_limits(limits=n_threads):
+            _fit_quietly(est, sample)
+        error = est.reconstruction_err_**2 * X.shape[0] / sample.shape[0]
+        results.append((setting.stream_bytes(weight.shape), error))
+    return results
 
 
-def _progress(iterable, total, enabled):
+def _progress(results, names, enabled):
+    """``results`` with a progress bar naming the layer just done (tqdm, when installed)."""
     if not enabled:
-        return iterable
+        yield from results
+        return
     try:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
     except ImportError:  # pragma: no cover - optional dependency
-        return iterable
-    return tqdm(iterable, total=total, desc="layers", unit="layer")
+        yield from results
+        return
+    with tqdm(total=len(names), desc="layers", unit="layer", file=sys.stderr) as bar:
+        for name, result in zip(names, results):
+            bar.set_postfix_str(name, refresh=False)
+            bar.update()
+            yield result
 
 
 @validate_params(
@@ -557,6 +645,7 @@ def _progress(iterable, total, enabled):
         "settings": [LayerSetting, dict, None],
         "vector_size": [Interval(Integral, 1, None, closed="left")],
         "candidates": [list, None],
+        "keep": [list, tuple, None],
         "n_jobs": [Integral, None],
         "random_state": ["random_state"],
         "max_iter": [Interval(Integral, 0, None, closed="left")],
@@ -572,6 +661,7 @@ def compress_weights(
     settings=None,
     vector_size=8,
     candidates=None,
+    keep=None,
     n_jobs=None,
     random_state=None,
     max_iter=50,
@@ -580,11 +670,20 @@ def compress_weights(
 ):
     """Compress every tensor of a model, layer by layer.
 
+    Everything that can be checked is checked before the first fit: names, dtypes (a
+    tensor that cannot be stored raises a :class:`TypeError` naming it) and finiteness (a
+    :class:`ValueError` naming the tensor). Files are read one tensor at a time; each layer's
+    worker reads its own tensor, so the process holds the results, not the model.
+
     Parameters
     ----------
     weights : mapping of str to array-like, or str / path-like
-        Name to tensor (e.g. ``{k: v.numpy() for k, v in model.state_dict().items()}``), or
-        a ``.npz`` / ``.safetensors`` file.
+        Name to tensor (e.g. ``{k: v.float().numpy() for k, v in
+        model.state_dict().items()}``), or a ``.npz`` or ``.safetensors`` file, a sharded
+        checkpoint's ``*.safetensors.index.json`` or a folder of ``.safetensors`` shards.
+        Floats (float16, bfloat16 from ``ml_dtypes``, float32, float64) may be compressed
+        and come back in their dtype; integers and booleans are kept verbatim; complex,
+        string, bytes, object and other dtypes are refused.
     bits_per_weight : float, optional
         Target for the whole file in bits per weight (header and kept tensors included).
         Each compressible tensor gets the candidate setting that minimises the total squared
@@ -597,10 +696,13 @@ def compress_weights(
         Sub-vector length of the default candidates.
     candidates : list of LayerSetting, optional
         Candidate settings for the rate target (default :func:`default_candidates`).
+    keep : list of str, optional
+        Glob patterns (:func:`fnmatch.fnmatchcase`) of tensor names to store verbatim,
+        e.g. ``["*embed*", "lm_head.*", "*norm*"]``.
     n_jobs : int, optional
         Layers run through ``joblib.Parallel(n_jobs)``; under
-        ``joblib.parallel_config(backend="dask")`` on a Dask cluster. Results do not depend on
-        it.
+        ``joblib.parallel_config(backend="dask")`` on a Dask cluster (workers given a file
+        read their layer from it: they need the path). Results do not depend on it.
     random_state : int, RandomState instance or None, default=None
         Seed; each layer's seed is derived from it and the layer name.
     max_iter : int, default=50
@@ -609,19 +711,22 @@ def compress_weights(
         Fit each codebook on at most this many sub-vectors drawn at random (then encode all
         of them), as vector quantizers are usually trained; ``None`` fits on all.
     verbose : bool, optional
-        Progress bar over layers (tqdm, when installed); default: when run in a terminal.
+        Progress bar over layers with the layer's name and the time left (tqdm, when
+        installed); default: when standard error is a terminal.
 
     Returns
     -------
     CompressedModel
         Its ``report()`` holds every layer's setting, bits, SQNR (dB) and whether its final
-        fit converged.
+        fit converged. Tensors with the same dtype, shape and content are stored once and
+        restored under every name.
 
     Raises
     ------
     ValueError
         If there are no tensors, a tensor holds NaN or infinity, ``settings`` names a tensor
-        that is not compressible, or ``bits_per_weight`` is below what the candidates reach.
+        that is not compressible, ``bits_per_weight`` is below what the candidates reach, or
+        a file cannot be read.
     TypeError
         If a tensor name is not a string or a dtype is not supported.
 
@@ -632,39 +737,64 @@ def compress_weights(
 
     Examples
     --------
+    >>> import ml_dtypes
     >>> import numpy as np
     >>> import qsdlearn
     >>> rng = np.random.default_rng(0)
-    >>> weights = {"fc1.weight": rng.standard_normal((256, 64)).astype(np.float32),
-    ...            "fc1.bias": np.zeros(256, dtype=np.float32)}
-    >>> model = qsdlearn.compress_weights(weights, bits_per_weight=3.0, random_state=0)
-    >>> bool(model.bits_per_weight <= 3.0)
+    >>> weights = {"fc1.weight": rng.standard_normal((256, 64)).astype(ml_dtypes.bfloat16),
+    ...            "fc1.bias": np.zeros(256, dtype=ml_dtypes.bfloat16),
+    ...            "embed.weight": rng.standard_normal((32, 64)).astype(np.float32)}
+    >>> vq = qsdlearn.LayerSetting(8, qsdlearn.Constraints(16, n_nonzero=1, code_bits=0))
+    >>> model = qsdlearn.compress_weights(weights, settings=vq, keep=["embed.*"],
+    ...                                   random_state=0)
+    >>> [record["setting"] for record in model.report()]
+    ['d=8 k=16 1 of 16 codes=0b codebook=float', 'kept (bfloat16)', 'kept (float32)']
+    >>> small = qsdlearn.compress_weights(weights, bits_per_weight=6.0, keep=["embed.*"],
+    ...                                   candidates=[vq], random_state=0)
+    >>> bool(small.bits_per_weight <= 6.0)
     True
-    >>> model.decompress()["fc1.weight"].shape
-    (256, 64)
+    >>> restored = model.decompress()
+    >>> restored["fc1.weight"].shape, restored["fc1.weight"].dtype
+    ((256, 64), dtype(bfloat16))
     """
-    tensors = read_weights(weights)
-    if not tensors:
+    checkpoint = open_checkpoint(weights)
+    if not checkpoint.names:
         raise ValueError("no tensors to compress")
+    digests = checkpoint.check()
     if verbose is None:
         verbose = sys.stderr.isatty()
     base = check_random_state(random_state).randint(2**31)
     n_workers = joblib.effective_n_jobs(n_jobs)
     n_threads = max(1, (os.cpu_count() or 1) // max(n_workers, 1))
 
-    compressible = [name for name, array in tensors.items() if _is_compressible(array)]
+    # Tied tensors: every name to the first name with the same digest.
+    first_of = {}
+    tied = {name: first_of.setdefault(digests[name], name) for name in checkpoint.names}
+    distinct = [name for name in checkpoint.names if tied[name] == name]
+    compressible = [
+        name for name in distinct
+        if _is_compressible(checkpoint.infos[name]) and not matching(name, keep or ())
+    ]
+    kept = {
+        name: KeptTensor(np.asarray(checkpoint.read(name)))
+        for name in distinct if name not in compressible
+    }
     fixed = {}
     if isinstance(settings, LayerSetting):
         fixed = {name: settings for name in compressible}
     elif settings is not None:
         unknown = set(settings) - set(compressible)
         if unknown:
-            raise ValueError(f"settings name tensors that are not compressible: {sorted(unknown)}")
+            raise ValueError(
+                f"settings name tensors that are not compressible (kept, tied to an earlier "
+                f"tensor or unknown): {sorted(unknown)}"
+            )
         fixed = dict(settings)
+    layout = _Layout(checkpoint, tied, kept)
     free = [name for name in compressible if name not in fixed]
     if free and bits_per_weight is not None:
         fixed.update(
-            _plan(tensors, compressible, free, fixed, bits_per_weight,
+            _plan(layout, free, fixed, bits_per_weight,
                   candidates or default_candidates(vector_size), base, n_jobs, n_threads)
         )
     else:
@@ -673,59 +803,91 @@ def compress_weights(
     parallel = joblib.Parallel(n_jobs=n_jobs, return_as="generator")
     jobs = (
         joblib.delayed(_fit_layer)(
-            tensors[name], fixed[name], _layer_seed(base, name), n_threads, max_iter,
+            checkpoint.ref(name), fixed[name], _layer_seed(base, name), n_threads, max_iter,
             max_fit_rows,
         )
         for name in compressible
     )
-    fitted = dict(zip(compressible, _progress(parallel(jobs), len(compressible), verbose)))
-    return CompressedModel(
-        {name: fitted.get(name) or KeptTensor(tensors[name]) for name in tensors}
-    )
+    fitted = dict(zip(compressible, _progress(parallel(jobs), compressible, verbose)))
+    return layout.model({**kept, **fitted})
 
 
-def _plan(tensors, compressible, free, fixed, bits_per_weight, candidates, base, n_jobs,
-          n_threads):
-    n_weights = sum(array.size for array in tensors.values())
+@dataclass
+class _Layout:
+    """The tensors of a checkpoint with what is decided before fitting: which are kept (and
+    their arrays), which are tied to an earlier one, the shapes and dtypes of the others."""
+
+    checkpoint: object
+    tied: dict
+    kept: dict
+
+    @property
+    def n_weights(self):
+        return sum(self.checkpoint.infos[name].size for name, first in self.tied.items()
+                   if first == name)
+
+    def shape(self, name):
+        return self.checkpoint.infos[name].shape
+
+    def model(self, entries):
+        """The model of the distinct tensors' ``entries``, tied names sharing them."""
+        return CompressedModel({name: entries[first] for name, first in self.tied.items()})
+
+    def file_bytes(self, plan):
+        """Exact size of the file of a plan (SQNRs at their widest), without fitting."""
+        entries = dict(self.kept)
+        for name, setting in plan.items():
+            info = self.checkpoint.infos[name]
+            settings = setting.matrix_settings(info.shape)
+            streams = {k: bytes(v) for k, v in settings.stream_sizes().items()}
+            entries[name] = CompressedLayer(CompressedMatrix(settings, streams), info.shape,
+                                            info.dtype.name, setting, _WIDEST_FLOAT)
+        return self.model(entries).nbytes
+
+
+def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_threads):
+    n_weights = layout.n_weights
     budget = int(bits_per_weight * n_weights // 8)
     # Feasibility needs no fitting: the sizes are known from the settings alone.
     smallest = {
-        name: min(candidates, key=lambda c: c.stream_bytes(tensors[name].shape)) for name in free
+        name: min(candidates, key=lambda c: c.stream_bytes(layout.shape(name))) for name in free
     }
-    least_bytes = _file_bytes(tensors, compressible, {**fixed, **smallest})
+    least_bytes = layout.file_bytes({**fixed, **smallest})
     if least_bytes > budget:
         raise ValueError(
             f"bits_per_weight={bits_per_weight} is below what the candidates can reach "
             f"({8 * least_bytes / n_weights:.3f} bits/weight at the least); raise it or add "
             "cheaper candidates"
         )
-    pairs = [(name, c) for name in free for c in candidates]
     results = joblib.Parallel(n_jobs=n_jobs)(
-        joblib.delayed(_estimate)(tensors[name], c, _layer_seed(base, name), n_threads)
-        for name, c in pairs
+        joblib.delayed(_estimate)(
+            layout.checkpoint.ref(name), candidates, _layer_seed(base, name), n_threads
+        )
+        for name in free
     )
     estimates = {name: [] for name in free}
-    for (name, candidate), result in zip(pairs, results):
-        if result is not None:
-            estimates[name].append((result[0], result[1], candidate))
+    for name, per_candidate in zip(free, results):
+        for candidate, result in zip(candidates, per_candidate):
+            if result is not None:
+                estimates[name].append((result[0], result[1], candidate))
     if any(not options for options in estimates.values()):
         empty = sorted(name for name, options in estimates.items() if not options)
         raise ValueError(f"no candidate setting fits the tensors {empty}")
     smallest = {name: min(options, key=lambda o: o[0])[2] for name, options in estimates.items()}
     # Everything but the free layers' streams (header, kept tensors, fixed layers), with a
     # margin for the digits of offsets that grow with the chosen sizes; checked exactly below.
-    overhead = _file_bytes(tensors, compressible, {**fixed, **smallest})
-    overhead -= sum(smallest[name].stream_bytes(tensors[name].shape) for name in free)
-    overhead += 32 * len(tensors)
+    overhead = layout.file_bytes({**fixed, **smallest})
+    overhead -= sum(smallest[name].stream_bytes(layout.shape(name)) for name in free)
+    overhead += 32 * len(layout.tied)
     for _ in range(5):
         plan = allocate(estimates, budget - overhead)
         if plan is None:
-            least = 8 * _file_bytes(tensors, compressible, {**fixed, **smallest}) / n_weights
+            least = 8 * layout.file_bytes({**fixed, **smallest}) / n_weights
             raise ValueError(
                 f"bits_per_weight={bits_per_weight} is below what the candidates can reach "
                 f"({least:.3f} bits/weight at the least); raise it or add cheaper candidates"
             )
-        excess = _file_bytes(tensors, compressible, {**fixed, **plan}) - budget
+        excess = layout.file_bytes({**fixed, **plan}) - budget
         if excess <= 0:
             return plan
         overhead += excess
@@ -734,19 +896,3 @@ def _plan(tensors, compressible, free, fixed, bits_per_weight, candidates, base,
 
 #: A stand-in SQNR with the longest JSON form a float can take, for sizing headers.
 _WIDEST_FLOAT = -1.2345678901234567e-100
-
-
-def _file_bytes(tensors, compressible, plan):
-    """Exact size of the file of a plan (SQNRs at their widest), without fitting anything."""
-    layers = {}
-    for name, array in tensors.items():
-        if name in compressible:
-            settings = plan[name].matrix_settings(array.shape)
-            streams = {k: bytes(v) for k, v in settings.stream_sizes().items()}
-            layers[name] = CompressedLayer(
-                CompressedMatrix(settings, streams), array.shape, array.dtype.name, plan[name],
-                _WIDEST_FLOAT,
-            )
-        else:
-            layers[name] = KeptTensor(array)
-    return CompressedModel(layers).nbytes

@@ -86,4 +86,10 @@ def test_estimator_reports_the_formula(params, per_row, codebook):
         est.fit(X)
     assert est.bits_ == 50 * per_row + codebook
     assert est.bits_per_element_ == est.bits_ / 300
-    assert est.compression_ratio_ == pytest.approx(32 * 300 / est.bits_)
+    assert est.compression_ratio_ == pytest.approx(64 * 300 / est.bits_)  # float64 data
+    est32 = QuantizedSparseDecomposition(random_state=0, max_iter=5, **params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est32.fit(X.astype(np.float32))
+    assert est32.compression_ratio_ == pytest.approx(32 * 300 / est32.bits_)
+    assert est32.encode(X.astype(np.float32)).compression_ratio == est32.compression_ratio_

@@ -1,11 +1,16 @@
 """The command line and the demo."""
 
+import json
+
+import ml_dtypes
 import numpy as np
 import pytest
 
 from qsdlearn import Constraints
 from qsdlearn._demo import DEMO_METHODS, DemoMethod, format_table, run_demo
 from qsdlearn.cli import build_parser, main
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 
 def test_demo_rows_are_measured():
@@ -53,14 +58,14 @@ def test_cli_rejects_unknown_command(capsys):
 def test_cli_compress_info_decompress_round_trip(tmp_path, capsys):
     rng = np.random.default_rng(0)
     weights = {
-        "layer.weight": rng.normal(size=(64, 32)).astype(np.float32),
-        "layer.bias": np.zeros(64, dtype=np.float32),
+        "layer.weight": rng.normal(size=(16, 64)).astype(np.float32),  # 64 sub-vectors: fast
+        "layer.bias": np.zeros(16, dtype=np.float32),
     }
     source = tmp_path / "w.npz"
     np.savez(source, **weights)
     target = tmp_path / "w.qsd"
-    assert main(["compress", str(source), str(target), "--bits-per-weight", "8",
-                 "--vector-size", "4", "--seed", "1"]) == 0
+    assert main(["compress", str(source), str(target), "--bits-per-weight", "16",
+                 "--vector-size", "16", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "layer.weight" in out and "total" in out
     assert main(["info", str(target)]) == 0
@@ -69,7 +74,7 @@ def test_cli_compress_info_decompress_round_trip(tmp_path, capsys):
         assert main(["decompress", str(target), str(tmp_path / name)]) == 0
     with np.load(tmp_path / "out.npz", allow_pickle=False) as restored:
         assert set(restored.files) == set(weights)
-        assert restored["layer.weight"].shape == (64, 32)
+        assert restored["layer.weight"].shape == (16, 64)
         np.testing.assert_array_equal(restored["layer.bias"], weights["layer.bias"])
 
 
@@ -99,3 +104,134 @@ def test_cli_rejects_unreadable_files(tmp_path, capsys):
     assert ".npz or .safetensors" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compress", "a.npz", "b.qsd"])  # --bits-per-weight is required
+
+
+# -- real checkpoints: dtypes, 0-d tensors, shards, overwriting, keep patterns -----------------
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def checkpoint_weights():
+    """Small enough that the default candidates fit fast (128 sub-vectors a layer); so small
+    that the header alone costs several bits per weight."""
+    rng = np.random.default_rng(0)
+    return {
+        "embed.weight": rng.normal(size=(16, 64)).astype(BF16),
+        "layers.0.weight": rng.normal(size=(16, 64)).astype(BF16),
+        "layers.1.weight": rng.normal(size=(16, 64)).astype(np.float16),
+        "norm.weight": np.ones(64, dtype=BF16),
+        "bn.num_batches_tracked": np.array(5, dtype=np.int64),
+        "temperature": np.array(0.7, dtype=np.float32),
+    }
+
+
+@pytest.fixture(scope="module")
+def compressed_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    safetensors_numpy.save_file(checkpoint_weights(), str(folder / "model.safetensors"))
+    target = folder / "model.qsd"
+    assert main(["compress", str(folder / "model.safetensors"), str(target),
+                 "--bits-per-weight", "16", "--keep", "embed.*", "--keep", "*.nothing"]) == 0
+    return target
+
+
+def read_back(path):
+    from qsdlearn._checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(path)
+    return {name: checkpoint.read(name) for name in checkpoint.names}
+
+
+def test_cli_restores_bfloat16_and_0d_tensors(compressed_file, tmp_path, capsys):
+    weights = checkpoint_weights()
+    assert main(["info", str(compressed_file)]) == 0
+    info = capsys.readouterr().out
+    assert "over the original (bfloat16, float16)" in info
+    assert "kept (bfloat16)" in info  # the --keep pattern
+    for target in ["out.safetensors", "out.npz", "shards"]:
+        extra = ["--shard-size", "3KB"] if target == "shards" else []
+        assert main(["decompress", str(compressed_file), str(tmp_path / target), *extra]) == 0
+        restored = read_back(tmp_path / target)
+        assert set(restored) == set(weights)
+        for name, array in weights.items():
+            expected = np.float32 if target.endswith(".npz") and array.dtype == BF16 else array.dtype
+            assert restored[name].shape == array.shape and restored[name].dtype == expected, name
+        np.testing.assert_array_equal(restored["embed.weight"].astype(np.float32),
+                                      weights["embed.weight"].astype(np.float32))
+        assert restored["bn.num_batches_tracked"] == 5
+    err = capsys.readouterr().err
+    assert "cannot hold bfloat16" in err  # the .npz convention is said, not silent
+    assert len(list((tmp_path / "shards").glob("model-*-of-*.safetensors"))) > 1
+
+
+def test_cli_reads_sharded_checkpoints(tmp_path, capsys):
+    weights = checkpoint_weights()
+    names = sorted(weights)
+    weight_map = {}
+    for i, group in enumerate([names[:3], names[3:]], 1):
+        file_name = f"model-{i:05d}-of-00002.safetensors"
+        safetensors_numpy.save_file({n: weights[n] for n in group}, str(tmp_path / file_name))
+        weight_map.update({n: file_name for n in group})
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    shard = tmp_path / "model-00001-of-00002.safetensors"
+    assert main(["compress", str(index), str(shard), "--bits-per-weight", "16", "--force"]) == 1
+    assert "is the input" in capsys.readouterr().err  # a shard of the input is the input
+    assert main(["compress", str(index), str(tmp_path / "m.qsd"), "--bits-per-weight", "16"]) == 0
+    assert main(["decompress", str(tmp_path / "m.qsd"), str(tmp_path / "out.safetensors")]) == 0
+    restored = read_back(tmp_path / "out.safetensors")
+    assert {n: (a.shape, a.dtype) for n, a in restored.items()} == {
+        n: (a.shape, a.dtype) for n, a in weights.items()}
+
+
+def test_cli_does_not_overwrite_without_force(compressed_file, tmp_path, capsys):
+    out = tmp_path / "out.npz"
+    out.write_bytes(b"precious")
+    assert main(["decompress", str(compressed_file), str(out)]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+    assert main(["decompress", str(compressed_file), str(out), "--force"]) == 0
+    assert set(read_back(out)) == set(checkpoint_weights())
+    before = compressed_file.read_bytes()
+    for argv in (["decompress", str(compressed_file), str(compressed_file), "--force"],
+                 ["compress", str(compressed_file), str(compressed_file), "--force",
+                  "--bits-per-weight", "4"]):
+        assert main(argv) == 1
+        assert "is the input" in capsys.readouterr().err
+    assert compressed_file.read_bytes() == before
+    assert main(["compress", str(out), str(compressed_file), "--bits-per-weight", "4"]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "vocab, message",
+    [(np.array(["hello", "world"]), "tensor 'vocab' has dtype <U5"),
+     (np.ones((8, 8), np.complex128), "tensor 'vocab' has dtype complex128")],
+)
+def test_cli_rejects_unusable_tensors_in_one_line(vocab, message, tmp_path, capsys):
+    np.savez(tmp_path / "w.npz", w=np.ones((64, 64), np.float32), vocab=vocab)
+    assert main(["compress", str(tmp_path / "w.npz"), str(tmp_path / "o.qsd"),
+                 "--bits-per-weight", "4"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.qsd").exists()
+
+
+def test_cli_names_the_tensor_with_nan(tmp_path, capsys):
+    weights = checkpoint_weights()
+    weights["layers.1.weight"][0, 0] = np.nan
+    safetensors_numpy.save_file(weights, str(tmp_path / "w.safetensors"))
+    assert main(["compress", str(tmp_path / "w.safetensors"), str(tmp_path / "o.qsd"),
+                 "--bits-per-weight", "4"]) == 1
+    assert "'layers.1.weight'" in capsys.readouterr().err
+
+
+def test_progress_bar_names_layers_when_asked(tmp_path, capsys):
+    weight = np.random.default_rng(0).normal(size=(16, 64)).astype(np.float32)
+    np.savez(tmp_path / "w.npz", **{"a.weight": weight})
+    assert main(["compress", str(tmp_path / "w.npz"), str(tmp_path / "o.qsd"),
+                 "--bits-per-weight", "16", "--verbose"]) == 0
+    assert "a.weight" in capsys.readouterr().err  # the bar shows the layer
+    assert main(["compress", str(tmp_path / "w.npz"), str(tmp_path / "p.qsd"),
+                 "--bits-per-weight", "16"]) == 0
+    assert "layer" not in capsys.readouterr().err  # quiet when not on a terminal

@@ -9,8 +9,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "qsdlearn"
 
 #: Modules from the bottom up; a module may import only from layers below its own.
 LAYERS = [
-    {"_jit", "_levels", "_container", "_allocation", "metrics"},
-    {"_bits", "_kernels"},
+    {"_jit", "_levels", "_container", "_allocation", "metrics", "_dtypes"},
+    {"_bits", "_kernels", "_checkpoint"},
     {"_constraints"},
     {"_solver", "codec"},
     {"_estimator"},
@@ -20,7 +20,8 @@ LAYERS = [
     {"__init__"},
 ]
 #: Modules that work on arrays and bytes only.
-NO_SCIKIT_LEARN = {"_jit", "_levels", "_container", "_allocation", "_bits", "_kernels"}
+NO_SCIKIT_LEARN = {"_jit", "_levels", "_container", "_allocation", "_bits", "_kernels",
+                   "_dtypes", "_checkpoint"}
 
 
 def _imports(path):

@@ -1,14 +1,19 @@
 """The layer-wise adapter: reshape rules, rate targets, files, parallel and distributed runs."""
 
+import json
+import os
 import warnings
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import qsdlearn
 from qsdlearn import CompressedModel, Constraints, LayerSetting, compress_weights
 from qsdlearn._demo import train_digits_mlp
-from qsdlearn.weights import MIN_COMPRESSED_SIZE, KeptTensor, from_rows, read_weights, to_rows
+from qsdlearn._dtypes import numpy_dtype
+from qsdlearn.weights import (MIN_COMPRESSED_SIZE, CompressedLayer, KeptTensor, from_rows,
+                              read_weights, to_rows)
 
 FAST = LayerSetting(8, Constraints(16, n_nonzero=1, code_bits=0, codebook_bits=8))
 # A short candidate list keeps the rate tests fast; the digits test uses the default one.
@@ -208,7 +213,7 @@ def test_damaged_model_files_are_rejected(tmp_path):
 
 
 @pytest.mark.slow
-def test_serial_joblib_and_dask_give_identical_models():
+def test_serial_joblib_and_dask_give_identical_models(tmp_path):
     weights = small_model()
     serial = compress_weights(weights, settings=FAST, random_state=3, max_iter=5, n_jobs=1)
     processes = compress_weights(weights, settings=FAST, random_state=3, max_iter=5, n_jobs=2)
@@ -222,4 +227,210 @@ def test_serial_joblib_and_dask_give_identical_models():
     ) as cluster, distributed.Client(cluster):
         with joblib.parallel_config(backend="dask"):
             on_dask = compress_weights(weights, settings=FAST, random_state=3, max_iter=5, n_jobs=2)
+            # Given a file, each worker reads its own layer: it receives the path and a name.
+            safetensors_numpy = pytest.importorskip("safetensors.numpy")
+            path = tmp_path / "model.safetensors"
+            safetensors_numpy.save_file(weights, str(path))
+            from_file = compress_weights(path, settings=FAST, random_state=3, max_iter=5,
+                                         n_jobs=2)
     assert on_dask.to_bytes() == serial.to_bytes()
+    assert set(from_file.decompress()) == set(serial.decompress())
+    by_name = compress_weights(dict(sorted(weights.items())), settings=FAST, random_state=3,
+                               max_iter=5)
+    assert from_file.to_bytes() == by_name.to_bytes()
+
+
+# -- dtypes, unusable tensors, keep patterns, tied tensors, lazy reading --------------------------
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def every_dtype_model(seed=0):
+    """A compressible tensor of each float dtype, 0-d tensors, integers and booleans."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        f"{name}.weight": rng.normal(size=(32, 64)).astype(numpy_dtype(name))
+        for name in ["float16", "bfloat16", "float32", "float64"]
+    }
+    weights.update({
+        "norm.weight": np.ones(64, dtype=BF16),
+        "bn.num_batches_tracked": np.array(1234, dtype=np.int64),
+        "temperature": np.array(0.5, dtype=np.float16),
+        "mask": np.tril(np.ones((4, 4), dtype=bool)),
+    })
+    return weights
+
+
+def assert_restored(restored, weights, kept=()):
+    assert list(restored) == list(weights)
+    for name, array in weights.items():
+        assert restored[name].dtype == array.dtype and restored[name].shape == array.shape, name
+    for name in kept:
+        np.testing.assert_array_equal(restored[name], weights[name])
+
+
+def test_every_dtype_round_trips_through_the_file(tmp_path):
+    weights = every_dtype_model()
+    model = compress_weights(weights, settings=FAST, random_state=0, max_iter=5)
+    floats = [n for n in weights if n.endswith(".weight") and weights[n].ndim == 2]
+    assert all(isinstance(model.layers[n], CompressedLayer) for n in floats)
+    path = tmp_path / "m.qsd"
+    model.save(path)
+    loaded = qsdlearn.load(path)
+    restored = loaded.decompress()
+    assert_restored(restored, weights, kept=set(weights) - set(floats))
+    for name in floats:  # decoded in float32, then cast: bfloat16 is as good as its rounding
+        assert qsdlearn.sqnr(weights[name], restored[name]) > 2, name
+        np.testing.assert_array_equal(
+            restored[name], model.layers[name].decompress())
+        assert loaded.layers[name].dtype == weights[name].dtype.name
+    assert "ratio" in model.report_table() and "over the original (" in model.report_table()
+
+
+def test_ratio_is_over_the_original_dtype():
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(64, 64)).astype(np.float32)
+    as_float32 = compress_weights({"w": weight}, settings=FAST, random_state=0, max_iter=2)
+    as_bfloat16 = compress_weights({"w": weight.astype(BF16)}, settings=FAST, random_state=0,
+                                   max_iter=2)
+    assert as_float32.nbytes == as_bfloat16.nbytes
+    assert as_bfloat16.compression_ratio == pytest.approx(as_float32.compression_ratio / 2)
+    assert as_float32.compression_ratio == pytest.approx(64 * 64 * 4 / as_float32.nbytes)
+    assert "over the original (bfloat16)" in as_bfloat16.report_table()
+
+
+def test_files_of_the_previous_layout_still_load():
+    """A float16 layer written before bfloat16 existed: header dtype "float16"."""
+    weights = {"w": np.random.default_rng(0).normal(size=(64, 32)).astype(np.float16)}
+    data = compress_weights(weights, settings=FAST, random_state=0, max_iter=2).to_bytes()
+    assert b"\\\"dtype\\\":\\\"float16\\\"" in data
+    assert CompressedModel.from_bytes(data).decompress()["w"].dtype == np.float16
+
+
+@pytest.mark.parametrize(
+    "value", [np.array(["<pad>", "the", "a"]), np.ones((64, 64), np.complex64),
+              np.array([None, 1], dtype=object)], ids=["str", "complex", "object"])
+def test_unusable_tensors_are_rejected_before_any_fit(value, tmp_path, monkeypatch):
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before checking")
+
+    monkeypatch.setattr(qsdlearn.weights, "_fit_layer", no_fit)
+    monkeypatch.setattr(qsdlearn.weights, "_estimate", no_fit)
+    weights = {"w": np.ones((64, 64), np.float32), "vocab": value}
+    with pytest.raises(TypeError, match="tensor 'vocab'"):
+        compress_weights(weights, bits_per_weight=4.0)
+    if value.dtype != object:
+        np.savez(tmp_path / "m.npz", **weights)
+        with pytest.raises(TypeError, match="tensor 'vocab'"):
+            compress_weights(tmp_path / "m.npz", bits_per_weight=4.0)
+
+
+def test_nan_in_a_file_is_named(tmp_path):
+    weights = every_dtype_model()
+    weights["bfloat16.weight"][3, 7] = np.nan
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    safetensors_numpy.save_file(weights, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ValueError, match="'bfloat16.weight' in .*m.safetensors holds NaN"):
+        compress_weights(tmp_path / "m.safetensors", settings=FAST)
+
+
+def test_keep_patterns_store_tensors_verbatim():
+    weights = small_model()
+    model = compress_weights(weights, settings=FAST, keep=["embed.*", "*.nothing"],
+                             random_state=0, max_iter=2)
+    assert isinstance(model.layers["embed.weight"], KeptTensor)
+    assert isinstance(model.layers["head.weight"], CompressedLayer)
+    np.testing.assert_array_equal(model.decompress("embed.weight"), weights["embed.weight"])
+    with pytest.raises(ValueError, match="not compressible"):
+        compress_weights(weights, settings={"embed.weight": FAST}, keep=["embed*"])
+
+
+def test_tied_tensors_are_stored_once(tmp_path):
+    weights = small_model()
+    weights["lm_head.weight"] = weights["embed.weight"]  # tied, as in many language models
+    weights["conv.bias.copy"] = weights["conv.bias"].copy()  # equal content, kept tensors
+    model = compress_weights(weights, settings=FAST, random_state=0, max_iter=2)
+    assert model.layers["lm_head.weight"] is model.layers["embed.weight"]
+    assert model.tied_to("conv.bias.copy") == "conv.bias"
+    untied = compress_weights(small_model(), settings=FAST, random_state=0, max_iter=2)
+    assert model.n_weights == untied.n_weights
+    assert model.nbytes - untied.nbytes < 200  # two header entries, no streams
+    records = {r["name"]: r for r in model.report()}
+    assert records["lm_head.weight"]["setting"] == "tied to embed.weight"
+    assert records["lm_head.weight"]["stored_bits"] == 0
+    model.save(tmp_path / "m.qsd")
+    loaded = qsdlearn.load(tmp_path / "m.qsd")
+    assert loaded.layers["lm_head.weight"] is loaded.layers["embed.weight"]
+    restored = loaded.decompress()
+    assert list(restored) == list(weights)
+    np.testing.assert_array_equal(restored["lm_head.weight"], restored["embed.weight"])
+    assert loaded.to_bytes() == model.to_bytes()
+
+
+def test_decompress_one_tensor():
+    model = compress_weights(small_model(), settings=FAST, random_state=0, max_iter=2)
+    np.testing.assert_array_equal(model.decompress("conv.weight"),
+                                  model.decompress()["conv.weight"])
+    with pytest.raises(KeyError, match="no tensor named 'missing'"):
+        model.decompress("missing")
+
+
+def test_sharded_input_gives_the_same_model(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    weights = every_dtype_model()
+    names = sorted(weights)  # safetensors files list their tensors by name
+    weight_map = {}
+    for i, group in enumerate([names[:3], names[3:]], 1):
+        file_name = f"model-{i:05d}-of-00002.safetensors"
+        safetensors_numpy.save_file({n: weights[n] for n in group}, str(tmp_path / file_name))
+        weight_map.update({n: file_name for n in group})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    from_shards = compress_weights(tmp_path, settings=FAST, random_state=0, max_iter=2)
+    from_dict = compress_weights({n: weights[n] for n in names}, settings=FAST, random_state=0,
+                                 max_iter=2)
+    assert from_shards.to_bytes() == from_dict.to_bytes()
+
+
+MEMORY_SCRIPT = """
+import sys, tracemalloc
+import numpy as np
+from safetensors.numpy import save_file
+from qsdlearn import Constraints, LayerSetting, compress_weights
+
+folder, = sys.argv[1:]
+setting = LayerSetting(8, Constraints(16, n_nonzero=1, code_bits=0, codebook_bits=8))
+rng = np.random.default_rng(0)
+for n_layers in (4, 4, 32):  # the first run warms up imports and caches
+    path = f"{folder}/model-{n_layers}.safetensors"
+    save_file({f"layers.{i}.weight": rng.normal(size=(256, 256)).astype(np.float32)
+               for i in range(n_layers)}, path)
+    tracemalloc.start()
+    model = compress_weights(path, settings=setting, random_state=0, max_iter=2, verbose=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(n_layers, peak, model.nbytes)
+    del model
+"""
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_the_number_of_layers(tmp_path):
+    """Compressing from a file holds one layer at a time (plus the results): the peak of
+    NumPy allocations (tracemalloc) of a 32-layer checkpoint stays within that of a 4-layer
+    one plus the larger results, well below the 8 MB the 32 layers take."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("safetensors")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=600, check=True)
+    peaks = {}
+    for line in result.stdout.split("\n")[-3:]:
+        if line:
+            n_layers, peak, nbytes = map(int, line.split())
+            peaks[n_layers] = (peak, nbytes)
+    layer_bytes = 256 * 256 * 4
+    (small, small_file), (large, large_file) = peaks[4], peaks[32]
+    assert large <= small + 2 * (large_file - small_file) + layer_bytes // 4, peaks
+    assert large < 32 * layer_bytes / 2, peaks  # measured: about 10 layers' bytes

@@ -1,0 +1,442 @@
+"""Checkpoints: tensors by name, read one at a time, and written back, sharded or not.
+
+A checkpoint is a mapping name -> array in memory, a ``.npz`` file, a ``.safetensors`` file, a
+sharded safetensors checkpoint (its ``*.safetensors.index.json`` or the folder holding it), or
+a folder of ``.safetensors`` files. :func:`open_checkpoint` reads only the names, shapes and
+dtypes; :meth:`Checkpoint.ref` gives a small picklable reference a worker process loads its
+one tensor from, so that no process holds the whole model. Files are never read with pickle.
+It imports only :mod:`qsdlearn._dtypes` from the package.
+"""
+
+import fnmatch
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._dtypes import check_dtype, is_float
+
+#: File name of the index of a sharded checkpoint written by :func:`write_checkpoint`.
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape and dtype of one tensor, known without reading it."""
+
+    name: str
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def size(self):
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class SafetensorsRef:
+    """Where a worker reads one tensor of a safetensors file."""
+
+    path: str
+    name: str
+
+    def load(self):
+        """The tensor (read lazily: only its bytes)."""
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="np") as file:
+            return file.get_tensor(self.name)
+
+
+@dataclass(frozen=True)
+class NpzRef:
+    """Where a worker reads one tensor of a ``.npz`` archive."""
+
+    path: str
+    name: str
+
+    def load(self):
+        """The tensor (only its member of the archive is read)."""
+        with np.load(self.path, allow_pickle=False) as archive:
+            return archive[self.name]
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """A tensor already in memory."""
+
+    array: np.ndarray
+
+    def load(self):
+        """The tensor itself."""
+        return self.array
+
+
+class Checkpoint:
+    """The tensors of a model, by name, each read only when asked for.
+
+    Parameters
+    ----------
+    infos : list of TensorInfo
+        In the checkpoint's order.
+    refs : dict of str to reference
+        Name to an object whose ``load()`` returns the tensor.
+    source : str
+        Where the tensors come from, for messages.
+    """
+
+    def __init__(self, infos, refs, source):
+        self.infos = {info.name: info for info in infos}
+        self.refs = dict(refs)
+        self.source = source
+
+    @property
+    def names(self):
+        """Tensor names, in order."""
+        return list(self.infos)
+
+    def ref(self, name):
+        """A picklable reference to tensor ``name`` (``ref.load()`` reads it)."""
+        return self.refs[name]
+
+    def read(self, name):
+        """Tensor ``name`` as an array."""
+        return self.ref(name).load()
+
+    def check(self):
+        """Read every tensor once, one at a time: reject NaN and infinity, naming the tensor.
+
+        Returns
+        -------
+        dict of str to bytes
+            A digest of every tensor's dtype, shape and content: equal digests mean equal
+            tensors.
+        """
+        digests = {}
+        for name, info in self.infos.items():
+            array = self.read(name)
+            if array.shape != info.shape or array.dtype != info.dtype:
+                raise ValueError(f"tensor {name!r} in {self.source} does not match its header")
+            if is_float(array.dtype) and not np.isfinite(array).all():
+                raise ValueError(f"tensor {name!r} in {self.source} holds NaN or infinity")
+            digest = hashlib.blake2b(f"{array.dtype.name}{array.shape}".encode(), digest_size=16)
+            digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+            digests[name] = digest.digest()
+            del array
+        return digests
+
+
+def matching(name, patterns):
+    """Whether ``name`` matches one of the glob ``patterns`` (:func:`fnmatch.fnmatchcase`).
+
+    Examples
+    --------
+    >>> from qsdlearn._checkpoint import matching
+    >>> matching("model.embed_tokens.weight", ["*embed*", "lm_head.*"])
+    True
+    >>> matching("layers.0.mlp.weight", ["*embed*"])
+    False
+    """
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def open_checkpoint(source):
+    """The :class:`Checkpoint` of a mapping, a file, an index or a folder.
+
+    Names and dtypes are checked here, before anything is fitted: names must be strings, and
+    a dtype that cannot be stored raises a :class:`TypeError` naming the tensor.
+
+    Parameters
+    ----------
+    source : mapping of str to array-like, or str / path-like
+        A mapping, a ``.npz`` or ``.safetensors`` file, a ``*.safetensors.index.json``
+        index of shards, or a folder holding one index or ``.safetensors`` files.
+
+    Returns
+    -------
+    Checkpoint
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qsdlearn._checkpoint import open_checkpoint
+    >>> checkpoint = open_checkpoint({"w": np.ones((2, 3)), "step": 7})
+    >>> [(i.name, i.shape, i.dtype.name) for i in checkpoint.infos.values()]
+    [('w', (2, 3), 'float64'), ('step', (), 'int64')]
+    """
+    if isinstance(source, (str, os.PathLike)):
+        checkpoint = _open_path(os.fspath(source))
+    elif isinstance(source, Mapping) or hasattr(source, "items"):
+        checkpoint = _open_mapping(source)
+    else:
+        raise TypeError(f"weights must be a mapping name -> array or a path, got {type(source)}")
+    for info in checkpoint.infos.values():
+        check_dtype(info.name, info.dtype)
+    return checkpoint
+
+
+def _open_mapping(mapping):
+    infos, refs = [], {}
+    for name, value in mapping.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be strings, got {name!r}")
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(
+                f"tensor {name!r} cannot be read as a NumPy array ({exc}); pass arrays, e.g. "
+                "v.float().numpy() for a bfloat16 torch tensor"
+            ) from None
+        infos.append(TensorInfo(name, array.shape, array.dtype))
+        refs[name] = ArrayRef(array)
+    return Checkpoint(infos, refs, "the weights")
+
+
+def _open_path(path):
+    if not os.path.exists(path):
+        raise ValueError(f"no such file: {path}")
+    if os.path.isdir(path):
+        indexes = sorted(f for f in os.listdir(path) if f.endswith(INDEX_SUFFIX))
+        if len(indexes) > 1:
+            raise ValueError(f"{path} holds several indexes {indexes}; pass one of them")
+        if indexes:
+            return _open_index(os.path.join(path, indexes[0]))
+        shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not shards:
+            raise ValueError(f"{path} holds no .safetensors file")
+        return _open_shards([os.path.join(path, f) for f in shards], path)
+    if path.endswith(".json"):
+        return _open_index(path)
+    if path.endswith(".npz"):
+        return _open_npz(path)
+    if path.endswith(".safetensors"):
+        return _open_shards([path], path)
+    raise ValueError(
+        f"cannot read {path}: expected a .npz or .safetensors file, a {INDEX_SUFFIX} index "
+        "or a folder of .safetensors files"
+    )
+
+
+def _open_npz(path):
+    infos, refs = [], {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                if not member.endswith(".npy"):
+                    raise ValueError(f"{path} holds {member!r}, which is not a NumPy array")
+                name = member[: -len(".npy")]
+                with archive.open(member) as file:
+                    version = np.lib.format.read_magic(file)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(file)
+                infos.append(TensorInfo(name, tuple(shape), np.dtype(dtype)))
+                refs[name] = NpzRef(path, name)
+    except zipfile.BadZipFile:
+        raise ValueError(f"cannot read {path}: not a .npz archive") from None
+    return Checkpoint(infos, refs, path)
+
+
+def _open_index(path):
+    try:
+        with open(path, encoding="utf-8") as file:
+            weight_map = json.load(file)["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path} is not a checkpoint index (no weight_map)") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{path} is not a checkpoint index (no weight_map)")
+    folder = os.path.dirname(os.path.abspath(path))
+    files = []
+    for name, file_name in weight_map.items():
+        if not isinstance(file_name, str) or os.path.basename(file_name) != file_name:
+            raise ValueError(f"{path}: tensor {name!r} names a shard outside its folder")
+        if file_name not in files:
+            files.append(file_name)
+    checkpoint = _open_shards([os.path.join(folder, f) for f in files], path)
+    listed, found = set(weight_map), set(checkpoint.infos)
+    if listed != found:
+        missing, extra = sorted(listed - found)[:3], sorted(found - listed)[:3]
+        raise ValueError(
+            f"{path} does not match its shards: listed but absent {missing}, present but not "
+            f"listed {extra}"
+        )
+    for name, file_name in weight_map.items():
+        if checkpoint.refs[name].path != os.path.join(folder, file_name):
+            raise ValueError(f"{path}: tensor {name!r} is not in the shard the index names")
+    return Checkpoint([checkpoint.infos[name] for name in weight_map], checkpoint.refs, path)
+
+
+def _open_shards(paths, source):
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError as exc:  # pragma: no cover - optional dependency
+        raise ImportError("reading .safetensors needs: pip install safetensors") from exc
+    from ._dtypes import NUMPY_NAMES, numpy_dtype
+
+    infos, refs = [], {}
+    for path in paths:
+        try:
+            with safe_open(path, framework="np") as file:
+                for name in file.keys():
+                    if name in refs:
+                        raise ValueError(f"tensor {name!r} is in two shards of {source}")
+                    piece = file.get_slice(name)
+                    dtype_name = piece.get_dtype()
+                    if dtype_name not in NUMPY_NAMES:
+                        raise TypeError(
+                            f"tensor {name!r} in {path} has dtype {dtype_name}, which qsdlearn "
+                            f"does not store; supported: {', '.join(NUMPY_NAMES)}"
+                        )
+                    infos.append(TensorInfo(name, tuple(piece.get_shape()),
+                                            numpy_dtype(NUMPY_NAMES[dtype_name])))
+                    refs[name] = SafetensorsRef(path, name)
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"cannot read {path}: {exc}") from None
+    return Checkpoint(infos, refs, source)
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def shard_names(count, stem="model"):
+    """File names of ``count`` shards, ``model-00001-of-00003.safetensors`` style.
+
+    Examples
+    --------
+    >>> from qsdlearn._checkpoint import shard_names
+    >>> shard_names(2)
+    ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+    """
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def plan_shards(sizes, max_bytes):
+    """Consecutive groups of tensor names whose bytes stay within ``max_bytes`` each (a
+    tensor larger than that gets a shard of its own).
+
+    Parameters
+    ----------
+    sizes : dict of str to int
+        Bytes of every tensor, in order.
+    max_bytes : int
+
+    Examples
+    --------
+    >>> from qsdlearn._checkpoint import plan_shards
+    >>> plan_shards({"a": 6, "b": 5, "c": 4, "d": 20}, 10)
+    [['a'], ['b', 'c'], ['d']]
+    """
+    shards, current, used = [], [], 0
+    for name, size in sizes.items():
+        if current and used + size > max_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_checkpoint(path, names, read, max_shard_bytes=None):
+    """Write tensors to a ``.npz`` file, a ``.safetensors`` file or a folder of shards,
+    holding one tensor (``.npz``) or one shard (safetensors) in memory at a time.
+
+    ``.npz`` cannot hold bfloat16: such tensors are written as float32 (every bfloat16 value
+    is a float32 value, so nothing is rounded), with a :class:`UserWarning` naming them.
+
+    Parameters
+    ----------
+    path : str or path-like
+        ``*.npz``, ``*.safetensors``, or, with ``max_shard_bytes``, a folder to create, which
+        receives ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``.
+    names : dict of str to int
+        The tensors to write, in order, with their size in bytes.
+    read : callable
+        ``read(name)`` returns the array.
+    max_shard_bytes : int, optional
+        Bytes of tensors per shard.
+
+    Returns
+    -------
+    list of str
+        The files written.
+    """
+    path = os.fspath(path)
+    if max_shard_bytes is not None:
+        return _write_shards(path, names, read, max_shard_bytes)
+    if path.endswith(".npz"):
+        _write_npz(path, names, read)
+    elif path.endswith(".safetensors"):
+        _write_safetensors(path, {name: read(name) for name in names}, {"format": "pt"})
+    else:
+        raise ValueError(f"cannot write {path}: name it .npz or .safetensors, or give a shard size")
+    return [path]
+
+
+def _write_npz(path, names, read):
+    widened = []
+
+    def write(temporary):
+        with zipfile.ZipFile(temporary, "w", allowZip64=True) as archive:
+            for name in names:
+                array = read(name)
+                if array.dtype.name == "bfloat16":
+                    array = array.astype(np.float32)
+                    widened.append(name)
+                with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
+
+    _replace_atomically(path, write)
+    if widened:
+        warnings.warn(
+            f"{path}: .npz cannot hold bfloat16; {len(widened)} tensors (e.g. {widened[0]!r}) "
+            "were written as float32, exactly (write .safetensors to keep bfloat16)",
+            UserWarning, stacklevel=3,
+        )
+
+
+def _write_safetensors(path, arrays, metadata=None):
+    from safetensors.numpy import save_file
+
+    # np.ascontiguousarray would turn a 0-d array into shape (1,): copy only when needed.
+    arrays = {k: v if v.flags.c_contiguous else v.copy(order="C") for k, v in arrays.items()}
+    _replace_atomically(path, lambda temporary: save_file(arrays, temporary, metadata=metadata))
+
+
+def _write_shards(folder, names, read, max_shard_bytes):
+    os.makedirs(folder, exist_ok=True)
+    groups = plan_shards(names, max_shard_bytes)
+    files = shard_names(len(groups))
+    weight_map = {}
+    for group, file_name in zip(groups, files):
+        _write_safetensors(os.path.join(folder, file_name), {n: read(n) for n in group},
+                           {"format": "pt"})
+        weight_map.update({name: file_name for name in group})
+    index = {"metadata": {"total_size": int(sum(names.values()))}, "weight_map": weight_map}
+    index_path = os.path.join(folder, "model" + INDEX_SUFFIX)
+    with open(index_path, "w", encoding="utf-8") as file:
+        json.dump(index, file, indent=2)
+    return [os.path.join(folder, f) for f in files] + [index_path]
+
+
+def _replace_atomically(path, write):
+    """Call ``write(temporary)`` on a temporary file next to ``path``, then rename it over
+    ``path``: an interrupted write leaves no partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".qsdlearn-", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise

@@ -1,0 +1,93 @@
+"""The tensor dtypes qsdlearn reads and writes, by NumPy name and by safetensors name.
+
+Floats (float16, bfloat16, float32, float64) may be compressed; decompression computes in
+float32 and casts back to the tensor's own dtype. Integers and booleans are only ever kept
+verbatim. Everything else (complex, strings, bytes, objects, structured records, dates, 8-bit
+and extended-precision floats) is refused with a :class:`TypeError` that names the tensor.
+NumPy has no bfloat16 of its own: it is ``ml_dtypes.bfloat16``. It imports nothing from the
+package.
+"""
+
+import ml_dtypes
+import numpy as np
+
+#: Float dtypes a tensor may be compressed from, NumPy name to safetensors name.
+FLOAT_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
+#: Dtypes only ever stored verbatim, NumPy name to safetensors name.
+EXACT_DTYPES = {
+    "int8": "I8", "uint8": "U8", "int16": "I16", "uint16": "U16", "int32": "I32",
+    "uint32": "U32", "int64": "I64", "uint64": "U64", "bool": "BOOL",
+}
+#: Every supported dtype, NumPy name to safetensors name.
+SAFETENSORS_NAMES = {**FLOAT_DTYPES, **EXACT_DTYPES}
+#: Safetensors name to NumPy name.
+NUMPY_NAMES = {st: name for name, st in SAFETENSORS_NAMES.items()}
+
+_KIND_ADVICE = {
+    "c": "complex tensors are not weights qsdlearn can store; split them into real and "
+         "imaginary parts",
+    "U": "strings (e.g. a vocabulary) belong in a separate file (JSON, tokenizer files)",
+    "S": "byte strings belong in a separate file",
+    "O": "object arrays cannot be stored without pickle; convert them to numeric arrays",
+    "V": "structured or raw records are not weights; store their fields as separate tensors",
+    "M": "dates belong in a separate file",
+    "m": "time spans belong in a separate file",
+}
+
+
+def numpy_dtype(name):
+    """The NumPy dtype of a supported dtype name (``"bfloat16"`` included).
+
+    Examples
+    --------
+    >>> from qsdlearn._dtypes import numpy_dtype
+    >>> numpy_dtype("bfloat16").itemsize, numpy_dtype("int64").name
+    (2, 'int64')
+    """
+    if name == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    if name not in SAFETENSORS_NAMES:
+        raise ValueError(f"unsupported dtype {name!r}")
+    return np.dtype(name)
+
+
+def check_dtype(tensor, dtype):
+    """Raise a :class:`TypeError` naming ``tensor`` unless ``dtype`` is supported.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qsdlearn._dtypes import check_dtype
+    >>> check_dtype("vocab", np.dtype("<U5"))
+    Traceback (most recent call last):
+    ...
+    TypeError: tensor 'vocab' has dtype <U5, which qsdlearn does not store: strings (e.g. a vocabulary) belong in a separate file (JSON, tokenizer files)
+    """
+    dtype = np.dtype(dtype)
+    if dtype.name in SAFETENSORS_NAMES and dtype.isnative:
+        return
+    advice = _KIND_ADVICE.get(dtype.kind)
+    if advice is None:
+        advice = ("supported dtypes are " + ", ".join(SAFETENSORS_NAMES)
+                  + "; cast the tensor to one of them")
+    raise TypeError(f"tensor {tensor!r} has dtype {dtype}, "
+                    f"which qsdlearn does not store: {advice}")
+
+
+def is_float(dtype):
+    """Whether ``dtype`` is one of the floats a tensor may be compressed from."""
+    return np.dtype(dtype).name in FLOAT_DTYPES
+
+
+def to_little_endian_bytes(array):
+    """The raw little-endian bytes of an array of a supported dtype, in C order."""
+    size = array.dtype.itemsize
+    raw = np.ascontiguousarray(array).reshape(-1).view(f"u{size}")
+    return raw.astype(f"<u{size}", copy=False).tobytes()
+
+
+def from_little_endian_bytes(data, name, shape):
+    """Inverse of :func:`to_little_endian_bytes` for dtype ``name`` and ``shape`` (a copy)."""
+    dtype = numpy_dtype(name)
+    raw = np.frombuffer(data, dtype=np.dtype(f"<u{dtype.itemsize}"))
+    return raw.astype(f"=u{dtype.itemsize}").view(dtype).reshape(shape)

@@ -1,0 +1,196 @@
+"""Checkpoints: lazy reading of mappings, .npz, safetensors files and shards; checks before
+any fit; writing back, sharded or not; the dtype table."""
+
+import json
+import pickle
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from qsdlearn._checkpoint import open_checkpoint, plan_shards, write_checkpoint
+from qsdlearn._dtypes import (FLOAT_DTYPES, SAFETENSORS_NAMES, check_dtype,
+                              from_little_endian_bytes, numpy_dtype, to_little_endian_bytes)
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def tensors(seed=0):
+    """One tensor of every supported dtype, 0-d ones included."""
+    rng = np.random.default_rng(seed)
+    out = {f"w.{name}": rng.normal(size=(3, 5)).astype(numpy_dtype(name)) for name in FLOAT_DTYPES}
+    out["scalar.temperature"] = np.array(0.25, dtype=np.float32)
+    out["bn.num_batches_tracked"] = np.array(12, dtype=np.int64)
+    out["mask"] = rng.random(7) > 0.5
+    out["ids"] = np.arange(6, dtype=np.uint16).reshape(2, 3)
+    return out
+
+
+def assert_same(restored, expected):
+    assert list(restored) == list(expected)
+    for name, array in expected.items():
+        assert restored[name].dtype == array.dtype, name
+        assert restored[name].shape == array.shape, name
+        np.testing.assert_array_equal(restored[name].view(f"u{array.dtype.itemsize}"),
+                                      array.view(f"u{array.dtype.itemsize}"), err_msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(SAFETENSORS_NAMES))
+def test_little_endian_bytes_round_trip(name):
+    array = np.arange(6).reshape(2, 3).astype(numpy_dtype(name))
+    data = to_little_endian_bytes(array)
+    assert len(data) == array.nbytes
+    back = from_little_endian_bytes(data, name, (2, 3))
+    assert back.dtype == array.dtype and back.tobytes() == array.tobytes()
+    scalar = np.array(1, dtype=numpy_dtype(name))
+    assert from_little_endian_bytes(to_little_endian_bytes(scalar), name, ()).shape == ()
+
+
+def test_safetensors_file_is_read_lazily_and_exactly(tmp_path):
+    path = tmp_path / "m.safetensors"
+    safetensors_numpy.save_file(tensors(), str(path))
+    checkpoint = open_checkpoint(path)
+    assert set(checkpoint.names) == set(tensors())
+    info = checkpoint.infos["w.bfloat16"]
+    assert info.shape == (3, 5) and info.dtype == BF16
+    assert checkpoint.infos["scalar.temperature"].shape == ()
+    ref = checkpoint.ref("w.bfloat16")
+    assert len(pickle.dumps(ref)) < 500  # what a worker receives: the path and the name
+    expected = tensors()
+    assert_same({n: checkpoint.read(n) for n in expected}, expected)
+
+
+def test_npz_headers_are_read_without_loading(tmp_path):
+    path = tmp_path / "m.npz"
+    arrays = {k: v for k, v in tensors().items() if v.dtype != BF16}
+    np.savez(path, **arrays)
+    checkpoint = open_checkpoint(path)
+    assert checkpoint.names == list(arrays)
+    assert [checkpoint.infos[n].shape for n in arrays] == [a.shape for a in arrays.values()]
+    assert_same({n: checkpoint.read(n) for n in arrays}, arrays)
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        (np.array(["the", "a", "of"]), "strings"),
+        (np.array([b"x", b"y"]), "byte strings"),
+        (np.ones((4, 4), dtype=np.complex64), "complex"),
+        (np.array([{"a": 1}, None], dtype=object), "pickle"),
+        (np.zeros(3, dtype=[("a", "f4"), ("b", "i4")]), "structured"),
+        (np.zeros(3, dtype=np.float16).astype(">f2"), "cast"),
+    ],
+    ids=["str", "bytes", "complex", "object", "record", "big-endian"],
+)
+def test_unusable_dtypes_are_named(value, words, tmp_path):
+    with pytest.raises(TypeError, match=f"tensor 'vocab'.*{words}"):
+        open_checkpoint({"w": np.ones((64, 64)), "vocab": value})
+    if value.dtype.kind != "O":  # .npz files too, from their headers (objects need pickle)
+        np.savez(tmp_path / "m.npz", w=np.ones((64, 64)), vocab=value)
+        with pytest.raises(TypeError, match=f"tensor 'vocab'.*{words}"):
+            open_checkpoint(tmp_path / "m.npz")
+
+
+def test_values_numpy_cannot_read_are_named():
+    class Unreadable:
+        def __array__(self, dtype=None, copy=None):
+            raise TypeError("Got unsupported ScalarType BFloat16")
+
+    with pytest.raises(TypeError, match="tensor 'layer' cannot be read.*float"):
+        open_checkpoint({"layer": Unreadable()})
+
+
+def test_check_names_the_tensor_with_nan(tmp_path):
+    bad = np.ones((4, 4), dtype=ml_dtypes.bfloat16)
+    bad[1, 2] = np.inf
+    path = tmp_path / "m.safetensors"
+    safetensors_numpy.save_file({"good": np.ones(3, np.float32), "layers.3.weight": bad}, str(path))
+    with pytest.raises(ValueError, match=r"'layers.3.weight' in .*m.safetensors holds NaN"):
+        open_checkpoint(path).check()
+
+
+def test_digests_tell_equal_tensors():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    digests = open_checkpoint({"a": a, "b": a.copy(), "c": a.reshape(4, 3), "d": a + 1}).check()
+    assert digests["a"] == digests["b"]
+    assert len({digests["a"], digests["c"], digests["d"]}) == 3
+
+
+def write_sharded(folder, arrays, per_shard=2):
+    names = list(arrays)
+    groups = [names[i : i + per_shard] for i in range(0, len(names), per_shard)]
+    weight_map = {}
+    for i, group in enumerate(groups, 1):
+        file_name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        safetensors_numpy.save_file({n: arrays[n] for n in group}, str(folder / file_name))
+        weight_map.update({n: file_name for n in group})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_sharded_checkpoint_by_index_or_folder(tmp_path):
+    arrays = tensors()
+    write_sharded(tmp_path, arrays)
+    for source in [tmp_path, tmp_path / "model.safetensors.index.json"]:
+        checkpoint = open_checkpoint(source)
+        assert checkpoint.names == list(arrays)  # the index's order
+        assert_same({n: checkpoint.read(n) for n in arrays}, arrays)
+    (tmp_path / "model.safetensors.index.json").unlink()
+    assert set(open_checkpoint(tmp_path).names) == set(arrays)  # the shards alone
+
+
+def test_damaged_indexes_are_rejected(tmp_path):
+    arrays = tensors()
+    write_sharded(tmp_path, arrays)
+    index = tmp_path / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    cases = [
+        ({**weight_map, "extra": weight_map["mask"]}, "does not match its shards"),
+        ({**weight_map, "mask": "../elsewhere.safetensors"}, "outside its folder"),
+        ({**weight_map, "mask": next(iter(weight_map.values()))}, "not in the shard"),
+    ]
+    for damaged, message in cases:
+        index.write_text(json.dumps({"weight_map": damaged}))
+        with pytest.raises(ValueError, match=message):
+            open_checkpoint(index)
+    index.write_text("{}")
+    with pytest.raises(ValueError, match="no weight_map"):
+        open_checkpoint(index)
+
+
+def test_plan_shards_keeps_order_and_bound():
+    sizes = {f"t{i}": s for i, s in enumerate([3, 3, 3, 9, 1, 1])}
+    shards = plan_shards(sizes, 7)
+    assert [n for shard in shards for n in shard] == list(sizes)
+    assert all(sum(sizes[n] for n in s) <= 7 or len(s) == 1 for s in shards)
+    assert shards == [["t0", "t1"], ["t2"], ["t3"], ["t4", "t5"]]
+
+
+@pytest.mark.parametrize("target", ["out.safetensors", "out.npz", "shards"])
+def test_write_checkpoint_round_trips(target, tmp_path):
+    arrays = tensors()
+    sizes = {n: a.nbytes for n, a in arrays.items()}
+    path = tmp_path / target
+    shard_bytes = 40 if target == "shards" else None
+    if target.endswith(".npz"):
+        with pytest.warns(UserWarning, match="bfloat16.*float32"):
+            write_checkpoint(path, sizes, arrays.__getitem__, shard_bytes)
+    else:
+        files = write_checkpoint(path, sizes, arrays.__getitem__, shard_bytes)
+        assert len(files) == (1 if shard_bytes is None else len(plan_shards(sizes, 40)) + 1)
+    checkpoint = open_checkpoint(path)
+    restored = {n: checkpoint.read(n) for n in arrays}
+    if target.endswith(".npz"):  # the documented convention: bfloat16 widened, exactly
+        assert restored["w.bfloat16"].dtype == np.float32
+        restored["w.bfloat16"] = restored["w.bfloat16"].astype(BF16)
+        assert checkpoint.infos["scalar.temperature"].shape == ()
+    assert_same(restored, arrays)
+    assert not list(tmp_path.glob(".qsdlearn-*"))  # no temporary file left
+
+
+def test_check_dtype_accepts_the_table():
+    for name in SAFETENSORS_NAMES:
+        check_dtype("t", numpy_dtype(name))
+    with pytest.raises(TypeError, match="float8"):
+        check_dtype("t", np.dtype(ml_dtypes.float8_e4m3fn))
