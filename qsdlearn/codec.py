@@ -281,8 +281,10 @@ class CompressedMatrix(FileImage):
 
     @property
     def compression_ratio(self):
-        """The matrix in its dtype over its payload: ``float_bits * n_rows * n_features /
-        bits``."""
+        """The matrix in its dtype over its payload.
+
+        ``float_bits * n_rows * n_features / bits``.
+        """
         return self.settings.float_bits * self.shape[0] * self.shape[1] / self.bits
 
     @property

@@ -93,21 +93,62 @@ class LayerSetting:
     )
 
     def describe(self):
-        """A short human-readable form of the setting."""
+        """A short human-readable form of the setting.
+
+        Returns
+        -------
+        str
+            For example ``"d=8 k=256 2 of 256 codes=2b codebook=8b"``.
+        """
         return f"d={self.vector_size} {self.constraints.describe()}"
 
     def estimator(self, **params):
-        """A :class:`QuantizedSparseDecomposition` with these constraints and ``params``."""
+        """An estimator with these constraints.
+
+        Parameters
+        ----------
+        **params
+            Further parameters of :class:`QuantizedSparseDecomposition` (``random_state``,
+            ``max_iter``, ...).
+
+        Returns
+        -------
+        QuantizedSparseDecomposition
+            Unfitted.
+        """
         return QuantizedSparseDecomposition(**self.constraints.to_dict(), **params)
 
     def matrix_settings(self, shape, dtype=np.float32):
-        """Settings of the matrix :func:`to_rows` makes of a tensor of ``shape`` (what
-        :func:`compress_weights` encodes), known before fitting."""
+        """Settings of the matrix :func:`to_rows` makes of a tensor, known before fitting.
+
+        Parameters
+        ----------
+        shape : tuple of int
+            Shape of the tensor.
+        dtype : dtype, default=numpy.float32
+            Dtype of the encoded matrix (what :func:`compress_weights` encodes in).
+
+        Returns
+        -------
+        MatrixSettings
+            Its shape, dtype and constraints.
+        """
         return MatrixSettings(rows_of(shape, self.vector_size), self.vector_size,
                               np.dtype(dtype).name, self.constraints)
 
     def stream_bytes(self, shape):
-        """Bytes of the streams of a tensor of ``shape`` under this setting."""
+        """Bytes of the streams of a tensor under this setting.
+
+        Parameters
+        ----------
+        shape : tuple of int
+            Shape of the tensor.
+
+        Returns
+        -------
+        int
+            The bytes its streams take in a file (each rounded up to a whole byte).
+        """
         return sum(self.matrix_settings(shape).stream_sizes().values())
 
 
@@ -301,7 +342,18 @@ class CompressedModel(FileImage):
         self._image = None
 
     def tied_to(self, name):
-        """The first name whose entry tensor ``name`` shares (``name`` itself when none)."""
+        """The tensor a tied tensor shares its entry with.
+
+        Parameters
+        ----------
+        name : str
+            A tensor's name.
+
+        Returns
+        -------
+        str
+            The first name whose entry tensor ``name`` shares (``name`` itself when none).
+        """
         return self._firsts()[name]
 
     def _firsts(self):
@@ -328,8 +380,9 @@ class CompressedModel(FileImage):
 
     @property
     def original_dtypes(self):
-        """Names of the original dtypes of the compressed layers (of all tensors when none is
-        compressed), most weights first."""
+        """Names of the original dtypes of the compressed layers (of all tensors when none
+        is compressed), most weights first.
+        """
         counts = {}
         compressed = [e for e in self._distinct() if isinstance(e, CompressedLayer)]
         for entry in compressed or self._distinct():
@@ -349,7 +402,8 @@ class CompressedModel(FileImage):
     @property
     def compression_ratio(self):
         """:attr:`original_nbytes` over the file's bytes: how much smaller the file is than
-        the weights in their own dtypes (a bfloat16 model counts 16 bits a weight)."""
+        the weights in their own dtypes (a bfloat16 model counts 16 bits a weight).
+        """
         return self.original_nbytes / self.nbytes
 
     # content ------------------------------------------------------------------------------------
@@ -412,8 +466,12 @@ class CompressedModel(FileImage):
     def report_table(self):
         """The report and the totals as printable text.
 
-        Bits per weight are over the whole file; the ratio is over the weights in their
-        original dtypes, which the last line names."""
+        Returns
+        -------
+        str
+            One line per tensor, then the totals. Bits per weight are over the whole file;
+            the ratio is over the weights in their original dtypes, which the last line names.
+        """
         rows = self.report()
         width = max([len(r["name"]) for r in rows] + [4])
         lines = [
@@ -437,7 +495,14 @@ class CompressedModel(FileImage):
     # file image ---------------------------------------------------------------------------------
 
     def to_bytes(self):
-        """The file image (a safetensors file)."""
+        """The file image.
+
+        Returns
+        -------
+        bytes
+            A safetensors file: the header with the layer list, then every layer's streams or
+            kept tensor.
+        """
         if self._image is None:
             tensors, entries = [], []
             firsts = self._firsts()
@@ -454,10 +519,25 @@ class CompressedModel(FileImage):
 
     @classmethod
     def from_container(cls, meta, tensors, max_elements=None):
-        """Rebuild from a parsed container (:func:`qsdlearn._container.read_container`).
+        """Rebuild from a parsed container.
 
         Every layer's header entry is checked, and the declared sizes against
-        ``max_elements``, before any stream is decoded."""
+        ``max_elements``, before any stream is decoded.
+
+        Parameters
+        ----------
+        meta : dict
+            The file's metadata (:func:`qsdlearn._container.read_container`).
+        tensors : dict
+            Its tensors by name.
+        max_elements : int, optional
+            Largest number of elements the layers may declare in all (default ``2**32``).
+
+        Returns
+        -------
+        CompressedModel
+            The validated model.
+        """
         cls.check_kind(meta)
         headers = {}
         for i, entry in enumerate(json_field(meta, "layers", list)):

@@ -1,0 +1,44 @@
+"""numpydoc's validation of every public docstring, so that the API reference stays complete."""
+
+import inspect
+
+import pytest
+
+numpydoc_validate = pytest.importorskip("numpydoc.validate")
+
+import qsdlearn  # noqa: E402
+import qsdlearn.metrics  # noqa: E402
+
+#: Checked everywhere: parameters documented and known, returns described, layout.
+CHECKS = {"GL02", "GL03", "PR01", "PR02", "PR03", "PR06", "PR07", "PR10", "RT03", "SA04", "SS01"}
+#: Checked on functions, classes and methods (properties describe a value, not a call).
+CALLABLE_CHECKS = {"RT01"}
+#: Checked on public functions and classes, which must show an example.
+TOP_LEVEL_CHECKS = {"EX01"}
+
+
+def _public_names():
+    top = [f"qsdlearn.{name}" for name in qsdlearn.__all__ if name != "__version__"]
+    top += [f"qsdlearn.metrics.{name}" for name in qsdlearn.metrics.__all__]
+    members = []
+    for name in top:
+        obj = eval(name)  # noqa: S307 - names from __all__
+        if inspect.isclass(obj):
+            for attr, value in vars(obj).items():
+                if not attr.startswith("_") and (callable(value) or isinstance(
+                        value, (property, classmethod, staticmethod))):
+                    members.append((f"{name}.{attr}", isinstance(value, property)))
+    return [(name, "top", False) for name in sorted(set(top))] + [
+        (name, "member", is_property) for name, is_property in members]
+
+
+@pytest.mark.parametrize("name, level, is_property", _public_names(), ids=lambda v: str(v))
+def test_docstring(name, level, is_property):
+    checks = set(CHECKS)
+    if not is_property:
+        checks |= CALLABLE_CHECKS
+    if level == "top":
+        checks |= TOP_LEVEL_CHECKS
+    errors = [f"{code}: {message}" for code, message in numpydoc_validate.validate(name)["errors"]
+              if code in checks]
+    assert not errors, "\n".join(errors)
