@@ -29,7 +29,9 @@ _KIND_ADVICE = {
     "U": "strings (e.g. a vocabulary) belong in a separate file (JSON, tokenizer files)",
     "S": "byte strings belong in a separate file",
     "O": "object arrays cannot be stored without pickle; convert them to numeric arrays",
-    "V": "structured or raw records are not weights; store their fields as separate tensors",
+    "V": "structured or raw records are not weights; store their fields as separate tensors "
+         "(a bfloat16 array saved with np.savez reads back as raw 2-byte records: save it as "
+         ".safetensors, or as float32)",
     "M": "dates belong in a separate file",
     "m": "time spans belong in a separate file",
 }

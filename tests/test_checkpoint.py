@@ -93,6 +93,12 @@ def test_unusable_dtypes_are_named(value, words, tmp_path):
             open_checkpoint(tmp_path / "m.npz")
 
 
+def test_bfloat16_saved_in_npz_gets_advice(tmp_path):
+    np.savez(tmp_path / "m.npz", w=np.ones((4, 4), dtype=BF16))  # stored as raw '<V2'
+    with pytest.raises(TypeError, match="tensor 'w'.*bfloat16.*safetensors"):
+        open_checkpoint(tmp_path / "m.npz")
+
+
 def test_values_numpy_cannot_read_are_named():
     class Unreadable:
         def __array__(self, dtype=None, copy=None):
