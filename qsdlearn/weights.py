@@ -664,16 +664,24 @@ def _fit_quietly(estimator, X):
         return estimator.fit(X)
 
 
+def _blas_single_thread():
+    """BLAS on one thread inside a layer's work: the compiled kernels use the worker's
+    ``n_threads``, and the BLAS calls of a fit are small (k x k solves, thin products), where
+    more threads only spin against the kernels' (and, under load, other processes')."""
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _fit_layer(ref, setting, seed, n_threads, max_iter, max_fit_rows):
     """Read one layer (``ref.load()``: a worker reads its own layer from the file), fit its
     codebook (on at most ``max_fit_rows`` rows drawn at random) and encode all its rows.
-    Runs in a joblib worker: numba and BLAS threads are capped there so that workers x
-    threads stay within the cores (joblib's Dask backend does not do it)."""
+    Runs in a joblib worker: numba threads are capped to the worker's share of the cores and
+    BLAS to one thread, so that workers x threads stay within the cores (joblib's Dask
+    backend does not cap them itself)."""
     weight = ref.load()
     X = to_rows(weight.astype(np.float32), setting.vector_size)
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=max_iter)
     sample = sample_rows(X, max_fit_rows, seed)
-    with threadpool_limits(limits=n_threads):
+    with _blas_single_thread():
         _fit_quietly(est, sample)
         matrix = est.encode(X)
     decoded = from_rows(_decode_once(matrix), weight.shape)
@@ -694,7 +702,7 @@ def _estimate(ref, candidates, seed, n_threads):
             continue
         est = setting.estimator(random_state=seed, n_threads=n_threads,
                                 max_iter=ESTIMATE_MAX_ITER)
-        with threadpool_limits(limits=n_threads):
+        with _blas_single_thread():
             _fit_quietly(est, sample)
         error = est.reconstruction_err_**2 * X.shape[0] / sample.shape[0]
         results.append((setting.stream_bytes(weight.shape), error))
