@@ -689,6 +689,13 @@ def _fit_layer(ref, setting, seed, n_threads, max_iter, max_fit_rows):
                            n_iter=est.n_iter_, converged=est.converged_)
 
 
+def _fits(setting, shape):
+    """Whether a candidate can be estimated on a tensor: no more codebook rows than the row
+    sample it is estimated on has rows."""
+    return setting.constraints.n_components <= min(rows_of(shape, setting.vector_size),
+                                                   ESTIMATE_ROWS)
+
+
 def _estimate(ref, candidates, seed, n_threads):
     """For each candidate: bytes of the layer's streams (exact) and its squared error (from
     a row sample), or ``None`` when the sample is too small for it. Reads the layer once."""
@@ -696,10 +703,10 @@ def _estimate(ref, candidates, seed, n_threads):
     results = []
     for setting in candidates:
         X = to_rows(weight.astype(np.float32), setting.vector_size)
-        sample = sample_rows(X, ESTIMATE_ROWS, seed, keep_order=False)
-        if setting.constraints.n_components > sample.shape[0]:
+        if not _fits(setting, weight.shape):
             results.append(None)
             continue
+        sample = sample_rows(X, ESTIMATE_ROWS, seed, keep_order=False)
         est = setting.estimator(random_state=seed, n_threads=n_threads,
                                 max_iter=ESTIMATE_MAX_ITER)
         with _blas_single_thread():
@@ -845,6 +852,8 @@ def compress_weights(
     >>> restored["fc1.weight"].shape, restored["fc1.weight"].dtype
     ((256, 64), dtype(bfloat16))
     """
+    if n_jobs == 0:
+        raise ValueError("n_jobs=0 runs nothing: give a number of workers, or -1 for all cores")
     checkpoint = open_checkpoint(weights)
     if not checkpoint.names:
         raise ValueError("no tensors to compress")
@@ -878,6 +887,13 @@ def compress_weights(
                 f"tensor or unknown): {sorted(unknown)}"
             )
         fixed = dict(settings)
+        for name, setting in fixed.items():
+            if not isinstance(setting, LayerSetting):
+                raise TypeError(
+                    f"settings[{name!r}] is a {type(setting).__name__}; give a LayerSetting, "
+                    "e.g. LayerSetting(8, Constraints(256, n_nonzero=2, code_bits=2, "
+                    "codebook_bits=8))"
+                )
     layout = _Layout(checkpoint, tied, kept)
     free = [name for name in compressible if name not in fixed]
     if free and bits_per_weight is not None:
@@ -937,9 +953,14 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
     n_weights = layout.n_weights
     budget = int(bits_per_weight * n_weights // 8)
     # Feasibility needs no fitting: the sizes are known from the settings alone.
-    smallest = {
-        name: min(candidates, key=lambda c: c.stream_bytes(layout.shape(name))) for name in free
-    }
+    smallest = {}
+    for name in free:
+        usable = [c for c in candidates if _fits(c, layout.shape(name))]
+        if not usable:
+            raise ValueError(f"no candidate setting fits the tensor {name!r} "
+                             f"(shape {layout.shape(name)}): every one has more components "
+                             "than it has sub-vectors")
+        smallest[name] = min(usable, key=lambda c: c.stream_bytes(layout.shape(name)))
     least_bytes = layout.file_bytes({**fixed, **smallest})
     if least_bytes > budget:
         raise ValueError(

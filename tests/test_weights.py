@@ -434,3 +434,22 @@ def test_memory_does_not_grow_with_the_number_of_layers(tmp_path):
     (small, small_file), (large, large_file) = peaks[4], peaks[32]
     assert large <= small + 2 * (large_file - small_file) + layer_bytes // 4, peaks
     assert large < 32 * layer_bytes / 2, peaks  # measured: about 10 layers' bytes
+
+
+def test_arguments_are_checked_before_any_fit():
+    weights = small_model()
+    with pytest.raises(TypeError, match=r"settings\['embed.weight'\] is a dict"):
+        compress_weights(weights, settings={"embed.weight": {"n_components": 4}})
+    with pytest.raises(ValueError, match="n_jobs=0"):
+        compress_weights(weights, settings=FAST, n_jobs=0)
+
+
+def test_candidates_too_large_for_a_tensor_do_not_count_as_reachable():
+    """A tensor of 192 sub-vectors cannot take 256 codewords: the budget check says so at
+    once, from the candidates that fit, instead of after the estimates."""
+    weights = {"w": np.random.default_rng(0).standard_normal((16, 96)).astype(np.float32)}
+    candidates = [LayerSetting(8, Constraints(256, 1, 0)), LayerSetting(8, Constraints(8, 1, 0))]
+    model = compress_weights(weights, bits_per_weight=24.0, candidates=candidates, random_state=0)
+    assert model.layers["w"].setting == candidates[1]
+    with pytest.raises(ValueError, match="no candidate setting fits"):
+        compress_weights(weights, bits_per_weight=24.0, candidates=candidates[:1])
