@@ -7,27 +7,29 @@ solution on the hulls). This module works on numbers only and imports nothing fr
 """
 
 
+def _hull(options):
+    """The lower convex hull of ``(bytes, error, setting)`` options, by increasing bytes."""
+    hull = []
+    for option in sorted(options, key=lambda o: (o[0], o[1])):
+        if hull and option[1] >= hull[-1][1]:
+            continue  # more bytes, no less error
+        while len(hull) >= 2:
+            (b0, e0, _), (b1, e1, _) = hull[-2], hull[-1]
+            if (e0 - e1) * (option[0] - b1) <= (e1 - option[1]) * (b1 - b0):
+                hull.pop()  # hull[-1] is above the segment: not on the convex hull
+            else:
+                break
+        hull.append(option)
+    return hull
+
+
 def allocate(estimates, budget_bytes):
     """Greedy marginal-return allocation over each layer's lower convex hull.
 
     ``estimates[name]`` is a list of (bytes, error, setting). Returns name -> setting, or
     None when even the smallest choices exceed the budget.
     """
-    hulls = {}
-    for name, options in estimates.items():
-        options = sorted(options, key=lambda o: (o[0], o[1]))
-        hull = []
-        for option in options:
-            if hull and option[1] >= hull[-1][1]:
-                continue  # more bytes, no less error
-            while len(hull) >= 2:
-                (b0, e0, _), (b1, e1, _) = hull[-2], hull[-1]
-                if (e0 - e1) * (option[0] - b1) <= (e1 - option[1]) * (b1 - b0):
-                    hull.pop()  # hull[-1] is above the segment: not on the convex hull
-                else:
-                    break
-            hull.append(option)
-        hulls[name] = hull
+    hulls = {name: _hull(options) for name, options in estimates.items()}
     position = {name: 0 for name in hulls}
     used = sum(hull[0][0] for hull in hulls.values())
     if used > budget_bytes:
@@ -50,3 +52,27 @@ def allocate(estimates, budget_bytes):
         used += hulls[best][i + 1][0] - hulls[best][i][0]
         position[best] = i + 1
     return {name: hulls[name][position[name]][2] for name in hulls}
+
+
+def next_step(estimates, plan):
+    """The most profitable move beyond ``plan``: the layer whose next hull vertex lowers the
+    error most per extra byte.
+
+    Returns
+    -------
+    (name, setting) or None
+        ``None`` when every layer is at the end of its hull.
+    """
+    best, best_slope = None, 0.0
+    for name, options in estimates.items():
+        hull = _hull(options)
+        settings = [option[2] for option in hull]
+        if plan[name] not in settings:
+            continue
+        i = settings.index(plan[name])
+        if i + 1 >= len(hull):
+            continue
+        slope = (hull[i][1] - hull[i + 1][1]) / max(hull[i + 1][0] - hull[i][0], 1)
+        if slope > best_slope:
+            best, best_slope = (name, hull[i + 1][2]), slope
+    return best

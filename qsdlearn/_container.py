@@ -18,7 +18,11 @@ import ml_dtypes
 import numpy as np
 
 FORMAT_NAME = "qsdlearn"
-FORMAT_VERSION = 1
+#: Version written. 2 added model entries of tensors split between two settings ("split"),
+#: tensors stored once under several names ("tied") and bfloat16 tensors; matrices are the same.
+FORMAT_VERSION = 2
+#: Versions read.
+READ_VERSIONS = (1, 2)
 #: Largest JSON header accepted when reading (bytes).
 MAX_HEADER_BYTES = 64 * 2**20
 #: Prefix and suffix of the temporary files :func:`write_atomic` creates next to the target:
@@ -157,10 +161,10 @@ def _parse_header(data):
     meta = header["__metadata__"]
     if meta.get("format") != FORMAT_NAME:
         raise ValueError("not a qsdlearn file: the metadata does not name the qsdlearn format")
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format_version") not in [str(v) for v in READ_VERSIONS]:
         raise ValueError(
             f"unsupported qsdlearn format version {meta.get('format_version')!r}; this version "
-            f"reads version {FORMAT_VERSION}"
+            f"reads versions {', '.join(map(str, READ_VERSIONS))}"
         )
     return header, meta, data[8 + length :]
 

@@ -49,7 +49,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, validate_params
 from threadpoolctl import threadpool_limits
 
-from ._allocation import allocate
+from ._allocation import allocate, next_step
 from ._checkpoint import matching, open_checkpoint
 from ._constraints import Constraints
 from ._container import FileImage, check_declared_elements, json_field, write_container
@@ -153,13 +153,22 @@ class LayerSetting:
 
 
 def default_candidates(vector_size=8):
-    """Candidate settings spanning about 0.5 to 5 bits per weight for ``vector_size``."""
+    """Candidate settings spanning about 0.5 to 5 bits per weight.
+
+    Sparse quantized codes and dense quantized codes on ``vector_size``-element sub-vectors,
+    and vector quantization (k-means with an 8-bit codebook) on sub-vectors of
+    ``vector_size``, half and a quarter of it, so that the special cases the factorization
+    contains are candidates too.
+    """
     d = vector_size
     grid = [
         (16, 1, 0), (256, 1, 0), (256, 1, 2), (64, 2, 2), (256, 2, 2), (256, 2, 3),
         (256, 3, 3), (256, 4, 3), (d, None, 2), (d, None, 3), (d, None, 4), (d, None, 5),
     ]
-    return [LayerSetting(d, Constraints(k, s, b, 8)) for k, s, b in grid]
+    candidates = [LayerSetting(d, Constraints(k, s, b, 8)) for k, s, b in grid]
+    for size in sorted({max(1, d // 4), max(1, d // 2)} - {d}):
+        candidates += [LayerSetting(size, Constraints(k, 1, 0, 8)) for k in (16, 64, 256)]
+    return candidates
 
 
 # -- reshape rules -------------------------------------------------------------------------------
@@ -253,6 +262,95 @@ class CompressedLayer:
         return matrix_tensors(self.matrix, prefix=f"{key}.")
 
 
+@dataclass(frozen=True)
+class RowSplit:
+    """Two settings sharing one tensor: its first ``rows`` output rows (axis 0) under
+    ``first``, the others under ``second``. The mix of two settings, at any share of rows,
+    is how a point between two vertices of the operational rate–distortion hull is reached.
+
+    Attributes
+    ----------
+    first, second : LayerSetting
+        The settings of the two blocks of rows.
+    rows : int
+        Output rows of the first block.
+    """
+
+    first: LayerSetting
+    second: LayerSetting
+    rows: int
+
+    def blocks(self, shape):
+        """``(setting, block shape, row slice)`` of both blocks of a tensor of ``shape``."""
+        rest = tuple(shape[1:])
+        return [(self.first, (self.rows, *rest), slice(0, self.rows)),
+                (self.second, (shape[0] - self.rows, *rest), slice(self.rows, shape[0]))]
+
+    def describe(self):
+        """A short human-readable form of the split."""
+        return f"{self.rows} rows {self.first.describe()} + rest {self.second.describe()}"
+
+
+@dataclass
+class SplitLayer:
+    """One tensor compressed in two blocks of output rows (see :class:`RowSplit`), with the
+    interface of :class:`CompressedLayer`.
+
+    Attributes
+    ----------
+    parts : list of CompressedLayer
+        The blocks, in row order.
+    shape : tuple of int
+        Shape of the original tensor.
+    dtype : str
+        Its dtype name, restored on decompression.
+    sqnr_db : float
+        SQNR of the whole decompressed tensor, in dB.
+    """
+
+    parts: list
+    shape: tuple
+    dtype: str
+    sqnr_db: float
+
+    @property
+    def setting(self):
+        """The :class:`RowSplit` of the tensor."""
+        first, second = self.parts
+        return RowSplit(first.setting, second.setting, first.shape[0])
+
+    @property
+    def nbytes(self):
+        """Bytes of its streams in a file."""
+        return sum(part.nbytes for part in self.parts)
+
+    def decompress(self):
+        """The reconstructed tensor, in its original shape and dtype."""
+        return np.concatenate([part.decompress() for part in self.parts], axis=0)
+
+    def record(self):
+        """What :meth:`CompressedModel.report` shows of this tensor."""
+        records = [part.record() for part in self.parts]
+        n_iter = [r["n_iter"] for r in records]
+        converged = [r["converged"] for r in records]
+        return dict(
+            setting=self.setting.describe(), payload_bits=sum(r["payload_bits"] for r in records),
+            sqnr_db=self.sqnr_db, n_iter=None if None in n_iter else max(n_iter),
+            converged=None if None in converged else all(converged),
+        )
+
+    def header_entry(self, name):
+        """The tensor's entry in the file header."""
+        return dict(name=name, kind="split", shape=list(self.shape), dtype=self.dtype,
+                    sqnr_db=self.sqnr_db,
+                    parts=[dict(rows=part.shape[0], matrix=part.matrix.settings.to_dict(),
+                                sqnr_db=part.sqnr_db) for part in self.parts])
+
+    def tensors(self, key):
+        """Its container tensors, named ``key.<part>.<stream>``."""
+        return [t for j, part in enumerate(self.parts) for t in part.tensors(f"{key}.{j}")]
+
+
 @dataclass
 class KeptTensor:
     """A tensor stored verbatim (1-D, integer, boolean or small), with the interface of
@@ -309,13 +407,13 @@ class CompressedModel(FileImage):
 
     Parameters
     ----------
-    layers : mapping of str to CompressedLayer or KeptTensor
+    layers : mapping of str to CompressedLayer, SplitLayer or KeptTensor
         In the model's order. Names that map to the same object are tied: stored once, and
         counted once in :attr:`n_weights`.
 
     Attributes
     ----------
-    layers : dict of str to CompressedLayer or KeptTensor
+    layers : dict of str to CompressedLayer, SplitLayer or KeptTensor
         The tensors, in the original order.
 
     Examples
@@ -552,6 +650,8 @@ class CompressedModel(FileImage):
                 headers[name] = (f"{i}", "kept")
             elif entry.get("kind") == "compressed":
                 headers[name] = (f"{i}", _layer_header(entry, name))
+            elif entry.get("kind") == "split":
+                headers[name] = (f"{i}", _split_header(entry, name))
             elif entry.get("kind") == "tied":
                 target = entry.get("to")
                 if not isinstance(target, str) or target not in headers:
@@ -559,8 +659,9 @@ class CompressedModel(FileImage):
                 headers[name] = (target, "tied")
             else:
                 raise ValueError(f"damaged file: layer {name!r} has an unknown kind")
-        declared = sum(header[0].declared_elements for _, header in headers.values()
-                       if isinstance(header, tuple))
+        declared = sum(part[0].declared_elements for _, header in headers.values()
+                       if isinstance(header, (tuple, list))
+                       for part in (header[:-1] if isinstance(header, list) else [header]))
         check_declared_elements(declared, max_elements, "compressed layers")
         layers = {}
         used = set()
@@ -572,12 +673,12 @@ class CompressedModel(FileImage):
                 layers[name] = KeptTensor(from_little_endian_bytes(chunk, NUMPY_NAMES[dtype_name],
                                                                    shape))
                 used.add(key)
+            elif isinstance(header, list):  # a split: its parts, then the whole
+                parts = [_layer_from_header(part, tensors, f"{key}.{j}", used)
+                         for j, part in enumerate(header[:-1])]
+                layers[name] = SplitLayer(parts, *header[-1])
             else:
-                settings, shape, dtype, quality = header
-                matrix = matrix_from_tensors(settings, tensors, prefix=f"{key}.")
-                layers[name] = CompressedLayer(matrix, shape, dtype, LayerSetting(
-                    settings.n_features, settings.constraints), quality)
-                used.update(f"{key}.{stream}" for stream in STREAMS)
+                layers[name] = _layer_from_header(header, tensors, key, used)
         if used != set(tensors):
             raise ValueError("damaged file: tensors that no layer uses")
         return cls(layers)
@@ -587,6 +688,39 @@ class CompressedModel(FileImage):
             f"CompressedModel({len(self.layers)} tensors, {self.n_weights} weights, "
             f"{self.bits_per_weight:.3f} bits/weight)"
         )
+
+
+def _layer_from_header(header, tensors, key, used):
+    """The :class:`CompressedLayer` of a checked header, its streams named ``key.<stream>``
+    (recorded in ``used``)."""
+    settings, shape, dtype, quality = header
+    matrix = matrix_from_tensors(settings, tensors, prefix=f"{key}.")
+    used.update(f"{key}.{stream}" for stream in STREAMS)
+    return CompressedLayer(matrix, shape, dtype, LayerSetting(settings.n_features,
+                                                              settings.constraints), quality)
+
+
+def _split_header(entry, name):
+    """The checked header entry of a split tensor: one :func:`_layer_header` per block of
+    rows, then ``(shape, dtype, sqnr_db)`` of the whole."""
+    parts = entry.get("parts")
+    shape = entry.get("shape")
+    if (not isinstance(parts, list) or len(parts) != 2 or not isinstance(shape, list)
+            or not shape or not all(isinstance(p, dict) for p in parts)):
+        raise ValueError(f"damaged file: split layer {name!r} has invalid parts")
+    rows = [part.get("rows") for part in parts]
+    if (not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in rows)
+            or not isinstance(shape[0], int) or sum(rows) != shape[0]):
+        raise ValueError(f"damaged file: the parts of layer {name!r} do not add up to its rows")
+    headers = [
+        _layer_header(dict(part, shape=[rows_j, *shape[1:]], dtype=entry.get("dtype")), name)
+        for part, rows_j in zip(parts, rows)
+    ]
+    try:
+        quality = float(entry["sqnr_db"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"damaged file: layer {name!r} has invalid settings") from None
+    return headers + [(tuple(shape), headers[0][2], quality)]
 
 
 def _layer_header(entry, name):
@@ -673,11 +807,24 @@ def _blas_single_thread():
 
 def _fit_layer(ref, setting, seed, n_threads, max_iter, max_fit_rows):
     """Read one layer (``ref.load()``: a worker reads its own layer from the file), fit its
-    codebook (on at most ``max_fit_rows`` rows drawn at random) and encode all its rows.
+    codebook (on at most ``max_fit_rows`` rows drawn at random) and encode all its rows; a
+    :class:`RowSplit` fits each block of rows on its own.
     Runs in a joblib worker: numba threads are capped to the worker's share of the cores and
     BLAS to one thread, so that workers x threads stay within the cores (joblib's Dask
     backend does not cap them itself)."""
     weight = ref.load()
+    if not isinstance(setting, RowSplit):
+        return _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows)
+    parts = [_compress_tensor(weight[rows], block, (seed + j) % 2**32, n_threads, max_iter,
+                              max_fit_rows)
+             for j, (block, _, rows) in enumerate(setting.blocks(weight.shape))]
+    layer = SplitLayer(parts, weight.shape, weight.dtype.name, 0.0)
+    layer.sqnr_db = sqnr(weight, layer.decompress())
+    return layer
+
+
+def _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows):
+    """One tensor (or block of rows) under one setting: a :class:`CompressedLayer`."""
     X = to_rows(weight.astype(np.float32), setting.vector_size)
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=max_iter)
     sample = sample_rows(X, max_fit_rows, seed)
@@ -783,7 +930,9 @@ def compress_weights(
         Target for the whole file in bits per weight (header and kept tensors included).
         Each compressible tensor gets the candidate setting that minimises the total squared
         weight error under that budget (greedy marginal returns on estimates from a row
-        sample).
+        sample); the budget the chosen settings leave goes to one tensor whose output rows
+        are split between two settings (a :class:`RowSplit`), so that the file lands close
+        under the target.
     settings : LayerSetting or mapping of str to LayerSetting, optional
         Fixed settings, for all compressible tensors or per name (others then follow
         ``bits_per_weight`` when given, else the default :class:`LayerSetting`).
@@ -942,11 +1091,50 @@ class _Layout:
         entries = dict(self.kept)
         for name, setting in plan.items():
             info = self.checkpoint.infos[name]
-            settings = setting.matrix_settings(info.shape)
-            streams = {k: bytes(v) for k, v in settings.stream_sizes().items()}
-            entries[name] = CompressedLayer(CompressedMatrix(settings, streams), info.shape,
-                                            info.dtype.name, setting, _WIDEST_FLOAT)
+            if isinstance(setting, RowSplit):
+                parts = [_placeholder(block, shape, info.dtype.name)
+                         for block, shape, _ in setting.blocks(info.shape)]
+                entries[name] = SplitLayer(parts, info.shape, info.dtype.name, _WIDEST_FLOAT)
+            else:
+                entries[name] = _placeholder(setting, info.shape, info.dtype.name)
         return self.model(entries).nbytes
+
+
+def _placeholder(setting, shape, dtype):
+    """A layer with streams of the right sizes (zeros) and the widest SQNR, for sizing files."""
+    settings = setting.matrix_settings(shape)
+    streams = {k: bytes(v) for k, v in settings.stream_sizes().items()}
+    return CompressedLayer(CompressedMatrix(settings, streams), shape, dtype, setting,
+                           _WIDEST_FLOAT)
+
+
+def _split_to_fill(layout, plan, name, better, budget):
+    """Spend what ``plan`` leaves of ``budget`` on tensor ``name``: as many of its output rows
+    under ``better`` (its next setting on the hull) as the file can take, the rest as
+    planned. Returns the plan, with a :class:`RowSplit` for ``name`` when one fits."""
+    shape = layout.shape(name)
+    current = plan[name]
+
+    def enough_rows(setting, rows):  # a block needs at least as many sub-vectors as codewords
+        return rows_of((rows, *shape[1:]), setting.vector_size) >= setting.constraints.n_components
+
+    def split(rows_better):
+        return RowSplit(current, better, shape[0] - rows_better)
+
+    def fits(rows_better):  # the file grows with the rows under the better setting
+        return layout.file_bytes({**plan, name: split(rows_better)}) <= budget
+
+    low = next((r for r in range(1, shape[0]) if enough_rows(better, r)), shape[0])
+    high = next((r for r in range(shape[0] - 1, 0, -1) if enough_rows(current, shape[0] - r)), 0)
+    if low > high or not fits(low):
+        return plan
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return {**plan, name: split(low)}
 
 
 def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_threads):
@@ -998,7 +1186,11 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
             )
         excess = layout.file_bytes({**fixed, **plan}) - budget
         if excess <= 0:
-            return plan
+            step = next_step(estimates, plan)
+            if step is None:
+                return plan
+            filled = _split_to_fill(layout, {**fixed, **plan}, *step, budget)
+            return {name: filled[name] for name in plan}
         overhead += excess
     raise ValueError(f"could not meet bits_per_weight={bits_per_weight}")  # pragma: no cover
 

@@ -12,8 +12,8 @@ import qsdlearn
 from qsdlearn import CompressedModel, Constraints, LayerSetting, compress_weights
 from qsdlearn._demo import train_digits_mlp
 from qsdlearn._dtypes import numpy_dtype
-from qsdlearn.weights import (MIN_COMPRESSED_SIZE, CompressedLayer, KeptTensor, from_rows,
-                              read_weights, to_rows)
+from qsdlearn.weights import (MIN_COMPRESSED_SIZE, CompressedLayer, KeptTensor, SplitLayer,
+                              from_rows, read_weights, to_rows)
 
 FAST = LayerSetting(8, Constraints(16, n_nonzero=1, code_bits=0, codebook_bits=8))
 # A short candidate list keeps the rate tests fast; the digits test uses the default one.
@@ -453,3 +453,29 @@ def test_candidates_too_large_for_a_tensor_do_not_count_as_reachable():
     assert model.layers["w"].setting == candidates[1]
     with pytest.raises(ValueError, match="no candidate setting fits"):
         compress_weights(weights, bits_per_weight=24.0, candidates=candidates[:1])
+
+
+@pytest.mark.parametrize("bits", [1.0, 2.0, 3.0])
+def test_a_single_matrix_spends_its_budget(bits):
+    """Splitting a tensor's rows between two neighbouring settings of its hull lands the file
+    within a few hundredths of the target."""
+    weights = {"w": np.random.default_rng(0).standard_normal((512, 256)).astype(np.float32)}
+    model = compress_weights(weights, bits_per_weight=bits, random_state=0, max_iter=10)
+    assert bits - 0.03 <= model.bits_per_weight <= bits
+    layer = model.layers["w"]
+    restored = CompressedModel.from_bytes(model.to_bytes())
+    np.testing.assert_array_equal(restored.decompress()["w"], model.decompress()["w"])
+    assert restored.report()[0]["setting"] == model.report()[0]["setting"]
+    if isinstance(layer, SplitLayer):
+        assert sum(part.shape[0] for part in layer.parts) == 512
+
+
+def test_files_of_format_version_1_still_load():
+    model = compress_weights(small_model(), settings=FAST, random_state=0, max_iter=2)
+    data = model.to_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8:8 + length].replace(b'"format_version":"2"', b'"format_version":"1"')
+    assert len(header) == length
+    old = CompressedModel.from_bytes(data[:8] + header + data[8 + length:])
+    for name, array in old.decompress().items():
+        np.testing.assert_array_equal(array, model.decompress()[name])
