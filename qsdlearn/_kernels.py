@@ -761,10 +761,18 @@ def lloyd_pass(X, CT, chunk_rows, labels, row_err, chunk_sums, chunk_counts, sum
     for c in numba.prange(n_chunks):
         chunk_err[c] = _lloyd_rows(X, CT, c * chunk_rows, min(n, (c + 1) * chunk_rows), labels,
                                    row_err, chunk_sums[c], chunk_counts[c])
+    return _reduce_chunks(chunk_err, chunk_sums, chunk_counts, sums, counts)
+
+
+@njit()
+def _reduce_chunks(chunk_err, chunk_sums, chunk_counts, sums, counts):
+    """Add the chunks' statistics in chunk order; returns the total error. (A serial function:
+    written inline in a parallel one, every array statement here would become a parallel
+    loop of its own, one thread launch per chunk.)"""
     sums[:, :] = 0.0
     counts[:] = 0
     total = 0.0
-    for c in range(n_chunks):
+    for c in range(chunk_err.shape[0]):
         total += chunk_err[c]
         sums += chunk_sums[c]
         counts += chunk_counts[c]
