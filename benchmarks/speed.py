@@ -1,11 +1,14 @@
 """Speed and memory of the fits, side by side with scikit-learn's and faiss's k-means.
 
 Run alone with ``python -m benchmarks.speed [--quick]``; ``benchmarks.rate_distortion`` runs it
-as its last section. Every timing is wall time on warm kernels (numba compiles on a tiny fit
+as its last section. ``python -m benchmarks.speed --kmeans-only [--rows N] [--repeat R]
+[--single-thread]`` runs only the k-means comparison (R times, to see the spread on a shared
+machine; on one thread each, timed in CPU seconds, with ``--single-thread``). Every timing is wall time on warm kernels (numba compiles on a tiny fit
 first).
 """
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -51,9 +54,12 @@ def _nearest_mse(X, centroids):
     return float(np.mean(dist.astype(np.float64) ** 2) / X.shape[1])
 
 
-def kmeans_comparison(n_rows, n_clusters=256, n_iter=20, seed=0):
+def kmeans_comparison(n_rows, n_clusters=256, n_iter=20, seed=0, single_thread=False):
     """The VQ setting, ``sklearn.cluster.KMeans`` (Lloyd) and ``faiss.Kmeans`` on the same rows,
     from the same initial centroids, for ``n_iter`` iterations each (no early stop: tol=0).
+
+    With ``single_thread`` every method runs on one thread and ``seconds`` is the process's
+    CPU time, which other processes on a shared machine disturb much less than wall time.
 
     Returns
     -------
@@ -61,33 +67,45 @@ def kmeans_comparison(n_rows, n_clusters=256, n_iter=20, seed=0):
         ``method, seconds, n_iter, seconds_per_iter, mse`` (per element, after the fit).
     """
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
+    clock = time.process_time if single_thread else time.perf_counter
+    limits = threadpool_limits(1) if single_thread else contextlib.nullcontext()
     X = gaussian_rows(n_rows, seed=seed)
     init = X[np.random.default_rng(seed).choice(n_rows, n_clusters, replace=False)]
     rows = []
 
-    est, seconds = _fit(X, dict(VQ_SETTING, n_components=n_clusters), n_iter, init, seed)
-    rows.append(dict(method="qsdlearn VQ setting", seconds=seconds, n_iter=est.n_iter_,
+    setting = dict(VQ_SETTING, n_components=n_clusters)
+    if single_thread:
+        setting["n_threads"] = 1
+    start = clock()
+    est, _ = _fit(X, setting, n_iter, init, seed)
+    rows.append(dict(method="qsdlearn VQ setting", seconds=clock() - start, n_iter=est.n_iter_,
                      mse=_nearest_mse(X, est.components_)))
 
     km = KMeans(n_clusters, init=init, n_init=1, max_iter=n_iter, tol=0.0, algorithm="lloyd")
-    start = time.perf_counter()
-    km.fit(X)
-    rows.append(dict(method="sklearn KMeans (lloyd)", seconds=time.perf_counter() - start,
-                     n_iter=int(km.n_iter_), mse=_nearest_mse(X, km.cluster_centers_)))
+    with limits:
+        start = clock()
+        km.fit(X)
+        rows.append(dict(method="sklearn KMeans (lloyd)", seconds=clock() - start,
+                         n_iter=int(km.n_iter_), mse=_nearest_mse(X, km.cluster_centers_)))
 
     try:
         import faiss
     except ImportError:
         faiss = None
     if faiss is not None:
+        threads = faiss.omp_get_max_threads()
+        if single_thread:
+            faiss.omp_set_num_threads(1)
         # max_points_per_centroid high enough that faiss trains on every row, as the others do.
         fk = faiss.Kmeans(X.shape[1], n_clusters, niter=n_iter, seed=seed,
                           max_points_per_centroid=n_rows // n_clusters + 1)
-        start = time.perf_counter()
+        start = clock()
         fk.train(X, init_centroids=init)
-        rows.append(dict(method="faiss Kmeans", seconds=time.perf_counter() - start,
+        rows.append(dict(method="faiss Kmeans", seconds=clock() - start,
                          n_iter=n_iter, mse=_nearest_mse(X, fk.centroids)))
+        faiss.omp_set_num_threads(threads)
     for row in rows:
         row["seconds_per_iter"] = row["seconds"] / max(row["n_iter"], 1)
     return rows
@@ -196,11 +214,26 @@ def run_all(quick=False, log=print):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--kmeans-only", action="store_true",
+                        help="only the k-means comparison (VQ setting, scikit-learn, faiss)")
+    parser.add_argument("--rows", type=int, default=1_000_000,
+                        help="rows of the k-means comparison with --kmeans-only")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of the k-means comparison with --kmeans-only")
+    parser.add_argument("--single-thread", action="store_true",
+                        help="k-means comparison on one thread each, in CPU seconds")
     parser.add_argument("--peak-memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--max-iter", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peak_memory_child:
         _peak_memory_child(args.peak_memory_child, args.max_iter)
+        return
+    if args.kmeans_only:
+        warm_up()
+        runs = [kmeans_comparison(args.rows, single_thread=args.single_thread)
+                for _ in range(args.repeat)]
+        print(json.dumps(dict(kmeans_rows=args.rows, single_thread=args.single_thread,
+                              kmeans_runs=runs), indent=2))
         return
     print(json.dumps(run_all(args.quick), indent=2))
 

@@ -618,14 +618,14 @@ def _first_minimum(bits):
 
 
 @njit()
-def _nearest_codeword(X, i, CT, dist, bits):
-    """Index of the codeword nearest to row ``i`` (the lowest index on a tie); ``dist`` is
-    scratch of length k in the data type, ``bits`` its :func:`_bits_view`."""
+def _row_distances(X, i, CT, dist):
+    """Squared distances of row ``i`` to every codeword, into ``dist`` (the data type).
+
+    Four features per sweep over the codewords: a quarter of the loads and stores of ``dist``
+    (the loop is otherwise bound by them), SIMD over the codewords."""
     d, k = CT.shape
     for j in range(k):
         dist[j] = 0.0
-    # Four features per sweep over the codewords: a quarter of the loads and stores of ``dist``
-    # (the loop is otherwise bound by them), the same SIMD over codewords.
     t = 0
     while t + 4 <= d:
         x0, x1, x2, x3 = X[i, t], X[i, t + 1], X[i, t + 2], X[i, t + 3]
@@ -641,7 +641,35 @@ def _nearest_codeword(X, i, CT, dist, bits):
         for j in range(k):
             e = x_t - CT[t, j]
             dist[j] += e * e
-    return _first_minimum(bits)
+
+
+@njit()
+def _pair_distances(X, i, CT, dist, dist_next):
+    """:func:`_row_distances` of rows ``i`` and ``i + 1`` in one sweep (each codeword entry
+    loaded once for both rows); every distance is the same expression, so the result is
+    bit-identical to two calls of :func:`_row_distances`."""
+    d, k = CT.shape
+    for j in range(k):
+        dist[j] = 0.0
+        dist_next[j] = 0.0
+    t = 0
+    while t + 4 <= d:
+        x0, x1, x2, x3 = X[i, t], X[i, t + 1], X[i, t + 2], X[i, t + 3]
+        y0, y1, y2, y3 = X[i + 1, t], X[i + 1, t + 1], X[i + 1, t + 2], X[i + 1, t + 3]
+        for j in range(k):
+            c0, c1, c2, c3 = CT[t, j], CT[t + 1, j], CT[t + 2, j], CT[t + 3, j]
+            e0, e1, e2, e3 = x0 - c0, x1 - c1, x2 - c2, x3 - c3
+            dist[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+            e0, e1, e2, e3 = y0 - c0, y1 - c1, y2 - c2, y3 - c3
+            dist_next[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+        t += 4
+    for t in range(t, d):
+        x_t, y_t = X[i, t], X[i + 1, t]
+        for j in range(k):
+            e = x_t - CT[t, j]
+            dist[j] += e * e
+            e = y_t - CT[t, j]
+            dist_next[j] += e * e
 
 
 @njit()
@@ -655,22 +683,42 @@ def _distance64(X, i, CT, j):
 
 
 @njit()
-def _lloyd_rows(X, CT, start, stop, labels, row_err, dist, bits, sums, counts):
+def _assign_rows(X, CT, start, stop, labels, row_err):
+    """Nearest codeword of rows ``start:stop`` (lowest index on a tie) and its squared
+    distance (float64), in place; rows go in pairs (see :func:`_pair_distances`)."""
+    k = CT.shape[1]
+    dist = np.empty(k, dtype=X.dtype)
+    dist_next = np.empty(k, dtype=X.dtype)
+    bits, bits_next = _bits_view(dist), _bits_view(dist_next)
+    i = start
+    while i < stop:
+        if i + 1 < stop:
+            _pair_distances(X, i, CT, dist, dist_next)
+            labels[i + 1] = _first_minimum(bits_next)
+            row_err[i + 1] = _distance64(X, i + 1, CT, labels[i + 1])
+            step = 2
+        else:
+            _row_distances(X, i, CT, dist)
+            step = 1
+        labels[i] = _first_minimum(bits)
+        row_err[i] = _distance64(X, i, CT, labels[i])
+        i += step
+
+
+@njit()
+def _lloyd_rows(X, CT, start, stop, labels, row_err, sums, counts):
     """Serial body of :func:`lloyd_pass` for rows ``start:stop``: assign, then add each row
     to its codeword's sum and count (``sums``, ``counts`` zeroed here). Returns the rows'
     total squared error."""
-    d = X.shape[1]
+    _assign_rows(X, CT, start, stop, labels, row_err)
     sums[:, :] = 0.0
     counts[:] = 0
     total = 0.0
     for i in range(start, stop):
-        j = _nearest_codeword(X, i, CT, dist, bits)
-        labels[i] = j
-        err = _distance64(X, i, CT, j)
-        row_err[i] = err
-        total += err
+        j = labels[i]
+        total += row_err[i]
         counts[j] += 1
-        for t in range(d):
+        for t in range(X.shape[1]):
             sums[j, t] += np.float64(X[i, t])
     return total
 
@@ -708,18 +756,23 @@ def lloyd_pass(X, CT, chunk_rows, labels, row_err, chunk_sums, chunk_counts, sum
         The total squared error (chunk totals added in chunk order).
     """
     n = X.shape[0]
-    k = CT.shape[1]
     n_chunks = chunk_sums.shape[0]
     chunk_err = np.empty(n_chunks, dtype=np.float64)
     for c in numba.prange(n_chunks):
-        dist = np.empty(k, dtype=X.dtype)
         chunk_err[c] = _lloyd_rows(X, CT, c * chunk_rows, min(n, (c + 1) * chunk_rows), labels,
-                                   row_err, dist, _bits_view(dist), chunk_sums[c],
-                                   chunk_counts[c])
+                                   row_err, chunk_sums[c], chunk_counts[c])
+    return _reduce_chunks(chunk_err, chunk_sums, chunk_counts, sums, counts)
+
+
+@njit()
+def _reduce_chunks(chunk_err, chunk_sums, chunk_counts, sums, counts):
+    """Add the chunks' statistics in chunk order; returns the total error. (A serial function:
+    written inline in a parallel one, every array statement here would become a parallel
+    loop of its own, one thread launch per chunk.)"""
     sums[:, :] = 0.0
     counts[:] = 0
     total = 0.0
-    for c in range(n_chunks):
+    for c in range(chunk_err.shape[0]):
         total += chunk_err[c]
         sums += chunk_sums[c]
         counts += chunk_counts[c]
@@ -729,16 +782,10 @@ def lloyd_pass(X, CT, chunk_rows, labels, row_err, chunk_sums, chunk_counts, sum
 @njit(parallel=True)
 def assign_nearest(X, CT, labels, row_err):
     """Nearest codewords only (``transform`` of one-hot codes): the assignment of
-    :func:`lloyd_pass`, the same operations in the same order, without the statistics."""
+    :func:`lloyd_pass`, the same operations on every row, without the statistics."""
     n = X.shape[0]
-    k = CT.shape[1]
     for c in numba.prange((n + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-        dist = np.empty(k, dtype=X.dtype)
-        bits = _bits_view(dist)
-        for i in range(c * _CHUNK_ROWS, min(n, (c + 1) * _CHUNK_ROWS)):
-            j = _nearest_codeword(X, i, CT, dist, bits)
-            labels[i] = j
-            row_err[i] = _distance64(X, i, CT, j)
+        _assign_rows(X, CT, c * _CHUNK_ROWS, min(n, (c + 1) * _CHUNK_ROWS), labels, row_err)
 
 
 @njit(parallel=True)
