@@ -143,10 +143,10 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
     (``r = m``), else ``ceil(log2(comb(m, r)))`` while ``comb(m, r) <= 2**64`` (the rank of the
     subset) and ``r * ceil(log2(m))`` beyond. The codec writes exactly these streams.
 
-    For the vector-quantization setting (``n_nonzero=1, code_bits=0``),
-    ``reconstruction_err_ ** 2`` is the k-means inertia (``KMeans.inertia_``) of the training
-    data: the error after the final assignment; ``objective_[-1]`` is that of the last
-    iterate, before it.
+    For the vector-quantization setting (``n_nonzero=1, code_bits=0``) the fit is Lloyd's
+    algorithm, and ``reconstruction_err_ ** 2`` is the k-means inertia (``KMeans.inertia_``)
+    of the training data: the error after the final assignment (with a float codebook, also
+    ``objective_[-1]``).
 
     References
     ----------
