@@ -101,7 +101,8 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         :class:`~sklearn.exceptions.ConvergenceWarning`).
     objective_ : ndarray
         Squared error ``||X - Z C||_F**2`` after initialization and after every iteration; it
-        never increases.
+        never increases. (A squared error beyond float64's range, for data above about 1e154,
+        is ``inf`` here; ``reconstruction_err_`` stays exact.)
     reconstruction_err_ : float
         Frobenius norm ``||X - Z C||_F`` of the training data with the final codes, those that
         :meth:`transform` gives (they may differ slightly from the last iterate).
@@ -334,7 +335,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         self.n_iter_ = result.n_iter
         self.converged_ = result.converged
         self.objective_ = np.asarray(result.objective)
-        self.reconstruction_err_ = float(np.sqrt(result.row_errors.sum()))
+        self.reconstruction_err_ = result.error_norm
         budget = constraints.bits(n, d, 8 * X.dtype.itemsize)
         self.bit_budget_ = budget
         self.bits_ = budget.total
@@ -439,7 +440,8 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         """
         X = self._validate_new(X)
         codes = self._encode(X).to_dense(self.n_components_)
-        return -float(np.mean((X - self.inverse_transform(codes)) ** 2))
+        with np.errstate(over="ignore"):  # beyond float64's range the mean square is inf
+            return -float(np.mean((X - self.inverse_transform(codes)) ** 2))
 
     @property
     def _n_features_out(self):

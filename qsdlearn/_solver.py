@@ -76,6 +76,9 @@ class FitResult:
     converged: bool = True
     #: Half-integer levels of a quantized codebook (``codebook == levels * scales[:, None]``).
     codebook_levels: np.ndarray | None = None
+    #: ``||X - Z C||_F`` of the final codes, computed before the squared errors are scaled
+    #: back (those overflow beyond about 1e154 in float64 data; the norm does not).
+    error_norm: float = 0.0
 
 
 # -- small linear-algebra helpers ------------------------------------------------------------
@@ -203,8 +206,12 @@ def _scale_exponent(*arrays):
 
 
 def _scaled(a, exponent):
-    """``a * 2**exponent`` in its own dtype (exact, unless it under- or overflows)."""
-    return a if exponent == 0 or a is None else np.ldexp(a, exponent).astype(a.dtype, copy=False)
+    """``a * 2**exponent`` in its own dtype (exact, unless it under- or overflows: squared
+    errors of data beyond about 1e154 become inf, which :attr:`FitResult.error_norm` avoids)."""
+    if exponent == 0 or a is None:
+        return a
+    with np.errstate(over="ignore"):
+        return np.ldexp(a, exponent).astype(a.dtype, copy=False)
 
 
 def solve_codes(X, C, constraints, codes=None):
@@ -649,7 +656,8 @@ def fit_factorization(
     X = _scaled(X, -exponent)
     if codebook_init is not None:
         codebook_init = np.ldexp(np.asarray(codebook_init, dtype=np.float64), -exponent)
-    error_unit = math.ldexp(1.0, 2 * exponent)
+    with np.errstate(over="ignore"):  # only for printing the objective (inf beyond float64)
+        error_unit = float(np.ldexp(1.0, 2 * exponent))
     rng = random_state
     init = resolve_init(init, X.shape, constraints)
     # One start when the start is fixed; repeating it would only repeat the same fit.
@@ -687,8 +695,11 @@ def _scale_result(result, exponent):
         result.codebook = _scaled(result.codebook, exponent)
     else:
         result.codebook = result.codebook_levels * result.codebook_scales[:, None]
-    result.row_errors = _scaled(result.row_errors, 2 * exponent)
-    result.objective = [math.ldexp(value, 2 * exponent) for value in result.objective]
+    result.error_norm = math.ldexp(math.sqrt(float(result.row_errors.sum())), exponent)
+    with np.errstate(over="ignore"):  # squared errors beyond float64's range become inf
+        result.row_errors = _scaled(result.row_errors, 2 * exponent)
+        result.objective = np.ldexp(np.asarray(result.objective, dtype=np.float64),
+                                    2 * exponent).tolist()
     return result
 
 

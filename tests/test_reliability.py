@@ -180,3 +180,19 @@ def test_save_errors_name_the_path_the_user_gave(tmp_path):
         qsdlearn._container.write_atomic(tmp_path / "nodir" / "x.qsd", b"x")
     with pytest.raises(IsADirectoryError, match="is a directory"):
         qsdlearn._container.write_atomic(tmp_path, b"x")
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e200, 1e300])
+def test_reconstruction_error_is_exact_where_its_square_overflows(scale):
+    X = gaussian(200, 6)
+    params = dict(n_components=8, n_nonzero=2, code_bits=2, codebook_bits=8, random_state=0,
+                  max_iter=5)
+    unit = fit_quietly(QuantizedSparseDecomposition(**params), X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        scaled = fit_quietly(QuantizedSparseDecomposition(**params), X * scale)
+        X_hat = scaled.inverse_transform(scaled.transform(X * scale))
+    assert scaled.reconstruction_err_ / scale == pytest.approx(unit.reconstruction_err_, rel=1e-9)
+    assert np.all(np.isfinite(X_hat))
+    np.testing.assert_allclose(X_hat / scale, unit.inverse_transform(unit.transform(X)),
+                               rtol=1e-9, atol=1e-12)
