@@ -11,6 +11,7 @@ It imports only :mod:`qsdlearn._dtypes` from the package.
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -224,6 +225,19 @@ def _open_path(path):
     )
 
 
+def _check_npz_member_size(path, name, shape, dtype, data_bytes):
+    """A member must hold exactly the bytes its header declares: checked before anything is
+    read, so that a damaged or hostile archive cannot make NumPy allocate what it declares."""
+    if dtype.hasobject:
+        return  # refused by dtype later, with its own message
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != data_bytes:
+        raise ValueError(
+            f"{path}: tensor {name!r} declares shape {tuple(shape)} ({declared} bytes) but holds "
+            f"{data_bytes} bytes; the file is damaged"
+        )
+
+
 def _open_npz(path):
     infos, refs = [], {}
     try:
@@ -237,6 +251,9 @@ def _open_npz(path):
                     read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                    else np.lib.format.read_array_header_2_0)
                     shape, _, dtype = read_header(file)
+                    header_bytes = file.tell()
+                _check_npz_member_size(path, name, shape, np.dtype(dtype),
+                                       archive.getinfo(member).file_size - header_bytes)
                 infos.append(TensorInfo(name, tuple(shape), np.dtype(dtype)))
                 refs[name] = NpzRef(path, name)
     except zipfile.BadZipFile:

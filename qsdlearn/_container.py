@@ -63,13 +63,13 @@ def write_container(tensors, metadata, header_bytes=None):
     for name, dtype, shape, data in tensors:
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
         offset += len(data)
+    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), **metadata}
     header["__metadata__"] = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        **metadata,
+        **meta,
         "checksums": json.dumps(
             {name: f"{zlib.crc32(data):08x}" for name, _, _, data in tensors}, sort_keys=True
         ),
+        "metadata_checksum": _metadata_checksum(meta),
     }
     text = json.dumps(header, separators=(",", ":")).encode()
     if header_bytes is None:
@@ -94,6 +94,10 @@ def read_container(data):
         If the image is not a qsdlearn file of this version, or is truncated or altered.
     """
     header, meta, buffer = _parse_header(bytes(data))
+    if meta.get("format_version") != "1":  # version 2 on: the metadata has a checksum too
+        described = {k: v for k, v in meta.items() if k not in ("checksums", "metadata_checksum")}
+        if meta.get("metadata_checksum") != _metadata_checksum(described):
+            raise ValueError("damaged file: checksum mismatch in the metadata")
     checksums = json_field(meta, "checksums", dict)
     tensors = {}
     offset = 0
@@ -128,6 +132,12 @@ def read_container(data):
     if set(checksums) != set(tensors):
         raise ValueError("damaged file: the checksums do not name the tensors of the file")
     return meta, tensors
+
+
+def _metadata_checksum(meta):
+    """CRC-32 of the metadata fields (settings, layer list, format), as 8 hex digits."""
+    text = json.dumps(meta, sort_keys=True, separators=(",", ":"))
+    return f"{zlib.crc32(text.encode()):08x}"
 
 
 def json_field(meta, key, kind):

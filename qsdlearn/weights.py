@@ -1006,6 +1006,11 @@ def compress_weights(
     checkpoint = open_checkpoint(weights)
     if not checkpoint.names:
         raise ValueError("no tensors to compress")
+    if all(info.size == 0 for info in checkpoint.infos.values()):
+        raise ValueError("no weights to compress: every tensor is empty")
+    for pattern in keep or ():
+        if not any(matching(name, (pattern,)) for name in checkpoint.names):
+            warnings.warn(f"keep pattern {pattern!r} matches no tensor", UserWarning, stacklevel=3)
     digests = checkpoint.check()
     if verbose is None:
         verbose = sys.stderr.isatty()
@@ -1187,7 +1192,15 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
         excess = layout.file_bytes({**fixed, **plan}) - budget
         if excess <= 0:
             step = next_step(estimates, plan)
-            if step is None:
+            if step is None:  # every layer at the end of its hull
+                used = 8 * layout.file_bytes({**fixed, **plan}) / n_weights
+                error = sum(e for name in plan for _, e, s in estimates[name] if s == plan[name])
+                if used < bits_per_weight - 0.05 and error > 0:
+                    warnings.warn(
+                        f"bits_per_weight={bits_per_weight} is more than the candidates can use: "
+                        f"the file takes {used:.3f} bits/weight with every layer at its most "
+                        "precise candidate; add finer candidates to spend more",
+                        UserWarning, stacklevel=4)
                 return plan
             filled = _split_to_fill(layout, {**fixed, **plan}, *step, budget)
             return {name: filled[name] for name in plan}

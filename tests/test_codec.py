@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import qsdlearn
 from qsdlearn import QuantizedSparseDecomposition
 from qsdlearn._bits import pack_fields, support_bits, unpack_fields
+from qsdlearn._container import _metadata_checksum
 from qsdlearn.codec import HEADER_BYTES, STREAMS, CompressedMatrix
 
 from ._data import SETTINGS, gaussian
@@ -195,6 +196,10 @@ def _rewrite(data, edit_header=None, edit_streams=None, fix_checksums=True):
         )
     if edit_header:
         edit_header(header)
+    if fix_checksums:  # a crafted file: the deeper checks must catch it, not the checksum
+        meta = header["__metadata__"]
+        meta["metadata_checksum"] = _metadata_checksum(
+            {k: v for k, v in meta.items() if k not in ("checksums", "metadata_checksum")})
     text = json.dumps(header).encode()
     return struct.pack("<Q", len(text)) + text + b"".join(bytes(streams[n]) for n in STREAMS)
 
@@ -399,3 +404,14 @@ def test_files_are_readable_by_the_safetensors_library(tmp_path):
         assert tensors[name].tobytes() == compressed.streams[name]
     with safe_open(str(path), framework="numpy") as file:
         assert file.metadata()["format"] == "qsdlearn"
+
+
+def test_an_edited_metadata_field_is_caught_by_its_checksum():
+    """Stream checksums do not cover the header: its metadata has a checksum of its own."""
+    data = _image()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"]["settings"] = header["__metadata__"]["settings"].replace(": ", ":")
+    text = json.dumps(header).encode()
+    with pytest.raises(ValueError, match="checksum mismatch in the metadata"):
+        from_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])

@@ -479,3 +479,31 @@ def test_files_of_format_version_1_still_load():
     old = CompressedModel.from_bytes(data[:8] + header + data[8 + length:])
     for name, array in old.decompress().items():
         np.testing.assert_array_equal(array, model.decompress()[name])
+
+
+def test_budgets_the_candidates_cannot_use_and_patterns_that_match_nothing_are_reported():
+    weights = {"w": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)}
+    candidates = [LayerSetting(8, Constraints(16, 1, 0))]
+    with pytest.warns(UserWarning, match="more than the candidates can use"):
+        compress_weights(weights, bits_per_weight=20.0, candidates=candidates, random_state=0,
+                         max_iter=2)
+    with pytest.warns(UserWarning, match="'nomatch\\*' matches no tensor"):
+        compress_weights(weights, settings=FAST, keep=["nomatch*"], random_state=0, max_iter=2)
+
+
+def test_a_checkpoint_of_empty_tensors_is_refused():
+    with pytest.raises(ValueError, match="every tensor is empty"):
+        compress_weights({"w": np.zeros((0, 64), np.float32)}, bits_per_weight=2.0)
+
+
+def test_an_npz_member_declaring_more_than_it_holds_is_refused(tmp_path):
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (1 << 20, 1 << 20)})
+    with zipfile.ZipFile(tmp_path / "big.npz", "w") as archive:
+        archive.writestr("w.npy", header.getvalue() + b"\x00" * 64)  # magic, header, 64 bytes
+    with pytest.raises(ValueError, match="'w' declares shape .* the file is damaged"):
+        compress_weights(tmp_path / "big.npz", bits_per_weight=2.0)
