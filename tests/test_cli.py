@@ -8,7 +8,7 @@ import pytest
 
 from qsdlearn import Constraints
 from qsdlearn._demo import DEMO_METHODS, DemoMethod, format_table, run_demo
-from qsdlearn.cli import build_parser, main
+from qsdlearn.cli import main
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 

@@ -23,7 +23,6 @@ from ._data import SETTINGS, gaussian
 from_bytes = CompressedMatrix.from_bytes
 
 
-
 def to_bytes(compressed):
     return compressed.to_bytes()
 

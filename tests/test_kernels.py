@@ -99,7 +99,7 @@ def brute_force_codes(x, C, nbits, n_keep):
 
 def run_update(X, C, nbits, n_keep, *, entry="cold", idx=None, val=None):
     """Run one of the code kernels' entry points (``cold``, ``improve`` or ``one_slot``)."""
-    m, k = X.shape[0], C.shape[0]
+    m = X.shape[0]
     if idx is None:
         idx = np.zeros((m, n_keep), dtype=_kernels.INDEX_DTYPE)
         val = np.zeros((m, n_keep), dtype=X.dtype)

@@ -1,9 +1,7 @@
 """Degenerate data, what a dtype can hold, hostile files and interrupted saves."""
 
-import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
