@@ -21,10 +21,14 @@ from .codec import MatrixSettings, encode_factors
 
 
 def _native_float(X):
-    """float16 arrays as float32 and non-native byte orders as native, so that
+    """float16 and bfloat16 arrays as float32 and non-native byte orders as native, so that
     ``validate_data`` keeps them in single precision (it would upcast them to float64)."""
     dtype = getattr(X, "dtype", None)
-    if not isinstance(X, np.ndarray) or dtype is None or dtype.kind != "f":
+    if not isinstance(X, np.ndarray) or dtype is None:
+        return X
+    if dtype.name == "bfloat16":  # ml_dtypes' type, of kind "V" for NumPy
+        return X.astype(np.float32)
+    if dtype.kind != "f":
         return X
     if dtype.itemsize <= 2:
         return X.astype(np.float32)

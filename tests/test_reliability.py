@@ -154,8 +154,13 @@ def test_a_running_writers_temporary_file_is_left_alone(tmp_path):
 
 
 @pytest.mark.parametrize("dtype, expected", [
-    (np.float16, np.float32), (">f4", np.float32), (np.float32, np.float32), (">f8", np.float64)])
+    (np.float16, np.float32), ("bfloat16", np.float32), (">f4", np.float32),
+    (np.float32, np.float32), (">f8", np.float64)])
 def test_half_and_byte_swapped_input_keep_their_precision(dtype, expected):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        dtype = ml_dtypes.bfloat16
     X = gaussian(120, 4)
     est = fit_quietly(QuantizedSparseDecomposition(4, n_nonzero=1, code_bits=0, random_state=0),
                       X.astype(dtype))
