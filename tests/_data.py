@@ -3,6 +3,7 @@
 import warnings
 
 import numpy as np
+from hypothesis import strategies as st
 from sklearn.datasets import load_digits, make_blobs
 from sklearn.exceptions import ConvergenceWarning
 
@@ -58,3 +59,22 @@ def fit_quietly(est, X):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return est.fit(X)
+
+
+@st.composite
+def factorization_problems(draw, max_rows=30, max_features=6, max_components=8):
+    """Random estimator problems: ``(n, d, params, dtype, seed)`` over every kind of codes
+    (dense, sparse, one-hot), code and codebook precisions and sparse codebooks."""
+    n = draw(st.integers(1, max_rows))
+    d = draw(st.integers(1, max_features))
+    k = draw(st.integers(1, max_components))
+    params = dict(n_components=k)
+    kind = draw(st.sampled_from(["dense", "sparse", "one-hot"]))
+    if kind != "dense":
+        params["n_nonzero"] = 1 if kind == "one-hot" else draw(st.integers(1, k))
+    params["code_bits"] = 0 if kind == "one-hot" else draw(st.sampled_from([None, 1, 2, 3, 4]))
+    params["codebook_bits"] = draw(st.sampled_from([None, 1, 3, 4, 8]))
+    params["component_nonzero"] = draw(st.one_of(st.none(), st.integers(1, d)))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    seed = draw(st.integers(0, 2**16))
+    return n, d, params, dtype, seed

@@ -10,7 +10,6 @@ from math import comb
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import qsdlearn
 from qsdlearn import QuantizedSparseDecomposition
@@ -18,7 +17,7 @@ from qsdlearn._bits import pack_fields, support_bits, unpack_fields
 from qsdlearn._container import _metadata_checksum
 from qsdlearn.codec import HEADER_BYTES, STREAMS, CompressedMatrix
 
-from ._data import SETTINGS, gaussian
+from ._data import SETTINGS, factorization_problems, gaussian
 
 from_bytes = CompressedMatrix.from_bytes
 
@@ -90,23 +89,6 @@ def test_repr_and_shape():
     compressed = est.encode(X[:10])
     assert compressed.shape == (10, 6)
     assert "CompressedMatrix" in repr(compressed) and "bits_per_element" in repr(compressed)
-
-
-@st.composite
-def factorization_problems(draw):
-    n = draw(st.integers(1, 30))
-    d = draw(st.integers(1, 6))
-    k = draw(st.integers(1, 8))
-    params = dict(n_components=k)
-    kind = draw(st.sampled_from(["dense", "sparse", "one-hot"]))
-    if kind != "dense":
-        params["n_nonzero"] = 1 if kind == "one-hot" else draw(st.integers(1, k))
-    params["code_bits"] = 0 if kind == "one-hot" else draw(st.sampled_from([None, 1, 2, 3]))
-    params["codebook_bits"] = draw(st.sampled_from([None, 1, 4, 8]))
-    params["component_nonzero"] = draw(st.one_of(st.none(), st.integers(1, d)))
-    dtype = draw(st.sampled_from([np.float32, np.float64]))
-    seed = draw(st.integers(0, 2**16))
-    return n, d, params, dtype, seed
 
 
 def check_round_trip_and_size(problem):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import qsdlearn
 from qsdlearn import CompressedMatrix, CompressedModel, Constraints, QuantizedSparseDecomposition
 
-from ._data import SETTINGS, gaussian
+from ._data import SETTINGS, factorization_problems, gaussian
 
 
 def _real_files():
@@ -92,22 +92,10 @@ def test_mutated_files_many(data):
 
 @st.composite
 def problems(draw):
-    """Random shapes, magnitudes and settings of the estimator."""
-    n = draw(st.integers(1, 60))
-    d = draw(st.integers(1, 9))
-    k = draw(st.integers(1, 12))
-    params = dict(n_components=k)
-    kind = draw(st.sampled_from(["dense", "sparse", "one-hot"]))
-    if kind != "dense":
-        params["n_nonzero"] = 1 if kind == "one-hot" else draw(st.integers(1, k))
-    params["code_bits"] = 0 if kind == "one-hot" else draw(st.sampled_from([None, 1, 2, 4]))
-    params["codebook_bits"] = draw(st.sampled_from([None, 1, 3, 8]))
-    if draw(st.booleans()):
-        params["component_nonzero"] = draw(st.integers(1, d))
-    dtype = draw(st.sampled_from([np.float32, np.float64]))
-    exponent = draw(st.integers(-30, 30))
-    seed = draw(st.integers(0, 2**16))
-    return n, d, params, dtype, exponent, seed
+    """Random estimator problems (see :func:`factorization_problems`) at magnitudes from
+    1e-30 to 1e30."""
+    n, d, params, dtype, seed = draw(factorization_problems(60, 9, 12))
+    return n, d, params, dtype, draw(st.integers(-30, 30)), seed
 
 
 def check_problem(problem):
