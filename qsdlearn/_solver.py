@@ -551,10 +551,7 @@ def _lloyd_fit(X, constraints, C0, max_iter, tol, verbose, error_unit):
         _lloyd_assign(X, C_new, scratch, spare)
         if spare.value <= state.value:
             C, scales, state, spare = C_new, scales_new, spare, state
-        objective.append(state.value)
-        if verbose:
-            print(f"[qsdlearn] iteration {n_iter:4d}  objective {state.value * error_unit:.6e}")
-        if _has_converged(objective, tol):
+        if _end_iteration(objective, state.value, n_iter, tol, verbose, error_unit):
             converged = True
             break
     _warn_if_not_converged(converged, max_iter, tol)
@@ -563,6 +560,15 @@ def _lloyd_fit(X, constraints, C0, max_iter, tol, verbose, error_unit):
 
 
 # -- driver ----------------------------------------------------------------------------------
+
+
+def _end_iteration(objective, value, n_iter, tol, verbose, error_unit):
+    """Record iteration ``n_iter``'s objective (in units of ``error_unit``, printed when
+    ``verbose``) and return whether the fit has converged."""
+    objective.append(value)
+    if verbose:
+        print(f"[qsdlearn] iteration {n_iter:4d}  objective {value * error_unit:.6e}")
+    return _has_converged(objective, tol)
 
 
 def _has_converged(objective, tol):
@@ -614,10 +620,7 @@ def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit
             C, scales, value = C_old, scales_old, after_codes
         else:
             row_errors = new_errors
-        objective.append(value)
-        if verbose:
-            print(f"[qsdlearn] iteration {n_iter:4d}  objective {value * error_unit:.6e}")
-        if _has_converged(objective, tol):
+        if _end_iteration(objective, value, n_iter, tol, verbose, error_unit):
             converged = True
             break
     _warn_if_not_converged(converged, max_iter, tol)
