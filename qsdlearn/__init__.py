@@ -3,6 +3,7 @@
 from ._constraints import Constraints
 from ._estimator import QuantizedSparseDecomposition
 from ._io import load, save
+from .calibration import GramAccumulator, metric_blocks
 from .codec import CompressedMatrix
 from .metrics import sqnr
 from .weights import CompressedModel, LayerSetting, compress_weights
@@ -13,10 +14,12 @@ __all__ = [
     "CompressedMatrix",
     "CompressedModel",
     "Constraints",
+    "GramAccumulator",
     "LayerSetting",
     "compress_weights",
     "QuantizedSparseDecomposition",
     "load",
+    "metric_blocks",
     "save",
     "sqnr",
     "__version__",

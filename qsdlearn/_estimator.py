@@ -11,13 +11,68 @@ from sklearn.base import (
 )
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_array,
+    check_is_fitted,
+    validate_data,
+)
 
-from . import _solver
+from . import _metric, _solver
 from ._constraints import Constraints
 from ._jit import kernel_threads
 from ._kernels import all_positions, reconstruct_from_slots
 from .codec import MatrixSettings, encode_factors
+
+
+def _check_metric(metric, n_features):
+    """The metric as ``(m, d, d)`` float64 blocks, or None for the identity.
+
+    Raises a ValueError for a wrong shape, a non-symmetric block or one with a clearly
+    negative eigenvalue (beyond rounding: ``1e-8`` of the block's largest)."""
+    if metric is None:
+        return None
+    blocks = check_array(metric, dtype=np.float64, ensure_2d=False, allow_nd=True,
+                         input_name="metric")
+    if blocks.ndim == 2:
+        blocks = blocks[None]
+    if blocks.ndim != 3 or blocks.shape[1:] != (n_features, n_features) or not blocks.shape[0]:
+        raise ValueError(
+            f"metric has shape {blocks.shape}; expected ({n_features}, {n_features}) or "
+            f"(m, {n_features}, {n_features}), n_features={n_features} (row i uses block i mod m)."
+        )
+    scale = np.max(np.abs(blocks), axis=(1, 2))
+    asymmetry = np.max(np.abs(blocks - np.swapaxes(blocks, 1, 2)), axis=(1, 2))
+    bad = np.flatnonzero(asymmetry > 1e-8 * scale)
+    if bad.size:
+        raise ValueError(f"metric block {bad[0]} is not symmetric; give (H + H.T) / 2.")
+    lowest = np.linalg.eigvalsh(blocks)
+    bad = np.flatnonzero(lowest[:, 0] < -1e-8 * np.maximum(lowest[:, -1], 0.0) - 1e-300)
+    if bad.size:
+        raise ValueError(
+            f"metric block {bad[0]} is not positive semi-definite (smallest eigenvalue "
+            f"{lowest[bad[0], 0]:.3g}); a metric is a Gram matrix A.T @ A of inputs."
+        )
+    if np.array_equal(blocks, np.broadcast_to(np.eye(n_features), blocks.shape)):
+        return None
+    return blocks
+
+
+def _check_weights(sample_weight, X):
+    """Row weights as float64, or None for unit weights; all zero is refused."""
+    if sample_weight is None:
+        return None
+    weights = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+    if not weights.any():
+        raise ValueError("sample_weight is zero for every row: there is nothing to fit.")
+    return None if np.all(weights == 1.0) else weights
+
+
+def _prepared_metric(blocks, weights):
+    """A solver metric, or None for the plain objective."""
+    if blocks is None and weights is None:
+        return None
+    return _metric.prepare(blocks, weights)
 
 
 def _native_float(X):
@@ -106,10 +161,12 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
     objective_ : ndarray
         Squared error ``||X - Z C||_F**2`` after initialization and after every iteration; it
         never increases. (A squared error beyond float64's range, for data above about 1e154,
-        is ``inf`` here; ``reconstruction_err_`` stays exact.)
+        is ``inf`` here; ``reconstruction_err_`` stays exact.) With ``sample_weight`` or
+        ``metric`` given to :meth:`fit`, the weighted error in the metric instead.
     reconstruction_err_ : float
         Frobenius norm ``||X - Z C||_F`` of the training data with the final codes, those that
-        :meth:`transform` gives (they may differ slightly from the last iterate).
+        :meth:`transform` gives (they may differ slightly from the last iterate); the square
+        root of the weighted error in the metric when :meth:`fit` was given one.
     bits_ : int
         Payload bits of the codes of the training data and of the codebook.
     bit_budget_ : BitBudget
@@ -274,7 +331,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
     # -- scikit-learn API --------------------------------------------------------------------
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, sample_weight=None, metric=None):
         """Fit the codebook (and codes) to ``X``.
 
         Parameters
@@ -283,17 +340,36 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
             Data; every row is one vector to encode.
         y : Ignored
             Not used, present for API consistency.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Nonnegative row weights: the objective is ``sum_i w_i e_i``, with ``e_i`` the
+            squared error of row ``i`` (an integer weight counts a row that many times in the
+            objective). None: unit weights.
+        metric : array-like of shape (n_features, n_features) or (m, n_features, n_features), \
+default=None
+            Symmetric positive semi-definite blocks ``H_b`` in which the error of a row is
+            measured: ``e_i = r_i H_b r_i^T`` with ``r_i`` its residual and ``b = i mod m``.
+            For a linear layer ``y = W a`` cut into sub-vectors along its input, the blocks
+            are the diagonal blocks of the Gram matrix ``A^T A`` of calibration inputs ``A``
+            (see :func:`compress_weights`), and the objective is the block-diagonal part of
+            the output error ``||(W - W_hat) A^T||_F^2``. None (or identity blocks): the
+            squared error.
 
         Returns
         -------
         self : QuantizedSparseDecomposition
             The fitted estimator.
+
+        Raises
+        ------
+        ValueError
+            If ``sample_weight`` is negative or all zero, or ``metric`` has the wrong shape
+            or is not symmetric positive semi-definite.
         """
-        self._fit(X)
+        self._fit(X, sample_weight, metric)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit_transform(self, X, y=None):
+    def fit_transform(self, X, y=None, sample_weight=None, metric=None):
         """Fit to ``X`` and return its codes (the same as ``fit(X).transform(X)``).
 
         Parameters
@@ -302,19 +378,25 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
             Data.
         y : Ignored
             Not used, present for API consistency.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Row weights, as in :meth:`fit`.
+        metric : array-like of shape (n_features, n_features) or (m, n_features, n_features), \
+default=None
+            Metric blocks, as in :meth:`fit`; the codes are those of ``transform(X, metric)``.
 
         Returns
         -------
         codes : ndarray of shape (n_samples, n_components)
             Dequantized codes ``Z``, in the dtype of ``X``.
         """
-        return self._fit(X).to_dense(self.n_components_)
+        return self._fit(X, sample_weight, metric).to_dense(self.n_components_)
 
-    def _fit(self, X):
+    def _fit(self, X, sample_weight=None, metric=None):
         X = validate_data(self, _native_float(X), dtype=[np.float64, np.float32],
                           ensure_min_samples=1)
         X = np.ascontiguousarray(X)
         n, d = X.shape
+        prepared = _prepared_metric(_check_metric(metric, d), _check_weights(sample_weight, X))
         constraints = self._constraints(n, d, X.dtype)
         k = constraints.n_components
         codebook_init = self._check_init_array(self.codebook_init, "codebook_init", (k, d), X.dtype)
@@ -331,6 +413,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
                 tol=self.tol,
                 random_state=check_random_state(self.random_state),
                 verbose=self.verbose,
+                metric=prepared,
             )
         self.components_ = result.codebook
         self.codebook_scales_ = result.codebook_scales
@@ -348,30 +431,37 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         self._constraints_ = constraints
         return result.codes
 
-    def transform(self, X):
+    def transform(self, X, metric=None):
         """Codes of ``X`` against the fitted codebook, solved row by row.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
             Data.
+        metric : array-like of shape (n_features, n_features) or (m, n_features, n_features), \
+default=None
+            Metric blocks in which each row's error is minimised, as in :meth:`fit` (row
+            ``i`` uses block ``i mod m``). None: the squared error.
 
         Returns
         -------
         codes : ndarray of shape (n_samples, n_components)
             Dequantized codes, in the dtype of ``X``.
         """
-        return self._encode(self._validate_new(X)).to_dense(self.n_components_)
+        X = self._validate_new(X)
+        return self._encode(X, metric).to_dense(self.n_components_)
 
     def _validate_new(self, X):
         check_is_fitted(self)
         return validate_data(self, _native_float(X), dtype=[np.float64, np.float32], reset=False)
 
-    def _encode(self, X):
+    def _encode(self, X, metric=None):
         """Codes of validated rows ``X`` (see :meth:`transform`)."""
         X = np.ascontiguousarray(X)
+        prepared = _prepared_metric(_check_metric(metric, X.shape[1]), None)
         with kernel_threads(self.n_threads):
-            codes, _ = _solver.solve_codes(X, self.components_.astype(X.dtype), self._constraints_)
+            codes, _ = _solver.solve_codes(X, self.components_.astype(X.dtype), self._constraints_,
+                                           metric=prepared)
         return codes
 
     def inverse_transform(self, X):
@@ -402,7 +492,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         )
         return out
 
-    def encode(self, X):
+    def encode(self, X, metric=None):
         """Encode ``X`` into bit-packed factors: its codes plus the codebook.
 
         ``X`` is encoded in the dtype the estimator was fitted on.
@@ -411,6 +501,10 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         ----------
         X : array-like of shape (n_samples, n_features)
             Data.
+        metric : array-like of shape (n_features, n_features) or (m, n_features, n_features), \
+default=None
+            Metric blocks in which the codes minimise each row's error, as in
+            :meth:`transform`.
 
         Returns
         -------
@@ -420,7 +514,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         """
         X = self._validate_new(X)
         dtype = self.components_.dtype
-        codes = self._encode(np.asarray(X, dtype=dtype))
+        codes = self._encode(np.asarray(X, dtype=dtype), metric)
         settings = MatrixSettings(*X.shape, dtype.name, self._constraints_)
         return encode_factors(
             settings, codes.idx, codes.val, self.components_, self.codebook_scales_,

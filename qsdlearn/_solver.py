@@ -24,7 +24,7 @@ from sklearn.cluster import kmeans_plusplus
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.extmath import randomized_svd
 
-from . import _kernels
+from . import _kernels, _metric
 from ._levels import fit_level_scales, snap_to_levels, top_magnitude_mask
 
 #: Exact coordinate sweeps over the code slots per row and code step.
@@ -124,8 +124,12 @@ def _solve_psd(A, B):
         return scipy.linalg.lstsq(A, B, check_finite=False)[0]
 
 
-def squared_error(X, C, codes):
-    """Per-row squared reconstruction errors (float64) and their sum."""
+def squared_error(X, C, codes, metric=None):
+    """Per-row squared reconstruction errors (float64, in the ``metric`` and weighted when
+    one is given) and their sum."""
+    if metric is not None:
+        out = _metric.row_errors(metric, _metric.residuals(X, C, codes.slot_index(), codes.val))
+        return out, float(out.sum())
     out = np.empty(X.shape[0], dtype=np.float64)
     _kernels.row_squared_errors(X, C, codes.slot_index(), codes.val, out)
     return out, float(out.sum())
@@ -154,8 +158,13 @@ def refit_scales(ZtZ, ZtX, B, current):
     Rows whose term vanishes keep their current scale. Returns ``current`` itself when the
     least-squares solution is not better (it always is in exact arithmetic).
     """
-    M = ZtZ * (B @ B.T)
-    b = np.einsum("jt,jt->j", ZtX, B)
+    return solve_scales(ZtZ * (B @ B.T), np.einsum("jt,jt->j", ZtX, B), current)
+
+
+def solve_scales(M, b, current):
+    """Minimiser of ``s^T M s - 2 b^T s`` (``M`` positive semi-definite) over the scales whose
+    diagonal term does not vanish, the others kept at ``current``; ``current`` itself when the
+    solution is not better (see :func:`refit_scales`)."""
     active = np.diag(M) > 1e-12 * max(np.max(np.diag(M), initial=0.0), 1e-300)
     new = current.astype(np.float64).copy()
     if not active.any():
@@ -214,29 +223,34 @@ def _scaled(a, exponent):
         return np.ldexp(a, exponent).astype(a.dtype, copy=False)
 
 
-def solve_codes(X, C, constraints, codes=None):
+def solve_codes(X, C, constraints, codes=None, metric=None):
     """Codes of the rows of ``X`` against codebook ``C``, row by row.
 
     With ``codes=None`` every row is solved from scratch (this is ``transform``). Given
     ``codes``, each row keeps the better of that solution and its codes improved by one
     projected gradient round, so the error of no row increases (the alternating code step).
     ``X`` and ``C`` are divided by one power of two first (see above), so the codes do not
-    depend on the scale of the data.
+    depend on the scale of the data. Under a ``metric`` (:mod:`qsdlearn._metric`) each row
+    minimises its error in its block of the metric.
 
     Returns
     -------
     codes : Codes
     row_errors : ndarray of shape (n,), float64
-        Squared errors from direct residuals, in the units of ``X``.
+        Squared errors from direct residuals, in the units of ``X`` (times the metric's).
     """
     exponent = _scale_exponent(X, C)
     codes, row_errors = _solve_codes(_scaled(X, -exponent), _scaled(C, -exponent), constraints,
-                                     codes)
+                                     codes, metric)
+    if metric is not None:
+        row_errors = row_errors * metric.unit
     return codes, _scaled(row_errors, 2 * exponent)
 
 
-def _solve_codes(X, C, constraints, codes=None):
+def _solve_codes(X, C, constraints, codes=None, metric=None):
     """:func:`solve_codes` on data of unit scale (no normalisation)."""
+    if metric is not None:
+        return _metric_codes(X, C, constraints, codes, metric)
     n, k = X.shape[0], constraints.n_components
     if constraints.one_hot:
         return _nearest_codewords(X, C)
@@ -279,6 +293,29 @@ def _solve_codes(X, C, constraints, codes=None):
         codes.idx = idx
     # The kernel's errors come from correlations; report direct residuals instead.
     return codes, squared_error(X, C, codes)[0]
+
+
+def _metric_codes(X, C, constraints, codes, metric):
+    """The code step under a metric: the plain code step on the whitened rows ``x_i L_b``
+    and codebook ``C L_b`` of every block ``b`` (the row weights do not change a row's
+    minimiser); errors in the metric."""
+    if metric.roots is None:
+        codes, _ = _solve_codes(X, C, constraints, codes)
+        return codes, squared_error(X, C, codes, metric)[0]
+    n, s = X.shape[0], constraints.slots
+    out = Codes(None if constraints.dense_codes else np.zeros((n, s), dtype=_kernels.INDEX_DTYPE),
+                np.zeros((n, s), dtype=X.dtype))
+    for b, rows in metric.block_rows(n):
+        start = None
+        if codes is not None:
+            start = Codes(None if codes.idx is None else codes.idx[rows].copy(),
+                          codes.val[rows].copy())
+        block_codes, _ = _solve_codes(metric.whiten(X[rows], b).astype(X.dtype),
+                                      metric.whiten(C, b).astype(C.dtype), constraints, start)
+        if out.idx is not None:
+            out.idx[rows] = block_codes.idx
+        out.val[rows] = block_codes.val
+    return out, squared_error(X, C, out, metric)[0]
 
 
 def _one_hot_codes(labels, dtype):
@@ -347,6 +384,46 @@ def update_codebook(ZtZ, ZtX, C, scales, constraints):
     return pattern * new_scales[:, None], np.abs(new_scales)
 
 
+def _metric_codebook_step(X, codes, C, scales, constraints, metric):
+    """The codebook block under a metric (float64 in and out), and the codewords no row of
+    positive weight uses.
+
+    A float codebook is solved exactly: by the weighted normal equations with one block (the
+    block cancels from them), per codeword with one-hot codes, by conjugate gradients
+    otherwise. A constrained one takes a projected gradient step with step ``1 / L`` (``L``
+    the largest eigenvalue of the block's Hessian) and refits its grid scales exactly; the
+    exact per-row sweep of the plain step is left out (its row problems are no longer
+    isotropic).
+    """
+    k, d = C.shape
+    idx, val = codes.slot_index(), codes.val
+    Z = _metric.code_matrix(idx, val, k)
+    WZ = _metric.code_matrix(idx, val, k, metric.weights)
+    curvature = np.asarray(WZ.multiply(Z).sum(axis=0)).ravel()
+    unused = np.flatnonzero(curvature <= 0)
+    if constraints.free_codebook:
+        if metric.n_blocks == 1:
+            ZtZ = (WZ.T @ Z).toarray()
+            return update_codebook(ZtZ, np.asarray(WZ.T @ X.astype(np.float64)), C, scales,
+                                   constraints)[0], scales, unused
+        if constraints.one_hot:
+            return _metric.solve_one_hot_codebook(metric, idx[:, 0], X, C), scales, unused
+        return _metric.solve_free_codebook(metric, WZ, Z, X, C, n_iter=min(k * d, 500)), \
+            scales, unused
+    top = _metric.hessian_norm(metric, WZ, Z, C.shape)
+    if top <= 0:
+        return C, scales, unused
+    gradient = _metric.codebook_gradient(metric, WZ, _metric.residuals(X, C, idx, val))
+    C_new = _project_codebook(C - gradient / top, scales, constraints)
+    if constraints.codebook_bits is None:
+        return C_new, scales, unused
+    pattern = C_new / scales[:, None]
+    new_scales = solve_scales(*_metric.scale_system(metric, X, pattern, idx, val), scales)
+    vanished = new_scales == 0
+    new_scales[vanished] = scales[vanished]
+    return pattern * new_scales[:, None], np.abs(new_scales), unused
+
+
 def _relocate_unused(X, C, scales, codes, row_errors, unused, constraints):
     """Move the ``unused`` codebook rows onto the worst-fitted rows (their residual, or the row
     itself for one-hot codes, when ``codes`` may be None). Unused rows do not enter the
@@ -370,10 +447,15 @@ def _relocate_unused(X, C, scales, codes, row_errors, unused, constraints):
     return C, scales
 
 
-def _fold_code_scales(X, codes, C, scales, constraints):
+def _fold_code_scales(X, codes, C, scales, constraints, metric=None):
     """Refit per-component scales of quantized codes and fold them into the codebook."""
-    ZtZ, ZtX = code_statistics(X, codes, constraints.n_components)
-    alpha = refit_scales(ZtZ, ZtX, C, np.ones(constraints.n_components))
+    ones = np.ones(constraints.n_components)
+    if metric is None:
+        ZtZ, ZtX = code_statistics(X, codes, constraints.n_components)
+        alpha = refit_scales(ZtZ, ZtX, C, ones)
+    else:
+        system = _metric.scale_system(metric, X, C, codes.slot_index(), codes.val)
+        alpha = solve_scales(*system, ones)
     alpha[alpha == 0] = 1.0
     C = C * alpha[:, None]
     if scales is not None:
@@ -586,36 +668,37 @@ def _warn_if_not_converged(converged, max_iter, tol):
         )
 
 
-def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit=1.0):
+def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit=1.0,
+                metric=None):
     """One fit from codebook ``C0`` (and codes ``Z0_codes``, if given). One-hot codes go to
     :func:`_lloyd_fit` (a start from codes is superseded there by the nearest codewords, the
-    exact code step)."""
-    if constraints.one_hot:
+    exact code step), unless a ``metric`` is given."""
+    if constraints.one_hot and metric is None:
         return _lloyd_fit(X, constraints, C0, max_iter, tol, verbose, error_unit)
     dtype = X.dtype
     C, scales = quantize_codebook(C0, constraints)
-    if Z0_codes is not None:
-        codes, row_errors = _solve_codes(X, C.astype(dtype), constraints, codes=Z0_codes)
-    else:
-        codes, row_errors = _solve_codes(X, C.astype(dtype), constraints)
+    codes, row_errors = _solve_codes(X, C.astype(dtype), constraints, Z0_codes, metric)
     objective = [float(row_errors.sum())]
     n_iter = 0
     converged = False
     for n_iter in range(1, max_iter + 1):
         # Code block (skipped on the first pass when the codes were just solved from scratch).
         if n_iter > 1 or Z0_codes is not None:
-            codes, row_errors = _solve_codes(X, C.astype(dtype), constraints, codes=codes)
+            codes, row_errors = _solve_codes(X, C.astype(dtype), constraints, codes, metric)
         after_codes = float(row_errors.sum())
 
         # Codebook block: fold code scales, then exact LS or a projected gradient step.
         C_old, scales_old = C, scales
         if constraints.code_bits is not None and constraints.code_bits > 0:
-            C, scales = _fold_code_scales(X, codes, C, scales, constraints)
-        ZtZ, ZtX = code_statistics(X, codes, constraints.n_components)
-        C, scales = update_codebook(ZtZ, ZtX, C, scales, constraints)
-        C, scales = _relocate_unused(X, C, scales, codes, row_errors,
-                                     np.flatnonzero(np.diag(ZtZ) <= 0), constraints)
-        new_errors, value = squared_error(X, C.astype(dtype), codes)
+            C, scales = _fold_code_scales(X, codes, C, scales, constraints, metric)
+        if metric is None:
+            ZtZ, ZtX = code_statistics(X, codes, constraints.n_components)
+            C, scales = update_codebook(ZtZ, ZtX, C, scales, constraints)
+            unused = np.flatnonzero(np.diag(ZtZ) <= 0)
+        else:
+            C, scales, unused = _metric_codebook_step(X, codes, C, scales, constraints, metric)
+        C, scales = _relocate_unused(X, C, scales, codes, row_errors, unused, constraints)
+        new_errors, value = squared_error(X, C.astype(dtype), codes, metric)
         if value > after_codes:
             C, scales, value = C_old, scales_old, after_codes
         else:
@@ -640,8 +723,12 @@ def fit_factorization(
     tol=1e-4,
     random_state,
     verbose=0,
+    metric=None,
 ):
     """Fit ``X ~ Z C`` under ``constraints``; keep the best of ``n_init`` starts.
+
+    With a ``metric`` (:func:`qsdlearn._metric.prepare`) the objective is the weighted error
+    in the metric; the start ignores it.
 
     The returned codes are those of :func:`solve_codes` from scratch against the final
     codebook (what ``transform`` gives), so that fitting and transforming agree.
@@ -653,14 +740,15 @@ def fit_factorization(
         ``row_errors`` the final per-row squared errors.
     """
     if not X.any():
-        return _zero_fit(X, constraints)
+        return _zero_fit(X, constraints, metric)
     # Fit on X / 2**exponent (see "scale normalisation"); the result is scaled back exactly.
     exponent = _scale_exponent(X)
     X = _scaled(X, -exponent)
     if codebook_init is not None:
         codebook_init = np.ldexp(np.asarray(codebook_init, dtype=np.float64), -exponent)
+    metric_unit = 1.0 if metric is None else metric.unit
     with np.errstate(over="ignore"):  # only for printing the objective (inf beyond float64)
-        error_unit = float(np.ldexp(1.0, 2 * exponent))
+        error_unit = float(np.ldexp(metric_unit, 2 * exponent))
     rng = random_state
     init = resolve_init(init, X.shape, constraints)
     # One start when the start is fixed; repeating it would only repeat the same fit.
@@ -675,22 +763,24 @@ def fit_factorization(
         start_codes = None
         if code_init is not None:
             start_codes = _project_code_init(code_init, constraints, X.dtype)
-        result = _single_fit(X, constraints, C0, start_codes, max_iter, tol, verbose, error_unit)
+        result = _single_fit(X, constraints, C0, start_codes, max_iter, tol, verbose, error_unit,
+                             metric)
         if best is None or result.objective[-1] < best.objective[-1]:
             best = result
     codebook, best.codebook_scales, best.codebook_levels = _finalize_codebook(
         best.codebook, best.codebook_scales, constraints, X.dtype
     )
     # One-hot codes from the last iteration are already the nearest codewords of the codebook.
-    if not (constraints.one_hot and np.array_equal(codebook, best.codebook)):
-        best.codes, best.row_errors = _solve_codes(X, codebook, constraints)
+    if metric is not None or not (constraints.one_hot and np.array_equal(codebook, best.codebook)):
+        best.codes, best.row_errors = _solve_codes(X, codebook, constraints, metric=metric)
     best.codebook = codebook
-    return _scale_result(best, exponent)
+    return _scale_result(best, exponent, metric_unit)
 
 
-def _scale_result(result, exponent):
+def _scale_result(result, exponent, metric_unit=1.0):
     """The fit of ``X / 2**exponent`` as the fit of ``X``: codebook and scales times
-    ``2**exponent``, squared errors times ``4**exponent`` (codes are unchanged). A quantized
+    ``2**exponent``, squared errors times ``4**exponent`` and the metric's power of two
+    ``metric_unit`` (codes are unchanged). A quantized
     codebook is recomputed as its levels times the scaled scales, the product the decoder
     computes (the two differ where scaling rounds, among subnormal numbers)."""
     result.codebook_scales = _scaled(result.codebook_scales, exponent)
@@ -698,22 +788,23 @@ def _scale_result(result, exponent):
         result.codebook = _scaled(result.codebook, exponent)
     else:
         result.codebook = result.codebook_levels * result.codebook_scales[:, None]
-    result.error_norm = math.ldexp(math.sqrt(float(result.row_errors.sum())), exponent)
+    result.error_norm = math.ldexp(math.sqrt(float(result.row_errors.sum()) * metric_unit),
+                                   exponent)
     with np.errstate(over="ignore"):  # squared errors beyond float64's range become inf
-        result.row_errors = _scaled(result.row_errors, 2 * exponent)
-        result.objective = np.ldexp(np.asarray(result.objective, dtype=np.float64),
+        result.row_errors = _scaled(result.row_errors * metric_unit, 2 * exponent)
+        result.objective = np.ldexp(np.asarray(result.objective, dtype=np.float64) * metric_unit,
                                     2 * exponent).tolist()
     return result
 
 
-def _zero_fit(X, constraints):
+def _zero_fit(X, constraints, metric=None):
     """The exact factorization of an all-zero ``X``: a zero codebook (zero grid scales), and
     codes solved against it. No iteration is needed; the mid-rise grids have no zero level, so
     an iterated fit could only approach zero."""
     k, d = constraints.n_components, X.shape[1]
     C = np.zeros((k, d), dtype=X.dtype)
     scales = None if constraints.codebook_bits is None else np.zeros(k, dtype=X.dtype)
-    codes, row_errors = solve_codes(X, C, constraints)
+    codes, row_errors = solve_codes(X, C, constraints, metric=metric)
     return FitResult(codes, C, scales, [0.0], 0, row_errors, converged=True)
 
 

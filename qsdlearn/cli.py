@@ -45,6 +45,7 @@ def _compress(args):
         bits_per_weight=args.bits_per_weight,
         vector_size=args.vector_size,
         keep=args.keep,
+        calibration=args.calibration,
         n_jobs=args.jobs,
         random_state=args.seed,
         verbose=True if args.verbose else None,
@@ -146,6 +147,10 @@ def build_parser():
     compress.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                           help="store tensors whose name matches this glob verbatim, e.g. "
                           "'*embed*' or 'lm_head.*' (repeatable)")
+    compress.add_argument("--calibration", metavar="FILE",
+                          help="data-aware compression: a .npz or .safetensors file holding, "
+                          "under a tensor's name, the Gram matrix (in, in) of its inputs or "
+                          "row weights (rows,) for an embedding table")
     compress.add_argument("--force", action="store_true", help="overwrite an existing output")
     compress.add_argument("--verbose", action="store_true",
                           help="progress bar even when standard error is not a terminal")

@@ -50,6 +50,7 @@ from sklearn.utils._param_validation import Interval, validate_params
 from threadpoolctl import threadpool_limits
 
 from ._allocation import allocate, next_step
+from ._calibration import check_entry
 from ._checkpoint import matching, open_checkpoint
 from ._constraints import Constraints
 from ._container import FileImage, check_declared_elements, json_field, write_container
@@ -228,6 +229,11 @@ class CompressedLayer:
         Iterations of the final fit (``None`` when not recorded, e.g. read from a file).
     converged : bool or None
         Whether the final fit met its tolerance before ``max_iter`` (``None``: not recorded).
+    output_sqnr_db : float or None
+        SQNR of the layer's output on its calibration data, in dB: ``10 log10`` of
+        ``tr(W H W^T) / tr(E H E^T)`` with ``E`` the weight error and ``H`` the full Gram
+        matrix (or the row-weighted SQNR for row weights). ``None`` without calibration; not
+        stored in files.
     """
 
     matrix: CompressedMatrix
@@ -237,6 +243,7 @@ class CompressedLayer:
     sqnr_db: float
     n_iter: int | None = None
     converged: bool | None = None
+    output_sqnr_db: float | None = None
 
     @property
     def nbytes(self):
@@ -250,7 +257,8 @@ class CompressedLayer:
     def record(self):
         """What :meth:`CompressedModel.report` shows of this tensor."""
         return dict(setting=self.setting.describe(), payload_bits=self.matrix.bits,
-                    sqnr_db=self.sqnr_db, n_iter=self.n_iter, converged=self.converged)
+                    sqnr_db=self.sqnr_db, n_iter=self.n_iter, converged=self.converged,
+                    output_sqnr_db=self.output_sqnr_db)
 
     def header_entry(self, name):
         """The layer's entry in the file header."""
@@ -306,12 +314,16 @@ class SplitLayer:
         Its dtype name, restored on decompression.
     sqnr_db : float
         SQNR of the whole decompressed tensor, in dB.
+    output_sqnr_db : float or None
+        SQNR of the whole layer's output on its calibration data (see
+        :class:`CompressedLayer`).
     """
 
     parts: list
     shape: tuple
     dtype: str
     sqnr_db: float
+    output_sqnr_db: float | None = None
 
     @property
     def setting(self):
@@ -337,6 +349,7 @@ class SplitLayer:
             setting=self.setting.describe(), payload_bits=sum(r["payload_bits"] for r in records),
             sqnr_db=self.sqnr_db, n_iter=None if None in n_iter else max(n_iter),
             converged=None if None in converged else all(converged),
+            output_sqnr_db=self.output_sqnr_db,
         )
 
     def header_entry(self, name):
@@ -386,7 +399,7 @@ class KeptTensor:
     def record(self):
         """What :meth:`CompressedModel.report` shows of this tensor."""
         return dict(setting=f"kept ({self.dtype})", payload_bits=8 * self.nbytes,
-                    sqnr_db=float("inf"), n_iter=None, converged=None)
+                    sqnr_db=float("inf"), n_iter=None, converged=None, output_sqnr_db=None)
 
     def header_entry(self, name):
         """The tensor's entry in the file header."""
@@ -540,7 +553,9 @@ class CompressedModel(FileImage):
             tensor), ``stored_bits`` (what the file holds for it: streams rounded up to whole
             bytes; 0 for a tensor tied to an earlier one), ``bits_per_weight``
             (``stored_bits`` per weight), ``sqnr_db`` (``inf`` for kept tensors), ``n_iter``
-            and ``converged`` of the final fit (``None`` when not recorded).
+            and ``converged`` of the final fit (``None`` when not recorded), and
+            ``output_sqnr_db``, the SQNR of the layer's output on its calibration data
+            (``None`` for layers without calibration, and in models read from files).
         """
         records = []
         firsts = self._firsts()
@@ -557,7 +572,7 @@ class CompressedModel(FileImage):
                 setting=record["setting"], payload_bits=record["payload_bits"],
                 stored_bits=stored, bits_per_weight=stored / max(size, 1),
                 sqnr_db=record["sqnr_db"], n_iter=record["n_iter"],
-                converged=record["converged"],
+                converged=record["converged"], output_sqnr_db=record["output_sqnr_db"],
             ))
         return records
 
@@ -572,15 +587,21 @@ class CompressedModel(FileImage):
         """
         rows = self.report()
         width = max([len(r["name"]) for r in rows] + [4])
+        calibrated = any(r["output_sqnr_db"] is not None for r in rows)
         lines = [
             f"{'name':<{width}}  {'shape':<18} {'dtype':<8} {'setting':<44} {'bits/weight':>11} "
-            f"{'SQNR dB':>8}"
+            f"{'SQNR dB':>8}" + (f" {'output dB':>9}" if calibrated else "")
         ]
         for r in rows:
             note = "" if r["converged"] is not False else f"  (not converged in {r['n_iter']})"
+            output = ""
+            if calibrated:
+                output = (f" {r['output_sqnr_db']:>9.2f}" if r["output_sqnr_db"] is not None
+                          else f" {'-':>9}")
             lines.append(
                 f"{r['name']:<{width}}  {str(r['shape']):<18} {r['dtype']:<8} "
-                f"{r['setting']:<44} {r['bits_per_weight']:>11.3f} {r['sqnr_db']:>8.2f}{note}"
+                f"{r['setting']:<44} {r['bits_per_weight']:>11.3f} {r['sqnr_db']:>8.2f}"
+                f"{output}{note}"
             )
         lines.append(
             f"total: {self.n_weights} weights, {self.nbytes} bytes, "
@@ -787,7 +808,42 @@ def sample_rows(X, max_rows, seed, keep_order=True):
     return X[np.sort(rows) if keep_order else rows]
 
 
-def _fit_quietly(estimator, X):
+def _output_row_sample(n_out, m, max_rows, seed, eligible=None, keep_order=True):
+    """Output rows whose ``m`` sub-vectors each make a sample of about ``max_rows``
+    sub-vectors (None: all rows), drawn among the ``eligible`` rows (default: all)."""
+    pool = np.arange(n_out) if eligible is None else np.flatnonzero(eligible)
+    if max_rows is None or pool.size * m <= max_rows:
+        return None if pool.size == n_out else pool
+    rows = np.random.default_rng(seed).choice(pool, max(1, -(-max_rows // m)), replace=False)
+    return np.sort(rows) if keep_order else rows
+
+
+def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
+    """The sub-vectors to fit (all, or a sample of at most about ``max_rows``), their metric
+    and weights, and the factor from the sample's error to the whole tensor's.
+
+    With calibration the sample is of whole output rows, so that sub-vector ``i`` of the
+    sample still uses metric block ``i mod m``; rows of weight zero are left out of it (they
+    do not count in the objective)."""
+    if calibration is None:
+        sample = sample_rows(X, max_rows, seed, keep_order)
+        return sample, None, None, X.shape[0] / sample.shape[0]
+    d = X.shape[1]
+    m = calibration.subvectors_per_row
+    n_out = X.shape[0] // m
+    weights = calibration.sample_weight(m)
+    eligible = None if weights is None else calibration.row_weights > 0
+    rows = _output_row_sample(n_out, m, max_rows, seed, eligible, keep_order)
+    n_eligible = n_out if eligible is None else int(eligible.sum())
+    if rows is None:
+        return X, calibration.metric(d), weights, 1.0
+    sample = X.reshape(n_out, m, d)[rows].reshape(-1, d)
+    if weights is not None:
+        weights = weights.reshape(n_out, m)[rows].ravel()
+    return sample, calibration.metric(d), weights, n_eligible / rows.size
+
+
+def _fit_quietly(estimator, X, **fit_params):
     """Fit without the :class:`~sklearn.exceptions.ConvergenceWarning`, which the layer's
     record reports instead (``converged_``); other warnings reach the caller.
 
@@ -795,7 +851,7 @@ def _fit_quietly(estimator, X):
     by one layer may not cover another's fit, so the warning can still show there."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=ConvergenceWarning)
-        return estimator.fit(X)
+        return estimator.fit(X, **fit_params)
 
 
 def _blas_single_thread():
@@ -805,35 +861,68 @@ def _blas_single_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _fit_layer(ref, setting, seed, n_threads, max_iter, max_fit_rows):
-    """Read one layer (``ref.load()``: a worker reads its own layer from the file), fit its
-    codebook (on at most ``max_fit_rows`` rows drawn at random) and encode all its rows; a
-    :class:`RowSplit` fits each block of rows on its own.
+def _read_calibration(calibration, shape, vector_size):
+    """The :class:`~qsdlearn._calibration.LayerCalibration` of a tensor of ``shape`` cut into
+    ``vector_size``-element sub-vectors, from ``(name, reference to its entry)`` (None
+    without calibration); checked again in the worker that reads it."""
+    if calibration is None:
+        return None
+    name, ref = calibration
+    return check_entry(name, ref.load(), shape).for_layout(rows_of(shape, vector_size)
+                                                            // shape[0])
+
+
+def _fit_layer(ref, setting, seed, n_threads, max_iter, max_fit_rows, calibration=None):
+    """Read one layer (``ref.load()``: a worker reads its own layer, and its calibration
+    entry, from the file), fit its codebook (on at most ``max_fit_rows`` rows drawn at random)
+    and encode all its rows; a :class:`RowSplit` fits each block of rows on its own.
     Runs in a joblib worker: numba threads are capped to the worker's share of the cores and
     BLAS to one thread, so that workers x threads stay within the cores (joblib's Dask
     backend does not cap them itself)."""
     weight = ref.load()
     if not isinstance(setting, RowSplit):
-        return _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows)
-    parts = [_compress_tensor(weight[rows], block, (seed + j) % 2**32, n_threads, max_iter,
-                              max_fit_rows)
-             for j, (block, _, rows) in enumerate(setting.blocks(weight.shape))]
-    layer = SplitLayer(parts, weight.shape, weight.dtype.name, 0.0)
-    layer.sqnr_db = sqnr(weight, layer.decompress())
-    return layer
+        return _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows,
+                                _read_calibration(calibration, weight.shape, setting.vector_size))
+    parts = []
+    for j, (block, _, rows) in enumerate(setting.blocks(weight.shape)):
+        layer_calibration = _read_calibration(calibration, weight.shape, block.vector_size)
+        parts.append(_compress_tensor(
+            weight[rows], block, (seed + j) % 2**32, n_threads, max_iter, max_fit_rows,
+            None if layer_calibration is None else layer_calibration.for_rows(rows)))
+    decoded = np.concatenate([part.decompress() for part in parts], axis=0)
+    output = _output_sqnr(weight, decoded, _read_calibration(calibration, weight.shape, 1))
+    return SplitLayer(parts, weight.shape, weight.dtype.name, sqnr(weight, decoded), output)
 
 
-def _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows):
-    """One tensor (or block of rows) under one setting: a :class:`CompressedLayer`."""
+def _output_sqnr(weight, decoded, calibration):
+    """SQNR (dB) of a layer's output on its calibration data (None without calibration)."""
+    if calibration is None:
+        return None
+    original = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
+    error = original - np.asarray(decoded, dtype=np.float64).reshape(original.shape)
+    noise, signal = calibration.energy(error), calibration.energy(original)
+    if noise == 0:
+        return float("inf")
+    return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+
+
+def _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows,
+                     calibration=None):
+    """One tensor (or block of rows) under one setting: a :class:`CompressedLayer`. With
+    ``calibration`` the fit and the codes minimise the layer's block-diagonal output error."""
     X = to_rows(weight.astype(np.float32), setting.vector_size)
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=max_iter)
-    sample = sample_rows(X, max_fit_rows, seed)
+    sample, metric, weights, _ = _fit_inputs(X, calibration, max_fit_rows, seed)
     with _blas_single_thread():
-        _fit_quietly(est, sample)
-        matrix = est.encode(X)
+        if calibration is None:
+            _fit_quietly(est, sample)
+        else:
+            _fit_quietly(est, sample, sample_weight=weights, metric=metric)
+        matrix = est.encode(X, metric=metric)
     decoded = from_rows(_decode_once(matrix), weight.shape)
     return CompressedLayer(matrix, weight.shape, weight.dtype.name, setting, sqnr(weight, decoded),
-                           n_iter=est.n_iter_, converged=est.converged_)
+                           n_iter=est.n_iter_, converged=est.converged_,
+                           output_sqnr_db=_output_sqnr(weight, decoded, calibration))
 
 
 def _fits(setting, shape):
@@ -843,22 +932,41 @@ def _fits(setting, shape):
                                                    ESTIMATE_ROWS)
 
 
-def _estimate(ref, candidates, seed, n_threads):
-    """For each candidate: bytes of the layer's streams (exact) and its squared error (from
-    a row sample), or ``None`` when the sample is too small for it. Reads the layer once."""
+def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None):
+    """For each candidate: bytes of the layer's streams (exact) and its error (from a row
+    sample), or ``None`` when the sample is too small for it. Reads the layer once.
+
+    The error is the squared weight error, or with calibration the block-diagonal output
+    error; ``relative`` divides it by the layer's energy (output energy with calibration,
+    ``||W||^2`` without), so that layers with and without calibration compare."""
     weight = ref.load()
+    energy = None
     results = []
     for setting in candidates:
         X = to_rows(weight.astype(np.float32), setting.vector_size)
         if not _fits(setting, weight.shape):
             results.append(None)
             continue
-        sample = sample_rows(X, ESTIMATE_ROWS, seed, keep_order=False)
+        layer_calibration = _read_calibration(calibration, weight.shape, setting.vector_size)
+        sample, metric, weights, factor = _fit_inputs(X, layer_calibration, ESTIMATE_ROWS, seed,
+                                                      keep_order=False)
+        if sample.shape[0] < setting.constraints.n_components:
+            results.append(None)
+            continue
         est = setting.estimator(random_state=seed, n_threads=n_threads,
                                 max_iter=ESTIMATE_MAX_ITER)
         with _blas_single_thread():
-            _fit_quietly(est, sample)
-        error = est.reconstruction_err_**2 * X.shape[0] / sample.shape[0]
+            if layer_calibration is None:
+                _fit_quietly(est, sample)
+            else:
+                _fit_quietly(est, sample, sample_weight=weights, metric=metric)
+        error = est.reconstruction_err_**2 * factor
+        if relative:
+            if energy is None:
+                flat = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
+                energy = (layer_calibration.energy(flat) if layer_calibration is not None
+                          else float(np.einsum("ij,ij->", flat, flat)))
+            error = error / energy if energy > 0 else 0.0
         results.append((setting.stream_bytes(weight.shape), error))
     return results
 
@@ -888,6 +996,7 @@ def _progress(results, names, enabled):
         "vector_size": [Interval(Integral, 1, None, closed="left")],
         "candidates": [list, None],
         "keep": [list, tuple, None],
+        "calibration": [Mapping, str, os.PathLike, None],
         "n_jobs": [Integral, None],
         "random_state": ["random_state"],
         "max_iter": [Interval(Integral, 0, None, closed="left")],
@@ -904,6 +1013,7 @@ def compress_weights(
     vector_size=8,
     candidates=None,
     keep=None,
+    calibration=None,
     n_jobs=None,
     random_state=None,
     max_iter=50,
@@ -943,6 +1053,18 @@ def compress_weights(
     keep : list of str, optional
         Glob patterns (:func:`fnmatch.fnmatchcase`) of tensor names to store verbatim,
         e.g. ``["*embed*", "lm_head.*", "*norm*"]``.
+    calibration : mapping of str to array-like, or str / path-like, optional
+        Data-aware compression: under a tensor's own name, either the Gram matrix ``A^T A``
+        of its inputs (shape ``(in, in)``, ``in`` the product of its axes after the first;
+        the unfolded input patches of a convolution; see :class:`GramAccumulator`), or row
+        weights of shape ``(rows,)`` (for an embedding table, how often each row is used).
+        A mapping, or a ``.npz`` or ``.safetensors`` file of them. A calibrated tensor's fit
+        minimises its output error on those inputs (the block-diagonal part of
+        ``||(W - W_hat) A^T||^2``, see :meth:`QuantizedSparseDecomposition.fit`); others
+        keep the weight error. With ``bits_per_weight``, the budget then minimises the sum
+        over tensors of the *relative* error (output error over output energy for calibrated
+        tensors, weight error over ``||W||^2`` for the others), and the report gives every
+        calibrated tensor's output SQNR.
     n_jobs : int, optional
         Layers run through ``joblib.Parallel(n_jobs)``; under
         ``joblib.parallel_config(backend="dask")`` on a Dask cluster (workers given a file
@@ -969,8 +1091,9 @@ def compress_weights(
     ------
     ValueError
         If there are no tensors, a tensor holds NaN or infinity, ``settings`` names a tensor
-        that is not compressible, ``bits_per_weight`` is below what the candidates reach, or
-        a file cannot be read.
+        that is not compressible, ``bits_per_weight`` is below what the candidates reach, a
+        file cannot be read, or a calibration entry names no tensor or does not fit its
+        tensor (shape, symmetry, positive semi-definiteness, negative weights).
     TypeError
         If a tensor name is not a string or a dtype is not supported.
 
@@ -1048,12 +1171,14 @@ def compress_weights(
                     "e.g. LayerSetting(8, Constraints(256, n_nonzero=2, code_bits=2, "
                     "codebook_bits=8))"
                 )
+    calibrations = _open_calibration(calibration, checkpoint, tied, compressible)
     layout = _Layout(checkpoint, tied, kept)
     free = [name for name in compressible if name not in fixed]
     if free and bits_per_weight is not None:
         fixed.update(
             _plan(layout, free, fixed, bits_per_weight,
-                  candidates or default_candidates(vector_size), base, n_jobs, n_threads)
+                  candidates or default_candidates(vector_size), base, n_jobs, n_threads,
+                  calibrations)
         )
     else:
         fixed.update({name: LayerSetting(vector_size=vector_size) for name in free})
@@ -1062,12 +1187,38 @@ def compress_weights(
     jobs = (
         joblib.delayed(_fit_layer)(
             checkpoint.ref(name), fixed[name], _layer_seed(base, name), n_threads, max_iter,
-            max_fit_rows,
+            max_fit_rows, calibrations.get(name),
         )
         for name in compressible
     )
     fitted = dict(zip(compressible, _progress(parallel(jobs), compressible, verbose)))
     return layout.model({**kept, **fitted})
+
+
+def _open_calibration(source, checkpoint, tied, compressible):
+    """``name -> (name, reference to its calibration entry)`` for the compressible tensors
+    that have one (an entry under a tied name serves the tensor it is tied to), every entry
+    checked against its tensor here, before anything is fitted."""
+    if source is None:
+        return {}
+    entries = open_checkpoint(source)
+    unknown = [name for name in entries.names if name not in tied]
+    if unknown:
+        raise ValueError(f"calibration names tensors the model does not have: {unknown[:5]}"
+                         + (" ..." if len(unknown) > 5 else ""))
+    found = {}
+    for name in entries.names:
+        first = tied[name]
+        if first not in compressible:
+            warnings.warn(f"calibration for {name!r} is not used: the tensor is not compressed",
+                          UserWarning, stacklevel=4)
+            continue
+        if first in found:
+            raise ValueError(f"calibration for tied tensors {found[first][0]!r} and {name!r}: "
+                             "give it under one name")
+        check_entry(name, entries.read(name), checkpoint.infos[first].shape)
+        found[first] = (name, entries.ref(name))
+    return found
 
 
 @dataclass
@@ -1142,7 +1293,8 @@ def _split_to_fill(layout, plan, name, better, budget):
     return {**plan, name: split(low)}
 
 
-def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_threads):
+def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_threads,
+          calibrations):
     n_weights = layout.n_weights
     budget = int(bits_per_weight * n_weights // 8)
     # Feasibility needs no fitting: the sizes are known from the settings alone.
@@ -1163,7 +1315,8 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
         )
     results = joblib.Parallel(n_jobs=n_jobs)(
         joblib.delayed(_estimate)(
-            layout.checkpoint.ref(name), candidates, _layer_seed(base, name), n_threads
+            layout.checkpoint.ref(name), candidates, _layer_seed(base, name), n_threads,
+            bool(calibrations), calibrations.get(name),
         )
         for name in free
     )

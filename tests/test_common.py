@@ -22,6 +22,17 @@ _TWO_SLOT_XFAILS = {
     ]
 }
 
+# As for scikit-learn's KMeans: the objective weights rows exactly as repeating them would
+# (tests/test_metric.py proves it from a fixed start), but the start is drawn from the rows
+# themselves (k-means++ seeds, the SVD, n_components=None = min(n_samples, n_features)), so
+# a repeated row set starts elsewhere and reaches another local optimum.
+_WEIGHTS_MOVE_THE_START = {
+    "check_sample_weight_equivalence_on_dense_data": (
+        "sample_weight is equivalent to repeating rows in the objective, but the start "
+        "depends on the rows (see tests/test_metric.py for the equivalence from one start)"
+    ),
+}
+
 ESTIMATORS = [
     QuantizedSparseDecomposition(),  # truncated SVD
     QuantizedSparseDecomposition(n_components=3, n_nonzero=1, code_bits=0, random_state=0),
@@ -35,7 +46,9 @@ ESTIMATORS = [
 
 
 def _expected_failures(estimator):
-    return _TWO_SLOT_XFAILS if estimator.n_nonzero == 2 else {}
+    if estimator.n_nonzero == 2:
+        return {**_TWO_SLOT_XFAILS, **_WEIGHTS_MOVE_THE_START}
+    return _WEIGHTS_MOVE_THE_START
 
 
 @parametrize_with_checks(ESTIMATORS, expected_failed_checks=_expected_failures)

@@ -9,9 +9,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "qsdlearn"
 
 #: Modules from the bottom up; a module may import only from layers below its own.
 LAYERS = [
-    {"_jit", "_levels", "_container", "_allocation", "metrics", "_dtypes"},
-    {"_bits", "_kernels", "_checkpoint"},
-    {"_constraints"},
+    {"_jit", "_levels", "_container", "_allocation", "metrics", "_dtypes", "calibration"},
+    {"_bits", "_kernels", "_checkpoint", "_calibration"},
+    {"_constraints", "_metric"},
     {"_solver", "codec"},
     {"_estimator"},
     {"weights"},
@@ -21,7 +21,7 @@ LAYERS = [
 ]
 #: Modules that work on arrays and bytes only.
 NO_SCIKIT_LEARN = {"_jit", "_levels", "_container", "_allocation", "_bits", "_kernels",
-                   "_dtypes", "_checkpoint"}
+                   "_dtypes", "_checkpoint", "_metric", "calibration", "_calibration"}
 
 
 def _imports(path):

@@ -1,0 +1,247 @@
+"""The data-aware objective: squared errors measured in a metric, rows weighted.
+
+The objective of a fit under a metric is
+
+``F(Z, C) = sum_i w_i (x_i - z_i C) H_b(i) (x_i - z_i C)^T``,  ``b(i) = i mod m``,
+
+with ``m`` positive semi-definite ``d x d`` blocks ``H_b`` and nonnegative row weights ``w_i``.
+For a linear layer ``y = W a`` cut into ``d``-element sub-vectors along its input (``m`` of
+them per output row), ``H_b`` is the ``b``-th diagonal block of the input Gram matrix
+``A^T A`` and ``F`` is the block-diagonal part of the output error ``||(W - W_hat) A^T||^2``.
+
+Everything here works on arrays. With ``H_b = L_b L_b^T`` the error of a row is the plain
+squared error of the *whitened* row ``x_i L_b`` against the whitened codebook ``C L_b``, so the
+code step is the plain code step block by block (rows ``b::m`` form block ``b``); the codebook
+step needs the products of this module, which cost ``O(n (s d + d^2))`` and never form an
+``(n, k)`` or ``(m, k, k)`` array.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse
+
+from ._kernels import reconstruct_from_slots
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A prepared metric: blocks, their square roots and row weights, scaled by powers of two.
+
+    ``blocks * 2**exponent`` and ``weights * 2**weight_exponent`` are what the caller gave;
+    objectives computed here are in units of ``2**(exponent + weight_exponent)`` (exact:
+    powers of two).
+    """
+
+    #: ``(m, d, d)`` float64 blocks, or None for the identity (weights only).
+    blocks: np.ndarray | None
+    #: ``(m, d, d)`` float64 with ``blocks[b] == roots[b] @ roots[b].T`` (None with blocks).
+    roots: np.ndarray | None
+    #: ``(n,)`` float64 row weights, or None for unit weights.
+    weights: np.ndarray | None
+    exponent: int = 0
+    weight_exponent: int = 0
+
+    @property
+    def n_blocks(self):
+        return 1 if self.blocks is None else self.blocks.shape[0]
+
+    @property
+    def unit(self):
+        """The factor that turns objectives computed here into the caller's units."""
+        return float(np.ldexp(1.0, self.exponent + self.weight_exponent))
+
+    def without_weights(self):
+        """The same blocks with unit weights (for rows other than the fitted ones)."""
+        return Metric(self.blocks, self.roots, None, self.exponent, 0)
+
+    def block_rows(self, n):
+        """``(b, slice)`` of every block's rows among ``n`` rows (``b::m``), empty ones left out."""
+        m = self.n_blocks
+        return [(b, slice(b, None, m)) for b in range(min(m, n))]
+
+    def whiten(self, X, b):
+        """Rows of block ``b`` of ``X`` (already sliced) times ``L_b``, in float64."""
+        X64 = np.asarray(X, dtype=np.float64)
+        return X64 if self.roots is None else X64 @ self.roots[b]
+
+    def times_blocks(self, R):
+        """``R_i H_b(i)`` for every row ``i`` of ``R`` (float64 ``(n, d)``)."""
+        if self.blocks is None:
+            return R
+        out = np.empty_like(R)
+        for b, rows in self.block_rows(R.shape[0]):
+            out[rows] = R[rows] @ self.blocks[b]
+        return out
+
+
+def _power_of_two_exponent(values):
+    top = float(np.max(np.abs(values), initial=0.0))
+    return int(np.frexp(top)[1]) if top > 0 else 0
+
+
+def prepare(blocks, weights):
+    """A :class:`Metric` from validated arrays.
+
+    Parameters
+    ----------
+    blocks : ndarray of shape (m, d, d) or None
+        Symmetric positive semi-definite blocks (None: the identity).
+    weights : ndarray of shape (n,) or None
+        Nonnegative row weights, not all zero (None: unit weights).
+    """
+    roots = None
+    exponent = weight_exponent = 0
+    if blocks is not None:
+        exponent = _power_of_two_exponent(blocks)
+        blocks = np.ldexp(np.asarray(blocks, dtype=np.float64), -exponent)
+        blocks = (blocks + np.swapaxes(blocks, 1, 2)) / 2
+        eigenvalues, vectors = np.linalg.eigh(blocks)
+        roots = vectors * np.sqrt(np.clip(eigenvalues, 0.0, None))[:, None, :]
+    if weights is not None:
+        weight_exponent = _power_of_two_exponent(weights)
+        weights = np.ldexp(np.asarray(weights, dtype=np.float64), -weight_exponent)
+    return Metric(blocks, roots, weights, exponent, weight_exponent)
+
+
+def residuals(X, C, idx, val):
+    """``X - Z C`` in float64 (``Z`` given by its slots ``idx``, ``val``)."""
+    recon = np.empty((X.shape[0], C.shape[1]), dtype=np.float64)
+    reconstruct_from_slots(idx, val.astype(np.float64, copy=False),
+                           np.asarray(C, dtype=np.float64), recon)
+    return np.asarray(X, dtype=np.float64) - recon
+
+
+def row_errors(metric, R):
+    """``w_i r_i H_b(i) r_i^T`` for the residual rows ``R`` (float64 ``(n,)``)."""
+    out = np.einsum("ij,ij->i", R, metric.times_blocks(R))
+    np.maximum(out, 0.0, out=out)  # rounding of a PSD form just below zero
+    if metric.weights is not None:
+        out *= metric.weights
+    return out
+
+
+def code_matrix(idx, val, n_components, weights=None):
+    """``Z`` (or ``W Z`` with row ``weights``) as a CSR matrix of shape ``(n, k)``, float64."""
+    n, s = idx.shape
+    values = val.astype(np.float64)
+    if weights is not None:
+        values = values * weights[:, None]
+    return scipy.sparse.csr_matrix((values.ravel(), np.asarray(idx).ravel(),
+                                    np.arange(0, n * s + 1, s)), shape=(n, n_components))
+
+
+def codebook_gradient(metric, WZ, R):
+    """Half the gradient of ``F`` in ``C`` at residuals ``R = X - Z C``: ``-sum_i w_i z_i^T
+    r_i H_b(i)``, a ``(k, d)`` float64 array (``WZ`` from :func:`code_matrix`)."""
+    return -np.asarray(WZ.T @ metric.times_blocks(R))
+
+
+def apply_hessian(metric, WZ, Z, D):
+    """``sum_i w_i z_i^T (z_i D) H_b(i)``: half the Hessian of ``F`` in ``C`` applied to a
+    ``(k, d)`` direction ``D``."""
+    return np.asarray(WZ.T @ metric.times_blocks(np.asarray(Z @ D)))
+
+
+def hessian_norm(metric, WZ, Z, shape, n_iter=50, rtol=1e-6):
+    """Largest eigenvalue of :func:`apply_hessian` by power iteration from a fixed start,
+    with a 1 % margin (the solver checks every step against the objective anyway)."""
+    size = shape[0] * shape[1]
+    v = 1.0 + np.arange(size, dtype=np.float64).reshape(shape) / max(size, 1)
+    v /= np.linalg.norm(v)
+    value = 0.0
+    for _ in range(n_iter):
+        w = apply_hessian(metric, WZ, Z, v)
+        norm = float(np.linalg.norm(w))
+        if norm == 0.0:
+            return 0.0
+        new_value = float(np.vdot(v, w))
+        v = w / norm
+        if abs(new_value - value) <= rtol * abs(new_value):
+            return 1.01 * new_value
+        value = new_value
+    return 1.01 * value
+
+
+def scale_system(metric, X, P, idx, val):
+    """``(M, b)`` of the per-row scales ``t`` minimising ``F`` at ``C = diag(t) P``:
+    ``F = t^T M t - 2 b^T t + const``.
+
+    ``M[j, l] = sum_i w_i z_ij z_il p_j H_b(i) p_l^T`` and ``b[j] = sum_i w_i z_ij p_j H_b(i)
+    x_i^T``, accumulated over the slots of every row (``O(n s (d^2 + s d))``)."""
+    k = P.shape[0]
+    n, s = idx.shape
+    weights = np.ones(n) if metric.weights is None else metric.weights
+    M = np.zeros((k, k))
+    b = np.zeros(k)
+    values = val.astype(np.float64) * weights[:, None]
+    X64 = np.asarray(X, dtype=np.float64)
+    for blk, rows in metric.block_rows(n):
+        pz = P[idx[rows]]                       # (n_b, s, d) pattern rows of the slots
+        H = None if metric.blocks is None else metric.blocks[blk]
+        ph = pz if H is None else pz @ H        # (n_b, s, d)
+        vb = values[rows]
+        zb = val[rows].astype(np.float64)
+        pair = np.einsum("isd,itd->ist", ph, pz) * (vb[:, :, None] * zb[:, None, :])
+        ib = idx[rows]
+        flat = (ib[:, :, None] * k + ib[:, None, :]).ravel()
+        M += np.bincount(flat, weights=pair.ravel(), minlength=k * k).reshape(k, k)
+        proj = np.einsum("isd,id->is", ph, X64[rows]) * vb
+        b += np.bincount(ib.ravel(), weights=proj.ravel(), minlength=k)
+    return M, b
+
+
+def solve_free_codebook(metric, WZ, Z, X, C, n_iter):
+    """Minimise ``F`` over a float codebook from ``C``: exact by conjugate gradients on the
+    normal equations ``sum_i w_i z_i^T (z_i C - x_i) H_b(i) = 0`` (each iteration lowers
+    ``F``; ``n_iter`` iterations at most, stopping when the residual vanishes)."""
+    C = np.array(C, dtype=np.float64)
+    rhs = np.asarray(WZ.T @ metric.times_blocks(np.asarray(X, dtype=np.float64)))
+    r = rhs - apply_hessian(metric, WZ, Z, C)
+    p = r.copy()
+    rr = float(np.vdot(r, r))
+    floor = 1e-24 * max(float(np.vdot(rhs, rhs)), 1e-300)
+    for _ in range(n_iter):
+        if rr <= floor:
+            break
+        Ap = apply_hessian(metric, WZ, Z, p)
+        curvature = float(np.vdot(p, Ap))
+        if curvature <= 0:
+            break
+        alpha = rr / curvature
+        C += alpha * p
+        r -= alpha * Ap
+        rr_new = float(np.vdot(r, r))
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return C
+
+
+def solve_one_hot_codebook(metric, labels, X, C):
+    """Minimise ``F`` over a float codebook for one-hot codes (``labels``): per codeword
+    ``j``, ``(sum_b N_bj H_b) c_j = sum_b S_bj H_b`` with ``N_bj`` the weight and ``S_bj`` the
+    weighted sum of block ``b``'s rows assigned to ``j``. Directions the system does not
+    determine (a singular metric) keep their current value."""
+    k, d = C.shape
+    n = X.shape[0]
+    weights = np.ones(n) if metric.weights is None else metric.weights
+    X64 = np.asarray(X, dtype=np.float64)
+    system = np.zeros((k, d, d))
+    rhs = np.zeros((k, d))
+    for b, rows in metric.block_rows(n):
+        lab, w = labels[rows], weights[rows]
+        counts = np.bincount(lab, weights=w, minlength=k)
+        sums = np.zeros((k, d))
+        np.add.at(sums, lab, X64[rows] * w[:, None])
+        H = metric.blocks[b]
+        system += counts[:, None, None] * H
+        rhs += sums @ H
+    C = np.array(C, dtype=np.float64)
+    eigenvalues, vectors = np.linalg.eigh(system)
+    floor = 1e-12 * np.max(eigenvalues, axis=1, keepdims=True)
+    inverse = np.where(eigenvalues > floor, 1.0 / np.where(eigenvalues > floor, eigenvalues, 1.0),
+                       0.0)
+    # c_j + pinv(K_j) (r_j - K_j c_j): the solution nearest to the current codeword
+    gap = rhs - np.einsum("jxy,jy->jx", system, C)
+    step = np.einsum("jxa,ja,jya,jy->jx", vectors, inverse, vectors, gap)
+    return C + step

@@ -1,0 +1,147 @@
+"""Data-aware compression of models: ``compress_weights(calibration=...)`` and the CLI."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+
+import qsdlearn
+from qsdlearn import Constraints, LayerSetting, compress_weights
+from qsdlearn.cli import main
+
+VQ4 = LayerSetting(4, Constraints(16, n_nonzero=1, code_bits=0, codebook_bits=8))
+
+
+@pytest.fixture(scope="module")
+def digits_mlp():
+    """A one-hidden-layer MLP trained on digits, its weights in PyTorch's (out, in) layout,
+    the Gram matrices of both layers' inputs on the training half, and the test half."""
+    X, y = load_digits(return_X_y=True)
+    X = X / 16.0
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.5, random_state=0)
+    mlp = MLPClassifier(hidden_layer_sizes=(128,), max_iter=400, random_state=0)
+    mlp.fit(X_train, y_train)
+    weights = {"fc1.weight": mlp.coefs_[0].T, "fc1.bias": mlp.intercepts_[0],
+               "fc2.weight": mlp.coefs_[1].T, "fc2.bias": mlp.intercepts_[1]}
+    weights = {name: np.ascontiguousarray(w, dtype=np.float32) for name, w in weights.items()}
+    hidden = np.maximum(X_train @ mlp.coefs_[0] + mlp.intercepts_[0], 0)
+    calibration = {"fc1.weight": X_train.T @ X_train, "fc2.weight": hidden.T @ hidden}
+    return weights, calibration, X_test, y_test
+
+
+def _logits(weights, X):
+    hidden = np.maximum(X @ weights["fc1.weight"].T + weights["fc1.bias"], 0)
+    return hidden @ weights["fc2.weight"].T + weights["fc2.bias"]
+
+
+@pytest.mark.parametrize("setting", [VQ4, LayerSetting(8, Constraints(32, 2, 1, 6))])
+def test_data_aware_mlp_computes_closer_to_the_original(digits_mlp, setting):
+    """The direction of the gains, on held-out data: at the same setting (same bits), the
+    calibrated fit gives logits closer to the float model's (accuracy, a coarser measure of
+    the same, stays within a point; the benchmark reports it)."""
+    weights, calibration, X_test, y_test = digits_mlp
+    plain = compress_weights(weights, settings=setting, random_state=0).decompress()
+    aware = compress_weights(weights, settings=setting, calibration=calibration,
+                             random_state=0).decompress()
+    reference = _logits(weights, X_test)
+    plain_error = np.sum((_logits(plain, X_test) - reference) ** 2)
+    aware_error = np.sum((_logits(aware, X_test) - reference) ** 2)
+    assert aware_error < 0.8 * plain_error
+
+    def accuracy(w):
+        return np.mean(np.argmax(_logits(w, X_test), axis=1) == y_test)
+
+    assert accuracy(aware) >= accuracy(plain) - 0.01
+
+
+def test_budget_with_calibration_is_met_and_reported(digits_mlp):
+    weights, calibration, _, _ = digits_mlp
+    model = compress_weights(weights, bits_per_weight=4.0, calibration=calibration,
+                             random_state=0)
+    assert model.bits_per_weight <= 4.0
+    records = {r["name"]: r for r in model.report()}
+    assert records["fc1.weight"]["output_sqnr_db"] > 0
+    assert records["fc2.weight"]["output_sqnr_db"] > 0
+    assert records["fc1.bias"]["output_sqnr_db"] is None
+    assert "output dB" in model.report_table()
+    # the output SQNR is measured with the full Gram matrix, independently here
+    restored = model.decompress()
+    E = weights["fc1.weight"] - restored["fc1.weight"]
+    W, H = weights["fc1.weight"], calibration["fc1.weight"]
+    expected = 10 * np.log10(np.trace(W @ H @ W.T) / np.trace(E @ H @ E.T))
+    assert records["fc1.weight"]["output_sqnr_db"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_row_weights_favour_the_rows_that_are_used():
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((400, 32)).astype(np.float32)
+    table[:40] *= 0.1  # the rows in use are small: a plain fit spends little on them
+    counts = np.where(np.arange(400) < 40, 100.0, 1.0)
+    plain = compress_weights({"embed": table}, settings=VQ4, random_state=0)
+    aware = compress_weights({"embed": table}, settings=VQ4, calibration={"embed": counts},
+                             random_state=0)
+
+    def used_error(model):
+        return np.sum((model.decompress()["embed"][:40] - table[:40]) ** 2)
+
+    assert used_error(aware) < 0.8 * used_error(plain)
+    report = aware.report()[0]
+    weighted_error = counts @ np.sum((aware.decompress()["embed"] - table) ** 2, axis=1)
+    expected = 10 * np.log10(counts @ np.sum(table.astype(np.float64) ** 2, axis=1)
+                             / weighted_error)
+    assert report["output_sqnr_db"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_split_layer_with_calibration_keeps_its_output_sqnr():
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((512, 64)).astype(np.float32)
+    A = rng.standard_normal((300, 64))
+    model = compress_weights({"w": W}, bits_per_weight=2.0, calibration={"w": A.T @ A},
+                             random_state=0)
+    record = model.report()[0]
+    assert record["output_sqnr_db"] is not None and np.isfinite(record["output_sqnr_db"])
+
+
+@pytest.mark.parametrize(
+    "calibration, error, message",
+    [
+        ({"nope": np.eye(64)}, ValueError, "does not have"),
+        ({"w": np.eye(63)}, ValueError, r"\(64, 64\)"),
+        ({"w": np.triu(np.ones((64, 64)))}, ValueError, "not symmetric"),
+        ({"w": -np.eye(64)}, ValueError, "positive semi-definite"),
+        ({"w": -np.ones(128)}, ValueError, "nonnegative"),
+        ({"w": np.zeros(128)}, ValueError, "not all zero"),
+        ({"w": np.full((64, 64), np.nan)}, ValueError, "NaN"),
+        ({"w": np.eye(64, dtype=np.int64)}, TypeError, "floats"),
+    ],
+)
+def test_bad_calibration_is_refused_before_fitting(calibration, error, message):
+    weights = {"w": np.ones((128, 64), dtype=np.float32), "b": np.zeros(128)}
+    with pytest.raises(error, match=message):
+        compress_weights(weights, settings=VQ4, calibration=calibration)
+
+
+def test_calibration_of_a_kept_tensor_warns():
+    weights = {"w": np.ones((128, 64), dtype=np.float32), "b": np.zeros(128)}
+    with pytest.warns(UserWarning, match="not used"):
+        compress_weights(weights, settings=VQ4, calibration={"b": np.ones(128)})
+
+
+def test_cli_reads_calibration_files(digits_mlp, tmp_path, capsys):
+    weights, calibration, _, _ = digits_mlp
+    source = tmp_path / "mlp.npz"
+    np.savez(source, **weights)
+    gram = tmp_path / "gram.safetensors"
+    save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in calibration.items()}, str(gram))
+    target = tmp_path / "mlp.qsd"
+    assert main(["compress", str(source), str(target), "--bits-per-weight", "4",
+                 "--calibration", str(gram)]) == 0
+    assert "output dB" in capsys.readouterr().out
+    assert qsdlearn.load(target).bits_per_weight <= 4.0
+    missing = tmp_path / "missing.npz"
+    assert main(["compress", str(source), str(tmp_path / "b.qsd"), "--bits-per-weight", "4",
+                 "--calibration", str(missing)]) == 1
+    assert "no such file" in capsys.readouterr().err
