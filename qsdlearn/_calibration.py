@@ -7,13 +7,73 @@ shape ``(rows,)`` (how often each row of an embedding table is used). See
 :mod:`qsdlearn.calibration`.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import ml_dtypes
 import numpy as np
+import scipy.linalg
 
 from ._dtypes import is_float
 from .calibration import metric_blocks
+
+
+#: Damping of a Gram matrix before it is inverted: this fraction of its mean diagonal is
+#: added to the diagonal (GPTQ's default, Frantar et al., 2023). It keeps the inverse finite
+#: where inputs never vary (constant pixels, dead units) and weights there from drifting.
+DAMPING = 0.01
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """Error feedback for one Gram matrix and sub-vector length ``d`` (GPTQ's order).
+
+    Sub-vectors of a row are encoded in order ``b = 0, 1, ...``; the error ``e_b`` of block
+    ``b`` is absorbed by the not yet encoded weights, ``w_later -= (e_b U_bb^-1) U_b,later``
+    with ``U`` the upper Cholesky factor of the inverse of the damped, zero-padded Gram matrix
+    (``H^-1 = U^T U``). With that compensation the output error a block adds is
+    ``e_b M_b e_b^T``, ``M_b = U_bb^-1 U_bb^-T`` (the Schur complement of ``H`` on the blocks
+    from ``b`` on): the metric block ``b`` is encoded in.
+    """
+
+    #: ``(m, d, d)``: the metric of every block.
+    metric: np.ndarray
+    #: ``(m d, m d)``: the upper Cholesky factor of the inverse damped Gram matrix.
+    upper: np.ndarray
+    #: ``(m, d, d)``: ``U_bb^-1`` of every block.
+    inverse_blocks: np.ndarray
+
+
+def _damped(H, mean_diagonal):
+    """``H`` plus :data:`DAMPING` times the mean diagonal on its diagonal (a copy)."""
+    H = H.copy()
+    H[np.diag_indices(H.shape[0])] += DAMPING * mean_diagonal
+    return H
+
+
+def feedback(gram, vector_size):
+    """The :class:`Feedback` of a Gram matrix ``(in, in)`` for sub-vectors of ``vector_size``."""
+    d = int(vector_size)
+    n_in = gram.shape[0]
+    m = -(-n_in // d)
+    mean_diagonal = float(np.mean(np.diag(gram))) or 1.0
+    H = np.zeros((m * d, m * d))
+    H[:n_in, :n_in] = gram
+    try:
+        lower = scipy.linalg.cholesky(_damped(H, mean_diagonal), lower=True)
+    except np.linalg.LinAlgError:
+        # a Gram matrix rounded to low precision (bfloat16) may be indefinite by more than the
+        # damping: clip its negative eigenvalues first
+        eigenvalues, vectors = np.linalg.eigh(H)
+        H = (vectors * np.clip(eigenvalues, 0.0, None)) @ vectors.T
+        lower = scipy.linalg.cholesky(_damped(H, mean_diagonal), lower=True)
+    inverse = scipy.linalg.cho_solve((lower, True), np.eye(m * d))
+    upper = scipy.linalg.cholesky((inverse + inverse.T) / 2, lower=False)
+    inverse_blocks = np.stack([
+        scipy.linalg.solve_triangular(upper[b * d:(b + 1) * d, b * d:(b + 1) * d], np.eye(d),
+                                      lower=False)
+        for b in range(m)])
+    metric = inverse_blocks @ np.swapaxes(inverse_blocks, 1, 2)
+    return Feedback((metric + np.swapaxes(metric, 1, 2)) / 2, upper, inverse_blocks)
 
 
 @dataclass(frozen=True)
@@ -24,6 +84,18 @@ class LayerCalibration:
     row_weights: np.ndarray | None = None
     #: Sub-vectors each row of the tensor is cut into (the ``m`` of the metric's layout).
     subvectors_per_row: int = 1
+    _feedback: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def feedback(self, vector_size):
+        """The :class:`Feedback` of the Gram matrix for ``vector_size`` (None for row
+        weights); computed once per padded width."""
+        if self.gram is None:
+            return None
+        width = -(-self.gram.shape[0] // vector_size) * vector_size
+        key = (width, vector_size)
+        if key not in self._feedback:
+            self._feedback[key] = feedback(self.gram, vector_size)
+        return self._feedback[key]
 
     def for_layout(self, subvectors_per_row):
         """The same calibration for rows cut into ``subvectors_per_row`` sub-vectors."""
@@ -36,13 +108,11 @@ class LayerCalibration:
         return replace(self, row_weights=self.row_weights[rows])
 
     def metric(self, vector_size):
-        """Metric blocks of the tensor's sub-vectors (None for row weights), with negative
-        eigenvalues (rounding of a Gram matrix stored in low precision, within the tolerance
-        of :func:`check_entry`) set to zero."""
+        """Metric blocks of the tensor's sub-vectors (None for row weights): those of
+        :class:`Feedback`, in which each sub-vector is encoded."""
         if self.gram is None:
             return None
-        eigenvalues, vectors = np.linalg.eigh(metric_blocks(self.gram, vector_size))
-        return np.einsum("bik,bk,bjk->bij", vectors, np.clip(eigenvalues, 0.0, None), vectors)
+        return self.feedback(vector_size).metric
 
     def sample_weight(self, subvectors_per_row):
         """Weights of the tensor's sub-vectors (None for a Gram matrix)."""

@@ -44,6 +44,7 @@ from numbers import Integral, Real
 
 import joblib
 import numpy as np
+from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, validate_params
@@ -57,7 +58,9 @@ from ._container import FileImage, check_declared_elements, json_field, write_co
 from ._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, from_little_endian_bytes,
                       is_float, numpy_dtype, to_little_endian_bytes)
 from ._estimator import QuantizedSparseDecomposition
-from .codec import STREAMS, CompressedMatrix, MatrixSettings, matrix_from_tensors, matrix_tensors
+from ._kernels import INDEX_DTYPE
+from .codec import (STREAMS, CompressedMatrix, MatrixSettings, encode_factors, matrix_from_tensors,
+                    matrix_tensors)
 from .metrics import sqnr
 
 MIN_COMPRESSED_SIZE = 1024
@@ -861,15 +864,21 @@ def _blas_single_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _read_calibration(calibration, shape, vector_size):
-    """The :class:`~qsdlearn._calibration.LayerCalibration` of a tensor of ``shape`` cut into
-    ``vector_size``-element sub-vectors, from ``(name, reference to its entry)`` (None
-    without calibration); checked again in the worker that reads it."""
+def _read_calibration(calibration, shape):
+    """The :class:`~qsdlearn._calibration.LayerCalibration` of a tensor of ``shape`` from
+    ``(name, reference to its entry)`` (None without calibration); checked again in the
+    worker that reads it."""
     if calibration is None:
         return None
     name, ref = calibration
-    return check_entry(name, ref.load(), shape).for_layout(rows_of(shape, vector_size)
-                                                            // shape[0])
+    return check_entry(name, ref.load(), shape)
+
+
+def _layout(calibration, shape, vector_size):
+    """``calibration`` for the sub-vectors of ``vector_size`` of a tensor of ``shape``."""
+    if calibration is None:
+        return None
+    return calibration.for_layout(rows_of(shape, vector_size) // shape[0])
 
 
 def _fit_layer(ref, setting, seed, n_threads, max_iter, max_fit_rows, calibration=None):
@@ -880,18 +889,84 @@ def _fit_layer(ref, setting, seed, n_threads, max_iter, max_fit_rows, calibratio
     BLAS to one thread, so that workers x threads stay within the cores (joblib's Dask
     backend does not cap them itself)."""
     weight = ref.load()
+    calibration = _read_calibration(calibration, weight.shape)
     if not isinstance(setting, RowSplit):
         return _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows,
-                                _read_calibration(calibration, weight.shape, setting.vector_size))
+                                _layout(calibration, weight.shape, setting.vector_size))
     parts = []
     for j, (block, _, rows) in enumerate(setting.blocks(weight.shape)):
-        layer_calibration = _read_calibration(calibration, weight.shape, block.vector_size)
+        layer_calibration = _layout(calibration, weight.shape, block.vector_size)
         parts.append(_compress_tensor(
             weight[rows], block, (seed + j) % 2**32, n_threads, max_iter, max_fit_rows,
             None if layer_calibration is None else layer_calibration.for_rows(rows)))
     decoded = np.concatenate([part.decompress() for part in parts], axis=0)
-    output = _output_sqnr(weight, decoded, _read_calibration(calibration, weight.shape, 1))
+    output = _output_sqnr(weight, decoded, calibration)
     return SplitLayer(parts, weight.shape, weight.dtype.name, sqnr(weight, decoded), output)
+
+
+def _feedback_pass(est, X, n_out, feedback):
+    """Encode the sub-vectors of a layer block by block with error feedback (see
+    :class:`~qsdlearn._calibration.Feedback`). Returns the dense codes of every sub-vector
+    and the targets they were solved for (the weights as updated by the feedback so far),
+    both ``(n_out * m, ...)`` in the row order of ``X``."""
+    d = X.shape[1]
+    m = X.shape[0] // n_out
+    running = X.reshape(n_out, m * d).astype(np.float64)
+    targets = np.empty((n_out, m, d), dtype=X.dtype)
+    codes = np.empty((n_out, m, est.n_components_), dtype=X.dtype)
+    for b in range(m):
+        columns = slice(b * d, (b + 1) * d)
+        targets[:, b] = running[:, columns]
+        codes[:, b] = est.transform(targets[:, b], metric=feedback.metric[b])
+        error = targets[:, b].astype(np.float64) - est.inverse_transform(codes[:, b])
+        running[:, columns.stop:] -= (error @ feedback.inverse_blocks[b]) @ \
+            feedback.upper[columns, columns.stop:]
+    return codes.reshape(n_out * m, -1), targets.reshape(n_out * m, d)
+
+
+def _feedback_error(est, codes, original, calibration):
+    """Output error on the calibration data (full Gram matrix) of a layer's codes."""
+    n_in = calibration.gram.shape[0]
+    decoded = est.inverse_transform(codes).reshape(original.shape[0], -1)[:, :n_in]
+    return calibration.energy(original[:, :n_in].astype(np.float64) - decoded)
+
+
+def _encode_with_feedback(est, setting, shape, X, calibration, rounds=2):
+    """Encode a layer's sub-vectors in order with error feedback through its Gram matrix
+    (GPTQ's scheme, Frantar et al., 2023, applied to sub-vectors: each block's error is
+    absorbed by the blocks after it). Returns the :class:`CompressedMatrix` and the estimator
+    whose codebook it holds.
+
+    Each further round refits the codebook (from the current one, in the feedback metric) to
+    the targets the last pass solved for and runs the pass again; it is kept only if it lowers
+    the layer's output error on the calibration data (full Gram matrix)."""
+    n_out = shape[0]
+    feedback = calibration.feedback(X.shape[1])
+    original = X.reshape(n_out, -1)
+    codes, targets = _feedback_pass(est, X, n_out, feedback)
+    best = (_feedback_error(est, codes, original, calibration), est, codes)
+    for _ in range(rounds - 1):
+        refit = clone(est).set_params(codebook_init=best[1].components_)
+        _fit_quietly(refit, targets, metric=feedback.metric)
+        codes, targets = _feedback_pass(refit, X, n_out, feedback)
+        error = _feedback_error(refit, codes, original, calibration)
+        if error >= best[0]:
+            break
+        best = (error, refit, codes)
+    _, est, codes = best
+    return _matrix_from_codes(setting.matrix_settings(shape), codes, est), est
+
+
+def _matrix_from_codes(settings, codes, est):
+    """The :class:`CompressedMatrix` of dense codes (every slot nonzero, as quantized codes
+    are) against the estimator's codebook."""
+    s = settings.constraints.n_nonzero
+    idx, val = None, codes
+    if s is not None:
+        idx = np.sort(np.argsort(codes == 0, axis=1, kind="stable")[:, :s], axis=1)
+        val = np.take_along_axis(codes, idx, axis=1)
+        idx = idx.astype(INDEX_DTYPE)
+    return encode_factors(settings, idx, val, est.components_, est.codebook_scales_)
 
 
 def _output_sqnr(weight, decoded, calibration):
@@ -908,17 +983,23 @@ def _output_sqnr(weight, decoded, calibration):
 
 def _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows,
                      calibration=None):
-    """One tensor (or block of rows) under one setting: a :class:`CompressedLayer`. With
-    ``calibration`` the fit and the codes minimise the layer's block-diagonal output error."""
+    """One tensor (or block of rows) under one setting: a :class:`CompressedLayer`. With a
+    Gram matrix as ``calibration`` the codebook is fitted in the metric of the error feedback
+    and the codes are chosen with it (:func:`_encode_with_feedback`); with row weights the fit
+    is weighted."""
     X = to_rows(weight.astype(np.float32), setting.vector_size)
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=max_iter)
     sample, metric, weights, _ = _fit_inputs(X, calibration, max_fit_rows, seed)
     with _blas_single_thread():
         if calibration is None:
             _fit_quietly(est, sample)
-        else:
+            matrix = est.encode(X)
+        elif calibration.gram is None:
             _fit_quietly(est, sample, sample_weight=weights, metric=metric)
-        matrix = est.encode(X, metric=metric)
+            matrix = est.encode(X)
+        else:
+            _fit_quietly(est, sample, metric=metric)
+            matrix, est = _encode_with_feedback(est, setting, weight.shape, X, calibration)
     decoded = from_rows(_decode_once(matrix), weight.shape)
     return CompressedLayer(matrix, weight.shape, weight.dtype.name, setting, sqnr(weight, decoded),
                            n_iter=est.n_iter_, converged=est.converged_,
@@ -936,10 +1017,12 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
     """For each candidate: bytes of the layer's streams (exact) and its error (from a row
     sample), or ``None`` when the sample is too small for it. Reads the layer once.
 
-    The error is the squared weight error, or with calibration the block-diagonal output
-    error; ``relative`` divides it by the layer's energy (output energy with calibration,
+    The error is the squared weight error; with row weights, the weighted one; with a Gram
+    matrix, the output error of the sampled rows encoded with feedback (as the final fit
+    encodes them), scaled to all rows. ``relative`` divides it by the layer's energy (output energy with calibration,
     ``||W||^2`` without), so that layers with and without calibration compare."""
     weight = ref.load()
+    calibration = _read_calibration(calibration, weight.shape)
     energy = None
     results = []
     for setting in candidates:
@@ -947,7 +1030,7 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
         if not _fits(setting, weight.shape):
             results.append(None)
             continue
-        layer_calibration = _read_calibration(calibration, weight.shape, setting.vector_size)
+        layer_calibration = _layout(calibration, weight.shape, setting.vector_size)
         sample, metric, weights, factor = _fit_inputs(X, layer_calibration, ESTIMATE_ROWS, seed,
                                                       keep_order=False)
         if sample.shape[0] < setting.constraints.n_components:
@@ -960,7 +1043,14 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
                 _fit_quietly(est, sample)
             else:
                 _fit_quietly(est, sample, sample_weight=weights, metric=metric)
-        error = est.reconstruction_err_**2 * factor
+            error = est.reconstruction_err_**2 * factor
+            if layer_calibration is not None and layer_calibration.gram is not None:
+                # the sample is whole output rows: encode them as the final fit will
+                n_rows = sample.shape[0] // layer_calibration.subvectors_per_row
+                codes, _ = _feedback_pass(est, sample, n_rows,
+                                          layer_calibration.feedback(setting.vector_size))
+                error = _feedback_error(est, codes, sample.reshape(n_rows, -1),
+                                        layer_calibration) * factor
         if relative:
             if energy is None:
                 flat = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
@@ -1058,10 +1148,11 @@ def compress_weights(
         of its inputs (shape ``(in, in)``, ``in`` the product of its axes after the first;
         the unfolded input patches of a convolution; see :class:`GramAccumulator`), or row
         weights of shape ``(rows,)`` (for an embedding table, how often each row is used).
-        A mapping, or a ``.npz`` or ``.safetensors`` file of them. A calibrated tensor's fit
-        minimises its output error on those inputs (the block-diagonal part of
-        ``||(W - W_hat) A^T||^2``, see :meth:`QuantizedSparseDecomposition.fit`); others
-        keep the weight error. With ``bits_per_weight``, the budget then minimises the sum
+        A mapping, or a ``.npz`` or ``.safetensors`` file of them. A tensor with a Gram
+        matrix is fitted and encoded for its output error ``||(W - W_hat) A^T||^2``: its
+        sub-vectors are encoded in order with GPTQ's error feedback (Frantar et al., 2023),
+        each in the metric that the feedback leaves (see the user guide); row weights weight
+        the fit. Other tensors keep the weight error. With ``bits_per_weight``, the budget then minimises the sum
         over tensors of the *relative* error (output error over output energy for calibrated
         tensors, weight error over ``||W||^2`` for the others), and the report gives every
         calibrated tensor's output SQNR.
@@ -1101,6 +1192,12 @@ def compress_weights(
     --------
     CompressedModel : What is returned.
     QuantizedSparseDecomposition : The factorization of every layer.
+    GramAccumulator : Calibration statistics from a layer's inputs.
+
+    References
+    ----------
+    .. [1] E. Frantar, S. Ashkboos, T. Hoefler, D. Alistarh, "GPTQ: Accurate Post-Training
+       Quantization for Generative Pre-trained Transformers", ICLR 2023 (arXiv:2210.17323).
 
     Examples
     --------

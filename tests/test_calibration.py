@@ -145,3 +145,41 @@ def test_cli_reads_calibration_files(digits_mlp, tmp_path, capsys):
     assert main(["compress", str(source), str(tmp_path / "b.qsd"), "--bits-per-weight", "4",
                  "--calibration", str(missing)]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_feedback_factors_are_the_optimal_compensation_and_its_metric():
+    """For the damped Gram matrix ``H``: once block 0 has error ``e = w_0 - w_hat_0``, the
+    later residuals that minimise ``r H r^T`` are ``-e H_0R H_RR^-1`` (least squares), so
+    their targets move by ``+e H_0R H_RR^-1``, which the Cholesky form ``-(e U_00^-1) U_0R``
+    equals; the error left is ``e M_0 e^T`` with ``M_0`` the Schur complement
+    ``H_00 - H_0R H_RR^-1 H_R0``."""
+    from qsdlearn._calibration import DAMPING, feedback
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((40, 12)) @ rng.standard_normal((12, 12))
+    gram = A.T @ A
+    factors = feedback(gram, 4)
+    H = gram + DAMPING * np.mean(np.diag(gram)) * np.eye(12)
+    e = rng.standard_normal((3, 4))
+    best = e @ H[:4, 4:] @ np.linalg.inv(H[4:, 4:])
+    cholesky_form = -(e @ factors.inverse_blocks[0]) @ factors.upper[:4, 4:]
+    np.testing.assert_allclose(cholesky_form, best, rtol=1e-8, atol=1e-10)
+    schur = H[:4, :4] - H[:4, 4:] @ np.linalg.inv(H[4:, 4:]) @ H[4:, :4]
+    np.testing.assert_allclose(factors.metric[0], schur, rtol=1e-8)
+    np.testing.assert_allclose(factors.metric[2], H[8:, 8:], rtol=1e-8)  # the last block
+
+
+def test_feedback_lowers_the_output_error_on_the_calibration_data():
+    """Inputs with a strong common component (as ReLU activations have) couple all blocks of
+    a row; encoding with feedback takes that into account."""
+    rng = np.random.default_rng(2)
+    A = np.abs(rng.standard_normal((400, 64))) + 1.0
+    W = rng.standard_normal((96, 64)).astype(np.float32)
+    gram = A.T @ A
+    plain = compress_weights({"w": W}, settings=VQ4, random_state=0)
+    aware = compress_weights({"w": W}, settings=VQ4, calibration={"w": gram}, random_state=0)
+
+    def output_error(model):
+        return np.sum((A @ (W - model.decompress()["w"]).T) ** 2)
+
+    assert output_error(aware) < 0.25 * output_error(plain)
