@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 import zipfile
@@ -322,6 +323,10 @@ def _open_shards(paths, source):
 # -- writing -------------------------------------------------------------------------------------
 
 
+#: File names :func:`shard_names` gives (for any count).
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
 def shard_names(count, stem="model"):
     """File names of ``count`` shards, ``model-00001-of-00003.safetensors`` style.
 
@@ -439,8 +444,18 @@ def _write_shards(folder, names, read, max_shard_bytes):
         weight_map.update({name: file_name for name in group})
     index = {"metadata": {"total_size": int(sum(names.values()))}, "weight_map": weight_map}
     index_path = os.path.join(folder, "model" + INDEX_SUFFIX)
-    with open(index_path, "w", encoding="utf-8") as file:
-        json.dump(index, file, indent=2)
+
+    def write_index(temporary):
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(index, file, indent=2)
+
+    _replace_atomically(index_path, write_index)
+    # Shards of an earlier, differently sharded write into the same folder would otherwise
+    # stay next to the new ones (tools that read every shard of a folder would read them):
+    # remove the files of that naming pattern that this write did not produce.
+    for stale in set(os.listdir(folder)) - set(files):
+        if _SHARD_NAME.fullmatch(stale):
+            os.unlink(os.path.join(folder, stale))
     return [os.path.join(folder, f) for f in files] + [index_path]
 
 

@@ -235,3 +235,17 @@ def test_progress_bar_names_layers_when_asked(tmp_path, capsys):
     assert main(["compress", str(tmp_path / "w.npz"), str(tmp_path / "p.qsd"),
                  "--bits-per-weight", "16"]) == 0
     assert "layer" not in capsys.readouterr().err  # quiet when not on a terminal
+
+
+def test_decompress_into_a_sharded_folder_again_leaves_no_stale_shards(compressed_file, tmp_path):
+    folder = tmp_path / "shards"
+    assert main(["decompress", str(compressed_file), str(folder), "--shard-size", "2KB"]) == 0
+    (folder / "notes.txt").write_text("mine")
+    many = sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
+    assert main(["decompress", str(compressed_file), str(folder), "--shard-size", "1GB",
+                 "--force"]) == 0
+    assert len(many) > 1
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == [
+        "model-00001-of-00001.safetensors"]
+    assert (folder / "notes.txt").read_text() == "mine"  # other files are the user's
+    assert set(read_back(folder)) == set(checkpoint_weights())
