@@ -69,8 +69,12 @@ class Metric:
         """``R_i H_b(i)`` for every row ``i`` of ``R`` (float64 ``(n, d)``)."""
         if self.blocks is None:
             return R
+        n, d = R.shape
+        m = self.n_blocks
+        if n % m == 0:  # rows r * m + b: one batched product over the blocks
+            return np.matmul(R.reshape(n // m, m, 1, d), self.blocks).reshape(n, d)
         out = np.empty_like(R)
-        for b, rows in self.block_rows(R.shape[0]):
+        for b, rows in self.block_rows(n):
             out[rows] = R[rows] @ self.blocks[b]
         return out
 
@@ -143,24 +147,18 @@ def apply_hessian(metric, WZ, Z, D):
     return np.asarray(WZ.T @ metric.times_blocks(np.asarray(Z @ D)))
 
 
-def hessian_norm(metric, WZ, Z, shape, n_iter=50, rtol=1e-6):
-    """Largest eigenvalue of :func:`apply_hessian` by power iteration from a fixed start,
-    with a 1 % margin (the solver checks every step against the objective anyway)."""
-    size = shape[0] * shape[1]
-    v = 1.0 + np.arange(size, dtype=np.float64).reshape(shape) / max(size, 1)
-    v /= np.linalg.norm(v)
-    value = 0.0
-    for _ in range(n_iter):
-        w = apply_hessian(metric, WZ, Z, v)
-        norm = float(np.linalg.norm(w))
-        if norm == 0.0:
-            return 0.0
-        new_value = float(np.vdot(v, w))
-        v = w / norm
-        if abs(new_value - value) <= rtol * abs(new_value):
-            return 1.01 * new_value
-        value = new_value
-    return 1.01 * value
+def hessian_bound(metric, idx, val, n_components):
+    """An upper bound of the largest eigenvalue of :func:`apply_hessian`: that of
+    ``sum_i w_i lambda_i z_i^T z_i`` with ``lambda_i`` the largest eigenvalue of row ``i``'s
+    block (``||z_i C L_b||^2 <= lambda_i ||z_i C||^2``). A ``k x k`` problem, whatever ``d``
+    and ``m``; a step of ``1 / bound`` is safe (the solver checks every step anyway)."""
+    n = idx.shape[0]
+    factors = np.ones(n) if metric.weights is None else metric.weights.copy()
+    if metric.blocks is not None:
+        tops = np.linalg.eigvalsh(metric.blocks)[:, -1]
+        factors *= np.resize(tops, n)
+    A = code_matrix(idx, val, n_components, factors).T @ code_matrix(idx, val, n_components)
+    return float(np.linalg.eigvalsh(A.toarray())[-1]) * 1.01
 
 
 def scale_system(metric, X, P, idx, val):
@@ -172,22 +170,14 @@ def scale_system(metric, X, P, idx, val):
     k = P.shape[0]
     n, s = idx.shape
     weights = np.ones(n) if metric.weights is None else metric.weights
-    M = np.zeros((k, k))
-    b = np.zeros(k)
     values = val.astype(np.float64) * weights[:, None]
-    X64 = np.asarray(X, dtype=np.float64)
-    for blk, rows in metric.block_rows(n):
-        pz = P[idx[rows]]                       # (n_b, s, d) pattern rows of the slots
-        H = None if metric.blocks is None else metric.blocks[blk]
-        ph = pz if H is None else pz @ H        # (n_b, s, d)
-        vb = values[rows]
-        zb = val[rows].astype(np.float64)
-        pair = np.einsum("isd,itd->ist", ph, pz) * (vb[:, :, None] * zb[:, None, :])
-        ib = idx[rows]
-        flat = (ib[:, :, None] * k + ib[:, None, :]).ravel()
-        M += np.bincount(flat, weights=pair.ravel(), minlength=k * k).reshape(k, k)
-        proj = np.einsum("isd,id->is", ph, X64[rows]) * vb
-        b += np.bincount(ib.ravel(), weights=proj.ravel(), minlength=k)
+    pz = P[idx]                                               # (n, s, d): the slots' rows
+    ph = np.stack([metric.times_blocks(pz[:, t]) for t in range(s)], axis=1)
+    pair = np.einsum("isd,itd->ist", ph, pz) * (values[:, :, None] * val[:, None, :])
+    flat = (idx[:, :, None] * k + idx[:, None, :]).ravel()
+    M = np.bincount(flat, weights=pair.ravel(), minlength=k * k).reshape(k, k)
+    proj = np.einsum("isd,id->is", ph, np.asarray(X, dtype=np.float64)) * values
+    b = np.bincount(np.asarray(idx).ravel(), weights=proj.ravel(), minlength=k)
     return M, b
 
 

@@ -410,7 +410,7 @@ def _metric_codebook_step(X, codes, C, scales, constraints, metric):
             return _metric.solve_one_hot_codebook(metric, idx[:, 0], X, C), scales, unused
         return _metric.solve_free_codebook(metric, WZ, Z, X, C, n_iter=min(k * d, 500)), \
             scales, unused
-    top = _metric.hessian_norm(metric, WZ, Z, C.shape)
+    top = _metric.hessian_bound(metric, idx, val, k)
     if top <= 0:
         return C, scales, unused
     gradient = _metric.codebook_gradient(metric, WZ, _metric.residuals(X, C, idx, val))
