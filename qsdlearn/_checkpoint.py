@@ -14,6 +14,8 @@ import json
 import math
 import os
 import re
+import shutil
+import struct
 import tempfile
 import warnings
 import zipfile
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._dtypes import check_dtype, is_float
+from ._dtypes import SAFETENSORS_NAMES, check_dtype, is_float, to_little_endian_bytes
 
 #: File name of the index of a sharded checkpoint written by :func:`write_checkpoint`.
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -397,7 +399,7 @@ def write_checkpoint(path, names, read, max_shard_bytes=None):
     if path.endswith(".npz"):
         _write_npz(path, names, read)
     elif path.endswith(".safetensors"):
-        _write_safetensors(path, {name: read(name) for name in names}, {"format": "pt"})
+        _write_safetensors(path, names, read, {"format": "pt"})
     else:
         raise ValueError(f"cannot write {path}: name it .npz or .safetensors, or give a shard size")
     return [path]
@@ -415,6 +417,7 @@ def _write_npz(path, names, read):
                     widened.append(name)
                 with archive.open(name + ".npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, array, allow_pickle=False)
+                del array  # released before the next tensor is read
 
     _replace_atomically(path, write)
     if widened:
@@ -425,12 +428,33 @@ def _write_npz(path, names, read):
         )
 
 
-def _write_safetensors(path, arrays, metadata=None):
-    from safetensors.numpy import save_file
+def _write_safetensors(path, names, read, metadata):
+    """A safetensors file of the tensors ``read(name)`` for ``names``, holding one tensor in
+    memory at a time: their bytes go to an unnamed temporary file as they are read, and the
+    file is the header (known once every shape is) followed by a copy of those bytes."""
+    folder = os.path.dirname(os.path.abspath(path))
 
-    # np.ascontiguousarray would turn a 0-d array into shape (1,): copy only when needed.
-    arrays = {k: v if v.flags.c_contiguous else v.copy(order="C") for k, v in arrays.items()}
-    _replace_atomically(path, lambda temporary: save_file(arrays, temporary, metadata=metadata))
+    def write(temporary):
+        header, offset = {}, 0
+        with tempfile.TemporaryFile(dir=folder) as data:
+            for name in names:
+                array = read(name)
+                raw = to_little_endian_bytes(array)
+                header[name] = {"dtype": SAFETENSORS_NAMES[array.dtype.name],
+                                "shape": list(array.shape),
+                                "data_offsets": [offset, offset + len(raw)]}
+                data.write(raw)
+                offset += len(raw)
+                del array, raw
+            header["__metadata__"] = dict(metadata)
+            text = json.dumps(header, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+            data.seek(0)
+            with open(temporary, "wb") as out:
+                out.write(struct.pack("<Q", len(text)) + text)
+                shutil.copyfileobj(data, out, 2**24)
+
+    _replace_atomically(path, write)
 
 
 def _write_shards(folder, names, read, max_shard_bytes):
@@ -439,8 +463,7 @@ def _write_shards(folder, names, read, max_shard_bytes):
     files = shard_names(len(groups))
     weight_map = {}
     for group, file_name in zip(groups, files):
-        _write_safetensors(os.path.join(folder, file_name), {n: read(n) for n in group},
-                           {"format": "pt"})
+        _write_safetensors(os.path.join(folder, file_name), group, read, {"format": "pt"})
         weight_map.update({name: file_name for name in group})
     index = {"metadata": {"total_size": int(sum(names.values()))}, "weight_map": weight_map}
     index_path = os.path.join(folder, "model" + INDEX_SUFFIX)

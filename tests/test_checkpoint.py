@@ -200,3 +200,27 @@ def test_check_dtype_accepts_the_table():
         check_dtype("t", numpy_dtype(name))
     with pytest.raises(TypeError, match="float8"):
         check_dtype("t", np.dtype(ml_dtypes.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("target", ["out.safetensors", "out.npz", "shards"])
+def test_write_checkpoint_holds_one_tensor_at_a_time(target, tmp_path):
+    """Every tensor read is released before the next one is read: peak memory does not grow
+    with the number of tensors."""
+    import gc
+    import weakref
+
+    sizes = {f"t{i}": 800 for i in range(6)}
+    alive, peak = set(), [0]
+
+    def read(name):
+        gc.collect()
+        array = np.full(100, float(name[1:]))
+        alive.add(name)
+        weakref.finalize(array, alive.discard, name)
+        peak[0] = max(peak[0], len(alive))
+        return array
+
+    write_checkpoint(tmp_path / target, sizes, read, 1600 if target == "shards" else None)
+    assert peak[0] == 1
+    checkpoint = open_checkpoint(tmp_path / target)
+    assert [float(checkpoint.read(n)[0]) for n in sizes] == [0, 1, 2, 3, 4, 5]
