@@ -54,16 +54,16 @@ def allocate(estimates, budget_bytes):
     return {name: hulls[name][position[name]][2] for name in hulls}
 
 
-def next_step(estimates, plan):
-    """The most profitable move beyond ``plan``: the layer whose next hull vertex lowers the
-    error most per extra byte.
+def next_steps(estimates, plan):
+    """The moves beyond ``plan``, most profitable first: for every layer not at the end of
+    its hull, its next hull vertex, ordered by error decrease per extra byte.
 
     Returns
     -------
-    (name, setting) or None
-        ``None`` when every layer is at the end of its hull.
+    list of (name, setting)
+        Empty when every layer is at the end of its hull.
     """
-    best, best_slope = None, 0.0
+    steps = []
     for name, options in estimates.items():
         hull = _hull(options)
         settings = [option[2] for option in hull]
@@ -73,6 +73,7 @@ def next_step(estimates, plan):
         if i + 1 >= len(hull):
             continue
         slope = (hull[i][1] - hull[i + 1][1]) / max(hull[i + 1][0] - hull[i][0], 1)
-        if slope > best_slope:
-            best, best_slope = (name, hull[i + 1][2]), slope
-    return best
+        if slope > 0:
+            steps.append((slope, name, hull[i + 1][2]))
+    steps.sort(key=lambda step: -step[0])
+    return [(name, setting) for _, name, setting in steps]

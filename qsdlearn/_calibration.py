@@ -14,7 +14,6 @@ import numpy as np
 import scipy.linalg
 
 from ._dtypes import is_float
-from .calibration import metric_blocks
 
 
 #: Damping of a Gram matrix before it is inverted: this fraction of its mean diagonal is
@@ -132,40 +131,48 @@ class LayerCalibration:
 def check_entry(name, array, shape):
     """The :class:`LayerCalibration` of tensor ``name`` of ``shape`` from its entry.
 
+    A Gram matrix is divided by a power of two that brings its largest entry into [1/2, 1)
+    (exact; output errors are only ever compared or divided by one another), row weights
+    likewise.
+
     Raises
     ------
     ValueError
         If the entry has neither shape, is not finite, or is not a symmetric positive
-        semi-definite Gram matrix (on its diagonal blocks, the part that is used) or a
-        nonnegative, not all-zero vector.
+        semi-definite Gram matrix (beyond the rounding of its dtype) or a nonnegative, not
+        all-zero vector.
     TypeError
-        If the entry is not a float array.
+        If the entry holds neither floats nor integers.
     """
     array = np.asarray(array)
-    if not is_float(array.dtype):
+    if not (is_float(array.dtype) or array.dtype.kind in "iu"):
         raise TypeError(f"calibration for {name!r} has dtype {array.dtype}; give floats")
     n_in = int(np.prod(shape[1:], dtype=np.int64))
     # rounding to the entry's dtype (bfloat16 keeps 8 bits) may leave a Gram matrix slightly
     # asymmetric or indefinite: tolerate that much, relative to its largest entry
-    tolerance = max(1e-6, 16 * float(ml_dtypes.finfo(array.dtype).eps))
+    eps = float(ml_dtypes.finfo(array.dtype).eps) if is_float(array.dtype) else 0.0
+    tolerance = max(1e-6, 16 * eps)
     array = array.astype(np.float64)
     if not np.all(np.isfinite(array)):
         raise ValueError(f"calibration for {name!r} holds NaN or infinity")
+    top = float(np.max(np.abs(array), initial=0.0))
+    if top > 0:
+        array = np.ldexp(array, -int(np.frexp(top)[1]))
     if array.shape == (n_in, n_in):
-        scale = float(np.max(np.abs(array), initial=0.0))
-        if np.max(np.abs(array - array.T), initial=0.0) > tolerance * scale:
+        if top == 0:
+            raise ValueError(f"calibration for {name!r} is all zero")
+        if np.max(np.abs(array - array.T), initial=0.0) > tolerance:
             raise ValueError(f"calibration for {name!r} is not symmetric: a Gram matrix "
                              "A.T @ A of the layer's inputs is")
-        blocks = metric_blocks(array, min(n_in, 64))
-        lowest = float(np.min(np.linalg.eigvalsh(blocks)))
-        if lowest < -tolerance * scale:
-            raise ValueError(f"calibration for {name!r} is not positive semi-definite "
-                             f"(eigenvalue {lowest:.3g}): a Gram matrix A.T @ A is")
-        if scale == 0:
-            raise ValueError(f"calibration for {name!r} is all zero")
-        return LayerCalibration(gram=(array + array.T) / 2)
+        gram = (array + array.T) / 2
+        try:  # positive semi-definite up to the tolerance: a Cholesky factor exists
+            scipy.linalg.cholesky(gram + 2 * tolerance * np.eye(n_in), lower=True)
+        except np.linalg.LinAlgError:
+            raise ValueError(f"calibration for {name!r} is not positive semi-definite: a Gram "
+                             "matrix A.T @ A of the layer's inputs is") from None
+        return LayerCalibration(gram=gram)
     if array.shape == (shape[0],):
-        if np.any(array < 0) or not array.any():
+        if np.any(array < 0) or top == 0:
             raise ValueError(f"calibration row weights for {name!r} must be nonnegative and "
                              "not all zero")
         return LayerCalibration(row_weights=array)

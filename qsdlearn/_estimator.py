@@ -53,6 +53,8 @@ def _check_metric(metric, n_features):
             f"metric block {bad[0]} is not positive semi-definite (smallest eigenvalue "
             f"{lowest[bad[0], 0]:.3g}); a metric is a Gram matrix A.T @ A of inputs."
         )
+    if not blocks.any():
+        raise ValueError("metric is zero: no error would count; give a nonzero Gram matrix.")
     if np.array_equal(blocks, np.broadcast_to(np.eye(n_features), blocks.shape)):
         return None
     return blocks
@@ -68,11 +70,11 @@ def _check_weights(sample_weight, X):
     return None if np.all(weights == 1.0) else weights
 
 
-def _prepared_metric(blocks, weights):
+def _prepared_metric(blocks, weights, n_rows):
     """A solver metric, or None for the plain objective."""
     if blocks is None and weights is None:
         return None
-    return _metric.prepare(blocks, weights)
+    return _metric.prepare(blocks, weights, n_rows)
 
 
 def _native_float(X):
@@ -165,7 +167,9 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         ``metric`` given to :meth:`fit`, the weighted error in the metric instead.
     reconstruction_err_ : float
         Frobenius norm ``||X - Z C||_F`` of the training data with the final codes, those that
-        :meth:`transform` gives (they may differ slightly from the last iterate); the square
+        :meth:`transform` gives (solved from scratch against the final codebook, they can be
+        worse than the last iterate: by 5-6 % in squared error for 2 of 256 codewords with
+        2-bit codes, 17 % for 3 with 3-bit codes, on Gaussian rows); the square
         root of the weighted error in the metric when :meth:`fit` was given one.
     bits_ : int
         Payload bits of the codes of the training data and of the codebook.
@@ -396,7 +400,7 @@ default=None
                           ensure_min_samples=1)
         X = np.ascontiguousarray(X)
         n, d = X.shape
-        prepared = _prepared_metric(_check_metric(metric, d), _check_weights(sample_weight, X))
+        prepared = _prepared_metric(_check_metric(metric, d), _check_weights(sample_weight, X), n)
         constraints = self._constraints(n, d, X.dtype)
         k = constraints.n_components
         codebook_init = self._check_init_array(self.codebook_init, "codebook_init", (k, d), X.dtype)
@@ -458,7 +462,7 @@ default=None
     def _encode(self, X, metric=None):
         """Codes of validated rows ``X`` (see :meth:`transform`)."""
         X = np.ascontiguousarray(X)
-        prepared = _prepared_metric(_check_metric(metric, X.shape[1]), None)
+        prepared = _prepared_metric(_check_metric(metric, X.shape[1]), None, X.shape[0])
         with kernel_threads(self.n_threads):
             codes, _ = _solver.solve_codes(X, self.components_.astype(X.dtype), self._constraints_,
                                            metric=prepared)

@@ -84,8 +84,12 @@ def _power_of_two_exponent(values):
     return int(np.frexp(top)[1]) if top > 0 else 0
 
 
-def prepare(blocks, weights):
+def prepare(blocks, weights, n_rows):
     """A :class:`Metric` from validated arrays.
+
+    Blocks that are all multiples of the identity, ``H_b = c_b I``, weigh rows and nothing
+    else: they are folded into the row weights (``w_i c_(i mod m)``), which the solver
+    handles with its plain, exact steps.
 
     Parameters
     ----------
@@ -93,7 +97,16 @@ def prepare(blocks, weights):
         Symmetric positive semi-definite blocks (None: the identity).
     weights : ndarray of shape (n,) or None
         Nonnegative row weights, not all zero (None: unit weights).
+    n_rows : int
+        Number of rows ``n`` the metric is for.
     """
+    if blocks is not None:
+        d = blocks.shape[1]
+        diagonal = blocks[:, np.arange(d), np.arange(d)]
+        if np.array_equal(blocks, diagonal[:, :1, None] * np.eye(d)):
+            factors = np.resize(diagonal[:, 0], n_rows)
+            weights = factors if weights is None else weights * factors
+            blocks = None
     roots = None
     exponent = weight_exponent = 0
     if blocks is not None:

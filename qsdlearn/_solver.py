@@ -391,9 +391,11 @@ def _metric_codebook_step(X, codes, C, scales, constraints, metric):
     A float codebook is solved exactly: by the weighted normal equations with one block (the
     block cancels from them), per codeword with one-hot codes, by conjugate gradients
     otherwise. A constrained one takes a projected gradient step with step ``1 / L`` (``L``
-    the largest eigenvalue of the block's Hessian) and refits its grid scales exactly; the
-    exact per-row sweep of the plain step is left out (its row problems are no longer
-    isotropic).
+    a bound of the largest eigenvalue of the block's Hessian) and refits its grid scales
+    exactly; the exact per-row sweep of the plain step is left out (its row problems are no
+    longer isotropic). With row weights alone (isotropic blocks are folded into them, see
+    :func:`qsdlearn._metric.prepare`) the plain step on weighted statistics is used, sweep
+    included.
     """
     k, d = C.shape
     idx, val = codes.slot_index(), codes.val
@@ -401,6 +403,12 @@ def _metric_codebook_step(X, codes, C, scales, constraints, metric):
     WZ = _metric.code_matrix(idx, val, k, metric.weights)
     curvature = np.asarray(WZ.multiply(Z).sum(axis=0)).ravel()
     unused = np.flatnonzero(curvature <= 0)
+    if metric.blocks is None:
+        # Row weights only: the plain step on the weighted statistics is exact as it is.
+        ZtZ = (WZ.T @ Z).toarray()
+        C, scales = update_codebook(ZtZ, np.asarray(WZ.T @ X.astype(np.float64)), C, scales,
+                                    constraints)
+        return C, scales, unused
     if constraints.free_codebook:
         if metric.n_blocks == 1:
             ZtZ = (WZ.T @ Z).toarray()

@@ -36,8 +36,10 @@ class GramAccumulator:
     Raises
     ------
     ValueError
-        From :meth:`update`, when a batch's last axis is not ``n_features`` wide or holds
-        NaN or infinity.
+        From :meth:`update`, when a batch's last axis is not ``n_features`` wide, holds NaN
+        or infinity, or makes the sums overflow.
+    TypeError
+        From :meth:`update`, when a batch does not hold real numbers.
 
     See Also
     --------
@@ -78,13 +80,19 @@ class GramAccumulator:
             The accumulator, updated.
         """
         A = np.asarray(batch)
+        if not (A.dtype.kind in "fiu" or A.dtype.name == "bfloat16"):
+            raise TypeError(f"batch has dtype {A.dtype}; give real numbers")
         if A.ndim == 0 or A.shape[-1] != self.n_features:
             raise ValueError(f"batch has shape {A.shape}; its last axis must have "
                              f"n_features={self.n_features} entries")
         A = A.reshape(-1, self.n_features).astype(np.float64)
         if not np.all(np.isfinite(A)):
             raise ValueError("batch holds NaN or infinity")
-        self.gram += A.T @ A
+        with np.errstate(over="ignore"):  # checked just below
+            gram = self.gram + A.T @ A
+        if not np.all(np.isfinite(gram)):
+            raise ValueError("the Gram matrix overflows float64: scale the inputs down")
+        self.gram = gram
         self.n_samples += A.shape[0]
         return self
 
@@ -114,7 +122,8 @@ def metric_blocks(gram, vector_size):
     Raises
     ------
     ValueError
-        If ``gram`` is not a finite square matrix.
+        If ``gram`` is not a finite square matrix, or ``vector_size`` is not a positive
+        integer at most its width.
 
     Examples
     --------
@@ -130,6 +139,10 @@ def metric_blocks(gram, vector_size):
         raise ValueError(f"gram has shape {H.shape}; expected a square (in, in) matrix")
     if not np.all(np.isfinite(H)):
         raise ValueError("gram holds NaN or infinity")
+    if isinstance(vector_size, bool) or int(vector_size) != vector_size or vector_size < 1:
+        raise ValueError(f"vector_size must be a positive integer, got {vector_size!r}")
+    if vector_size > max(H.shape[0], 1):
+        raise ValueError(f"vector_size={vector_size} exceeds the input width {H.shape[0]}")
     d = int(vector_size)
     m = -(-H.shape[0] // d)
     padded = np.zeros((m * d, m * d))

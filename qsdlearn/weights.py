@@ -50,7 +50,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, validate_params
 from threadpoolctl import threadpool_limits
 
-from ._allocation import allocate, next_step
+from ._allocation import allocate, next_steps
 from ._calibration import check_entry
 from ._checkpoint import matching, open_checkpoint
 from ._constraints import Constraints
@@ -1298,7 +1298,13 @@ def _open_calibration(source, checkpoint, tied, compressible):
     checked against its tensor here, before anything is fitted."""
     if source is None:
         return {}
-    entries = open_checkpoint(source)
+    try:
+        entries = open_checkpoint(source)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"calibration: {exc}") from None
+    if not entries.names:
+        warnings.warn("calibration holds no entries: every tensor keeps the weight error",
+                      UserWarning, stacklevel=4)
     unknown = [name for name in entries.names if name not in tied]
     if unknown:
         raise ValueError(f"calibration names tensors the model does not have: {unknown[:5]}"
@@ -1441,8 +1447,8 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
             )
         excess = layout.file_bytes({**fixed, **plan}) - budget
         if excess <= 0:
-            step = next_step(estimates, plan)
-            if step is None:  # every layer at the end of its hull
+            steps = next_steps(estimates, plan)
+            if not steps:  # every layer at the end of its hull
                 used = 8 * layout.file_bytes({**fixed, **plan}) / n_weights
                 error = sum(e for name in plan for _, e, s in estimates[name] if s == plan[name])
                 if used < bits_per_weight - 0.05 and error > 0:
@@ -1452,8 +1458,20 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
                         "precise candidate; add finer candidates to spend more",
                         UserWarning, stacklevel=4)
                 return plan
-            filled = _split_to_fill(layout, {**fixed, **plan}, *step, budget)
-            return {name: filled[name] for name in plan}
+            # The most profitable split that fits: a split adds a codebook, which the
+            # leftover of a small model may not hold for the best step but for another.
+            for step in steps:
+                filled = _split_to_fill(layout, {**fixed, **plan}, *step, budget)
+                if filled[step[0]] != plan[step[0]]:
+                    return {name: filled[name] for name in plan}
+            used = 8 * layout.file_bytes({**fixed, **plan}) / n_weights
+            if used < bits_per_weight - 0.05:
+                warnings.warn(
+                    f"bits_per_weight={bits_per_weight}: the file takes {used:.3f} bits/weight; "
+                    "no tensor's next candidate setting, nor a split of its rows (which adds a "
+                    "codebook), fits in what is left; add candidates between them (e.g. "
+                    "smaller codebooks) to spend it", UserWarning, stacklevel=4)
+            return plan
         overhead += excess
     raise ValueError(f"could not meet bits_per_weight={bits_per_weight}")  # pragma: no cover
 

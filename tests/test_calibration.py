@@ -115,7 +115,9 @@ def test_a_split_layer_with_calibration_keeps_its_output_sqnr():
         ({"w": -np.ones(128)}, ValueError, "nonnegative"),
         ({"w": np.zeros(128)}, ValueError, "not all zero"),
         ({"w": np.full((64, 64), np.nan)}, ValueError, "NaN"),
-        ({"w": np.eye(64, dtype=np.int64)}, TypeError, "floats"),
+        ({"w": np.eye(64, dtype=np.complex64)}, TypeError, "calibration"),
+        ({"w": np.diag([1.0, -1.0] * 32) + 0.01}, ValueError, "positive semi-definite"),
+        ({"w": np.kron([[1.0, 2.0], [2.0, 1.0]], np.eye(32))}, ValueError, "positive semi-def"),
     ],
 )
 def test_bad_calibration_is_refused_before_fitting(calibration, error, message):
@@ -183,3 +185,24 @@ def test_feedback_lowers_the_output_error_on_the_calibration_data():
         return np.sum((A @ (W - model.decompress()["w"]).T) ** 2)
 
     assert output_error(aware) < 0.25 * output_error(plain)
+
+
+def test_calibration_accepts_integer_counts_and_any_scale():
+    rng = np.random.default_rng(3)
+    weights = {"embed": rng.standard_normal((200, 32)).astype(np.float32),
+               "w": rng.standard_normal((64, 32)).astype(np.float32)}
+    A = rng.standard_normal((100, 32))
+    for scale in (1e-300, 1.0, 1e300):
+        model = compress_weights(weights, settings=VQ4, random_state=0, calibration={
+            "embed": rng.integers(0, 5, 200), "w": (A.T @ A / 100) * scale})
+        report = {r["name"]: r for r in model.report()}
+        assert np.isfinite(report["w"]["output_sqnr_db"]), scale
+        assert np.isfinite(report["embed"]["output_sqnr_db"])
+
+
+def test_unusable_calibration_files_say_so(tmp_path):
+    weights = {"w": np.ones((128, 64), dtype=np.float32)}
+    with pytest.raises(ValueError, match="calibration: no such file"):
+        compress_weights(weights, settings=VQ4, calibration=str(tmp_path / "nope.npz"))
+    with pytest.warns(UserWarning, match="no entries"):
+        compress_weights(weights, settings=VQ4, calibration={})

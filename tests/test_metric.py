@@ -50,6 +50,21 @@ def test_identity_metric_and_unit_weights_are_the_plain_objective(setting):
     assert np.array_equal(plain.transform(X), same.transform(X, metric=np.eye(8)))
 
 
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("scaled", ["metric", "weights"])
+def test_a_scaled_identity_metric_or_constant_weights_only_scale_the_objective(setting, scaled):
+    """``metric = 4 I`` or ``sample_weight = 4``: the plain fit, its objective times 4."""
+    X = gaussian(150, 8, seed=4)
+    plain = _fit(SETTINGS[setting], X)
+    params = dict(metric=4 * np.eye(8)) if scaled == "metric" else dict(sample_weight=np.full(150, 4))
+    scaled_fit = _fit(SETTINGS[setting], X, **params)
+    np.testing.assert_allclose(scaled_fit.components_, plain.components_, rtol=1e-6, atol=1e-9)
+    # (one-hot codes record the objective at another point of the iteration in the weighted
+    # loop than in Lloyd's, so the final errors are compared)
+    assert scaled_fit.reconstruction_err_**2 == pytest.approx(4 * plain.reconstruction_err_**2,
+                                                             rel=1e-9)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 @pytest.mark.parametrize("m", [1, 3])
@@ -155,6 +170,7 @@ def test_zero_weight_rows_do_not_count():
         (np.triu(np.ones((8, 8))), "not symmetric"),
         (-np.eye(8), "not positive semi-definite"),
         (np.full((8, 8), np.nan), "NaN"),
+        (np.zeros((8, 8)), "zero"),
     ],
 )
 def test_bad_metric_is_refused(metric, message):
@@ -214,3 +230,13 @@ def test_gram_accumulator_streams_batches():
         acc.update(np.full((2, 5), np.inf))
     with pytest.raises(ValueError, match="positive integer"):
         GramAccumulator(0)
+    with pytest.raises(TypeError, match="real numbers"):
+        acc.update(np.ones((2, 5), dtype=complex))
+    with pytest.raises(ValueError, match="overflows"):
+        GramAccumulator(5).update(np.full((2, 5), 1e200))
+
+
+@pytest.mark.parametrize("vector_size", [0, -1, 2.5, True, 11])
+def test_metric_blocks_refuses_bad_vector_sizes(vector_size):
+    with pytest.raises(ValueError, match="vector_size"):
+        metric_blocks(np.eye(10), vector_size)
