@@ -1019,8 +1019,9 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
 
     The error is the squared weight error; with row weights, the weighted one; with a Gram
     matrix, the output error of the sampled rows encoded with feedback (as the final fit
-    encodes them), scaled to all rows. ``relative`` divides it by the layer's energy (output energy with calibration,
-    ``||W||^2`` without), so that layers with and without calibration compare."""
+    encodes them), scaled to all rows. ``relative`` divides it by the layer's energy (output
+    energy with calibration, ``||W||^2`` without), so that layers with and without
+    calibration compare."""
     weight = ref.load()
     calibration = _read_calibration(calibration, weight.shape)
     energy = None
@@ -1152,10 +1153,10 @@ def compress_weights(
         matrix is fitted and encoded for its output error ``||(W - W_hat) A^T||^2``: its
         sub-vectors are encoded in order with GPTQ's error feedback (Frantar et al., 2023),
         each in the metric that the feedback leaves (see the user guide); row weights weight
-        the fit. Other tensors keep the weight error. With ``bits_per_weight``, the budget then minimises the sum
-        over tensors of the *relative* error (output error over output energy for calibrated
-        tensors, weight error over ``||W||^2`` for the others), and the report gives every
-        calibrated tensor's output SQNR.
+        the fit. Other tensors keep the weight error. With ``bits_per_weight``, the budget
+        then minimises the sum over tensors of the *relative* error (output error over output
+        energy for calibrated tensors, weight error over ``||W||^2`` for the others), and the
+        report gives every calibrated tensor's output SQNR.
     n_jobs : int, optional
         Layers run through ``joblib.Parallel(n_jobs)``; under
         ``joblib.parallel_config(backend="dask")`` on a Dask cluster (workers given a file

@@ -56,13 +56,14 @@ def test_a_scaled_identity_metric_or_constant_weights_only_scale_the_objective(s
     """``metric = 4 I`` or ``sample_weight = 4``: the plain fit, its objective times 4."""
     X = gaussian(150, 8, seed=4)
     plain = _fit(SETTINGS[setting], X)
-    params = dict(metric=4 * np.eye(8)) if scaled == "metric" else dict(sample_weight=np.full(150, 4))
+    params = (dict(metric=4 * np.eye(8)) if scaled == "metric"
+              else dict(sample_weight=np.full(150, 4)))
     scaled_fit = _fit(SETTINGS[setting], X, **params)
     np.testing.assert_allclose(scaled_fit.components_, plain.components_, rtol=1e-6, atol=1e-9)
     # (one-hot codes record the objective at another point of the iteration in the weighted
     # loop than in Lloyd's, so the final errors are compared)
-    assert scaled_fit.reconstruction_err_**2 == pytest.approx(4 * plain.reconstruction_err_**2,
-                                                             rel=1e-9)
+    expected = 4 * plain.reconstruction_err_**2
+    assert scaled_fit.reconstruction_err_**2 == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
