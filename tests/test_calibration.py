@@ -11,6 +11,7 @@ from sklearn.neural_network import MLPClassifier
 import qsdlearn
 from qsdlearn import Constraints, LayerSetting, compress_weights
 from qsdlearn.cli import main
+from qsdlearn.weights import SplitLayer
 
 VQ4 = LayerSetting(4, Constraints(16, n_nonzero=1, code_bits=0, codebook_bits=8))
 
@@ -97,10 +98,12 @@ def test_row_weights_favour_the_rows_that_are_used():
 
 def test_a_split_layer_with_calibration_keeps_its_output_sqnr():
     rng = np.random.default_rng(1)
-    W = rng.standard_normal((512, 64)).astype(np.float32)
-    A = rng.standard_normal((300, 64))
+    W = rng.standard_normal((1024, 128)).astype(np.float32)
+    A = rng.standard_normal((300, 128))
     model = compress_weights({"w": W}, bits_per_weight=2.0, calibration={"w": A.T @ A},
                              random_state=0)
+    assert isinstance(model.layers["w"], SplitLayer)
+    assert 1.99 <= model.bits_per_weight <= 2.0
     record = model.report()[0]
     assert record["output_sqnr_db"] is not None and np.isfinite(record["output_sqnr_db"])
 
