@@ -390,10 +390,11 @@ def _metric_codebook_step(X, codes, C, scales, constraints, metric):
 
     A float codebook is solved exactly: by the weighted normal equations with one block (the
     block cancels from them), per codeword with one-hot codes, by conjugate gradients
-    otherwise. A constrained one takes a projected gradient step with step ``1 / L`` (``L``
-    a bound of the largest eigenvalue of the block's Hessian) and refits its grid scales
-    exactly; the exact per-row sweep of the plain step is left out (its row problems are no
-    longer isotropic). With row weights alone (isotropic blocks are folded into them, see
+    otherwise. A constrained one keeps the best, in the metric, of the current codebook, the
+    plain step on weighted statistics (exact per-row sweeps, but blind to ``H``), and a
+    projected gradient step in the metric (step ``1 / L``, ``L`` a bound of the largest
+    eigenvalue of the block's Hessian, then an exact refit of the grid scales) from either of
+    them. With row weights alone (isotropic blocks are folded into them, see
     :func:`qsdlearn._metric.prepare`) the plain step on weighted statistics is used, sweep
     included.
     """
@@ -418,18 +419,37 @@ def _metric_codebook_step(X, codes, C, scales, constraints, metric):
             return _metric.solve_one_hot_codebook(metric, idx[:, 0], X, C), scales, unused
         return _metric.solve_free_codebook(metric, WZ, Z, X, C, n_iter=min(k * d, 500)), \
             scales, unused
-    top = _metric.hessian_bound(metric, idx, val, k)
+    # Candidates, the best in the metric kept: the metric's projected gradient step from C;
+    # the plain step on the weighted statistics (exact per-row sweeps, blind to H), which wins
+    # when H is near isotropic; and the metric's step from that one.
+    plain, plain_scales = update_codebook((WZ.T @ Z).toarray(),
+                                          np.asarray(WZ.T @ X.astype(np.float64)), C, scales,
+                                          constraints)
+    candidates = [(C, scales), (plain, plain_scales),
+                  _metric_gradient_step(X, idx, val, C, scales, constraints, metric, WZ),
+                  _metric_gradient_step(X, idx, val, plain, plain_scales, constraints, metric,
+                                        WZ)]
+    errors = [float(_metric.row_errors(metric, _metric.residuals(X, c, idx, val)).sum())
+              for c, _ in candidates]
+    best = int(np.argmin(errors))
+    return candidates[best][0], candidates[best][1], unused
+
+
+def _metric_gradient_step(X, idx, val, C, scales, constraints, metric, WZ):
+    """A projected gradient step of the codebook in the metric (step ``1 / L``, ``L`` from
+    :func:`qsdlearn._metric.hessian_bound`), then the exact refit of its grid scales."""
+    top = _metric.hessian_bound(metric, idx, val, C.shape[0])
     if top <= 0:
-        return C, scales, unused
+        return C, scales
     gradient = _metric.codebook_gradient(metric, WZ, _metric.residuals(X, C, idx, val))
     C_new = _project_codebook(C - gradient / top, scales, constraints)
     if constraints.codebook_bits is None:
-        return C_new, scales, unused
+        return C_new, scales
     pattern = C_new / scales[:, None]
     new_scales = solve_scales(*_metric.scale_system(metric, X, pattern, idx, val), scales)
     vanished = new_scales == 0
     new_scales[vanished] = scales[vanished]
-    return pattern * new_scales[:, None], np.abs(new_scales), unused
+    return pattern * new_scales[:, None], np.abs(new_scales)
 
 
 def _relocate_unused(X, C, scales, codes, row_errors, unused, constraints):

@@ -811,13 +811,16 @@ def sample_rows(X, max_rows, seed, keep_order=True):
     return X[np.sort(rows) if keep_order else rows]
 
 
-def _output_row_sample(n_out, m, max_rows, seed, eligible=None, keep_order=True):
+def _output_row_sample(n_out, m, max_rows, seed, row_weights=None, keep_order=True):
     """Output rows whose ``m`` sub-vectors each make a sample of about ``max_rows``
-    sub-vectors (None: all rows), drawn among the ``eligible`` rows (default: all)."""
-    pool = np.arange(n_out) if eligible is None else np.flatnonzero(eligible)
-    if max_rows is None or pool.size * m <= max_rows:
-        return None if pool.size == n_out else pool
-    rows = np.random.default_rng(seed).choice(pool, max(1, -(-max_rows // m)), replace=False)
+    sub-vectors (None: all rows), drawn uniformly, or with probability proportional to
+    ``row_weights`` (rows of weight zero never) when given."""
+    pool = n_out if row_weights is None else int(np.count_nonzero(row_weights))
+    if max_rows is None or pool * m <= max_rows:
+        return None if pool == n_out else np.flatnonzero(row_weights)
+    p = None if row_weights is None else row_weights / row_weights.sum()
+    rows = np.random.default_rng(seed).choice(n_out, max(1, -(-max_rows // m)), replace=False,
+                                              p=p)
     return np.sort(rows) if keep_order else rows
 
 
@@ -826,24 +829,27 @@ def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
     and weights, and the factor from the sample's error to the whole tensor's.
 
     With calibration the sample is of whole output rows, so that sub-vector ``i`` of the
-    sample still uses metric block ``i mod m``; rows of weight zero are left out of it (they
-    do not count in the objective)."""
+    sample still uses metric block ``i mod m``. With row weights, a sample is drawn with
+    probability proportional to the weights and fitted with unit weights (importance
+    sampling: heavy rows are the ones sampled, and the sample's error times the total weight
+    over the sample size estimates the weighted error); without a sample, the fit is
+    weighted."""
     if calibration is None:
         sample = sample_rows(X, max_rows, seed, keep_order)
         return sample, None, None, X.shape[0] / sample.shape[0]
     d = X.shape[1]
     m = calibration.subvectors_per_row
     n_out = X.shape[0] // m
-    weights = calibration.sample_weight(m)
-    eligible = None if weights is None else calibration.row_weights > 0
-    rows = _output_row_sample(n_out, m, max_rows, seed, eligible, keep_order)
-    n_eligible = n_out if eligible is None else int(eligible.sum())
+    row_weights = calibration.row_weights
+    rows = _output_row_sample(n_out, m, max_rows, seed, row_weights, keep_order)
     if rows is None:
-        return X, calibration.metric(d), weights, 1.0
+        return X, calibration.metric(d), calibration.sample_weight(m), 1.0
     sample = X.reshape(n_out, m, d)[rows].reshape(-1, d)
-    if weights is not None:
-        weights = weights.reshape(n_out, m)[rows].ravel()
-    return sample, calibration.metric(d), weights, n_eligible / rows.size
+    if row_weights is None:
+        return sample, calibration.metric(d), None, n_out / rows.size
+    if rows.size == np.count_nonzero(row_weights):  # every row of positive weight: weighted
+        return sample, None, np.repeat(row_weights[rows], m), 1.0
+    return sample, None, None, float(row_weights.sum()) / rows.size
 
 
 def _fit_quietly(estimator, X, **fit_params):
@@ -1368,10 +1374,11 @@ def _placeholder(setting, shape, dtype):
                            _WIDEST_FLOAT)
 
 
-def _split_to_fill(layout, plan, name, better, budget):
+def _split_to_fill(layout, plan, name, better, budget, better_first=False):
     """Spend what ``plan`` leaves of ``budget`` on tensor ``name``: as many of its output rows
     under ``better`` (its next setting on the hull) as the file can take, the rest as
-    planned. Returns the plan, with a :class:`RowSplit` for ``name`` when one fits."""
+    planned; the better rows are the last ones, or the first ones with ``better_first``.
+    Returns the plan, with a :class:`RowSplit` for ``name`` when one fits."""
     shape = layout.shape(name)
     current = plan[name]
 
@@ -1379,6 +1386,8 @@ def _split_to_fill(layout, plan, name, better, budget):
         return rows_of((rows, *shape[1:]), setting.vector_size) >= setting.constraints.n_components
 
     def split(rows_better):
+        if better_first:
+            return RowSplit(better, current, rows_better)
         return RowSplit(current, better, shape[0] - rows_better)
 
     def fits(rows_better):  # the file grows with the rows under the better setting
@@ -1395,6 +1404,20 @@ def _split_to_fill(layout, plan, name, better, budget):
         else:
             high = middle - 1
     return {**plan, name: split(low)}
+
+
+def _heavier_first_half(calibration):
+    """Whether a tensor's row weights (from its calibration entry) weigh more in its first
+    half of rows than in its second: then a split gives the better setting to the first
+    rows. False without row weights."""
+    if calibration is None:
+        return False
+    name, ref = calibration
+    weights = np.asarray(ref.load())
+    if weights.ndim != 1:
+        return False
+    half = weights.shape[0] // 2
+    return float(np.sum(weights[:half])) > float(np.sum(weights[half:]))
 
 
 def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_threads,
@@ -1462,7 +1485,8 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
             # The most profitable split that fits: a split adds a codebook, which the
             # leftover of a small model may not hold for the best step but for another.
             for step in steps:
-                filled = _split_to_fill(layout, {**fixed, **plan}, *step, budget)
+                filled = _split_to_fill(layout, {**fixed, **plan}, *step, budget,
+                                        _heavier_first_half(calibrations.get(step[0])))
                 if filled[step[0]] != plan[step[0]]:
                     return {name: filled[name] for name in plan}
             used = 8 * layout.file_bytes({**fixed, **plan}) / n_weights
