@@ -1173,7 +1173,9 @@ def compress_weights(
         Iterations of each final fit.
     max_fit_rows : int, optional
         Fit each codebook on at most this many sub-vectors drawn at random (then encode all
-        of them), as vector quantizers are usually trained; ``None`` fits on all.
+        of them), as vector quantizers are usually trained; ``None`` fits on all. With
+        calibration, whole output rows are drawn, in proportion to their row weights when
+        the calibration gives some.
     verbose : bool, optional
         Progress bar over layers with the layer's name and the time left (tqdm, when
         installed); default: when standard error is a terminal.
