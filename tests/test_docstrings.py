@@ -42,3 +42,14 @@ def test_docstring(name, level, is_property):
     errors = [f"{code}: {message}" for code, message in numpydoc_validate.validate(name)["errors"]
               if code in checks]
     assert not errors, "\n".join(errors)
+
+
+def test_every_public_name_is_in_the_api_reference():
+    import pathlib
+
+    api = (pathlib.Path(__file__).resolve().parents[1] / "doc" / "api.rst").read_text()
+    listed = {line.strip() for line in api.splitlines()}
+    missing = [name for name in qsdlearn.__all__ if name != "__version__" and name not in listed]
+    missing += [f"metrics.{name}" for name in qsdlearn.metrics.__all__
+                if f"metrics.{name}" not in listed and name not in listed]
+    assert not missing, f"public names missing from doc/api.rst: {missing}"
