@@ -51,10 +51,6 @@ class Metric:
         """The factor that turns objectives computed here into the caller's units."""
         return float(np.ldexp(1.0, self.exponent + self.weight_exponent))
 
-    def without_weights(self):
-        """The same blocks with unit weights (for rows other than the fitted ones)."""
-        return Metric(self.blocks, self.roots, None, self.exponent, 0)
-
     def block_rows(self, n):
         """``(b, slice)`` of every block's rows among ``n`` rows (``b::m``), empty ones left out."""
         m = self.n_blocks
