@@ -26,7 +26,7 @@ from .codec import MatrixSettings, encode_factors
 
 
 def _check_metric(metric, n_features):
-    """The metric as ``(m, d, d)`` float64 blocks, or None for the identity.
+    """The metric as ``(m, d, d)`` float64 blocks (None when not given).
 
     Raises a ValueError for a wrong shape, a non-symmetric block or one with a clearly
     negative eigenvalue (beyond rounding: ``1e-8`` of the block's largest)."""
@@ -55,23 +55,21 @@ def _check_metric(metric, n_features):
         )
     if not blocks.any():
         raise ValueError("metric is zero: no error would count; give a nonzero Gram matrix.")
-    if np.array_equal(blocks, np.broadcast_to(np.eye(n_features), blocks.shape)):
-        return None
     return blocks
 
 
 def _check_weights(sample_weight, X):
-    """Row weights as float64, or None for unit weights; all zero is refused."""
+    """Row weights as float64 (None when not given); all zero is refused."""
     if sample_weight is None:
         return None
     weights = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
     if not weights.any():
         raise ValueError("sample_weight is zero for every row: there is nothing to fit.")
-    return None if np.all(weights == 1.0) else weights
+    return weights
 
 
 def _prepared_metric(blocks, weights, n_rows):
-    """A solver metric, or None for the plain objective."""
+    """A solver metric, or None for the plain objective (:func:`qsdlearn._metric.prepare`)."""
     if blocks is None and weights is None:
         return None
     return _metric.prepare(blocks, weights, n_rows)

@@ -81,11 +81,12 @@ def _power_of_two_exponent(values):
 
 
 def prepare(blocks, weights, n_rows):
-    """A :class:`Metric` from validated arrays.
+    """A :class:`Metric` from validated arrays, or None for the plain objective.
 
     Blocks that are all multiples of the identity, ``H_b = c_b I``, weigh rows and nothing
     else: they are folded into the row weights (``w_i c_(i mod m)``), which the solver
-    handles with its plain, exact steps.
+    handles with its plain, exact steps. Identity blocks with unit weights are the plain
+    objective itself: None.
 
     Parameters
     ----------
@@ -103,6 +104,8 @@ def prepare(blocks, weights, n_rows):
             factors = np.resize(diagonal[:, 0], n_rows)
             weights = factors if weights is None else weights * factors
             blocks = None
+    if blocks is None and (weights is None or np.all(weights == 1.0)):
+        return None
     roots = None
     exponent = weight_exponent = 0
     if blocks is not None:
