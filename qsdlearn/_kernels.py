@@ -26,7 +26,8 @@ Entry points
 ------------
 Each compiled entry does one job on a block of rows, in parallel over fixed chunks of rows;
 the driver (:func:`qsdlearn._solver.solve_codes`) picks one per setting, before its loop:
-:func:`solve_codes_cold` (``transform``: greedy fill, then exact coordinate sweeps),
+:func:`solve_codes_cold` (``transform``: a multi-start descent, each start a greedy fill
+then exact coordinate sweeps),
 :func:`improve_codes` (the alternating code step: the better of one improvement round from
 the current codes and the cold solution) and :func:`assign_one_slot` (one slot: the greedy
 choice is already exact).
@@ -122,7 +123,7 @@ def _project_row(v, scale, nbits, n_keep, savings, out_idx, out_val):
     """Exact Euclidean projection of ``v`` onto {exactly ``n_keep`` slots, values on the grid}.
 
     The problem separates: quantizing entry ``i`` to its nearest level ``q_i`` saves
-    ``v_i**2 - (v_i - q_i)**2`` asavingst leaving it at zero, so the best support is the
+    ``v_i**2 - (v_i - q_i)**2`` against leaving it at zero, so the best support is the
     ``n_keep`` entries with the largest saving (ties go to the lower index).
     """
     m = v.shape[0]
@@ -281,11 +282,13 @@ def _debias_slots(idx, val, n_slots, p, G, A, b):
 
 
 @njit()
-def _greedy_slots(idx, val, n_slots, dense, debias, p, G, inv_g, nbits, c, used, A, b):
+def _greedy_slots(idx, val, n_slots, dense, debias, p, G, inv_g, nbits, c, used, A, b,
+                  first=-1):
     """Cold start: fill the slots one at a time with the best (position, value) pair.
 
-    With ``debias`` (sparse float codes) the values of the filled slots are refitted by least
-    squares after every addition (orthogonal matching pursuit)."""
+    ``first >= 0`` puts the first slot at that position instead (a start of the multi-start
+    search). With ``debias`` (sparse float codes) the values of the filled slots are refitted
+    by least squares after every addition (orthogonal matching pursuit)."""
     k = p.shape[0]
     for t in range(k):
         c[t] = p[t]
@@ -294,6 +297,9 @@ def _greedy_slots(idx, val, n_slots, dense, debias, p, G, inv_g, nbits, c, used,
         if dense:
             best_j = a
             best_q, _ = _best_value(c[a], G[a, a], nbits)
+        elif a == 0 and first >= 0:
+            best_j = first
+            best_q, _ = _best_value(c[first], G[first, first], nbits)
         else:
             best_j = -1
             best_q = 0.0
@@ -389,7 +395,7 @@ def _improvement_round(idx, val, n_slots, dense, debias, p, G, xx, nbits, eta, m
                        work):
     """One round of (projected gradient step, coordinate sweeps, debiasing) from the given
     slots; undone when it does not lower the error. Returns the row's error."""
-    c, z, savings, used, old_idx, old_val, A, b, inv_g = work
+    c, z, savings, used, old_idx, old_val, A, b, inv_g, starts = work
     err = _row_error(idx, val, n_slots, p, G, xx)
     for a in range(n_slots):
         old_idx[a] = idx[a]
@@ -410,16 +416,59 @@ def _improvement_round(idx, val, n_slots, dense, debias, p, G, xx, nbits, eta, m
 
 
 @njit()
-def _solve_row_cold(idx, val, n_slots, dense, debias, p, G, xx, nbits, max_sweeps, work):
-    """Codes of one row from scratch: greedy fill, then exact coordinate sweeps. Returns the
-    row's error."""
-    c, z, savings, used, old_idx, old_val, A, b, inv_g = work
-    _greedy_slots(idx, val, n_slots, dense, debias, p, G, inv_g, nbits, c, used, A, b)
+def _descend_from(idx, val, n_slots, dense, debias, p, G, xx, nbits, max_sweeps, work, first):
+    """Greedy fill (first slot at ``first`` if ``>= 0``), exact coordinate sweeps, debiasing;
+    returns the row's error."""
+    c, z, savings, used, old_idx, old_val, A, b, inv_g, starts = work
+    _greedy_slots(idx, val, n_slots, dense, debias, p, G, inv_g, nbits, c, used, A, b, first)
     _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, _row_tolerance(xx),
                   c, used)
     if debias:
         _debias_slots(idx, val, n_slots, p, G, A, b)
     return _row_error(idx, val, n_slots, p, G, xx)
+
+
+@njit()
+def _solve_row_cold(idx, val, n_slots, dense, debias, p, G, xx, nbits, max_sweeps, work):
+    """Codes of one row from scratch; returns the row's error.
+
+    A multi-start descent: from each of the ``len(starts)`` positions that alone save the most
+    (the first of them is the plain greedy choice), a greedy fill of the other slots, then
+    exact coordinate sweeps; the best result is kept (the earliest start on a tie)."""
+    c, z, savings, used, old_idx, old_val, A, b, inv_g, starts = work
+    n_starts = starts.shape[0]
+    if dense or n_starts <= 1 or n_slots == 1:
+        return _descend_from(idx, val, n_slots, dense, debias, p, G, xx, nbits, max_sweeps,
+                             work, -1)
+    k = p.shape[0]
+    n_starts = min(n_starts, k)
+    for j in range(k):
+        _, savings[j] = _best_value(p[j], G[j, j], nbits)
+    _select_largest(savings, n_starts, starts)
+    _sort_starts(savings, starts, n_starts)
+    best_err = np.inf
+    for st in range(n_starts):
+        err = _descend_from(old_idx, old_val, n_slots, dense, debias, p, G, xx, nbits,
+                            max_sweeps, work, starts[st])
+        if err < best_err:
+            best_err = err
+            for a in range(n_slots):
+                idx[a] = old_idx[a]
+                val[a] = old_val[a]
+    return best_err
+
+
+@njit()
+def _sort_starts(savings, starts, n):
+    """Order the first ``n`` positions of ``starts`` by decreasing saving (lower index on a
+    tie)."""
+    for a in range(1, n):
+        j = starts[a]
+        b = a - 1
+        while b >= 0 and _better(savings, j, starts[b]):
+            starts[b + 1] = starts[b]
+            b -= 1
+        starts[b + 1] = j
 
 
 @njit()
@@ -433,7 +482,7 @@ def _inverse_diagonal(G):
 
 
 @njit()
-def _row_work(G, n_slots):
+def _row_work(G, n_slots, n_starts):
     """Per-task scratch arrays of the row solvers."""
     k = G.shape[0]
     return (
@@ -446,11 +495,13 @@ def _row_work(G, n_slots):
         np.empty((n_slots, n_slots), dtype=np.float64),  # A: Gram of the support
         np.empty(n_slots, dtype=np.float64),  # b: right-hand side of the debiasing
         _inverse_diagonal(G),  # inv_g
+        np.empty(n_starts, dtype=np.int64),  # starts of the multi-start cold solve
     )
 
 
 @njit()
-def _code_rows(P, xx, G, eta, nbits, max_sweeps, improve, idx, val, err, start, stop):
+def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, improve, idx, val, err, start,
+               stop):
     """Serial body of :func:`solve_codes_cold` and :func:`improve_codes` for rows
     ``start:stop`` (kept out of the parallel loop so that the parallel wrappers stay small
     and quick to compile)."""
@@ -458,7 +509,7 @@ def _code_rows(P, xx, G, eta, nbits, max_sweeps, improve, idx, val, err, start, 
     n_slots = idx.shape[1]
     dense = n_slots == k
     debias = nbits < 0 and not dense
-    work = _row_work(G, n_slots)
+    work = _row_work(G, n_slots, n_starts)
     p = np.empty(k, dtype=np.float64)
     row_idx = np.empty(n_slots, dtype=np.int64)
     row_val = np.empty(n_slots, dtype=np.float64)
@@ -490,8 +541,9 @@ def _code_rows(P, xx, G, eta, nbits, max_sweeps, improve, idx, val, err, start, 
 
 
 @njit(parallel=True)
-def solve_codes_cold(P, xx, G, nbits, max_sweeps, idx, val, err):
-    """Codes of a block of rows from scratch, in place: greedy fill, then exact sweeps.
+def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
+    """Codes of a block of rows from scratch, in place: the best of ``n_starts`` descents
+    (greedy fill, then exact sweeps), each with its first slot on a different position.
 
     Parameters
     ----------
@@ -506,6 +558,9 @@ def solve_codes_cold(P, xx, G, nbits, max_sweeps, idx, val, err):
     max_sweeps : int
         Coordinate sweeps (each re-solves every slot once, exactly); a row stops early when a
         sweep changes nothing.
+    n_starts : int
+        Starts of the multi-start descent (``1``: the plain greedy fill); each puts the first
+        slot on one of the ``n_starts`` positions that alone save the most.
     idx : ndarray of shape (m, n_slots), int32
         Output: slot positions (``n_slots == k``: dense codes, slot ``a`` at position ``a``).
     val : ndarray of shape (m, n_slots)
@@ -515,12 +570,12 @@ def solve_codes_cold(P, xx, G, nbits, max_sweeps, idx, val, err):
     """
     m = P.shape[0]
     for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-        _code_rows(P, xx, G, 0.0, nbits, max_sweeps, False, idx, val, err,
+        _code_rows(P, xx, G, 0.0, nbits, max_sweeps, n_starts, False, idx, val, err,
                    chunk * _CHUNK_ROWS, min(m, (chunk + 1) * _CHUNK_ROWS))
 
 
 @njit(parallel=True)
-def improve_codes(P, xx, G, eta, nbits, max_sweeps, idx, val, err):
+def improve_codes(P, xx, G, eta, nbits, max_sweeps, n_starts, idx, val, err):
     """Improve the codes of a block of rows in place; no row's error increases.
 
     Every row keeps the better of (a) its incoming slots after one round of (projected
@@ -531,7 +586,7 @@ def improve_codes(P, xx, G, eta, nbits, max_sweeps, idx, val, err):
     """
     m = P.shape[0]
     for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-        _code_rows(P, xx, G, eta, nbits, max_sweeps, True, idx, val, err,
+        _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, True, idx, val, err,
                    chunk * _CHUNK_ROWS, min(m, (chunk + 1) * _CHUNK_ROWS))
 
 

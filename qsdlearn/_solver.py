@@ -223,7 +223,7 @@ def _scaled(a, exponent):
         return np.ldexp(a, exponent).astype(a.dtype, copy=False)
 
 
-def solve_codes(X, C, constraints, codes=None, metric=None):
+def solve_codes(X, C, constraints, codes=None, metric=None, search_width=1):
     """Codes of the rows of ``X`` against codebook ``C``, row by row.
 
     With ``codes=None`` every row is solved from scratch (this is ``transform``). Given
@@ -231,7 +231,8 @@ def solve_codes(X, C, constraints, codes=None, metric=None):
     projected gradient round, so the error of no row increases (the alternating code step).
     ``X`` and ``C`` are divided by one power of two first (see above), so the codes do not
     depend on the scale of the data. Under a ``metric`` (:mod:`qsdlearn._metric`) each row
-    minimises its error in its block of the metric.
+    minimises its error in its block of the metric. ``search_width`` is the number of starts
+    of the multi-start descent of every row (:func:`qsdlearn._kernels.solve_codes_cold`).
 
     Returns
     -------
@@ -241,16 +242,16 @@ def solve_codes(X, C, constraints, codes=None, metric=None):
     """
     exponent = _scale_exponent(X, C)
     codes, row_errors = _solve_codes(_scaled(X, -exponent), _scaled(C, -exponent), constraints,
-                                     codes, metric)
+                                     codes, metric, search_width)
     if metric is not None:
         row_errors = row_errors * metric.unit
     return codes, _scaled(row_errors, 2 * exponent)
 
 
-def _solve_codes(X, C, constraints, codes=None, metric=None):
+def _solve_codes(X, C, constraints, codes=None, metric=None, search_width=1):
     """:func:`solve_codes` on data of unit scale (no normalisation)."""
     if metric is not None:
-        return _metric_codes(X, C, constraints, codes, metric)
+        return _metric_codes(X, C, constraints, codes, metric, search_width)
     n, k = X.shape[0], constraints.n_components
     if constraints.one_hot:
         return _nearest_codewords(X, C)
@@ -266,13 +267,14 @@ def _solve_codes(X, C, constraints, codes=None, metric=None):
             _kernels.assign_one_slot(P, xx, gram, nbits, idx, val, err)
     elif codes is None:
         def kernel(P, xx, idx, val, err):
-            _kernels.solve_codes_cold(P, xx, gram, nbits, MAX_SWEEPS, idx, val, err)
+            _kernels.solve_codes_cold(P, xx, gram, nbits, MAX_SWEEPS, search_width, idx, val, err)
     else:
         top = _largest_eigenvalue(gram)
         eta = 1.0 / top if top > 0 else 0.0
 
         def kernel(P, xx, idx, val, err):
-            _kernels.improve_codes(P, xx, gram, eta, nbits, MAX_SWEEPS, idx, val, err)
+            _kernels.improve_codes(P, xx, gram, eta, nbits, MAX_SWEEPS, search_width, idx, val,
+                                    err)
 
     if codes is None:
         s = constraints.slots
@@ -295,12 +297,12 @@ def _solve_codes(X, C, constraints, codes=None, metric=None):
     return codes, squared_error(X, C, codes)[0]
 
 
-def _metric_codes(X, C, constraints, codes, metric):
+def _metric_codes(X, C, constraints, codes, metric, search_width):
     """The code step under a metric: the plain code step on the whitened rows ``x_i L_b``
     and codebook ``C L_b`` of every block ``b`` (the row weights do not change a row's
     minimiser); errors in the metric."""
     if metric.roots is None:
-        codes, _ = _solve_codes(X, C, constraints, codes)
+        codes, _ = _solve_codes(X, C, constraints, codes, search_width=search_width)
         return codes, squared_error(X, C, codes, metric)[0]
     n, s = X.shape[0], constraints.slots
     out = Codes(None if constraints.dense_codes else np.zeros((n, s), dtype=_kernels.INDEX_DTYPE),
@@ -311,7 +313,8 @@ def _metric_codes(X, C, constraints, codes, metric):
             start = Codes(None if codes.idx is None else codes.idx[rows].copy(),
                           codes.val[rows].copy())
         block_codes, _ = _solve_codes(metric.whiten(X[rows], b).astype(X.dtype),
-                                      metric.whiten(C, b).astype(C.dtype), constraints, start)
+                                      metric.whiten(C, b).astype(C.dtype), constraints, start,
+                                      search_width=search_width)
         if out.idx is not None:
             out.idx[rows] = block_codes.idx
         out.val[rows] = block_codes.val
@@ -697,7 +700,7 @@ def _warn_if_not_converged(converged, max_iter, tol):
 
 
 def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit=1.0,
-                metric=None):
+                metric=None, search_width=1):
     """One fit from codebook ``C0`` (and codes ``Z0_codes``, if given). One-hot codes go to
     :func:`_lloyd_fit` (a start from codes is superseded there by the nearest codewords, the
     exact code step), unless a ``metric`` is given."""
@@ -705,14 +708,16 @@ def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit
         return _lloyd_fit(X, constraints, C0, max_iter, tol, verbose, error_unit)
     dtype = X.dtype
     C, scales = quantize_codebook(C0, constraints)
-    codes, row_errors = _solve_codes(X, C.astype(dtype), constraints, Z0_codes, metric)
+    codes, row_errors = _solve_codes(X, C.astype(dtype), constraints, Z0_codes, metric,
+                                     search_width)
     objective = [float(row_errors.sum())]
     n_iter = 0
     converged = False
     for n_iter in range(1, max_iter + 1):
         # Code block (skipped on the first pass when the codes were just solved from scratch).
         if n_iter > 1 or Z0_codes is not None:
-            codes, row_errors = _solve_codes(X, C.astype(dtype), constraints, codes, metric)
+            codes, row_errors = _solve_codes(X, C.astype(dtype), constraints, codes, metric,
+                                             search_width)
         after_codes = float(row_errors.sum())
 
         # Codebook block: fold code scales, then exact LS or a projected gradient step.
@@ -752,6 +757,7 @@ def fit_factorization(
     random_state,
     verbose=0,
     metric=None,
+    search_width=1,
 ):
     """Fit ``X ~ Z C`` under ``constraints``; keep the best of ``n_init`` starts.
 
@@ -792,7 +798,7 @@ def fit_factorization(
         if code_init is not None:
             start_codes = _project_code_init(code_init, constraints, X.dtype)
         result = _single_fit(X, constraints, C0, start_codes, max_iter, tol, verbose, error_unit,
-                             metric)
+                             metric, search_width)
         if best is None or result.objective[-1] < best.objective[-1]:
             best = result
     codebook, best.codebook_scales, best.codebook_levels = _finalize_codebook(
@@ -800,7 +806,8 @@ def fit_factorization(
     )
     # One-hot codes from the last iteration are already the nearest codewords of the codebook.
     if metric is not None or not (constraints.one_hot and np.array_equal(codebook, best.codebook)):
-        best.codes, best.row_errors = _solve_codes(X, codebook, constraints, metric=metric)
+        best.codes, best.row_errors = _solve_codes(X, codebook, constraints, metric=metric,
+                                                   search_width=search_width)
     best.codebook = codebook
     return _scale_result(best, exponent, metric_unit)
 

@@ -97,8 +97,9 @@ def brute_force_codes(x, C, nbits, n_keep):
     return best
 
 
-def run_update(X, C, nbits, n_keep, *, entry="cold", idx=None, val=None):
-    """Run one of the code kernels' entry points (``cold``, ``improve`` or ``one_slot``)."""
+def run_update(X, C, nbits, n_keep, *, entry="cold", idx=None, val=None, width=1):
+    """Run one of the code kernels' entry points (``cold``, ``improve`` or ``one_slot``), with
+    ``width`` starts of the multi-start descent."""
     m = X.shape[0]
     if idx is None:
         idx = np.zeros((m, n_keep), dtype=_kernels.INDEX_DTYPE)
@@ -108,9 +109,9 @@ def run_update(X, C, nbits, n_keep, *, entry="cold", idx=None, val=None):
     xx = np.einsum("ij,ij->i", X, X, dtype=np.float64)
     err = np.empty(m)
     if entry == "cold":
-        _kernels.solve_codes_cold(X @ C.T, xx, gram, nbits, 4, idx, val, err)
+        _kernels.solve_codes_cold(X @ C.T, xx, gram, nbits, 4, width, idx, val, err)
     elif entry == "improve":
-        _kernels.improve_codes(X @ C.T, xx, gram, eta, nbits, 4, idx, val, err)
+        _kernels.improve_codes(X @ C.T, xx, gram, eta, nbits, 4, width, idx, val, err)
     else:
         _kernels.assign_one_slot(X @ C.T, xx, gram, nbits, idx, val, err)
     return idx, val, err
@@ -172,6 +173,38 @@ def test_code_update_never_increases_the_error(nbits, dtype):
     idx, val, err = run_update(X, C2, nbits, 2, entry="improve", idx=idx, val=val)
     assert np.all(err <= before * (1 + 1e-6) + 1e-9)  # never worse than the incoming codes
     assert np.all(err <= cold * (1 + 1e-12) + 1e-12)  # nor than solving from scratch
+
+
+@pytest.mark.parametrize("nbits", NBITS)
+def test_multi_start_search(nbits, dtype):
+    """More starts never lose to fewer (the first start is the greedy choice), the errors
+    stay exact residuals on the level set, and with every position as a start the search
+    reaches the brute-force optimum on more rows than the greedy start alone."""
+    rng = np.random.default_rng(17)
+    X = rng.normal(size=(80, 5)).astype(dtype)
+    C = rng.normal(size=(7, 5)).astype(dtype)
+    X64, C64 = X.astype(np.float64), C.astype(np.float64)
+    best = np.array([brute_force_codes(x, C64, nbits, 2) for x in X64])
+    tol = 1e-9 if dtype == np.float64 else 1e-4
+    errors = {}
+    for width in (1, 3, 7, 50):
+        idx, val, err = run_update(X, C, nbits, 2, width=width)
+        ref = np.sum((X64 - dense(idx, val, 7) @ C64) ** 2, axis=1)
+        np.testing.assert_allclose(err, ref, rtol=tol, atol=1e-6)
+        if nbits != _kernels.FLOAT:
+            np.testing.assert_array_equal(val, quantize(val, 1.0, nbits))
+        assert np.all(np.diff(idx, axis=1) > 0)
+        assert np.all(err >= best * (1 - tol) - 1e-9)
+        errors[width] = err
+    assert np.all(errors[3] <= errors[1] * (1 + tol) + 1e-9)
+    assert np.all(errors[7] <= errors[3] * (1 + tol) + 1e-9)
+    np.testing.assert_array_equal(errors[50], errors[7])  # at most k starts
+    exact = {w: int(np.sum(e <= best * (1 + tol) + 1e-9)) for w, e in errors.items()}
+    assert exact[7] > exact[1], exact
+    # the improvement entry keeps the better of its round and the multi-start solution
+    idx, val, _ = run_update(X, C, nbits, 2)
+    _, _, improved = run_update(X, C, nbits, 2, entry="improve", idx=idx, val=val, width=7)
+    assert np.all(improved <= errors[7] * (1 + tol) + 1e-9)
 
 
 @pytest.mark.parametrize("nbits", [1, 2])
