@@ -178,6 +178,12 @@ def scalar(nbits):
 # -- k-means vector quantization -----------------------------------------------------------------
 
 
+def kmeans_bits(n_rows, vector_size, n_clusters):
+    """Bits of k-means on ``n_rows`` rows of ``vector_size``: a ``ceil(log2 n_clusters)``-bit
+    index per row and ``n_clusters`` float32 codewords."""
+    return n_rows * ceil_log2(n_clusters) + n_clusters * vector_size * FLOAT_BITS
+
+
 def kmeans(vector_size, n_clusters):
     """scikit-learn KMeans on rows of ``vector_size``; float32 codebook, fixed-width indices.
 
@@ -196,7 +202,7 @@ def kmeans(vector_size, n_clusters):
             model.fit(budget.sample(rows))
         codebook = model.cluster_centers_.astype(weight.dtype)
         reconstruction = codebook[model.predict(rows)]
-        bits = rows.shape[0] * ceil_log2(n_clusters) + n_clusters * vector_size * FLOAT_BITS
+        bits = kmeans_bits(rows.shape[0], vector_size, n_clusters)
         return from_rows(reconstruction, weight.shape), bits
 
     return Method("VQ (sklearn KMeans)", f"d={vector_size} k={n_clusters}", run)
@@ -318,27 +324,66 @@ def faiss_quantizer(kind, vector_size, n_books, nbits):
 
 # -- the grids -----------------------------------------------------------------------------------
 
-#: (vector size, n_components, n_nonzero, code_bits, codebook_bits): from 0.5 to 5 bits/element.
-QSD_GRID = [
+#: k-means baselines, (vector size, codewords), of the "full", "model" and "quick" grids: vector
+#: size 1 is a per-matrix Lloyd–Max scalar quantizer.
+KMEANS_GRID = ([(1, k) for k in (2, 4, 8, 16, 32, 64)]
+               + [(d, k) for d in (2, 4, 8) for k in (16, 64, 256, 1024)]
+               + [(16, 64), (16, 256), (16, 1024)])
+KMEANS_GRID_MODEL = ([(1, k) for k in (2, 4, 8, 16, 32)]
+                     + [(d, k) for d in (2, 4, 8) for k in (16, 64, 256)] + [(16, 64), (16, 256)])
+KMEANS_GRID_QUICK = [(1, 4), (1, 16), (8, 256), (4, 256), (2, 256), (16, 256)]
+
+#: Bits per entry of a QSD codebook where it is quantized.
+QSD_CODEBOOK_BITS = 8
+
+
+def qsd_vq_setting(vector_size, n_clusters):
+    """QSD's vector-quantization special case (one-hot codes) matching k-means' ``(d, k)``.
+
+    Its codebook is quantized to :data:`QSD_CODEBOOK_BITS` bits with a 32-bit scale per
+    codeword where that costs less than k-means' float32 codewords (``8 d + 32 < 32 d``: every
+    ``d >= 2``), else it is float like k-means'. At ``d = 1`` an 8-bit codeword would cost 40
+    bits against 32 for the same scalar (one level times its own scale), so the float codebook
+    is the cheaper setting there, at exactly k-means' bit count. Either way the codes are the
+    same fixed-width index, so QSD's setting never costs more bits than k-means'.
+    """
+    quantized_cost = vector_size * QSD_CODEBOOK_BITS + FLOAT_BITS
+    codebook_bits = QSD_CODEBOOK_BITS if quantized_cost < vector_size * FLOAT_BITS else None
+    return (vector_size, n_clusters, 1, 0, codebook_bits)
+
+
+def _unique(settings):
+    """``settings`` without repeats, in first-seen order."""
+    return list(dict.fromkeys(settings))
+
+
+#: QSD proper (sparse quantized codes), (vector size, n_components, n_nonzero, code_bits,
+#: codebook_bits): from about 0.5 to 4 bits/element.
+QSD_SPARSE = [
     (16, 256, 1, 2, 8),
-    (8, 256, 1, 0, 8),
     (16, 64, 4, 1, 8),
     (8, 256, 1, 3, 8),
     (8, 64, 2, 2, 8),
-    (4, 256, 1, 0, 8),
     (16, 256, 4, 2, 8),
     (8, 256, 2, 2, 8),
     (8, 256, 2, 3, 8),
-    (8, 8, None, 3, 8),
     (8, 256, 3, 3, 8),
-    (8, 8, None, 4, 8),
     (8, 256, 4, 3, 8),
 ]
-#: The "model" grid, for data sets of many matrices (each setting is fitted per matrix): the
-#: full grid without four of its slower k=256 settings.
-QSD_GRID_MODEL = [s for s in QSD_GRID if s not in {
-    (8, 256, 1, 3, 8), (16, 256, 4, 2, 8), (8, 256, 2, 3, 8), (8, 256, 4, 3, 8)}]
-QSD_GRID_QUICK = [(8, 256, 1, 0, 8), (8, 64, 2, 2, 8), (8, 256, 2, 2, 8), (8, 8, None, 4, 8)]
+#: Dense quantized codes (a quantized transform of each 8-element sub-vector), 2 to 5 code bits.
+QSD_DENSE = [(8, 8, None, b, QSD_CODEBOOK_BITS) for b in (2, 3, 4, 5)]
+#: Every QSD grid is its sparse settings, dense settings, and the VQ special case of each k-means
+#: baseline of the same grid (:func:`qsd_vq_setting`), so that QSD's hull contains k-means'
+#: settings at no more bits.
+QSD_GRID = _unique(QSD_SPARSE + QSD_DENSE + [qsd_vq_setting(d, k) for d, k in KMEANS_GRID])
+#: The "model" grid, for data sets of many matrices (each setting is fitted per matrix): without
+#: four of the slower k=256 sparse settings. The VQ settings are one Lloyd pass per iteration.
+QSD_GRID_MODEL = _unique(
+    [s for s in QSD_SPARSE if s not in {
+        (8, 256, 1, 3, 8), (16, 256, 4, 2, 8), (8, 256, 2, 3, 8), (8, 256, 4, 3, 8)}]
+    + QSD_DENSE + [qsd_vq_setting(d, k) for d, k in KMEANS_GRID_MODEL])
+QSD_GRID_QUICK = _unique([(8, 64, 2, 2, 8), (8, 256, 2, 2, 8), (8, 8, None, 4, 8)]
+                         + [qsd_vq_setting(d, k) for d, k in KMEANS_GRID_QUICK])
 
 #: Per grid ("quick", "model", "full"): settings of every family. k-means runs at vector sizes 1
 #: (a per-matrix Lloyd–Max scalar quantizer), 2, 4, 8 and 16; PQ, RQ and LSQ are (vector size,
@@ -346,24 +391,21 @@ QSD_GRID_QUICK = [(8, 256, 1, 0, 8), (8, 64, 2, 2, 8), (8, 256, 2, 2, 8), (8, 8,
 _GRIDS = {
     "quick": dict(
         qsd=QSD_GRID_QUICK, svd_rates=[0.5, 1, 2, 4], scalar=range(1, 6),
-        kmeans=[(1, 4), (1, 16), (8, 256), (4, 256), (2, 256), (16, 256)],
+        kmeans=KMEANS_GRID_QUICK,
         dictionary=[(16, 256, 1)], sparse_pca=[(8, 1.0)], pq=[(8, 2, 8)],
         # The additive quantizers' training takes seconds even on small data.
         rq=[(8, 2, 6)], lsq=[(8, 2, 6)],
     ),
     "model": dict(
         qsd=QSD_GRID_MODEL, svd_rates=[0.25, 0.5, 1, 2, 3, 4, 6], scalar=range(1, 7),
-        kmeans=[(1, k) for k in (2, 4, 8, 16, 32)]
-        + [(d, k) for d in (2, 4, 8) for k in (16, 64, 256)] + [(16, 64), (16, 256)],
+        kmeans=KMEANS_GRID_MODEL,
         dictionary=[(16, 256, 1)], sparse_pca=[(8, 1.0)],
         pq=[(16, 2, 8), (8, 1, 8), (8, 2, 8), (8, 4, 8)],
         rq=[(8, 2, 8), (8, 3, 8)], lsq=[(8, 2, 8), (8, 3, 8)],
     ),
     "full": dict(
         qsd=QSD_GRID, svd_rates=[0.25, 0.5, 1, 2, 3, 4, 6], scalar=range(1, 9),
-        kmeans=[(1, k) for k in (2, 4, 8, 16, 32, 64)]
-        + [(d, k) for d in (2, 4, 8) for k in (16, 64, 256, 1024)]
-        + [(16, 64), (16, 256), (16, 1024)],
+        kmeans=KMEANS_GRID,
         dictionary=[(32, 256, 1), (16, 256, 1)],
         sparse_pca=[(8, 1.0), (16, 1.0)],
         pq=[(16, 2, 8), (8, 1, 8), (16, 4, 8), (8, 2, 8), (8, 4, 8)],

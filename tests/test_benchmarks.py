@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import methods as M
 from benchmarks import rate_distortion as RD
-from qsdlearn import QuantizedSparseDecomposition
+from qsdlearn import Constraints, QuantizedSparseDecomposition
 from qsdlearn._bits import support_bits
 from qsdlearn._levels import quantize
 
@@ -157,6 +157,43 @@ def test_method_grids_have_the_new_baselines():
     sizes = {int(m.setting.split()[0][2:]) for m in M.method_grid("full", with_faiss=False)
              if m.family == "VQ (sklearn KMeans)"}
     assert sizes == {1, 2, 4, 8, 16}
+
+
+@pytest.mark.parametrize("grid", ["quick", "model", "full"])
+def test_qsd_grid_holds_the_vq_special_case_of_every_kmeans_baseline(grid):
+    """Issue #10: QSD's hull can only lose to k-means through its grid, so every grid's QSD
+    settings hold one-hot codes at each k-means (d, k), at no more bits by the same rules."""
+    settings = M._GRIDS[grid]
+    qsd = list(settings["qsd"])
+    assert len(set(qsd)) == len(qsd), "a QSD setting is listed twice"
+    assert settings["kmeans"]
+    for d, k in settings["kmeans"]:
+        vq = [s for s in qsd if s[:4] == (d, k, 1, 0)]
+        assert vq, f"no QSD VQ setting (d={d}, k={k}, 1 nonzero, one-hot) in the {grid} grid"
+        for n_rows in (1, 4096, 10**6):
+            kmeans_bits = M.kmeans_bits(n_rows, d, k)
+            # qsdlearn's own count of the setting, the one M.qsd reports (the codec's)
+            vq_bits = min(Constraints(k, 1, 0, s[4]).bits(n_rows, d, 32).total for s in vq)
+            assert vq_bits <= kmeans_bits
+            if d > 1:  # the 8-bit codebook with a 32-bit scale per codeword is cheaper
+                assert vq_bits < kmeans_bits
+
+
+def test_qsd_vq_setting_keeps_a_float_codebook_for_scalars_only():
+    assert M.qsd_vq_setting(1, 16) == (1, 16, 1, 0, None)
+    assert M.qsd_vq_setting(2, 256) == (2, 256, 1, 0, 8)
+    assert M.qsd_vq_setting(16, 1024) == (16, 1024, 1, 0, 8)
+    # At d = 1 the float codebook costs what k-means' does: 4-bit indices, 16 float32 levels.
+    assert M.kmeans_bits(32, 1, 16) == 32 * 4 + 16 * 32
+    assert Constraints(16, 1, 0, None).bits(32, 1, 32).total == M.kmeans_bits(32, 1, 16)
+    # An 8-bit codebook there would cost 8 more bits per level (8 bits and a 32-bit scale).
+    assert Constraints(16, 1, 0, 8).bits(32, 1, 32).total == M.kmeans_bits(32, 1, 16) + 16 * 8
+
+
+def test_full_and_model_qsd_grids_have_dense_codes_of_2_to_5_bits():
+    for grid in ("full", "model"):
+        dense = {s[3] for s in M._GRIDS[grid]["qsd"] if s[:3] == (8, 8, None)}
+        assert dense == {2, 3, 4, 5}
 
 
 def _record(family, rate, value, dataset="gaussian", matrices=None):
