@@ -64,8 +64,13 @@ from .codec import (STREAMS, CompressedMatrix, MatrixSettings, encode_factors, m
 from .metrics import sqnr
 
 MIN_COMPRESSED_SIZE = 1024
-#: Rows of a layer used to estimate the error of a candidate setting.
+#: Rows of a layer a candidate setting is fitted on to estimate its error: at least this many,
+#: and ESTIMATE_ROWS_PER_CODEWORD per codebook row (a codebook fitted on a few rows per
+#: codeword fits them far better than it fits the others).
 ESTIMATE_ROWS = 1024
+ESTIMATE_ROWS_PER_CODEWORD = 8
+#: Rows, besides those fitted, on which the estimate is measured when the layer has them.
+ESTIMATE_HELD_OUT_ROWS = 1024
 ESTIMATE_MAX_ITER = 8
 
 
@@ -157,21 +162,32 @@ class LayerSetting:
 
 
 def default_candidates(vector_size=8):
-    """Candidate settings spanning about 0.5 to 5 bits per weight.
+    """Candidate settings spanning about 0.5 to 5 bits per weight, dense in rate.
 
-    Sparse quantized codes and dense quantized codes on ``vector_size``-element sub-vectors,
-    and vector quantization (k-means with an 8-bit codebook) on sub-vectors of
-    ``vector_size``, half and a quarter of it, so that the special cases the factorization
-    contains are candidates too.
+    Vector quantization (k-means, 8-bit codebook) with 16, 64 and 256 codewords on
+    sub-vectors of ``vector_size``, half and a quarter of it, and with 4 to 32 levels on
+    single weights (a Lloyd–Max scalar quantizer of the tensor), so that the special cases
+    the factorization contains are candidates too; two 1-bit code values among 128, 181,
+    256 and 362 codewords (as many as 13 to 16 bits of support address: about 1.9 to
+    2.3 bits per weight at ``vector_size=8``), two and three 2-bit values among 256; dense
+    2- to 5-bit codes.
+
+    Parameters
+    ----------
+    vector_size : int, default=8
+        Sub-vector length of the sparse and dense settings.
+
+    Returns
+    -------
+    list of LayerSetting
     """
     d = vector_size
-    grid = [
-        (16, 1, 0), (256, 1, 0), (256, 1, 2), (64, 2, 2), (256, 2, 2), (256, 2, 3),
-        (256, 3, 3), (256, 4, 3), (d, None, 2), (d, None, 3), (d, None, 4), (d, None, 5),
-    ]
-    candidates = [LayerSetting(d, Constraints(k, s, b, 8)) for k, s, b in grid]
-    for size in sorted({max(1, d // 4), max(1, d // 2)} - {d}):
+    sparse = [(k, 2, 1) for k in (128, 181, 256, 362)] + [(256, 2, 2), (256, 3, 2)]
+    dense = [(d, None, b) for b in (2, 3, 4, 5)]
+    candidates = [LayerSetting(d, Constraints(k, s, b, 8)) for k, s, b in sparse + dense]
+    for size in sorted({d, max(1, d // 2), max(1, d // 4)} - {1}, reverse=True):
         candidates += [LayerSetting(size, Constraints(k, 1, 0, 8)) for k in (16, 64, 256)]
+    candidates += [LayerSetting(1, Constraints(k, 1, 0, 8)) for k in (4, 8, 16, 32)]
     return candidates
 
 
@@ -1012,18 +1028,42 @@ def _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows,
                            output_sqnr_db=_output_sqnr(weight, decoded, calibration))
 
 
+def _estimate_rows(setting):
+    """Rows a candidate is fitted on to estimate its error."""
+    return max(ESTIMATE_ROWS, ESTIMATE_ROWS_PER_CODEWORD * setting.constraints.n_components)
+
+
 def _fits(setting, shape):
-    """Whether a candidate can be estimated on a tensor: no more codebook rows than the row
-    sample it is estimated on has rows."""
-    return setting.constraints.n_components <= min(rows_of(shape, setting.vector_size),
-                                                   ESTIMATE_ROWS)
+    """Whether a candidate can be estimated on a tensor: no more codebook rows than the
+    tensor has sub-vectors."""
+    return setting.constraints.n_components <= rows_of(shape, setting.vector_size)
+
+
+def _held_out_split(n_rows, fit_rows, seed):
+    """Rows to fit and disjoint rows to measure an estimate on, drawn with ``seed``; None
+    when the layer has too few rows to hold any out (the estimate is then measured on the
+    rows fitted, as the final fit of all rows is)."""
+    if n_rows < fit_rows + ESTIMATE_HELD_OUT_ROWS:
+        return None
+    order = np.random.default_rng(seed).permutation(n_rows)
+    return order[:fit_rows], order[fit_rows:fit_rows + ESTIMATE_HELD_OUT_ROWS]
+
+
+def _held_out_error(est, X, split):
+    """Squared error of ``est`` on the held-out rows of ``split``, scaled to all of ``X``'s
+    rows."""
+    held_out = X[split[1]]
+    error = np.sum((held_out.astype(np.float64) - est.encode(held_out).decode()) ** 2)
+    return float(error) * X.shape[0] / held_out.shape[0]
 
 
 def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None):
     """For each candidate: bytes of the layer's streams (exact) and its error (from a row
     sample), or ``None`` when the sample is too small for it. Reads the layer once.
 
-    The error is the squared weight error; with row weights, the weighted one; with a Gram
+    The error is the squared weight error, fitted on a sample (:func:`_estimate_rows`) and
+    measured on other rows when the layer has enough (:func:`_held_out_split`); with row
+    weights, the weighted error on the sample fitted; with a Gram
     matrix, the output error of the sampled rows encoded with feedback (as the final fit
     encodes them), scaled to all rows. ``relative`` divides it by the layer's energy (output
     energy with calibration, ``||W||^2`` without), so that layers with and without
@@ -1038,8 +1078,14 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
             results.append(None)
             continue
         layer_calibration = _layout(calibration, weight.shape, setting.vector_size)
-        sample, metric, weights, factor = _fit_inputs(X, layer_calibration, ESTIMATE_ROWS, seed,
-                                                      keep_order=False)
+        fit_rows = _estimate_rows(setting)
+        split = None if layer_calibration is not None else _held_out_split(X.shape[0],
+                                                                          fit_rows, seed)
+        if split is not None:
+            sample, metric, weights, factor = X[split[0]], None, None, None
+        else:
+            sample, metric, weights, factor = _fit_inputs(X, layer_calibration, fit_rows, seed,
+                                                          keep_order=False)
         if sample.shape[0] < setting.constraints.n_components:
             results.append(None)
             continue
@@ -1050,7 +1096,10 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
                 _fit_quietly(est, sample)
             else:
                 _fit_quietly(est, sample, sample_weight=weights, metric=metric)
-            error = est.reconstruction_err_**2 * factor
+            if split is not None:
+                error = _held_out_error(est, X, split)
+            else:
+                error = est.reconstruction_err_**2 * factor
             if layer_calibration is not None and layer_calibration.gram is not None:
                 # the sample is whole output rows: encode them as the final fit will
                 n_rows = sample.shape[0] // layer_calibration.subvectors_per_row
