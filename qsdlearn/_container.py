@@ -1,11 +1,16 @@
 """The safetensors container every qsdlearn file is, and the atomic write.
 
 A file is a `safetensors <https://github.com/huggingface/safetensors>`_ file: an 8-byte
-little-endian header length ``N``, ``N`` bytes of JSON, then the byte buffer. The JSON maps
-every tensor name to its dtype, shape and ``data_offsets`` in the buffer; ``__metadata__``
-(string to string) holds ``format = "qsdlearn"``, ``format_version``, the ``kind`` of object
-and a CRC-32 of every tensor. This module knows nothing of what the tensors mean: the matrix
-codec and the model adapter both build on it. It imports nothing from the package.
+little-endian header length ``N``, ``N`` bytes of JSON (padded with spaces), then the byte
+buffer. The JSON maps every tensor name to its dtype, shape and ``data_offsets`` in the
+buffer; ``__metadata__`` (string to string) holds ``format = "qsdlearn"``,
+``format_version``, the ``kind`` of object, what that kind stores there (a matrix's settings,
+a model's layer list), ``checksums`` (JSON: tensor name to the CRC-32 of its bytes, 8 hex
+digits) and ``metadata_checksum`` (the CRC-32 of the other metadata fields as sorted,
+compact JSON; from version 2 on). A matrix file holds five tensors, one per stream
+(:mod:`qsdlearn.codec`); a model file of version 3 holds one, ``payload``
+(:class:`qsdlearn.CompressedModel`). This module knows nothing of what the tensors mean: the
+matrix codec and the model adapter both build on it. It imports nothing from the package.
 """
 
 import json
@@ -19,10 +24,12 @@ import numpy as np
 
 FORMAT_NAME = "qsdlearn"
 #: Version written. 2 added model entries of tensors split between two settings ("split"),
-#: tensors stored once under several names ("tied") and bfloat16 tensors; matrices are the same.
-FORMAT_VERSION = 2
+#: tensors stored once under several names ("tied") and bfloat16 tensors, and the metadata
+#: checksum. 3 stores a model in one tensor (its layers' bytes back to back) described by a
+#: compact layer list, and adds row scales; matrices are the same in every version.
+FORMAT_VERSION = 3
 #: Versions read.
-READ_VERSIONS = (1, 2)
+READ_VERSIONS = (1, 2, 3)
 #: Largest JSON header accepted when reading (bytes).
 MAX_HEADER_BYTES = 64 * 2**20
 #: Prefix and suffix of the temporary files :func:`write_atomic` creates next to the target:

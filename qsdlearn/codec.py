@@ -30,7 +30,10 @@ the settings as JSON and a CRC-32 of every stream. The fixed header of the forma
 length against a cap and the file size, the JSON structure, the format name and version, the
 settings (types and ranges), that the streams are contiguous, in order and cover the buffer,
 that each has the size the settings imply, its checksum, and after unpacking that every index
-is in range and every float is finite.
+is in range and every float is finite. Matrix files have this layout in every format version.
+A model file (format version 3) stores each compressed layer's five streams back to back
+(:func:`matrix_payload`, without the absent ones' names or offsets) inside its one
+``payload`` tensor, its settings in the layer list (see :class:`qsdlearn.CompressedModel`).
 """
 
 import json
@@ -480,7 +483,7 @@ def _unpack_factors(settings, streams):
     return idx, np.ascontiguousarray(val), codebook
 
 
-# -- container tensors (shared with the model file) ---------------------------------------------
+# -- container tensors and the payload of a model file -------------------------------------------
 
 
 def matrix_tensors(compressed, prefix=""):
@@ -489,6 +492,30 @@ def matrix_tensors(compressed, prefix=""):
         (prefix + name, "U8", (len(compressed.streams[name]),), compressed.streams[name])
         for name in STREAMS
     ]
+
+
+def matrix_payload(compressed):
+    """The streams of a :class:`CompressedMatrix` back to back, in :data:`STREAMS` order: the
+    form a model file (format version 3) stores them in."""
+    return b"".join(compressed.streams[name] for name in STREAMS)
+
+
+def matrix_from_payload(settings, data, what):
+    """Rebuild and fully validate a :class:`CompressedMatrix` from :func:`matrix_payload`'s
+    bytes, cut into streams by the sizes ``settings`` imply (``what`` names it in errors)."""
+    expected = settings.stream_sizes()
+    if len(data) != sum(expected.values()):
+        raise ValueError(
+            f"damaged file: {what} holds {len(data)} bytes of streams, its settings imply "
+            f"{sum(expected.values())}"
+        )
+    streams, offset = {}, 0
+    for name in STREAMS:
+        streams[name] = bytes(data[offset:offset + expected[name]])
+        offset += expected[name]
+    compressed = CompressedMatrix(settings, streams)
+    compressed.factors()  # validate indices and floats now, not at first decode
+    return compressed
 
 
 def matrix_from_tensors(settings, tensors, prefix=""):

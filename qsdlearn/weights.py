@@ -59,11 +59,18 @@ from ._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, from_little_
                       is_float, numpy_dtype, to_little_endian_bytes)
 from ._estimator import QuantizedSparseDecomposition
 from ._kernels import INDEX_DTYPE
-from .codec import (STREAMS, CompressedMatrix, MatrixSettings, encode_factors, matrix_from_tensors,
-                    matrix_tensors)
+from .codec import (STREAMS, CompressedMatrix, MatrixSettings, encode_factors, matrix_from_payload,
+                    matrix_from_tensors, matrix_payload)
 from .metrics import sqnr
 
 MIN_COMPRESSED_SIZE = 1024
+#: Bytes the planner sets aside, before it allocates the budget, for a layer's entry in the
+#: header to grow from that of its smallest candidate to that of the chosen one (the digits
+#: and nulls of the stored setting), and for the file (the digits of the payload's size, the
+#: padding of the header to 8 bytes). The size of the planned file is then checked exactly.
+ENTRY_MARGIN, FILE_MARGIN = 12, 16
+#: Bytes of one output row's scale (a float16) in a file.
+ROW_SCALE_BYTES = 2
 #: Rows of a layer a candidate setting is fitted on to estimate its error: at least this many,
 #: and ESTIMATE_ROWS_PER_CODEWORD per codebook row (a codebook fitted on a few rows per
 #: codeword fits them far better than it fits the others).
@@ -87,6 +94,11 @@ class LayerSetting:
     constraints : Constraints, default=Constraints(256, 2, 2, 8)
         The factorization of the ``(rows, vector_size)`` matrix: 256 codebook rows, two
         2-bit code values per sub-vector, 8-bit codebook entries by default.
+    row_scales : bool, default=False
+        Whether every output row of the tensor (along axis 0) has a scale of its own, stored
+        as a float16 (16 bits per output row, counted): the decoded tensor's rows are
+        multiplied by their scales (see :class:`~qsdlearn.weights.CompressedLayer` and
+        :func:`~qsdlearn.weights.output_row_scales`).
 
     Examples
     --------
@@ -94,12 +106,20 @@ class LayerSetting:
     >>> vq = LayerSetting(4, Constraints(256, n_nonzero=1, code_bits=0, codebook_bits=8))
     >>> vq.describe()
     'd=4 k=256 1 of 256 codes=0b codebook=8b'
+    >>> LayerSetting(4, vq.constraints, row_scales=True).describe()
+    'd=4 k=256 1 of 256 codes=0b codebook=8b rowscale'
     """
 
     vector_size: int = 8
     constraints: Constraints = field(
         default_factory=lambda: Constraints(256, n_nonzero=2, code_bits=2, codebook_bits=8)
     )
+    row_scales: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.row_scales, (bool, np.bool_)):
+            raise TypeError(f"row_scales must be True or False, got {self.row_scales!r}")
+        object.__setattr__(self, "row_scales", bool(self.row_scales))
 
     def describe(self):
         """A short human-readable form of the setting.
@@ -107,9 +127,11 @@ class LayerSetting:
         Returns
         -------
         str
-            For example ``"d=8 k=256 2 of 256 codes=2b codebook=8b"``.
+            For example ``"d=8 k=256 2 of 256 codes=2b codebook=8b"``, followed by
+            ``" rowscale"`` with row scales.
         """
-        return f"d={self.vector_size} {self.constraints.describe()}"
+        text = f"d={self.vector_size} {self.constraints.describe()}"
+        return f"{text} rowscale" if self.row_scales else text
 
     def estimator(self, **params):
         """An estimator with these constraints.
@@ -156,9 +178,11 @@ class LayerSetting:
         Returns
         -------
         int
-            The bytes its streams take in a file (each rounded up to a whole byte).
+            The bytes its streams take in a file (each rounded up to a whole byte), its
+            row scales (2 bytes per output row) included.
         """
-        return sum(self.matrix_settings(shape).stream_sizes().values())
+        scales = ROW_SCALE_BYTES * shape[0] if self.row_scales else 0
+        return sum(self.matrix_settings(shape).stream_sizes().values()) + scales
 
 
 def default_candidates(vector_size=8):
@@ -225,6 +249,87 @@ def _decode_once(matrix):
     return CompressedMatrix(matrix.settings, matrix.streams).decode()
 
 
+# -- row scales ----------------------------------------------------------------------------------
+
+#: Range of a row scale: the normal float16 numbers, so that every scale keeps float16's 11
+#: significant bits.
+ROW_SCALE_RANGE = (float(np.finfo(np.float16).smallest_normal), float(np.finfo(np.float16).max))
+
+
+def output_row_scales(weight):
+    """One float16 scale per output row of a tensor: the root mean square of the row.
+
+    The rows are those of axis 0 (a linear layer's outputs, a convolution's output
+    channels). The RMS is computed in float64 without overflow (each row divided by its
+    largest magnitude first) and rounded to float16. Every scale is positive and finite, as
+    :class:`CompressedLayer` requires: an all-zero row gets the neutral scale 1, and RMS
+    values outside the normal float16 range, ``[2**-14, 65504]``, are clamped to it
+    (rather than rounded to a subnormal float16 with few significant bits, to zero or to
+    infinity).
+
+    Parameters
+    ----------
+    weight : array-like of shape (rows, ...)
+        A tensor of at least one dimension, of finite floats.
+
+    Returns
+    -------
+    ndarray of shape (rows,), float16
+        The scale of every output row.
+
+    Raises
+    ------
+    ValueError
+        If the tensor is 0-d or holds NaN or infinity.
+
+    See Also
+    --------
+    CompressedLayer : Stores the scales and multiplies the decoded rows by them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qsdlearn.weights import output_row_scales
+    >>> weight = np.array([[3.0, -4.0], [0.0, 0.0], [1e-9, 0.0], [1e6, 1e6]])
+    >>> output_row_scales(weight)
+    array([3.535e+00, 1.000e+00, 6.104e-05, 6.550e+04], dtype=float16)
+    """
+    weight = np.asarray(weight)
+    if weight.ndim == 0:
+        raise ValueError("output_row_scales needs a tensor of at least one dimension")
+    rows = weight.reshape(weight.shape[0], -1).astype(np.float64)
+    if not np.all(np.isfinite(rows)):
+        raise ValueError("the tensor holds NaN or infinity: its rows have no scale")
+    peak = np.max(np.abs(rows), axis=1, initial=0.0)
+    safe = np.where(peak > 0, peak, 1.0)
+    rms = safe * np.sqrt(np.mean((rows / safe[:, None]) ** 2, axis=1)) if rows.shape[1] else peak
+    low, high = ROW_SCALE_RANGE
+    return np.where(peak > 0, np.clip(rms, low, high), 1.0).astype(np.float16)
+
+
+def _check_row_scales(scales, rows):
+    """``scales`` as a read-only copy if they are ``rows`` positive finite float16 values.
+
+    Raises
+    ------
+    TypeError
+        If they are not float16.
+    ValueError
+        If their shape is not ``(rows,)`` or a scale is not positive and finite.
+    """
+    scales = np.asarray(scales)
+    if scales.dtype != np.float16:
+        raise TypeError(f"row scales must be float16 (see output_row_scales), got {scales.dtype}")
+    if scales.shape != (rows,):
+        raise ValueError(f"row scales must have shape ({rows},), one per output row; got "
+                         f"{scales.shape}")
+    if not np.all(np.isfinite(scales) & (scales > 0)):
+        raise ValueError("every row scale must be positive and finite")
+    scales = scales.copy()
+    scales.flags.writeable = False
+    return scales
+
+
 # -- the compressed model ------------------------------------------------------------------------
 
 
@@ -253,6 +358,20 @@ class CompressedLayer:
         ``tr(W H W^T) / tr(E H E^T)`` with ``E`` the weight error and ``H`` the full Gram
         matrix (or the row-weighted SQNR for row weights). ``None`` without calibration; not
         stored in files.
+    row_scales : ndarray of shape (shape[0],), float16, or None
+        With ``setting.row_scales``: one positive, finite scale per output row (axis 0 of the
+        tensor), by which :meth:`decompress` multiplies the decoded rows (see
+        :func:`output_row_scales`); stored in files and counted in :attr:`nbytes` and the
+        report's bits (16 bits per output row). Kept as a read-only copy. ``None`` without.
+
+    Raises
+    ------
+    TypeError
+        If ``row_scales`` are not float16.
+    ValueError
+        If the matrix is not what ``setting`` makes of a tensor of ``shape``, or
+        ``row_scales`` are given without ``setting.row_scales`` or missing with it, have
+        another shape than ``(shape[0],)``, or hold a scale that is not positive and finite.
     """
 
     matrix: CompressedMatrix
@@ -263,30 +382,61 @@ class CompressedLayer:
     n_iter: int | None = None
     converged: bool | None = None
     output_sqnr_db: float | None = None
+    row_scales: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.shape = tuple(self.shape)
+        if self.setting.matrix_settings(self.shape, self.matrix.settings.dtype) != \
+                self.matrix.settings:
+            raise ValueError(
+                f"the matrix ({self.matrix.settings}) is not what the setting "
+                f"({self.setting.describe()}) makes of a tensor of shape {self.shape}")
+        if self.setting.row_scales != (self.row_scales is not None):
+            raise ValueError(
+                "row_scales are given without setting.row_scales" if self.row_scales is not None
+                else "setting.row_scales needs row_scales: one float16 scale per output row")
+        if self.row_scales is not None:
+            self.row_scales = _check_row_scales(self.row_scales, self.shape[0])
 
     @property
     def nbytes(self):
-        """Bytes of its streams in a file."""
-        return self.matrix.nbytes
+        """Bytes of its streams and row scales in a file."""
+        scales = 0 if self.row_scales is None else ROW_SCALE_BYTES * self.shape[0]
+        return self.matrix.nbytes + scales
 
     def decompress(self):
-        """The reconstructed tensor (decoded in float32), in its original shape and dtype."""
-        return from_rows(_decode_once(self.matrix), self.shape).astype(numpy_dtype(self.dtype))
+        """The reconstructed tensor (decoded in float32), in its original shape and dtype.
+
+        With row scales, every decoded output row is multiplied by its scale (in the dtype of
+        the encoded matrix, float32 for every layer :func:`compress_weights` makes) before
+        the cast to the tensor's dtype.
+        """
+        decoded = from_rows(_decode_once(self.matrix), self.shape)
+        if self.row_scales is not None:
+            scales = self.row_scales.astype(decoded.dtype)
+            decoded = decoded * scales.reshape((-1,) + (1,) * (decoded.ndim - 1))
+        return decoded.astype(numpy_dtype(self.dtype))
 
     def record(self):
         """What :meth:`CompressedModel.report` shows of this tensor."""
-        return dict(setting=self.setting.describe(), payload_bits=self.matrix.bits,
+        scales = 0 if self.row_scales is None else 8 * ROW_SCALE_BYTES * self.shape[0]
+        return dict(setting=self.setting.describe(), payload_bits=self.matrix.bits + scales,
                     sqnr_db=self.sqnr_db, n_iter=self.n_iter, converged=self.converged,
                     output_sqnr_db=self.output_sqnr_db)
 
-    def header_entry(self, name):
-        """The layer's entry in the file header."""
-        return dict(name=name, kind="compressed", shape=list(self.shape), dtype=self.dtype,
-                    matrix=self.matrix.settings.to_dict(), sqnr_db=self.sqnr_db)
+    def file_entry(self, name):
+        """The layer's entry in a file's layer list: ``[1, name, dtype, shape, sqnr_db,
+        setting]`` (see :meth:`CompressedModel.to_bytes`)."""
+        return [_COMPRESSED, name, SAFETENSORS_NAMES[self.dtype], _shape_list(self.shape),
+                _stored_sqnr(self.sqnr_db), _setting_fields(self)]
 
-    def tensors(self, key):
-        """Its container tensors, named ``key.<stream>``."""
-        return matrix_tensors(self.matrix, prefix=f"{key}.")
+    def payload(self):
+        """Its bytes in a file: the matrix's streams back to back, then the row scales
+        (little-endian float16), if any."""
+        data = matrix_payload(self.matrix)
+        if self.row_scales is not None:
+            data += self.row_scales.astype("<f2").tobytes()
+        return data
 
 
 @dataclass(frozen=True)
@@ -371,16 +521,17 @@ class SplitLayer:
             output_sqnr_db=self.output_sqnr_db,
         )
 
-    def header_entry(self, name):
-        """The tensor's entry in the file header."""
-        return dict(name=name, kind="split", shape=list(self.shape), dtype=self.dtype,
-                    sqnr_db=self.sqnr_db,
-                    parts=[dict(rows=part.shape[0], matrix=part.matrix.settings.to_dict(),
-                                sqnr_db=part.sqnr_db) for part in self.parts])
+    def file_entry(self, name):
+        """The tensor's entry in a file's layer list: ``[2, name, dtype, shape, sqnr_db,
+        parts]``, each part ``[rows, sqnr_db, setting]`` (see :meth:`CompressedModel.to_bytes`)."""
+        parts = [[int(part.shape[0]), _stored_sqnr(part.sqnr_db), _setting_fields(part)]
+                 for part in self.parts]
+        return [_SPLIT, name, SAFETENSORS_NAMES[self.dtype], _shape_list(self.shape),
+                _stored_sqnr(self.sqnr_db), parts]
 
-    def tensors(self, key):
-        """Its container tensors, named ``key.<part>.<stream>``."""
-        return [t for j, part in enumerate(self.parts) for t in part.tensors(f"{key}.{j}")]
+    def payload(self):
+        """Its bytes in a file: those of its parts, in row order."""
+        return b"".join(part.payload() for part in self.parts)
 
 
 @dataclass
@@ -420,14 +571,14 @@ class KeptTensor:
         return dict(setting=f"kept ({self.dtype})", payload_bits=8 * self.nbytes,
                     sqnr_db=float("inf"), n_iter=None, converged=None, output_sqnr_db=None)
 
-    def header_entry(self, name):
-        """The tensor's entry in the file header."""
-        return dict(name=name, kind="kept")
+    def file_entry(self, name):
+        """The tensor's entry in a file's layer list: ``[0, name, dtype, shape]`` (see
+        :meth:`CompressedModel.to_bytes`)."""
+        return [_KEPT, name, SAFETENSORS_NAMES[self.dtype], _shape_list(self.shape)]
 
-    def tensors(self, key):
-        """Its container tensor, named ``key`` (little-endian bytes of its dtype)."""
-        array = self.array
-        return [(key, SAFETENSORS_NAMES[self.dtype], array.shape, to_little_endian_bytes(array))]
+    def payload(self):
+        """Its bytes in a file: the little-endian values of its dtype, in C order."""
+        return to_little_endian_bytes(self.array)
 
 
 class CompressedModel(FileImage):
@@ -447,6 +598,21 @@ class CompressedModel(FileImage):
     ----------
     layers : dict of str to CompressedLayer, SplitLayer or KeptTensor
         The tensors, in the original order.
+
+    Notes
+    -----
+    The file (format version 3, :meth:`to_bytes`) is a safetensors file of one ``U8`` tensor,
+    ``payload``, that holds the bytes of every stored tensor back to back, and of a layer
+    list in its metadata with one JSON array per tensor: ``[0, name, dtype, shape]`` for a
+    kept tensor (its little-endian values), ``[1, name, dtype, shape, sqnr_db, setting]`` for
+    a compressed one (its matrix's streams, then its float16 row scales if it has any),
+    ``[2, name, dtype, shape, sqnr_db, parts]`` for a split one (its parts' bytes in row
+    order) and ``[3, name, index]`` for one tied to an earlier entry (no bytes). A
+    ``setting`` is ``[d, k, s, code_bits, codebook_bits, t, float_bits, row_scales]``; the
+    size of every tensor's bytes follows from its entry, so no offsets are stored and a
+    compressed tensor costs a few dozen bytes of header besides its name. Files of format
+    versions 1 and 2 are read too. The user guide's section on the file format describes it
+    byte by byte, with what a reader checks.
 
     Examples
     --------
@@ -633,34 +799,39 @@ class CompressedModel(FileImage):
     # file image ---------------------------------------------------------------------------------
 
     def to_bytes(self):
-        """The file image.
+        """The file image (format version 3).
 
         Returns
         -------
         bytes
-            A safetensors file: the header with the layer list, then every layer's streams or
-            kept tensor.
+            A safetensors file of one ``U8`` tensor, ``payload``: the bytes of every stored
+            tensor back to back, in order (a compressed layer's five streams and its row
+            scales, a split tensor's parts, a kept tensor's values; nothing for a tied
+            tensor); the metadata's ``layers`` list describes them, one short JSON array per
+            tensor (see the user guide's section on the file format).
         """
         if self._image is None:
-            tensors, entries = [], []
+            entries, chunks, position = [], [], {}
             firsts = self._firsts()
             for i, (name, entry) in enumerate(self.layers.items()):
                 first = firsts[name]
                 if first != name:
-                    entries.append(dict(name=name, kind="tied", to=first))
+                    entries.append([_TIED, name, position[first]])
                     continue
-                tensors += entry.tensors(f"{i}")
-                entries.append(entry.header_entry(name))
+                position[name] = i
+                entries.append(entry.file_entry(name))
+                chunks.append(entry.payload())
+            payload = b"".join(chunks)
             metadata = {"kind": self.KIND, "layers": json.dumps(entries, separators=(",", ":"))}
-            self._image = write_container(tensors, metadata)
+            self._image = write_container([(PAYLOAD, "U8", (len(payload),), payload)], metadata)
         return self._image
 
     @classmethod
     def from_container(cls, meta, tensors, max_elements=None):
-        """Rebuild from a parsed container.
+        """Rebuild from a parsed container (format versions 1 to 3).
 
-        Every layer's header entry is checked, and the declared sizes against
-        ``max_elements``, before any stream is decoded.
+        Every layer's entry is checked, the declared sizes against ``max_elements`` and the
+        payload's length, before any stream is decoded.
 
         Parameters
         ----------
@@ -677,57 +848,271 @@ class CompressedModel(FileImage):
             The validated model.
         """
         cls.check_kind(meta)
-        headers = {}
-        for i, entry in enumerate(json_field(meta, "layers", list)):
-            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                raise ValueError(f"damaged file: layer {i} has no name")
-            name = entry["name"]
-            if name in headers:
-                raise ValueError(f"damaged file: layer {name!r} appears twice")
-            if entry.get("kind") == "kept":
-                if f"{i}" not in tensors:
-                    raise ValueError(f"damaged file: tensor of layer {name!r} is missing")
-                headers[name] = (f"{i}", "kept")
-            elif entry.get("kind") == "compressed":
-                headers[name] = (f"{i}", _layer_header(entry, name))
-            elif entry.get("kind") == "split":
-                headers[name] = (f"{i}", _split_header(entry, name))
-            elif entry.get("kind") == "tied":
-                target = entry.get("to")
-                if not isinstance(target, str) or target not in headers:
-                    raise ValueError(f"damaged file: layer {name!r} is tied to no earlier layer")
-                headers[name] = (target, "tied")
-            else:
-                raise ValueError(f"damaged file: layer {name!r} has an unknown kind")
-        declared = sum(part[0].declared_elements for _, header in headers.values()
-                       if isinstance(header, (tuple, list))
-                       for part in (header[:-1] if isinstance(header, list) else [header]))
-        check_declared_elements(declared, max_elements, "compressed layers")
-        layers = {}
-        used = set()
-        for name, (key, header) in headers.items():
-            if header == "tied":
-                layers[name] = layers[key]
-            elif header == "kept":
-                dtype_name, shape, chunk = tensors[key]
-                layers[name] = KeptTensor(from_little_endian_bytes(chunk, NUMPY_NAMES[dtype_name],
-                                                                   shape))
-                used.add(key)
-            elif isinstance(header, list):  # a split: its parts, then the whole
-                parts = [_layer_from_header(part, tensors, f"{key}.{j}", used)
-                         for j, part in enumerate(header[:-1])]
-                layers[name] = SplitLayer(parts, *header[-1])
-            else:
-                layers[name] = _layer_from_header(header, tensors, key, used)
-        if used != set(tensors):
-            raise ValueError("damaged file: tensors that no layer uses")
-        return cls(layers)
+        if meta.get("format_version") in ("1", "2"):
+            return cls(_layers_of_version_2(meta, tensors, max_elements))
+        return cls(_layers_of_version_3(meta, tensors, max_elements))
 
     def __repr__(self):
         return (
             f"CompressedModel({len(self.layers)} tensors, {self.n_weights} weights, "
             f"{self.bits_per_weight:.3f} bits/weight)"
         )
+
+
+# -- the model file, format version 3 ------------------------------------------------------------
+
+#: Name of the one tensor of a model file.
+PAYLOAD = "payload"
+#: First field of an entry of a model file's layer list: its kind.
+_KEPT, _COMPRESSED, _SPLIT, _TIED = 0, 1, 2, 3
+#: SQNRs are stored rounded to 0.01 dB and within +-_SQNR_LIMIT dB (the SQNR of float64
+#: data stays within about +-6,400 dB), infinities and NaN as they are, so that a stored
+#: SQNR takes at most 9 characters.
+_SQNR_LIMIT = 99999.99
+#: The widest SQNR a file stores ("-99999.99", as wide as "-Infinity"): the placeholders that
+#: size a planned file carry it, so that the size is an upper bound.
+_WIDEST_SQNR = -_SQNR_LIMIT
+#: Width of the floats of a stored setting to the dtype of its matrix.
+_MATRIX_DTYPES = {32: "float32", 64: "float64"}
+_MAX_NDIM = 32
+_MAX_DIM = 2**48
+
+
+def _stored_sqnr(value):
+    """An SQNR as a file stores it (see :data:`_SQNR_LIMIT`)."""
+    value = float(value)
+    if math.isfinite(value):
+        return round(min(max(value, -_SQNR_LIMIT), _SQNR_LIMIT), 2)
+    return value
+
+
+def _shape_list(shape):
+    return [int(v) for v in shape]
+
+
+def _setting_fields(layer):
+    """A compressed layer's setting as a file stores it: ``[vector_size, n_components,
+    n_nonzero, code_bits, codebook_bits, component_nonzero, float_bits, row_scales]``
+    (``null`` for ``None``, ``row_scales`` 0 or 1, ``float_bits`` 32 or 64: the dtype of the
+    encoded matrix)."""
+    setting = layer.setting
+    c = setting.constraints
+    fields = [setting.vector_size, c.n_components, c.n_nonzero, c.code_bits, c.codebook_bits,
+              c.component_nonzero, layer.matrix.settings.float_bits, setting.row_scales]
+    return [None if value is None else int(value) for value in fields]
+
+
+def _is_int(value, low=0, high=None):
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= low
+            and (high is None or value <= high))
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A checked compressed block (a layer, or a part of a split one) of a file, before its
+    bytes are read."""
+
+    setting: LayerSetting
+    settings: MatrixSettings
+    shape: tuple
+    dtype: str
+    sqnr_db: float
+
+    @property
+    def stream_bytes(self):
+        return sum(self.settings.stream_sizes().values())
+
+    @property
+    def nbytes(self):
+        return self.stream_bytes + (ROW_SCALE_BYTES * self.shape[0] if self.setting.row_scales
+                                    else 0)
+
+    def read(self, data, what):
+        """The :class:`CompressedLayer` of this block from its ``nbytes`` bytes ``data``."""
+        matrix = matrix_from_payload(self.settings, data[:self.stream_bytes], what)
+        scales = None
+        if self.setting.row_scales:
+            scales = np.frombuffer(data[self.stream_bytes:], dtype="<f2").astype(np.float16)
+            if scales.shape != (self.shape[0],):
+                raise ValueError(f"damaged file: {what} has {scales.size} row scales for "
+                                 f"{self.shape[0]} rows")
+            if not np.all(np.isfinite(scales) & (scales > 0)):
+                raise ValueError(f"damaged file: {what} has a row scale that is not positive "
+                                 "and finite")
+        return CompressedLayer(matrix, self.shape, self.dtype, self.setting, self.sqnr_db,
+                               row_scales=scales)
+
+
+def _shape_field(raw, name, compressed):
+    """A checked stored shape: at least 2 positive dimensions for a compressed tensor."""
+    if (not isinstance(raw, list) or len(raw) > _MAX_NDIM
+            or not all(_is_int(v, 1 if compressed else 0, _MAX_DIM) for v in raw)
+            or (compressed and len(raw) < 2)):
+        raise ValueError(f"damaged file: layer {name!r} has an invalid shape")
+    return tuple(raw)
+
+
+def _sqnr_field(raw, name):
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise ValueError(f"damaged file: layer {name!r} has an invalid SQNR")
+    return float(raw)
+
+
+def _block_field(raw, shape, dtype, sqnr_db, name):
+    """A checked stored setting (see :func:`_setting_fields`) of a block of ``shape``."""
+    if (not isinstance(raw, list) or len(raw) != 8 or not _is_int(raw[0], 1, 2**31)
+            or not _is_int(raw[6]) or raw[6] not in _MATRIX_DTYPES or not _is_int(raw[7], 0, 1)):
+        raise ValueError(f"damaged file: layer {name!r} has invalid settings")
+    d, k, s, code_bits, codebook_bits, t, float_bits, row_scales = raw
+    flat = dict(n_rows=rows_of(shape, d), n_features=d, n_components=k, n_nonzero=s,
+                code_bits=code_bits, codebook_bits=codebook_bits, component_nonzero=t,
+                dtype=_MATRIX_DTYPES[float_bits])
+    try:
+        settings = MatrixSettings.from_dict(flat)
+    except ValueError as exc:
+        raise ValueError(f"damaged file: layer {name!r} has invalid settings ({exc})") from None
+    setting = LayerSetting(d, settings.constraints, row_scales=bool(row_scales))
+    return _Block(setting, settings, shape, dtype, sqnr_db)
+
+
+def _float_dtype_field(raw, name):
+    if not isinstance(raw, str) or NUMPY_NAMES.get(raw) not in FLOAT_DTYPES:
+        raise ValueError(f"damaged file: layer {name!r} has an invalid dtype")
+    return NUMPY_NAMES[raw]
+
+
+def _entry_field(raw, i):
+    """A checked entry of the layer list: ``(name, kind, spec, payload bytes)``."""
+    lengths = {_KEPT: 4, _COMPRESSED: 6, _SPLIT: 6, _TIED: 3}
+    if (not isinstance(raw, list) or len(raw) < 2 or not _is_int(raw[0])
+            or raw[0] not in lengths or not isinstance(raw[1], str)):
+        raise ValueError(f"damaged file: entry {i} of the layer list is invalid")
+    kind, name = raw[0], raw[1]
+    if len(raw) != lengths[kind]:
+        raise ValueError(f"damaged file: layer {name!r} has {len(raw)} fields, its kind "
+                         f"{lengths[kind]}")
+    if kind == _TIED:
+        if not _is_int(raw[2], 0, i - 1):
+            raise ValueError(f"damaged file: layer {name!r} is tied to no earlier layer")
+        return name, kind, raw[2], 0
+    if kind == _KEPT:
+        if not isinstance(raw[2], str) or raw[2] not in NUMPY_NAMES:
+            raise ValueError(f"damaged file: layer {name!r} has an invalid dtype")
+        dtype = NUMPY_NAMES[raw[2]]
+        shape = _shape_field(raw[3], name, compressed=False)
+        return name, kind, (dtype, shape), math.prod(shape) * numpy_dtype(dtype).itemsize
+    dtype = _float_dtype_field(raw[2], name)
+    shape = _shape_field(raw[3], name, compressed=True)
+    sqnr_db = _sqnr_field(raw[4], name)
+    if kind == _COMPRESSED:
+        block = _block_field(raw[5], shape, dtype, sqnr_db, name)
+        return name, kind, block, block.nbytes
+    parts = raw[5]
+    if (not isinstance(parts, list) or len(parts) != 2
+            or not all(isinstance(p, list) and len(p) == 3 and _is_int(p[0], 1) for p in parts)
+            or sum(p[0] for p in parts) != shape[0]):
+        raise ValueError(f"damaged file: the parts of layer {name!r} do not add up to its rows")
+    blocks = [_block_field(setting, (rows, *shape[1:]), dtype, _sqnr_field(sqnr, name), name)
+              for rows, sqnr, setting in parts]
+    return name, kind, (shape, dtype, sqnr_db, blocks), sum(b.nbytes for b in blocks)
+
+
+def _layers_of_version_3(meta, tensors, max_elements):
+    """The layers of a model file of format version 3, every entry checked, the declared
+    elements against ``max_elements`` and the payload's length, before any is decoded."""
+    if list(tensors) != [PAYLOAD] or tensors[PAYLOAD][0] != "U8":
+        raise ValueError(f"damaged file: a model file holds one U8 tensor, {PAYLOAD!r}; "
+                         f"found {list(tensors)}")
+    entries, seen = [], set()
+    for i, raw in enumerate(json_field(meta, "layers", list)):
+        entry = _entry_field(raw, i)
+        if entry[0] in seen:
+            raise ValueError(f"damaged file: layer {entry[0]!r} appears twice")
+        seen.add(entry[0])
+        entries.append(entry)
+    blocks = [block for _, kind, spec, _ in entries if kind in (_COMPRESSED, _SPLIT)
+              for block in ([spec] if kind == _COMPRESSED else spec[3])]
+    check_declared_elements(sum(b.settings.declared_elements for b in blocks), max_elements,
+                            "compressed layers")
+    payload = memoryview(tensors[PAYLOAD][2])
+    expected = sum(size for *_, size in entries)
+    if expected != len(payload):
+        raise ValueError(f"damaged file: the layers take {expected} bytes, the payload holds "
+                         f"{len(payload)}")
+    layers, names, offset = {}, [], 0
+    for name, kind, spec, size in entries:
+        data = payload[offset:offset + size]
+        offset += size
+        if kind == _TIED:
+            layers[name] = layers[names[spec]]
+        elif kind == _KEPT:
+            layers[name] = KeptTensor(from_little_endian_bytes(data, *spec))
+        elif kind == _COMPRESSED:
+            layers[name] = spec.read(data, f"layer {name!r}")
+        else:
+            shape, dtype, sqnr_db, parts = spec
+            start, read = 0, []
+            for j, block in enumerate(parts):
+                read.append(block.read(data[start:start + block.nbytes],
+                                       f"layer {name!r} (part {j})"))
+                start += block.nbytes
+            layers[name] = SplitLayer(read, shape, dtype, sqnr_db)
+        names.append(name)
+    return layers
+
+
+# -- the model file, format versions 1 and 2 -----------------------------------------------------
+
+
+def _layers_of_version_2(meta, tensors, max_elements):
+    """The layers of a model file of format version 1 or 2: a container tensor per stream
+    (``<i>.<stream>``, ``<i>.<part>.<stream>``) or kept tensor (``<i>``), a JSON object per
+    layer."""
+    headers = {}
+    for i, entry in enumerate(json_field(meta, "layers", list)):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ValueError(f"damaged file: layer {i} has no name")
+        name = entry["name"]
+        if name in headers:
+            raise ValueError(f"damaged file: layer {name!r} appears twice")
+        if entry.get("kind") == "kept":
+            if f"{i}" not in tensors:
+                raise ValueError(f"damaged file: tensor of layer {name!r} is missing")
+            headers[name] = (f"{i}", "kept")
+        elif entry.get("kind") == "compressed":
+            headers[name] = (f"{i}", _layer_header(entry, name))
+        elif entry.get("kind") == "split":
+            headers[name] = (f"{i}", _split_header(entry, name))
+        elif entry.get("kind") == "tied":
+            target = entry.get("to")
+            if not isinstance(target, str) or target not in headers:
+                raise ValueError(f"damaged file: layer {name!r} is tied to no earlier layer")
+            headers[name] = (target, "tied")
+        else:
+            raise ValueError(f"damaged file: layer {name!r} has an unknown kind")
+    declared = sum(part[0].declared_elements for _, header in headers.values()
+                   if isinstance(header, (tuple, list))
+                   for part in (header[:-1] if isinstance(header, list) else [header]))
+    check_declared_elements(declared, max_elements, "compressed layers")
+    layers = {}
+    used = set()
+    for name, (key, header) in headers.items():
+        if header == "tied":
+            layers[name] = layers[key]
+        elif header == "kept":
+            dtype_name, shape, chunk = tensors[key]
+            layers[name] = KeptTensor(from_little_endian_bytes(chunk, NUMPY_NAMES[dtype_name],
+                                                               shape))
+            used.add(key)
+        elif isinstance(header, list):  # a split: its parts, then the whole
+            parts = [_layer_from_header(part, tensors, f"{key}.{j}", used)
+                     for j, part in enumerate(header[:-1])]
+            layers[name] = SplitLayer(parts, *header[-1])
+        else:
+            layers[name] = _layer_from_header(header, tensors, key, used)
+    if used != set(tensors):
+        raise ValueError("damaged file: tensors that no layer uses")
+    return layers
 
 
 def _layer_from_header(header, tensors, key, used):
@@ -1326,6 +1711,10 @@ def compress_weights(
                     "e.g. LayerSetting(8, Constraints(256, n_nonzero=2, code_bits=2, "
                     "codebook_bits=8))"
                 )
+    if any(getattr(s, "row_scales", False) for s in [*fixed.values(), *(candidates or [])]):
+        raise NotImplementedError(
+            "settings with row_scales=True are stored, read and decoded, but not fitted yet: "
+            "build such a CompressedLayer by hand (see output_row_scales)")
     calibrations = _open_calibration(calibration, checkpoint, tied, compressible)
     layout = _Layout(checkpoint, tied, kept)
     free = [name for name in compressible if name not in fixed]
@@ -1411,18 +1800,20 @@ class _Layout:
             if isinstance(setting, RowSplit):
                 parts = [_placeholder(block, shape, info.dtype.name)
                          for block, shape, _ in setting.blocks(info.shape)]
-                entries[name] = SplitLayer(parts, info.shape, info.dtype.name, _WIDEST_FLOAT)
+                entries[name] = SplitLayer(parts, info.shape, info.dtype.name, _WIDEST_SQNR)
             else:
                 entries[name] = _placeholder(setting, info.shape, info.dtype.name)
         return self.model(entries).nbytes
 
 
 def _placeholder(setting, shape, dtype):
-    """A layer with streams of the right sizes (zeros) and the widest SQNR, for sizing files."""
+    """A layer with streams of the right sizes (zeros), row scales (ones) if the setting has
+    them and the widest SQNR a file stores, for sizing files."""
     settings = setting.matrix_settings(shape)
     streams = {k: bytes(v) for k, v in settings.stream_sizes().items()}
+    scales = np.ones(shape[0], dtype=np.float16) if setting.row_scales else None
     return CompressedLayer(CompressedMatrix(settings, streams), shape, dtype, setting,
-                           _WIDEST_FLOAT)
+                           _WIDEST_SQNR, row_scales=scales)
 
 
 def _split_to_fill(layout, plan, name, better, budget, better_first=False):
@@ -1508,10 +1899,11 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
         raise ValueError(f"no candidate setting fits the tensors {empty}")
     smallest = {name: min(options, key=lambda o: o[0])[2] for name, options in estimates.items()}
     # Everything but the free layers' streams (header, kept tensors, fixed layers), with a
-    # margin for the digits of offsets that grow with the chosen sizes; checked exactly below.
+    # margin for what grows with the chosen settings (their entries in the layer list, the
+    # digits of the payload's size); checked exactly below.
     overhead = layout.file_bytes({**fixed, **smallest})
     overhead -= sum(smallest[name].stream_bytes(layout.shape(name)) for name in free)
-    overhead += 32 * len(layout.tied)
+    overhead += ENTRY_MARGIN * len(free) + FILE_MARGIN
     for _ in range(5):
         plan = allocate(estimates, budget - overhead)
         if plan is None:
@@ -1550,7 +1942,3 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
             return plan
         overhead += excess
     raise ValueError(f"could not meet bits_per_weight={bits_per_weight}")  # pragma: no cover
-
-
-#: A stand-in SQNR with the longest JSON form a float can take, for sizing headers.
-_WIDEST_FLOAT = -1.2345678901234567e-100

@@ -31,7 +31,30 @@ def _real_files():
             weights, settings=qsdlearn.LayerSetting(8, Constraints(8, 2, 2, 4)), max_iter=2,
             random_state=0)
     images.append(model.to_bytes())
+    images.append(_model_with_every_entry().to_bytes())
     return images
+
+
+def _model_with_every_entry():
+    """A model file with a compressed layer with row scales, a split one, a kept and a tied
+    tensor."""
+    from qsdlearn.weights import CompressedLayer, SplitLayer, output_row_scales
+
+    weight = gaussian(64, 40, seed=4).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parts = [qsdlearn.compress_weights(
+            {"w": block}, settings=qsdlearn.LayerSetting(4, Constraints(4, 1, 0, 4)),
+            max_iter=2, random_state=0).layers["w"] for block in (weight[:32], weight[32:])]
+    scaled = qsdlearn.LayerSetting(4, Constraints(4, 1, 0, 4), row_scales=True)
+    first = parts[0]
+    scaled_layer = CompressedLayer(first.matrix, first.shape, "bfloat16", scaled, first.sqnr_db,
+                                   row_scales=output_row_scales(weight[:32]))
+    split = SplitLayer([scaled_layer, parts[1]], weight.shape, "bfloat16", 1.0)
+    layers = {"scaled": scaled_layer, "split": split,
+              "kept": qsdlearn.weights.KeptTensor(np.arange(5, dtype=np.int16))}
+    layers["tied"] = layers["scaled"]
+    return CompressedModel(layers)
 
 
 FILES = _real_files()

@@ -299,14 +299,6 @@ def test_ratio_is_over_the_original_dtype():
     assert "over the original (bfloat16)" in as_bfloat16.report_table()
 
 
-def test_files_of_the_previous_layout_still_load():
-    """A float16 layer written before bfloat16 existed: header dtype "float16"."""
-    weights = {"w": np.random.default_rng(0).normal(size=(64, 32)).astype(np.float16)}
-    data = compress_weights(weights, settings=FAST, random_state=0, max_iter=2).to_bytes()
-    assert b"\\\"dtype\\\":\\\"float16\\\"" in data
-    assert CompressedModel.from_bytes(data).decompress()["w"].dtype == np.float16
-
-
 @pytest.mark.parametrize(
     "value", [np.array(["<pad>", "the", "a"]), np.ones((64, 64), np.complex64),
               np.array([None, 1], dtype=object)], ids=["str", "complex", "object"])
@@ -468,17 +460,6 @@ def test_a_single_matrix_spends_its_budget(bits):
     assert restored.report()[0]["setting"] == model.report()[0]["setting"]
     if isinstance(layer, SplitLayer):
         assert sum(part.shape[0] for part in layer.parts) == 512
-
-
-def test_files_of_format_version_1_still_load():
-    model = compress_weights(small_model(), settings=FAST, random_state=0, max_iter=2)
-    data = model.to_bytes()
-    length = int.from_bytes(data[:8], "little")
-    header = data[8:8 + length].replace(b'"format_version":"2"', b'"format_version":"1"')
-    assert len(header) == length
-    old = CompressedModel.from_bytes(data[:8] + header + data[8 + length:])
-    for name, array in old.decompress().items():
-        np.testing.assert_array_equal(array, model.decompress()[name])
 
 
 def test_budgets_the_candidates_cannot_use_and_patterns_that_match_nothing_are_reported():

@@ -1,0 +1,410 @@
+"""The model file: the layout of format version 3, files of versions 1 and 2, row scales."""
+
+import hashlib
+import json
+import pathlib
+import struct
+import warnings
+import zlib
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import qsdlearn
+from qsdlearn import CompressedModel, Constraints, LayerSetting, compress_weights
+from qsdlearn._container import FORMAT_VERSION, _metadata_checksum
+from qsdlearn.metrics import sqnr
+from qsdlearn.weights import (ROW_SCALE_BYTES, CompressedLayer, KeptTensor, SplitLayer,
+                              output_row_scales)
+
+FAST = LayerSetting(8, Constraints(16, n_nonzero=1, code_bits=0, codebook_bits=8))
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+
+
+def quiet_compress(weights, **params):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return compress_weights(weights, random_state=0, max_iter=2, **params)
+
+
+# -- format version 3 ----------------------------------------------------------------------------
+
+
+def _split_header(data):
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + length]), data[8 + length:]
+
+
+def _rewrite(data, edit_layers=None, edit_payload=None):
+    """A version-3 model image with its layer list and/or payload edited, its checksums made
+    to match (a crafted file: the deeper checks must catch it)."""
+    header, payload = _split_header(data)
+    meta = header["__metadata__"]
+    layers = json.loads(meta["layers"])
+    payload = bytearray(payload)
+    if edit_layers:
+        edit_layers(layers)
+    if edit_payload:
+        edit_payload(payload, layers)
+    meta["layers"] = json.dumps(layers, separators=(",", ":"))
+    header["payload"]["shape"] = [len(payload)]
+    header["payload"]["data_offsets"] = [0, len(payload)]
+    meta["checksums"] = json.dumps({"payload": f"{zlib.crc32(bytes(payload)):08x}"})
+    meta["metadata_checksum"] = _metadata_checksum(
+        {k: v for k, v in meta.items() if k not in ("checksums", "metadata_checksum")})
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack("<Q", len(text)) + text + bytes(payload)
+
+
+def test_a_model_file_is_one_payload_tensor_and_a_compact_layer_list():
+    rng = np.random.default_rng(0)
+    weights = {"fc.weight": rng.standard_normal((64, 64)).astype(np.float32),
+               "fc.bias": np.arange(64, dtype=np.float32), "step": np.array(3, np.int64)}
+    weights["tied.weight"] = weights["fc.weight"]
+    model = quiet_compress(weights, settings=FAST)
+    data = model.to_bytes()
+    header, payload = _split_header(data)
+    assert set(header) == {"payload", "__metadata__"}
+    assert header["payload"] == {"dtype": "U8", "shape": [len(payload)],
+                                 "data_offsets": [0, len(payload)]}
+    meta = header["__metadata__"]
+    assert meta["format_version"] == str(FORMAT_VERSION) == "3"
+    layer = model.layers["fc.weight"]
+    assert json.loads(meta["layers"]) == [
+        [1, "fc.weight", "F32", [64, 64], round(layer.sqnr_db, 2), [8, 16, 1, 0, 8, None, 32, 0]],
+        [0, "fc.bias", "F32", [64]],
+        [0, "step", "I64", []],
+        [3, "tied.weight", 0],
+    ]
+    streams = layer.matrix.streams
+    assert payload == (b"".join(streams.values()) + weights["fc.bias"].tobytes()
+                       + weights["step"].tobytes())
+    assert (len(data) - len(payload)) % 8 == 0  # the payload starts 8-byte aligned
+
+
+def test_the_header_costs_a_few_dozen_bytes_per_tensor():
+    """20 compressed tensors: the file is the header of an empty model, the streams, the names
+    and 58 bytes a tensor (about 870 in format version 2)."""
+    rng = np.random.default_rng(0)
+    weights = {f"encoder.layer.{i}.attention.query.weight":
+               rng.standard_normal((128, 128)).astype(np.float32) for i in range(20)}
+    model = quiet_compress(weights, settings=LayerSetting(8, Constraints(256, 2, 2, 8)))
+    streams = sum(layer.nbytes for layer in model.layers.values())
+    names = sum(len(name) for name in weights)
+    empty = CompressedModel({}).nbytes
+    assert empty < 256
+    per_tensor = (model.nbytes - empty - streams - names) / len(weights)
+    assert 50 < per_tensor <= 60
+
+
+def test_sqnr_is_stored_to_a_hundredth_of_a_decibel():
+    model = quiet_compress({"w": np.random.default_rng(0).standard_normal((64, 64))},
+                           settings=FAST)
+    loaded = CompressedModel.from_bytes(model.to_bytes())
+    assert loaded.layers["w"].sqnr_db == round(model.layers["w"].sqnr_db, 2)
+    assert loaded.to_bytes() == model.to_bytes()
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda L: L.append([7, "x"]), "entry 4 of the layer list"),
+    (lambda L: L.append("x"), "entry 4 of the layer list"),
+    (lambda L: L[0].__setitem__(1, 5), "entry 0 of the layer list"),
+    (lambda L: L[0].append(1), "fields"),
+    (lambda L: L[0].__setitem__(2, "I32"), "invalid dtype"),
+    (lambda L: L[1].__setitem__(2, "C64"), "invalid dtype"),
+    (lambda L: L[0].__setitem__(3, [64]), "invalid shape"),
+    (lambda L: L[0].__setitem__(3, [64, True]), "invalid shape"),
+    (lambda L: L[0].__setitem__(3, [64, 0]), "invalid shape"),
+    (lambda L: L[1].__setitem__(3, [-1]), "invalid shape"),
+    (lambda L: L[0].__setitem__(4, "10"), "invalid SQNR"),
+    (lambda L: L[0][5].__setitem__(0, 0), "invalid settings"),
+    (lambda L: L[0][5].__setitem__(1, 0), "n_components"),
+    (lambda L: L[0][5].__setitem__(2, 17), "n_nonzero"),
+    (lambda L: L[0][5].__setitem__(6, 16), "invalid settings"),
+    (lambda L: L[0][5].__setitem__(7, 2), "invalid settings"),
+    (lambda L: L[0][5].__setitem__(7, True), "invalid settings"),
+    (lambda L: L[0][5].pop(), "invalid settings"),
+    (lambda L: L[0][5].__setitem__(7, 1), "the layers take"),
+    (lambda L: L[0][5].__setitem__(1, 17), "the layers take"),
+    (lambda L: L[0].__setitem__(3, [65, 64]), "the layers take"),
+    (lambda L: L[3].__setitem__(2, 3), "tied to no earlier layer"),
+    (lambda L: L[3].__setitem__(2, -1), "tied to no earlier layer"),
+    (lambda L: L[2].__setitem__(1, "fc.weight"), "appears twice"),
+])
+def test_damaged_layer_lists_are_rejected(edit, match):
+    rng = np.random.default_rng(0)
+    weights = {"fc.weight": rng.standard_normal((64, 64)).astype(np.float32),
+               "fc.bias": np.arange(64, dtype=np.float32), "step": np.array(3, np.int64)}
+    weights["tied.weight"] = weights["fc.weight"]
+    data = quiet_compress(weights, settings=FAST).to_bytes()
+    with pytest.raises(ValueError, match=match):
+        CompressedModel.from_bytes(_rewrite(data, edit))
+
+
+def test_damaged_split_entries_and_payload_sizes_are_rejected():
+    model = _split_model()
+    data = model.to_bytes()
+
+    def rows(L):
+        L[0][5][0][0] += 1
+
+    with pytest.raises(ValueError, match="do not add up"):
+        CompressedModel.from_bytes(_rewrite(data, rows))
+    with pytest.raises(ValueError, match="do not add up"):
+        CompressedModel.from_bytes(_rewrite(data, lambda L: L[0][5].pop()))
+    with pytest.raises(ValueError, match="the layers take"):
+        CompressedModel.from_bytes(_rewrite(data, edit_payload=lambda p, L: p.extend(b"\0")))
+    with pytest.raises(ValueError, match="the layers take"):
+        CompressedModel.from_bytes(_rewrite(data, edit_payload=lambda p, L: p.pop()))
+    header, payload = _split_header(data)
+    header["payload"]["dtype"] = "I8"
+    text = json.dumps(header).encode()
+    with pytest.raises(ValueError, match="one U8 tensor"):
+        CompressedModel.from_bytes(struct.pack("<Q", len(text)) + text + payload)
+
+
+def test_a_damaged_payload_is_caught_by_its_checksum():
+    data = bytearray(_split_model().to_bytes())
+    data[-3] ^= 0x10
+    with pytest.raises(ValueError, match="checksum mismatch in stream payload"):
+        CompressedModel.from_bytes(bytes(data))
+
+
+def test_declared_sizes_are_checked_before_the_payload():
+    model = quiet_compress({"w": np.zeros((64, 64), np.float32)},
+                           settings=LayerSetting(8, Constraints(4, 1, 0)))
+    huge = _rewrite(model.to_bytes(), lambda L: L[0].__setitem__(3, [2**30, 64]))
+    with pytest.raises(ValueError, match="max_elements"):
+        CompressedModel.from_bytes(huge)
+    kept = _rewrite(model.to_bytes(), lambda L: L.append([0, "k", "F64", [2**40, 2**40]]))
+    with pytest.raises(ValueError, match="the layers take"):
+        CompressedModel.from_bytes(kept)
+
+
+# -- files of format versions 1 and 2 ------------------------------------------------------------
+
+#: ``data/model_v2.qsd`` was written by qsdlearn at commit 7ff6bfe (format version 2; see
+#: ``data/README.md``). Every tensor it decompresses to there: name to dtype, shape and the
+#: first 16 hex digits of the SHA-256 of its bytes.
+V2_DECODED = {
+    "fc.weight": ("float32", (32, 64), "913a60fbd5adbf19"),
+    "fc.bias": ("float32", (32,), "43f0fd18e542f445"),
+    "head.weight": ("float16", (32, 32), "6914164347b9ca05"),
+    "norm.weight": ("bfloat16", (64,), "f05e0a97d547039f"),
+    "step": ("int64", (), "aae89fc0f03e2959"),
+    "split.weight": ("bfloat16", (32, 64), "1fd3466100d9c182"),
+    "lm_head.weight": ("float32", (32, 64), "913a60fbd5adbf19"),
+    "bias.copy": ("float32", (32,), "43f0fd18e542f445"),
+}
+
+
+def _check_v2_model(model):
+    decoded = model.decompress()
+    assert list(decoded) == list(V2_DECODED)
+    for name, (dtype, shape, digest) in V2_DECODED.items():
+        array = decoded[name]
+        assert (array.dtype.name, array.shape) == (dtype, shape), name
+        assert hashlib.sha256(array.tobytes()).hexdigest()[:16] == digest, name
+    assert isinstance(model.layers["split.weight"], SplitLayer)
+    assert model.layers["lm_head.weight"] is model.layers["fc.weight"]
+    assert model.layers["bias.copy"] is model.layers["fc.bias"]
+    assert [r["setting"] for r in model.report()][:3] == [
+        "d=8 k=16 1 of 16 codes=0b codebook=8b", "kept (float32)",
+        "d=4 k=4 dense codes=2b codebook=4b"]
+
+
+def test_files_of_format_version_2_still_load(tmp_path):
+    data = (DATA / "model_v2.qsd").read_bytes()
+    header, _ = _split_header(data)
+    assert header["__metadata__"]["format_version"] == "2"
+    assert '"dtype":"float16"' in header["__metadata__"]["layers"]  # before bfloat16 existed
+    model = CompressedModel.from_bytes(data)
+    _check_v2_model(model)
+    model.save(tmp_path / "m.qsd")  # rewritten in the current version
+    again = qsdlearn.load(tmp_path / "m.qsd")
+    assert _split_header(again.to_bytes())[0]["__metadata__"]["format_version"] == "3"
+    _check_v2_model(again)
+    assert again.nbytes < len(data) - 1500
+
+
+def test_files_of_format_version_1_still_load():
+    """Version 1: the layout of version 2 without the metadata checksum."""
+    header, payload = _split_header((DATA / "model_v2.qsd").read_bytes())
+    meta = header["__metadata__"]
+    del meta["metadata_checksum"]
+    meta["format_version"] = "1"
+    text = json.dumps(header, separators=(",", ":")).encode()
+    _check_v2_model(CompressedModel.from_bytes(struct.pack("<Q", len(text)) + text + payload))
+
+
+# -- row scales ----------------------------------------------------------------------------------
+
+
+def test_output_row_scales():
+    weight = np.array([[3.0, -4.0], [0.0, 0.0], [1e-9, 0.0], [1e6, 1e6], [1e300, -1e300]])
+    scales = output_row_scales(weight)
+    assert scales.dtype == np.float16 and scales.shape == (5,)
+    assert scales[0] == np.float16(np.sqrt(12.5))
+    assert scales[1] == 1  # an all-zero row: the neutral scale
+    assert scales[2] == np.float16(2.0**-14)  # the smallest normal float16
+    assert scales[3] == scales[4] == np.finfo(np.float16).max  # no overflow in float64 either
+    conv = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype(ml_dtypes.bfloat16)
+    expected = np.sqrt(np.mean(conv.astype(np.float64).reshape(4, -1) ** 2, axis=1))
+    np.testing.assert_array_equal(output_row_scales(conv), expected.astype(np.float16))
+    assert output_row_scales(np.zeros((3, 0))).tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        output_row_scales(np.array([[1.0, np.inf]]))
+    with pytest.raises(ValueError, match="at least one dimension"):
+        output_row_scales(np.float32(1))
+
+
+def test_layer_settings_with_row_scales():
+    scaled = LayerSetting(8, FAST.constraints, row_scales=True)
+    assert scaled.describe() == FAST.describe() + " rowscale"
+    assert scaled != FAST and LayerSetting(8, FAST.constraints) == FAST
+    assert scaled.stream_bytes((64, 32)) == FAST.stream_bytes((64, 32)) + 64 * ROW_SCALE_BYTES
+    with pytest.raises(TypeError, match="row_scales must be True or False"):
+        LayerSetting(8, FAST.constraints, row_scales=1)
+
+
+def _scaled(layer, scales):
+    """``layer`` (a CompressedLayer) with row scales: what decompress() multiplies by."""
+    setting = LayerSetting(layer.setting.vector_size, layer.setting.constraints, row_scales=True)
+    return CompressedLayer(layer.matrix, layer.shape, layer.dtype, setting, layer.sqnr_db,
+                           row_scales=scales)
+
+
+def _split_model(scales=False):
+    """A model of one split tensor (its parts fitted on their own), with row scales on the
+    second part if ``scales``."""
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((48, 64)).astype(np.float16)
+    first = quiet_compress({"w": weight[:16]}, settings=FAST).layers["w"]
+    second = quiet_compress({"w": weight[16:]},
+                            settings=LayerSetting(4, Constraints(8, 2, 2, 8))).layers["w"]
+    if scales:
+        second = _scaled(second, np.linspace(0.5, 4, 32).astype(np.float16))
+    decoded = np.concatenate([first.decompress(), second.decompress()])
+    return CompressedModel({"split.weight": SplitLayer([first, second], weight.shape, "float16",
+                                                       sqnr(weight, decoded))})
+
+
+def test_row_scales_round_trip_through_bytes_and_files(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = {"conv.weight": rng.standard_normal((16, 8, 3, 3)).astype(ml_dtypes.bfloat16),
+               "fc.bias": np.ones(16, np.float32)}
+    plain = quiet_compress(weights, settings=FAST)
+    layer = plain.layers["conv.weight"]
+    scales = output_row_scales(rng.standard_normal((16, 5)) * np.geomspace(1e-3, 1e3, 16)[:, None])
+    scaled = _scaled(layer, scales)
+    assert scaled.setting.describe().endswith(" rowscale")
+    expected = (layer.matrix.decode().reshape(16, -1)[:, :72].reshape(16, 8, 3, 3)
+                * scales.astype(np.float32)[:, None, None, None])
+    assert scaled.decompress().dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(scaled.decompress(), expected.astype(ml_dtypes.bfloat16))
+    assert scaled.nbytes == layer.nbytes + 2 * 16
+    model = CompressedModel({"conv.weight": scaled, "fc.bias": plain.layers["fc.bias"]})
+    record = model.report()[0]
+    assert record["payload_bits"] == layer.matrix.bits + 16 * 16
+    assert record["stored_bits"] == 8 * (layer.matrix.nbytes + 32)
+    assert record["setting"] == FAST.describe() + " rowscale"
+    assert model.nbytes - plain.nbytes == 32 + len(",1]]") - len(",0]]")
+    assert model.bits_per_weight == 8 * len(model.to_bytes()) / model.n_weights
+    model.save(tmp_path / "m.qsd")
+    for loaded in (CompressedModel.from_bytes(model.to_bytes()), qsdlearn.load(tmp_path / "m.qsd")):
+        again = loaded.layers["conv.weight"]
+        np.testing.assert_array_equal(again.row_scales, scales)
+        assert again.setting == scaled.setting
+        np.testing.assert_array_equal(loaded.decompress("conv.weight"), scaled.decompress())
+        assert loaded.to_bytes() == model.to_bytes()
+        assert loaded.report()[0]["payload_bits"] == record["payload_bits"]
+
+
+def test_row_scales_of_split_parts_round_trip():
+    model = _split_model(scales=True)
+    split = model.layers["split.weight"]
+    assert split.parts[1].row_scales is not None and split.parts[0].row_scales is None
+    assert "rest d=4 k=8 2 of 8 codes=2b codebook=8b rowscale" in split.setting.describe()
+    assert model.report()[0]["payload_bits"] == sum(
+        part.matrix.bits for part in split.parts) + 16 * 32
+    loaded = CompressedModel.from_bytes(model.to_bytes())
+    np.testing.assert_array_equal(loaded.decompress("split.weight"), split.decompress())
+    np.testing.assert_array_equal(loaded.layers["split.weight"].parts[1].row_scales,
+                                  split.parts[1].row_scales)
+    assert loaded.to_bytes() == model.to_bytes()
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, np.inf, np.nan, -0.0])
+def test_damaged_row_scales_are_rejected(value):
+    data = _split_model(scales=True).to_bytes()
+
+    def damage(payload, layers):  # the row scales are the payload's last 64 bytes
+        scales = np.frombuffer(bytes(payload[-64:]), "<f2").copy()
+        scales[5] = value
+        payload[-64:] = scales.tobytes()
+
+    with pytest.raises(ValueError, match="row scale that is not positive and finite"):
+        CompressedModel.from_bytes(_rewrite(data, edit_payload=damage))
+
+
+def test_row_scales_are_checked_when_a_layer_is_built():
+    weight = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    layer = quiet_compress({"w": weight}, settings=FAST).layers["w"]
+    good = np.ones(8, np.float16)
+    with pytest.raises(TypeError, match="float16"):
+        _scaled(layer, np.ones(8, np.float32))
+    with pytest.raises(ValueError, match=r"shape \(8,\)"):
+        _scaled(layer, np.ones(9, np.float16))
+    for bad in (0, -1, np.inf, np.nan):
+        scales = good.copy()
+        scales[3] = bad
+        with pytest.raises(ValueError, match="positive and finite"):
+            _scaled(layer, scales)
+    with pytest.raises(ValueError, match="without setting.row_scales"):
+        CompressedLayer(layer.matrix, layer.shape, layer.dtype, layer.setting, 0.0,
+                        row_scales=good)
+    with pytest.raises(ValueError, match="needs row_scales"):
+        CompressedLayer(layer.matrix, layer.shape, layer.dtype,
+                        LayerSetting(8, FAST.constraints, row_scales=True), 0.0)
+    with pytest.raises(ValueError, match="is not what the setting"):
+        CompressedLayer(layer.matrix, (4, 256), layer.dtype, layer.setting, 0.0)
+    scaled = _scaled(layer, good)
+    good[0] = 2  # the layer holds its own read-only copy
+    assert scaled.row_scales[0] == 1 and not scaled.row_scales.flags.writeable
+
+
+def test_row_scale_settings_are_not_fitted_yet():
+    scaled = LayerSetting(8, FAST.constraints, row_scales=True)
+    with pytest.raises(NotImplementedError, match="not fitted yet"):
+        compress_weights({"w": np.ones((8, 256), np.float32)}, settings=scaled)
+    with pytest.raises(NotImplementedError, match="not fitted yet"):
+        compress_weights({"w": np.ones((8, 256), np.float32)}, bits_per_weight=4.0,
+                         candidates=[FAST, scaled])
+
+
+def test_kept_tensors_of_every_dtype_round_trip():
+    arrays = {name: np.arange(6).reshape(2, 3).astype(dtype) for name, dtype in [
+        ("b", np.bool_), ("i8", np.int8), ("u16", np.uint16), ("i32", np.int32),
+        ("u64", np.uint64), ("f16", np.float16), ("bf16", ml_dtypes.bfloat16),
+        ("f64", np.float64)]}
+    arrays["scalar"] = np.array(1.5, np.float32)
+    arrays["empty"] = np.zeros((0, 4), np.float32)
+    model = CompressedModel({name: KeptTensor(a) for name, a in arrays.items()})
+    loaded = CompressedModel.from_bytes(model.to_bytes())
+    for name, array in loaded.decompress().items():
+        assert array.dtype == arrays[name].dtype and array.shape == arrays[name].shape
+        np.testing.assert_array_equal(array, arrays[name])
+
+
+def test_model_files_are_readable_by_the_safetensors_library(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from safetensors import safe_open
+
+    model = _split_model(scales=True)
+    model.save(tmp_path / "m.safetensors")
+    tensors = safetensors_numpy.load_file(str(tmp_path / "m.safetensors"))
+    assert list(tensors) == ["payload"]
+    assert tensors["payload"].tobytes() == model.layers["split.weight"].payload()
+    with safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as file:
+        assert json.loads(file.metadata()["layers"])[0][:2] == [2, "split.weight"]
