@@ -39,7 +39,7 @@ import sys
 import warnings
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 
 import joblib
@@ -51,7 +51,7 @@ from sklearn.utils._param_validation import Interval, validate_params
 from threadpoolctl import threadpool_limits
 
 from ._allocation import allocate, next_steps
-from ._calibration import check_entry
+from ._calibration import LayerCalibration, check_entry
 from ._checkpoint import matching, open_checkpoint
 from ._constraints import Constraints
 from ._container import FileImage, check_declared_elements, json_field, write_container
@@ -194,7 +194,8 @@ def default_candidates(vector_size=8):
     the factorization contains are candidates too; two 1-bit code values among 128, 181,
     256 and 362 codewords (as many as 13 to 16 bits of support address: about 1.9 to
     2.3 bits per weight at ``vector_size=8``), two and three 2-bit values among 256; dense
-    2- to 5-bit codes.
+    2- to 5-bit codes. Each also with per-output-row scales (``row_scales=True``), estimated
+    only on tensors whose rows differ enough in scale to pay for them.
 
     Parameters
     ----------
@@ -212,7 +213,7 @@ def default_candidates(vector_size=8):
     for size in sorted({d, max(1, d // 2), max(1, d // 4)} - {1}, reverse=True):
         candidates += [LayerSetting(size, Constraints(k, 1, 0, 8)) for k in (16, 64, 256)]
     candidates += [LayerSetting(1, Constraints(k, 1, 0, 8)) for k in (4, 8, 16, 32)]
-    return candidates
+    return candidates + [replace(c, row_scales=True) for c in candidates]
 
 
 # -- reshape rules -------------------------------------------------------------------------------
@@ -411,11 +412,16 @@ class CompressedLayer:
         the encoded matrix, float32 for every layer :func:`compress_weights` makes) before
         the cast to the tensor's dtype.
         """
+        return self.decompressed_float().astype(numpy_dtype(self.dtype))
+
+    def decompressed_float(self):
+        """The reconstructed tensor in the encoded matrix's dtype (before the cast of
+        :meth:`decompress`)."""
         decoded = from_rows(_decode_once(self.matrix), self.shape)
         if self.row_scales is not None:
             scales = self.row_scales.astype(decoded.dtype)
             decoded = decoded * scales.reshape((-1,) + (1,) * (decoded.ndim - 1))
-        return decoded.astype(numpy_dtype(self.dtype))
+        return decoded
 
     def record(self):
         """What :meth:`CompressedModel.report` shows of this tensor."""
@@ -1388,29 +1394,52 @@ def _output_sqnr(weight, decoded, calibration):
     return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
 
 
+def _scaled_rows(weight, setting, calibration):
+    """What a setting factorises: ``(tensor, calibration, row scales)``.
+
+    Without row scales, the tensor and its calibration as given (scales ``None``). With them
+    (:func:`output_row_scales`, ``s``), the tensor's output rows divided by their scales and
+    weighted by their squares times the calibration's row weights (if any): the weight error
+    of ``s * G_hat`` is the weighted error of ``G_hat``, so the fit minimises the tensor's
+    own error. A Gram matrix does not combine with row scales (refused by
+    :func:`compress_weights`)."""
+    if not setting.row_scales:
+        return weight, calibration, None
+    scales = output_row_scales(weight)
+    s = scales.astype(np.float64)
+    shape = (-1,) + (1,) * (weight.ndim - 1)
+    rows = (np.asarray(weight, dtype=np.float64) / s.reshape(shape)).astype(np.float32)
+    row_weights = s * s if calibration is None else calibration.row_weights * s * s
+    m = rows_of(weight.shape, setting.vector_size) // weight.shape[0]
+    return rows, LayerCalibration(row_weights=row_weights, subvectors_per_row=m), scales
+
+
 def _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows,
                      calibration=None):
     """One tensor (or block of rows) under one setting: a :class:`CompressedLayer`. With a
     Gram matrix as ``calibration`` the codebook is fitted in the metric of the error feedback
-    and the codes are chosen with it (:func:`_encode_with_feedback`); with row weights the fit
-    is weighted."""
-    X = to_rows(weight.astype(np.float32), setting.vector_size)
+    and the codes are chosen with it (:func:`_encode_with_feedback`); with row weights, or
+    row scales (:func:`_scaled_rows`), the fit is weighted."""
+    rows, fit_calibration, scales = _scaled_rows(weight, setting, calibration)
+    X = to_rows(rows.astype(np.float32), setting.vector_size)
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=max_iter)
-    sample, metric, weights, _ = _fit_inputs(X, calibration, max_fit_rows, seed)
+    sample, metric, weights, _ = _fit_inputs(X, fit_calibration, max_fit_rows, seed)
     with _blas_single_thread():
-        if calibration is None:
+        if fit_calibration is None:
             _fit_quietly(est, sample)
             matrix = est.encode(X)
-        elif calibration.gram is None:
+        elif fit_calibration.gram is None:
             _fit_quietly(est, sample, sample_weight=weights, metric=metric)
             matrix = est.encode(X)
         else:
             _fit_quietly(est, sample, metric=metric)
-            matrix, est = _encode_with_feedback(est, setting, weight.shape, X, calibration)
-    decoded = from_rows(_decode_once(matrix), weight.shape)
-    return CompressedLayer(matrix, weight.shape, weight.dtype.name, setting, sqnr(weight, decoded),
-                           n_iter=est.n_iter_, converged=est.converged_,
-                           output_sqnr_db=_output_sqnr(weight, decoded, calibration))
+            matrix, est = _encode_with_feedback(est, setting, weight.shape, X, fit_calibration)
+    layer = CompressedLayer(matrix, weight.shape, weight.dtype.name, setting, 0.0,
+                            n_iter=est.n_iter_, converged=est.converged_, row_scales=scales)
+    decoded = layer.decompressed_float()
+    layer.sqnr_db = sqnr(weight, decoded)
+    layer.output_sqnr_db = _output_sqnr(weight, decoded, calibration)
+    return layer
 
 
 def _estimate_rows(setting):
@@ -1434,11 +1463,12 @@ def _held_out_split(n_rows, fit_rows, seed):
     return order[:fit_rows], order[fit_rows:fit_rows + ESTIMATE_HELD_OUT_ROWS]
 
 
-def _held_out_error(est, X, split):
-    """Squared error of ``est`` on the held-out rows of ``split``, scaled to all of ``X``'s
-    rows."""
+def _held_out_error(est, X, split, weights=None):
+    """Squared error (weighted by ``weights``, those of the held-out rows, when given) of
+    ``est`` on the held-out rows of ``split``, scaled to all of ``X``'s rows."""
     held_out = X[split[1]]
-    error = np.sum((held_out.astype(np.float64) - est.encode(held_out).decode()) ** 2)
+    errors = np.sum((held_out.astype(np.float64) - est.encode(held_out).decode()) ** 2, axis=1)
+    error = errors.sum() if weights is None else weights @ errors
     return float(error) * X.shape[0] / held_out.shape[0]
 
 
@@ -1446,60 +1476,78 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
     """For each candidate: bytes of the layer's streams (exact) and its error (from a row
     sample), or ``None`` when the sample is too small for it. Reads the layer once.
 
-    The error is the squared weight error, fitted on a sample (:func:`_estimate_rows`) and
-    measured on other rows when the layer has enough (:func:`_held_out_split`); with row
-    weights, the weighted error on the sample fitted; with a Gram
-    matrix, the output error of the sampled rows encoded with feedback (as the final fit
-    encodes them), scaled to all rows. ``relative`` divides it by the layer's energy (output
-    energy with calibration, ``||W||^2`` without), so that layers with and without
-    calibration compare."""
+    The error is the squared weight error (weighted by the row weights, or by the squared
+    row scales of a setting with them, :func:`_scaled_rows`), fitted on a sample
+    (:func:`_estimate_rows`) and measured on other rows when the layer has enough
+    (:func:`_held_out_split`); with a Gram matrix, the output error of the sampled rows
+    encoded with feedback (as the final fit encodes them), scaled to all rows. ``relative``
+    divides it by the layer's energy (output energy with calibration, ``||W||^2`` without),
+    so that layers with and without calibration compare."""
     weight = ref.load()
     calibration = _read_calibration(calibration, weight.shape)
-    energy = None
     results = []
+    scales_pay = _row_scales_pay(weight)
     for setting in candidates:
-        X = to_rows(weight.astype(np.float32), setting.vector_size)
-        if not _fits(setting, weight.shape):
+        if not _fits(setting, weight.shape) or (setting.row_scales and (
+                not scales_pay or (calibration is not None and calibration.gram is not None))):
             results.append(None)
             continue
-        layer_calibration = _layout(calibration, weight.shape, setting.vector_size)
-        fit_rows = _estimate_rows(setting)
-        split = None if layer_calibration is not None else _held_out_split(X.shape[0],
-                                                                          fit_rows, seed)
-        if split is not None:
-            sample, metric, weights, factor = X[split[0]], None, None, None
-        else:
-            sample, metric, weights, factor = _fit_inputs(X, layer_calibration, fit_rows, seed,
-                                                          keep_order=False)
-        if sample.shape[0] < setting.constraints.n_components:
-            results.append(None)
-            continue
-        est = setting.estimator(random_state=seed, n_threads=n_threads,
-                                max_iter=ESTIMATE_MAX_ITER)
+        rows, fit_calibration, _ = _scaled_rows(weight, setting, calibration)
+        X = to_rows(rows.astype(np.float32), setting.vector_size)
+        layer_calibration = _layout(fit_calibration, weight.shape, setting.vector_size)
         with _blas_single_thread():
-            if layer_calibration is None:
-                _fit_quietly(est, sample)
-            else:
-                _fit_quietly(est, sample, sample_weight=weights, metric=metric)
-            if split is not None:
-                error = _held_out_error(est, X, split)
-            else:
-                error = est.reconstruction_err_**2 * factor
-            if layer_calibration is not None and layer_calibration.gram is not None:
-                # the sample is whole output rows: encode them as the final fit will
-                n_rows = sample.shape[0] // layer_calibration.subvectors_per_row
-                codes, _ = _feedback_pass(est, sample, n_rows,
-                                          layer_calibration.feedback(setting.vector_size))
-                error = _feedback_error(est, codes, sample.reshape(n_rows, -1),
-                                        layer_calibration) * factor
+            error = _estimate_error(setting, X, layer_calibration, seed, n_threads)
+        if error is None:
+            results.append(None)
+            continue
         if relative:
-            if energy is None:
-                flat = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
-                energy = (layer_calibration.energy(flat) if layer_calibration is not None
-                          else float(np.einsum("ij,ij->", flat, flat)))
+            flat = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
+            energy = (calibration.energy(flat) if calibration is not None
+                      else float(np.einsum("ij,ij->", flat, flat)))
             error = error / energy if energy > 0 else 0.0
         results.append((setting.stream_bytes(weight.shape), error))
     return results
+
+
+def _row_scales_pay(weight):
+    """Whether row scales may pay on a tensor: the high-rate gain of coding every output row
+    at its own scale, ``10 log10`` of the arithmetic over the geometric mean of the rows'
+    mean squares (the gain of adaptive transform coding), exceeds what their 16 bits per row
+    would buy at 6.02 dB per bit. Candidates with row scales are estimated only then."""
+    s = output_row_scales(weight).astype(np.float64)
+    energy = s * s
+    gain = 10 * np.log10(energy.mean()) - 10 * np.mean(np.log10(energy))
+    n_in = weight.size // max(weight.shape[0], 1)
+    return gain > 6.02 * 8 * ROW_SCALE_BYTES / max(n_in, 1)
+
+
+def _estimate_error(setting, X, calibration, seed, n_threads):
+    """The error of one candidate on the sub-vectors ``X`` of a layer (see :func:`_estimate`),
+    or None when the layer has fewer sub-vectors than the candidate has codewords."""
+    est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=ESTIMATE_MAX_ITER)
+    fit_rows = _estimate_rows(setting)
+    gram = calibration is not None and calibration.gram is not None
+    # Held out: rows drawn uniformly, so only where every row counts (row weights with zeros,
+    # such as token counts, are sampled in proportion to the weights instead).
+    uniform = calibration is None or (not gram and np.all(calibration.row_weights > 0))
+    split = _held_out_split(X.shape[0], fit_rows, seed) if uniform else None
+    if split is not None:
+        weights = None if calibration is None else \
+            calibration.sample_weight(calibration.subvectors_per_row)
+        _fit_quietly(est, X[split[0]], sample_weight=None if weights is None else
+                     weights[split[0]])
+        return _held_out_error(est, X, split, None if weights is None else weights[split[1]])
+    sample, metric, weights, factor = _fit_inputs(X, calibration, fit_rows, seed,
+                                                  keep_order=False)
+    if sample.shape[0] < setting.constraints.n_components:
+        return None
+    _fit_quietly(est, sample, sample_weight=weights, metric=metric)
+    if not gram:
+        return est.reconstruction_err_**2 * factor
+    # the sample is whole output rows: encode them as the final fit will
+    n_rows = sample.shape[0] // calibration.subvectors_per_row
+    codes, _ = _feedback_pass(est, sample, n_rows, calibration.feedback(setting.vector_size))
+    return _feedback_error(est, codes, sample.reshape(n_rows, -1), calibration) * factor
 
 
 def _progress(results, names, enabled):
@@ -1711,11 +1759,13 @@ def compress_weights(
                     "e.g. LayerSetting(8, Constraints(256, n_nonzero=2, code_bits=2, "
                     "codebook_bits=8))"
                 )
-    if any(getattr(s, "row_scales", False) for s in [*fixed.values(), *(candidates or [])]):
-        raise NotImplementedError(
-            "settings with row_scales=True are stored, read and decoded, but not fitted yet: "
-            "build such a CompressedLayer by hand (see output_row_scales)")
     calibrations = _open_calibration(calibration, checkpoint, tied, compressible)
+    for name, setting in fixed.items():
+        if setting.row_scales and name in calibrations and \
+                calibrations[name][1].load().ndim == 2:
+            raise ValueError(
+                f"settings[{name!r}] has row_scales, which a Gram matrix calibration does not "
+                "combine with: give a setting without row scales, or row weights")
     layout = _Layout(checkpoint, tied, kept)
     free = [name for name in compressible if name not in fixed]
     if free and bits_per_weight is not None:

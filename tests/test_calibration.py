@@ -102,8 +102,11 @@ def test_a_split_layer_with_calibration_keeps_its_output_sqnr():
     rng = np.random.default_rng(1)
     W = rng.standard_normal((1024, 128)).astype(np.float32)
     A = rng.standard_normal((300, 128))
+    # 0.5 and 3 bits per weight: 2 is reached only by splitting the rows between them
+    candidates = [LayerSetting(8, Constraints(16, 1, 0, 8)),
+                  LayerSetting(8, Constraints(8, None, 3, 8))]
     model = compress_weights({"w": W}, bits_per_weight=2.0, calibration={"w": A.T @ A},
-                             random_state=0)
+                             candidates=candidates, random_state=0)
     assert isinstance(model.layers["w"], SplitLayer)
     assert 1.99 <= model.bits_per_weight <= 2.0
     record = model.report()[0]

@@ -6,6 +6,7 @@ import pathlib
 import struct
 import warnings
 import zlib
+from dataclasses import replace
 
 import ml_dtypes
 import numpy as np
@@ -374,13 +375,62 @@ def test_row_scales_are_checked_when_a_layer_is_built():
     assert scaled.row_scales[0] == 1 and not scaled.row_scales.flags.writeable
 
 
-def test_row_scale_settings_are_not_fitted_yet():
+def _row_scaled_matrix(rows=64, cols=64, seed=0):
+    """``s * G``: Gaussian rows whose scales span three decades (as in convolutions whose
+    output channels differ by orders of magnitude)."""
+    rng = np.random.default_rng(seed)
+    scales = 10 ** rng.uniform(-2, 1, size=(rows, 1))
+    return (scales * rng.standard_normal((rows, cols))).astype(np.float32)
+
+
+def test_row_scales_fit_the_normalised_rows_weighted_by_their_squared_scales():
+    """With rows of one scale, a row-scaled fit is the plain fit of the normalised rows
+    (equal weights fold away), times the scale; with rows of many scales it is far better
+    than the plain fit at a cost of 16 bits per row."""
+    rng = np.random.default_rng(1)
+    G = rng.standard_normal((32, 64))
+    G /= np.sqrt(np.mean(G ** 2, axis=1, keepdims=True))
+    W = (3.0 * G).astype(np.float32)
     scaled = LayerSetting(8, FAST.constraints, row_scales=True)
-    with pytest.raises(NotImplementedError, match="not fitted yet"):
-        compress_weights({"w": np.ones((8, 256), np.float32)}, settings=scaled)
-    with pytest.raises(NotImplementedError, match="not fitted yet"):
-        compress_weights({"w": np.ones((8, 256), np.float32)}, bits_per_weight=4.0,
-                         candidates=[FAST, scaled])
+    model = compress_weights({"w": W}, settings=scaled, random_state=0)
+    s = output_row_scales(W)
+    assert np.all(s == s[0])
+    normalised = (W.astype(np.float64) / s[0].astype(np.float64)).astype(np.float32)
+    plain = compress_weights({"w": normalised}, settings=FAST, random_state=0)
+    np.testing.assert_array_equal(model.decompress()["w"],
+                                  plain.decompress()["w"] * s[0].astype(np.float32))
+    assert model.bits_per_weight > plain.bits_per_weight  # 16 bits a row, counted
+    W = _row_scaled_matrix()
+    dense = LayerSetting(8, Constraints(8, code_bits=4, codebook_bits=8))
+    with_scales = compress_weights({"w": W}, settings=replace(dense, row_scales=True),
+                                   random_state=0)
+    without = compress_weights({"w": W}, settings=dense, random_state=0)
+    assert with_scales.layers["w"].sqnr_db > without.layers["w"].sqnr_db + 5
+    loaded = CompressedModel.from_bytes(with_scales.to_bytes())
+    np.testing.assert_array_equal(loaded.decompress()["w"], with_scales.decompress()["w"])
+
+
+def test_budget_takes_row_scales_where_rows_differ_in_scale():
+    """The issue's example: rows of scales 10**U(-2, 1). Through the budget, row-scaled
+    candidates win and beat per-row round-to-nearest at the same rate; on rows of one scale
+    they are not even estimated (their bits cannot pay)."""
+    W = _row_scaled_matrix(128, 256)
+    model = compress_weights({"w": W}, bits_per_weight=4.07, random_state=0)
+    assert "rowscale" in model.report()[0]["setting"]
+    assert model.bits_per_weight <= 4.07
+    step = np.abs(W).max(axis=1, keepdims=True) / 7.5  # 4-bit mid-rise RTN per row
+    rtn = (np.clip(np.floor(W / step + 8), 0, 15) - 7.5) * step
+    assert model.layers["w"].sqnr_db > sqnr(W, rtn)
+    same = np.random.default_rng(0).standard_normal((128, 256)).astype(np.float32)
+    model = compress_weights({"w": same}, bits_per_weight=2.0, random_state=0)
+    assert "rowscale" not in model.report()[0]["setting"]
+
+
+def test_row_scales_refused_with_a_gram_matrix():
+    W = _row_scaled_matrix()
+    scaled = LayerSetting(8, FAST.constraints, row_scales=True)
+    with pytest.raises(ValueError, match="row_scales"):
+        compress_weights({"w": W}, settings=scaled, calibration={"w": np.eye(64)})
 
 
 def test_kept_tensors_of_every_dtype_round_trip():
