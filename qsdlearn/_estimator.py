@@ -135,6 +135,18 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         Maximum number of alternating iterations.
     tol : float, default=1e-4
         Stop when an iteration lowers the objective by less than ``tol`` times its value.
+    solver : {"descent", "pgd"}, default="descent"
+        ``"pgd"``: the plain method of Kuzmin et al. (2022), alternating projected gradient
+        steps of size ``1 / L`` with the exact projections and nothing else (the codes start
+        at zero, the codebook's grid scales stay those of the start, codes are held as a
+        dense ``(n_samples, n_components)`` array; :meth:`fit` then takes no
+        ``sample_weight`` or ``metric``, and its codes are its own last iterate). It is the
+        reference the default is measured against. ``"descent"`` adds exact block
+        minimisers where they are cheap (Lloyd's step for one-hot codes, least squares for a
+        float codebook, exact coordinate sweeps over code slots and codebook rows, closed-form
+        grid scales) and the multi-start code search below; only it holds the special-case
+        equivalences (k-means, SVD). Both never increase the objective. :meth:`transform`
+        always uses the code search.
     search_width : int, default=8
         Starts of the code search of every row with two or more sparse slots: from each of
         the ``search_width`` codebook rows that alone fit the row best, a greedy fill of the
@@ -254,6 +266,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         "n_init": [Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 0, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
+        "solver": [StrOptions({"descent", "pgd"})],
         "search_width": [Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
         "n_threads": [Interval(Integral, 1, None, closed="left"), None],
@@ -274,6 +287,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         n_init=1,
         max_iter=100,
         tol=1e-4,
+        solver="descent",
         search_width=8,
         random_state=None,
         n_threads=None,
@@ -290,6 +304,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         self.n_init = n_init
         self.max_iter = max_iter
         self.tol = tol
+        self.solver = solver
         self.search_width = search_width
         self.random_state = random_state
         self.n_threads = n_threads
@@ -409,6 +424,9 @@ default=None
         X = np.ascontiguousarray(X)
         n, d = X.shape
         prepared = _prepared_metric(_check_metric(metric, d), _check_weights(sample_weight, X), n)
+        if self.solver == "pgd" and prepared is not None:
+            raise ValueError("solver='pgd' (the plain method) takes no sample_weight or metric; "
+                             "use solver='descent'")
         constraints = self._constraints(n, d, X.dtype)
         k = constraints.n_components
         codebook_init = self._check_init_array(self.codebook_init, "codebook_init", (k, d), X.dtype)
@@ -427,6 +445,7 @@ default=None
                 verbose=self.verbose,
                 metric=prepared,
                 search_width=self.search_width,
+                solver=self.solver,
             )
         self.components_ = result.codebook
         self.codebook_scales_ = result.codebook_scales

@@ -672,6 +672,73 @@ def _lloyd_fit(X, constraints, C0, max_iter, tol, verbose, error_unit):
                      n_iter, state.row_errors, converged=converged)
 
 
+# -- the plain method (solver="pgd") -------------------------------------------------------
+
+
+def _slots_of(Z, constraints, dtype):
+    """Codes of a dense ``(n, k)`` code matrix whose rows have at most ``slots`` nonzeros (the
+    ``slots`` largest magnitudes of each row, lowest position first on a tie)."""
+    if constraints.dense_codes:
+        return Codes(None, Z.astype(dtype))
+    s = constraints.slots
+    idx = np.sort(np.argsort(-np.abs(Z), axis=1, kind="stable")[:, :s], axis=1)
+    return Codes(idx.astype(_kernels.INDEX_DTYPE), np.take_along_axis(Z, idx, axis=1).astype(dtype))
+
+
+def _project_codes(V, constraints):
+    """Exact projection of every row of ``V`` onto the code constraints (unit level sets)."""
+    out = np.empty_like(V)
+    _kernels.project_rows(V, np.ones(V.shape[0]), constraints.code_levels,
+                          constraints.slots, out)
+    return out
+
+
+def _pgd_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit=1.0):
+    """The plain method of Kuzmin et al. (2022): alternating projected gradient steps of size
+    ``1 / L`` with the exact projections, nothing else (``solver="pgd"``, the reference).
+
+    The codes start at zero (or at ``Z0_codes``); the codebook's grid scales stay those of the
+    start. With a step of ``1 / L`` from a feasible point the objective cannot increase; a
+    step that raises it through rounding ends the fit. Codes are held as a dense ``(n, k)``
+    float64 matrix."""
+    k = constraints.n_components
+    X64 = X.astype(np.float64)
+    C, scales = quantize_codebook(C0, constraints)
+    Z = np.zeros((X.shape[0], k)) if Z0_codes is None else \
+        _project_codes(Z0_codes.to_dense(k).astype(np.float64), constraints)
+
+    def error(Z, C):
+        R = X64 - Z @ C
+        return np.einsum("ij,ij->", R, R)
+
+    objective = [float(error(Z, C))]
+    n_iter, converged = 0, False
+    for n_iter in range(1, max_iter + 1):
+        Z_old, C_old = Z, C
+        top = _largest_eigenvalue(C @ C.T)
+        if top > 0:
+            Z = _project_codes(Z - (Z @ C - X64) @ C.T / top, constraints)
+        top = _largest_eigenvalue(Z.T @ Z)
+        if top > 0:
+            C = C - Z.T @ (Z @ C - X64) / top
+            if not constraints.free_codebook:
+                C = _project_codebook(C, scales, constraints)
+        value = float(error(Z, C))
+        if value > objective[-1]:  # rounding: keep the last iterate, stop
+            Z, C, value = Z_old, C_old, objective[-1]
+            converged = True
+            objective.append(value)
+            break
+        if _end_iteration(objective, value, n_iter, tol, verbose, error_unit):
+            converged = True
+            break
+    _warn_if_not_converged(converged, max_iter, tol)
+    codes = _slots_of(Z, constraints, X.dtype)
+    row_errors, _ = squared_error(X, C.astype(X.dtype), codes)
+    return FitResult(codes, C.astype(X.dtype), scales, objective, n_iter, row_errors,
+                     converged=converged)
+
+
 # -- driver ----------------------------------------------------------------------------------
 
 
@@ -700,10 +767,12 @@ def _warn_if_not_converged(converged, max_iter, tol):
 
 
 def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit=1.0,
-                metric=None, search_width=1):
-    """One fit from codebook ``C0`` (and codes ``Z0_codes``, if given). One-hot codes go to
-    :func:`_lloyd_fit` (a start from codes is superseded there by the nearest codewords, the
-    exact code step), unless a ``metric`` is given."""
+                metric=None, search_width=1, solver="descent"):
+    """One fit from codebook ``C0`` (and codes ``Z0_codes``, if given). ``solver="pgd"`` is
+    :func:`_pgd_fit`. One-hot codes go to :func:`_lloyd_fit` (a start from codes is superseded
+    there by the nearest codewords, the exact code step), unless a ``metric`` is given."""
+    if solver == "pgd":
+        return _pgd_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit)
     if constraints.one_hot and metric is None:
         return _lloyd_fit(X, constraints, C0, max_iter, tol, verbose, error_unit)
     dtype = X.dtype
@@ -758,14 +827,16 @@ def fit_factorization(
     verbose=0,
     metric=None,
     search_width=1,
+    solver="descent",
 ):
     """Fit ``X ~ Z C`` under ``constraints``; keep the best of ``n_init`` starts.
 
     With a ``metric`` (:func:`qsdlearn._metric.prepare`) the objective is the weighted error
-    in the metric; the start ignores it.
+    in the metric; the start ignores it (``solver="pgd"`` takes no metric).
 
     The returned codes are those of :func:`solve_codes` from scratch against the final
-    codebook (what ``transform`` gives), so that fitting and transforming agree.
+    codebook (what ``transform`` gives), so that fitting and transforming agree; with
+    ``solver="pgd"``, its own last iterate (the reference method, untouched).
 
     Returns
     -------
@@ -798,14 +869,17 @@ def fit_factorization(
         if code_init is not None:
             start_codes = _project_code_init(code_init, constraints, X.dtype)
         result = _single_fit(X, constraints, C0, start_codes, max_iter, tol, verbose, error_unit,
-                             metric, search_width)
+                             metric, search_width, solver)
         if best is None or result.objective[-1] < best.objective[-1]:
             best = result
     codebook, best.codebook_scales, best.codebook_levels = _finalize_codebook(
         best.codebook, best.codebook_scales, constraints, X.dtype
     )
     # One-hot codes from the last iteration are already the nearest codewords of the codebook.
-    if metric is not None or not (constraints.one_hot and np.array_equal(codebook, best.codebook)):
+    if solver == "pgd":
+        best.row_errors, _ = squared_error(X, codebook, best.codes)
+    elif metric is not None or not (constraints.one_hot
+                                    and np.array_equal(codebook, best.codebook)):
         best.codes, best.row_errors = _solve_codes(X, codebook, constraints, metric=metric,
                                                    search_width=search_width)
     best.codebook = codebook
