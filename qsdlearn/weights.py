@@ -1596,7 +1596,7 @@ def compress_weights(
     n_jobs=None,
     random_state=None,
     max_iter=50,
-    max_fit_rows=None,
+    max_fit_rows=65536,
     verbose=None,
 ):
     """Compress every tensor of a model, layer by layer.
@@ -1653,9 +1653,10 @@ def compress_weights(
         Seed; each layer's seed is derived from it and the layer name.
     max_iter : int, default=50
         Iterations of each final fit.
-    max_fit_rows : int, optional
+    max_fit_rows : int or None, default=65536
         Fit each codebook on at most this many sub-vectors drawn at random (then encode all
-        of them), as vector quantizers are usually trained; ``None`` fits on all. With
+        of them), as vector quantizers are usually trained (faiss's k-means samples at most
+        256 rows per centroid: 65,536 for 256 codewords); ``None`` fits on all. With
         calibration, whole output rows are drawn, in proportion to their row weights when
         the calibration gives some.
     verbose : bool, optional
