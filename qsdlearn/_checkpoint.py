@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._container import _new_file_mode
 from ._dtypes import SAFETENSORS_NAMES, check_dtype, is_float, to_little_endian_bytes
 
 #: File name of the index of a sharded checkpoint written by :func:`write_checkpoint`.
@@ -191,6 +192,8 @@ def _open_mapping(mapping):
     for name, value in mapping.items():
         if not isinstance(name, str):
             raise TypeError(f"tensor names must be strings, got {name!r}")
+        if name == "__metadata__":  # safetensors' reserved key: the file would be unreadable
+            raise ValueError("a tensor cannot be named '__metadata__' (safetensors reserves it)")
         try:
             array = np.asarray(value)
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -490,6 +493,7 @@ def _replace_atomically(path, write):
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, _new_file_mode())  # mkstemp makes it 0600; the umask's mode
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

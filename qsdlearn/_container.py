@@ -151,7 +151,7 @@ def json_field(meta, key, kind):
     """Decode the JSON text of metadata field ``key``; it must hold a ``kind`` (dict/list)."""
     try:
         value = json.loads(meta.get(key, ""))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # RecursionError: nesting beyond Python's
         raise ValueError(f"damaged file: the {key} are not valid JSON") from None
     if not isinstance(value, kind):
         raise ValueError(f"damaged file: the {key} are not a {kind.__name__}")
@@ -171,7 +171,7 @@ def _parse_header(data):
         )
     try:
         header = json.loads(data[8 : 8 + length].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise ValueError("not a qsdlearn file: the header is not valid JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
         raise ValueError("not a qsdlearn file: the header has no metadata")

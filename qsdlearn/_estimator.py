@@ -68,6 +68,16 @@ def _check_weights(sample_weight, X):
     return weights
 
 
+def _check_search_width(width):
+    """``search_width`` as an int; also checked where ``fit``'s parameter validation does not
+    reach (``transform`` after ``set_params``) and for booleans, which it lets through."""
+    if isinstance(width, (bool, np.bool_)) or not isinstance(width, Integral):
+        raise TypeError(f"search_width must be an int >= 1, got {width!r}")
+    if width < 1:
+        raise ValueError(f"search_width must be an int >= 1, got {width!r}")
+    return int(width)
+
+
 def _prepared_metric(blocks, weights, n_rows):
     """A solver metric, or None for the plain objective (:func:`qsdlearn._metric.prepare`)."""
     if blocks is None and weights is None:
@@ -140,7 +150,9 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         steps of size ``1 / L`` with the exact projections and nothing else (the codes start
         at zero, the codebook's grid scales stay those of the start, codes are held as a
         dense ``(n_samples, n_components)`` array; :meth:`fit` then takes no
-        ``sample_weight`` or ``metric``, and its codes are its own last iterate). It is the
+        ``sample_weight`` or ``metric`` other than unit weights and the identity, and its
+        codes and ``reconstruction_err_`` are its own last iterate's, not :meth:`transform`'s).
+        It is the
         reference the default is measured against. ``"descent"`` adds exact block
         minimisers where they are cheap (Lloyd's step for one-hot codes, least squares for a
         float codebook, exact coordinate sweeps over code slots and codebook rows, closed-form
@@ -151,8 +163,9 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         Starts of the code search of every row with two or more sparse slots: from each of
         the ``search_width`` codebook rows that alone fit the row best, a greedy fill of the
         other slots then exact coordinate sweeps; the best result is kept. Work per row grows
-        linearly with it. ``1`` is the plain greedy start. Dense and one-slot codes are solved
-        exactly and ignore it.
+        linearly with it. ``1`` is the plain greedy start. One-slot codes and dense float
+        codes are solved exactly, and dense quantized codes from a single greedy start (then
+        sweeps): they ignore it.
     random_state : int, RandomState instance or None, default=None
         Seed of the random starts and of the randomized SVD. Results are bit-identical for a
         fixed seed, whatever the number of threads.
@@ -186,8 +199,9 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         :meth:`transform` gives (solved from scratch against the final codebook, they can be
         worse than the last iterate: with the default ``search_width``, by 1-2 % in squared
         error for 2 of 256 codewords with 2- or 3-bit codes, 10 % for 3 with 3-bit codes, on
-        Gaussian rows); the square
-        root of the weighted error in the metric when :meth:`fit` was given one.
+        Gaussian rows; dense quantized codes on heavy-tailed data can be much worse); the
+        square root of the weighted error in the metric when :meth:`fit` was given one. With
+        ``solver="pgd"``, the error of its last iterate.
     bits_ : int
         Payload bits of the codes of the training data and of the codebook.
     bit_budget_ : BitBudget
@@ -444,7 +458,7 @@ default=None
                 random_state=check_random_state(self.random_state),
                 verbose=self.verbose,
                 metric=prepared,
-                search_width=self.search_width,
+                search_width=_check_search_width(self.search_width),
                 solver=self.solver,
             )
         self.components_ = result.codebook
@@ -493,7 +507,8 @@ default=None
         prepared = _prepared_metric(_check_metric(metric, X.shape[1]), None, X.shape[0])
         with kernel_threads(self.n_threads):
             codes, _ = _solver.solve_codes(X, self.components_.astype(X.dtype), self._constraints_,
-                                           metric=prepared, search_width=self.search_width)
+                                           metric=prepared,
+                                           search_width=_check_search_width(self.search_width))
         return codes
 
     def inverse_transform(self, X):

@@ -441,7 +441,7 @@ def _solve_row_cold(idx, val, n_slots, dense, debias, p, G, xx, nbits, max_sweep
         return _descend_from(idx, val, n_slots, dense, debias, p, G, xx, nbits, max_sweeps,
                              work, -1)
     k = p.shape[0]
-    n_starts = min(n_starts, k)
+    n_starts = min(n_starts, k)  # the caller's scratch holds at most k starts
     for j in range(k):
         _, savings[j] = _best_value(p[j], G[j, j], nbits)
     _select_largest(savings, n_starts, starts)
@@ -450,7 +450,7 @@ def _solve_row_cold(idx, val, n_slots, dense, debias, p, G, xx, nbits, max_sweep
     for st in range(n_starts):
         err = _descend_from(old_idx, old_val, n_slots, dense, debias, p, G, xx, nbits,
                             max_sweeps, work, starts[st])
-        if err < best_err:
+        if st == 0 or err < best_err:  # the first start always: a NaN error stays in bounds
             best_err = err
             for a in range(n_slots):
                 idx[a] = old_idx[a]
@@ -495,7 +495,7 @@ def _row_work(G, n_slots, n_starts):
         np.empty((n_slots, n_slots), dtype=np.float64),  # A: Gram of the support
         np.empty(n_slots, dtype=np.float64),  # b: right-hand side of the debiasing
         _inverse_diagonal(G),  # inv_g
-        np.empty(n_starts, dtype=np.int64),  # starts of the multi-start cold solve
+        np.empty(max(1, min(n_starts, k)), dtype=np.int64),  # starts of the multi-start solve
     )
 
 

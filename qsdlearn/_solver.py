@@ -261,6 +261,7 @@ def _solve_codes(X, C, constraints, codes=None, metric=None, search_width=1):
 
     nbits = constraints.code_levels
     gram = C.astype(np.float64) @ C.T.astype(np.float64)
+    search_width = max(1, min(int(search_width), k))  # at most one start per codeword
     if not constraints.dense_codes and constraints.slots == 1:
         # One slot: the greedy choice is already the exact minimiser, warm start or not.
         def kernel(P, xx, idx, val, err):
@@ -509,25 +510,37 @@ def _svd_components(X, k, rng):
     return (U * S).astype(np.float64), Vt.astype(np.float64)
 
 
-def _seeding_sample(X, k, rng):
-    """The rows k-means++ seeds ``k`` components from: all of ``X``, or a uniform sample of
-    ``_SEEDING_ROWS_PER_COMPONENT * k`` rows (at least ``_SEEDING_MIN_ROWS``) when ``X`` is
-    larger. Seeding costs O(rows * k * log k); on a sample its cost no longer grows with ``n``
-    (the iterations that follow use every row)."""
+def _seeding_sample(X, k, rng, weights=None):
+    """The rows k-means++ seeds ``k`` components from, with their weights: all of ``X``, or a
+    uniform sample of ``_SEEDING_ROWS_PER_COMPONENT * k`` rows (at least ``_SEEDING_MIN_ROWS``)
+    when ``X`` is larger. Seeding costs O(rows * k * log k); on a sample its cost no longer
+    grows with ``n`` (the iterations that follow use every row)."""
     cap = max(_SEEDING_MIN_ROWS, _SEEDING_ROWS_PER_COMPONENT * k)
     if X.shape[0] <= cap:
-        return X
-    return X[np.sort(rng.choice(X.shape[0], cap, replace=False))]
+        return X, weights
+    rows = np.sort(rng.choice(X.shape[0], cap, replace=False))
+    return X[rows], None if weights is None else weights[rows]
 
 
-def _pad_components(X, C, k, rng):
+def _kmeans_plusplus(X, k, rng, weights=None):
+    """k-means++ seeds of ``k`` components on (a sample of) the rows of ``X``, weighted by
+    ``weights`` when given (scikit-learn's seeding; rows of weight zero are never seeds unless
+    fewer than ``k`` rows weigh anything)."""
+    rows, w = _seeding_sample(X, k, rng, weights)
+    if w is not None and np.count_nonzero(w) < k:
+        w = None
+    seeds, _ = kmeans_plusplus(rows, k, sample_weight=w, random_state=rng)
+    return np.asarray(seeds, dtype=np.float64)
+
+
+def _pad_components(X, C, k, rng, weights=None):
     """Add rows drawn from ``X`` (k-means++ seeding) until the codebook has ``k`` rows."""
     missing = k - C.shape[0]
     if missing <= 0:
         return C
     n = X.shape[0]
     if n >= missing:
-        extra, _ = kmeans_plusplus(_seeding_sample(X, missing, rng), missing, random_state=rng)
+        extra = _kmeans_plusplus(X, missing, rng, weights)
     else:
         extra = X[rng.randint(n, size=missing)] + rng.standard_normal((missing, X.shape[1])) * (
             np.std(X) + 1e-12
@@ -545,21 +558,21 @@ def resolve_init(init, shape, constraints):
     return "svd" if k <= min(shape) and not constraints.one_hot else "k-means++"
 
 
-def initial_codebook(X, constraints, init, rng):
+def initial_codebook(X, constraints, init, rng, weights=None):
     """Float codebook to start from, and the matching float codes when the init gives them.
 
-    ``init`` is resolved (see :func:`resolve_init`)."""
+    ``init`` is resolved (see :func:`resolve_init`); k-means++ seeding is weighted by the row
+    ``weights`` when given (the SVD start ignores them)."""
     k = constraints.n_components
     n, d = X.shape
     if init == "svd":
         Z0, C0 = _svd_components(X, k, rng)
         if C0.shape[0] < k:
-            C0 = _pad_components(X, C0, k, rng)
+            C0 = _pad_components(X, C0, k, rng, weights)
             Z0 = None
         return C0, Z0
     if init == "k-means++" and n >= k:
-        seeds, _ = kmeans_plusplus(_seeding_sample(X, k, rng), k, random_state=rng)
-        return np.asarray(seeds, dtype=np.float64), None
+        return _kmeans_plusplus(X, k, rng, weights), None
     # "random" (or k-means++ with fewer rows than components): distinct rows plus noise.
     chosen = rng.choice(n, size=k, replace=n < k)
     C0 = X[chosen].astype(np.float64)
@@ -863,7 +876,8 @@ def fit_factorization(
         if codebook_init is not None:
             C0, Z0 = np.asarray(codebook_init, dtype=np.float64), None
         else:
-            C0, Z0 = initial_codebook(X, constraints, init, rng)
+            C0, Z0 = initial_codebook(X, constraints, init, rng,
+                                      None if metric is None else metric.weights)
             C0 = _scale_for_code_levels(C0, Z0, constraints, rng)
         start_codes = None
         if code_init is not None:

@@ -34,6 +34,9 @@ def _check_output(args):
         raise ValueError(f"{args.output} is the input; write the output elsewhere")
     if os.path.exists(output) and not args.force:
         raise ValueError(f"{args.output} exists; pass --force to overwrite it")
+    folder = os.path.dirname(output)
+    if not os.path.isdir(folder):  # checked now, not after the whole compression
+        raise ValueError(f"the folder of {args.output} does not exist; create it first")
 
 
 def _compress(args):

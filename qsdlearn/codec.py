@@ -126,7 +126,7 @@ class MatrixSettings:
         """Rebuild and validate settings from :meth:`to_json`'s text."""
         try:
             raw = json.loads(text)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"damaged file: settings are not valid JSON ({exc})") from None
         return cls.from_dict(raw)
 

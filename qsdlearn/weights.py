@@ -263,7 +263,8 @@ def output_row_scales(weight):
     The rows are those of axis 0 (a linear layer's outputs, a convolution's output
     channels). The RMS is computed in float64 without overflow (each row divided by its
     largest magnitude first) and rounded to float16. Every scale is positive and finite, as
-    :class:`CompressedLayer` requires: an all-zero row gets the neutral scale 1, and RMS
+    :class:`CompressedLayer` requires: an all-zero row (a pruned channel) gets the smallest
+    one, ``2**-14``, so that whatever code it is given decodes to almost nothing, and RMS
     values outside the normal float16 range, ``[2**-14, 65504]``, are clamped to it
     (rather than rounded to a subnormal float16 with few significant bits, to zero or to
     infinity).
@@ -293,7 +294,7 @@ def output_row_scales(weight):
     >>> from qsdlearn.weights import output_row_scales
     >>> weight = np.array([[3.0, -4.0], [0.0, 0.0], [1e-9, 0.0], [1e6, 1e6]])
     >>> output_row_scales(weight)
-    array([3.535e+00, 1.000e+00, 6.104e-05, 6.550e+04], dtype=float16)
+    array([3.535e+00, 6.104e-05, 6.104e-05, 6.550e+04], dtype=float16)
     """
     weight = np.asarray(weight)
     if weight.ndim == 0:
@@ -305,7 +306,7 @@ def output_row_scales(weight):
     safe = np.where(peak > 0, peak, 1.0)
     rms = safe * np.sqrt(np.mean((rows / safe[:, None]) ** 2, axis=1)) if rows.shape[1] else peak
     low, high = ROW_SCALE_RANGE
-    return np.where(peak > 0, np.clip(rms, low, high), 1.0).astype(np.float16)
+    return np.where(peak > 0, np.clip(rms, low, high), low).astype(np.float16)
 
 
 def _check_row_scales(scales, rows):
@@ -686,7 +687,7 @@ class CompressedModel(FileImage):
         is compressed), most weights first.
         """
         counts = {}
-        compressed = [e for e in self._distinct() if isinstance(e, CompressedLayer)]
+        compressed = [e for e in self._distinct() if isinstance(e, (CompressedLayer, SplitLayer))]
         for entry in compressed or self._distinct():
             counts[entry.dtype] = counts.get(entry.dtype, 0) + math.prod(entry.shape)
         return sorted(counts, key=lambda name: -counts[name])

@@ -247,13 +247,13 @@ def test_output_row_scales():
     scales = output_row_scales(weight)
     assert scales.dtype == np.float16 and scales.shape == (5,)
     assert scales[0] == np.float16(np.sqrt(12.5))
-    assert scales[1] == 1  # an all-zero row: the neutral scale
+    assert scales[1] == np.float16(2.0**-14)  # an all-zero row: the smallest scale
     assert scales[2] == np.float16(2.0**-14)  # the smallest normal float16
     assert scales[3] == scales[4] == np.finfo(np.float16).max  # no overflow in float64 either
     conv = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype(ml_dtypes.bfloat16)
     expected = np.sqrt(np.mean(conv.astype(np.float64).reshape(4, -1) ** 2, axis=1))
     np.testing.assert_array_equal(output_row_scales(conv), expected.astype(np.float16))
-    assert output_row_scales(np.zeros((3, 0))).tolist() == [1, 1, 1]
+    assert output_row_scales(np.zeros((3, 0))).tolist() == [2.0**-14] * 3
     with pytest.raises(ValueError, match="NaN or infinity"):
         output_row_scales(np.array([[1.0, np.inf]]))
     with pytest.raises(ValueError, match="at least one dimension"):
@@ -458,3 +458,18 @@ def test_model_files_are_readable_by_the_safetensors_library(tmp_path):
     assert tensors["payload"].tobytes() == model.layers["split.weight"].payload()
     with safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as file:
         assert json.loads(file.metadata()["layers"])[0][:2] == [2, "split.weight"]
+
+
+@pytest.mark.parametrize("where", ["header", "layers"])
+def test_deeply_nested_json_is_a_damaged_file(where):
+    """JSON nested beyond Python's recursion limit is a ValueError, not a RecursionError."""
+    deep = "[" * 100_000 + "]" * 100_000
+    if where == "header":
+        text = deep.encode()
+    else:
+        meta = {"format": "qsdlearn", "format_version": str(FORMAT_VERSION), "kind": "model",
+                "layers": deep}
+        meta["metadata_checksum"] = _metadata_checksum(meta)
+        text = json.dumps({"__metadata__": meta}).encode()
+    with pytest.raises(ValueError, match="damaged file|not a qsdlearn file"):
+        CompressedModel.from_bytes(struct.pack("<Q", len(text)) + text)
