@@ -162,10 +162,12 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
     search_width : int, default=8
         Starts of the code search of every row with two or more sparse slots: from each of
         the ``search_width`` codebook rows that alone fit the row best, a greedy fill of the
-        other slots then exact coordinate sweeps; the best result is kept. Work per row grows
-        linearly with it. ``1`` is the plain greedy start. One-slot codes and dense float
-        codes are solved exactly, and dense quantized codes from a single greedy start (then
-        sweeps): they ignore it.
+        other slots then exact coordinate sweeps (codes on a level set), or an orthogonal
+        least-squares fill then exchanges of one codebook row for another with least-squares
+        values while one lowers the error (float codes); the best result is kept. Work per
+        row grows linearly with it. ``1`` is the plain greedy start. One-slot codes and dense
+        float codes are solved exactly, and dense quantized codes from a single greedy start
+        (then sweeps): they ignore it.
     random_state : int, RandomState instance or None, default=None
         Seed of the random starts and of the randomized SVD. Results are bit-identical for a
         fixed seed, whatever the number of threads.
@@ -479,6 +481,11 @@ default=None
 
     def transform(self, X, metric=None):
         """Codes of ``X`` against the fitted codebook, solved row by row.
+
+        Sparse codes are searched from ``search_width`` starts, the best kept: codes on a
+        level set by a greedy fill and exact coordinate sweeps, float codes by least squares
+        on a support found by orthogonal least squares and exchanges of one codebook row for
+        another while one lowers the error.
 
         Parameters
         ----------

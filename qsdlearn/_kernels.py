@@ -26,8 +26,9 @@ Entry points
 ------------
 Each compiled entry does one job on a block of rows, in parallel over fixed chunks of rows;
 the driver (:func:`qsdlearn._solver.solve_codes`) picks one per setting, before its loop:
-:func:`solve_codes_cold` (``transform``: a multi-start descent, each start a greedy fill
-then exact coordinate sweeps),
+:func:`solve_codes_cold` (``transform``: a multi-start search, each start a greedy fill then
+exact coordinate sweeps; for sparse float codes, least squares on a support searched by
+orthogonal least squares and exchanges of one position at a time),
 :func:`improve_codes` (the alternating code step: the better of one improvement round from
 the current codes and the cold solution) and :func:`assign_one_slot` (one slot: the greedy
 choice is already exact).
@@ -240,55 +241,253 @@ def _residual_correlation(idx, val, n_slots, p, G, c):
             c[t] -= va * G[ja, t]
 
 
-@njit()
-def _cholesky_solve(A, b, n):
-    """Solve A x = b in place (b becomes x) for the leading n x n block; False if singular."""
-    tiny = 1e-12 * max(A[0, 0], 1e-300)
-    for j in range(n):
-        s = A[j, j]
-        for t in range(j):
-            s -= A[j, t] * A[j, t]
-        if s <= tiny:
-            return False
-        A[j, j] = math.sqrt(s)
-        for i in range(j + 1, n):
-            s = A[i, j]
-            for t in range(j):
-                s -= A[i, t] * A[j, t]
-            A[i, j] = s / A[j, j]
-    for i in range(n):
-        s = b[i]
-        for t in range(i):
-            s -= A[i, t] * b[t]
-        b[i] = s / A[i, i]
-    for i in range(n - 1, -1, -1):
-        s = b[i]
-        for t in range(i + 1, n):
-            s -= A[t, i] * b[t]
-        b[i] = s / A[i, i]
-    return True
+# --------------------------------------------------------------------------------------
+# Sparse float codes: least-squares values on a support, the support found by orthogonal
+# least squares and improved by exchanging one position at a time.
+#
+# For a support S (the slots' positions) the best float values are the least-squares ones,
+# v = M p_S with M = G_SS^-1, and the error is ||x||^2 - p_S . v. With B = M G_S: (an
+# (|S|, k) array), the residual correlations are c = p - G_S:^T v, and the squared norm of
+# the part of codebook row j outside the span of S is g_j = G_jj - G_S:j . B_:j. Adding
+# position j to S lowers the error by c_j**2 / g_j. Removing the position of slot a raises it
+# by v_a**2 / M_aa and turns c and g into (the inverse of G_SS without a, by the Schur
+# complement)
+#     c_j + v_a B_aj / M_aa    and    g_j + B_aj**2 / M_aa,
+# so every exchange of a position of S for one outside it is priced exactly in O(1), and a
+# pass over all of them costs O(|S| k). A greedy fill alone (OMP and its relatives), or
+# re-solving one slot with the others held fixed, stops at supports that one exchange
+# improves a lot once k is several times the row length.
+# --------------------------------------------------------------------------------------
+
+#: A codebook row joins a support only while the part of it outside the span of the others
+#: keeps at least this fraction of its squared norm: the least-squares values then stay within
+#: about ``_INDEPENDENT**-0.5`` times what one row alone would need.
+_INDEPENDENT = 1e-8
+#: Least squares on a support is refused below this fraction (rounding level).
+_SINGULAR = 1e-14
 
 
 @njit()
-def _debias_slots(idx, val, n_slots, p, G, A, b):
-    """Least-squares values on a fixed support (float codes); keeps the old ones if singular."""
-    for a in range(n_slots):
-        b[a] = p[idx[a]]
-        for t in range(n_slots):
-            A[a, t] = G[idx[a], idx[t]]
-    if _cholesky_solve(A, b, n_slots):
+def _ols_add(j, r, G, c, g, W):
+    """Add position ``j`` as the ``r``-th orthonormal direction of the support (Gram-Schmidt
+    in coefficient space: ``W[b, t]`` is codebook row t along direction b) and update the
+    residual correlations ``c`` and the outside norms ``g``."""
+    k = G.shape[0]
+    norm = math.sqrt(g[j])
+    for t in range(k):
+        w = G[j, t]
+        for b in range(r):
+            w -= W[b, j] * W[b, t]
+        W[r, t] = w / norm
+    coef = c[j] / norm
+    for t in range(k):
+        c[t] -= coef * W[r, t]
+        g[t] -= W[r, t] * W[r, t]
+
+
+@njit()
+def _ols_fill(idx, n_given, n_slots, p, G, diag, floor, c, g, used, W):
+    """Fill the slots by orthogonal least squares; returns the number ``r`` of positions used.
+
+    The given positions ``idx[:n_given]`` come first, in order, each kept when it is
+    independent of those before it (see :data:`_INDEPENDENT`); then, one at a time, the
+    position that lowers the error most (``c_j**2 / g_j``; ties keep the lower index). The
+    ``r`` positions lead ``idx``. When fewer than ``n_slots`` positions are independent, every
+    codebook row lies in the span of the ``r`` (so no support does better); the remaining
+    slots get the lowest unused positions, for values of zero. ``diag`` holds ``G_tt`` and
+    ``floor`` ``_INDEPENDENT * G_tt`` (contiguous: the diagonal of ``G`` is strided).
+    """
+    k = p.shape[0]
+    for t in range(k):
+        c[t] = p[t]
+        g[t] = diag[t]
+        used[t] = False
+    r = 0
+    for a in range(n_given):
+        j = idx[a]
+        if not used[j] and g[j] > floor[j]:
+            _ols_add(j, r, G, c, g, W)
+            used[j] = True
+            idx[r] = j
+            r += 1
+    while r < n_slots:
+        # The largest gain c_t**2 / g_t, compared by cross-multiplying (no division).
+        best_j = -1
+        best_c2 = -1.0
+        best_g = 1.0
+        for t in range(k):
+            gt = g[t]
+            if used[t] or gt <= floor[t]:
+                continue
+            c2 = c[t] * c[t]
+            if c2 * best_g > best_c2 * gt:
+                best_c2, best_g, best_j = c2, gt, t
+        if best_j < 0:
+            break
+        _ols_add(best_j, r, G, c, g, W)
+        used[best_j] = True
+        idx[r] = best_j
+        r += 1
+    t = 0
+    for a in range(r, n_slots):
+        while used[t]:
+            t += 1
+        used[t] = True
+        idx[a] = t
+    return r
+
+
+@njit()
+def _support_fit(idx, r, p, G, diag, xx, pivot_floor, L, M, B, v, c, g):
+    """Least squares on the support ``idx[:r]``: values ``v``, and ``M``, ``B``, ``c``, ``g``
+    as defined above (``L`` is scratch). Returns whether every position keeps more than
+    ``pivot_floor`` of its squared norm outside the span of the positions before it (the
+    pivots of the Cholesky factorisation of ``G_SS``; with :data:`_INDEPENDENT`, the test of
+    :func:`_ols_fill`), and the squared error (which rounding can make slightly negative when
+    the row lies in the span of the support)."""
+    k = G.shape[0]
+    # Cholesky factor L of G_SS, then L^-1 in the lower triangle of M.
+    for a in range(r):
+        for b in range(a + 1):
+            s = G[idx[a], idx[b]]
+            for t in range(b):
+                s -= L[a, t] * L[b, t]
+            if a == b:
+                if not s > pivot_floor * diag[idx[a]]:
+                    return False, xx
+                L[a, a] = math.sqrt(s)
+            else:
+                L[a, b] = s / L[b, b]
+    for col in range(r):
+        for a in range(col, r):
+            s = 1.0 if a == col else 0.0
+            for t in range(col, a):
+                s -= L[a, t] * M[t, col]
+            M[a, col] = s / L[a, a]
+    # M = L^-T L^-1 (the inverse in the upper triangle first, then mirrored).
+    for a in range(r):
+        for b in range(a, r):
+            s = 0.0
+            for t in range(b, r):
+                s += M[t, a] * M[t, b]
+            L[a, b] = s
+    for a in range(r):
+        for b in range(a, r):
+            M[a, b] = L[a, b]
+            M[b, a] = L[a, b]
+    err = xx
+    for a in range(r):
+        s = 0.0
+        for b in range(r):
+            s += M[a, b] * p[idx[b]]
+        v[a] = s
+        err -= s * p[idx[a]]
+    for t in range(k):
+        c[t] = p[t]
+        g[t] = diag[t]
+    for a in range(r):
+        for t in range(k):
+            B[a, t] = 0.0
+        for b in range(r):
+            mab = M[a, b]
+            jb = idx[b]
+            for t in range(k):
+                B[a, t] += mab * G[jb, t]
+        ja = idx[a]
+        va = v[a]
+        for t in range(k):
+            c[t] -= va * G[ja, t]
+            g[t] -= G[ja, t] * B[a, t]
+    return True, err
+
+
+@njit()
+def _swap_search(idx, r, p, G, xx, err, max_swaps, work):
+    """Exchanges of one position of the support ``idx[:r]`` (fitted by :func:`_support_fit`,
+    error ``err``) for one outside it, the best one first, while one lowers the error by
+    more than the row's tolerance (at most ``max_swaps``). Returns the error; the values are
+    in ``work``'s ``v``."""
+    c, z, savings, used, old_idx, old_val, inv_g, starts, g, W, L, M, B, v, diag, floor = work
+    k = G.shape[0]
+    tol = _row_tolerance(xx)
+    for _ in range(max_swaps):
+        best_a = -1
+        best_j = -1
+        best_delta = tol
+        for a in range(r):
+            inv = 1.0 / M[a, a]
+            va = v[a]
+            loss = va * va * inv
+            bar = best_delta + loss  # a gain c_j**2 / g_j above this improves on the best
+            for j in range(k):
+                if used[j]:
+                    continue
+                baj = B[a, j]
+                gj = g[j] + baj * baj * inv
+                if gj <= floor[j]:
+                    continue
+                cj = c[j] + va * baj * inv
+                c2 = cj * cj
+                if c2 > bar * gj:
+                    delta = c2 / gj - loss
+                    if delta > best_delta:
+                        best_delta, best_a, best_j = delta, a, j
+                        bar = best_delta + loss
+        if best_a < 0:
+            break
+        old = idx[best_a]
+        idx[best_a] = best_j
+        regular, new_err = _support_fit(idx, r, p, G, diag, xx, _SINGULAR, L, M, B, v, c, g)
+        if not regular or new_err > err - tol:  # rounding: undo and stop
+            idx[best_a] = old
+            err = _support_fit(idx, r, p, G, diag, xx, _SINGULAR, L, M, B, v, c, g)[1]
+            break
+        used[old] = False
+        used[best_j] = True
+        err = new_err
+    return err
+
+
+@njit()
+def _least_squares_codes(idx, val, n_given, n_slots, p, G, xx, max_swaps, work):
+    """Sparse float codes of one row: the orthogonal least-squares fill (from the positions
+    ``idx[:n_given]``), least squares on it, then :func:`_swap_search`. Returns the row's
+    error."""
+    c, z, savings, used, old_idx, old_val, inv_g, starts, g, W, L, M, B, v, diag, floor = work
+    k = G.shape[0]
+    r = 0
+    regular = False
+    err = xx
+    if n_given == n_slots:
+        # A full support (the current codes): when the fill would keep every position, it
+        # is the support as it is, and least squares on it directly is the same and cheaper.
+        for t in range(k):
+            used[t] = False
         for a in range(n_slots):
-            val[a] = b[a]
+            used[idx[a]] = True
+        r = n_slots
+        regular, err = _support_fit(idx, r, p, G, diag, xx, _INDEPENDENT, L, M, B, v, c, g)
+    if not regular:
+        r = _ols_fill(idx, n_given, n_slots, p, G, diag, floor, c, g, used, W)
+        if r > 0:
+            regular, err = _support_fit(idx, r, p, G, diag, xx, _SINGULAR, L, M, B, v, c, g)
+    if not regular:  # no position, or (defensive: the fill admits independent ones) singular
+        r = 0
+        err = xx
+    elif r == n_slots:  # fewer positions: every row is in their span, no exchange helps
+        err = _swap_search(idx, r, p, G, xx, err, max_swaps, work)
+    for a in range(n_slots):
+        val[a] = v[a] if a < r else 0.0
+    return err
 
 
 @njit()
-def _greedy_slots(idx, val, n_slots, dense, debias, p, G, inv_g, nbits, c, used, A, b,
-                  first=-1):
-    """Cold start: fill the slots one at a time with the best (position, value) pair.
+def _greedy_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, c, used, first=-1):
+    """Cold start: fill the slots one at a time with the best (position, value) pair (codes
+    on a level set, and dense codes; sparse float codes use :func:`_ols_fill`).
 
     ``first >= 0`` puts the first slot at that position instead (a start of the multi-start
-    search). With ``debias`` (sparse float codes) the values of the filled slots are refitted
-    by least squares after every addition (orthogonal matching pursuit)."""
+    search)."""
     k = p.shape[0]
     for t in range(k):
         c[t] = p[t]
@@ -320,12 +519,8 @@ def _greedy_slots(idx, val, n_slots, dense, debias, p, G, inv_g, nbits, c, used,
         used[best_j] = True
         idx[a] = best_j
         val[a] = best_q
-        if debias and a > 0:
-            _debias_slots(idx, val, a + 1, p, G, A, b)
-            _residual_correlation(idx, val, a + 1, p, G, c)
-        else:
-            for t in range(k):
-                c[t] -= best_q * G[best_j, t]
+        for t in range(k):
+            c[t] -= best_q * G[best_j, t]
 
 
 @njit()
@@ -391,21 +586,26 @@ def _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c):
 
 
 @njit()
-def _improvement_round(idx, val, n_slots, dense, debias, p, G, xx, nbits, eta, max_sweeps,
-                       work):
-    """One round of (projected gradient step, coordinate sweeps, debiasing) from the given
-    slots; undone when it does not lower the error. Returns the row's error."""
-    c, z, savings, used, old_idx, old_val, A, b, inv_g, starts = work
+def _improvement_round(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, eta,
+                       max_sweeps, work):
+    """One round of improvement from the given slots; undone when it does not lower the
+    error. Returns the row's error.
+
+    Sparse float codes (``least_squares``): least-squares values on the given positions and
+    exchanges of one position at a time (:func:`_least_squares_codes`). Otherwise: a projected
+    gradient step, then exact coordinate sweeps."""
+    c, z, savings, used, old_idx, old_val, inv_g, starts, g, W, L, M, B, v, diag, floor = work
     err = _row_error(idx, val, n_slots, p, G, xx)
     for a in range(n_slots):
         old_idx[a] = idx[a]
         old_val[a] = val[a]
-    _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c)
-    _residual_correlation(idx, val, n_slots, p, G, c)
-    _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, _row_tolerance(xx),
-                  c, used)
-    if debias:
-        _debias_slots(idx, val, n_slots, p, G, A, b)
+    if least_squares:
+        _least_squares_codes(idx, val, n_slots, n_slots, p, G, xx, n_slots * max_sweeps, work)
+    else:
+        _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c)
+        _residual_correlation(idx, val, n_slots, p, G, c)
+        _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps,
+                      _row_tolerance(xx), c, used)
     new_err = _row_error(idx, val, n_slots, p, G, xx)
     if new_err > err:
         for a in range(n_slots):
@@ -416,39 +616,52 @@ def _improvement_round(idx, val, n_slots, dense, debias, p, G, xx, nbits, eta, m
 
 
 @njit()
-def _descend_from(idx, val, n_slots, dense, debias, p, G, xx, nbits, max_sweeps, work, first):
-    """Greedy fill (first slot at ``first`` if ``>= 0``), exact coordinate sweeps, debiasing;
-    returns the row's error."""
-    c, z, savings, used, old_idx, old_val, A, b, inv_g, starts = work
-    _greedy_slots(idx, val, n_slots, dense, debias, p, G, inv_g, nbits, c, used, A, b, first)
+def _descend_from(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, max_sweeps, work,
+                  first):
+    """One start of the cold solve, first slot at ``first`` (if ``>= 0``); returns the row's
+    error. Sparse float codes (``least_squares``): the orthogonal least-squares fill, then
+    exchanges with least-squares values (at most ``n_slots * max_sweeps``,
+    :func:`_least_squares_codes`). Otherwise: a greedy fill, then exact coordinate sweeps."""
+    c, z, savings, used, old_idx, old_val, inv_g, starts, g, W, L, M, B, v, diag, floor = work
+    if least_squares:
+        n_given = 0
+        if first >= 0:
+            idx[0] = first
+            n_given = 1
+        return _least_squares_codes(idx, val, n_given, n_slots, p, G, xx, n_slots * max_sweeps,
+                                    work)
+    _greedy_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, c, used, first)
     _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, _row_tolerance(xx),
                   c, used)
-    if debias:
-        _debias_slots(idx, val, n_slots, p, G, A, b)
     return _row_error(idx, val, n_slots, p, G, xx)
 
 
 @njit()
-def _solve_row_cold(idx, val, n_slots, dense, debias, p, G, xx, nbits, max_sweeps, work):
+def _solve_row_cold(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, max_sweeps,
+                    work):
     """Codes of one row from scratch; returns the row's error.
 
-    A multi-start descent: from each of the ``len(starts)`` positions that alone save the most
-    (the first of them is the plain greedy choice), a greedy fill of the other slots, then
-    exact coordinate sweeps; the best result is kept (the earliest start on a tie)."""
-    c, z, savings, used, old_idx, old_val, A, b, inv_g, starts = work
+    A multi-start search: from each of the ``len(starts)`` positions that alone save the most
+    (the first of them is the plain greedy choice), one descent (:func:`_descend_from`); the
+    best result is kept (the earliest start on a tie)."""
+    c, z, savings, used, old_idx, old_val, inv_g, starts, g, W, L, M, B, v, diag, floor = work
     n_starts = starts.shape[0]
     if dense or n_starts <= 1 or n_slots == 1:
-        return _descend_from(idx, val, n_slots, dense, debias, p, G, xx, nbits, max_sweeps,
-                             work, -1)
+        return _descend_from(idx, val, n_slots, dense, least_squares, p, G, xx, nbits,
+                             max_sweeps, work, -1)
     k = p.shape[0]
     n_starts = min(n_starts, k)  # the caller's scratch holds at most k starts
-    for j in range(k):
-        _, savings[j] = _best_value(p[j], G[j, j], nbits)
+    if least_squares:
+        for j in range(k):
+            savings[j] = p[j] * p[j] * inv_g[j]
+    else:
+        for j in range(k):
+            _, savings[j] = _best_value(p[j], G[j, j], nbits)
     _select_largest(savings, n_starts, starts)
     _sort_starts(savings, starts, n_starts)
     best_err = np.inf
     for st in range(n_starts):
-        err = _descend_from(old_idx, old_val, n_slots, dense, debias, p, G, xx, nbits,
+        err = _descend_from(old_idx, old_val, n_slots, dense, least_squares, p, G, xx, nbits,
                             max_sweeps, work, starts[st])
         if st == 0 or err < best_err:  # the first start always: a NaN error stays in bounds
             best_err = err
@@ -482,20 +695,32 @@ def _inverse_diagonal(G):
 
 
 @njit()
-def _row_work(G, n_slots, n_starts):
-    """Per-task scratch arrays of the row solvers."""
+def _row_work(G, n_slots, n_starts, least_squares):
+    """Per-task scratch arrays of the row solvers (those of the least-squares search are
+    empty unless ``least_squares``; see :func:`_support_fit`)."""
     k = G.shape[0]
+    ls_k = k if least_squares else 0
+    ls_slots = n_slots if least_squares else 0
+    diag = np.empty(ls_k, dtype=np.float64)
+    for t in range(ls_k):
+        diag[t] = G[t, t]
     return (
         np.empty(k, dtype=np.float64),  # c: residual correlations p - G z
         np.empty(k, dtype=np.float64),  # z: the dense code row of a gradient step
-        np.empty(k, dtype=np.float64),  # savings of the projection
+        np.empty(k, dtype=np.float64),  # savings of the projection / of the starts
         np.empty(k, dtype=np.bool_),  # used positions
-        np.empty(n_slots, dtype=np.int64),  # old_idx
+        np.empty(n_slots, dtype=np.int64),  # old_idx (also the slots of one start)
         np.empty(n_slots, dtype=np.float64),  # old_val
-        np.empty((n_slots, n_slots), dtype=np.float64),  # A: Gram of the support
-        np.empty(n_slots, dtype=np.float64),  # b: right-hand side of the debiasing
         _inverse_diagonal(G),  # inv_g
         np.empty(max(1, min(n_starts, k)), dtype=np.int64),  # starts of the multi-start solve
+        np.empty(ls_k, dtype=np.float64),  # g: squared norms outside the support's span
+        np.empty((ls_slots, k), dtype=np.float64),  # W: orthonormal directions of the fill
+        np.empty((ls_slots, ls_slots), dtype=np.float64),  # L: Cholesky factor
+        np.empty((ls_slots, ls_slots), dtype=np.float64),  # M: inverse Gram of the support
+        np.empty((ls_slots, k), dtype=np.float64),  # B = M G_S:
+        np.empty(ls_slots, dtype=np.float64),  # v: least-squares values
+        diag,  # G_tt (contiguous: the diagonal of G is strided)
+        diag * _INDEPENDENT,  # floor: the smallest g_t of a position that may join a support
     )
 
 
@@ -508,8 +733,8 @@ def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, improve, idx, val, er
     k = P.shape[1]
     n_slots = idx.shape[1]
     dense = n_slots == k
-    debias = nbits < 0 and not dense
-    work = _row_work(G, n_slots, n_starts)
+    least_squares = nbits < 0 and not dense
+    work = _row_work(G, n_slots, n_starts, least_squares)
     p = np.empty(k, dtype=np.float64)
     row_idx = np.empty(n_slots, dtype=np.int64)
     row_val = np.empty(n_slots, dtype=np.float64)
@@ -523,10 +748,10 @@ def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, improve, idx, val, er
             for a in range(n_slots):
                 row_idx[a] = idx[i, a]
                 row_val[a] = val[i, a]
-            row_err = _improvement_round(row_idx, row_val, n_slots, dense, debias, p, G, xx[i],
-                                         nbits, eta, max_sweeps, work)
-        alt_err = _solve_row_cold(alt_idx, alt_val, n_slots, dense, debias, p, G, xx[i], nbits,
-                                  max_sweeps, work)
+            row_err = _improvement_round(row_idx, row_val, n_slots, dense, least_squares, p, G,
+                                         xx[i], nbits, eta, max_sweeps, work)
+        alt_err = _solve_row_cold(alt_idx, alt_val, n_slots, dense, least_squares, p, G, xx[i],
+                                  nbits, max_sweeps, work)
         if alt_err <= row_err:
             row_err = alt_err
             for a in range(n_slots):
@@ -542,8 +767,13 @@ def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, improve, idx, val, er
 
 @njit(parallel=True)
 def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
-    """Codes of a block of rows from scratch, in place: the best of ``n_starts`` descents
-    (greedy fill, then exact sweeps), each with its first slot on a different position.
+    """Codes of a block of rows from scratch, in place: the best of ``n_starts`` descents,
+    each with its first slot on a different position.
+
+    Codes on a level set: a greedy fill, then exact coordinate sweeps. Sparse float codes:
+    least-squares values on a support found by orthogonal least squares and then exchanges of
+    one position for another while one lowers the error (the best exchange first, at most
+    ``n_slots * max_sweeps``). Dense codes: one greedy fill and sweeps (no starts).
 
     Parameters
     ----------
@@ -557,10 +787,11 @@ def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
         Level set of the code values (see the module docstring).
     max_sweeps : int
         Coordinate sweeps (each re-solves every slot once, exactly); a row stops early when a
-        sweep changes nothing.
+        sweep changes nothing. Sparse float codes: at most ``n_slots * max_sweeps`` exchanges.
     n_starts : int
-        Starts of the multi-start descent (``1``: the plain greedy fill); each puts the first
-        slot on one of the ``n_starts`` positions that alone save the most.
+        Starts of the multi-start descent (``1``: the plain greedy / orthogonal least-squares
+        fill); each puts the first slot on one of the ``n_starts`` positions that alone save
+        the most.
     idx : ndarray of shape (m, n_slots), int32
         Output: slot positions (``n_slots == k``: dense codes, slot ``a`` at position ``a``).
     val : ndarray of shape (m, n_slots)
@@ -578,9 +809,11 @@ def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
 def improve_codes(P, xx, G, eta, nbits, max_sweeps, n_starts, idx, val, err):
     """Improve the codes of a block of rows in place; no row's error increases.
 
-    Every row keeps the better of (a) its incoming slots after one round of (projected
-    gradient step with step ``eta``, exact sweeps, debiasing), the round undone if it does
-    not help, and (b) the cold solution of :func:`solve_codes_cold` (taken on a tie).
+    Every row keeps the better of (a) its incoming slots after one round of improvement, the
+    round undone if it does not help, and (b) the cold solution of :func:`solve_codes_cold`
+    (taken on a tie). The round is a projected gradient step with step ``eta`` followed by
+    exact sweeps; for sparse float codes, least squares on the incoming positions (those
+    independent of the ones before them) and the exchanges of :func:`solve_codes_cold`.
     Arguments are those of :func:`solve_codes_cold`, plus the gradient step ``eta``
     (``1 / lambda_max(G)``); ``idx`` and ``val`` hold the incoming slots on entry.
     """

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
-from sklearn.decomposition import MiniBatchDictionaryLearning, SparsePCA
+from sklearn.decomposition import MiniBatchDictionaryLearning, SparsePCA, sparse_encode
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
 from qsdlearn import QuantizedSparseDecomposition
@@ -156,6 +156,33 @@ def test_plain_pgd_solver_reaches_the_svd_and_refuses_weights():
     with pytest.raises(ValueError, match="pgd"):
         QuantizedSparseDecomposition(n_components=3, solver="pgd").fit(
             X, sample_weight=np.arange(1.0, X.shape[0] + 1))
+
+
+@pytest.mark.parametrize("fit_algorithm", ["cd", pytest.param("lars", marks=pytest.mark.slow)])
+def test_overcomplete_sparse_codes_beat_dictionary_learning_with_omp(fit_algorithm):
+    """Issue #10: three times more components than features (correlated Gaussian rows), the
+    default fit against MiniBatchDictionaryLearning with OMP codes, as the issue ran it
+    (``"lars"``, the default; ``"cd"`` reaches the same error in a quarter of the time).
+    Greedy codes with coordinate sweeps stopped at poor supports here (75.9 against 75.3 from
+    one start, 54.9 from eight); least squares with exchanges of one position reach 44.6."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3000, 8)) @ rng.standard_normal((8, 8))
+    dl = MiniBatchDictionaryLearning(
+        24, transform_algorithm="omp", transform_n_nonzero_coefs=3, fit_algorithm=fit_algorithm,
+        max_iter=30, random_state=0,
+    ).fit(X)
+    dl_error = np.linalg.norm(X - dl.transform(X) @ dl.components_)
+    est = fit_quietly(QuantizedSparseDecomposition(n_components=24, n_nonzero=3,
+                                                   random_state=0), X)
+    codes = est.transform(X)
+    assert np.count_nonzero(codes, axis=1).max() <= 3
+    error = np.linalg.norm(X - codes @ est.components_)
+    assert est.reconstruction_err_ == pytest.approx(error, rel=1e-12)
+    assert error <= dl_error
+    # The code step alone, on the same codebook (some rows): better than OMP's codes.
+    atoms = est.components_ / np.linalg.norm(est.components_, axis=1, keepdims=True)
+    omp_codes = sparse_encode(X[:500], atoms, algorithm="omp", n_nonzero_coefs=3)
+    assert sq_error(X[:500], codes[:500] @ est.components_) <= sq_error(X[:500], omp_codes @ atoms)
 
 
 @pytest.mark.parametrize("name", ["blobs", "digits"])

@@ -207,6 +207,151 @@ def test_multi_start_search(nbits, dtype):
     assert np.all(improved <= errors[7] * (1 + tol) + 1e-9)
 
 
+# -- sparse float codes: least squares on a searched support ----------------------------------
+
+
+def support_least_squares(p, G, xx, support):
+    """Least-squares values on ``support``, the error, the residual correlations ``c`` and the
+    squared norms ``g`` of the codebook rows outside the support's span (plain NumPy)."""
+    S = list(support)
+    if not S:
+        return np.zeros(0), xx, p.copy(), np.diag(G).copy()
+    values = np.linalg.solve(G[np.ix_(S, S)], p[S])
+    c = p - G[:, S] @ values
+    g = np.diag(G) - np.einsum("bt,bt->t", G[S, :], np.linalg.solve(G[np.ix_(S, S)], G[S, :]))
+    return values, xx - p[S] @ values, c, g
+
+
+def least_squares_search_reference(p, G, xx, n_slots, n_starts, max_swaps,
+                                   independent=_kernels._INDEPENDENT):
+    """The sparse float code search in plain NumPy: for each of the ``n_starts`` positions
+    that alone fit best (ranked by ``p_j**2 / G_jj``, lower index first on a tie; one start
+    is plain orthogonal least squares), orthogonal least squares from that first
+    position, then the best exchange of one position for another while one lowers the error
+    by more than the row's tolerance; the best start kept. Returns (positions, values,
+    error), positions in slot order."""
+    k = p.size
+    diag = np.diag(G)
+    savings = np.where(diag > 0, p * p / np.where(diag > 0, diag, 1.0), 0.0)
+    ranked = sorted(range(k), key=lambda j: (-savings[j], j))
+    tol = 1e-13 * xx + 1e-300
+    best = None
+    for start in ranked[:min(max(n_starts, 1), k)]:
+        support = [start] if diag[start] > independent * diag[start] else []
+        while len(support) < n_slots:  # orthogonal least squares
+            _, _, c, g = support_least_squares(p, G, xx, support)
+            free = [t for t in range(k) if t not in support and g[t] > independent * diag[t]]
+            if not free:
+                break
+            support.append(max(free, key=lambda t: (c[t] ** 2 / g[t], -t)))
+        r = len(support)
+        values, err, _, _ = support_least_squares(p, G, xx, support)
+        for _ in range(max_swaps if r == n_slots else 0):  # best exchange first
+            move, gain = None, tol
+            for a in range(r):
+                rest = support[:a] + support[a + 1:]
+                _, rest_err, c, g = support_least_squares(p, G, xx, rest)
+                for j in range(k):
+                    if j in support or g[j] <= independent * diag[j]:
+                        continue
+                    delta = c[j] ** 2 / g[j] - (rest_err - err)
+                    if delta > gain:
+                        move, gain = (a, j), delta
+            if move is None:
+                break
+            trial = list(support)
+            trial[move[0]] = move[1]
+            trial_values, trial_err, _, _ = support_least_squares(p, G, xx, trial)
+            if trial_err > err - tol:
+                break
+            support, values, err = trial, trial_values, trial_err
+        unused = [t for t in range(k) if t not in support]
+        positions = support + unused[:n_slots - r]
+        full_values = np.concatenate([values, np.zeros(n_slots - r)])
+        if best is None or err < best[2]:
+            best = (positions, full_values, err)
+    return best
+
+
+def best_exchange_gain(x, C, positions):
+    """The largest decrease of the least-squares error over all exchanges of one position of
+    ``positions`` for one outside it (brute force)."""
+    def error(S):
+        coef = np.linalg.lstsq(C[S].T, x, rcond=None)[0]
+        return np.sum((x - coef @ C[S]) ** 2)
+
+    base = error(list(positions))
+    gains = [base - error(list(positions[:a]) + [j] + list(positions[a + 1:]))
+             for a in range(len(positions)) for j in range(C.shape[0]) if j not in positions]
+    return max(gains)
+
+
+@pytest.mark.parametrize("width", [1, 3, 8, 50])
+@pytest.mark.parametrize("k, d, n_keep", [(9, 5, 3), (12, 4, 2), (6, 6, 4)])
+def test_sparse_float_codes_match_numpy_reference(k, d, n_keep, width, dtype):
+    rng = np.random.default_rng(100 * k + 10 * d + n_keep)
+    X = (rng.normal(size=(30, d)) @ rng.normal(size=(d, d))).astype(dtype)
+    C = rng.normal(size=(k, d)).astype(dtype)
+    idx, val, err = run_update(X, C, _kernels.FLOAT, n_keep, width=width)
+    P = (X @ C.T).astype(np.float64)
+    G = C.astype(np.float64) @ C.T.astype(np.float64)
+    xx = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    for i in range(X.shape[0]):
+        positions, values, ref_err = least_squares_search_reference(
+            P[i], G, xx[i], n_keep, width, max_swaps=4 * n_keep)
+        order = np.argsort(positions)
+        np.testing.assert_array_equal(idx[i], np.asarray(positions)[order])
+        rtol = 1e-9 if dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(val[i], values[order], rtol=rtol,
+                                   atol=rtol * np.abs(values).max())
+        assert err[i] == pytest.approx(max(ref_err, 0.0), rel=1e-9, abs=1e-9 * xx[i])
+
+
+def test_sparse_float_codes_are_exchange_optimal_and_improve_with_starts(dtype):
+    """Least-squares values on a support that no exchange of one position improves (brute
+    force over all exchanges), never below the optimum, and never worse with more starts."""
+    rng = np.random.default_rng(8)
+    k, d, n_keep = 10, 4, 2
+    X = (rng.normal(size=(40, d)) @ rng.normal(size=(d, d))).astype(dtype)
+    C = rng.normal(size=(k, d)).astype(dtype)
+    idx, val, err = run_update(X, C, _kernels.FLOAT, n_keep, width=k)
+    X64, C64 = X.astype(np.float64), C.astype(np.float64)
+    fewer = [run_update(X, C, _kernels.FLOAT, n_keep, width=w)[2] for w in range(1, k)]
+    rtol = 1e-9 if dtype == np.float64 else 1e-5
+    for i, x in enumerate(X64):
+        S = list(idx[i])
+        coef = np.linalg.lstsq(C64[S].T, x, rcond=None)[0]
+        np.testing.assert_allclose(val[i], coef, rtol=rtol, atol=rtol * np.abs(coef).max())
+        assert best_exchange_gain(x, C64, S) <= rtol * x @ x
+        assert err[i] >= brute_force_codes(x, C64, _kernels.FLOAT, n_keep) - rtol * x @ x
+        # never worse than fewer starts (errors of equal supports agree to rounding)
+        assert err[i] <= min(e[i] for e in fewer) + 1e-12 * x @ x
+
+
+def test_sparse_float_codes_of_rows_in_the_span(dtype):
+    """Rows equal to a codebook row or to a combination of ``n_keep`` of them are fitted
+    exactly, also with duplicated and zero codebook rows (dependent positions never share a
+    support; left-over slots hold zeros at distinct positions)."""
+    rng = np.random.default_rng(4)
+    C = rng.normal(size=(8, 5))
+    C[5] = C[2]  # a duplicate
+    C[6] = 0.0  # an empty row
+    C[7] = C[0] + C[1]  # in the span of two others
+    X = np.vstack([C[:6], C[[0, 3, 4]].sum(axis=0), 2 * C[1] - C[4]]).astype(dtype)
+    C = C.astype(dtype)
+    for n_keep in (3, 5, 7):
+        idx, val, err = run_update(X, C, _kernels.FLOAT, n_keep, width=8)
+        assert np.all(np.diff(idx, axis=1) > 0)
+        resid = X.astype(np.float64) - dense(idx, val, 8) @ C.astype(np.float64)
+        scale = np.sum(X.astype(np.float64) ** 2, axis=1)
+        tol = 1e-20 if dtype == np.float64 else 1e-10
+        assert np.all(np.sum(resid**2, axis=1) <= tol * scale)
+        # the kernel's errors come from correlations in the data type
+        assert np.all(err <= (1e-12 if dtype == np.float64 else 1e-6) * scale)
+    # rank 5 < n_keep = 7: the search stops with the span, the other slots hold zeros
+    assert np.all(np.count_nonzero(val, axis=1) <= 5)
+
+
 @pytest.mark.parametrize("nbits", [1, 2])
 def test_dense_quantized_codes_near_brute_force(nbits):
     """Dense codes on a grid: coordinate descent from a greedy fill finds the optimum on
