@@ -638,12 +638,14 @@ def _descend_from(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, max_
 
 @njit()
 def _solve_row_cold(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, max_sweeps,
-                    work):
+                    work, rotation=-1):
     """Codes of one row from scratch; returns the row's error.
 
     A multi-start search: from each of the ``len(starts)`` positions that alone save the most
     (the first of them is the plain greedy choice), one descent (:func:`_descend_from`); the
-    best result is kept (the earliest start on a tie)."""
+    best result is kept (the earliest start on a tie). ``rotation >= 0`` runs only start
+    ``rotation mod len(starts)`` (a fit's code step, which visits the starts in turn over its
+    iterations)."""
     c, z, savings, used, old_idx, old_val, inv_g, starts, g, W, L, M, B, v, diag, floor = work
     n_starts = starts.shape[0]
     if dense or n_starts <= 1 or n_slots == 1:
@@ -659,11 +661,15 @@ def _solve_row_cold(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, ma
             _, savings[j] = _best_value(p[j], G[j, j], nbits)
     _select_largest(savings, n_starts, starts)
     _sort_starts(savings, starts, n_starts)
+    first, stop = 0, n_starts
+    if rotation >= 0:
+        first = rotation % n_starts
+        stop = first + 1
     best_err = np.inf
-    for st in range(n_starts):
+    for st in range(first, stop):
         err = _descend_from(old_idx, old_val, n_slots, dense, least_squares, p, G, xx, nbits,
                             max_sweeps, work, starts[st])
-        if st == 0 or err < best_err:  # the first start always: a NaN error stays in bounds
+        if st == first or err < best_err:  # the first start always: a NaN error stays in bounds
             best_err = err
             for a in range(n_slots):
                 idx[a] = old_idx[a]
@@ -725,8 +731,8 @@ def _row_work(G, n_slots, n_starts, least_squares):
 
 
 @njit()
-def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, improve, idx, val, err, start,
-               stop):
+def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, idx, val, err,
+               start, stop):
     """Serial body of :func:`solve_codes_cold` and :func:`improve_codes` for rows
     ``start:stop`` (kept out of the parallel loop so that the parallel wrappers stay small
     and quick to compile)."""
@@ -751,7 +757,7 @@ def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, improve, idx, val, er
             row_err = _improvement_round(row_idx, row_val, n_slots, dense, least_squares, p, G,
                                          xx[i], nbits, eta, max_sweeps, work)
         alt_err = _solve_row_cold(alt_idx, alt_val, n_slots, dense, least_squares, p, G, xx[i],
-                                  nbits, max_sweeps, work)
+                                  nbits, max_sweeps, work, rotation)
         if alt_err <= row_err:
             row_err = alt_err
             for a in range(n_slots):
@@ -801,17 +807,19 @@ def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
     """
     m = P.shape[0]
     for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-        _code_rows(P, xx, G, 0.0, nbits, max_sweeps, n_starts, False, idx, val, err,
+        _code_rows(P, xx, G, 0.0, nbits, max_sweeps, n_starts, -1, False, idx, val, err,
                    chunk * _CHUNK_ROWS, min(m, (chunk + 1) * _CHUNK_ROWS))
 
 
 @njit(parallel=True)
-def improve_codes(P, xx, G, eta, nbits, max_sweeps, n_starts, idx, val, err):
+def improve_codes(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, idx, val, err):
     """Improve the codes of a block of rows in place; no row's error increases.
 
     Every row keeps the better of (a) its incoming slots after one round of improvement, the
     round undone if it does not help, and (b) the cold solution of :func:`solve_codes_cold`
-    (taken on a tie). The round is a projected gradient step with step ``eta`` followed by
+    (taken on a tie), from all its starts when ``rotation < 0``, else from its start
+    ``rotation mod n_starts`` alone (a fit passes its iteration count, so that its code steps
+    visit the starts in turn at the cost of one). The round is a projected gradient step with step ``eta`` followed by
     exact sweeps; for sparse float codes, least squares on the incoming positions (those
     independent of the ones before them) and the exchanges of :func:`solve_codes_cold`.
     Arguments are those of :func:`solve_codes_cold`, plus the gradient step ``eta``
@@ -819,7 +827,7 @@ def improve_codes(P, xx, G, eta, nbits, max_sweeps, n_starts, idx, val, err):
     """
     m = P.shape[0]
     for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-        _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, True, idx, val, err,
+        _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, True, idx, val, err,
                    chunk * _CHUNK_ROWS, min(m, (chunk + 1) * _CHUNK_ROWS))
 
 

@@ -248,10 +248,10 @@ def solve_codes(X, C, constraints, codes=None, metric=None, search_width=1):
     return codes, _scaled(row_errors, 2 * exponent)
 
 
-def _solve_codes(X, C, constraints, codes=None, metric=None, search_width=1):
+def _solve_codes(X, C, constraints, codes=None, metric=None, search_width=1, rotation=-1):
     """:func:`solve_codes` on data of unit scale (no normalisation)."""
     if metric is not None:
-        return _metric_codes(X, C, constraints, codes, metric, search_width)
+        return _metric_codes(X, C, constraints, codes, metric, search_width, rotation)
     n, k = X.shape[0], constraints.n_components
     if constraints.one_hot:
         return _nearest_codewords(X, C)
@@ -274,8 +274,8 @@ def _solve_codes(X, C, constraints, codes=None, metric=None, search_width=1):
         eta = 1.0 / top if top > 0 else 0.0
 
         def kernel(P, xx, idx, val, err):
-            _kernels.improve_codes(P, xx, gram, eta, nbits, MAX_SWEEPS, search_width, idx, val,
-                                    err)
+            _kernels.improve_codes(P, xx, gram, eta, nbits, MAX_SWEEPS, search_width, rotation,
+                                   idx, val, err)
 
     if codes is None:
         s = constraints.slots
@@ -298,12 +298,13 @@ def _solve_codes(X, C, constraints, codes=None, metric=None, search_width=1):
     return codes, squared_error(X, C, codes)[0]
 
 
-def _metric_codes(X, C, constraints, codes, metric, search_width):
+def _metric_codes(X, C, constraints, codes, metric, search_width, rotation=-1):
     """The code step under a metric: the plain code step on the whitened rows ``x_i L_b``
     and codebook ``C L_b`` of every block ``b`` (the row weights do not change a row's
     minimiser); errors in the metric."""
     if metric.roots is None:
-        codes, _ = _solve_codes(X, C, constraints, codes, search_width=search_width)
+        codes, _ = _solve_codes(X, C, constraints, codes, search_width=search_width,
+                                rotation=rotation)
         return codes, squared_error(X, C, codes, metric)[0]
     n, s = X.shape[0], constraints.slots
     out = Codes(None if constraints.dense_codes else np.zeros((n, s), dtype=_kernels.INDEX_DTYPE),
@@ -315,7 +316,7 @@ def _metric_codes(X, C, constraints, codes, metric, search_width):
                           codes.val[rows].copy())
         block_codes, _ = _solve_codes(metric.whiten(X[rows], b).astype(X.dtype),
                                       metric.whiten(C, b).astype(C.dtype), constraints, start,
-                                      search_width=search_width)
+                                      search_width=search_width, rotation=rotation)
         if out.idx is not None:
             out.idx[rows] = block_codes.idx
         out.val[rows] = block_codes.val
@@ -798,8 +799,9 @@ def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit
     for n_iter in range(1, max_iter + 1):
         # Code block (skipped on the first pass when the codes were just solved from scratch).
         if n_iter > 1 or Z0_codes is not None:
+            # the cold solve visits one start per iteration, in turn (see improve_codes)
             codes, row_errors = _solve_codes(X, C.astype(dtype), constraints, codes, metric,
-                                             search_width)
+                                             search_width, rotation=n_iter)
         after_codes = float(row_errors.sum())
 
         # Codebook block: fold code scales, then exact LS or a projected gradient step.

@@ -97,7 +97,7 @@ def brute_force_codes(x, C, nbits, n_keep):
     return best
 
 
-def run_update(X, C, nbits, n_keep, *, entry="cold", idx=None, val=None, width=1):
+def run_update(X, C, nbits, n_keep, *, entry="cold", idx=None, val=None, width=1, rotation=-1):
     """Run one of the code kernels' entry points (``cold``, ``improve`` or ``one_slot``), with
     ``width`` starts of the multi-start descent."""
     m = X.shape[0]
@@ -111,7 +111,7 @@ def run_update(X, C, nbits, n_keep, *, entry="cold", idx=None, val=None, width=1
     if entry == "cold":
         _kernels.solve_codes_cold(X @ C.T, xx, gram, nbits, 4, width, idx, val, err)
     elif entry == "improve":
-        _kernels.improve_codes(X @ C.T, xx, gram, eta, nbits, 4, width, idx, val, err)
+        _kernels.improve_codes(X @ C.T, xx, gram, eta, nbits, 4, width, rotation, idx, val, err)
     else:
         _kernels.assign_one_slot(X @ C.T, xx, gram, nbits, idx, val, err)
     return idx, val, err
@@ -203,8 +203,16 @@ def test_multi_start_search(nbits, dtype):
     assert exact[7] > exact[1], exact
     # the improvement entry keeps the better of its round and the multi-start solution
     idx, val, _ = run_update(X, C, nbits, 2)
-    _, _, improved = run_update(X, C, nbits, 2, entry="improve", idx=idx, val=val, width=7)
+    _, _, improved = run_update(X, C, nbits, 2, entry="improve", idx=idx.copy(), val=val.copy(),
+                                width=7)
     assert np.all(improved <= errors[7] * (1 + tol) + 1e-9)
+    # ... and with a rotation, the better of its round and that one start's solution: never
+    # worse than the greedy codes that came in, never better than all starts
+    for rotation in (0, 3, 9):
+        _, _, one = run_update(X, C, nbits, 2, entry="improve", idx=idx.copy(), val=val.copy(),
+                               width=7, rotation=rotation)
+        assert np.all(one <= errors[1] * (1 + tol) + 1e-9)
+        assert np.all(one >= improved * (1 - tol) - 1e-9)
 
 
 # -- sparse float codes: least squares on a searched support ----------------------------------
