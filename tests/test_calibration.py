@@ -216,7 +216,8 @@ def test_unusable_calibration_files_say_so(tmp_path):
         compress_weights(weights, settings=VQ4, calibration={})
 
 
-@pytest.mark.parametrize("seed", [0, 3, 5])
+@pytest.mark.parametrize("seed", [0, pytest.param(3, marks=pytest.mark.slow),
+                                  pytest.param(5, marks=pytest.mark.slow)])
 def test_heavy_tailed_row_weights_under_a_budget_beat_the_plain_fit(seed):
     """Zipf-distributed token counts: the budgeted, weighted compression has a lower
     count-weighted error than the plain one at the same budget, whatever the seed (samples

@@ -103,7 +103,9 @@ def test_float32_and_float64_fits_agree(setting):
     assert fits[1].n_iter_ == fits[0].n_iter_
 
 
-@pytest.mark.parametrize("name", sorted(DATASETS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name == "digits" else name
+             for name in sorted(DATASETS)])  # digits: 7 s of MiniBatchDictionaryLearning
 @pytest.mark.parametrize("k, s", [(8, 2), (24, 3)])
 def test_sparse_codes_beat_dictionary_learning_with_omp(name, k, s):
     X = DATASETS[name]()

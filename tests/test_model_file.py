@@ -17,7 +17,7 @@ from qsdlearn import CompressedModel, Constraints, LayerSetting, compress_weight
 from qsdlearn._container import FORMAT_VERSION, _metadata_checksum
 from qsdlearn.metrics import sqnr
 from qsdlearn.weights import (ROW_SCALE_BYTES, CompressedLayer, KeptTensor, SplitLayer,
-                              output_row_scales)
+                              _row_scales_pay, default_candidates, output_row_scales)
 
 FAST = LayerSetting(8, Constraints(16, n_nonzero=1, code_bits=0, codebook_bits=8))
 DATA = pathlib.Path(__file__).resolve().parent / "data"
@@ -415,14 +415,20 @@ def test_budget_takes_row_scales_where_rows_differ_in_scale():
     candidates win and beat per-row round-to-nearest at the same rate; on rows of one scale
     they are not even estimated (their bits cannot pay)."""
     W = _row_scaled_matrix(128, 256)
-    model = compress_weights({"w": W}, bits_per_weight=4.07, random_state=0)
+    candidates = [s for s in default_candidates()  # the 3- to 5-bit ones, with and without
+                  if s.stream_bytes(W.shape) * 8 / W.size > 2.9]
+    assert any(s.row_scales for s in candidates) and not all(s.row_scales for s in candidates)
+    model = compress_weights({"w": W}, bits_per_weight=4.07, candidates=candidates,
+                             random_state=0)
     assert "rowscale" in model.report()[0]["setting"]
     assert model.bits_per_weight <= 4.07
     step = np.abs(W).max(axis=1, keepdims=True) / 7.5  # 4-bit mid-rise RTN per row
     rtn = (np.clip(np.floor(W / step + 8), 0, 15) - 7.5) * step
     assert model.layers["w"].sqnr_db > sqnr(W, rtn)
     same = np.random.default_rng(0).standard_normal((128, 256)).astype(np.float32)
-    model = compress_weights({"w": same}, bits_per_weight=2.0, random_state=0)
+    assert _row_scales_pay(W) and not _row_scales_pay(same)
+    model = compress_weights({"w": same}, bits_per_weight=4.07, candidates=candidates,
+                             random_state=0)
     assert "rowscale" not in model.report()[0]["setting"]
 
 
