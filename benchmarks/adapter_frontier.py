@@ -11,7 +11,8 @@ a 1024 x 1024 Gaussian matrix.
 
 Run::
 
-    python -m benchmarks.adapter_frontier [--layers 0 3 5] [--targets 1 2 3] [--out benchmarks/results]
+    python -m benchmarks.adapter_frontier [--layers 0 3 5] [--targets 1 2 3]
+                                          [--out benchmarks/results]
 
 It writes ``adapter_frontier.md`` and ``adapter_frontier.json`` to ``--out``.
 """

@@ -819,11 +819,12 @@ def improve_codes(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, idx, val
     round undone if it does not help, and (b) the cold solution of :func:`solve_codes_cold`
     (taken on a tie), from all its starts when ``rotation < 0``, else from its start
     ``rotation mod n_starts`` alone (a fit passes its iteration count, so that its code steps
-    visit the starts in turn at the cost of one). The round is a projected gradient step with step ``eta`` followed by
-    exact sweeps; for sparse float codes, least squares on the incoming positions (those
-    independent of the ones before them) and the exchanges of :func:`solve_codes_cold`.
-    Arguments are those of :func:`solve_codes_cold`, plus the gradient step ``eta``
-    (``1 / lambda_max(G)``); ``idx`` and ``val`` hold the incoming slots on entry.
+    visit the starts in turn at the cost of one). The round is a projected gradient step
+    with step ``eta`` followed by exact sweeps; for sparse float codes, least squares on the
+    incoming positions (those independent of the ones before them) and the exchanges of
+    :func:`solve_codes_cold`. Arguments are those of :func:`solve_codes_cold`, plus the
+    gradient step ``eta`` (``1 / lambda_max(G)``) and ``rotation``; ``idx`` and ``val`` hold
+    the incoming slots on entry.
     """
     m = P.shape[0]
     for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):

@@ -1486,6 +1486,11 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
     so that layers with and without calibration compare."""
     weight = ref.load()
     calibration = _read_calibration(calibration, weight.shape)
+    energy = None
+    if relative:
+        flat = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
+        energy = (calibration.energy(flat) if calibration is not None
+                  else float(np.einsum("ij,ij->", flat, flat)))
     results = []
     scales_pay = _row_scales_pay(weight)
     for setting in candidates:
@@ -1502,9 +1507,6 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
             results.append(None)
             continue
         if relative:
-            flat = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
-            energy = (calibration.energy(flat) if calibration is not None
-                      else float(np.einsum("ij,ij->", flat, flat)))
             error = error / energy if energy > 0 else 0.0
         results.append((setting.stream_bytes(weight.shape), error))
     return results

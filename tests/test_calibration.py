@@ -140,6 +140,7 @@ def test_calibration_of_a_kept_tensor_warns():
         compress_weights(weights, settings=VQ4, calibration={"b": np.ones(128)})
 
 
+@pytest.mark.slow  # the whole CLI on the digits MLP (4 s); the library path is tested above
 def test_cli_reads_calibration_files(digits_mlp, tmp_path, capsys):
     weights, calibration, _, _ = digits_mlp
     source = tmp_path / "mlp.npz"

@@ -447,7 +447,8 @@ def test_candidates_too_large_for_a_tensor_do_not_count_as_reachable():
         compress_weights(weights, bits_per_weight=24.0, candidates=candidates[:1])
 
 
-@pytest.mark.parametrize("bits", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("bits", [pytest.param(1.0, marks=pytest.mark.slow), 2.0,
+                                  pytest.param(3.0, marks=pytest.mark.slow)])
 def test_a_single_matrix_spends_its_budget(bits):
     """Splitting a tensor's rows between two neighbouring settings of its hull lands the file
     within a few hundredths of the target."""
