@@ -1493,12 +1493,17 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
                   else float(np.einsum("ij,ij->", flat, flat)))
     results = []
     scales_pay = _row_scales_pay(weight)
+    scaled = None  # the normalised rows and their weights, the same for every row-scaled setting
     for setting in candidates:
         if not _fits(setting, weight.shape) or (setting.row_scales and (
                 not scales_pay or (calibration is not None and calibration.gram is not None))):
             results.append(None)
             continue
-        rows, fit_calibration, _ = _scaled_rows(weight, setting, calibration)
+        rows, fit_calibration = weight, calibration
+        if setting.row_scales:
+            if scaled is None:
+                scaled = _scaled_rows(weight, setting, calibration)[:2]
+            rows, fit_calibration = scaled
         X = to_rows(rows.astype(np.float32), setting.vector_size)
         layer_calibration = _layout(fit_calibration, weight.shape, setting.vector_size)
         with _blas_single_thread():
