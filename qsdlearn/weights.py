@@ -78,6 +78,9 @@ ESTIMATE_ROWS = 1024
 ESTIMATE_ROWS_PER_CODEWORD = 8
 #: Rows, besides those fitted, on which the estimate is measured when the layer has them.
 ESTIMATE_HELD_OUT_ROWS = 1024
+#: With a Gram matrix an estimate is measured on whole output rows: at least this many (a
+#: tensor of 1536 inputs cut into single weights has 1536 sub-vectors a row).
+ESTIMATE_OUTPUT_ROWS = 16
 ESTIMATE_MAX_ITER = 8
 
 
@@ -1535,6 +1538,8 @@ def _estimate_error(setting, X, calibration, seed, n_threads):
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=ESTIMATE_MAX_ITER)
     fit_rows = _estimate_rows(setting)
     gram = calibration is not None and calibration.gram is not None
+    if gram:
+        fit_rows = max(fit_rows, ESTIMATE_OUTPUT_ROWS * calibration.subvectors_per_row)
     # Held out: rows drawn uniformly, so only where every row counts (row weights with zeros,
     # such as token counts, are sampled in proportion to the weights instead).
     uniform = calibration is None or (not gram and np.all(calibration.row_weights > 0))
