@@ -651,8 +651,7 @@ def _solve_row_cold(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, ma
     if dense or n_starts <= 1 or n_slots == 1:
         return _descend_from(idx, val, n_slots, dense, least_squares, p, G, xx, nbits,
                              max_sweeps, work, -1)
-    k = p.shape[0]
-    n_starts = min(n_starts, k)  # the caller's scratch holds at most k starts
+    k = p.shape[0]  # starts holds at most k positions (see _row_work)
     if least_squares:
         for j in range(k):
             savings[j] = p[j] * p[j] * inv_g[j]
