@@ -470,13 +470,14 @@ def _relocate_unused(X, C, scales, codes, row_errors, unused, constraints):
         targets = targets - dense @ C
     C = C.copy()
     scales = None if scales is None else scales.copy()
-    for j, target in zip(unused[: worst.size], targets):
-        if not np.any(target):
-            continue
-        row, row_scale = quantize_codebook(target[None, :], constraints)
-        C[j] = row[0]
-        if scales is not None:
-            scales[j] = row_scale[0]
+    moved = np.any(targets != 0, axis=1)  # a zero target leaves its codeword where it is
+    if not np.any(moved):
+        return C, scales
+    rows, row_scales = quantize_codebook(targets[moved], constraints)  # row by row
+    into = unused[: worst.size][moved]
+    C[into] = rows
+    if scales is not None:
+        scales[into] = row_scales
     return C, scales
 
 
@@ -530,7 +531,10 @@ def _kmeans_plusplus(X, k, rng, weights=None):
     rows, w = _seeding_sample(X, k, rng, weights)
     if w is not None and np.count_nonzero(w) < k:
         w = None
-    seeds, _ = kmeans_plusplus(rows, k, sample_weight=w, random_state=rng)
+    # float64 rows: scikit-learn computes float32 distances in upcast chunks, several times
+    # slower at the sizes seeded here
+    seeds, _ = kmeans_plusplus(np.asarray(rows, dtype=np.float64), k, sample_weight=w,
+                               random_state=rng)
     return np.asarray(seeds, dtype=np.float64)
 
 
