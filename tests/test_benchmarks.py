@@ -323,3 +323,38 @@ def test_mlp_forward_collects_the_gram_of_each_layer_input():
     np.testing.assert_allclose(logits, hidden @ weights["fc2.weight"].T + 1)
     np.testing.assert_allclose(grams["fc1.weight"].gram, X.T @ X)
     np.testing.assert_allclose(grams["fc2.weight"].gram, hidden.T @ hidden)
+
+
+def test_conv_checkpoint_has_mobilenet_v2_shapes(tmp_path):
+    from benchmarks import speed_targets as ST
+    from qsdlearn._checkpoint import open_checkpoint
+
+    shapes = ST.mobilenet_v2_shapes()
+    assert len(shapes) == 53  # 52 convolutions and the classifier
+    assert shapes["features.2.depthwise.weight"] == (96, 1, 3, 3)
+    path = tmp_path / "m.safetensors"
+    n_weights = ST.write_conv_checkpoint(str(path))
+    checkpoint = open_checkpoint(str(path))
+    assert sum(math.prod(checkpoint.infos[n].shape) for n in checkpoint.names) == n_weights
+    assert 3.4e6 < n_weights < 3.6e6
+
+
+def test_speed_targets_table_flags_unmet_floors():
+    from benchmarks import speed_targets as ST
+
+    kmeans = [dict(method="qsdlearn VQ setting", seconds=1.0, mse=1.0),
+              dict(method="sklearn KMeans (lloyd)", seconds=1.5, mse=1.0),
+              dict(method="faiss Kmeans", seconds=1.0, mse=1.0)]
+    result = dict(kmeans=kmeans,
+                  per_iteration=[dict(setting="QSD x", seconds_per_iter=9.0),
+                                 dict(setting="VQ x", seconds_per_iter=1.0)],
+                  big_matrix=dict(shape=[64, 64], input_mib=1.0, seconds=1.0,
+                                  peak_main_mib=100.0, peak_worker_mib=0.0),
+                  conv_checkpoint=dict(n_layers=53, n_weights=3.5e6, weights_per_second=2e5),
+                  scaling_exponent=1.0)
+    met = {line.split(" | ")[0].lstrip("| "): line.endswith("yes |")
+           for line in ST.table(result).splitlines()[2:]}
+    assert met["VQ setting / faiss.Kmeans, 20 iterations"]
+    assert not met["VQ setting / sklearn KMeans(n_init=1), 20 iterations"]
+    assert not met["one QSD iteration / one VQ iteration"]
+    assert all(v for k, v in met.items() if "iteration" not in k and "sklearn" not in k)
