@@ -98,12 +98,23 @@ def normalized_mse(X, X_hat):
     return noise / signal if signal > 0 else float("inf")
 
 
+#: Elements converted to float64 at a time by :func:`_noise_and_signal` (8 MiB per copy), so
+#: that measuring a large tensor does not hold float64 copies of it.
+_CHUNK_ELEMENTS = 2**20
+
+
 def _noise_and_signal(X, X_hat):
-    X = np.asarray(X, dtype=np.float64)
-    X_hat = np.asarray(X_hat, dtype=np.float64)
+    X, X_hat = np.asarray(X), np.asarray(X_hat)
     if X.shape != X_hat.shape:
         raise ValueError(f"shapes differ: {X.shape} and {X_hat.shape}")
-    return float(np.sum((X - X_hat) ** 2)), float(np.sum(X**2))
+    X, X_hat = X.reshape(-1), X_hat.reshape(-1)
+    noise = signal = 0.0
+    for start in range(0, X.size, _CHUNK_ELEMENTS):
+        x = X[start:start + _CHUNK_ELEMENTS].astype(np.float64)
+        error = x - X_hat[start:start + _CHUNK_ELEMENTS].astype(np.float64)
+        noise += float(error @ error)
+        signal += float(x @ x)
+    return noise, signal
 
 
 # -- the operational hull ----------------------------------------------------------------------

@@ -1425,7 +1425,7 @@ def _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows,
     and the codes are chosen with it (:func:`_encode_with_feedback`); with row weights, or
     row scales (:func:`_scaled_rows`), the fit is weighted."""
     rows, fit_calibration, scales = _scaled_rows(weight, setting, calibration)
-    X = to_rows(rows.astype(np.float32), setting.vector_size)
+    X = to_rows(rows.astype(np.float32, copy=False), setting.vector_size)
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=max_iter)
     sample, metric, weights, _ = _fit_inputs(X, fit_calibration, max_fit_rows, seed)
     with _blas_single_thread():
@@ -1507,7 +1507,7 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
             if scaled is None:
                 scaled = _scaled_rows(weight, setting, calibration)[:2]
             rows, fit_calibration = scaled
-        X = to_rows(rows.astype(np.float32), setting.vector_size)
+        X = to_rows(rows.astype(np.float32, copy=False), setting.vector_size)
         layer_calibration = _layout(fit_calibration, weight.shape, setting.vector_size)
         with _blas_single_thread():
             error = _estimate_error(setting, X, layer_calibration, seed, n_threads)
