@@ -1,6 +1,7 @@
 """The ``qsdlearn`` command."""
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -39,16 +40,33 @@ def _check_output(args):
         raise ValueError(f"the folder of {args.output} does not exist; create it first")
 
 
+def _read_sensitivity(path):
+    """The ``--sensitivity`` file: a JSON object of tensor name to number (None without)."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            sensitivity = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"--sensitivity {path}: not a readable JSON file ({exc})") from None
+    if not isinstance(sensitivity, dict):
+        raise ValueError(f"--sensitivity {path}: give a JSON object of tensor name to number, "
+                         'e.g. {"layer.weight": 2.5}')
+    return sensitivity
+
+
 def _compress(args):
     from .weights import compress_weights
 
     _check_output(args)
+    sensitivity = _read_sensitivity(args.sensitivity)
     model = compress_weights(
         args.input,
         bits_per_weight=args.bits_per_weight,
         vector_size=args.vector_size,
         keep=args.keep,
         calibration=args.calibration,
+        sensitivity=sensitivity,
         n_jobs=args.jobs,
         random_state=args.seed,
         verbose=True if args.verbose else None,
@@ -154,6 +172,10 @@ def build_parser():
                           help="data-aware compression: a .npz or .safetensors file holding, "
                           "under a tensor's name, the Gram matrix (in, in) of its inputs or "
                           "row weights (rows,) for an embedding table")
+    compress.add_argument("--sensitivity", metavar="FILE",
+                          help="a JSON object of tensor name to sensitivity: each tensor's "
+                          "relative error is weighted by it in the budget (see "
+                          "compress_weights)")
     compress.add_argument("--force", action="store_true", help="overwrite an existing output")
     compress.add_argument("--verbose", action="store_true",
                           help="progress bar even when standard error is not a terminal")

@@ -1494,6 +1494,13 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
         flat = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
         energy = (calibration.energy(flat) if calibration is not None
                   else float(np.einsum("ij,ij->", flat, flat)))
+    with _blas_single_thread():  # entered once: threadpoolctl inspects the loaded libraries
+        return _estimate_candidates(weight, candidates, seed, n_threads, energy, calibration)
+
+
+def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibration):
+    """The loop of :func:`_estimate` over the candidates (relative errors when ``energy`` is
+    given)."""
     results = []
     scales_pay = _row_scales_pay(weight)
     scaled = None  # the normalised rows and their weights, the same for every row-scaled setting
@@ -1509,12 +1516,11 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
             rows, fit_calibration = scaled
         X = to_rows(rows.astype(np.float32, copy=False), setting.vector_size)
         layer_calibration = _layout(fit_calibration, weight.shape, setting.vector_size)
-        with _blas_single_thread():
-            error = _estimate_error(setting, X, layer_calibration, seed, n_threads)
+        error = _estimate_error(setting, X, layer_calibration, seed, n_threads)
         if error is None:
             results.append(None)
             continue
-        if relative:
+        if energy is not None:
             error = error / energy if energy > 0 else 0.0
         results.append((setting.stream_bytes(weight.shape), error))
     return results
@@ -1589,6 +1595,7 @@ def _progress(results, names, enabled):
         "candidates": [list, None],
         "keep": [list, tuple, None],
         "calibration": [Mapping, str, os.PathLike, None],
+        "sensitivity": [Mapping, None],
         "n_jobs": [Integral, None],
         "random_state": ["random_state"],
         "max_iter": [Interval(Integral, 0, None, closed="left")],
@@ -1606,6 +1613,7 @@ def compress_weights(
     candidates=None,
     keep=None,
     calibration=None,
+    sensitivity=None,
     n_jobs=None,
     random_state=None,
     max_iter=50,
@@ -1658,6 +1666,15 @@ def compress_weights(
         then minimises the sum over tensors of the *relative* error (output error over output
         energy for calibrated tensors, weight error over ``||W||^2`` for the others), and the
         report gives every calibrated tensor's output SQNR.
+    sensitivity : mapping of str to float, optional
+        Per-tensor weights of the errors a ``bits_per_weight`` budget trades: each tensor's
+        *relative* error (as above; weight error over ``||W||^2`` without calibration) is
+        multiplied by its sensitivity, how much the model's loss grows per unit of that
+        relative error (the layer sensitivity of mixed-precision quantization, e.g. HAWQ,
+        Dong et al., 2019), so that the budget goes where the model needs it. Measure it by
+        perturbing one tensor at a time on calibration data (``benchmarks/model_fidelity.py``
+        does). Tensors not named weigh 1; a sensitivity of 0 gives a tensor its cheapest
+        candidate. Requires ``bits_per_weight``.
     n_jobs : int, optional
         Layers run through ``joblib.Parallel(n_jobs)``; under
         ``joblib.parallel_config(backend="dask")`` on a Dask cluster (workers given a file
@@ -1686,8 +1703,10 @@ def compress_weights(
     Raises
     ------
     ValueError
-        If there are no tensors, a tensor holds NaN or infinity, ``settings`` names a tensor
-        that is not compressible, ``bits_per_weight`` is below what the candidates reach, a
+        If there are no tensors, a tensor holds NaN or infinity, ``settings`` or
+        ``sensitivity`` names a tensor that is not compressible, a sensitivity is negative or
+        not finite (or given without ``bits_per_weight``), ``bits_per_weight`` is below what
+        the candidates reach, a
         file cannot be read, or a calibration entry names no tensor or does not fit its
         tensor (shape, symmetry, positive semi-definiteness, negative weights).
     TypeError
@@ -1703,6 +1722,8 @@ def compress_weights(
     ----------
     .. [1] E. Frantar, S. Ashkboos, T. Hoefler, D. Alistarh, "GPTQ: Accurate Post-Training
        Quantization for Generative Pre-trained Transformers", ICLR 2023 (arXiv:2210.17323).
+    .. [2] Z. Dong, Z. Yao, A. Gholami, M. Mahoney, K. Keutzer, "HAWQ: Hessian AWare
+       Quantization of Neural Networks with Mixed-Precision", ICCV 2019 (arXiv:1905.03696).
 
     Examples
     --------
@@ -1774,6 +1795,7 @@ def compress_weights(
                     "codebook_bits=8))"
                 )
     calibrations = _open_calibration(calibration, checkpoint, tied, compressible)
+    sensitivity = _check_sensitivity(sensitivity, compressible, bits_per_weight)
     for name, setting in fixed.items():
         if setting.row_scales and name in calibrations and \
                 calibrations[name][1].load().ndim == 2:
@@ -1786,7 +1808,7 @@ def compress_weights(
         fixed.update(
             _plan(layout, free, fixed, bits_per_weight,
                   candidates or default_candidates(vector_size), base, n_jobs, n_threads,
-                  calibrations)
+                  calibrations, sensitivity)
         )
     else:
         fixed.update({name: LayerSetting(vector_size=vector_size) for name in free})
@@ -1801,6 +1823,30 @@ def compress_weights(
     )
     fitted = dict(zip(compressible, _progress(parallel(jobs), compressible, verbose)))
     return layout.model({**kept, **fitted})
+
+
+def _check_sensitivity(sensitivity, compressible, bits_per_weight):
+    """``name -> float`` from the ``sensitivity`` argument of :func:`compress_weights`
+    (None when not given), checked before anything is fitted."""
+    if sensitivity is None:
+        return None
+    if bits_per_weight is None:
+        raise ValueError("sensitivity weighs the errors of a bits_per_weight budget: give "
+                         "bits_per_weight too")
+    unknown = sorted(set(sensitivity) - set(compressible))
+    if unknown:
+        raise ValueError(f"sensitivity names tensors that are not compressible (kept, tied to "
+                         f"an earlier tensor or unknown): {unknown[:5]}"
+                         + (" ..." if len(unknown) > 5 else ""))
+    checked = {}
+    for name, value in sensitivity.items():
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (Real, np.floating,
+                                                                        np.integer)):
+            raise TypeError(f"sensitivity[{name!r}] is a {type(value).__name__}; give a float")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"sensitivity[{name!r}] is {value}; give a finite value >= 0")
+        checked[name] = float(value)
+    return checked
 
 
 def _open_calibration(source, checkpoint, tied, compressible):
@@ -1927,7 +1973,7 @@ def _heavier_first_half(calibration):
 
 
 def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_threads,
-          calibrations):
+          calibrations, sensitivity=None):
     n_weights = layout.n_weights
     budget = int(bits_per_weight * n_weights // 8)
     # Feasibility needs no fitting: the sizes are known from the settings alone.
@@ -1949,15 +1995,16 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
     results = joblib.Parallel(n_jobs=n_jobs)(
         joblib.delayed(_estimate)(
             layout.checkpoint.ref(name), candidates, _layer_seed(base, name), n_threads,
-            bool(calibrations), calibrations.get(name),
+            bool(calibrations) or sensitivity is not None, calibrations.get(name),
         )
         for name in free
     )
     estimates = {name: [] for name in free}
     for name, per_candidate in zip(free, results):
+        weight = 1.0 if sensitivity is None else sensitivity.get(name, 1.0)
         for candidate, result in zip(candidates, per_candidate):
             if result is not None:
-                estimates[name].append((result[0], result[1], candidate))
+                estimates[name].append((result[0], weight * result[1], candidate))
     if any(not options for options in estimates.values()):
         empty = sorted(name for name, options in estimates.items() if not options)
         raise ValueError(f"no candidate setting fits the tensors {empty}")

@@ -249,3 +249,35 @@ def test_decompress_into_a_sharded_folder_again_leaves_no_stale_shards(compresse
         "model-00001-of-00001.safetensors"]
     assert (folder / "notes.txt").read_text() == "mine"  # other files are the user's
     assert set(read_back(folder)) == set(checkpoint_weights())
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not a readable JSON file"),
+    ("[1, 2]", "give a JSON object"),
+    ('{"layers.9.weight": 1.0}', "not compressible"),
+    ('{"layers.0.weight": -2}', "finite value >= 0"),
+])
+def test_cli_checks_the_sensitivity_file_before_compressing(content, message, tmp_path, capsys):
+    source = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(checkpoint_weights(), str(source))
+    sensitivity = tmp_path / "sensitivity.json"
+    sensitivity.write_text(content)
+    assert main(["compress", str(source), str(tmp_path / "out.qsd"), "--bits-per-weight", "16",
+                 "--sensitivity", str(sensitivity)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.qsd").exists()
+
+
+def test_cli_passes_the_sensitivity_on(tmp_path, capsys):
+    source = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(checkpoint_weights(), str(source))
+    sensitivity = tmp_path / "sensitivity.json"
+    sensitivity.write_text('{"layers.1.weight": 0}')  # its cheapest candidate
+    assert main(["compress", str(source), str(tmp_path / "out.qsd"), "--bits-per-weight", "16",
+                 "--sensitivity", str(sensitivity)]) == 0
+    capsys.readouterr()
+    from qsdlearn import load
+
+    bits = {r["name"]: r["bits_per_weight"] for r in load(tmp_path / "out.qsd").report()}
+    assert bits["layers.1.weight"] < bits["layers.0.weight"]

@@ -489,3 +489,39 @@ def test_an_npz_member_declaring_more_than_it_holds_is_refused(tmp_path):
         archive.writestr("w.npy", header.getvalue() + b"\x00" * 64)  # magic, header, 64 bytes
     with pytest.raises(ValueError, match="'w' declares shape .* the file is damaged"):
         compress_weights(tmp_path / "big.npz", bits_per_weight=2.0)
+
+
+def test_sensitivity_moves_the_budget_to_the_tensors_that_matter():
+    rng = np.random.default_rng(0)
+    weights = {"loud.weight": rng.normal(size=(128, 64)).astype(np.float32),
+               "quiet.weight": 0.01 * rng.normal(size=(128, 64)).astype(np.float32)}
+
+    def bits(**kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # budget not spent to the last bit
+            model = compress_weights(weights, bits_per_weight=3.0, candidates=QUICK,
+                                     random_state=0, max_iter=5, **kwargs)
+        return {record["name"]: record["bits_per_weight"] for record in model.report()}
+
+    plain = bits()  # the squared weight error: the loud tensor gets the bits
+    assert plain["loud.weight"] > plain["quiet.weight"]
+    weighted = bits(sensitivity={"quiet.weight": 1e4})
+    assert weighted["quiet.weight"] > weighted["loud.weight"]
+    cheapest = min(s.stream_bytes((128, 64)) for s in QUICK) * 8 / (128 * 64)
+    ignored = bits(sensitivity={"loud.weight": 0.0})
+    assert ignored["loud.weight"] == pytest.approx(cheapest)
+
+
+@pytest.mark.parametrize("sensitivity, error, message", [
+    ({"nope.weight": 1.0}, ValueError, "not compressible"),
+    ({"a.weight": -1.0}, ValueError, "finite value >= 0"),
+    ({"a.weight": float("inf")}, ValueError, "finite value >= 0"),
+    ({"a.weight": "1"}, TypeError, "give a float"),
+    ({"a.weight": True}, TypeError, "give a float"),
+])
+def test_bad_sensitivity_is_refused_before_fitting(sensitivity, error, message):
+    weights = {"a.weight": np.ones((64, 64), np.float32)}
+    with pytest.raises(error, match=message):
+        compress_weights(weights, bits_per_weight=2.0, sensitivity=sensitivity)
+    with pytest.raises(ValueError, match="give bits_per_weight"):
+        compress_weights(weights, sensitivity={"a.weight": 1.0})
