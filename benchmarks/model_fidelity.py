@@ -13,6 +13,10 @@ scores a compressed model on ``texts.HELD_OUT``: mean cosine between its sentenc
 the original model's, and the Spearman correlation of all pairwise similarities. Digits MLP:
 test accuracy of a scikit-learn MLP, calibrated on its training half.
 
+Each model is compressed weight-only, data-aware (``calibration=``), and data-aware with
+``sensitivity=``: every matrix's sensitivity measured on the calibration data alone by
+perturbing it with noise (:func:`sensitivities`).
+
 Every method's bits are those of the whole model: qsdlearn's file (header, kept tensors and
 biases included); per-row round-to-nearest (RTN) at ``b`` bits with MSE-optimal clipping and
 a 32-bit scale per row on every matrix, biases and norms as float32.
@@ -152,6 +156,11 @@ def fidelity(reference, embeddings):
 # -- per-row round-to-nearest baseline -----------------------------------------------------------
 
 
+def _is_matrix(tensor):
+    """Whether a tensor is one of the matrices compressed (as ``compress_weights`` chooses)."""
+    return tensor.ndim == 2 and tensor.dtype.kind == "f" and tensor.size >= 1024
+
+
 def rtn_model(weights, nbits):
     """Every matrix per-row RTN at ``nbits`` (the rate–distortion benchmark's scalar baseline);
     other tensors kept as float32. Returns the weights and the bits per weight."""
@@ -159,7 +168,7 @@ def rtn_model(weights, nbits):
     out, bits, count = {}, 0, 0
     for name, tensor in weights.items():
         count += tensor.size if tensor.dtype.kind == "f" else 0
-        if tensor.ndim == 2 and tensor.dtype.kind == "f" and tensor.size >= 1024:
+        if _is_matrix(tensor):
             out[name], tensor_bits = method.run(tensor.astype(np.float32), None)
             bits += tensor_bits
         else:
@@ -168,13 +177,46 @@ def rtn_model(weights, nbits):
     return out, bits / count
 
 
+# -- layer sensitivities --------------------------------------------------------------------------
+
+
+def relative_output_error(delta, weight, entry):
+    """Squared output error of a weight perturbation ``delta`` over the layer's output energy
+    on the calibration data: a Gram matrix ``(in, in)`` or row weights ``(rows,)``; the
+    weight error over ``||W||^2`` without an entry (what ``compress_weights`` trades)."""
+    delta = delta.reshape(delta.shape[0], -1)
+    weight = weight.reshape(weight.shape[0], -1)
+    if entry is None:
+        return float(np.sum(delta**2) / np.sum(weight**2))
+    if entry.ndim == 2:
+        return float(np.einsum("ij,ij->", delta @ entry, delta)
+                     / np.einsum("ij,ij->", weight @ entry, weight))
+    return float(entry @ np.sum(delta**2, axis=1) / (entry @ np.sum(weight**2, axis=1)))
+
+
+def sensitivities(weights, names, calibration, model_error, level=0.1, seed=0):
+    """Each tensor's sensitivity for ``compress_weights(sensitivity=...)``: the model's error
+    (``model_error(weights)``, on calibration data) when that tensor alone gets Gaussian noise
+    of ``level`` times its root mean square, over the relative error the noise causes (as
+    :func:`relative_output_error` measures it)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in names:
+        weight = weights[name].astype(np.float64)
+        delta = level * np.sqrt(np.mean(weight**2)) * rng.standard_normal(weight.shape)
+        error = model_error({**weights, name: (weight + delta).astype(weights[name].dtype)})
+        out[name] = error / relative_output_error(delta, weight, calibration.get(name))
+    return out
+
+
 # -- runs ------------------------------------------------------------------------------------------
 
 
-def _compress(source, bits, calibration, jobs, seed):
+def _compress(source, bits, calibration, jobs, seed, sensitivity=None):
     start = time.perf_counter()
-    model = compress_weights(source, bits_per_weight=bits, calibration=calibration, n_jobs=jobs,
-                             random_state=seed, max_fit_rows=MAX_FIT_ROWS, verbose=False)
+    model = compress_weights(source, bits_per_weight=bits, calibration=calibration,
+                             sensitivity=sensitivity, n_jobs=jobs, random_state=seed,
+                             max_fit_rows=MAX_FIT_ROWS, verbose=False)
     return model, time.perf_counter() - start
 
 
@@ -189,13 +231,25 @@ def run_minilm(bits_list, jobs, seed, report=print):
     report(f"MiniLM: calibration on {len(CALIBRATION)} sentences "
            f"({int(recorder.counts['embeddings.word_embeddings'].sum())} tokens) took "
            f"{calibration_seconds:.1f} s; scored on {len(HELD_OUT)} held-out sentences")
+    start = time.perf_counter()
+    calibration_embeddings = encode(weights, tokenizer, CALIBRATION)
+    sensitivity = sensitivities(
+        weights, [name for name, w in weights.items() if _is_matrix(w)], calibration,
+        lambda w: float(np.mean(np.sum((encode(w, tokenizer, CALIBRATION)
+                                        - calibration_embeddings) ** 2, axis=1))), seed=seed)
+    report(f"  sensitivities (squared embedding error on the calibration sentences per unit "
+           f"of relative error) took {time.perf_counter() - start:.0f} s: " + ", ".join(
+               f"{name.removesuffix('.weight')} {value:.3g}" for name, value in sensitivity.items()))
     rows = []
     for bits in bits_list:
         rtn, rtn_bits = rtn_model(weights, int(round(bits)))
         rows.append(("per-row RTN", bits, rtn_bits, *fidelity(reference, encode(rtn, tokenizer,
                                                                                 HELD_OUT)), None))
-        for label, cal in (("QSD weight-only", None), ("QSD data-aware", calibration)):
-            model, seconds = _compress(path, bits, cal, jobs, seed)
+        for label, cal, sens in (("QSD weight-only", None, None),
+                                 ("QSD data-aware", calibration, None),
+                                 ("QSD data-aware, sensitivity-weighted", calibration,
+                                  sensitivity)):
+            model, seconds = _compress(path, bits, cal, jobs, seed, sens)
             restored = {**weights, **model.decompress()}
             rows.append((label, bits, model.bits_per_weight,
                          *fidelity(reference, encode(restored, tokenizer, HELD_OUT)), seconds))
@@ -254,14 +308,22 @@ def run_mlp(bits_list, seed, report=print):
     n_weights = sum(w.size for w in weights.values())
     report(f"digits MLP 64-512-256-10 ({n_weights} weights): float accuracy "
            f"{scores(weights)[0]:.4f}")
+    train_logits = _mlp_forward(weights, X_train)
+    sensitivity = sensitivities(
+        weights, [name for name in weights if name.endswith(".weight")], calibration,
+        lambda w: float(np.sum((_mlp_forward(w, X_train) - train_logits) ** 2)
+                        / np.sum(train_logits**2)), seed=seed)
     rows = [("float32", 32.0, 32.0, *scores(weights), None)]
     for bits in bits_list:
         if float(bits).is_integer():
             rtn, rtn_bits = rtn_model(weights, int(bits))
             rows.append(("per-row RTN", bits, rtn_bits, *scores(rtn), None))
-        for label, cal in (("QSD weight-only", None), ("QSD data-aware", calibration)):
+        for label, cal, sens in (("QSD weight-only", None, None),
+                                 ("QSD data-aware", calibration, None),
+                                 ("QSD data-aware, sensitivity-weighted", calibration,
+                                  sensitivity)):
             try:
-                model, seconds = _compress(weights, bits, cal, 1, seed)
+                model, seconds = _compress(weights, bits, cal, 1, seed, sens)
             except ValueError as exc:  # a budget below what the candidates reach
                 report(f"  {label} at {bits} b/w: {exc}")
                 continue

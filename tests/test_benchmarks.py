@@ -358,3 +358,23 @@ def test_speed_targets_table_flags_unmet_floors():
     assert not met["VQ setting / sklearn KMeans(n_init=1), 20 iterations"]
     assert not met["one QSD iteration / one VQ iteration"]
     assert all(v for k, v in met.items() if "iteration" not in k and "sklearn" not in k)
+
+
+def test_sensitivity_of_a_layer_that_is_the_model_is_one():
+    from benchmarks.model_fidelity import relative_output_error, sensitivities
+
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(200, 12)) * np.linspace(0.1, 3, 12)  # inputs of unequal scales
+    weights = {"w": rng.normal(size=(5, 12)), "v": rng.normal(size=(5, 12))}
+    reference = A @ weights["w"].T
+
+    def model_error(w):  # the relative output error of "w"; "v" does not matter
+        return float(np.sum((A @ w["w"].T - reference) ** 2) / np.sum(reference**2))
+
+    out = sensitivities(weights, ["w", "v"], {"w": A.T @ A}, model_error)
+    assert out["w"] == pytest.approx(1.0, rel=1e-9)
+    assert out["v"] == 0.0
+    delta = rng.normal(size=(5, 12))
+    counts = rng.integers(1, 5, size=5).astype(float)
+    assert relative_output_error(delta, weights["w"], counts) == pytest.approx(
+        np.sum(counts[:, None] * delta**2) / np.sum(counts[:, None] * weights["w"] ** 2))
