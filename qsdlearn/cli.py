@@ -45,7 +45,7 @@ def _read_sensitivity(path):
     if path is None:
         return None
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # with or without a byte-order mark
             sensitivity = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"--sensitivity {path}: not a readable JSON file ({exc})") from None

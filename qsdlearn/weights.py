@@ -1673,8 +1673,11 @@ def compress_weights(
         relative error (the layer sensitivity of mixed-precision quantization, e.g. HAWQ,
         Dong et al., 2019), so that the budget goes where the model needs it. Measure it by
         perturbing one tensor at a time on calibration data (``benchmarks/model_fidelity.py``
-        does). Tensors not named weigh 1; a sensitivity of 0 gives a tensor its cheapest
-        candidate. Requires ``bits_per_weight``.
+        does). Given, every tensor's error is relative, with or without calibration: ``{}``
+        weighs all relative errors alike (without it, uncalibrated models trade absolute
+        weight errors). Tensors not named weigh 1; only ratios matter; a sensitivity of 0
+        gives a tensor its cheapest candidate; a value under a tied name serves the tensor
+        it is tied to. Requires ``bits_per_weight``.
     n_jobs : int, optional
         Layers run through ``joblib.Parallel(n_jobs)``; under
         ``joblib.parallel_config(backend="dask")`` on a Dask cluster (workers given a file
@@ -1795,7 +1798,7 @@ def compress_weights(
                     "codebook_bits=8))"
                 )
     calibrations = _open_calibration(calibration, checkpoint, tied, compressible)
-    sensitivity = _check_sensitivity(sensitivity, compressible, bits_per_weight)
+    sensitivity = _check_sensitivity(sensitivity, compressible, tied, fixed, bits_per_weight)
     for name, setting in fixed.items():
         if setting.row_scales and name in calibrations and \
                 calibrations[name][1].load().ndim == 2:
@@ -1825,28 +1828,59 @@ def compress_weights(
     return layout.model({**kept, **fitted})
 
 
-def _check_sensitivity(sensitivity, compressible, bits_per_weight):
+def _check_sensitivity(sensitivity, compressible, tied, fixed, bits_per_weight):
     """``name -> float`` from the ``sensitivity`` argument of :func:`compress_weights`
-    (None when not given), checked before anything is fitted."""
+    (None when not given), checked before anything is fitted: a value under a tied name
+    serves the tensor it is tied to; values for tensors with fixed settings are unused
+    (warned)."""
     if sensitivity is None:
         return None
     if bits_per_weight is None:
         raise ValueError("sensitivity weighs the errors of a bits_per_weight budget: give "
                          "bits_per_weight too")
-    unknown = sorted(set(sensitivity) - set(compressible))
+    for name in sensitivity:
+        if not isinstance(name, str):
+            raise TypeError(f"sensitivity has the key {name!r}; keys are tensor names (str)")
+    unknown = sorted(name for name in sensitivity
+                     if name not in tied or tied[name] not in compressible)
     if unknown:
-        raise ValueError(f"sensitivity names tensors that are not compressible (kept, tied to "
-                         f"an earlier tensor or unknown): {unknown[:5]}"
-                         + (" ..." if len(unknown) > 5 else ""))
-    checked = {}
+        raise ValueError(f"sensitivity names tensors that are not compressible (kept or "
+                         f"unknown): {unknown[:5]}" + (" ..." if len(unknown) > 5 else ""))
+    checked, given_as = {}, {}
     for name, value in sensitivity.items():
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (Real, np.floating,
                                                                         np.integer)):
             raise TypeError(f"sensitivity[{name!r}] is a {type(value).__name__}; give a float")
-        if not (math.isfinite(value) and value >= 0):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not (math.isfinite(number) and number >= 0):
             raise ValueError(f"sensitivity[{name!r}] is {value}; give a finite value >= 0")
-        checked[name] = float(value)
+        first = tied[name]
+        if first in checked and checked[first] != number:
+            raise ValueError(f"sensitivity for tied tensors {given_as[first]!r} and {name!r} "
+                             "differs: give it under one name")
+        checked[first], given_as[first] = number, name
+    unused = sorted(given_as[first] for first in checked if first in fixed)
+    if unused:
+        warnings.warn(f"sensitivity for {unused[:5]} is not used: those tensors have fixed "
+                      "settings", UserWarning, stacklevel=4)
     return checked
+
+
+def _sensitivity_weights(sensitivity, names):
+    """Every name's sensitivity (1 when not given) over the largest, so that weighted errors
+    cannot overflow (the plan depends on their ratios only); None without sensitivities."""
+    if sensitivity is None:
+        return None
+    weights = {name: sensitivity.get(name, 1.0) for name in names}
+    top = max(weights.values(), default=0.0)
+    if top == 0:
+        warnings.warn("every sensitivity is 0: each tensor takes its cheapest candidate and "
+                      "the budget is not spent", UserWarning, stacklevel=5)
+        return weights
+    return {name: value / top for name, value in weights.items()}
 
 
 def _open_calibration(source, checkpoint, tied, compressible):
@@ -2000,8 +2034,9 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
         for name in free
     )
     estimates = {name: [] for name in free}
+    weights = _sensitivity_weights(sensitivity, free)
     for name, per_candidate in zip(free, results):
-        weight = 1.0 if sensitivity is None else sensitivity.get(name, 1.0)
+        weight = 1.0 if weights is None else weights[name]
         for candidate, result in zip(candidates, per_candidate):
             if result is not None:
                 estimates[name].append((result[0], weight * result[1], candidate))

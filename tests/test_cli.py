@@ -256,6 +256,7 @@ def test_decompress_into_a_sharded_folder_again_leaves_no_stale_shards(compresse
     ("[1, 2]", "give a JSON object"),
     ('{"layers.9.weight": 1.0}', "not compressible"),
     ('{"layers.0.weight": -2}', "finite value >= 0"),
+    ('{"layers.0.weight": 1' + "0" * 400 + "}", "finite value >= 0"),  # overflows a float
 ])
 def test_cli_checks_the_sensitivity_file_before_compressing(content, message, tmp_path, capsys):
     source = tmp_path / "model.safetensors"

@@ -525,3 +525,35 @@ def test_bad_sensitivity_is_refused_before_fitting(sensitivity, error, message):
         compress_weights(weights, bits_per_weight=2.0, sensitivity=sensitivity)
     with pytest.raises(ValueError, match="give bits_per_weight"):
         compress_weights(weights, sensitivity={"a.weight": 1.0})
+
+
+def test_sensitivity_only_ratios_matter_and_ties_and_fixed_settings_are_handled():
+    rng = np.random.default_rng(0)
+    loud = rng.normal(size=(128, 64)).astype(np.float32)
+    weights = {"loud.weight": loud, "quiet.weight": 0.01 * loud[::-1].copy(),
+               "copy.weight": loud.copy()}  # tied to loud.weight
+
+    def report(**kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model = compress_weights(weights, bits_per_weight=3.0, candidates=QUICK,
+                                     random_state=0, max_iter=5, **kwargs)
+        return {r["name"]: r["setting"] for r in model.report()}
+
+    small = report(sensitivity={"copy.weight": 1.0, "quiet.weight": 50.0})
+    huge = report(sensitivity={"copy.weight": 1e300, "quiet.weight": 5e301})  # no overflow
+    assert small == huge
+    assert report(sensitivity={"loud.weight": 10**400 // 10**399}) == report(
+        sensitivity={"loud.weight": 10.0})
+    with pytest.raises(ValueError, match="give a finite value"):
+        report(sensitivity={"loud.weight": 10**400})
+    with pytest.raises(ValueError, match="tied tensors"):
+        report(sensitivity={"loud.weight": 1.0, "copy.weight": 2.0})
+    with pytest.raises(TypeError, match="keys are tensor names"):
+        report(sensitivity={1: 1.0, "loud.weight": 2.0})
+    with pytest.warns(UserWarning, match="not used: those tensors have fixed settings"):
+        compress_weights(weights, settings={"loud.weight": QUICK[0]}, bits_per_weight=3.0,
+                         candidates=QUICK, sensitivity={"loud.weight": 2.0}, max_iter=2)
+    with pytest.warns(UserWarning, match="every sensitivity is 0"):
+        compress_weights(weights, bits_per_weight=3.0, candidates=QUICK, max_iter=2,
+                         sensitivity={"loud.weight": 0.0, "quiet.weight": 0.0})
