@@ -252,8 +252,10 @@ def table(r):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes (50,000 rows, a 1024 x 1024 matrix), no MiniLM")
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                        help="folder for speed_targets.json and speed_targets.md")
     parser.add_argument("--big-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.big_child:
