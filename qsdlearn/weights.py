@@ -1709,9 +1709,9 @@ def compress_weights(
         If there are no tensors, a tensor holds NaN or infinity, ``settings`` or
         ``sensitivity`` names a tensor that is not compressible, a sensitivity is negative or
         not finite (or given without ``bits_per_weight``), ``bits_per_weight`` is below what
-        the candidates reach, a
-        file cannot be read, or a calibration entry names no tensor or does not fit its
-        tensor (shape, symmetry, positive semi-definiteness, negative weights).
+        the candidates reach, a file cannot be read, or a calibration entry names no tensor
+        or does not fit its tensor (shape, symmetry, positive semi-definiteness, negative
+        weights).
     TypeError
         If a tensor name is not a string or a dtype is not supported.
 
@@ -1869,18 +1869,18 @@ def _check_sensitivity(sensitivity, compressible, tied, fixed, bits_per_weight):
     return checked
 
 
-def _sensitivity_weights(sensitivity, names):
+def _sensitivity_factors(sensitivity, names):
     """Every name's sensitivity (1 when not given) over the largest, so that weighted errors
     cannot overflow (the plan depends on their ratios only); None without sensitivities."""
     if sensitivity is None:
         return None
-    weights = {name: sensitivity.get(name, 1.0) for name in names}
-    top = max(weights.values(), default=0.0)
+    factors = {name: sensitivity.get(name, 1.0) for name in names}
+    top = max(factors.values(), default=0.0)
     if top == 0:
         warnings.warn("every sensitivity is 0: each tensor takes its cheapest candidate and "
                       "the budget is not spent", UserWarning, stacklevel=5)
-        return weights
-    return {name: value / top for name, value in weights.items()}
+        return factors
+    return {name: value / top for name, value in factors.items()}
 
 
 def _open_calibration(source, checkpoint, tied, compressible):
@@ -2034,12 +2034,12 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
         for name in free
     )
     estimates = {name: [] for name in free}
-    weights = _sensitivity_weights(sensitivity, free)
+    factors = _sensitivity_factors(sensitivity, free)
     for name, per_candidate in zip(free, results):
-        weight = 1.0 if weights is None else weights[name]
+        factor = 1.0 if factors is None else factors[name]
         for candidate, result in zip(candidates, per_candidate):
             if result is not None:
-                estimates[name].append((result[0], weight * result[1], candidate))
+                estimates[name].append((result[0], factor * result[1], candidate))
     if any(not options for options in estimates.values()):
         empty = sorted(name for name, options in estimates.items() if not options)
         raise ValueError(f"no candidate setting fits the tensors {empty}")
