@@ -1787,7 +1787,7 @@ def compress_weights(
         if unknown:
             raise ValueError(
                 f"settings name tensors that are not compressible (kept, tied to an earlier "
-                f"tensor or unknown): {sorted(unknown)}"
+                f"tensor or unknown): {sorted(unknown, key=repr)}"
             )
         fixed = dict(settings)
         for name, setting in fixed.items():
@@ -1848,8 +1848,7 @@ def _check_sensitivity(sensitivity, compressible, tied, fixed, bits_per_weight):
                          f"unknown): {unknown[:5]}" + (" ..." if len(unknown) > 5 else ""))
     checked, given_as = {}, {}
     for name, value in sensitivity.items():
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (Real, np.floating,
-                                                                        np.integer)):
+        if isinstance(value, bool) or not isinstance(value, Real):  # NumPy numbers are Real
             raise TypeError(f"sensitivity[{name!r}] is a {type(value).__name__}; give a float")
         try:
             number = float(value)

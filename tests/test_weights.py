@@ -164,6 +164,8 @@ def test_per_layer_settings(tmp_path):
     assert compressed.layers["embed.weight"].setting == other
     with pytest.raises(ValueError, match="not compressible"):
         compress_weights(weights, settings={"conv.bias": other})
+    with pytest.raises(ValueError, match=r"not compressible.*\['nope', 0\]"):
+        compress_weights(weights, settings={0: other, "nope": other})  # names of mixed types
 
 
 def test_files_and_bad_sources(tmp_path):
