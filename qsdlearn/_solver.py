@@ -84,8 +84,15 @@ class FitResult:
 # -- small linear-algebra helpers ------------------------------------------------------------
 
 
+def _is_diagonal(A):
+    """Whether the square matrix ``A`` has no nonzero entry off its diagonal (``Z^T Z`` of
+    one-hot codes)."""
+    return np.count_nonzero(A) == np.count_nonzero(np.diagonal(A))
+
+
 def _largest_eigenvalue(sym, n_iter=100, rtol=1e-7):
-    """Largest eigenvalue of a symmetric positive semi-definite matrix, by power iteration.
+    """Largest eigenvalue of a symmetric positive semi-definite matrix, by power iteration
+    (exactly, as the largest entry, for a diagonal matrix).
 
     Much cheaper than a dense eigensolver at the sizes met here, and deterministic (fixed
     start). The 1 % margin makes the step ``1 / L`` safe in practice; the solver checks every
@@ -97,6 +104,8 @@ def _largest_eigenvalue(sym, n_iter=100, rtol=1e-7):
     trace = float(np.trace(sym))
     if trace <= 0:
         return 0.0
+    if _is_diagonal(sym):  # a power iteration would converge slowly between close entries
+        return float(np.max(np.diagonal(sym)))
     v = 1.0 + np.arange(k) / k  # fixed start with a component along any nonnegative direction
     v /= np.linalg.norm(v)
     value = 0.0
@@ -115,8 +124,11 @@ def _largest_eigenvalue(sym, n_iter=100, rtol=1e-7):
 
 
 def _solve_psd(A, B):
-    """Solution of ``A Y = B`` for symmetric positive semi-definite ``A`` (Cholesky, or least
-    squares when ``A`` is singular)."""
+    """Solution of ``A Y = B`` for symmetric positive semi-definite ``A`` (a division when
+    ``A`` is diagonal and nonsingular, Cholesky, or least squares when ``A`` is singular)."""
+    diagonal = np.diagonal(A)
+    if np.all(diagonal > 0) and _is_diagonal(A):
+        return (B.T / diagonal).T
     try:
         return scipy.linalg.cho_solve(scipy.linalg.cho_factor(A, check_finite=False), B,
                                       check_finite=False)
