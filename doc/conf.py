@@ -18,6 +18,8 @@ extensions = [
     "sphinx_gallery.gen_gallery",
 ]
 autosummary_generate = True
+# classes list their public methods and properties with their whole docstrings
+templates_path = ["_templates"]
 numpydoc_show_class_members = False
 sphinx_gallery_conf = {
     "examples_dirs": "../examples",

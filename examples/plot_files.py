@@ -49,8 +49,11 @@ except ValueError as error:
 
 idx, val, codebook = loaded.factors()
 fig, axes = plt.subplots(1, 2, figsize=(7, 3))
-axes[0].imshow(codebook, aspect="auto", cmap="coolwarm")
+image = axes[0].imshow(codebook, aspect="auto", cmap="coolwarm")
 axes[0].set_title("codebook (64 x 8)")
+axes[0].set_xlabel("element of the 8-pixel row")
+axes[0].set_ylabel("codebook row")
+fig.colorbar(image, ax=axes[0], label="value (pixel intensity)")
 axes[1].scatter(idx[:300].ravel(), val[:300].ravel(), s=8)
 axes[1].set_xlabel("codebook row")
 axes[1].set_ylabel("code level")
