@@ -230,13 +230,26 @@ def write_atomic(path, data):
 
 class FileImage:
     """What every kind of qsdlearn file shares: ``save`` and ``from_bytes`` around the
-    subclass's ``to_bytes`` and ``from_container``; ``KIND`` is the ``kind`` its metadata
+    subclass's ``to_bytes`` and ``_from_container``; ``_KIND`` is the ``kind`` its metadata
     names."""
 
-    KIND = None
+    _KIND = None
 
     def save(self, path):
-        """Write :meth:`to_bytes` to ``path`` atomically (see :func:`qsdlearn.save`)."""
+        """Write :meth:`to_bytes` to ``path`` atomically (see :func:`qsdlearn.save`).
+
+        Parameters
+        ----------
+        path : str or path-like
+            Destination; an existing file there is replaced as a whole, never left partial.
+
+        Raises
+        ------
+        IsADirectoryError
+            If ``path`` is a folder.
+        FileNotFoundError
+            If the folder of ``path`` does not exist.
+        """
         write_atomic(path, self.to_bytes())
 
     @classmethod
@@ -257,13 +270,13 @@ class FileImage:
             If the image is not a file of this kind and format version, is damaged, or
             declares more than ``max_elements`` elements.
         """
-        return cls.from_container(*read_container(data), max_elements=max_elements)
+        return cls._from_container(*read_container(data), max_elements=max_elements)
 
     @classmethod
-    def check_kind(cls, meta):
+    def _check_kind(cls, meta):
         """Reject metadata of another kind of file."""
-        if meta.get("kind") != cls.KIND:
-            raise ValueError(f"not a compressed {cls.KIND}: kind {meta.get('kind')!r}")
+        if meta.get("kind") != cls._KIND:
+            raise ValueError(f"not a compressed {cls._KIND}: kind {meta.get('kind')!r}")
 
 
 def _new_file_mode():

@@ -431,6 +431,11 @@ default=None
         -------
         codes : ndarray of shape (n_samples, n_components)
             Dequantized codes ``Z``, in the dtype of ``X``.
+
+        Raises
+        ------
+        ValueError
+            As :meth:`fit`.
         """
         return self._fit(X, sample_weight, metric).to_dense(self.n_components_)
 
@@ -500,6 +505,15 @@ default=None
         -------
         codes : ndarray of shape (n_samples, n_components)
             Dequantized codes, in the dtype of ``X``.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the estimator is not fitted.
+        ValueError
+            If ``X`` has another number of features than the data fitted, or holds NaN or
+            infinity, or ``metric`` has the wrong shape or is not symmetric positive
+            semi-definite.
         """
         X = self._validate_new(X)
         return self._encode(X, metric).to_dense(self.n_components_)
@@ -530,6 +544,14 @@ default=None
         -------
         X_original : ndarray of shape (n_samples, n_features)
             The reconstruction.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the estimator is not fitted.
+        ValueError
+            If ``X`` has another number of columns than ``n_components_``, or holds NaN or
+            infinity.
         """
         check_is_fitted(self)
         codes = check_array(_native_float(X), dtype=[np.float64, np.float32], input_name="X",
@@ -565,6 +587,14 @@ default=None
         CompressedMatrix
             ``decode()`` gives ``inverse_transform(transform(X))`` bit for bit; ``bits`` is
             the bit account of :attr:`bits_` for these rows.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the estimator is not fitted.
+        ValueError
+            If ``X`` has another number of features than the data fitted, or holds NaN or
+            infinity, or ``metric`` is invalid (as in :meth:`transform`).
         """
         X = self._validate_new(X)
         dtype = self.components_.dtype
@@ -589,6 +619,14 @@ default=None
         -------
         score : float
             ``-mean((X - inverse_transform(transform(X)))**2)``.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            If the estimator is not fitted.
+        ValueError
+            If ``X`` has another number of features than the data fitted, or holds NaN or
+            infinity.
         """
         X = self._validate_new(X)
         codes = self._encode(X).to_dense(self.n_components_)

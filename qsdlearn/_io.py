@@ -8,7 +8,7 @@ from ._container import read_container, read_file
 from .codec import CompressedMatrix
 from .weights import CompressedModel
 
-_KINDS = {kind.KIND: kind for kind in (CompressedMatrix, CompressedModel)}
+_KINDS = {kind._KIND: kind for kind in (CompressedMatrix, CompressedModel)}
 
 
 def save(obj, path):
@@ -104,4 +104,4 @@ def load(path, *, max_elements=None):
     kind = _KINDS.get(meta.get("kind"))
     if kind is None:
         raise ValueError(f"unsupported kind of qsdlearn file: {meta.get('kind')!r}")
-    return kind.from_container(meta, tensors, max_elements=max_elements)
+    return kind._from_container(meta, tensors, max_elements=max_elements)

@@ -195,7 +195,7 @@ def build_parser():
     info = commands.add_parser(
         "info", help="per-layer dtype, setting, bits per weight and SQNR of a compressed file, "
         "and the ratio over the original")
-    info.add_argument("file")
+    info.add_argument("file", help="a compressed model or matrix file written by qsdlearn")
     info.set_defaults(handler=_info)
     return parser
 

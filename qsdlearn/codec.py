@@ -50,6 +50,8 @@ from ._jit import kernel_threads
 from ._kernels import INDEX_DTYPE, all_positions, reconstruct_from_slots
 from ._levels import level_indices, level_values
 
+__all__ = ["CompressedMatrix", "MatrixSettings"]
+
 #: Size of the JSON header of a matrix file (space-padded), so that a file is exactly
 #: ``8 + HEADER_BYTES`` bytes plus its streams.
 HEADER_BYTES = 1024
@@ -75,6 +77,16 @@ class MatrixSettings:
     dtype : str
         ``"float32"`` or ``"float64"``: the dtype of float values and of the decoded matrix.
     constraints : Constraints
+        The constraints of the factorization (codebook size, nonzeros, code and codebook
+        bits).
+
+    Examples
+    --------
+    >>> from qsdlearn import Constraints
+    >>> from qsdlearn.codec import MatrixSettings
+    >>> settings = MatrixSettings(1000, 8, "float32", Constraints(256, n_nonzero=1, code_bits=0))
+    >>> settings.budget.total, settings.stream_sizes()["codebook_values"]
+    (73536, 8192)
     """
 
     n_rows: int
@@ -98,18 +110,46 @@ class MatrixSettings:
         return self.n_rows * max(self.n_features, self.constraints.slots)
 
     def stream_sizes(self):
-        """Expected byte size of every stream (0 when absent)."""
+        """Expected byte size of every stream.
+
+        Returns
+        -------
+        dict of str to int
+            Stream name to its size in bytes (0 when the settings have no such stream).
+        """
         return {name: (bits + 7) // 8 for name, bits in self.budget.stream_bits().items()}
 
     def to_dict(self):
-        """The flat form files store: shape, constraints and dtype in one mapping."""
+        """The flat form files store: shape, constraints and dtype in one mapping.
+
+        Returns
+        -------
+        dict
+            Field name to value (int, str or None), in the order files store them.
+        """
         flat = {"n_rows": self.n_rows, "n_features": self.n_features,
                 **self.constraints.to_dict(), "dtype": self.dtype}
         return {name: flat[name] for name in _SETTINGS_FIELDS}
 
     @classmethod
     def from_dict(cls, raw):
-        """Rebuild and validate settings from :meth:`to_dict`'s form (as read from a file)."""
+        """Rebuild and validate settings from :meth:`to_dict`'s form (as read from a file).
+
+        Parameters
+        ----------
+        raw : dict
+            The fields of :meth:`to_dict`.
+
+        Returns
+        -------
+        MatrixSettings
+            The settings, validated (:meth:`validate`).
+
+        Raises
+        ------
+        ValueError
+            If a field is missing, unexpected, of the wrong type or out of range.
+        """
         if not isinstance(raw, dict) or set(raw) != set(_SETTINGS_FIELDS):
             raise ValueError("damaged file: settings do not have the expected fields")
         raw = dict(raw)
@@ -118,12 +158,34 @@ class MatrixSettings:
         return cls(constraints=Constraints(**raw), **shape)
 
     def to_json(self):
-        """:meth:`to_dict` as JSON text with sorted keys."""
+        """:meth:`to_dict` as JSON text with sorted keys.
+
+        Returns
+        -------
+        str
+            The JSON text.
+        """
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text):
-        """Rebuild and validate settings from :meth:`to_json`'s text."""
+        """Rebuild and validate settings from :meth:`to_json`'s text.
+
+        Parameters
+        ----------
+        text : str
+            JSON text of :meth:`to_json`.
+
+        Returns
+        -------
+        MatrixSettings
+            The settings, validated.
+
+        Raises
+        ------
+        ValueError
+            If the text is not JSON or its fields are not valid settings.
+        """
         try:
             raw = json.loads(text)
         except (TypeError, ValueError, RecursionError) as exc:
@@ -131,7 +193,13 @@ class MatrixSettings:
         return cls.from_dict(raw)
 
     def validate(self):
-        """Reject settings outside the ranges the estimator can produce."""
+        """Reject settings outside the ranges the estimator can produce.
+
+        Raises
+        ------
+        ValueError
+            If a field is of the wrong type or out of range.
+        """
         _validate_flat(self.to_dict())
 
 
@@ -251,7 +319,7 @@ class CompressedMatrix(FileImage):
     True
     """
 
-    KIND = "matrix"
+    _KIND = "matrix"
 
     def __init__(self, settings, streams):
         settings.validate()
@@ -344,11 +412,11 @@ class CompressedMatrix(FileImage):
         bytes
             A safetensors file: 8 + :data:`HEADER_BYTES` bytes of header, then the streams.
         """
-        metadata = {"kind": self.KIND, "settings": self.settings.to_json()}
+        metadata = {"kind": self._KIND, "settings": self.settings.to_json()}
         return write_container(matrix_tensors(self), metadata, header_bytes=HEADER_BYTES)
 
     @classmethod
-    def from_container(cls, meta, tensors, max_elements=None):
+    def _from_container(cls, meta, tensors, max_elements=None):
         """Rebuild from a parsed container.
 
         Parameters
@@ -365,7 +433,7 @@ class CompressedMatrix(FileImage):
         CompressedMatrix
             The validated matrix.
         """
-        cls.check_kind(meta)
+        cls._check_kind(meta)
         if list(tensors) != list(STREAMS):
             raise ValueError(
                 f"damaged file: expected the streams {list(STREAMS)}, found {list(tensors)}"

@@ -63,6 +63,9 @@ from .codec import (STREAMS, CompressedMatrix, MatrixSettings, encode_factors, m
                     matrix_from_tensors, matrix_payload)
 from .metrics import sqnr
 
+__all__ = ["CompressedModel", "LayerSetting", "compress_weights", "default_candidates",
+           "output_row_scales", "read_weights"]
+
 MIN_COMPRESSED_SIZE = 1024
 #: Bytes the planner sets aside, before it allocates the budget, for a layer's entry in the
 #: header to grow from that of its smallest candidate to that of the chosen one (the digits
@@ -208,6 +211,14 @@ def default_candidates(vector_size=8):
     Returns
     -------
     list of LayerSetting
+        46 settings at ``vector_size=8``: 23 without row scales, then the same 23 with them.
+
+    Examples
+    --------
+    >>> from qsdlearn.weights import default_candidates
+    >>> candidates = default_candidates(8)
+    >>> len(candidates), candidates[0].describe()
+    (46, 'd=8 k=128 2 of 128 codes=1b codebook=8b')
     """
     d = vector_size
     sparse = [(k, 2, 1) for k in (128, 181, 256, 362)] + [(256, 2, 2), (256, 3, 2)]
@@ -641,7 +652,7 @@ class CompressedModel(FileImage):
     (128,)
     """
 
-    KIND = "model"
+    _KIND = "model"
 
     def __init__(self, layers):
         self.layers = dict(layers)
@@ -782,9 +793,11 @@ class CompressedModel(FileImage):
         """
         rows = self.report()
         width = max([len(r["name"]) for r in rows] + [4])
+        setting_width = max([len(r["setting"]) for r in rows] + [7])
         calibrated = any(r["output_sqnr_db"] is not None for r in rows)
         lines = [
-            f"{'name':<{width}}  {'shape':<18} {'dtype':<8} {'setting':<44} {'bits/weight':>11} "
+            f"{'name':<{width}}  {'shape':<18} {'dtype':<8} {'setting':<{setting_width}} "
+            f"{'bits/weight':>11} "
             f"{'SQNR dB':>8}" + (f" {'output dB':>9}" if calibrated else "")
         ]
         for r in rows:
@@ -795,7 +808,8 @@ class CompressedModel(FileImage):
                           else f" {'-':>9}")
             lines.append(
                 f"{r['name']:<{width}}  {str(r['shape']):<18} {r['dtype']:<8} "
-                f"{r['setting']:<44} {r['bits_per_weight']:>11.3f} {r['sqnr_db']:>8.2f}"
+                f"{r['setting']:<{setting_width}} {r['bits_per_weight']:>11.3f} "
+                f"{r['sqnr_db']:>8.2f}"
                 f"{output}{note}"
             )
         lines.append(
@@ -832,12 +846,12 @@ class CompressedModel(FileImage):
                 entries.append(entry.file_entry(name))
                 chunks.append(entry.payload())
             payload = b"".join(chunks)
-            metadata = {"kind": self.KIND, "layers": json.dumps(entries, separators=(",", ":"))}
+            metadata = {"kind": self._KIND, "layers": json.dumps(entries, separators=(",", ":"))}
             self._image = write_container([(PAYLOAD, "U8", (len(payload),), payload)], metadata)
         return self._image
 
     @classmethod
-    def from_container(cls, meta, tensors, max_elements=None):
+    def _from_container(cls, meta, tensors, max_elements=None):
         """Rebuild from a parsed container (format versions 1 to 3).
 
         Every layer's entry is checked, the declared sizes against ``max_elements`` and the
@@ -857,7 +871,7 @@ class CompressedModel(FileImage):
         CompressedModel
             The validated model.
         """
-        cls.check_kind(meta)
+        cls._check_kind(meta)
         if meta.get("format_version") in ("1", "2"):
             return cls(_layers_of_version_2(meta, tensors, max_elements))
         return cls(_layers_of_version_3(meta, tensors, max_elements))
@@ -1199,6 +1213,22 @@ def read_weights(source):
     Returns
     -------
     dict of str to ndarray
+        Name to array, in the source's order, with the stored shapes and dtypes (bfloat16
+        as ``ml_dtypes.bfloat16``).
+
+    Raises
+    ------
+    ValueError
+        If the source is not a readable checkpoint or a tensor holds NaN or infinity.
+    TypeError
+        If a tensor's dtype cannot be stored (it is named).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qsdlearn.weights import read_weights
+    >>> read_weights({"fc.weight": np.ones((2, 3), dtype=np.float32)})["fc.weight"].shape
+    (2, 3)
     """
     checkpoint = open_checkpoint(source)
     checkpoint.check()
