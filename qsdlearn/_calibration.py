@@ -42,10 +42,10 @@ class Feedback:
     inverse_blocks: np.ndarray
 
 
-def _damped(H, mean_diagonal):
-    """``H`` plus :data:`DAMPING` times the mean diagonal on its diagonal (a copy)."""
+def _damped(H, mean_diagonal, damping=DAMPING):
+    """``H`` plus ``damping`` times the mean diagonal on its diagonal (a copy)."""
     H = H.copy()
-    H[np.diag_indices(H.shape[0])] += DAMPING * mean_diagonal
+    H[np.diag_indices(H.shape[0])] += damping * mean_diagonal
     return H
 
 
@@ -83,17 +83,31 @@ class LayerCalibration:
     row_weights: np.ndarray | None = None
     #: Sub-vectors each row of the tensor is cut into (the ``m`` of the metric's layout).
     subvectors_per_row: int = 1
+    #: The objective's Gram matrix is ``gram`` plus this fraction of its mean diagonal on its
+    #: diagonal (see :meth:`objective_gram`).
+    damping: float = 0.0
     _feedback: dict = field(default_factory=dict, compare=False, repr=False)
 
+    def objective_gram(self):
+        """The Gram matrix of the objective: ``H + damping * mean(diag H) * I``.
+
+        The output error on the calibration inputs plus ``damping`` times their mean energy
+        per input times the weight error: a layer whose calibration inputs span few
+        directions (fewer samples than inputs, or inputs that barely vary) is otherwise free
+        to move its weights along the others, which held-out inputs do not ignore."""
+        if not self.damping:
+            return self.gram
+        return _damped(self.gram, float(np.mean(np.diag(self.gram))), self.damping)
+
     def feedback(self, vector_size):
-        """The :class:`Feedback` of the Gram matrix for ``vector_size`` (None for row
-        weights); computed once per padded width."""
+        """The :class:`Feedback` of the objective's Gram matrix for ``vector_size`` (None for
+        row weights); computed once per padded width."""
         if self.gram is None:
             return None
         width = -(-self.gram.shape[0] // vector_size) * vector_size
         key = (width, vector_size)
         if key not in self._feedback:
-            self._feedback[key] = feedback(self.gram, vector_size)
+            self._feedback[key] = feedback(self.objective_gram(), vector_size)
         return self._feedback[key]
 
     def for_layout(self, subvectors_per_row):
@@ -119,12 +133,15 @@ class LayerCalibration:
             return None
         return np.repeat(self.row_weights, subvectors_per_row)
 
-    def energy(self, matrix):
+    def energy(self, matrix, objective=True):
         """``sum_r e_r H e_r^T`` (or ``sum_r u_r ||e_r||^2``) over the rows of ``matrix``
-        (``(rows, in)``, float64): the output energy of its rows on the calibration data."""
+        (``(rows, in)``, float64): in the objective's Gram matrix (:meth:`objective_gram`),
+        or with ``objective=False`` in the calibration's own, the output energy of the rows on
+        the calibration data."""
         E = np.asarray(matrix, dtype=np.float64)
         if self.gram is not None:
-            return float(np.einsum("ri,ri->", E @ self.gram, E))
+            gram = self.objective_gram() if objective else self.gram
+            return float(np.einsum("ri,ri->", E @ gram, E))
         return float(self.row_weights @ np.einsum("ri,ri->r", E, E))
 
 

@@ -66,6 +66,7 @@ def _compress(args):
         vector_size=args.vector_size,
         keep=args.keep,
         calibration=args.calibration,
+        calibration_damping=args.calibration_damping,
         sensitivity=sensitivity,
         n_jobs=args.jobs,
         random_state=args.seed,
@@ -172,6 +173,10 @@ def build_parser():
                           help="data-aware compression: a .npz or .safetensors file holding, "
                           "under a tensor's name, the Gram matrix (in, in) of its inputs or "
                           "row weights (rows,) for an embedding table")
+    compress.add_argument("--calibration-damping", metavar="F", type=float, default=0.1,
+                          help="with --calibration: fraction of each Gram matrix's mean "
+                          "diagonal added to its diagonal in the objective, so that the weight "
+                          "error counts too (default 0.1; 0 fits the calibration data alone)")
     compress.add_argument("--sensitivity", metavar="FILE",
                           help="a JSON object of tensor name to sensitivity: each tensor's "
                           "relative error is weighted by it in the budget (see "
