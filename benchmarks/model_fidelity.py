@@ -38,6 +38,9 @@ from .methods import scalar
 from .texts import CALIBRATION, HELD_OUT
 
 MAX_FIT_ROWS = 65536
+#: ``compress_weights(calibration_damping=...)``: its default, given explicitly so that the
+#: sensitivities below are measured in the same objective.
+CALIBRATION_DAMPING = 0.1
 
 
 # -- all-MiniLM-L6-v2 in NumPy -------------------------------------------------------------------
@@ -180,32 +183,36 @@ def rtn_model(weights, nbits):
 # -- layer sensitivities --------------------------------------------------------------------------
 
 
-def relative_output_error(delta, weight, entry):
+def relative_output_error(delta, weight, entry, damping=CALIBRATION_DAMPING):
     """Squared output error of a weight perturbation ``delta`` over the layer's output energy
-    on the calibration data: a Gram matrix ``(in, in)`` or row weights ``(rows,)``; the
-    weight error over ``||W||^2`` without an entry (what ``compress_weights`` trades)."""
+    on the calibration data: a Gram matrix ``(in, in)`` (damped as ``compress_weights``
+    damps it) or row weights ``(rows,)``; the weight error over ``||W||^2`` without an entry
+    (what ``compress_weights`` trades)."""
     delta = delta.reshape(delta.shape[0], -1)
     weight = weight.reshape(weight.shape[0], -1)
     if entry is None:
         return float(np.sum(delta**2) / np.sum(weight**2))
     if entry.ndim == 2:
+        entry = entry + damping * np.mean(np.diag(entry)) * np.eye(entry.shape[0])
         return float(np.einsum("ij,ij->", delta @ entry, delta)
                      / np.einsum("ij,ij->", weight @ entry, weight))
     return float(entry @ np.sum(delta**2, axis=1) / (entry @ np.sum(weight**2, axis=1)))
 
 
-def sensitivities(weights, names, calibration, model_error, level=0.1, seed=0):
+def sensitivities(weights, names, calibration, model_error, level=0.1, seed=0,
+                  damping=CALIBRATION_DAMPING):
     """Each tensor's sensitivity for ``compress_weights(sensitivity=...)``: the model's error
     (``model_error(weights)``, on calibration data) when that tensor alone gets Gaussian noise
     of ``level`` times its root mean square, over the relative error the noise causes (as
-    :func:`relative_output_error` measures it)."""
+    :func:`relative_output_error` measures it, with Gram matrices damped by ``damping``)."""
     rng = np.random.default_rng(seed)
     out = {}
     for name in names:
         weight = weights[name].astype(np.float64)
         delta = level * np.sqrt(np.mean(weight**2)) * rng.standard_normal(weight.shape)
         error = model_error({**weights, name: (weight + delta).astype(weights[name].dtype)})
-        out[name] = error / relative_output_error(delta, weight, calibration.get(name))
+        out[name] = error / relative_output_error(delta, weight, calibration.get(name),
+                                                  damping)
     return out
 
 
@@ -215,6 +222,7 @@ def sensitivities(weights, names, calibration, model_error, level=0.1, seed=0):
 def _compress(source, bits, calibration, jobs, seed, sensitivity=None):
     start = time.perf_counter()
     model = compress_weights(source, bits_per_weight=bits, calibration=calibration,
+                             calibration_damping=CALIBRATION_DAMPING,
                              sensitivity=sensitivity, n_jobs=jobs, random_state=seed,
                              max_fit_rows=MAX_FIT_ROWS, verbose=False)
     return model, time.perf_counter() - start

@@ -1726,7 +1726,8 @@ def compress_weights(
         Measured on all-MiniLM-L6-v2 at 2 bits per weight: see ``benchmarks/README.md``.
     sensitivity : mapping of str to float, optional
         Per-tensor weights of the errors a ``bits_per_weight`` budget trades: each tensor's
-        *relative* error (as above; weight error over ``||W||^2`` without calibration) is
+        *relative* error (as above, in the damped Gram matrix; weight error over ``||W||^2``
+        without calibration) is
         multiplied by its sensitivity, how much the model's loss grows per unit of that
         relative error (the layer sensitivity of mixed-precision quantization, e.g. HAWQ,
         Dong et al., 2019), so that the budget goes where the model needs it. Measure it by

@@ -371,8 +371,11 @@ def test_sensitivity_of_a_layer_that_is_the_model_is_one():
     def model_error(w):  # the relative output error of "w"; "v" does not matter
         return float(np.sum((A @ w["w"].T - reference) ** 2) / np.sum(reference**2))
 
-    out = sensitivities(weights, ["w", "v"], {"w": A.T @ A}, model_error)
+    out = sensitivities(weights, ["w", "v"], {"w": A.T @ A}, model_error, damping=0.0)
     assert out["w"] == pytest.approx(1.0, rel=1e-9)
+    # damped as compress_weights damps it, the relative error counts a weight error as well
+    damped = sensitivities(weights, ["w"], {"w": A.T @ A}, model_error, damping=0.1)
+    assert damped["w"] < out["w"]
     assert out["v"] == 0.0
     delta = rng.normal(size=(5, 12))
     counts = rng.integers(1, 5, size=5).astype(float)
