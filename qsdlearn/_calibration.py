@@ -179,14 +179,14 @@ def check_entry(name, array, shape):
         if top == 0:
             raise ValueError(f"calibration for {name!r} is all zero")
         if np.max(np.abs(array - array.T), initial=0.0) > tolerance:
-            raise ValueError(f"calibration for {name!r} is not symmetric: a Gram matrix "
-                             "A.T @ A of the layer's inputs is")
+            raise ValueError(f"calibration for {name!r} is not symmetric, as a Gram matrix "
+                             "A.T @ A of the layer's inputs would be")
         gram = (array + array.T) / 2
         try:  # positive semi-definite up to the tolerance: a Cholesky factor exists
             scipy.linalg.cholesky(gram + 2 * tolerance * np.eye(n_in), lower=True)
         except np.linalg.LinAlgError:
-            raise ValueError(f"calibration for {name!r} is not positive semi-definite: a Gram "
-                             "matrix A.T @ A of the layer's inputs is") from None
+            raise ValueError(f"calibration for {name!r} is not positive semi-definite, as a "
+                             "Gram matrix A.T @ A of the layer's inputs would be") from None
         return LayerCalibration(gram=gram)
     if array.shape == (shape[0],):
         if np.any(array < 0) or top == 0:

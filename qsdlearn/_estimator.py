@@ -405,8 +405,8 @@ default=None
         Raises
         ------
         ValueError
-            If ``sample_weight`` is negative or all zero, or ``metric`` has the wrong shape
-            or is not symmetric positive semi-definite.
+            If ``X`` holds NaN or infinity, ``sample_weight`` is negative or all zero, or
+            ``metric`` has the wrong shape or is not symmetric positive semi-definite.
         """
         self._fit(X, sample_weight, metric)
         return self

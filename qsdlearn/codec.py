@@ -192,19 +192,25 @@ class MatrixSettings:
             raise ValueError(f"damaged file: settings are not valid JSON ({exc})") from None
         return cls.from_dict(raw)
 
-    def validate(self):
+    def validate(self, problem="damaged file: setting"):
         """Reject settings outside the ranges the estimator can produce.
+
+        Parameters
+        ----------
+        problem : str, default="damaged file: setting"
+            How the error message starts (it goes on with the field and its value).
 
         Raises
         ------
         ValueError
             If a field is of the wrong type or out of range.
         """
-        _validate_flat(self.to_dict())
+        _validate_flat(self.to_dict(), problem)
 
 
-def _validate_flat(raw):
-    """Check the flat settings of a matrix (types and ranges) before they size anything."""
+def _validate_flat(raw, problem="damaged file: setting"):
+    """Check the flat settings of a matrix (types and ranges) before they size anything;
+    errors start with ``problem``."""
 
     def is_int(value, low, high=None, optional=False):
         if value is None:
@@ -230,7 +236,7 @@ def _validate_flat(raw):
     ]
     for name, ok in checks:
         if not ok:
-            raise ValueError(f"damaged file: setting {name}={raw[name]!r} is invalid")
+            raise ValueError(f"{problem} {name}={raw[name]!r} is invalid")
     if raw["n_rows"] * raw["n_features"] > 2**48:
         raise ValueError("damaged file: the declared matrix is too large")
 

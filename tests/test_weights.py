@@ -559,3 +559,38 @@ def test_sensitivity_only_ratios_matter_and_ties_and_fixed_settings_are_handled(
     with pytest.warns(UserWarning, match="every sensitivity is 0"):
         compress_weights(weights, bits_per_weight=3.0, candidates=QUICK, max_iter=2,
                          sensitivity={"loud.weight": 0.0, "quiet.weight": 0.0})
+
+
+@pytest.mark.parametrize("vector_size", [0, -1, 8.0, "8", True])
+def test_layer_settings_and_candidates_refuse_a_bad_vector_size(vector_size):
+    with pytest.raises(ValueError, match="vector_size must be a positive integer"):
+        qsdlearn.weights.default_candidates(vector_size)
+    with pytest.raises(ValueError, match="vector_size"):
+        LayerSetting(vector_size)
+
+
+def test_layer_setting_refuses_constraints_a_file_cannot_store():
+    with pytest.raises(ValueError, match="n_components=-1"):
+        LayerSetting(8, Constraints(-1))
+    with pytest.raises(TypeError, match="Constraints"):
+        LayerSetting(8, (256, 2, 2, 8))
+
+
+def test_a_budget_with_nothing_to_plan_is_checked_before_fitting():
+    weights = {"w": np.ones((16, 16), dtype=np.float32)}  # too small to compress: kept
+    with pytest.raises(ValueError, match="no tensor is left to plan"):
+        compress_weights(weights, bits_per_weight=4.0)
+    assert compress_weights(weights, bits_per_weight=41.0).bits_per_weight <= 41.0
+
+
+def test_report_table_columns_line_up_whatever_the_widths():
+    rng = np.random.default_rng(0)
+    weights = {"conv": rng.standard_normal((16, 8, 2, 2, 2, 2)).astype(np.float32),
+               "fc": rng.standard_normal((64, 64)).astype(np.float32),
+               "h": np.zeros((1,) * 7, dtype=ml_dtypes.bfloat16)}
+    lines = compress_weights(weights, bits_per_weight=4.0, random_state=0,
+                             max_iter=5).report_table().splitlines()[:-1]
+    # every row's bits/weight column ends where the header's does
+    end = lines[0].index("bits/weight") + len("bits/weight")
+    for line in lines[1:]:
+        assert line[end - 1].isdigit() and line[end] == " "
