@@ -536,7 +536,7 @@ def _seeding_sample(X, k, rng, weights=None):
     return X[rows], None if weights is None else weights[rows]
 
 
-def _kmeans_plusplus(X, k, rng, weights=None):
+def kmeans_plusplus_seeds(X, k, rng, weights=None):
     """k-means++ seeds of ``k`` components on (a sample of) the rows of ``X``, weighted by
     ``weights`` when given (scikit-learn's seeding; rows of weight zero are never seeds unless
     fewer than ``k`` rows weigh anything)."""
@@ -557,7 +557,7 @@ def _pad_components(X, C, k, rng, weights=None):
         return C
     n = X.shape[0]
     if n >= missing:
-        extra = _kmeans_plusplus(X, missing, rng, weights)
+        extra = kmeans_plusplus_seeds(X, missing, rng, weights)
     else:
         extra = X[rng.randint(n, size=missing)] + rng.standard_normal((missing, X.shape[1])) * (
             np.std(X) + 1e-12
@@ -589,7 +589,7 @@ def initial_codebook(X, constraints, init, rng, weights=None):
             Z0 = None
         return C0, Z0
     if init == "k-means++" and n >= k:
-        return _kmeans_plusplus(X, k, rng, weights), None
+        return kmeans_plusplus_seeds(X, k, rng, weights), None
     # "random" (or k-means++ with fewer rows than components): distinct rows plus noise.
     chosen = rng.choice(n, size=k, replace=n < k)
     C0 = X[chosen].astype(np.float64)

@@ -59,6 +59,7 @@ from ._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, from_little_
                       is_float, numpy_dtype, to_little_endian_bytes)
 from ._estimator import QuantizedSparseDecomposition
 from ._kernels import INDEX_DTYPE
+from ._solver import kmeans_plusplus_seeds, resolve_init
 from .codec import (STREAMS, CompressedMatrix, MatrixSettings, encode_factors, matrix_from_payload,
                     matrix_from_tensors, matrix_payload)
 from .metrics import sqnr
@@ -1574,6 +1575,7 @@ def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibratio
     results = []
     scales_pay = _row_scales_pay(weight)
     scaled = None  # the normalised rows and their weights, the same for every row-scaled setting
+    seeds = {}  # k-means++ starts shared by the candidates of one sub-vector and codebook size
     for setting in candidates:
         if not _fits(setting, weight.shape) or (setting.row_scales and (
                 not scales_pay or (calibration is not None and calibration.gram is not None))):
@@ -1586,7 +1588,7 @@ def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibratio
             rows, fit_calibration = scaled
         X = to_rows(rows.astype(np.float32, copy=False), setting.vector_size)
         layer_calibration = _layout(fit_calibration, weight.shape, setting.vector_size)
-        error = _estimate_error(setting, X, layer_calibration, seed, n_threads)
+        error = _estimate_error(setting, X, layer_calibration, seed, n_threads, seeds)
         if error is None:
             results.append(None)
             continue
@@ -1608,9 +1610,28 @@ def _row_scales_pay(weight):
     return gain > 6.02 * 8 * ROW_SCALE_BYTES / max(n_in, 1)
 
 
-def _estimate_error(setting, X, calibration, seed, n_threads):
+def _shared_seeds(seeds, setting, fit_rows, weights, seed):
+    """The k-means++ start of a candidate fitted on ``fit_rows`` (with sample ``weights`` or
+    None) and ``seed``: the codebook its estimator would draw itself (same function, same
+    random state; the estimator's weights differ by a power of two, which draws the same
+    rows), so the fit is unchanged. Drawn once per sub-vector size, codebook size and row
+    scaling, and kept in ``seeds`` for the other candidates of the layer. None where the fit
+    starts otherwise."""
+    k = setting.constraints.n_components
+    if fit_rows.shape[0] < k or resolve_init("auto", fit_rows.shape,
+                                             setting.constraints) != "k-means++":
+        return None
+    key = (setting.vector_size, k, setting.row_scales)
+    if key not in seeds:
+        seeds[key] = kmeans_plusplus_seeds(fit_rows, k, check_random_state(seed), weights)
+    return seeds[key]
+
+
+def _estimate_error(setting, X, calibration, seed, n_threads, seeds=None):
     """The error of one candidate on the sub-vectors ``X`` of a layer (see :func:`_estimate`),
-    or None when the layer has fewer sub-vectors than the candidate has codewords."""
+    or None when the layer has fewer sub-vectors than the candidate has codewords. ``seeds``
+    (a dict, kept across the candidates of a layer) shares their k-means++ starts
+    (:func:`_shared_seeds`)."""
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=ESTIMATE_MAX_ITER)
     fit_rows = _estimate_rows(setting)
     gram = calibration is not None and calibration.gram is not None
@@ -1623,6 +1644,10 @@ def _estimate_error(setting, X, calibration, seed, n_threads):
     if split is not None:
         weights = None if calibration is None else \
             calibration.sample_weight(calibration.subvectors_per_row)
+        if seeds is not None:
+            est.set_params(codebook_init=_shared_seeds(
+                seeds, setting, X[split[0]], None if weights is None else weights[split[0]],
+                seed))
         _fit_quietly(est, X[split[0]], sample_weight=None if weights is None else
                      weights[split[0]])
         return _held_out_error(est, X, split, None if weights is None else weights[split[1]])

@@ -594,3 +594,23 @@ def test_report_table_columns_line_up_whatever_the_widths():
     end = lines[0].index("bits/weight") + len("bits/weight")
     for line in lines[1:]:
         assert line[end - 1].isdigit() and line[end] == " "
+
+
+def test_shared_kmeans_plusplus_starts_leave_every_estimate_unchanged():
+    from qsdlearn._calibration import LayerCalibration
+    from qsdlearn.weights import _estimate_error
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3000, 8)).astype(np.float32)
+    weights = LayerCalibration(row_weights=rng.uniform(0.5, 2.0, 3000))
+    settings = [LayerSetting(8, Constraints(16, n_nonzero=1, code_bits=0, codebook_bits=8)),
+                LayerSetting(8, Constraints(16, n_nonzero=2, code_bits=1, codebook_bits=8)),
+                LayerSetting(8, Constraints(16, n_nonzero=2, code_bits=1, codebook_bits=8),
+                             row_scales=True)]
+    for calibration in (None, weights):
+        seeds = {}
+        for setting in settings:
+            alone = _estimate_error(setting, X, calibration, 7, 1)
+            shared = _estimate_error(setting, X, calibration, 7, 1, seeds)
+            assert shared == alone
+        assert len(seeds) == 2  # one start per (size, codebook size, row scaling)
