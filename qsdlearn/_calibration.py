@@ -8,6 +8,7 @@ shape ``(rows,)`` (how often each row of an embedding table is used). See
 """
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import ml_dtypes
 import numpy as np
@@ -84,12 +85,14 @@ class LayerCalibration:
     #: Sub-vectors each row of the tensor is cut into (the ``m`` of the metric's layout).
     subvectors_per_row: int = 1
     #: The objective's Gram matrix is ``gram`` plus this fraction of its mean diagonal on its
-    #: diagonal (see :meth:`objective_gram`).
+    #: diagonal (see :attr:`objective_gram`).
     damping: float = 0.0
     _feedback: dict = field(default_factory=dict, compare=False, repr=False)
 
+    @cached_property
     def objective_gram(self):
-        """The Gram matrix of the objective: ``H + damping * mean(diag H) * I``.
+        """The Gram matrix of the objective: ``H + damping * mean(diag H) * I`` (computed once
+        per instance; ``H`` itself without damping).
 
         The output error on the calibration inputs plus ``damping`` times their mean energy
         per input times the weight error: a layer whose calibration inputs span few
@@ -107,7 +110,7 @@ class LayerCalibration:
         width = -(-self.gram.shape[0] // vector_size) * vector_size
         key = (width, vector_size)
         if key not in self._feedback:
-            self._feedback[key] = feedback(self.objective_gram(), vector_size)
+            self._feedback[key] = feedback(self.objective_gram, vector_size)
         return self._feedback[key]
 
     def for_layout(self, subvectors_per_row):
@@ -135,12 +138,12 @@ class LayerCalibration:
 
     def energy(self, matrix, objective=True):
         """``sum_r e_r H e_r^T`` (or ``sum_r u_r ||e_r||^2``) over the rows of ``matrix``
-        (``(rows, in)``, float64): in the objective's Gram matrix (:meth:`objective_gram`),
+        (``(rows, in)``, float64): in the objective's Gram matrix (:attr:`objective_gram`),
         or with ``objective=False`` in the calibration's own, the output energy of the rows on
         the calibration data."""
         E = np.asarray(matrix, dtype=np.float64)
         if self.gram is not None:
-            gram = self.objective_gram() if objective else self.gram
+            gram = self.objective_gram if objective else self.gram
             return float(np.einsum("ri,ri->", E @ gram, E))
         return float(self.row_weights @ np.einsum("ri,ri->r", E, E))
 

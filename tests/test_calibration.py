@@ -86,11 +86,11 @@ def test_damping_adds_a_weight_error_to_the_objective_not_to_the_report():
     H = A.T @ A
     damped = LayerCalibration(gram=H, damping=0.25)
     expected = H + 0.25 * np.mean(np.diag(H)) * np.eye(6)
-    np.testing.assert_allclose(damped.objective_gram(), expected)
+    np.testing.assert_allclose(damped.objective_gram, expected)
     E = rng.standard_normal((3, 6))
     assert damped.energy(E) == pytest.approx(np.trace(E @ expected @ E.T))
     assert damped.energy(E, objective=False) == pytest.approx(np.sum((E @ A.T) ** 2))
-    assert LayerCalibration(gram=H).objective_gram() is H
+    assert LayerCalibration(gram=H).objective_gram is H
 
 
 def test_damping_keeps_held_out_outputs_where_calibration_spans_few_directions():
