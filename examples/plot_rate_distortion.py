@@ -61,7 +61,7 @@ for label, pts in points.items():
     ax.scatter(pts[:, 0], -10 * np.log10(pts[:, 1]), color=line.get_color(), s=15)
 ax.set_xlabel("bits per element")
 ax.set_ylabel("SQNR on the operational hull (dB)")
-ax.set_xlim(0, 4)
+ax.set_xlim(0, 4.15)
 ax.set_title("8-pixel rows of scikit-learn's digits")
 ax.legend()
 plt.show()

@@ -1225,14 +1225,14 @@ def _layer_header(entry, name):
 
 
 def read_weights(source):
-    """Name to array from a mapping or a file, checked as :func:`compress_weights` checks
-    them (dtypes, then finiteness, naming the tensor); never pickle.
+    """Name to array from a mapping or a file, checked as :func:`qsdlearn.compress_weights`
+    checks them (dtypes, then finiteness, naming the tensor); never pickle.
 
     Parameters
     ----------
     source : mapping or str or path-like
-        What :func:`compress_weights` accepts: a mapping, a ``.npz`` or ``.safetensors``
-        file, a ``*.safetensors.index.json`` index of shards or a folder of shards.
+        What :func:`qsdlearn.compress_weights` accepts: a mapping, a ``.npz`` or
+        ``.safetensors`` file, a ``*.safetensors.index.json`` index of shards or a folder of shards.
 
     Returns
     -------
@@ -1746,7 +1746,8 @@ def compress_weights(
     vector_size : int, default=8
         Sub-vector length of the default candidates.
     candidates : list of LayerSetting, optional
-        Candidate settings for the rate target (default :func:`default_candidates`).
+        Candidate settings for the rate target (default
+        :func:`~qsdlearn.weights.default_candidates`).
     keep : list of str, optional
         Glob patterns (:func:`fnmatch.fnmatchcase`) of tensor names to store verbatim,
         e.g. ``["*embed*", "lm_head.*", "*norm*"]``.
