@@ -1644,12 +1644,11 @@ def _estimate_error(setting, X, calibration, seed, n_threads, seeds=None):
     if split is not None:
         weights = None if calibration is None else \
             calibration.sample_weight(calibration.subvectors_per_row)
+        rows = X[split[0]]
+        row_weights = None if weights is None else weights[split[0]]
         if seeds is not None:
-            est.set_params(codebook_init=_shared_seeds(
-                seeds, setting, X[split[0]], None if weights is None else weights[split[0]],
-                seed))
-        _fit_quietly(est, X[split[0]], sample_weight=None if weights is None else
-                     weights[split[0]])
+            est.set_params(codebook_init=_shared_seeds(seeds, setting, rows, row_weights, seed))
+        _fit_quietly(est, rows, sample_weight=row_weights)
         return _held_out_error(est, X, split, None if weights is None else weights[split[1]])
     sample, metric, weights, factor = _fit_inputs(X, calibration, fit_rows, seed,
                                                   keep_order=False)
