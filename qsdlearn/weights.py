@@ -1931,13 +1931,12 @@ def compress_weights(
         fixed.update({name: LayerSetting(vector_size=vector_size) for name in free})
         if bits_per_weight is not None:  # nothing to plan: the file's size is already known
             least = layout.file_bytes(fixed)
-            if least > int(bits_per_weight * layout.n_weights // 8):
-                raise ValueError(
-                    f"bits_per_weight={bits_per_weight} is below what this model can reach "
-                    f"({8 * least / layout.n_weights:.3f} bits/weight): no tensor is left to "
-                    f"plan ({len(kept)} kept verbatim: under two dimensions, not floats, fewer "
-                    f"than {MIN_COMPRESSED_SIZE} elements or matching keep; "
-                    f"{len(fixed)} with fixed settings)")
+            if least > _budget_bytes(bits_per_weight, layout):
+                raise _below_reach(
+                    bits_per_weight, least, layout, "this model can reach",
+                    f"no tensor is left to plan ({len(kept)} kept verbatim: under two "
+                    f"dimensions, not floats, fewer than {MIN_COMPRESSED_SIZE} elements or "
+                    f"matching keep; {len(fixed)} with fixed settings)")
 
     parallel = joblib.Parallel(n_jobs=n_jobs, return_as="generator")
     jobs = (
@@ -2127,10 +2126,24 @@ def _heavier_first_half(calibration):
     return float(np.sum(weights[:half])) > float(np.sum(weights[half:]))
 
 
+def _budget_bytes(bits_per_weight, layout):
+    """The most bytes a file of the model of ``layout`` may take at ``bits_per_weight``."""
+    return int(bits_per_weight * layout.n_weights // 8)
+
+
+def _below_reach(bits_per_weight, least_bytes, layout, reach="the candidates can reach",
+                 advice="raise it or add cheaper candidates"):
+    """The ValueError of a budget under the smallest file, ``least_bytes``, that ``reach``
+    allows."""
+    return ValueError(
+        f"bits_per_weight={bits_per_weight} is below what {reach} "
+        f"({8 * least_bytes / layout.n_weights:.3f} bits/weight at the least); {advice}")
+
+
 def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_threads,
           calibrations, sensitivity=None):
     n_weights = layout.n_weights
-    budget = int(bits_per_weight * n_weights // 8)
+    budget = _budget_bytes(bits_per_weight, layout)
     # Feasibility needs no fitting: the sizes are known from the settings alone.
     smallest = {}
     for name in free:
@@ -2142,11 +2155,7 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
         smallest[name] = min(usable, key=lambda c: c.stream_bytes(layout.shape(name)))
     least_bytes = layout.file_bytes({**fixed, **smallest})
     if least_bytes > budget:
-        raise ValueError(
-            f"bits_per_weight={bits_per_weight} is below what the candidates can reach "
-            f"({8 * least_bytes / n_weights:.3f} bits/weight at the least); raise it or add "
-            "cheaper candidates"
-        )
+        raise _below_reach(bits_per_weight, least_bytes, layout)
     results = joblib.Parallel(n_jobs=n_jobs)(
         joblib.delayed(_estimate)(
             layout.checkpoint.ref(name), candidates, _layer_seed(base, name), n_threads,
@@ -2174,11 +2183,7 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
     for _ in range(5):
         plan = allocate(estimates, budget - overhead)
         if plan is None:
-            least = 8 * layout.file_bytes({**fixed, **smallest}) / n_weights
-            raise ValueError(
-                f"bits_per_weight={bits_per_weight} is below what the candidates can reach "
-                f"({least:.3f} bits/weight at the least); raise it or add cheaper candidates"
-            )
+            raise _below_reach(bits_per_weight, layout.file_bytes({**fixed, **smallest}), layout)
         excess = layout.file_bytes({**fixed, **plan}) - budget
         if excess <= 0:
             steps = next_steps(estimates, plan)
