@@ -33,6 +33,7 @@ from scipy.special import erf
 from scipy.stats import spearmanr
 
 from qsdlearn import GramAccumulator, compress_weights
+from qsdlearn._calibration import LayerCalibration
 
 from .methods import scalar
 from .texts import CALIBRATION, HELD_OUT
@@ -192,11 +193,10 @@ def relative_output_error(delta, weight, entry, damping=CALIBRATION_DAMPING):
     weight = weight.reshape(weight.shape[0], -1)
     if entry is None:
         return float(np.sum(delta**2) / np.sum(weight**2))
-    if entry.ndim == 2:
-        entry = entry + damping * np.mean(np.diag(entry)) * np.eye(entry.shape[0])
-        return float(np.einsum("ij,ij->", delta @ entry, delta)
-                     / np.einsum("ij,ij->", weight @ entry, weight))
-    return float(entry @ np.sum(delta**2, axis=1) / (entry @ np.sum(weight**2, axis=1)))
+    entry = np.asarray(entry, dtype=np.float64)
+    layer = (LayerCalibration(gram=entry, damping=damping) if entry.ndim == 2
+             else LayerCalibration(row_weights=entry))
+    return layer.energy(delta) / layer.energy(weight)
 
 
 def sensitivities(weights, names, calibration, model_error, level=0.1, seed=0,
