@@ -650,7 +650,7 @@ def _solve_row_cold(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, ma
     n_starts = starts.shape[0]
     if dense or n_starts <= 1 or n_slots == 1:
         return _descend_from(idx, val, n_slots, dense, least_squares, p, G, xx, nbits,
-                             max_sweeps, work, -1)
+                             max_sweeps, work, np.int64(-1))  # typed like starts[st] below
     k = p.shape[0]  # starts holds at most k positions (see _row_work)
     if least_squares:
         for j in range(k):
@@ -771,6 +771,17 @@ def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, id
 
 
 @njit(parallel=True)
+def _code_block(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, idx, val, err):
+    """The parallel loop of :func:`solve_codes_cold` and :func:`improve_codes` over chunks of
+    rows. One kernel for both, called from Python with the same argument types, so that it
+    and its callees compile once per dtype rather than once per constant (numba specialises a
+    jitted callee on the literal values of constant arguments)."""
+    m = P.shape[0]
+    for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
+        _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, idx, val, err,
+                   chunk * _CHUNK_ROWS, min(m, (chunk + 1) * _CHUNK_ROWS))
+
+
 def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
     """Codes of a block of rows from scratch, in place: the best of ``n_starts`` descents,
     each with its first slot on a different position.
@@ -804,13 +815,10 @@ def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
     err : ndarray of shape (m,), float64
         Output: the squared error of every row.
     """
-    m = P.shape[0]
-    for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-        _code_rows(P, xx, G, 0.0, nbits, max_sweeps, n_starts, -1, False, idx, val, err,
-                   chunk * _CHUNK_ROWS, min(m, (chunk + 1) * _CHUNK_ROWS))
+    _code_block(P, xx, G, 0.0, int(nbits), int(max_sweeps), int(n_starts), -1, False, idx, val,
+                err)
 
 
-@njit(parallel=True)
 def improve_codes(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, idx, val, err):
     """Improve the codes of a block of rows in place; no row's error increases.
 
@@ -825,10 +833,8 @@ def improve_codes(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, idx, val
     gradient step ``eta`` (``1 / lambda_max(G)``) and ``rotation``; ``idx`` and ``val`` hold
     the incoming slots on entry.
     """
-    m = P.shape[0]
-    for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-        _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, True, idx, val, err,
-                   chunk * _CHUNK_ROWS, min(m, (chunk + 1) * _CHUNK_ROWS))
+    _code_block(P, xx, G, float(eta), int(nbits), int(max_sweeps), int(n_starts), int(rotation),
+                True, idx, val, err)
 
 
 @njit()
