@@ -381,3 +381,32 @@ def test_sensitivity_of_a_layer_that_is_the_model_is_one():
     counts = rng.integers(1, 5, size=5).astype(float)
     assert relative_output_error(delta, weights["w"], counts) == pytest.approx(
         np.sum(counts[:, None] * delta**2) / np.sum(counts[:, None] * weights["w"] ** 2))
+
+
+def test_operating_point_sensitivity_measures_the_compression_error_itself():
+    from benchmarks.model_fidelity import operating_point_sensitivities
+
+    rng = np.random.default_rng(1)
+    A = rng.normal(size=(100, 6))
+    weights = {"w": rng.normal(size=(4, 6)), "v": rng.normal(size=(4, 6))}
+    # the model sees only the first input of "w": an error there costs, elsewhere it does not
+    mask = np.zeros(6)
+    mask[0] = 1.0
+
+    def model_error(w):
+        return float(np.sum(((w["w"] - weights["w"]) * mask) ** 2))
+
+    def shifted(column):
+        out = weights["w"].copy()
+        out[:, column] += 0.5
+        return out
+
+    initial = {"w": 1.0, "v": 3.0}
+    hurts = operating_point_sensitivities(weights, {"w": shifted(0), "v": weights["v"]},
+                                          {}, model_error, initial)
+    harmless = operating_point_sensitivities(weights, {"w": shifted(3), "v": weights["v"]},
+                                             {}, model_error, initial)
+    relative = 4 * 0.25 / np.sum(weights["w"] ** 2)  # the weight error over ||W||^2
+    assert hurts["w"] == pytest.approx(4 * 0.25 / relative)
+    assert harmless["w"] == 0.0
+    assert hurts["v"] == harmless["v"] == 3.0  # left exact: the initial value
