@@ -160,7 +160,7 @@ def _big_child(size, bits):
 #: Row 7's first process: every code family of the estimator in both dtypes, a calibrated
 #: ``compress_weights`` and a file round trip; prints the compiled kernels never called.
 _EVERY_KERNEL = """
-import os, tempfile, warnings
+import json, os, tempfile, warnings
 import numba
 import numpy as np
 from qsdlearn import QuantizedSparseDecomposition, compress_weights, load, save
@@ -189,9 +189,9 @@ with warnings.catch_warnings():
     with tempfile.TemporaryDirectory() as folder:
         save(model, os.path.join(folder, "model.qsd"))
         load(os.path.join(folder, "model.qsd")).decompress()
-print([f"{module.__name__}.{name}" for module in (_kernels, _bits)
-       for name, f in vars(module).items()
-       if isinstance(f, numba.core.registry.CPUDispatcher) and not f.signatures])
+print(json.dumps([f"{module.__name__}.{name}" for module in (_kernels, _bits)
+                  for name, f in vars(module).items()
+                  if isinstance(f, numba.core.registry.CPUDispatcher) and not f.signatures]))
 """
 
 #: Row 7's second process: import and a first small fit.
@@ -213,14 +213,19 @@ def _timed_python(code, env):
     return time.perf_counter() - start, (out.stdout.strip().splitlines() or [""])[-1]
 
 
-def compilation_row():
-    """Row 7: the first-ever compilation of every kernel (cold cache), then import plus a first
-    small fit once they are cached, each in a fresh process with a new numba cache folder."""
+def compilation_row(log=print):
+    """Row 7: import, compile and run every kernel with an empty cache, then import plus a
+    first small fit once they are cached, each in a fresh process sharing a new numba cache
+    folder. None (the child's error logged) when a child fails."""
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        cold, uncompiled = _timed_python(_EVERY_KERNEL, env)
-        warm, _ = _timed_python(_FIRST_FIT, env)
-    return dict(cold_seconds=cold, warm_seconds=warm, uncompiled=uncompiled)
+        try:
+            cold, uncompiled = _timed_python(_EVERY_KERNEL, env)
+            warm, _ = _timed_python(_FIRST_FIT, env)
+        except subprocess.CalledProcessError as error:
+            log(f"compilation row failed:\n{error.stderr}")
+            return None
+    return dict(cold_seconds=cold, warm_seconds=warm, uncompiled=json.loads(uncompiled))
 
 
 def default_fits(n_rows, n_clusters=256, seed=0):
@@ -273,7 +278,7 @@ def run(quick=False, log=print):
             log("all-MiniLM-L6-v2 through the command line")
             results["minilm"] = minilm_row(folder)
     log("compilation: every kernel with an empty cache, then a first fit with a full one")
-    results["compilation"] = compilation_row()
+    results["compilation"] = compilation_row(log)
     counts = [30_000, 100_000, 300_000] if quick else [300_000, 1_000_000, 3_000_000]
     log(f"fit time against rows {counts}")
     results["scaling"], results["scaling_exponent"] = speed.fit_time_scaling(counts, max_iter=5)
@@ -321,8 +326,10 @@ def table(r):
         r["scaling_exponent"] <= 1.1)
     if r.get("compilation"):
         c = r["compilation"]
-        add("first-ever compilation of every kernel, both dtypes (fresh process, empty cache): "
-            "seconds", f"{c['cold_seconds']:.1f}", "≤ 30", c["cold_seconds"] <= 30)
+        missed = f" (not compiled: {', '.join(c['uncompiled'])})" if c["uncompiled"] else ""
+        add("fresh process, empty cache: import, compile and run every kernel, both dtypes: "
+            f"seconds{missed}", f"{c['cold_seconds']:.1f}", "≤ 30",
+            c["cold_seconds"] <= 30 and not missed)
         add("import and a first small fit, kernels cached (fresh process): seconds",
             f"{c['warm_seconds']:.2f}", "≤ 2", c["warm_seconds"] <= 2)
     return "\n".join(lines)

@@ -24,8 +24,9 @@ the code kernels recognise it by ``n_slots == k``.
 
 Entry points
 ------------
-Each compiled entry does one job on a block of rows, in parallel over fixed chunks of rows;
-the driver (:func:`qsdlearn._solver.solve_codes`) picks one per setting, before its loop:
+Each entry does one job on a block of rows, in parallel over fixed chunks of rows (the
+first two are Python functions around one compiled kernel, so call them from Python); the
+driver (:func:`qsdlearn._solver.solve_codes`) picks one per setting, before its loop:
 :func:`solve_codes_cold` (``transform``: a multi-start search, each start a greedy fill then
 exact coordinate sweeps; for sparse float codes, least squares on a support searched by
 orthogonal least squares and exchanges of one position at a time),
@@ -733,8 +734,8 @@ def _row_work(G, n_slots, n_starts, least_squares):
 def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, idx, val, err,
                start, stop):
     """Serial body of :func:`solve_codes_cold` and :func:`improve_codes` for rows
-    ``start:stop`` (kept out of the parallel loop so that the parallel wrappers stay small
-    and quick to compile)."""
+    ``start:stop`` (kept out of the parallel loop so that :func:`_code_block` stays small and
+    quick to compile)."""
     k = P.shape[1]
     n_slots = idx.shape[1]
     dense = n_slots == k

@@ -384,29 +384,39 @@ def test_sensitivity_of_a_layer_that_is_the_model_is_one():
 
 
 def test_operating_point_sensitivity_measures_the_compression_error_itself():
-    from benchmarks.model_fidelity import operating_point_sensitivities
+    from benchmarks.model_fidelity import operating_point_sensitivities, relative_output_error
 
     rng = np.random.default_rng(1)
     A = rng.normal(size=(100, 6))
-    weights = {"w": rng.normal(size=(4, 6)), "v": rng.normal(size=(4, 6))}
-    # the model sees only the first input of "w": an error there costs, elsewhere it does not
+    weights = {"w": rng.normal(size=(4, 6)), "v": rng.normal(size=(4, 6)),
+               "u": rng.normal(size=(4, 6))}
+    # the model sees "w" through its first input only, and all of "v"
     mask = np.zeros(6)
     mask[0] = 1.0
 
     def model_error(w):
-        return float(np.sum(((w["w"] - weights["w"]) * mask) ** 2))
+        return float(np.sum(((w["w"] - weights["w"]) * mask) ** 2)
+                     + 2 * np.sum((w["v"] - weights["v"]) ** 2))
 
     def shifted(column):
         out = weights["w"].copy()
         out[:, column] += 0.5
         return out
 
-    initial = {"w": 1.0, "v": 3.0}
-    hurts = operating_point_sensitivities(weights, {"w": shifted(0), "v": weights["v"]},
-                                          {}, model_error, initial)
-    harmless = operating_point_sensitivities(weights, {"w": shifted(3), "v": weights["v"]},
-                                             {}, model_error, initial)
+    v_error = 0.1 * rng.normal(size=(4, 6))
+    initial = {"w": 1.0, "v": 5.0, "u": 3.0}
+    calibration = {"v": A.T @ A}
+    hurts = operating_point_sensitivities(
+        weights, {"w": shifted(0), "v": weights["v"] + v_error, "u": weights["u"]},
+        calibration, model_error, initial)
+    harmless = operating_point_sensitivities(
+        weights, {"w": shifted(3), "v": weights["v"] + v_error, "u": weights["u"]},
+        calibration, model_error, initial)
+    # each tensor's error is measured with only that tensor compressed
     relative = 4 * 0.25 / np.sum(weights["w"] ** 2)  # the weight error over ||W||^2
     assert hurts["w"] == pytest.approx(4 * 0.25 / relative)
     assert harmless["w"] == 0.0
-    assert hurts["v"] == harmless["v"] == 3.0  # left exact: the initial value
+    # "v" has a Gram matrix: its relative error is measured in the damped output objective
+    assert hurts["v"] == harmless["v"] == pytest.approx(
+        2 * np.sum(v_error**2) / relative_output_error(v_error, weights["v"], A.T @ A))
+    assert hurts["u"] == 3.0  # left exact: the initial value
