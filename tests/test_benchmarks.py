@@ -351,13 +351,18 @@ def test_speed_targets_table_flags_unmet_floors():
                   big_matrix=dict(shape=[64, 64], input_mib=1.0, seconds=1.0,
                                   peak_main_mib=100.0, peak_worker_mib=0.0),
                   conv_checkpoint=dict(n_layers=53, n_weights=3.5e6, weights_per_second=2e5),
-                  scaling_exponent=1.0)
+                  scaling_exponent=1.0,
+                  compilation=dict(cold_seconds=20.0, warm_seconds=1.5, uncompiled=[]))
     met = {line.split(" | ")[0].lstrip("| "): line.endswith("yes |")
            for line in ST.table(result).splitlines()[2:]}
     assert met["VQ setting / faiss.Kmeans, 20 iterations"]
     assert not met["VQ setting / sklearn KMeans(n_init=1), 20 iterations"]
     assert not met["one QSD iteration / one VQ iteration"]
     assert all(v for k, v in met.items() if "iteration" not in k and "sklearn" not in k)
+    # a kernel the cold run left uncompiled is named, and the row is not met however fast
+    result["compilation"]["uncompiled"] = ["qsdlearn._kernels.assign_one_slot"]
+    rows = [line for line in ST.table(result).splitlines() if "empty cache" in line]
+    assert len(rows) == 1 and "assign_one_slot" in rows[0] and rows[0].endswith("no |")
 
 
 def test_sensitivity_of_a_layer_that_is_the_model_is_one():
