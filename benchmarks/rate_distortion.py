@@ -258,7 +258,6 @@ def hull_table_markdown(table, rates=HULL_RATES, shannon=False):
 def per_matrix_markdown(margins, rates=HULL_RATES):
     """QSD − best baseline (dB) for each matrix, with the median, range and win count."""
     lines = [_rate_header(rates, "R = ").replace("| method |", "| matrix |", 1)]
-    values = np.array([m["qsd_minus_baseline"] for m in margins.values()])
     for name, m in margins.items():
         lines.append(f"| {name} | " + " | ".join(_cell(v, signed=True)
                                                  for v in m["qsd_minus_baseline"]) + " |")
@@ -307,8 +306,8 @@ def best_table_markdown(records, key="sqnr_db", digits=2):
 
 def points_table_markdown(records):
     has_accuracy = any("accuracy" in r for r in records)
-    header = "| method | setting | bits/element | SQNR dB |" + (" accuracy |" if has_accuracy
-                                                              else "") + " seconds |"
+    header = ("| method | setting | bits/element | SQNR dB |"
+              + (" accuracy |" if has_accuracy else "") + " seconds |")
     lines = [header, "|---" * (5 + has_accuracy) + "|"]
     on_hull = set()
     for family in families(records):

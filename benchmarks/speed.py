@@ -3,8 +3,8 @@
 Run alone with ``python -m benchmarks.speed [--quick]``; ``benchmarks.rate_distortion`` runs it
 as its last section. ``python -m benchmarks.speed --kmeans-only [--rows N] [--repeat R]
 [--single-thread]`` runs only the k-means comparison (R times, to see the spread on a shared
-machine; on one thread each, timed in CPU seconds, with ``--single-thread``). Every timing is wall time on warm kernels (numba compiles on a tiny fit
-first).
+machine; on one thread each, timed in CPU seconds, with ``--single-thread``). Every timing is
+wall time on warm kernels (numba compiles on a tiny fit first).
 """
 
 import argparse
