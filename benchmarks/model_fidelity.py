@@ -273,16 +273,17 @@ def run_minilm(bits_list, jobs, seed, report=print):
            + _named(sensitivity))
     rows = []
 
-    def score(label, bits, cal, sens):
+    def score(label, bits, cal, sens):  # returns the compressed model's tensors
         model, seconds = _compress(path, bits, cal, jobs, seed, sens)
-        restored = {**weights, **model.decompress()}
+        decompressed = model.decompress()
+        restored = {**weights, **decompressed}
         rows.append((label, bits, model.bits_per_weight,
                      *fidelity(reference, encode(restored, tokenizer, HELD_OUT)), seconds))
         report(f"  {label} at {bits} b/w: {model.bits_per_weight:.3f} b/w, "
                f"cosine {rows[-1][3]:.4f}, Spearman {rows[-1][4]:.4f}, {seconds:.0f} s")
         if cal is not None:
             report(model.report_table())
-        return model
+        return decompressed
 
     for bits in bits_list:
         rtn, rtn_bits = rtn_model(weights, int(round(bits)))
@@ -290,10 +291,10 @@ def run_minilm(bits_list, jobs, seed, report=print):
                                                                                 HELD_OUT)), None))
         score("QSD weight-only", bits, None, None)
         score("QSD data-aware", bits, calibration, None)
-        model = score("QSD data-aware, sensitivity-weighted", bits, calibration, sensitivity)
+        plan = score("QSD data-aware, sensitivity-weighted", bits, calibration, sensitivity)
         start = time.perf_counter()
-        at_plan = operating_point_sensitivities(weights, model.decompress(), calibration,
-                                                model_error, sensitivity)
+        at_plan = operating_point_sensitivities(weights, plan, calibration, model_error,
+                                                sensitivity)
         report(f"  sensitivities at that plan's operating point took "
                f"{time.perf_counter() - start:.0f} s: " + _named(at_plan))
         score("QSD data-aware, sensitivity at the operating point", bits, calibration, at_plan)

@@ -84,16 +84,24 @@ def write_conv_checkpoint(path, seed=0):
     return sum(int(np.prod(t.shape)) for t in tensors.values())
 
 
-def _cli(args):
-    """Run ``qsdlearn`` in a fresh process; returns (wall seconds, peak RSS of the process
-    or its largest descendant waited for, MiB)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def _python(args, env=None):
+    """Run ``python *args`` in a fresh process. Returns its wall seconds (interpreter start
+    included), its CPU seconds (user and system; numba compiles on one thread, so on a busy
+    machine this is closer to what the wall time would be on an idle one) and its last line
+    of output."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "qsdlearn.cli", *args], check=True,
-                   capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, (peak / 1024 if peak > before else None)
+    out = subprocess.run([sys.executable, *args], env=env, check=True, capture_output=True,
+                         text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, (out.stdout.strip().splitlines() or [""])[-1]
+
+
+def _cli(args):
+    """Wall seconds of ``qsdlearn *args`` in a fresh process."""
+    return _python(["-m", "qsdlearn.cli", *args])[0]
 
 
 def _layer_sqnr(path):
@@ -109,8 +117,8 @@ def conv_checkpoint_row(folder, bits=4.0, jobs=2):
     source = os.path.join(folder, "mobilenet_v2.safetensors")
     n_weights = write_conv_checkpoint(source)
     output = os.path.join(folder, "mobilenet_v2.qsd")
-    seconds, _ = _cli(["compress", source, output, "--bits-per-weight", str(bits),
-                       "--jobs", str(jobs)])
+    seconds = _cli(["compress", source, output, "--bits-per-weight", str(bits),
+                    "--jobs", str(jobs)])
     bits_per_weight, median = _layer_sqnr(output)
     return dict(n_weights=n_weights, n_layers=len(mobilenet_v2_shapes()), seconds=seconds,
                 weights_per_second=n_weights / seconds, bits_per_weight=bits_per_weight,
@@ -125,17 +133,16 @@ def minilm_row(folder, bits=2.0, jobs=2):
     except ImportError:
         return None
     output = os.path.join(folder, "minilm.qsd")
-    seconds, _ = _cli(["compress", source, output, "--bits-per-weight", str(bits),
-                       "--jobs", str(jobs)])
+    seconds = _cli(["compress", source, output, "--bits-per-weight", str(bits),
+                    "--jobs", str(jobs)])
     bits_per_weight, median = _layer_sqnr(output)
     return dict(seconds=seconds, bits_per_weight=bits_per_weight, median_layer_sqnr_db=median)
 
 
 def big_matrix_row(size=4096, bits=2.0):
     """``compress_weights`` of one ``size x size`` float32 matrix, in a fresh process."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks.speed_targets", "--big-child",
-                          str(size), str(bits)], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    _, _, last = _python(["-m", "benchmarks.speed_targets", "--big-child", str(size), str(bits)])
+    return json.loads(last)
 
 
 def _big_child(size, bits):
@@ -204,21 +211,6 @@ QuantizedSparseDecomposition(n_components=16, n_nonzero=2, code_bits=2, codebook
 """
 
 
-def _timed_python(code, env):
-    """Wall seconds of ``python -c code`` in a fresh process (interpreter start included),
-    its CPU seconds (user and system; numba compiles on one thread, so on a busy machine
-    this is closer to what the wall time would be on an idle one), and its last line of
-    output."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                         capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, (out.stdout.strip().splitlines() or [""])[-1]
-
-
 def compilation_row(log=print):
     """Row 7: import, compile and run every kernel with an empty cache, then import plus a
     first small fit once they are cached, each in a fresh process sharing a new numba cache
@@ -226,8 +218,8 @@ def compilation_row(log=print):
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         try:
-            cold, cold_cpu, uncompiled = _timed_python(_EVERY_KERNEL, env)
-            warm, warm_cpu, _ = _timed_python(_FIRST_FIT, env)
+            cold, cold_cpu, uncompiled = _python(["-c", _EVERY_KERNEL], env)
+            warm, warm_cpu, _ = _python(["-c", _FIRST_FIT], env)
         except subprocess.CalledProcessError as error:
             log(f"compilation row failed:\n{error.stderr}")
             return None
@@ -336,8 +328,7 @@ def table(r):
         missed = f" (not compiled: {', '.join(c['uncompiled'])})" if c["uncompiled"] else ""
         add("fresh process, empty cache: import, compile and run every kernel, both dtypes: "
             f"wall (CPU) seconds{missed}", f"{c['cold_seconds']:.1f} ({c['cold_cpu_seconds']:.1f})",
-            "≤ 30",
-            c["cold_seconds"] <= 30 and not missed)
+            "≤ 30", c["cold_seconds"] <= 30 and not missed)
         add("import and a first small fit, kernels cached (fresh process): wall (CPU) seconds",
             f"{c['warm_seconds']:.2f} ({c['warm_cpu_seconds']:.2f})", "≤ 2",
             c["warm_seconds"] <= 2)
