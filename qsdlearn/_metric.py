@@ -170,6 +170,8 @@ def hessian_bound(metric, idx, val, n_components):
         tops = np.linalg.eigvalsh(metric.blocks)[:, -1]
         factors *= np.resize(tops, n)
     A = code_matrix(idx, val, n_components, factors).T @ code_matrix(idx, val, n_components)
+    if idx.shape[1] == 1:  # one code per row: A is diagonal, its largest entry the eigenvalue
+        return float(A.diagonal().max(initial=0.0)) * 1.01
     return float(np.linalg.eigvalsh(A.toarray())[-1]) * 1.01
 
 

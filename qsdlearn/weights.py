@@ -89,6 +89,10 @@ ESTIMATE_HELD_OUT_ROWS = 1024
 #: tensor of 1536 inputs cut into single weights has 1536 sub-vectors a row).
 ESTIMATE_OUTPUT_ROWS = 16
 ESTIMATE_MAX_ITER = 8
+#: A candidate whose codebook takes more than this share of its bytes on a tensor is not
+#: estimated there when a smaller candidate fits it (see :func:`_estimate_candidates`).
+MAX_CODEBOOK_SHARE = 0.25
+_CODEBOOK_STREAMS = ("codebook_support", "codebook_values", "codebook_scales")
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,10 @@ def default_candidates(vector_size=8):
     """Candidate settings spanning about 0.5 to 5 bits per weight, dense in rate.
 
     Vector quantization (k-means, 8-bit codebook) with 16, 64 and 256 codewords on
-    sub-vectors of ``vector_size``, half and a quarter of it, and with 4 to 32 levels on
+    sub-vectors of ``vector_size``, half and a quarter of it, with 1,024 and 4,096 codewords
+    on sub-vectors of ``vector_size`` (1.25 and 1.5 bits per weight at ``vector_size=8``,
+    between 256 codewords and the sparse settings; for large tensors, such as embedding
+    tables, where the codebook is small beside the codes), and with 4 to 32 levels on
     single weights (a Lloyd–Max scalar quantizer of the tensor), so that the special cases
     the factorization contains are candidates too; two 1-bit code values among 128, 181,
     256 and 362 codewords (as many as 13 to 16 bits of support address: about 1.9 to
@@ -232,14 +239,14 @@ def default_candidates(vector_size=8):
     Returns
     -------
     list of LayerSetting
-        46 settings at ``vector_size=8``: 23 without row scales, then the same 23 with them.
+        50 settings at ``vector_size=8``: 25 without row scales, then the same 25 with them.
 
     Examples
     --------
     >>> from qsdlearn.weights import default_candidates
     >>> candidates = default_candidates(8)
     >>> len(candidates), candidates[0].describe()
-    (46, 'd=8 k=128 2 of 128 codes=1b codebook=8b')
+    (50, 'd=8 k=128 2 of 128 codes=1b codebook=8b')
     """
     d = vector_size
     sparse = [(k, 2, 1) for k in (128, 181, 256, 362)] + [(256, 2, 2), (256, 3, 2)]
@@ -247,6 +254,7 @@ def default_candidates(vector_size=8):
     candidates = [LayerSetting(d, Constraints(k, s, b, 8)) for k, s, b in sparse + dense]
     for size in sorted({d, max(1, d // 2), max(1, d // 4)} - {1}, reverse=True):
         candidates += [LayerSetting(size, Constraints(k, 1, 0, 8)) for k in (16, 64, 256)]
+    candidates += [LayerSetting(d, Constraints(k, 1, 0, 8)) for k in (1024, 4096)]
     candidates += [LayerSetting(1, Constraints(k, 1, 0, 8)) for k in (4, 8, 16, 32)]
     return candidates + [replace(c, row_scales=True) for c in candidates]
 
@@ -1528,6 +1536,12 @@ def _fits(setting, shape):
     return setting.constraints.n_components <= rows_of(shape, setting.vector_size)
 
 
+def _codebook_share(setting, shape):
+    """The share of a candidate's bytes on a tensor that its codebook takes."""
+    sizes = setting.matrix_settings(shape).stream_sizes()
+    return sum(sizes[name] for name in _CODEBOOK_STREAMS) / max(sum(sizes.values()), 1)
+
+
 def _held_out_split(n_rows, fit_rows, seed):
     """Rows to fit and disjoint rows to measure an estimate on, drawn with ``seed``; None
     when the layer has too few rows to hold any out (the estimate is then measured on the
@@ -1571,14 +1585,23 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
 
 def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibration):
     """The loop of :func:`_estimate` over the candidates (relative errors when ``energy`` is
-    given)."""
+    given).
+
+    Candidates whose codebook takes more than :data:`MAX_CODEBOOK_SHARE` of their bytes are
+    skipped where a candidate of fewer bytes fits the tensor: their codebook buys less than
+    the same bytes spent on codes would, and theirs are the costliest estimates (large
+    codebooks on small tensors)."""
     results = []
     scales_pay = _row_scales_pay(weight)
     scaled = None  # the normalised rows and their weights, the same for every row-scaled setting
     seeds = {}  # k-means++ starts shared by the candidates of one sub-vector and codebook size
+    fitting = [c.stream_bytes(weight.shape) for c in candidates if _fits(c, weight.shape)]
+    smallest = min(fitting, default=0)
     for setting in candidates:
         if not _fits(setting, weight.shape) or (setting.row_scales and (
-                not scales_pay or (calibration is not None and calibration.gram is not None))):
+                not scales_pay or (calibration is not None and calibration.gram is not None))) \
+                or (_codebook_share(setting, weight.shape) > MAX_CODEBOOK_SHARE
+                    and setting.stream_bytes(weight.shape) > smallest):
             results.append(None)
             continue
         rows, fit_calibration = weight, calibration

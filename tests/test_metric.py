@@ -255,3 +255,22 @@ def test_a_nearly_isotropic_metric_fits_about_as_well_as_the_plain_objective(see
     aware = QuantizedSparseDecomposition(**params).fit(X, metric=metric)
     plain = QuantizedSparseDecomposition(**params).fit(X)
     assert aware.objective_[-1] <= 1.10 * 2 * plain.objective_[-1]
+
+
+@pytest.mark.parametrize("n_slots", [1, 2])
+def test_hessian_bound_is_the_dense_eigenvalue_bound(n_slots):
+    """One code per row makes the bound's ``k x k`` matrix diagonal: its largest entry is
+    read off instead of an eigen-decomposition, with the same value."""
+    from qsdlearn import _metric
+
+    rng = np.random.default_rng(0)
+    n, d, k, m = 60, 3, 7, 4
+    A = rng.standard_normal((m, 5, d))
+    metric = _metric.prepare(np.einsum("mpd,mpe->mde", A, A), rng.uniform(0.5, 2.0, n), n)
+    idx = np.stack([rng.choice(k, n_slots, replace=False) for _ in range(n)]).astype(np.int32)
+    val = rng.standard_normal((n, n_slots))
+    factors = metric.weights * np.resize(np.linalg.eigvalsh(metric.blocks)[:, -1], n)
+    dense = (_metric.code_matrix(idx, val, k, factors).T
+             @ _metric.code_matrix(idx, val, k)).toarray()
+    expected = np.linalg.eigvalsh(dense)[-1] * 1.01
+    np.testing.assert_allclose(_metric.hessian_bound(metric, idx, val, k), expected, rtol=1e-12)

@@ -614,3 +614,17 @@ def test_shared_kmeans_plusplus_starts_leave_every_estimate_unchanged():
             shared = _estimate_error(setting, X, calibration, 7, 1, seeds)
             assert shared == alone
         assert len(seeds) == 2  # one start per (size, codebook size, row scaling)
+
+
+def test_a_codebook_larger_than_its_codes_is_estimated_only_without_a_smaller_candidate():
+    """On a 64 x 64 tensor, 256 8-bit codewords of 8 weights take 2 kB against 512 bytes of
+    codes: not estimated beside a smaller candidate, estimated when it is the only one."""
+    from qsdlearn.weights import _estimate_candidates
+
+    weight = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    large = LayerSetting(8, Constraints(256, 1, 0, 8))
+    small = LayerSetting(8, Constraints(16, 1, 0, 8))
+    results = _estimate_candidates(weight, [large, small], 0, 1, None, None)
+    assert results[0] is None and results[1][0] == small.stream_bytes(weight.shape)
+    alone = _estimate_candidates(weight, [large], 0, 1, None, None)
+    assert alone[0][0] == large.stream_bytes(weight.shape) and alone[0][1] >= 0
