@@ -18,6 +18,7 @@ import contextlib
 import importlib.metadata
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 
@@ -110,3 +111,20 @@ def kernel_threads(n_threads=None):
             yield
         finally:
             numba.set_num_threads(previous)
+
+
+def map_in_threads(task, n_tasks):
+    """``[task(0), ..., task(n_tasks - 1)]``, computed on numba's thread count of the calling
+    thread (:func:`kernel_threads`) by Python threads.
+
+    For a ``task`` that calls a serial compiled kernel (which holds no GIL, see :func:`njit`)
+    on its own chunk of rows: the threads then run in parallel, and the kernel compiles once,
+    as itself. A ``parallel=True`` loop around the same kernel would have LLVM optimise it a
+    second time, inlined into the loop, for every signature (for the code search, about half
+    of the package's first-ever compilation). Results are in task order, whatever the number
+    of threads."""
+    n_threads = min(numba.get_num_threads(), n_tasks)
+    if n_threads <= 1:
+        return [task(t) for t in range(n_tasks)]
+    with ThreadPoolExecutor(n_threads) as pool:
+        return list(pool.map(task, range(n_tasks)))

@@ -24,8 +24,9 @@ the code kernels recognise it by ``n_slots == k``.
 
 Entry points
 ------------
-Each entry does one job on a block of rows, in parallel over fixed chunks of rows (the
-first two are Python functions around one compiled kernel, so call them from Python); the
+Each entry does one job on a block of rows, in parallel over fixed chunks of rows: a
+Python function that runs one serial compiled kernel per chunk in threads
+(:func:`~qsdlearn._jit.map_in_threads`), so call it from Python; the
 driver (:func:`qsdlearn._solver.solve_codes`) picks one per setting, before its loop:
 :func:`solve_codes_cold` (``transform``: a multi-start search, each start a greedy fill then
 exact coordinate sweeps; for sparse float codes, least squares on a support searched by
@@ -41,7 +42,7 @@ import numba
 import numpy as np
 from numba.extending import overload
 
-from ._jit import njit
+from ._jit import map_in_threads, njit
 from ._levels import FLOAT  # noqa: F401  (re-exported: the kernels' name for float values)
 
 #: dtype of slot positions everywhere in the package (solver, kernels, codec).
@@ -734,8 +735,7 @@ def _row_work(G, n_slots, n_starts, least_squares):
 def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, idx, val, err,
                start, stop):
     """Serial body of :func:`solve_codes_cold` and :func:`improve_codes` for rows
-    ``start:stop`` (kept out of the parallel loop so that :func:`_code_block` stays small and
-    quick to compile)."""
+    ``start:stop`` (see :func:`_code_block`)."""
     k = P.shape[1]
     n_slots = idx.shape[1]
     dense = n_slots == k
@@ -771,16 +771,25 @@ def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, id
         err[i] = max(row_err, 0.0)
 
 
-@njit(parallel=True)
 def _code_block(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, idx, val, err):
-    """The parallel loop of :func:`solve_codes_cold` and :func:`improve_codes` over chunks of
-    rows. One kernel for both, called from Python with the same argument types, so that it
-    and its callees compile once per dtype rather than once per constant (numba specialises a
-    jitted callee on the literal values of constant arguments)."""
+    """:func:`_code_rows` over chunks of rows, in threads (:func:`~qsdlearn._jit.map_in_threads`).
+    The arguments are cast to one type each, so that the kernel compiles once per dtype
+    rather than once per constant (numba specialises a jitted function on the literal values
+    of constant arguments)."""
     m = P.shape[0]
-    for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-        _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, idx, val, err,
-                   chunk * _CHUNK_ROWS, min(m, (chunk + 1) * _CHUNK_ROWS))
+    args = (P, xx, G, float(eta), int(nbits), int(max_sweeps), int(n_starts), int(rotation),
+            bool(improve), idx, val, err)
+    map_in_threads(lambda c: _code_rows(*args, *_chunk(c, m)), _n_chunks(m))
+
+
+def _n_chunks(m, chunk_rows=_CHUNK_ROWS):
+    """Number of chunks of ``chunk_rows`` rows in ``m`` rows."""
+    return (m + chunk_rows - 1) // chunk_rows
+
+
+def _chunk(c, m, chunk_rows=_CHUNK_ROWS):
+    """``(start, stop)`` of chunk ``c`` of ``m`` rows."""
+    return c * chunk_rows, min(m, (c + 1) * chunk_rows)
 
 
 def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
@@ -816,8 +825,7 @@ def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
     err : ndarray of shape (m,), float64
         Output: the squared error of every row.
     """
-    _code_block(P, xx, G, 0.0, int(nbits), int(max_sweeps), int(n_starts), -1, False, idx, val,
-                err)
+    _code_block(P, xx, G, 0.0, nbits, max_sweeps, n_starts, -1, False, idx, val, err)
 
 
 def improve_codes(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, idx, val, err):
@@ -834,8 +842,7 @@ def improve_codes(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, idx, val
     gradient step ``eta`` (``1 / lambda_max(G)``) and ``rotation``; ``idx`` and ``val`` hold
     the incoming slots on entry.
     """
-    _code_block(P, xx, G, float(eta), int(nbits), int(max_sweeps), int(n_starts), int(rotation),
-                True, idx, val, err)
+    _code_block(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, True, idx, val, err)
 
 
 @njit()
@@ -861,7 +868,6 @@ def _one_slot_rows(P, xx, G, nbits, idx, val, err, start, stop):
         err[i] = max(row_err, 0.0)
 
 
-@njit(parallel=True)
 def assign_one_slot(P, xx, G, nbits, idx, val, err):
     """Codes of rows with one slot, in place: the best (codebook row, value) pair of each.
 
@@ -871,9 +877,9 @@ def assign_one_slot(P, xx, G, nbits, idx, val, err):
     with ``idx`` and ``val`` of shape ``(m, 1)``.
     """
     m = P.shape[0]
-    for chunk in numba.prange((m + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-        _one_slot_rows(P, xx, G, nbits, idx, val, err, chunk * _CHUNK_ROWS,
-                       min(m, (chunk + 1) * _CHUNK_ROWS))
+    nbits = int(nbits)
+    map_in_threads(lambda c: _one_slot_rows(P, xx, G, nbits, idx, val, err, *_chunk(c, m)),
+                   _n_chunks(m))
 
 
 # --------------------------------------------------------------------------------------
@@ -1026,7 +1032,6 @@ def _lloyd_rows(X, CT, start, stop, labels, row_err, sums, counts):
     return total
 
 
-@njit(parallel=True)
 def lloyd_pass(X, CT, chunk_rows, labels, row_err, chunk_sums, chunk_counts, sums, counts):
     """One Lloyd pass: nearest codewords and the statistics of the centroid step, in place.
 
@@ -1059,19 +1064,17 @@ def lloyd_pass(X, CT, chunk_rows, labels, row_err, chunk_sums, chunk_counts, sum
         The total squared error (chunk totals added in chunk order).
     """
     n = X.shape[0]
-    n_chunks = chunk_sums.shape[0]
-    chunk_err = np.empty(n_chunks, dtype=np.float64)
-    for c in numba.prange(n_chunks):
-        chunk_err[c] = _lloyd_rows(X, CT, c * chunk_rows, min(n, (c + 1) * chunk_rows), labels,
-                                   row_err, chunk_sums[c], chunk_counts[c])
-    return _reduce_chunks(chunk_err, chunk_sums, chunk_counts, sums, counts)
+    chunk_err = map_in_threads(
+        lambda c: _lloyd_rows(X, CT, *_chunk(c, n, chunk_rows), labels, row_err, chunk_sums[c],
+                              chunk_counts[c]),
+        chunk_sums.shape[0])
+    return _reduce_chunks(np.array(chunk_err, dtype=np.float64), chunk_sums, chunk_counts,
+                          sums, counts)
 
 
 @njit()
 def _reduce_chunks(chunk_err, chunk_sums, chunk_counts, sums, counts):
-    """Add the chunks' statistics in chunk order; returns the total error. (A serial function:
-    written inline in a parallel one, every array statement here would become a parallel
-    loop of its own, one thread launch per chunk.)"""
+    """Add the chunks' statistics in chunk order; returns the total error."""
     sums[:, :] = 0.0
     counts[:] = 0
     total = 0.0
@@ -1082,13 +1085,11 @@ def _reduce_chunks(chunk_err, chunk_sums, chunk_counts, sums, counts):
     return total
 
 
-@njit(parallel=True)
 def assign_nearest(X, CT, labels, row_err):
     """Nearest codewords only (``transform`` of one-hot codes): the assignment of
     :func:`lloyd_pass`, the same operations on every row, without the statistics."""
     n = X.shape[0]
-    for c in numba.prange((n + _CHUNK_ROWS - 1) // _CHUNK_ROWS):
-        _assign_rows(X, CT, c * _CHUNK_ROWS, min(n, (c + 1) * _CHUNK_ROWS), labels, row_err)
+    map_in_threads(lambda c: _assign_rows(X, CT, *_chunk(c, n), labels, row_err), _n_chunks(n))
 
 
 @njit(parallel=True)

@@ -103,3 +103,19 @@ def test_compress_weights_under_the_threading_backend_equals_serial():
                                              max_iter=3, n_jobs=3)
     assert threaded.to_bytes() == serial.to_bytes()
     assert [r["converged"] for r in threaded.report()] == [r["converged"] for r in serial.report()]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_map_in_threads_keeps_task_order_on_the_threads_asked_for(n_threads):
+    import threading
+
+    used = set()
+
+    def task(t):
+        used.add(threading.get_ident())
+        return t * t
+
+    with _jit.kernel_threads(n_threads):
+        assert _jit.map_in_threads(task, 50) == [t * t for t in range(50)]
+        assert _jit.map_in_threads(task, 0) == []
+    assert 1 <= len(used) <= n_threads
