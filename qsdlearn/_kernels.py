@@ -38,7 +38,6 @@ choice is already exact).
 
 import math
 
-import numba
 import numpy as np
 from numba.extending import overload
 
@@ -50,6 +49,18 @@ INDEX_DTYPE = np.int32
 
 #: Rows processed by one parallel task; fixed so results never depend on the thread count.
 _CHUNK_ROWS = 256
+#: Rows of one task of the row-wise kernels whose rows take a few operations each.
+_ROW_CHUNK = 4096
+
+
+def _n_chunks(m, chunk_rows=_CHUNK_ROWS):
+    """Number of chunks of ``chunk_rows`` rows in ``m`` rows."""
+    return (m + chunk_rows - 1) // chunk_rows
+
+
+def _chunk(c, m, chunk_rows=_CHUNK_ROWS):
+    """``(start, stop)`` of chunk ``c`` of ``m`` rows."""
+    return c * chunk_rows, min(m, (c + 1) * chunk_rows)
 
 
 @njit()
@@ -144,20 +155,28 @@ def _project_row(v, scale, nbits, n_keep, savings, out_idx, out_val):
     _sort_slots(out_idx, out_val, n_keep)
 
 
-@njit(parallel=True)
-def project_rows(V, scales, nbits, n_keep, out):
-    """Project every row of ``V`` (its own scale) and write the dense result into ``out``."""
-    m, width = V.shape
+@njit()
+def _project_rows(V, scales, nbits, n_keep, out, start, stop):
+    """Serial body of :func:`project_rows` for rows ``start:stop``."""
+    width = V.shape[1]
     keep = min(n_keep, width)
-    for i in numba.prange(m):
-        savings = np.empty(width, dtype=np.float64)
-        slot_idx = np.empty(keep, dtype=np.int64)
-        slot_val = np.empty(keep, dtype=np.float64)
+    savings = np.empty(width, dtype=np.float64)
+    slot_idx = np.empty(keep, dtype=np.int64)
+    slot_val = np.empty(keep, dtype=np.float64)
+    for i in range(start, stop):
         row = V[i].astype(np.float64)
         _project_row(row, np.float64(scales[i]), nbits, keep, savings, slot_idx, slot_val)
         out[i, :] = 0
         for a in range(keep):
             out[i, slot_idx[a]] = slot_val[a]
+
+
+def project_rows(V, scales, nbits, n_keep, out):
+    """Project every row of ``V`` (its own scale) and write the dense result into ``out``."""
+    m = V.shape[0]
+    nbits, n_keep = int(nbits), int(n_keep)
+    map_in_threads(lambda c: _project_rows(V, scales, nbits, n_keep, out,
+                                           *_chunk(c, m, _ROW_CHUNK)), _n_chunks(m, _ROW_CHUNK))
 
 
 @njit()
@@ -782,16 +801,6 @@ def _code_block(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, i
     map_in_threads(lambda c: _code_rows(*args, *_chunk(c, m)), _n_chunks(m))
 
 
-def _n_chunks(m, chunk_rows=_CHUNK_ROWS):
-    """Number of chunks of ``chunk_rows`` rows in ``m`` rows."""
-    return (m + chunk_rows - 1) // chunk_rows
-
-
-def _chunk(c, m, chunk_rows=_CHUNK_ROWS):
-    """``(start, stop)`` of chunk ``c`` of ``m`` rows."""
-    return c * chunk_rows, min(m, (c + 1) * chunk_rows)
-
-
 def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
     """Codes of a block of rows from scratch, in place: the best of ``n_starts`` descents,
     each with its first slot on a different position.
@@ -1092,12 +1101,12 @@ def assign_nearest(X, CT, labels, row_err):
     map_in_threads(lambda c: _assign_rows(X, CT, *_chunk(c, n), labels, row_err), _n_chunks(n))
 
 
-@njit(parallel=True)
-def row_squared_errors(X, C, idx, val, out):
-    """``out[i] = ||X[i] - sum_a val[i, a] C[idx[i, a]]||^2``, accumulated in float64."""
-    m, d = X.shape
+@njit()
+def _row_squared_errors(X, C, idx, val, out, start, stop):
+    """Serial body of :func:`row_squared_errors` for rows ``start:stop``."""
+    d = X.shape[1]
     n_slots = idx.shape[1]
-    for i in numba.prange(m):
+    for i in range(start, stop):
         total = 0.0
         for t in range(d):
             r = np.float64(X[i, t])
@@ -1107,25 +1116,34 @@ def row_squared_errors(X, C, idx, val, out):
         out[i] = total
 
 
-@njit(parallel=True)
-def densify_codes(idx, val, out):
-    """Scatter slots into a dense (m, k) code matrix (``out`` must be zero on entry)."""
-    m, n_slots = idx.shape
-    for i in numba.prange(m):
-        for a in range(n_slots):
+def row_squared_errors(X, C, idx, val, out):
+    """``out[i] = ||X[i] - sum_a val[i, a] C[idx[i, a]]||^2``, accumulated in float64."""
+    m = X.shape[0]
+    map_in_threads(lambda c: _row_squared_errors(X, C, idx, val, out, *_chunk(c, m, _ROW_CHUNK)),
+                   _n_chunks(m, _ROW_CHUNK))
+
+
+@njit()
+def _densify_codes(idx, val, out, start, stop):
+    """Serial body of :func:`densify_codes` for rows ``start:stop``."""
+    for i in range(start, stop):
+        for a in range(idx.shape[1]):
             out[i, idx[i, a]] = val[i, a]
 
 
-@njit(parallel=True)
-def reconstruct_from_slots(idx, val, C, out):
-    """``out[i] = sum_a val[i, a] * C[idx[i, a]]`` over nonzero values, in slot order.
+def densify_codes(idx, val, out):
+    """Scatter slots into a dense (m, k) code matrix (``out`` must be zero on entry)."""
+    m = idx.shape[0]
+    map_in_threads(lambda c: _densify_codes(idx, val, out, *_chunk(c, m, _ROW_CHUNK)),
+                   _n_chunks(m, _ROW_CHUNK))
 
-    Dense codes go through the same loop with :func:`all_positions`, so decoding and
-    ``inverse_transform`` perform the same operations in the same order.
-    """
-    m, n_slots = idx.shape
+
+@njit()
+def _reconstruct_from_slots(idx, val, C, out, start, stop):
+    """Serial body of :func:`reconstruct_from_slots` for rows ``start:stop``."""
+    n_slots = idx.shape[1]
     d = C.shape[1]
-    for i in numba.prange(m):
+    for i in range(start, stop):
         for t in range(d):
             out[i, t] = 0
         for a in range(n_slots):
@@ -1135,6 +1153,18 @@ def reconstruct_from_slots(idx, val, C, out):
             j = idx[i, a]
             for t in range(d):
                 out[i, t] += v * C[j, t]
+
+
+def reconstruct_from_slots(idx, val, C, out):
+    """``out[i] = sum_a val[i, a] * C[idx[i, a]]`` over nonzero values, in slot order.
+
+    Dense codes go through the same loop with :func:`all_positions`, so decoding and
+    ``inverse_transform`` perform the same operations in the same order.
+    """
+    m = idx.shape[0]
+    map_in_threads(lambda c: _reconstruct_from_slots(idx, val, C, out,
+                                                     *_chunk(c, m, _ROW_CHUNK)),
+                   _n_chunks(m, _ROW_CHUNK))
 
 
 def all_positions(n_rows, n_components):
