@@ -796,9 +796,20 @@ def _code_block(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, i
     rather than once per constant (numba specialises a jitted function on the literal values
     of constant arguments)."""
     m = P.shape[0]
+    values = _float64_values(val)
     args = (P, xx, G, float(eta), int(nbits), int(max_sweeps), int(n_starts), int(rotation),
-            bool(improve), idx, val, err)
+            bool(improve), idx, values, err)
     map_in_threads(lambda c: _code_rows(*args, *_chunk(c, m)), _n_chunks(m))
+    if values is not val:
+        val[...] = values
+
+
+def _float64_values(val):
+    """``val`` as a C-contiguous float64 array (itself when it is one). The code kernels read
+    and write float64 values, so that they compile once, not once per dtype; float32 values
+    are exact in float64, and storing the float64 results back rounds them as the kernel's
+    own store into a float32 array would."""
+    return np.ascontiguousarray(val, dtype=np.float64)
 
 
 def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
@@ -887,8 +898,11 @@ def assign_one_slot(P, xx, G, nbits, idx, val, err):
     """
     m = P.shape[0]
     nbits = int(nbits)
-    map_in_threads(lambda c: _one_slot_rows(P, xx, G, nbits, idx, val, err, *_chunk(c, m)),
+    values = _float64_values(val)
+    map_in_threads(lambda c: _one_slot_rows(P, xx, G, nbits, idx, values, err, *_chunk(c, m)),
                    _n_chunks(m))
+    if values is not val:
+        val[...] = values
 
 
 # --------------------------------------------------------------------------------------
