@@ -39,6 +39,7 @@ choice is already exact).
 import math
 
 import numpy as np
+from numba import get_num_threads
 from numba.extending import overload
 
 from ._jit import map_in_threads, njit
@@ -49,8 +50,6 @@ INDEX_DTYPE = np.int32
 
 #: Rows processed by one parallel task; fixed so results never depend on the thread count.
 _CHUNK_ROWS = 256
-#: Rows of one task of the row-wise kernels whose rows take a few operations each.
-_ROW_CHUNK = 4096
 
 
 def _n_chunks(m, chunk_rows=_CHUNK_ROWS):
@@ -61,6 +60,16 @@ def _n_chunks(m, chunk_rows=_CHUNK_ROWS):
 def _chunk(c, m, chunk_rows=_CHUNK_ROWS):
     """``(start, stop)`` of chunk ``c`` of ``m`` rows."""
     return c * chunk_rows, min(m, (c + 1) * chunk_rows)
+
+
+def _per_thread(kernel, m, *args):
+    """``kernel(*args, start, stop)`` on one contiguous range of the ``m`` rows (or chunks) per
+    thread: for kernels whose rows cost the same and whose results do not depend on the
+    ranges, one call per thread instead of one per chunk (each call from Python costs tens of
+    microseconds)."""
+    parts = max(1, min(get_num_threads(), m))
+    bounds = [m * p // parts for p in range(parts + 1)]
+    map_in_threads(lambda p: kernel(*args, bounds[p], bounds[p + 1]), parts)
 
 
 @njit()
@@ -173,10 +182,7 @@ def _project_rows(V, scales, nbits, n_keep, out, start, stop):
 
 def project_rows(V, scales, nbits, n_keep, out):
     """Project every row of ``V`` (its own scale) and write the dense result into ``out``."""
-    m = V.shape[0]
-    nbits, n_keep = int(nbits), int(n_keep)
-    map_in_threads(lambda c: _project_rows(V, scales, nbits, n_keep, out,
-                                           *_chunk(c, m, _ROW_CHUNK)), _n_chunks(m, _ROW_CHUNK))
+    _per_thread(_project_rows, V.shape[0], V, scales, int(nbits), int(n_keep), out)
 
 
 @njit()
@@ -1038,29 +1044,36 @@ def _assign_rows(X, CT, start, stop, labels, row_err):
 
 
 @njit()
-def _lloyd_rows(X, CT, start, stop, labels, row_err, sums, counts):
-    """Serial body of :func:`lloyd_pass` for rows ``start:stop``: assign, then add each row
-    to its codeword's sum and count (``sums``, ``counts`` zeroed here). Returns the rows'
-    total squared error."""
-    _assign_rows(X, CT, start, stop, labels, row_err)
-    sums[:, :] = 0.0
-    counts[:] = 0
-    total = 0.0
-    for i in range(start, stop):
-        j = labels[i]
-        total += row_err[i]
-        counts[j] += 1
-        for t in range(X.shape[1]):
-            sums[j, t] += np.float64(X[i, t])
-    return total
+def _lloyd_chunks(X, CT, chunk_rows, labels, row_err, chunk_sums, chunk_counts, chunk_err,
+                  first, last):
+    """Serial body of :func:`lloyd_pass` for chunks ``first:last``: assign each chunk's rows,
+    then add each row to its codeword's sum and count in the chunk's own slice of
+    ``chunk_sums``/``chunk_counts`` (zeroed here), and its error to ``chunk_err[c]``."""
+    n = X.shape[0]
+    for c in range(first, last):
+        start, stop = c * chunk_rows, min(n, (c + 1) * chunk_rows)
+        _assign_rows(X, CT, start, stop, labels, row_err)
+        sums = chunk_sums[c]
+        counts = chunk_counts[c]
+        sums[:, :] = 0.0
+        counts[:] = 0
+        total = 0.0
+        for i in range(start, stop):
+            j = labels[i]
+            total += row_err[i]
+            counts[j] += 1
+            for t in range(X.shape[1]):
+                sums[j, t] += np.float64(X[i, t])
+        chunk_err[c] = total
 
 
 def lloyd_pass(X, CT, chunk_rows, labels, row_err, chunk_sums, chunk_counts, sums, counts):
     """One Lloyd pass: nearest codewords and the statistics of the centroid step, in place.
 
-    Each fixed chunk of ``chunk_rows`` rows is one task with its own slice of
-    ``chunk_sums``/``chunk_counts``; the chunks are then reduced in chunk order, so the result
-    does not depend on the number of threads.
+    Each fixed chunk of ``chunk_rows`` rows has its own slice of
+    ``chunk_sums``/``chunk_counts`` (each thread takes a contiguous range of chunks); the
+    chunks are then reduced in chunk order, so the result does not depend on the number of
+    threads.
 
     Parameters
     ----------
@@ -1086,13 +1099,10 @@ def lloyd_pass(X, CT, chunk_rows, labels, row_err, chunk_sums, chunk_counts, sum
     float
         The total squared error (chunk totals added in chunk order).
     """
-    n = X.shape[0]
-    chunk_err = map_in_threads(
-        lambda c: _lloyd_rows(X, CT, *_chunk(c, n, chunk_rows), labels, row_err, chunk_sums[c],
-                              chunk_counts[c]),
-        chunk_sums.shape[0])
-    return _reduce_chunks(np.array(chunk_err, dtype=np.float64), chunk_sums, chunk_counts,
-                          sums, counts)
+    chunk_err = np.empty(chunk_sums.shape[0], dtype=np.float64)
+    _per_thread(_lloyd_chunks, chunk_err.shape[0], X, CT, chunk_rows, labels, row_err,
+                chunk_sums, chunk_counts, chunk_err)
+    return _reduce_chunks(chunk_err, chunk_sums, chunk_counts, sums, counts)
 
 
 @njit()
@@ -1111,8 +1121,8 @@ def _reduce_chunks(chunk_err, chunk_sums, chunk_counts, sums, counts):
 def assign_nearest(X, CT, labels, row_err):
     """Nearest codewords only (``transform`` of one-hot codes): the assignment of
     :func:`lloyd_pass`, the same operations on every row, without the statistics."""
-    n = X.shape[0]
-    map_in_threads(lambda c: _assign_rows(X, CT, *_chunk(c, n), labels, row_err), _n_chunks(n))
+    _per_thread(lambda start, stop: _assign_rows(X, CT, start, stop, labels, row_err),
+                X.shape[0])
 
 
 @njit()
@@ -1132,9 +1142,7 @@ def _row_squared_errors(X, C, idx, val, out, start, stop):
 
 def row_squared_errors(X, C, idx, val, out):
     """``out[i] = ||X[i] - sum_a val[i, a] C[idx[i, a]]||^2``, accumulated in float64."""
-    m = X.shape[0]
-    map_in_threads(lambda c: _row_squared_errors(X, C, idx, val, out, *_chunk(c, m, _ROW_CHUNK)),
-                   _n_chunks(m, _ROW_CHUNK))
+    _per_thread(_row_squared_errors, X.shape[0], X, C, idx, val, out)
 
 
 @njit()
@@ -1147,9 +1155,7 @@ def _densify_codes(idx, val, out, start, stop):
 
 def densify_codes(idx, val, out):
     """Scatter slots into a dense (m, k) code matrix (``out`` must be zero on entry)."""
-    m = idx.shape[0]
-    map_in_threads(lambda c: _densify_codes(idx, val, out, *_chunk(c, m, _ROW_CHUNK)),
-                   _n_chunks(m, _ROW_CHUNK))
+    _per_thread(_densify_codes, idx.shape[0], idx, val, out)
 
 
 @njit()
@@ -1175,10 +1181,7 @@ def reconstruct_from_slots(idx, val, C, out):
     Dense codes go through the same loop with :func:`all_positions`, so decoding and
     ``inverse_transform`` perform the same operations in the same order.
     """
-    m = idx.shape[0]
-    map_in_threads(lambda c: _reconstruct_from_slots(idx, val, C, out,
-                                                     *_chunk(c, m, _ROW_CHUNK)),
-                   _n_chunks(m, _ROW_CHUNK))
+    _per_thread(_reconstruct_from_slots, idx.shape[0], idx, val, C, out)
 
 
 def all_positions(n_rows, n_components):
