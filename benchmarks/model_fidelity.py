@@ -36,6 +36,7 @@ from scipy.stats import spearmanr
 
 from qsdlearn import GramAccumulator, compress_weights
 from qsdlearn._calibration import LayerCalibration
+from qsdlearn.weights import default_candidates
 
 from .methods import scalar
 from .texts import CALIBRATION, HELD_OUT
@@ -244,7 +245,8 @@ def _compress(source, bits, calibration, jobs, seed, sensitivity=None):
     model = compress_weights(source, bits_per_weight=bits, calibration=calibration,
                              calibration_damping=CALIBRATION_DAMPING,
                              sensitivity=sensitivity, n_jobs=jobs, random_state=seed,
-                             max_fit_rows=MAX_FIT_ROWS, verbose=False)
+                             max_fit_rows=MAX_FIT_ROWS, verbose=False,
+                             candidates=default_candidates(large_codebooks=True))
     return model, time.perf_counter() - start
 
 

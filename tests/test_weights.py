@@ -628,3 +628,15 @@ def test_a_codebook_larger_than_its_codes_is_estimated_only_without_a_smaller_ca
     assert results[0] is None and results[1][0] == small.stream_bytes(weight.shape)
     alone = _estimate_candidates(weight, [large], 0, 1, None, None)
     assert alone[0][0] == large.stream_bytes(weight.shape) and alone[0][1] >= 0
+
+
+def test_large_codebooks_add_two_kmeans_settings_and_refuse_a_non_bool():
+    plain = qsdlearn.weights.default_candidates(8)
+    large = qsdlearn.weights.default_candidates(8, large_codebooks=True)
+    extra = [c for c in large if c not in plain]
+    assert len(large) == len(plain) + 4
+    assert sorted((c.constraints.n_components, c.row_scales) for c in extra) == [
+        (1024, False), (1024, True), (4096, False), (4096, True)]
+    assert all(c.vector_size == 8 and c.constraints.one_hot for c in extra)
+    with pytest.raises(TypeError, match="large_codebooks must be a bool"):
+        qsdlearn.weights.default_candidates(8, large_codebooks=1)
