@@ -246,6 +246,8 @@ def _compress(source, bits, calibration, jobs, seed, sensitivity=None):
                              calibration_damping=CALIBRATION_DAMPING,
                              sensitivity=sensitivity, n_jobs=jobs, random_state=seed,
                              max_fit_rows=MAX_FIT_ROWS, verbose=False,
+                             # not the library's defaults: large codebooks pay on the
+                             # word-embedding table (benchmarks/README.md)
                              candidates=default_candidates(large_codebooks=True))
     return model, time.perf_counter() - start
 

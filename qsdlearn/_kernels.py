@@ -24,9 +24,10 @@ the code kernels recognise it by ``n_slots == k``.
 
 Entry points
 ------------
-Each entry does one job on a block of rows, in parallel over fixed chunks of rows: a
-Python function that runs one serial compiled kernel per chunk in threads
-(:func:`~qsdlearn._jit.map_in_threads`), so call it from Python; the
+Each entry does one job on a block of rows, in parallel: a Python function that runs one
+serial compiled kernel in threads (:func:`~qsdlearn._jit.map_in_threads`), per fixed chunk
+of rows for the code search (rows differ in cost), per contiguous range of rows (or of
+fixed chunks, for the Lloyd pass) for the others; the
 driver (:func:`qsdlearn._solver.solve_codes`) picks one per setting, before its loop:
 :func:`solve_codes_cold` (``transform``: a multi-start search, each start a greedy fill then
 exact coordinate sweeps; for sparse float codes, least squares on a support searched by
@@ -798,9 +799,8 @@ def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, id
 
 def _code_block(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, idx, val, err):
     """:func:`_code_rows` over chunks of rows, in threads (:func:`~qsdlearn._jit.map_in_threads`).
-    The arguments are cast to one type each, so that the kernel compiles once per dtype
-    rather than once per constant (numba specialises a jitted function on the literal values
-    of constant arguments)."""
+    The arguments are cast to one type each (Python and NumPy scalars alike), so that the
+    kernel has one signature."""
     m = P.shape[0]
     values = _float64_values(val)
     args = (P, xx, G, float(eta), int(nbits), int(max_sweeps), int(n_starts), int(rotation),

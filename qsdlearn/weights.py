@@ -245,8 +245,8 @@ def default_candidates(vector_size=8, large_codebooks=False):
     Returns
     -------
     list of LayerSetting
-        46 settings at ``vector_size=8`` (50 with ``large_codebooks``): 23 without row
-        scales, then the same 23 with them.
+        46 settings at ``vector_size=8`` (50 with ``large_codebooks``): 23 (25) without row
+        scales, then the same with them.
 
     Raises
     ------
@@ -1554,9 +1554,10 @@ def _fits(setting, shape):
 
 
 def _codebook_share(setting, shape):
-    """The share of a candidate's bytes on a tensor that its codebook takes."""
+    """The share of a candidate's bytes on a tensor (row scales included) that its codebook
+    takes."""
     sizes = setting.matrix_settings(shape).stream_sizes()
-    return sum(sizes[name] for name in _CODEBOOK_STREAMS) / max(sum(sizes.values()), 1)
+    return sum(sizes[name] for name in _CODEBOOK_STREAMS) / max(setting.stream_bytes(shape), 1)
 
 
 def _held_out_split(n_rows, fit_rows, seed):
@@ -1612,13 +1613,15 @@ def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibratio
     scales_pay = _row_scales_pay(weight)
     scaled = None  # the normalised rows and their weights, the same for every row-scaled setting
     seeds = {}  # k-means++ starts shared by the candidates of one sub-vector and codebook size
-    fitting = [c.stream_bytes(weight.shape) for c in candidates if _fits(c, weight.shape)]
-    smallest = min(fitting, default=0)
+
+    def eligible(setting):
+        return _fits(setting, weight.shape) and not (setting.row_scales and (
+            not scales_pay or (calibration is not None and calibration.gram is not None)))
+
+    smallest = min((c.stream_bytes(weight.shape) for c in candidates if eligible(c)), default=0)
     for setting in candidates:
-        if not _fits(setting, weight.shape) or (setting.row_scales and (
-                not scales_pay or (calibration is not None and calibration.gram is not None))) \
-                or (_codebook_share(setting, weight.shape) > MAX_CODEBOOK_SHARE
-                    and setting.stream_bytes(weight.shape) > smallest):
+        if not eligible(setting) or (_codebook_share(setting, weight.shape) > MAX_CODEBOOK_SHARE
+                                     and setting.stream_bytes(weight.shape) > smallest):
             results.append(None)
             continue
         rows, fit_calibration = weight, calibration

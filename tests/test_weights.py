@@ -640,3 +640,15 @@ def test_large_codebooks_add_two_kmeans_settings_and_refuse_a_non_bool():
     assert all(c.vector_size == 8 and c.constraints.one_hot for c in extra)
     with pytest.raises(TypeError, match="large_codebooks must be a bool"):
         qsdlearn.weights.default_candidates(8, large_codebooks=1)
+
+
+def test_a_large_codebook_is_estimated_when_the_smaller_candidate_would_be_skipped():
+    """The smaller candidate has row scales, which do not pay on a Gaussian tensor: it is not
+    estimated, so the large codebook must be."""
+    from qsdlearn.weights import _estimate_candidates
+
+    weight = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    large = LayerSetting(8, Constraints(256, 1, 0, 8))
+    scaled = LayerSetting(8, Constraints(16, 1, 0, 8), row_scales=True)
+    results = _estimate_candidates(weight, [large, scaled], 0, 1, None, None)
+    assert results[1] is None and results[0] is not None
