@@ -122,9 +122,15 @@ def map_in_threads(task, n_tasks):
     as itself. A ``parallel=True`` loop around the same kernel would have LLVM optimise it a
     second time, inlined into the loop, for every signature (for the code search, about half
     of the package's first-ever compilation). Results are in task order, whatever the number
-    of threads."""
+    of threads; the first error raised by a task is raised here once the tasks already
+    running have finished, and the tasks not started are dropped."""
     n_threads = min(numba.get_num_threads(), n_tasks)
     if n_threads <= 1:
         return [task(t) for t in range(n_tasks)]
     with ThreadPoolExecutor(n_threads) as pool:
-        return list(pool.map(task, range(n_tasks)))
+        futures = [pool.submit(task, t) for t in range(n_tasks)]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:  # an error or an interrupt: drop the tasks not started
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise

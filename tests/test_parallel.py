@@ -119,3 +119,19 @@ def test_map_in_threads_keeps_task_order_on_the_threads_asked_for(n_threads):
         assert _jit.map_in_threads(task, 50) == [t * t for t in range(50)]
         assert _jit.map_in_threads(task, 0) == []
     assert 1 <= len(used) <= n_threads
+
+
+def test_map_in_threads_raises_a_task_error_and_drops_the_tasks_not_started():
+    import time
+
+    done = []
+
+    def task(t):
+        if t == 0:
+            raise ValueError("task 0 failed")
+        time.sleep(0.001)
+        done.append(t)
+
+    with _jit.kernel_threads(2), pytest.raises(ValueError, match="task 0 failed"):
+        _jit.map_in_threads(task, 2000)
+    assert len(done) < 1999
