@@ -37,6 +37,7 @@ the current codes and the cold solution) and :func:`assign_one_slot` (one slot: 
 choice is already exact).
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -53,14 +54,12 @@ INDEX_DTYPE = np.int32
 _CHUNK_ROWS = 256
 
 
-def _n_chunks(m, chunk_rows=_CHUNK_ROWS):
-    """Number of chunks of ``chunk_rows`` rows in ``m`` rows."""
-    return (m + chunk_rows - 1) // chunk_rows
-
-
-def _chunk(c, m, chunk_rows=_CHUNK_ROWS):
-    """``(start, stop)`` of chunk ``c`` of ``m`` rows."""
-    return c * chunk_rows, min(m, (c + 1) * chunk_rows)
+def _per_chunk(kernel, m, *args):
+    """``kernel(*args, start, stop)`` on every fixed chunk of :data:`_CHUNK_ROWS` of the ``m``
+    rows, in threads: for kernels whose rows differ in cost, which the threads then share out
+    chunk by chunk."""
+    map_in_threads(lambda c: kernel(*args, c * _CHUNK_ROWS, min(m, (c + 1) * _CHUNK_ROWS)),
+                   -(-m // _CHUNK_ROWS))
 
 
 def _per_thread(kernel, m, *args):
@@ -798,24 +797,24 @@ def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, id
 
 
 def _code_block(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, idx, val, err):
-    """:func:`_code_rows` over chunks of rows, in threads (:func:`~qsdlearn._jit.map_in_threads`).
+    """:func:`_code_rows` over chunks of rows, in threads (:func:`_per_chunk`).
     The arguments are cast to one type each (Python and NumPy scalars alike), so that the
     kernel has one signature."""
-    m = P.shape[0]
-    values = _float64_values(val)
-    args = (P, xx, G, float(eta), int(nbits), int(max_sweeps), int(n_starts), int(rotation),
-            bool(improve), idx, values, err)
-    map_in_threads(lambda c: _code_rows(*args, *_chunk(c, m)), _n_chunks(m))
+    with _float64_values(val) as values:
+        _per_chunk(_code_rows, P.shape[0], P, xx, G, float(eta), int(nbits), int(max_sweeps),
+                   int(n_starts), int(rotation), bool(improve), idx, values, err)
+
+
+@contextlib.contextmanager
+def _float64_values(val):
+    """``val`` as a C-contiguous float64 array (itself when it is one), stored back into
+    ``val`` on exit. The code kernels read and write float64 values, so that they compile
+    once, not once per dtype; float32 values are exact in float64, and storing the float64
+    results back rounds them as the kernel's own store into a float32 array would."""
+    values = np.ascontiguousarray(val, dtype=np.float64)
+    yield values
     if values is not val:
         val[...] = values
-
-
-def _float64_values(val):
-    """``val`` as a C-contiguous float64 array (itself when it is one). The code kernels read
-    and write float64 values, so that they compile once, not once per dtype; float32 values
-    are exact in float64, and storing the float64 results back rounds them as the kernel's
-    own store into a float32 array would."""
-    return np.ascontiguousarray(val, dtype=np.float64)
 
 
 def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
@@ -902,13 +901,8 @@ def assign_one_slot(P, xx, G, nbits, idx, val, err):
     pass over the correlations. Arguments as in :func:`solve_codes_cold`,
     with ``idx`` and ``val`` of shape ``(m, 1)``.
     """
-    m = P.shape[0]
-    nbits = int(nbits)
-    values = _float64_values(val)
-    map_in_threads(lambda c: _one_slot_rows(P, xx, G, nbits, idx, values, err, *_chunk(c, m)),
-                   _n_chunks(m))
-    if values is not val:
-        val[...] = values
+    with _float64_values(val) as values:
+        _per_chunk(_one_slot_rows, P.shape[0], P, xx, G, int(nbits), idx, values, err)
 
 
 # --------------------------------------------------------------------------------------

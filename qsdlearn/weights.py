@@ -1553,11 +1553,11 @@ def _fits(setting, shape):
     return setting.constraints.n_components <= rows_of(shape, setting.vector_size)
 
 
-def _codebook_share(setting, shape):
-    """The share of a candidate's bytes on a tensor (row scales included) that its codebook
-    takes."""
+def _codebook_share(setting, shape, nbytes):
+    """The share of a candidate's ``nbytes`` on a tensor (its :meth:`LayerSetting.stream_bytes`,
+    row scales included) that its codebook takes."""
     sizes = setting.matrix_settings(shape).stream_sizes()
-    return sum(sizes[name] for name in _CODEBOOK_STREAMS) / max(setting.stream_bytes(shape), 1)
+    return sum(sizes[name] for name in _CODEBOOK_STREAMS) / max(nbytes, 1)
 
 
 def _held_out_split(n_rows, fit_rows, seed):
@@ -1618,10 +1618,11 @@ def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibratio
         return _fits(setting, weight.shape) and not (setting.row_scales and (
             not scales_pay or (calibration is not None and calibration.gram is not None)))
 
-    smallest = min((c.stream_bytes(weight.shape) for c in candidates if eligible(c)), default=0)
-    for setting in candidates:
-        if not eligible(setting) or (_codebook_share(setting, weight.shape) > MAX_CODEBOOK_SHARE
-                                     and setting.stream_bytes(weight.shape) > smallest):
+    sizes = [c.stream_bytes(weight.shape) if eligible(c) else None for c in candidates]
+    smallest = min((n for n in sizes if n is not None), default=0)
+    for setting, nbytes in zip(candidates, sizes):
+        if nbytes is None or (nbytes > smallest and _codebook_share(
+                setting, weight.shape, nbytes) > MAX_CODEBOOK_SHARE):
             results.append(None)
             continue
         rows, fit_calibration = weight, calibration
@@ -1637,7 +1638,7 @@ def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibratio
             continue
         if energy is not None:
             error = error / energy if energy > 0 else 0.0
-        results.append((setting.stream_bytes(weight.shape), error))
+        results.append((nbytes, error))
     return results
 
 
