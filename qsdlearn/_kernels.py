@@ -113,32 +113,33 @@ def _better(savings, i, j):
 
 @njit()
 def _select_largest(savings, n_keep, out_idx):
-    """Positions of the ``n_keep`` largest savings, in no particular order (a min-heap of the
-    kept ones, O(m log n_keep))."""
-    for a in range(n_keep):
+    """Positions of the ``n_keep`` largest savings, by decreasing saving (the lower index
+    first on a tie).
+
+    An insertion into the sorted kept positions, tried only when a saving beats the smallest
+    kept one: O(m) comparisons with a scalar, plus O(n_keep log(m / n_keep)) insertions of
+    O(n_keep) each on data in random order."""
+    for a in range(n_keep):  # the first n_keep positions, sorted
         out_idx[a] = a
-        child = a
-        while child > 0:  # sift up: the heap root is the worst kept position
-            parent = (child - 1) // 2
-            if _better(savings, out_idx[parent], out_idx[child]):
-                out_idx[parent], out_idx[child] = out_idx[child], out_idx[parent]
-                child = parent
-            else:
-                break
+        b = a
+        while b > 0 and _better(savings, a, out_idx[b - 1]):
+            out_idx[b] = out_idx[b - 1]
+            b -= 1
+        out_idx[b] = a
+    if n_keep <= 0:
+        return
+    # Every kept position is lower than i, so i enters exactly when its saving is larger than
+    # the smallest kept one (a tie keeps the lower index).
+    threshold = savings[out_idx[n_keep - 1]]
     for i in range(n_keep, savings.shape[0]):
-        if not _better(savings, i, out_idx[0]):
+        if not savings[i] > threshold:
             continue
-        out_idx[0] = i
-        parent = 0
-        while True:  # sift down
-            worst = parent
-            for child in (2 * parent + 1, 2 * parent + 2):
-                if child < n_keep and _better(savings, out_idx[worst], out_idx[child]):
-                    worst = child
-            if worst == parent:
-                break
-            out_idx[parent], out_idx[worst] = out_idx[worst], out_idx[parent]
-            parent = worst
+        b = n_keep - 1
+        while b > 0 and savings[i] > savings[out_idx[b - 1]]:
+            out_idx[b] = out_idx[b - 1]
+            b -= 1
+        out_idx[b] = i
+        threshold = savings[out_idx[n_keep - 1]]
 
 
 @njit()
@@ -619,8 +620,12 @@ def _improvement_round(idx, val, n_slots, dense, least_squares, p, G, xx, nbits,
     error. Returns the row's error.
 
     Sparse float codes (``least_squares``): least-squares values on the given positions and
-    exchanges of one position at a time (:func:`_least_squares_codes`). Otherwise: a projected
-    gradient step, then exact coordinate sweeps."""
+    exchanges of one position at a time (:func:`_least_squares_codes`). Sparse codes on a level
+    set: exact coordinate sweeps. Dense codes: a projected gradient step, then the sweeps.
+
+    (Sparse codes on a level set once took a gradient step before their sweeps as well. On
+    the settings measured it never changed a fit's result, since each sweep re-solves a slot
+    exactly over every position and level, and it cost a fifth of a fit's code step.)"""
     c, z, savings, used, old_idx, old_val, inv_g, starts, g, W, L, M, B, v, diag, floor = work
     err = _row_error(idx, val, n_slots, p, G, xx)
     for a in range(n_slots):
@@ -629,7 +634,8 @@ def _improvement_round(idx, val, n_slots, dense, least_squares, p, G, xx, nbits,
     if least_squares:
         _least_squares_codes(idx, val, n_slots, n_slots, p, G, xx, n_slots * max_sweeps, work)
     else:
-        _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c)
+        if dense:
+            _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c)
         _residual_correlation(idx, val, n_slots, p, G, c)
         _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps,
                       _row_tolerance(xx), c, used)
@@ -686,7 +692,6 @@ def _solve_row_cold(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, ma
         for j in range(k):
             _, savings[j] = _best_value(p[j], G[j, j], nbits)
     _select_largest(savings, n_starts, starts)
-    _sort_starts(savings, starts, n_starts)
     first, stop = 0, n_starts
     if rotation >= 0:
         first = rotation % n_starts
@@ -701,19 +706,6 @@ def _solve_row_cold(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, ma
                 idx[a] = old_idx[a]
                 val[a] = old_val[a]
     return best_err
-
-
-@njit()
-def _sort_starts(savings, starts, n):
-    """Order the first ``n`` positions of ``starts`` by decreasing saving (lower index on a
-    tie)."""
-    for a in range(1, n):
-        j = starts[a]
-        b = a - 1
-        while b >= 0 and _better(savings, j, starts[b]):
-            starts[b + 1] = starts[b]
-            b -= 1
-        starts[b + 1] = j
 
 
 @njit()
@@ -860,12 +852,12 @@ def improve_codes(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, idx, val
     round undone if it does not help, and (b) the cold solution of :func:`solve_codes_cold`
     (taken on a tie), from all its starts when ``rotation < 0``, else from its start
     ``rotation mod n_starts`` alone (a fit passes its iteration count, so that its code steps
-    visit the starts in turn at the cost of one). The round is a projected gradient step
-    with step ``eta`` followed by exact sweeps; for sparse float codes, least squares on the
-    incoming positions (those independent of the ones before them) and the exchanges of
-    :func:`solve_codes_cold`. Arguments are those of :func:`solve_codes_cold`, plus the
-    gradient step ``eta`` (``1 / lambda_max(G)``) and ``rotation``; ``idx`` and ``val`` hold
-    the incoming slots on entry.
+    visit the starts in turn at the cost of one). The round is exact coordinate sweeps (dense
+    codes: after a projected gradient step with step ``eta``); for sparse float codes, least
+    squares on the incoming positions (those independent of the ones before them) and the
+    exchanges of :func:`solve_codes_cold`. Arguments are those of :func:`solve_codes_cold`,
+    plus the gradient step ``eta`` (``1 / lambda_max(G)``, used by dense codes) and
+    ``rotation``; ``idx`` and ``val`` hold the incoming slots on entry.
     """
     _code_block(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, True, idx, val, err)
 
@@ -1137,6 +1129,23 @@ def _row_squared_errors(X, C, idx, val, out, start, stop):
 def row_squared_errors(X, C, idx, val, out):
     """``out[i] = ||X[i] - sum_a val[i, a] C[idx[i, a]]||^2``, accumulated in float64."""
     _per_thread(_row_squared_errors, X.shape[0], X, C, idx, val, out)
+
+
+@njit()
+def code_statistics(X, idx, val, ZtZ, ZtX):
+    """``Z^T Z`` and ``Z^T X`` of sparse codes, into the zeroed float64 arrays ``ZtZ`` (k, k)
+    and ``ZtX`` (k, d): the sufficient statistics of the codebook step, in one pass over the
+    rows at O(n_slots**2 + n_slots * d) per row, summed in float64 in row order."""
+    n_slots = idx.shape[1]
+    d = X.shape[1]
+    for i in range(X.shape[0]):
+        for a in range(n_slots):
+            ja = idx[i, a]
+            va = np.float64(val[i, a])
+            for b in range(n_slots):
+                ZtZ[ja, idx[i, b]] += va * np.float64(val[i, b])
+            for t in range(d):
+                ZtX[ja, t] += va * np.float64(X[i, t])
 
 
 @njit()

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
-import scipy.sparse
 from sklearn.cluster import kmeans_plusplus
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.extmath import randomized_svd
@@ -150,17 +149,12 @@ def squared_error(X, C, codes, metric=None):
 def code_statistics(X, codes, n_components):
     """``Z^T Z`` and ``Z^T X``, the sufficient statistics of the codebook step, computed in
     float64 (float32 sums of rows with a large common offset would lose the offset-free part)."""
-    X64 = X.astype(np.float64, copy=False)
     if codes.idx is None:
         Z = codes.val.astype(np.float64, copy=False)
-        return Z.T @ Z, Z.T @ X64
-    n, s = codes.idx.shape
-    Z = scipy.sparse.csr_matrix(
-        (codes.val.ravel().astype(np.float64), codes.idx.ravel(), np.arange(0, n * s + 1, s)),
-        shape=(n, n_components),
-    )
-    ZtZ = (Z.T @ Z).toarray()
-    ZtX = np.asarray(Z.T @ X64)
+        return Z.T @ Z, Z.T @ X.astype(np.float64, copy=False)
+    ZtZ = np.zeros((n_components, n_components))
+    ZtX = np.zeros((n_components, X.shape[1]))
+    _kernels.code_statistics(X, codes.idx, codes.val, ZtZ, ZtX)
     return ZtZ, ZtX
 
 
@@ -493,11 +487,12 @@ def _relocate_unused(X, C, scales, codes, row_errors, unused, constraints):
     return C, scales
 
 
-def _fold_code_scales(X, codes, C, scales, constraints, metric=None):
-    """Refit per-component scales of quantized codes and fold them into the codebook."""
+def _fold_code_scales(X, codes, C, scales, constraints, metric=None, statistics=None):
+    """Refit per-component scales of quantized codes and fold them into the codebook.
+    ``statistics``: the codes' ``(Z^T Z, Z^T X)`` when already computed (no metric)."""
     ones = np.ones(constraints.n_components)
     if metric is None:
-        ZtZ, ZtX = code_statistics(X, codes, constraints.n_components)
+        ZtZ, ZtX = statistics or code_statistics(X, codes, constraints.n_components)
         alpha = refit_scales(ZtZ, ZtX, C, ones)
     else:
         system = _metric.scale_system(metric, X, C, codes.slot_index(), codes.val)
@@ -822,10 +817,12 @@ def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit
 
         # Codebook block: fold code scales, then exact LS or a projected gradient step.
         C_old, scales_old = C, scales
+        statistics = None if metric is not None else code_statistics(
+            X, codes, constraints.n_components)  # the codes stay fixed in this block
         if constraints.code_bits is not None and constraints.code_bits > 0:
-            C, scales = _fold_code_scales(X, codes, C, scales, constraints, metric)
+            C, scales = _fold_code_scales(X, codes, C, scales, constraints, metric, statistics)
         if metric is None:
-            ZtZ, ZtX = code_statistics(X, codes, constraints.n_components)
+            ZtZ, ZtX = statistics
             C, scales = update_codebook(ZtZ, ZtX, C, scales, constraints)
             unused = np.flatnonzero(np.diag(ZtZ) <= 0)
         else:

@@ -380,6 +380,37 @@ def test_densify_codes():
     np.testing.assert_array_equal(out, [[1.5, 0, -0.5, 0], [0, 2.0, 0, 3.0]])
 
 
+def test_code_statistics_match_dense_products(dtype):
+    """The sufficient statistics of sparse codes equal the dense products Z^T Z and Z^T X
+    (repeated positions across rows, zero values and an unused position included)."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(40, 3)).astype(dtype)
+    # two distinct sorted positions per row among the first four: position 4 is unused
+    idx = np.sort(rng.permuted(np.tile(np.arange(4), (40, 1)), axis=1)[:, :2], axis=1)
+    idx = idx.astype(_kernels.INDEX_DTYPE)
+    val = rng.normal(size=(40, 2)).astype(dtype)
+    val[::7, 1] = 0.0
+    Z = dense(idx, val, 5).astype(np.float64)
+    ZtZ, ZtX = np.zeros((5, 5)), np.zeros((5, 3))
+    _kernels.code_statistics(X, idx, val, ZtZ, ZtX)
+    np.testing.assert_allclose(ZtZ, Z.T @ Z, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ZtX, Z.T @ X.astype(np.float64), rtol=1e-12, atol=1e-12)
+    assert np.all(ZtZ[4] == 0) and np.all(ZtX[4] == 0)
+
+
+@pytest.mark.parametrize("n_keep", [1, 3, 8])
+def test_select_largest_orders_by_saving_then_index(n_keep):
+    """The kept positions are the n_keep largest savings, largest first and the lower index
+    first on a tie: a stable sort, on values with many ties."""
+    rng = np.random.default_rng(n_keep)
+    out = np.empty(n_keep, dtype=np.int64)
+    for _ in range(50):
+        savings = rng.integers(0, 6, size=20).astype(np.float64)
+        _kernels._select_largest(savings, n_keep, out)
+        expected = np.argsort(-savings, kind="stable")[:n_keep]
+        np.testing.assert_array_equal(out, expected)
+
+
 # -- one-hot codes: the Lloyd pass -------------------------------------------------------------
 
 
