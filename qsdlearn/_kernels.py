@@ -552,46 +552,59 @@ def _greedy_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, c, used, first=-
 
 
 @njit()
-def _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, tol, c, used):
-    """Exact block-coordinate descent: re-solve one slot at a time given all the others.
+def _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, tol, c, used,
+                  verified=0):
+    """Exact block-coordinate descent: re-solve one slot at a time given all the others, in
+    turn, until every slot has been re-solved without a change since the last change (at most
+    ``max_sweeps * n_slots`` re-solves).
 
     Each step is the exact minimiser over (position, value) of one slot, the current pair
-    included, so the error never increases. ``c`` must equal ``p - G z`` on entry.
+    included, so the error never increases. ``c`` must equal ``p - G z`` on entry. A re-solve
+    prices every position with the slot taken out (``c_j + q0 G[j0, j]``) without writing
+    ``c``, which is updated only when the slot changes. ``verified``: how many slots at the end
+    of the order are already optimal given all the others (1 after a greedy fill, whose last
+    slot was chosen given all the others), so that they are not re-solved before a change.
     """
     k = p.shape[0]
     for t in range(k):
         used[t] = False
     for a in range(n_slots):
         used[idx[a]] = True
-    for _ in range(max_sweeps):
-        changed = False
-        for a in range(n_slots):
-            j0 = idx[a]
-            q0 = np.float64(val[a])
+    stable = verified  # slots re-solved, in cyclic order, since the last change
+    a = 0
+    for _ in range(max_sweeps * n_slots):
+        if stable >= n_slots:
+            break
+        j0 = idx[a]
+        q0 = np.float64(val[a])
+        c0 = c[j0] + q0 * G[j0, j0]
+        keep_saving = 2.0 * q0 * c0 - q0 * q0 * G[j0, j0]
+        best_j = j0
+        best_q, best_saving = _best_value(c0, G[j0, j0], nbits)
+        if not dense:
+            threshold = best_saving + tol
+            for j in range(k):
+                if used[j]:
+                    continue
+                cj = c[j] + q0 * G[j0, j]
+                # cj**2 / G_jj bounds what position j can save (pruning; ties keep the first)
+                if cj * cj * inv_g[j] <= threshold:
+                    continue
+                q, saving = _best_value(cj, G[j, j], nbits)
+                if saving > threshold:
+                    best_saving, best_j, best_q = saving, j, q
+                    threshold = best_saving + tol
+        if best_saving <= keep_saving + tol:
+            stable += 1
+        else:
             for t in range(k):
-                c[t] += q0 * G[j0, t]
-            keep_saving = 2.0 * q0 * c[j0] - q0 * q0 * G[j0, j0]
-            best_j = j0
-            best_q, best_saving = _best_value(c[j0], G[j0, j0], nbits)
-            if not dense:
-                for j in range(k):
-                    if used[j] or c[j] * c[j] * inv_g[j] <= best_saving + tol:
-                        continue
-                    q, saving = _best_value(c[j], G[j, j], nbits)
-                    if saving > best_saving + tol:
-                        best_saving, best_j, best_q = saving, j, q
-            if best_saving <= keep_saving + tol:
-                best_j, best_q = j0, q0
-            else:
-                changed = True
+                c[t] += q0 * G[j0, t] - best_q * G[best_j, t]
             used[j0] = False
             used[best_j] = True
             idx[a] = best_j
             val[a] = best_q
-            for t in range(k):
-                c[t] -= best_q * G[best_j, t]
-        if not changed:
-            break
+            stable = 1
+        a = a + 1 if a + 1 < n_slots else 0
 
 
 @njit()
@@ -665,7 +678,7 @@ def _descend_from(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, max_
                                     work)
     _greedy_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, c, used, first)
     _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, _row_tolerance(xx),
-                  c, used)
+                  c, used, 1)
     return _row_error(idx, val, n_slots, p, G, xx)
 
 
