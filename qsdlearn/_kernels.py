@@ -762,11 +762,30 @@ def _row_work(G, n_slots, n_starts, least_squares):
 
 
 @njit()
-def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, idx, val, err,
+def _correlate(X, i, CT, p):
+    """Correlations ``p = C x_i`` of row ``i`` into ``p``, from the transposed codebook ``CT``
+    (d, k) in float64 (one pass per coordinate, over the codewords: it vectorises); returns
+    the row's squared norm. In float32 the correlations would lose what distinguishes two
+    codewords when the data sit far from the origin, where ``x.c`` is dominated by the
+    offset."""
+    d, k = CT.shape
+    for j in range(k):
+        p[j] = 0.0
+    xx = 0.0
+    for t in range(d):
+        x = X[i, t]
+        xx += x * x
+        for j in range(k):
+            p[j] += x * CT[t, j]
+    return xx
+
+
+@njit()
+def _code_rows(X, CT, G, eta, nbits, max_sweeps, n_starts, rotation, improve, idx, val, err,
                start, stop):
     """Serial body of :func:`solve_codes_cold` and :func:`improve_codes` for rows
     ``start:stop`` (see :func:`_code_block`)."""
-    k = P.shape[1]
+    k = CT.shape[1]
     n_slots = idx.shape[1]
     dense = n_slots == k
     least_squares = nbits < 0 and not dense
@@ -777,16 +796,15 @@ def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, id
     alt_idx = np.empty(n_slots, dtype=np.int64)
     alt_val = np.empty(n_slots, dtype=np.float64)
     for i in range(start, stop):
-        for t in range(k):
-            p[t] = P[i, t]
+        xx = _correlate(X, i, CT, p)
         row_err = np.inf
         if improve:
             for a in range(n_slots):
                 row_idx[a] = idx[i, a]
                 row_val[a] = val[i, a]
             row_err = _improvement_round(row_idx, row_val, n_slots, dense, least_squares, p, G,
-                                         xx[i], nbits, eta, max_sweeps, work)
-        alt_err = _solve_row_cold(alt_idx, alt_val, n_slots, dense, least_squares, p, G, xx[i],
+                                         xx, nbits, eta, max_sweeps, work)
+        alt_err = _solve_row_cold(alt_idx, alt_val, n_slots, dense, least_squares, p, G, xx,
                                   nbits, max_sweeps, work, rotation)
         if alt_err <= row_err:
             row_err = alt_err
@@ -801,13 +819,19 @@ def _code_rows(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, id
         err[i] = max(row_err, 0.0)
 
 
-def _code_block(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, improve, idx, val, err):
+def _code_block(X, CT, G, eta, nbits, max_sweeps, n_starts, rotation, improve, idx, val, err):
     """:func:`_code_rows` over chunks of rows, in threads (:func:`_per_chunk`).
     The arguments are cast to one type each (Python and NumPy scalars alike), so that the
     kernel has one signature."""
+    X, CT = _float64_rows(X), _float64_rows(CT)
     with _float64_values(val) as values:
-        _per_chunk(_code_rows, P.shape[0], P, xx, G, float(eta), int(nbits), int(max_sweeps),
+        _per_chunk(_code_rows, X.shape[0], X, CT, G, float(eta), int(nbits), int(max_sweeps),
                    int(n_starts), int(rotation), bool(improve), idx, values, err)
+
+
+def _float64_rows(a):
+    """``a`` as a C-contiguous float64 array (float32 values are exact in float64)."""
+    return np.ascontiguousarray(a, dtype=np.float64)
 
 
 @contextlib.contextmanager
@@ -822,7 +846,7 @@ def _float64_values(val):
         val[...] = values
 
 
-def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
+def solve_codes_cold(X, CT, G, nbits, max_sweeps, n_starts, idx, val, err):
     """Codes of a block of rows from scratch, in place: the best of ``n_starts`` descents,
     each with its first slot on a different position.
 
@@ -833,10 +857,12 @@ def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
 
     Parameters
     ----------
-    P : ndarray of shape (m, k)
-        Correlations ``X_block @ C.T``.
-    xx : ndarray of shape (m,), float64
-        Squared norms of the rows.
+    X : ndarray of shape (m, d)
+        The rows (float64; other dtypes are converted). Their correlations with the codebook
+        are computed row by row in float64 (:func:`_correlate`), so no ``(m, k)`` array is
+        formed.
+    CT : ndarray of shape (d, k)
+        The codebook, transposed (float64; converted likewise).
     G : ndarray of shape (k, k), float64
         Gram matrix ``C @ C.T``.
     nbits : int
@@ -855,10 +881,10 @@ def solve_codes_cold(P, xx, G, nbits, max_sweeps, n_starts, idx, val, err):
     err : ndarray of shape (m,), float64
         Output: the squared error of every row.
     """
-    _code_block(P, xx, G, 0.0, nbits, max_sweeps, n_starts, -1, False, idx, val, err)
+    _code_block(X, CT, G, 0.0, nbits, max_sweeps, n_starts, -1, False, idx, val, err)
 
 
-def improve_codes(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, idx, val, err):
+def improve_codes(X, CT, G, eta, nbits, max_sweeps, n_starts, rotation, idx, val, err):
     """Improve the codes of a block of rows in place; no row's error increases.
 
     Every row keeps the better of (a) its incoming slots after one round of improvement, the
@@ -872,33 +898,35 @@ def improve_codes(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, idx, val
     plus the gradient step ``eta`` (``1 / lambda_max(G)``, used by dense codes) and
     ``rotation``; ``idx`` and ``val`` hold the incoming slots on entry.
     """
-    _code_block(P, xx, G, eta, nbits, max_sweeps, n_starts, rotation, True, idx, val, err)
+    _code_block(X, CT, G, eta, nbits, max_sweeps, n_starts, rotation, True, idx, val, err)
 
 
 @njit()
-def _one_slot_rows(P, xx, G, nbits, idx, val, err, start, stop):
+def _one_slot_rows(X, CT, G, nbits, idx, val, err, start, stop):
     """Serial body of :func:`assign_one_slot` for rows ``start:stop``."""
-    k = P.shape[1]
+    k = CT.shape[1]
     inv_g = _inverse_diagonal(G)
+    p = np.empty(k, dtype=np.float64)
     for i in range(start, stop):
+        xx = _correlate(X, i, CT, p)
         best_j = 0
-        best_q, best_saving = _best_value(np.float64(P[i, 0]), G[0, 0], nbits)
+        best_q, best_saving = _best_value(p[0], G[0, 0], nbits)
         for j in range(1, k):
-            cj = np.float64(P[i, j])
+            cj = p[j]
             if cj * cj * inv_g[j] <= best_saving:
                 continue
             q, saving = _best_value(cj, G[j, j], nbits)
             if saving > best_saving:
                 best_saving, best_j, best_q = saving, j, q
-        row_err = xx[i]
-        row_err -= 2.0 * best_q * np.float64(P[i, best_j])
+        row_err = xx
+        row_err -= 2.0 * best_q * p[best_j]
         row_err += best_q * best_q * G[best_j, best_j]
         idx[i, 0] = best_j
         val[i, 0] = best_q
         err[i] = max(row_err, 0.0)
 
 
-def assign_one_slot(P, xx, G, nbits, idx, val, err):
+def assign_one_slot(X, CT, G, nbits, idx, val, err):
     """Codes of rows with one slot, in place: the best (codebook row, value) pair of each.
 
     With one slot the greedy choice of :func:`solve_codes_cold` is already the exact
@@ -906,8 +934,9 @@ def assign_one_slot(P, xx, G, nbits, idx, val, err):
     pass over the correlations. Arguments as in :func:`solve_codes_cold`,
     with ``idx`` and ``val`` of shape ``(m, 1)``.
     """
+    X, CT = _float64_rows(X), _float64_rows(CT)
     with _float64_values(val) as values:
-        _per_chunk(_one_slot_rows, P.shape[0], P, xx, G, int(nbits), idx, values, err)
+        _per_chunk(_one_slot_rows, X.shape[0], X, CT, G, int(nbits), idx, values, err)
 
 
 # --------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ MAX_SWEEPS = 4
 #: Relative decreases of the objective below this are float64 rounding noise of its sum, not
 #: progress: the fit stops there even with ``tol=0``.
 _NOISE_DECREASE = 1e-12
-#: Entries of the correlation block ``X_block @ C.T`` computed at once.
-_BLOCK_ENTRIES = 2**22
+#: Entries of the float64 copy of a block of rows handed to the code kernels at once (8 MiB).
+_BLOCK_ENTRIES = 2**20
 #: Rows used to choose the initial code scales.
 _SCALE_SAMPLE_ROWS = 20000
 #: k-means++ seeds from at most this many rows per component (and at least _SEEDING_MIN_ROWS).
@@ -270,17 +270,17 @@ def _solve_codes(X, C, constraints, codes=None, metric=None, search_width=1, rot
     search_width = max(1, min(int(search_width), k))  # at most one start per codeword
     if not constraints.dense_codes and constraints.slots == 1:
         # One slot: the greedy choice is already the exact minimiser, warm start or not.
-        def kernel(P, xx, idx, val, err):
-            _kernels.assign_one_slot(P, xx, gram, nbits, idx, val, err)
+        def kernel(X, CT, idx, val, err):
+            _kernels.assign_one_slot(X, CT, gram, nbits, idx, val, err)
     elif codes is None:
-        def kernel(P, xx, idx, val, err):
-            _kernels.solve_codes_cold(P, xx, gram, nbits, MAX_SWEEPS, search_width, idx, val, err)
+        def kernel(X, CT, idx, val, err):
+            _kernels.solve_codes_cold(X, CT, gram, nbits, MAX_SWEEPS, search_width, idx, val, err)
     else:
         top = _largest_eigenvalue(gram)
         eta = 1.0 / top if top > 0 else 0.0
 
-        def kernel(P, xx, idx, val, err):
-            _kernels.improve_codes(P, xx, gram, eta, nbits, MAX_SWEEPS, search_width, rotation,
+        def kernel(X, CT, idx, val, err):
+            _kernels.improve_codes(X, CT, gram, eta, nbits, MAX_SWEEPS, search_width, rotation,
                                    idx, val, err)
 
     if codes is None:
@@ -291,13 +291,13 @@ def _solve_codes(X, C, constraints, codes=None, metric=None, search_width=1, rot
         )
     idx = np.array(codes.slot_index(), dtype=_kernels.INDEX_DTYPE, order="C")  # writable
     row_errors = np.empty(n, dtype=np.float64)
-    block = max(1, _BLOCK_ENTRIES // max(k, 1))
-    C64 = C.astype(np.float64)
+    # float64 copies of blocks of rows: the kernels correlate each row with the codebook
+    block = max(1, _BLOCK_ENTRIES // max(X.shape[1], 1))
+    CT = np.ascontiguousarray(C.T, dtype=np.float64)
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))
-        Xb = X[rows]
-        kernel(_correlations(Xb, C64), np.einsum("ij,ij->i", Xb, Xb, dtype=np.float64),
-               idx[rows], codes.val[rows], row_errors[rows])
+        kernel(np.ascontiguousarray(X[rows], dtype=np.float64), CT, idx[rows], codes.val[rows],
+               row_errors[rows])
     if codes.idx is not None:
         codes.idx = idx
     # The kernel's errors come from correlations; report direct residuals instead.

@@ -48,7 +48,6 @@ from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, validate_params
-from threadpoolctl import threadpool_limits
 
 from ._allocation import allocate, next_steps
 from ._calibration import LayerCalibration, check_entry
@@ -58,6 +57,7 @@ from ._container import FileImage, check_declared_elements, json_field, write_co
 from ._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, from_little_endian_bytes,
                       is_float, numpy_dtype, to_little_endian_bytes)
 from ._estimator import QuantizedSparseDecomposition
+from ._jit import blas_single_thread
 from ._kernels import INDEX_DTYPE
 from ._solver import kmeans_plusplus_seeds, resolve_init
 from .codec import (STREAMS, CompressedMatrix, MatrixSettings, encode_factors, matrix_from_payload,
@@ -1354,13 +1354,6 @@ def _fit_quietly(estimator, X, **fit_params):
         return estimator.fit(X, **fit_params)
 
 
-def _blas_single_thread():
-    """BLAS on one thread inside a layer's work: the compiled kernels use the worker's
-    ``n_threads``, and the BLAS calls of a fit are small (k x k solves, thin products), where
-    more threads only spin against the kernels' (and, under load, other processes')."""
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 @dataclass(frozen=True)
 class _CalibrationSource:
     """Where a tensor's calibration entry is (its name and a reference that loads it), with
@@ -1524,7 +1517,7 @@ def _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows,
     X = to_rows(rows.astype(np.float32, copy=False), setting.vector_size)
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=max_iter)
     sample, metric, weights, _ = _fit_inputs(X, fit_calibration, max_fit_rows, seed)
-    with _blas_single_thread():
+    with blas_single_thread():
         if fit_calibration is None:
             _fit_quietly(est, sample)
             matrix = est.encode(X)
@@ -1597,7 +1590,7 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
         flat = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
         energy = (calibration.energy(flat) if calibration is not None
                   else float(np.einsum("ij,ij->", flat, flat)))
-    with _blas_single_thread():  # entered once: threadpoolctl inspects the loaded libraries
+    with blas_single_thread():
         return _estimate_candidates(weight, candidates, seed, n_threads, energy, calibration)
 
 

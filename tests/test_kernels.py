@@ -106,14 +106,13 @@ def run_update(X, C, nbits, n_keep, *, entry="cold", idx=None, val=None, width=1
         val = np.zeros((m, n_keep), dtype=X.dtype)
     gram = C.astype(np.float64) @ C.T.astype(np.float64)
     eta = 1.0 / np.linalg.eigvalsh(gram)[-1]
-    xx = np.einsum("ij,ij->i", X, X, dtype=np.float64)
     err = np.empty(m)
     if entry == "cold":
-        _kernels.solve_codes_cold(X @ C.T, xx, gram, nbits, 4, width, idx, val, err)
+        _kernels.solve_codes_cold(X, C.T, gram, nbits, 4, width, idx, val, err)
     elif entry == "improve":
-        _kernels.improve_codes(X @ C.T, xx, gram, eta, nbits, 4, width, rotation, idx, val, err)
+        _kernels.improve_codes(X, C.T, gram, eta, nbits, 4, width, rotation, idx, val, err)
     else:
-        _kernels.assign_one_slot(X @ C.T, xx, gram, nbits, idx, val, err)
+        _kernels.assign_one_slot(X, C.T, gram, nbits, idx, val, err)
     return idx, val, err
 
 
@@ -301,7 +300,7 @@ def test_sparse_float_codes_match_numpy_reference(k, d, n_keep, width, dtype):
     X = (rng.normal(size=(30, d)) @ rng.normal(size=(d, d))).astype(dtype)
     C = rng.normal(size=(k, d)).astype(dtype)
     idx, val, err = run_update(X, C, _kernels.FLOAT, n_keep, width=width)
-    P = (X @ C.T).astype(np.float64)
+    P = X.astype(np.float64) @ C.T.astype(np.float64)  # the kernels correlate in float64
     G = C.astype(np.float64) @ C.T.astype(np.float64)
     xx = np.einsum("ij,ij->i", X, X, dtype=np.float64)
     for i in range(X.shape[0]):
