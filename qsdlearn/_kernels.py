@@ -34,7 +34,9 @@ exact coordinate sweeps; for sparse float codes, least squares on a support sear
 orthogonal least squares and exchanges of one position at a time),
 :func:`improve_codes` (the alternating code step: the better of one improvement round from
 the current codes and the cold solution) and :func:`assign_one_slot` (one slot: the greedy
-choice is already exact).
+choice is already exact). These three take the rows and the transposed codebook and
+correlate each row with the codebook themselves, in float64, inside their threads: no
+``(rows, k)`` array is formed, and no BLAS call runs beside them.
 """
 
 import contextlib
