@@ -114,38 +114,49 @@ def _better(savings, i, j):
 
 
 @njit()
-def _select_largest(savings, n_keep, out_idx):
+def _select_largest(savings, n_keep, out_idx, candidates):
     """Positions of the ``n_keep`` largest savings, by decreasing saving (the lower index
-    first on a tie).
+    first on a tie); ``candidates`` is scratch of ``len(savings)`` ints.
 
-    An insertion into the sorted kept positions, tried only when a saving beats the smallest
-    kept one: O(m) comparisons with a scalar, plus O(n_keep log(m / n_keep)) insertions of
-    O(n_keep) each on data in random order."""
-    for a in range(n_keep):  # the first n_keep positions, sorted
-        out_idx[a] = a
-        b = a
-        while b > 0 and _better(savings, a, out_idx[b - 1]):
-            out_idx[b] = out_idx[b - 1]
-            b -= 1
-        out_idx[b] = a
-    if n_keep <= 0:
-        return
-    # Every kept position is lower than i, so i enters exactly when its saving is larger than
-    # the smallest kept one (a tie keeps the lower index).
-    threshold = savings[out_idx[n_keep - 1]]
-    for i in range(n_keep, savings.shape[0]):
-        if not savings[i] > threshold:
-            continue
-        b = n_keep - 1
-        while b > 0 and savings[i] > savings[out_idx[b - 1]]:
+    The ``n_keep`` largest all reach ``T``, the smallest of the maxima of ``n_keep``
+    contiguous blocks of positions (those maxima are ``n_keep`` distinct savings). One pass
+    finds ``T``, a branch-free one lists the positions that reach it (on data in random
+    order, a few times ``n_keep``), and only those are inserted, in order, into the sorted
+    kept ones."""
+    m = savings.shape[0]
+    n_keep = min(n_keep, m)
+    threshold = np.inf
+    for b in range(n_keep):
+        top = -np.inf
+        for i in range(b * m // n_keep, (b + 1) * m // n_keep):
+            top = max(top, savings[i])
+        threshold = min(threshold, top)
+    count = 0
+    for i in range(m):
+        candidates[count] = i
+        count += savings[i] >= threshold
+    if count < n_keep:  # NaN savings (excluded by validation): every position, in bounds
+        for i in range(m):
+            candidates[i] = i
+        count = m
+    kept = 0
+    for c in range(count):
+        i = candidates[c]
+        s = savings[i]
+        if kept == n_keep:
+            if not s > savings[out_idx[n_keep - 1]]:  # a tie keeps the lower, earlier index
+                continue
+            kept -= 1
+        b = kept
+        while b > 0 and s > savings[out_idx[b - 1]]:
             out_idx[b] = out_idx[b - 1]
             b -= 1
         out_idx[b] = i
-        threshold = savings[out_idx[n_keep - 1]]
+        kept += 1
 
 
 @njit()
-def _project_row(v, scale, nbits, n_keep, savings, out_idx, out_val):
+def _project_row(v, scale, nbits, n_keep, savings, out_idx, out_val, candidates):
     """Exact Euclidean projection of ``v`` onto {exactly ``n_keep`` slots, values on the grid}.
 
     The problem separates: quantizing entry ``i`` to its nearest level ``q_i`` saves
@@ -161,7 +172,7 @@ def _project_row(v, scale, nbits, n_keep, savings, out_idx, out_val):
     for i in range(m):
         q = quantize_scalar(v[i], scale, nbits)
         savings[i] = v[i] * v[i] - (v[i] - q) * (v[i] - q)
-    _select_largest(savings, n_keep, out_idx)
+    _select_largest(savings, n_keep, out_idx, candidates)
     for a in range(n_keep):
         out_val[a] = quantize_scalar(v[out_idx[a]], scale, nbits)
     _sort_slots(out_idx, out_val, n_keep)
@@ -173,11 +184,13 @@ def _project_rows(V, scales, nbits, n_keep, out, start, stop):
     width = V.shape[1]
     keep = min(n_keep, width)
     savings = np.empty(width, dtype=np.float64)
+    candidates = np.empty(width, dtype=np.int64)
     slot_idx = np.empty(keep, dtype=np.int64)
     slot_val = np.empty(keep, dtype=np.float64)
     for i in range(start, stop):
         row = V[i].astype(np.float64)
-        _project_row(row, np.float64(scales[i]), nbits, keep, savings, slot_idx, slot_val)
+        _project_row(row, np.float64(scales[i]), nbits, keep, savings, slot_idx, slot_val,
+                     candidates)
         out[i, :] = 0
         for a in range(keep):
             out[i, slot_idx[a]] = slot_val[a]
@@ -201,6 +214,7 @@ def codebook_row_sweep(ZtZ, ZtX, C, scales, nbits, n_keep):
     keep = min(n_keep, d)
     target = np.empty(d, dtype=np.float64)
     savings = np.empty(d, dtype=np.float64)
+    candidates = np.empty(d, dtype=np.int64)
     slot_idx = np.empty(keep, dtype=np.int64)
     slot_val = np.empty(keep, dtype=np.float64)
     for j in range(k):
@@ -212,7 +226,7 @@ def codebook_row_sweep(ZtZ, ZtX, C, scales, nbits, n_keep):
             for i in range(k):
                 residual -= ZtZ[j, i] * C[i, t]
             target[t] = C[j, t] + residual / weight
-        _project_row(target, scales[j], nbits, keep, savings, slot_idx, slot_val)
+        _project_row(target, scales[j], nbits, keep, savings, slot_idx, slot_val, candidates)
         for t in range(d):
             C[j, t] = 0.0
         for a in range(keep):
@@ -257,6 +271,24 @@ def _best_value(cj, gjj, nbits):
     else:
         q = quantize_scalar(0.0, 1.0, nbits)
     return q, 2.0 * q * cj - q * q * gjj
+
+
+@njit()
+def _single_slot_savings(p, diag, nbits, out):
+    """What every position alone saves with its best value (``diag``: the ``G_jj``), the
+    values of :func:`_best_value` exactly, in a loop that vectorises: the level's index is
+    floored and clamped as a float instead of an int (the same integers)."""
+    if nbits < 1:
+        for j in range(p.shape[0]):
+            _, out[j] = _best_value(p[j], diag[j], nbits)
+        return
+    half = np.float64(1 << (nbits - 1))
+    top = 2.0 * half - 1.0
+    for j in range(p.shape[0]):
+        g = diag[j]
+        level = np.floor((p[j] / g if g > 0.0 else 0.0) + half)
+        q = min(max(level, 0.0), top) - half + 0.5
+        out[j] = 2.0 * q * p[j] - q * q * g
 
 
 @njit()
@@ -437,7 +469,8 @@ def _swap_search(idx, r, p, G, xx, err, max_swaps, work):
     error ``err``) for one outside it, the best one first, while one lowers the error by
     more than the row's tolerance (at most ``max_swaps``). Returns the error; the values are
     in ``work``'s ``v``."""
-    c, z, savings, used, old_idx, old_val, inv_g, starts, g, W, L, M, B, v, diag, floor = work
+    (c, z, savings, used, old_idx, old_val, inv_g, starts, candidates, g, W, L, M, B, v, diag,
+     floor) = work
     k = G.shape[0]
     tol = _row_tolerance(xx)
     for _ in range(max_swaps):
@@ -483,7 +516,8 @@ def _least_squares_codes(idx, val, n_given, n_slots, p, G, xx, max_swaps, work):
     """Sparse float codes of one row: the orthogonal least-squares fill (from the positions
     ``idx[:n_given]``), least squares on it, then :func:`_swap_search`. Returns the row's
     error."""
-    c, z, savings, used, old_idx, old_val, inv_g, starts, g, W, L, M, B, v, diag, floor = work
+    (c, z, savings, used, old_idx, old_val, inv_g, starts, candidates, g, W, L, M, B, v, diag,
+     floor) = work
     k = G.shape[0]
     r = 0
     regular = False
@@ -610,7 +644,7 @@ def _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, tol,
 
 
 @njit()
-def _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c):
+def _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c, candidates):
     """One projected gradient step: z <- P(z + eta (p - G z)), written back into the slots."""
     k = p.shape[0]
     _residual_correlation(idx, val, n_slots, p, G, c)
@@ -625,7 +659,7 @@ def _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c):
             idx[t] = t
             val[t] = quantize_scalar(z[t], 1.0, nbits)
     else:
-        _project_row(z, 1.0, nbits, n_slots, savings, idx, val)
+        _project_row(z, 1.0, nbits, n_slots, savings, idx, val, candidates)
 
 
 @njit()
@@ -641,7 +675,8 @@ def _improvement_round(idx, val, n_slots, dense, least_squares, p, G, xx, nbits,
     (Sparse codes on a level set once took a gradient step before their sweeps as well. On
     the settings measured it never changed a fit's result, since each sweep re-solves a slot
     exactly over every position and level, and it cost a fifth of a fit's code step.)"""
-    c, z, savings, used, old_idx, old_val, inv_g, starts, g, W, L, M, B, v, diag, floor = work
+    (c, z, savings, used, old_idx, old_val, inv_g, starts, candidates, g, W, L, M, B, v, diag,
+     floor) = work
     err = _row_error(idx, val, n_slots, p, G, xx)
     for a in range(n_slots):
         old_idx[a] = idx[a]
@@ -650,7 +685,7 @@ def _improvement_round(idx, val, n_slots, dense, least_squares, p, G, xx, nbits,
         _least_squares_codes(idx, val, n_slots, n_slots, p, G, xx, n_slots * max_sweeps, work)
     else:
         if dense:
-            _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c)
+            _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c, candidates)
         _residual_correlation(idx, val, n_slots, p, G, c)
         _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps,
                       _row_tolerance(xx), c, used)
@@ -670,7 +705,8 @@ def _descend_from(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, max_
     error. Sparse float codes (``least_squares``): the orthogonal least-squares fill, then
     exchanges with least-squares values (at most ``n_slots * max_sweeps``,
     :func:`_least_squares_codes`). Otherwise: a greedy fill, then exact coordinate sweeps."""
-    c, z, savings, used, old_idx, old_val, inv_g, starts, g, W, L, M, B, v, diag, floor = work
+    (c, z, savings, used, old_idx, old_val, inv_g, starts, candidates, g, W, L, M, B, v, diag,
+     floor) = work
     if least_squares:
         n_given = 0
         if first >= 0:
@@ -694,7 +730,8 @@ def _solve_row_cold(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, ma
     best result is kept (the earliest start on a tie). ``rotation >= 0`` runs only start
     ``rotation mod len(starts)`` (a fit's code step, which visits the starts in turn over its
     iterations)."""
-    c, z, savings, used, old_idx, old_val, inv_g, starts, g, W, L, M, B, v, diag, floor = work
+    (c, z, savings, used, old_idx, old_val, inv_g, starts, candidates, g, W, L, M, B, v, diag,
+     floor) = work
     n_starts = starts.shape[0]
     if dense or n_starts <= 1 or n_slots == 1:
         return _descend_from(idx, val, n_slots, dense, least_squares, p, G, xx, nbits,
@@ -704,9 +741,8 @@ def _solve_row_cold(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, ma
         for j in range(k):
             savings[j] = p[j] * p[j] * inv_g[j]
     else:
-        for j in range(k):
-            _, savings[j] = _best_value(p[j], G[j, j], nbits)
-    _select_largest(savings, n_starts, starts)
+        _single_slot_savings(p, diag, nbits, savings)
+    _select_largest(savings, n_starts, starts, candidates)
     first, stop = 0, n_starts
     if rotation >= 0:
         first = rotation % n_starts
@@ -740,8 +776,8 @@ def _row_work(G, n_slots, n_starts, least_squares):
     k = G.shape[0]
     ls_k = k if least_squares else 0
     ls_slots = n_slots if least_squares else 0
-    diag = np.empty(ls_k, dtype=np.float64)
-    for t in range(ls_k):
+    diag = np.empty(k, dtype=np.float64)
+    for t in range(k):
         diag[t] = G[t, t]
     return (
         np.empty(k, dtype=np.float64),  # c: residual correlations p - G z
@@ -752,6 +788,7 @@ def _row_work(G, n_slots, n_starts, least_squares):
         np.empty(n_slots, dtype=np.float64),  # old_val
         _inverse_diagonal(G),  # inv_g
         np.empty(max(1, min(n_starts, k)), dtype=np.int64),  # starts of the multi-start solve
+        np.empty(k, dtype=np.int64),  # candidates of a selection (see _select_largest)
         np.empty(ls_k, dtype=np.float64),  # g: squared norms outside the support's span
         np.empty((ls_slots, k), dtype=np.float64),  # W: orthonormal directions of the fill
         np.empty((ls_slots, ls_slots), dtype=np.float64),  # L: Cholesky factor
@@ -759,7 +796,8 @@ def _row_work(G, n_slots, n_starts, least_squares):
         np.empty((ls_slots, k), dtype=np.float64),  # B = M G_S:
         np.empty(ls_slots, dtype=np.float64),  # v: least-squares values
         diag,  # G_tt (contiguous: the diagonal of G is strided)
-        diag * _INDEPENDENT,  # floor: the smallest g_t of a position that may join a support
+        diag[:ls_k] * _INDEPENDENT,  # floor: the smallest g_t of a position that may join a
+                                     # support (least squares only)
     )
 
 

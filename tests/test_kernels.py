@@ -403,11 +403,17 @@ def test_select_largest_orders_by_saving_then_index(n_keep):
     first on a tie: a stable sort, on values with many ties."""
     rng = np.random.default_rng(n_keep)
     out = np.empty(n_keep, dtype=np.int64)
+    candidates = np.empty(20, dtype=np.int64)
     for _ in range(50):
-        savings = rng.integers(0, 6, size=20).astype(np.float64)
-        _kernels._select_largest(savings, n_keep, out)
+        savings = rng.integers(-3, 6, size=20).astype(np.float64)
+        _kernels._select_largest(savings, n_keep, out, candidates)
         expected = np.argsort(-savings, kind="stable")[:n_keep]
         np.testing.assert_array_equal(out, expected)
+    # NaN savings (excluded upstream) still give n_keep distinct positions in range
+    savings[::2] = np.nan
+    out[:] = -1
+    _kernels._select_largest(savings, n_keep, out, candidates)
+    assert len(set(out.tolist())) == n_keep and np.all((out >= 0) & (out < 20))
 
 
 # -- one-hot codes: the Lloyd pass -------------------------------------------------------------
