@@ -108,12 +108,6 @@ def _sort_slots(idx, val, n_slots):
 
 
 @njit()
-def _better(savings, i, j):
-    # Larger saving first; the lower index wins a tie, so the selection is deterministic.
-    return savings[i] > savings[j] or (savings[i] == savings[j] and i < j)
-
-
-@njit()
 def _select_largest(savings, n_keep, out_idx, candidates):
     """Positions of the ``n_keep`` largest savings, by decreasing saving (the lower index
     first on a tie); ``candidates`` is scratch of ``len(savings)`` ints.
