@@ -119,6 +119,8 @@ def _select_largest(savings, n_keep, out_idx, candidates):
     kept ones."""
     m = savings.shape[0]
     n_keep = min(n_keep, m)
+    if n_keep <= 0:
+        return
     threshold = np.inf
     for b in range(n_keep):
         top = -np.inf

@@ -492,7 +492,9 @@ def _fold_code_scales(X, codes, C, scales, constraints, metric=None, statistics=
     ``statistics``: the codes' ``(Z^T Z, Z^T X)`` when already computed (no metric)."""
     ones = np.ones(constraints.n_components)
     if metric is None:
-        ZtZ, ZtX = statistics or code_statistics(X, codes, constraints.n_components)
+        if statistics is None:
+            statistics = code_statistics(X, codes, constraints.n_components)
+        ZtZ, ZtX = statistics
         alpha = refit_scales(ZtZ, ZtX, C, ones)
     else:
         system = _metric.scale_system(metric, X, C, codes.slot_index(), codes.val)

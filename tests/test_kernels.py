@@ -409,6 +409,7 @@ def test_select_largest_orders_by_saving_then_index(n_keep):
         _kernels._select_largest(savings, n_keep, out, candidates)
         expected = np.argsort(-savings, kind="stable")[:n_keep]
         np.testing.assert_array_equal(out, expected)
+    _kernels._select_largest(savings, 0, out[:0], candidates)  # nothing to keep: no read
     # NaN savings (excluded upstream) still give n_keep distinct positions in range
     savings[::2] = np.nan
     out[:] = -1
