@@ -197,7 +197,7 @@ def _correlations(X, C64):
 
 
 def _least_squares_codes(X, C):
-    C64 = C.astype(np.float64)
+    C64 = _searchable_codebook(C)
     pinv = scipy.linalg.pinvh(C64 @ C64.T)
     return (_correlations(X, C64) @ pinv).astype(X.dtype)
 
@@ -266,7 +266,8 @@ def _solve_codes(X, C, constraints, codes=None, metric=None, search_width=1, rot
         return codes, squared_error(X, C, codes)[0]
 
     nbits = constraints.code_levels
-    gram = C.astype(np.float64) @ C.T.astype(np.float64)
+    C64 = _searchable_codebook(C)
+    gram = C64 @ C64.T
     search_width = max(1, min(int(search_width), k))  # at most one start per codeword
     if not constraints.dense_codes and constraints.slots == 1:
         # One slot: the greedy choice is already the exact minimiser, warm start or not.
@@ -293,7 +294,7 @@ def _solve_codes(X, C, constraints, codes=None, metric=None, search_width=1, rot
     row_errors = np.empty(n, dtype=np.float64)
     # float64 copies of blocks of rows: the kernels correlate each row with the codebook
     block = max(1, _BLOCK_ENTRIES // max(X.shape[1], 1))
-    CT = np.ascontiguousarray(C.T, dtype=np.float64)
+    CT = np.ascontiguousarray(C64.T)
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))
         kernel(np.ascontiguousarray(X[rows], dtype=np.float64), CT, idx[rows], codes.val[rows],
@@ -302,6 +303,19 @@ def _solve_codes(X, C, constraints, codes=None, metric=None, search_width=1, rot
         codes.idx = idx
     # The kernel's errors come from correlations; report direct residuals instead.
     return codes, squared_error(X, C, codes)[0]
+
+
+def _searchable_codebook(C):
+    """``C`` in float64, with the rows whose squared norm is subnormal (norm below about
+    1e-154 of the data's unit scale) set to zero: the code search would divide by those
+    squared norms and overflow (NaN codes). A zero row is an empty codeword, which no row
+    uses and the codebook step relocates."""
+    C64 = C.astype(np.float64)
+    norms = np.einsum("ij,ij->i", C64, C64)
+    tiny = (norms > 0) & (norms < np.finfo(np.float64).tiny)
+    if tiny.any():
+        C64[tiny] = 0.0
+    return C64
 
 
 def _metric_codes(X, C, constraints, codes, metric, search_width, rotation=-1):

@@ -199,3 +199,25 @@ def test_reconstruction_error_is_exact_where_its_square_overflows(scale):
     assert np.all(np.isfinite(X_hat))
     np.testing.assert_allclose(X_hat / scale, unit.inverse_transform(unit.transform(X)),
                                rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("setting", [dict(n_nonzero=2), dict(n_nonzero=2, code_bits=2),
+                                     dict(n_nonzero=None, component_nonzero=3)])
+@pytest.mark.parametrize("norm", [1e-155, 1e-160])
+def test_a_start_codeword_of_subnormal_squared_norm_acts_as_an_empty_one(setting, norm):
+    """A codebook start with a row so small that its squared norm is subnormal fits as if
+    that row were zero: the code search would divide by that squared norm (sparse float codes
+    gave an all-NaN codebook, sparse components an error from SciPy's pseudo-inverse)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 8))
+    k = 4 if "component_nonzero" in setting else 16
+    C = rng.standard_normal((k, 8))
+    scores = []
+    for value in (norm, 0.0):
+        C[3] = value
+        est = fit_quietly(QuantizedSparseDecomposition(n_components=k, codebook_init=C,
+                                                       random_state=0, max_iter=10, **setting), X)
+        assert np.all(np.isfinite(est.components_)) and np.isfinite(est.reconstruction_err_)
+        scores.append(est.score(X))
+    assert scores[0] == pytest.approx(scores[1], rel=1e-9)
+    assert scores[0] > -0.6  # fitted, not left at zero (score -1)
