@@ -108,10 +108,16 @@ def _noise_and_signal(X, X_hat):
     if X.shape != X_hat.shape:
         raise ValueError(f"shapes differ: {X.shape} and {X_hat.shape}")
     X, X_hat = X.reshape(-1), X_hat.reshape(-1)
+    # Both divided by the power of two that brings their largest magnitude into [1/2, 1)
+    # (exact): squares of data near 1e300 would overflow and near 1e-300 underflow, and the
+    # ratio does not change.
+    top = max([abs(float(a.max())) for a in (X, X_hat) if a.size]
+              + [abs(float(a.min())) for a in (X, X_hat) if a.size] + [0.0])
+    exponent = int(np.frexp(top)[1]) if 0.0 < top < np.inf else 0
     noise = signal = 0.0
     for start in range(0, X.size, _CHUNK_ELEMENTS):
-        x = X[start:start + _CHUNK_ELEMENTS].astype(np.float64)
-        error = x - X_hat[start:start + _CHUNK_ELEMENTS].astype(np.float64)
+        x = np.ldexp(X[start:start + _CHUNK_ELEMENTS].astype(np.float64), -exponent)
+        error = x - np.ldexp(X_hat[start:start + _CHUNK_ELEMENTS].astype(np.float64), -exponent)
         noise += float(error @ error)
         signal += float(x @ x)
     return noise, signal

@@ -142,3 +142,12 @@ def test_scorers_reject_bad_arguments_and_estimators(X):
 
     with pytest.raises(TypeError, match="encode"):
         budget_scorer(2.0)(PCA(2).fit(X), X)
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-30, 1.0, 1e30, 1e300])
+def test_sqnr_does_not_depend_on_the_scale(scale):
+    """Squares of data near 1e300 overflow and near 1e-300 underflow in float64; the SQNR is
+    computed on the data divided by a power of two, so that it stays the same (40 dB here)."""
+    X = np.random.default_rng(0).standard_normal((50, 8))
+    assert sqnr(scale * X, 1.01 * scale * X) == pytest.approx(40.0, abs=1e-9)
+    assert normalized_mse(scale * X, 0.0 * X) == pytest.approx(1.0, rel=1e-12)
