@@ -1860,7 +1860,8 @@ def compress_weights(
         or does not fit its tensor (shape, symmetry, positive semi-definiteness, negative
         weights), or ``calibration_damping`` is outside [0, 1e12] or a bool.
     TypeError
-        If a tensor name is not a string or a dtype is not supported.
+        If a tensor name is not a string, a dtype is not supported, or ``bits_per_weight`` is
+        a bool.
 
     See Also
     --------
@@ -1902,6 +1903,9 @@ def compress_weights(
     if isinstance(calibration_damping, (bool, np.bool_)):
         raise ValueError(f"calibration_damping must be a number in [0, {MAX_DAMPING:g}], got "
                          f"{calibration_damping!r}")
+    if isinstance(bits_per_weight, (bool, np.bool_)):  # a Real to the parameter check
+        raise TypeError(f"bits_per_weight must be a positive number of bits, got "
+                        f"{bits_per_weight!r}")
     checkpoint = open_checkpoint(weights)
     if not checkpoint.names:
         raise ValueError("no tensors to compress")

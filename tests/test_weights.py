@@ -193,6 +193,8 @@ def test_files_and_bad_sources(tmp_path):
         read_weights([np.ones(3)])
     with pytest.raises(ValueError, match="bits_per_weight"):
         compress_weights(weights, bits_per_weight=-1)
+    with pytest.raises(TypeError, match="bits_per_weight"):  # not taken as 1.0 bit
+        compress_weights(weights, bits_per_weight=True)
 
 
 def test_damaged_model_files_are_rejected(tmp_path):
