@@ -136,6 +136,27 @@ def _info(args):
     return 0
 
 
+def _checked(convert, accept, requirement):
+    """An argparse ``type``: ``convert(text)`` when ``accept`` holds for it; otherwise an error
+    that names the option the user typed (argparse adds it) and what it must be."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+    return parse
+
+
+_BITS = _checked(float, lambda v: 0 < v < math.inf, "a positive number of bits")
+_SEED = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]")
+_SIZE = _checked(int, lambda v: v >= 1, "a positive integer")
+_JOBS = _checked(int, lambda v: v != 0, "a nonzero integer (-1: every core)")
+_DAMPING = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+
+
 def build_parser():
     """The argument parser of the ``qsdlearn`` command."""
     parser = argparse.ArgumentParser(
@@ -149,7 +170,7 @@ def build_parser():
         description="Train a small network on the bundled digits data, compress one weight "
         "matrix with each method at about 2 bits per weight and print a table.",
     )
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--seed", type=_SEED, default=0, help="random seed (default: 0)")
     demo.set_defaults(handler=_demo)
 
     compress = commands.add_parser(
@@ -159,13 +180,13 @@ def build_parser():
     compress.add_argument("input", help="weights: a .npz or .safetensors file, a sharded "
                           "checkpoint's .safetensors.index.json or a folder of shards")
     compress.add_argument("output", help="the compressed model file to write")
-    compress.add_argument("--bits-per-weight", type=float, required=True, metavar="B",
+    compress.add_argument("--bits-per-weight", type=_BITS, required=True, metavar="B",
                           help="target for the whole file, header and kept tensors included")
-    compress.add_argument("--vector-size", type=int, default=8, metavar="D",
+    compress.add_argument("--vector-size", type=_SIZE, default=8, metavar="D",
                           help="sub-vector length (default: 8)")
-    compress.add_argument("--jobs", type=int, default=None, metavar="N",
+    compress.add_argument("--jobs", type=_JOBS, default=None, metavar="N",
                           help="layers compressed in parallel (default: 1)")
-    compress.add_argument("--seed", type=int, default=0, metavar="S", help="random seed")
+    compress.add_argument("--seed", type=_SEED, default=0, metavar="S", help="random seed")
     compress.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                           help="store tensors whose name matches this glob verbatim, e.g. "
                           "'*embed*' or 'lm_head.*' (repeatable)")
@@ -173,7 +194,7 @@ def build_parser():
                           help="data-aware compression: a .npz or .safetensors file holding, "
                           "under a tensor's name, the Gram matrix (in, in) of its inputs or "
                           "row weights (rows,) for an embedding table")
-    compress.add_argument("--calibration-damping", metavar="F", type=float, default=0.1,
+    compress.add_argument("--calibration-damping", metavar="F", type=_DAMPING, default=0.1,
                           help="with --calibration: fraction of each Gram matrix's mean "
                           "diagonal added to its diagonal in the objective, so that the weight "
                           "error counts too (default 0.1; 0 fits the calibration data alone)")

@@ -93,6 +93,27 @@ def test_cli_errors_are_one_line_messages(argv, message, capsys, tmp_path, monke
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["compress", "a.npz", "b.qsd", "--bits-per-weight", "0"], "--bits-per-weight"),
+    (["compress", "a.npz", "b.qsd", "--bits-per-weight", "nan"], "--bits-per-weight"),
+    (["compress", "a.npz", "b.qsd", "--bits-per-weight", "2", "--seed", "-5"], "--seed"),
+    (["compress", "a.npz", "b.qsd", "--bits-per-weight", "2", "--vector-size", "0"],
+     "--vector-size"),
+    (["compress", "a.npz", "b.qsd", "--bits-per-weight", "2", "--jobs", "0"], "--jobs"),
+    (["compress", "a.npz", "b.qsd", "--bits-per-weight", "2", "--calibration-damping", "-1"],
+     "--calibration-damping"),
+    (["demo", "--seed", "-1"], "--seed"),
+])
+def test_cli_numbers_are_checked_against_the_option_typed(argv, option, capsys):
+    """Out-of-range numbers are refused before any work, by the option's name (not by the
+    Python parameter it feeds)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: must be" in err
+
+
 def test_cli_rejects_unreadable_files(tmp_path, capsys):
     junk = tmp_path / "junk.qsd"
     junk.write_bytes(b"not a model at all")
