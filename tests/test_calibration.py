@@ -116,9 +116,11 @@ def test_bad_damping_is_refused(damping, capsys, tmp_path):
                          calibration_damping=damping)
     source = tmp_path / "w.npz"
     np.savez(source, **weights)
-    assert main(["compress", str(source), str(tmp_path / "out.qsd"), "--bits-per-weight", "4",
-                 "--calibration-damping", str(damping)]) == 1
-    assert "calibration_damping" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # refused while the arguments are read
+        main(["compress", str(source), str(tmp_path / "out.qsd"), "--bits-per-weight", "4",
+              "--calibration-damping", str(damping)])
+    assert exit_info.value.code == 2
+    assert "argument --calibration-damping: must be" in capsys.readouterr().err
 
 
 def test_row_weights_favour_the_rows_that_are_used():
