@@ -640,22 +640,21 @@ def _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, tol,
 
 
 @njit()
-def _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c, candidates):
-    """One projected gradient step: z <- P(z + eta (p - G z)), written back into the slots."""
+def _pgd_step(idx, val, p, G, nbits, eta, z, c):
+    """One projected gradient step of dense codes (slot ``t`` at position ``t``):
+    z <- P(z + eta (p - G z)), the projection quantizing every entry, written back into the
+    slots."""
     k = p.shape[0]
-    _residual_correlation(idx, val, n_slots, p, G, c)
+    _residual_correlation(idx, val, k, p, G, c)
     for t in range(k):
         z[t] = 0.0
-    for a in range(n_slots):
+    for a in range(k):
         z[idx[a]] = val[a]
     for t in range(k):
         z[t] += eta * c[t]
-    if dense:
-        for t in range(k):
-            idx[t] = t
-            val[t] = quantize_scalar(z[t], 1.0, nbits)
-    else:
-        _project_row(z, 1.0, nbits, n_slots, savings, idx, val, candidates)
+    for t in range(k):
+        idx[t] = t
+        val[t] = quantize_scalar(z[t], 1.0, nbits)
 
 
 @njit()
@@ -681,7 +680,7 @@ def _improvement_round(idx, val, n_slots, dense, least_squares, p, G, xx, nbits,
         _least_squares_codes(idx, val, n_slots, n_slots, p, G, xx, n_slots * max_sweeps, work)
     else:
         if dense:
-            _pgd_step(idx, val, n_slots, dense, p, G, nbits, eta, z, savings, c, candidates)
+            _pgd_step(idx, val, p, G, nbits, eta, z, c)
         _residual_correlation(idx, val, n_slots, p, G, c)
         _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps,
                       _row_tolerance(xx), c, used)
@@ -778,7 +777,7 @@ def _row_work(G, n_slots, n_starts, least_squares):
     return (
         np.empty(k, dtype=np.float64),  # c: residual correlations p - G z
         np.empty(k, dtype=np.float64),  # z: the dense code row of a gradient step
-        np.empty(k, dtype=np.float64),  # savings of the projection / of the starts
+        np.empty(k, dtype=np.float64),  # savings of the starts (single-slot savings)
         np.empty(k, dtype=np.bool_),  # used positions
         np.empty(n_slots, dtype=np.int64),  # old_idx (also the slots of one start)
         np.empty(n_slots, dtype=np.float64),  # old_val
@@ -876,7 +875,7 @@ def _float64_values(val):
     ``val`` on exit. The code kernels read and write float64 values, so that they compile
     once, not once per dtype; float32 values are exact in float64, and storing the float64
     results back rounds them as the kernel's own store into a float32 array would."""
-    values = np.ascontiguousarray(val, dtype=np.float64)
+    values = _float64_rows(val)
     yield values
     if values is not val:
         val[...] = values
