@@ -1,4 +1,5 @@
-"""Level sets in plain NumPy: the reference quantizer and the choice of grid scales.
+"""Level sets in plain NumPy: the reference quantizer, the choice of grid scales, and the
+power of two that brings data to unit scale.
 
 The conventions are those of :mod:`qsdlearn._kernels` (unit mid-rise levels times a scale).
 This module is the plain-NumPy counterpart the kernels are tested against, and what the solver
@@ -106,3 +107,12 @@ def top_magnitude_mask(values, n_keep):
     mask = np.zeros(values.shape, dtype=bool)
     np.put_along_axis(mask, order, True, axis=1)
     return mask
+
+
+def scale_exponent(*arrays):
+    """``e`` such that the largest magnitude over ``arrays`` divided by ``2**e`` lies in
+    [1/2, 1); 0 for all-zero arrays (and when that magnitude is not finite). Dividing by
+    ``2**e`` is exact, and keeps squares of data near 1e300 from overflowing and of data near
+    1e-300 from underflowing."""
+    top = max(max(abs(float(a.max())), abs(float(a.min()))) if a.size else 0.0 for a in arrays)
+    return int(np.frexp(top)[1]) if top > 0 else 0

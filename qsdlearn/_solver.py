@@ -24,7 +24,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.extmath import randomized_svd
 
 from . import _kernels, _metric
-from ._levels import fit_level_scales, snap_to_levels, top_magnitude_mask
+from ._levels import fit_level_scales, scale_exponent, snap_to_levels, top_magnitude_mask
 
 #: Exact coordinate sweeps over the code slots per row and code step.
 MAX_SWEEPS = 4
@@ -213,13 +213,6 @@ def _least_squares_codes(X, C):
 # scaled together, and the codebook, its scales and the squared errors are scaled back exactly.
 
 
-def _scale_exponent(*arrays):
-    """``e`` such that the largest magnitude over ``arrays`` divided by ``2**e`` lies in
-    [1/2, 1); 0 for all-zero arrays."""
-    top = max(max(abs(float(a.max())), abs(float(a.min()))) if a.size else 0.0 for a in arrays)
-    return int(np.frexp(top)[1]) if top > 0 else 0
-
-
 def _scaled(a, exponent):
     """``a * 2**exponent`` in its own dtype (exact, unless it under- or overflows: squared
     errors of data beyond about 1e154 become inf, which :attr:`FitResult.error_norm` avoids)."""
@@ -246,7 +239,7 @@ def solve_codes(X, C, constraints, codes=None, metric=None, search_width=1):
     row_errors : ndarray of shape (n,), float64
         Squared errors from direct residuals, in the units of ``X`` (times the metric's).
     """
-    exponent = _scale_exponent(X, C)
+    exponent = scale_exponent(X, C)
     codes, row_errors = _solve_codes(_scaled(X, -exponent), _scaled(C, -exponent), constraints,
                                      codes, metric, search_width)
     if metric is not None:
@@ -891,7 +884,7 @@ def fit_factorization(
     if not X.any():
         return _zero_fit(X, constraints, metric)
     # Fit on X / 2**exponent (see "scale normalisation"); the result is scaled back exactly.
-    exponent = _scale_exponent(X)
+    exponent = scale_exponent(X)
     X = _scaled(X, -exponent)
     if codebook_init is not None:
         codebook_init = np.ldexp(np.asarray(codebook_init, dtype=np.float64), -exponent)

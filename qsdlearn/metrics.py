@@ -17,6 +17,8 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 
+from ._levels import scale_exponent
+
 __all__ = [
     "budget_scorer",
     "hull_at",
@@ -108,12 +110,9 @@ def _noise_and_signal(X, X_hat):
     if X.shape != X_hat.shape:
         raise ValueError(f"shapes differ: {X.shape} and {X_hat.shape}")
     X, X_hat = X.reshape(-1), X_hat.reshape(-1)
-    # Both divided by the power of two that brings their largest magnitude into [1/2, 1)
-    # (exact): squares of data near 1e300 would overflow and near 1e-300 underflow, and the
-    # ratio does not change.
-    top = max([abs(float(a.max())) for a in (X, X_hat) if a.size]
-              + [abs(float(a.min())) for a in (X, X_hat) if a.size] + [0.0])
-    exponent = int(np.frexp(top)[1]) if 0.0 < top < np.inf else 0
+    # Both divided by the power of two that brings them to unit scale (exact; the ratio does
+    # not change), so that squares of data near 1e300 or 1e-300 neither overflow nor underflow.
+    exponent = scale_exponent(X, X_hat)
     noise = signal = 0.0
     for start in range(0, X.size, _CHUNK_ELEMENTS):
         x = np.ldexp(X[start:start + _CHUNK_ELEMENTS].astype(np.float64), -exponent)

@@ -9,7 +9,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "qsdlearn"
 
 #: Modules from the bottom up; a module may import only from layers below its own.
 LAYERS = [
-    {"_jit", "_levels", "_container", "_allocation", "metrics", "_dtypes", "calibration"},
+    {"_levels"},
+    {"_jit", "_container", "_allocation", "metrics", "_dtypes", "calibration"},
     {"_bits", "_kernels", "_checkpoint", "_calibration"},
     {"_constraints", "_metric"},
     {"_solver", "codec"},
