@@ -1018,54 +1018,73 @@ def _first_minimum(bits):
     return first
 
 
-@njit()
-def _row_distances(X, i, CT, dist):
-    """Squared distances of row ``i`` to every codeword, into ``dist`` (the data type).
+def _first_minima(bits, bits_next):
+    """:func:`_first_minimum` of two arrays of the same length, as a pair."""
+    raise NotImplementedError("only callable from compiled code")
 
-    Four features per sweep over the codewords: a quarter of the loads and stores of ``dist``
-    (the loop is otherwise bound by them), SIMD over the codewords."""
+
+@overload(_first_minima)
+def _first_minima_impl(bits, bits_next):
+    if bits.dtype.bitwidth == 64:
+        def impl(bits, bits_next):
+            return _first_minimum(bits), _first_minimum(bits_next)
+
+        return impl
+
+    def impl(bits, bits_next):
+        # 32-bit patterns: the key (bits << 32) | j orders as (distance, index), so one
+        # vectorized integer minimum over the keys finds the first minimum of each array
+        # (instead of a minimum and then a search for its first position).
+        first = np.int64(bits[0]) << 32
+        first_next = np.int64(bits_next[0]) << 32
+        for j in range(1, bits.shape[0]):
+            first = min(first, (np.int64(bits[j]) << 32) | j)
+            first_next = min(first_next, (np.int64(bits_next[j]) << 32) | j)
+        return first & 0xFFFFFFFF, first_next & 0xFFFFFFFF
+
+    return impl
+
+
+@njit()
+def _squared_differences(x0, x1, x2, x3, c0, c1, c2, c3):
+    """``sum_t (x_t - c_t)**2`` over four features, in a fixed order of operations."""
+    e0, e1, e2, e3 = x0 - c0, x1 - c1, x2 - c2, x3 - c3
+    return (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+
+
+@njit()
+def _pair_distances(X, i, i_next, CT, dist, dist_next):
+    """Squared distances of rows ``i`` and ``i_next`` to every codeword, into
+    ``dist``/``dist_next`` (the data type); ``i_next = i`` for a single row.
+
+    Four features per sweep over the codewords, SIMD over the codewords: a quarter of the
+    loads and stores of the distances (the loop is otherwise bound by them), each codeword
+    entry loaded once for both rows; the first sweep writes, saving a pass that zeroes. Every
+    distance is the same expression whichever row it is paired with. (The codebook entries
+    are loaded before the distances are stored: they might alias, and would be loaded again.)
+    """
     d, k = CT.shape
-    for j in range(k):
-        dist[j] = 0.0
-    t = 0
+    if d >= 4:
+        x0, x1, x2, x3 = X[i, 0], X[i, 1], X[i, 2], X[i, 3]
+        y0, y1, y2, y3 = X[i_next, 0], X[i_next, 1], X[i_next, 2], X[i_next, 3]
+        for j in range(k):
+            c0, c1, c2, c3 = CT[0, j], CT[1, j], CT[2, j], CT[3, j]
+            dist[j] = _squared_differences(x0, x1, x2, x3, c0, c1, c2, c3)
+            dist_next[j] = _squared_differences(y0, y1, y2, y3, c0, c1, c2, c3)
+    else:
+        dist[:] = 0.0
+        dist_next[:] = 0.0
+    t = 4
     while t + 4 <= d:
         x0, x1, x2, x3 = X[i, t], X[i, t + 1], X[i, t + 2], X[i, t + 3]
-        for j in range(k):
-            e0 = x0 - CT[t, j]
-            e1 = x1 - CT[t + 1, j]
-            e2 = x2 - CT[t + 2, j]
-            e3 = x3 - CT[t + 3, j]
-            dist[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
-        t += 4
-    for t in range(t, d):
-        x_t = X[i, t]
-        for j in range(k):
-            e = x_t - CT[t, j]
-            dist[j] += e * e
-
-
-@njit()
-def _pair_distances(X, i, CT, dist, dist_next):
-    """:func:`_row_distances` of rows ``i`` and ``i + 1`` in one sweep (each codeword entry
-    loaded once for both rows); every distance is the same expression, so the result is
-    bit-identical to two calls of :func:`_row_distances`."""
-    d, k = CT.shape
-    for j in range(k):
-        dist[j] = 0.0
-        dist_next[j] = 0.0
-    t = 0
-    while t + 4 <= d:
-        x0, x1, x2, x3 = X[i, t], X[i, t + 1], X[i, t + 2], X[i, t + 3]
-        y0, y1, y2, y3 = X[i + 1, t], X[i + 1, t + 1], X[i + 1, t + 2], X[i + 1, t + 3]
+        y0, y1, y2, y3 = X[i_next, t], X[i_next, t + 1], X[i_next, t + 2], X[i_next, t + 3]
         for j in range(k):
             c0, c1, c2, c3 = CT[t, j], CT[t + 1, j], CT[t + 2, j], CT[t + 3, j]
-            e0, e1, e2, e3 = x0 - c0, x1 - c1, x2 - c2, x3 - c3
-            dist[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
-            e0, e1, e2, e3 = y0 - c0, y1 - c1, y2 - c2, y3 - c3
-            dist_next[j] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+            dist[j] += _squared_differences(x0, x1, x2, x3, c0, c1, c2, c3)
+            dist_next[j] += _squared_differences(y0, y1, y2, y3, c0, c1, c2, c3)
         t += 4
-    for t in range(t, d):
-        x_t, y_t = X[i, t], X[i + 1, t]
+    for t in range(d - d % 4, d):
+        x_t, y_t = X[i, t], X[i_next, t]
         for j in range(k):
             e = x_t - CT[t, j]
             dist[j] += e * e
@@ -1091,19 +1110,12 @@ def _assign_rows(X, CT, start, stop, labels, row_err):
     dist = np.empty(k, dtype=X.dtype)
     dist_next = np.empty(k, dtype=X.dtype)
     bits, bits_next = _bits_view(dist), _bits_view(dist_next)
-    i = start
-    while i < stop:
-        if i + 1 < stop:
-            _pair_distances(X, i, CT, dist, dist_next)
-            labels[i + 1] = _first_minimum(bits_next)
-            row_err[i + 1] = _distance64(X, i + 1, CT, labels[i + 1])
-            step = 2
-        else:
-            _row_distances(X, i, CT, dist)
-            step = 1
-        labels[i] = _first_minimum(bits)
+    for i in range(start, stop, 2):
+        i_next = min(i + 1, stop - 1)  # the last row of an odd range goes with itself
+        _pair_distances(X, i, i_next, CT, dist, dist_next)
+        labels[i], labels[i_next] = _first_minima(bits, bits_next)
         row_err[i] = _distance64(X, i, CT, labels[i])
-        i += step
+        row_err[i_next] = _distance64(X, i_next, CT, labels[i_next])
 
 
 @njit()
