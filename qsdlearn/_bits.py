@@ -22,10 +22,9 @@ beyond that it is stored as ``s`` fixed-width positions of ``ceil(log2(k))`` bit
 from dataclasses import dataclass
 from math import comb
 
-import numba
 import numpy as np
 
-from ._jit import njit
+from ._jit import njit, split_among_threads
 
 #: Largest number of subsets for which a support is stored as one enumerative rank.
 ENUMERATIVE_SUPPORT_LIMIT = 2**64
@@ -122,10 +121,10 @@ def factorization_bits(constraints, n_rows, n_features, float_bits):
 # -- bit packing -------------------------------------------------------------------------------
 #
 # A stream holds fixed-width unsigned fields, most significant bit first, field after field,
-# and is padded with zero bits to a whole number of bytes. Packing runs in parallel over
-# blocks of 8 fields (a block then starts on a byte boundary, so blocks never share a byte).
-
-_FIELDS_PER_TASK = 8 * 512
+# and is padded with zero bits to a whole number of bytes. Packing runs in threads over
+# ranges of blocks of 8 fields (a block then starts on a byte boundary, so blocks never share
+# a byte); compiled serial kernels in Python threads, as in qsdlearn._kernels, compile in a
+# fraction of the time of a parallel loop.
 
 
 def stream_bytes(n_fields, width):
@@ -133,44 +132,40 @@ def stream_bytes(n_fields, width):
     return (n_fields * width + 7) // 8
 
 
-@njit(parallel=True)
-def _pack(values, width, out):
-    n = values.shape[0]
-    n_tasks = (n + _FIELDS_PER_TASK - 1) // _FIELDS_PER_TASK
-    for task in numba.prange(n_tasks):
-        for i in range(task * _FIELDS_PER_TASK, min(n, (task + 1) * _FIELDS_PER_TASK)):
-            value = np.uint64(values[i])
-            bitpos = i * width
-            remaining = width
-            while remaining > 0:
-                byte = bitpos >> 3
-                free = 8 - (bitpos & 7)
-                take = min(free, remaining)
-                shift = np.uint64(remaining - take)
-                bits = (value >> shift) & np.uint64((1 << take) - 1)
-                out[byte] |= np.uint8(bits << np.uint64(free - take))
-                bitpos += take
-                remaining -= take
+@njit()
+def _pack(values, width, out, first_block, last_block):
+    """Pack the fields of blocks ``first_block:last_block`` (8 fields each) into ``out``."""
+    for i in range(8 * first_block, min(values.shape[0], 8 * last_block)):
+        value = np.uint64(values[i])
+        bitpos = i * width
+        remaining = width
+        while remaining > 0:
+            byte = bitpos >> 3
+            free = 8 - (bitpos & 7)
+            take = min(free, remaining)
+            shift = np.uint64(remaining - take)
+            bits = (value >> shift) & np.uint64((1 << take) - 1)
+            out[byte] |= np.uint8(bits << np.uint64(free - take))
+            bitpos += take
+            remaining -= take
 
 
-@njit(parallel=True)
-def _unpack(buf, width, out):
-    n = out.shape[0]
-    n_tasks = (n + _FIELDS_PER_TASK - 1) // _FIELDS_PER_TASK
-    for task in numba.prange(n_tasks):
-        for i in range(task * _FIELDS_PER_TASK, min(n, (task + 1) * _FIELDS_PER_TASK)):
-            value = np.uint64(0)
-            bitpos = i * width
-            remaining = width
-            while remaining > 0:
-                byte = np.uint64(buf[bitpos >> 3])
-                free = 8 - (bitpos & 7)
-                take = min(free, remaining)
-                bits = (byte >> np.uint64(free - take)) & np.uint64((1 << take) - 1)
-                value = (value << np.uint64(take)) | bits
-                bitpos += take
-                remaining -= take
-            out[i] = value
+@njit()
+def _unpack(buf, width, out, start, stop):
+    """Read fields ``start:stop`` of the stream ``buf`` into ``out``."""
+    for i in range(start, stop):
+        value = np.uint64(0)
+        bitpos = i * width
+        remaining = width
+        while remaining > 0:
+            byte = np.uint64(buf[bitpos >> 3])
+            free = 8 - (bitpos & 7)
+            take = min(free, remaining)
+            bits = (byte >> np.uint64(free - take)) & np.uint64((1 << take) - 1)
+            value = (value << np.uint64(take)) | bits
+            bitpos += take
+            remaining -= take
+        out[i] = value
 
 
 def pack_fields(values, width):
@@ -188,7 +183,7 @@ def pack_fields(values, width):
         raise ValueError(f"a value does not fit in {width} bits")
     out = np.zeros(stream_bytes(values.size, width), dtype=np.uint8)
     if width and values.size:
-        _pack(values, width, out)
+        split_among_threads(_pack, -(-values.size // 8), values, width, out)
     return out.tobytes()
 
 
@@ -202,7 +197,7 @@ def unpack_fields(stream, width, count):
         )
     out = np.zeros(count, dtype=np.uint64)
     if width and count:
-        _unpack(buf, width, out)
+        split_among_threads(_unpack, count, buf, width, out)
     return out
 
 
@@ -224,25 +219,31 @@ def binomial_table(n_positions, n_keep):
     return table
 
 
-@njit(parallel=True)
 def rank_subsets(idx, table, out):
     """Rank of every sorted row of ``idx`` among the subsets of its size: sum_i comb(c_i, i+1)."""
-    n, s = idx.shape
-    for r in numba.prange(n):
+    split_among_threads(_rank_rows, idx.shape[0], idx, table, out)
+
+
+@njit()
+def _rank_rows(idx, table, out, start, stop):
+    for r in range(start, stop):
         rank = np.uint64(0)
-        for i in range(s):
+        for i in range(idx.shape[1]):
             rank += table[idx[r, i], i + 1]
         out[r] = rank
 
 
-@njit(parallel=True)
 def unrank_subsets(ranks, n_positions, table, out):
     """Inverse of :func:`rank_subsets`; ``ranks`` must be below ``comb(n_positions, s)``."""
-    n, s = out.shape
-    for r in numba.prange(n):
+    split_among_threads(_unrank_rows, out.shape[0], ranks, n_positions, table, out)
+
+
+@njit()
+def _unrank_rows(ranks, n_positions, table, out, start, stop):
+    for r in range(start, stop):
         rank = ranks[r]
         top = n_positions - 1
-        for i in range(s, 0, -1):
+        for i in range(out.shape[1], 0, -1):
             # largest c <= top with comb(c, i) <= rank (comb(i - 1, i) = 0 always qualifies)
             c = top
             while table[c, i] > rank:

@@ -153,3 +153,13 @@ def map_in_threads(task, n_tasks):
         except BaseException:  # an error or an interrupt: drop the tasks not started
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def split_among_threads(kernel, m, *args):
+    """``kernel(*args, start, stop)`` on one contiguous range of the ``m`` rows (or chunks) per
+    thread: for kernels whose rows cost the same and whose results do not depend on the
+    ranges, one call per thread instead of one per chunk (each call from Python costs tens of
+    microseconds)."""
+    parts = max(1, min(numba.get_num_threads(), m))
+    bounds = [m * p // parts for p in range(parts + 1)]
+    map_in_threads(lambda p: kernel(*args, bounds[p], bounds[p + 1]), parts)

@@ -43,10 +43,9 @@ import contextlib
 import math
 
 import numpy as np
-from numba import get_num_threads
 from numba.extending import overload
 
-from ._jit import map_in_threads, njit
+from ._jit import map_in_threads, njit, split_among_threads
 from ._levels import FLOAT  # noqa: F401  (re-exported: the kernels' name for float values)
 
 #: dtype of slot positions everywhere in the package (solver, kernels, codec).
@@ -62,16 +61,6 @@ def _per_chunk(kernel, m, *args):
     chunk by chunk."""
     map_in_threads(lambda c: kernel(*args, c * _CHUNK_ROWS, min(m, (c + 1) * _CHUNK_ROWS)),
                    -(-m // _CHUNK_ROWS))
-
-
-def _per_thread(kernel, m, *args):
-    """``kernel(*args, start, stop)`` on one contiguous range of the ``m`` rows (or chunks) per
-    thread: for kernels whose rows cost the same and whose results do not depend on the
-    ranges, one call per thread instead of one per chunk (each call from Python costs tens of
-    microseconds)."""
-    parts = max(1, min(get_num_threads(), m))
-    bounds = [m * p // parts for p in range(parts + 1)]
-    map_in_threads(lambda p: kernel(*args, bounds[p], bounds[p + 1]), parts)
 
 
 @njit()
@@ -194,7 +183,7 @@ def _project_rows(V, scales, nbits, n_keep, out, start, stop):
 
 def project_rows(V, scales, nbits, n_keep, out):
     """Project every row of ``V`` (its own scale) and write the dense result into ``out``."""
-    _per_thread(_project_rows, V.shape[0], V, scales, int(nbits), int(n_keep), out)
+    split_among_threads(_project_rows, V.shape[0], V, scales, int(nbits), int(n_keep), out)
 
 
 @njit()
@@ -1175,8 +1164,8 @@ def lloyd_pass(X, CT, chunk_rows, labels, row_err, chunk_sums, chunk_counts, sum
         The total squared error (chunk totals added in chunk order).
     """
     chunk_err = np.empty(chunk_sums.shape[0], dtype=np.float64)
-    _per_thread(_lloyd_chunks, chunk_err.shape[0], X, CT, chunk_rows, labels, row_err,
-                chunk_sums, chunk_counts, chunk_err)
+    split_among_threads(_lloyd_chunks, chunk_err.shape[0], X, CT, chunk_rows, labels,
+                        row_err, chunk_sums, chunk_counts, chunk_err)
     return _reduce_chunks(chunk_err, chunk_sums, chunk_counts, sums, counts)
 
 
@@ -1196,8 +1185,8 @@ def _reduce_chunks(chunk_err, chunk_sums, chunk_counts, sums, counts):
 def assign_nearest(X, CT, labels, row_err):
     """Nearest codewords only (``transform`` of one-hot codes): the assignment of
     :func:`lloyd_pass`, the same operations on every row, without the statistics."""
-    _per_thread(lambda start, stop: _assign_rows(X, CT, start, stop, labels, row_err),
-                X.shape[0])
+    split_among_threads(
+        lambda start, stop: _assign_rows(X, CT, start, stop, labels, row_err), X.shape[0])
 
 
 @njit()
@@ -1217,7 +1206,7 @@ def _row_squared_errors(X, C, idx, val, out, start, stop):
 
 def row_squared_errors(X, C, idx, val, out):
     """``out[i] = ||X[i] - sum_a val[i, a] C[idx[i, a]]||^2``, accumulated in float64."""
-    _per_thread(_row_squared_errors, X.shape[0], X, C, idx, val, out)
+    split_among_threads(_row_squared_errors, X.shape[0], X, C, idx, val, out)
 
 
 @njit()
@@ -1247,7 +1236,7 @@ def _densify_codes(idx, val, out, start, stop):
 
 def densify_codes(idx, val, out):
     """Scatter slots into a dense (m, k) code matrix (``out`` must be zero on entry)."""
-    _per_thread(_densify_codes, idx.shape[0], idx, val, out)
+    split_among_threads(_densify_codes, idx.shape[0], idx, val, out)
 
 
 @njit()
@@ -1273,7 +1262,7 @@ def reconstruct_from_slots(idx, val, C, out):
     Dense codes go through the same loop with :func:`all_positions`, so decoding and
     ``inverse_transform`` perform the same operations in the same order.
     """
-    _per_thread(_reconstruct_from_slots, idx.shape[0], idx, val, C, out)
+    split_among_threads(_reconstruct_from_slots, idx.shape[0], idx, val, C, out)
 
 
 def all_positions(n_rows, n_components):
