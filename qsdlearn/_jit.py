@@ -16,6 +16,7 @@ calls from several threads.
 
 import contextlib
 import importlib.metadata
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -132,27 +133,74 @@ def kernel_threads(n_threads=None):
             numba.set_num_threads(previous)
 
 
+_HELPERS = None
+
+
+def _helpers():
+    """The process's pool of helper threads, started on first use: one fewer than numba's
+    largest thread count, since the calling thread works too. Shared by all calls, so that a
+    call costs microseconds rather than the start of new threads (a quarter of a millisecond
+    with two; a model's compression makes tens of thousands of calls)."""
+    global _HELPERS
+    if _HELPERS is None:
+        _HELPERS = ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1),
+                                      thread_name_prefix="qsdlearn-kernel")
+    return _HELPERS
+
+
+def _forget_helpers():
+    """In a forked child the pool's threads do not exist: start a new pool when needed."""
+    global _HELPERS
+    _HELPERS = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_helpers)
+
+
 def map_in_threads(task, n_tasks):
     """``[task(0), ..., task(n_tasks - 1)]``, computed on numba's thread count of the calling
-    thread (:func:`kernel_threads`) by Python threads.
+    thread (:func:`kernel_threads`): by the calling thread and helper threads of a pool kept
+    for the process, each taking the next task not yet taken.
 
     For a ``task`` that calls a serial compiled kernel (which holds no GIL, see :func:`njit`)
     on its own chunk of rows: the threads then run in parallel, and the kernel compiles once,
     as itself. A ``parallel=True`` loop around the same kernel would have LLVM optimise it a
     second time, inlined into the loop, for every signature (for the code search, about half
     of the package's first-ever compilation). Results are in task order, whatever the number
-    of threads; the first error raised by a task is raised here once the tasks already
-    running have finished, and the tasks not started are dropped."""
+    of threads; if tasks fail, the error of the first of them (in task order) is raised here
+    once the tasks already running have finished, and the tasks not started are dropped.
+    Helpers still queued behind another caller's work when the tasks run out are withdrawn,
+    so calls from several threads never wait for each other's tasks."""
     n_threads = min(numba.get_num_threads(), n_tasks)
     if n_threads <= 1:
         return [task(t) for t in range(n_tasks)]
-    with ThreadPoolExecutor(n_threads) as pool:
-        futures = [pool.submit(task, t) for t in range(n_tasks)]
-        try:
-            return [future.result() for future in futures]
-        except BaseException:  # an error or an interrupt: drop the tasks not started
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    results = [None] * n_tasks
+    errors = {}
+    taken = itertools.count()
+
+    def work():
+        while not errors:
+            t = next(taken)  # atomic under the GIL
+            if t >= n_tasks:
+                return
+            try:
+                results[t] = task(t)
+            except BaseException as error:  # raised again by the caller
+                errors[t] = error
+
+    helpers = [_helpers().submit(work) for _ in range(n_threads - 1)]
+    try:
+        work()
+    finally:
+        errors.setdefault(n_tasks, None)  # stops the helpers taking further tasks
+        for helper in helpers:
+            if not helper.cancel():
+                helper.result()
+    del errors[n_tasks]
+    if errors:
+        raise errors[min(errors)]
+    return results
 
 
 def split_among_threads(kernel, m, *args):

@@ -9,6 +9,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import joblib
+import numba
 import numpy as np
 import pytest
 from sklearn.exceptions import ConvergenceWarning
@@ -135,3 +136,57 @@ def test_map_in_threads_raises_a_task_error_and_drops_the_tasks_not_started():
     with _jit.kernel_threads(2), pytest.raises(ValueError, match="task 0 failed"):
         _jit.map_in_threads(task, 2000)
     assert len(done) < 1999
+
+
+def test_map_in_threads_raises_the_error_of_the_first_failing_task():
+    def task(t):
+        if t in (3, 7):
+            raise ValueError(f"task {t} failed")
+        return t
+
+    with _jit.kernel_threads(2), pytest.raises(ValueError, match="task 3 failed"):
+        _jit.map_in_threads(task, 10)
+
+
+def test_map_in_threads_from_several_threads_at_once():
+    """The helper pool is shared: callers in four threads each get their own results."""
+    import threading
+
+    results = {}
+
+    def caller(c):
+        with _jit.kernel_threads(2):
+            results[c] = [_jit.map_in_threads(lambda t: (c, t), 200) for _ in range(20)]
+
+    threads = [threading.Thread(target=caller, args=(c,)) for c in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    for c in range(4):
+        assert results[c] == [[(c, t) for t in range(200)]] * 20
+
+
+def _threads_used(n_tasks):
+    """Threads that ran tasks of 2 ms each in one call on two threads."""
+    import threading
+    import time
+
+    def task(t):
+        time.sleep(0.002)
+        return threading.get_ident()
+
+    with _jit.kernel_threads(2):
+        return len(set(_jit.map_in_threads(task, n_tasks)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or numba.config.NUMBA_NUM_THREADS < 2,
+                    reason="no fork on this platform, or numba has one thread here")
+def test_map_in_threads_in_a_forked_child_after_the_parent_used_it():
+    """The child starts its own helper threads (the parent's do not exist in it)."""
+    import multiprocessing
+
+    assert _threads_used(30) == 2
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_threads_used, (30,)).get(timeout=60) == 2
