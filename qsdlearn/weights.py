@@ -1553,13 +1553,19 @@ def _codebook_share(setting, shape, nbytes):
     return sum(sizes[name] for name in _CODEBOOK_STREAMS) / max(nbytes, 1)
 
 
-def _held_out_split(n_rows, fit_rows, seed):
+def _held_out_split(n_rows, fit_rows, seed, shared=None):
     """Rows to fit and disjoint rows to measure an estimate on, drawn with ``seed``; None
     when the layer has too few rows to hold any out (the estimate is then measured on the
-    rows fitted, as the final fit of all rows is)."""
+    rows fitted, as the final fit of all rows is). The permutation they come from depends
+    on ``n_rows`` and ``seed`` only, and is kept in ``shared`` (a dict) for the other
+    candidates of the layer."""
     if n_rows < fit_rows + ESTIMATE_HELD_OUT_ROWS:
         return None
-    order = np.random.default_rng(seed).permutation(n_rows)
+    shared = {} if shared is None else shared
+    key = ("permutation", n_rows)
+    if key not in shared:
+        shared[key] = np.random.default_rng(seed).permutation(n_rows)
+    order = shared[key]
     return order[:fit_rows], order[fit_rows:fit_rows + ESTIMATE_HELD_OUT_ROWS]
 
 
@@ -1605,7 +1611,7 @@ def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibratio
     results = []
     scales_pay = _row_scales_pay(weight)
     scaled = None  # the normalised rows and their weights, the same for every row-scaled setting
-    seeds = {}  # k-means++ starts shared by the candidates of one sub-vector and codebook size
+    shared = {}  # k-means++ starts and row permutations, shared by the layer's candidates
 
     def eligible(setting):
         return _fits(setting, weight.shape) and not (setting.row_scales and (
@@ -1625,7 +1631,7 @@ def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibratio
             rows, fit_calibration = scaled
         X = to_rows(rows.astype(np.float32, copy=False), setting.vector_size)
         layer_calibration = _layout(fit_calibration, weight.shape, setting.vector_size)
-        error = _estimate_error(setting, X, layer_calibration, seed, n_threads, seeds)
+        error = _estimate_error(setting, X, layer_calibration, seed, n_threads, shared)
         if error is None:
             results.append(None)
             continue
@@ -1647,28 +1653,28 @@ def _row_scales_pay(weight):
     return gain > 6.02 * 8 * ROW_SCALE_BYTES / max(n_in, 1)
 
 
-def _shared_seeds(seeds, setting, fit_rows, weights, seed):
+def _shared_seeds(shared, setting, fit_rows, weights, seed):
     """The k-means++ start of a candidate fitted on ``fit_rows`` (with sample ``weights`` or
     None) and ``seed``: the codebook its estimator would draw itself (same function, same
     random state; the estimator's weights differ by a power of two, which draws the same
     rows), so the fit is unchanged. Drawn once per sub-vector size, codebook size and row
-    scaling, and kept in ``seeds`` for the other candidates of the layer. None where the fit
+    scaling, and kept in ``shared`` (a dict) for the other candidates of the layer. None where the fit
     starts otherwise."""
     k = setting.constraints.n_components
     if fit_rows.shape[0] < k or resolve_init("auto", fit_rows.shape,
                                              setting.constraints) != "k-means++":
         return None
-    key = (setting.vector_size, k, setting.row_scales)
-    if key not in seeds:
-        seeds[key] = kmeans_plusplus_seeds(fit_rows, k, check_random_state(seed), weights)
-    return seeds[key]
+    key = ("k-means++", setting.vector_size, k, setting.row_scales)
+    if key not in shared:
+        shared[key] = kmeans_plusplus_seeds(fit_rows, k, check_random_state(seed), weights)
+    return shared[key]
 
 
-def _estimate_error(setting, X, calibration, seed, n_threads, seeds=None):
+def _estimate_error(setting, X, calibration, seed, n_threads, shared=None):
     """The error of one candidate on the sub-vectors ``X`` of a layer (see :func:`_estimate`),
-    or None when the layer has fewer sub-vectors than the candidate has codewords. ``seeds``
+    or None when the layer has fewer sub-vectors than the candidate has codewords. ``shared``
     (a dict, kept across the candidates of a layer) shares their k-means++ starts
-    (:func:`_shared_seeds`)."""
+    (:func:`_shared_seeds`) and row permutations (:func:`_held_out_split`)."""
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=ESTIMATE_MAX_ITER)
     fit_rows = _estimate_rows(setting)
     gram = calibration is not None and calibration.gram is not None
@@ -1677,14 +1683,14 @@ def _estimate_error(setting, X, calibration, seed, n_threads, seeds=None):
     # Held out: rows drawn uniformly, so only where every row counts (row weights with zeros,
     # such as token counts, are sampled in proportion to the weights instead).
     uniform = calibration is None or (not gram and np.all(calibration.row_weights > 0))
-    split = _held_out_split(X.shape[0], fit_rows, seed) if uniform else None
+    split = _held_out_split(X.shape[0], fit_rows, seed, shared) if uniform else None
     if split is not None:
         weights = None if calibration is None else \
             calibration.sample_weight(calibration.subvectors_per_row)
         rows = X[split[0]]
         row_weights = None if weights is None else weights[split[0]]
-        if seeds is not None:
-            est.set_params(codebook_init=_shared_seeds(seeds, setting, rows, row_weights, seed))
+        if shared is not None:
+            est.set_params(codebook_init=_shared_seeds(shared, setting, rows, row_weights, seed))
         _fit_quietly(est, rows, sample_weight=row_weights)
         return _held_out_error(est, X, split, None if weights is None else weights[split[1]])
     sample, metric, weights, factor = _fit_inputs(X, calibration, fit_rows, seed,

@@ -598,7 +598,7 @@ def test_report_table_columns_line_up_whatever_the_widths():
         assert line[end - 1].isdigit() and line[end] == " "
 
 
-def test_shared_kmeans_plusplus_starts_leave_every_estimate_unchanged():
+def test_shared_starts_and_permutations_leave_every_estimate_unchanged():
     from qsdlearn._calibration import LayerCalibration
     from qsdlearn.weights import _estimate_error
 
@@ -610,12 +610,13 @@ def test_shared_kmeans_plusplus_starts_leave_every_estimate_unchanged():
                 LayerSetting(8, Constraints(16, n_nonzero=2, code_bits=1, codebook_bits=8),
                              row_scales=True)]
     for calibration in (None, weights):
-        seeds = {}
+        kept = {}
         for setting in settings:
             alone = _estimate_error(setting, X, calibration, 7, 1)
-            shared = _estimate_error(setting, X, calibration, 7, 1, seeds)
+            shared = _estimate_error(setting, X, calibration, 7, 1, kept)
             assert shared == alone
-        assert len(seeds) == 2  # one start per (size, codebook size, row scaling)
+        # one start per (size, codebook size, row scaling), one permutation of the rows
+        assert sorted(key[0] for key in kept) == ["k-means++", "k-means++", "permutation"]
 
 
 def test_a_codebook_larger_than_its_codes_is_estimated_only_without_a_smaller_candidate():
