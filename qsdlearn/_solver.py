@@ -270,7 +270,9 @@ def _solve_codes(X, C, constraints, codes=None, metric=None, search_width=1, rot
         def kernel(X, CT, idx, val, err):
             _kernels.solve_codes_cold(X, CT, gram, nbits, MAX_SWEEPS, search_width, idx, val, err)
     else:
-        top = _largest_eigenvalue(gram)
+        # the step of the projected gradient, which only dense codes take (sparse codes are
+        # improved by coordinate sweeps alone)
+        top = _largest_eigenvalue(gram) if constraints.dense_codes else 0.0
         eta = 1.0 / top if top > 0 else 0.0
 
         def kernel(X, CT, idx, val, err):
