@@ -1556,17 +1556,19 @@ def _codebook_share(setting, shape, nbytes):
 def _held_out_split(n_rows, fit_rows, seed, shared=None):
     """Rows to fit and disjoint rows to measure an estimate on, drawn with ``seed``; None
     when the layer has too few rows to hold any out (the estimate is then measured on the
-    rows fitted, as the final fit of all rows is). The permutation they come from depends
-    on ``n_rows`` and ``seed`` only, and is kept in ``shared`` (a dict) for the other
-    candidates of the layer."""
-    if n_rows < fit_rows + ESTIMATE_HELD_OUT_ROWS:
+    rows fitted, as the final fit of all rows is). Both are the start of a permutation that
+    depends on ``n_rows`` and ``seed`` only; the start in use is kept in ``shared`` (a dict)
+    for the other candidates of the layer (the start alone: a whole permutation of a large
+    tensor's sub-vectors would add to the peak memory)."""
+    needed = fit_rows + ESTIMATE_HELD_OUT_ROWS
+    if n_rows < needed:
         return None
     shared = {} if shared is None else shared
     key = ("permutation", n_rows)
-    if key not in shared:
-        shared[key] = np.random.default_rng(seed).permutation(n_rows)
+    if key not in shared or shared[key].size < needed:
+        shared[key] = np.random.default_rng(seed).permutation(n_rows)[:needed].copy()
     order = shared[key]
-    return order[:fit_rows], order[fit_rows:fit_rows + ESTIMATE_HELD_OUT_ROWS]
+    return order[:fit_rows], order[fit_rows:needed]
 
 
 def _held_out_error(est, X, split, weights=None):

@@ -617,6 +617,8 @@ def test_shared_starts_and_permutations_leave_every_estimate_unchanged():
             assert shared == alone
         # one start per (size, codebook size, row scaling), one permutation of the rows
         assert sorted(key[0] for key in kept) == ["k-means++", "k-means++", "permutation"]
+        # only the permutation's start that the splits use: 1024 rows fitted, 1024 held out
+        assert kept[("permutation", 3000)].size == 2048
 
 
 def test_a_codebook_larger_than_its_codes_is_estimated_only_without_a_smaller_candidate():
