@@ -175,7 +175,7 @@ def map_in_threads(task, n_tasks):
     n_threads = min(numba.get_num_threads(), n_tasks)
     if n_threads <= 1:
         return [task(t) for t in range(n_tasks)]
-    results = [None] * n_tasks
+    results = done = [None] * n_tasks
     errors = {}
     taken = itertools.count()
 
@@ -197,10 +197,13 @@ def map_in_threads(task, n_tasks):
         for helper in helpers:
             if not helper.cancel():
                 helper.result()
+        # A withdrawn helper stays queued until a pool thread drops it: through the closure it
+        # would keep the task's arrays alive meanwhile (a transient megabyte per layer).
+        task = results = None
     del errors[n_tasks]
     if errors:
         raise errors[min(errors)]
-    return results
+    return done
 
 
 def split_among_threads(kernel, m, *args):
