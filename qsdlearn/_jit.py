@@ -1,5 +1,6 @@
 """Numba plumbing shared by every compiled module: one ``njit`` with the project's options,
-the on-disk cache, and the threading layer.
+the on-disk cache, the threading layer, and the threads serial kernels run in
+(:func:`map_in_threads`, :func:`split_among_threads`).
 
 The on-disk cache is used only where it can be written: next to the package, or in
 ``NUMBA_CACHE_DIR`` when the user sets it. A read-only install compiles without a cache

@@ -25,6 +25,7 @@ from sklearn.utils.extmath import randomized_svd
 
 from . import _kernels, _metric
 from ._levels import fit_level_scales, scale_exponent, snap_to_levels, top_magnitude_mask
+from ._sampling import importance_sample
 
 #: Exact coordinate sweeps over the code slots per row and code step.
 MAX_SWEEPS = 4
@@ -531,15 +532,25 @@ def _svd_components(X, k, rng):
 
 
 def _seeding_sample(X, k, rng, weights=None):
-    """The rows k-means++ seeds ``k`` components from, with their weights: all of ``X``, or a
-    uniform sample of ``_SEEDING_ROWS_PER_COMPONENT * k`` rows (at least ``_SEEDING_MIN_ROWS``)
-    when ``X`` is larger. Seeding costs O(rows * k * log k); on a sample its cost no longer
-    grows with ``n`` (the iterations that follow use every row)."""
+    """The rows k-means++ seeds ``k`` components from, with their weights: all of ``X``, or
+    ``_SEEDING_ROWS_PER_COMPONENT * k`` rows (at least ``_SEEDING_MIN_ROWS``) when ``X`` is
+    larger, drawn uniformly, or with weights in proportion to them (heavy rows taken for
+    certain, :func:`~qsdlearn._sampling.importance_sample`; a uniform sample seeded with the
+    sampled rows' weights would leave most heavy rows out, and Lloyd's iterations do not
+    separate heavy rows that share a seed). Seeding costs O(rows * k * log k); on a sample its
+    cost no longer grows with ``n`` (the iterations that follow use every row)."""
     cap = max(_SEEDING_MIN_ROWS, _SEEDING_ROWS_PER_COMPONENT * k)
     if X.shape[0] <= cap:
         return X, weights
-    rows = np.sort(rng.choice(X.shape[0], cap, replace=False))
-    return X[rows], None if weights is None else weights[rows]
+    positive = X.shape[0] if weights is None else np.count_nonzero(weights)
+    if weights is None or positive < k:
+        rows = np.sort(rng.choice(X.shape[0], cap, replace=False))
+        return X[rows], None if weights is None else weights[rows]
+    if positive <= cap:
+        rows = np.flatnonzero(weights)
+        return X[rows], weights[rows]
+    rows, fit_weights, _ = importance_sample(weights, cap, rng)
+    return X[rows], fit_weights
 
 
 def kmeans_plusplus_seeds(X, k, rng, weights=None):

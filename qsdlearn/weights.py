@@ -59,6 +59,7 @@ from ._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, from_little_
 from ._estimator import QuantizedSparseDecomposition
 from ._jit import blas_single_thread
 from ._kernels import INDEX_DTYPE
+from ._sampling import importance_sample
 from ._solver import kmeans_plusplus_seeds, resolve_init
 from .codec import (STREAMS, CompressedMatrix, MatrixSettings, encode_factors, matrix_from_payload,
                     matrix_from_tensors, matrix_payload)
@@ -1302,52 +1303,6 @@ def sample_rows(X, max_rows, seed, keep_order=True):
     return X[np.sort(rows) if keep_order else rows]
 
 
-def _certainty_scale(weights, size):
-    """The scale ``c`` of inclusion probabilities ``min(1, c w)`` that add up to ``size``
-    (sampling with probability proportional to size; rows with ``c w >= 1``, taken for
-    certain, leave the rest of the sample to the others)."""
-    order = np.sort(weights[weights > 0])[::-1]
-    remaining = np.cumsum(order[::-1])[::-1]  # remaining[t]: weight of rows t and after
-    for taken in range(size):
-        c = (size - taken) / remaining[taken]
-        if c * order[taken] < 1:
-            return c
-    return np.inf
-
-
-def _importance_sample(row_weights, size, seed, keep_order=True):
-    """``size`` rows drawn with probability proportional to ``row_weights`` (never a row of
-    weight zero), and the weights to fit them with, for a sample whose error estimates the
-    weighted error of all rows (as in Horvitz and Thompson's estimator).
-
-    Drawn without replacement, a row that a sample of ``size`` would hold more than once
-    (weight above ``1 / c``, :func:`_certainty_scale`) appears once, so a sample fitted with
-    unit weights gives such rows a fraction of their weight: on a MiniLM output projection
-    whose row scales span three decades, 8.30 dB instead of the 9.63 dB of fitting every row
-    with its weight. Those rows are taken for certain and fitted with weight ``c w`` (their
-    weight over their inclusion probability, in units of the other rows'), the others drawn
-    with probability proportional to their weights and fitted with weight 1. Returns
-    ``(rows, weights, factor)``: ``weights`` is None when no row is taken for certain (unit
-    weights, the draw of ``Generator.choice`` alone), and ``factor`` times the sample's
-    (weighted) error estimates the weighted error of all rows."""
-    c = _certainty_scale(row_weights, size)
-    certain = np.flatnonzero(c * row_weights >= 1)
-    rng = np.random.default_rng(seed)
-    if certain.size == 0:
-        rows = rng.choice(row_weights.size, size, replace=False, p=row_weights / row_weights.sum())
-        return (np.sort(rows) if keep_order else rows), None, float(row_weights.sum()) / size
-    others = np.ones(row_weights.size, dtype=bool)
-    others[certain] = False
-    others = np.flatnonzero(others & (row_weights > 0))
-    p = row_weights[others] / row_weights[others].sum()
-    drawn = others[rng.choice(others.size, size - certain.size, replace=False, p=p)]
-    rows = np.concatenate([certain, drawn])
-    if keep_order:
-        rows = np.sort(rows)
-    weights = np.where(c * row_weights[rows] >= 1, c * row_weights[rows], 1.0)
-    return rows, weights, 1.0 / c
-
-
 def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
     """The sub-vectors to fit (all, or a sample of at most about ``max_rows``), their metric
     and weights, and the factor from the sample's error to the whole tensor's.
@@ -1356,7 +1311,7 @@ def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
     sample still uses metric block ``i mod m``: drawn uniformly, or with row weights with
     probability proportional to the weights (rows of weight zero never) and fitted with unit
     weights, except rows heavy enough to be taken for certain, fitted with their weight over
-    their inclusion probability (:func:`_importance_sample`). Without a sample, the fit is
+    their inclusion probability (:func:`~qsdlearn._sampling.importance_sample`). Without a sample, the fit is
     weighted. Rows are kept in their order unless ``keep_order=False``."""
     if calibration is None:
         sample = sample_rows(X, max_rows, seed, keep_order)
@@ -1380,7 +1335,8 @@ def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
         rows = np.random.default_rng(seed).choice(n_out, size, replace=False)
         rows = np.sort(rows) if keep_order else rows
         return output_rows(rows), calibration.metric(d), None, n_out / size
-    rows, weights, factor = _importance_sample(row_weights, size, seed, keep_order)
+    rows, weights, factor = importance_sample(row_weights, size, np.random.default_rng(seed),
+                                              keep_order)
     return output_rows(rows), None, None if weights is None else np.repeat(weights, m), factor
 
 

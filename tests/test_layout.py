@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "qsdlearn"
 #: Modules from the bottom up; a module may import only from layers below its own.
 LAYERS = [
     {"_levels"},
-    {"_jit", "_container", "_allocation", "metrics", "_dtypes", "calibration"},
+    {"_jit", "_container", "_allocation", "metrics", "_dtypes", "calibration", "_sampling"},
     {"_bits", "_kernels", "_checkpoint", "_calibration"},
     {"_constraints", "_metric"},
     {"_solver", "codec"},
@@ -22,7 +22,8 @@ LAYERS = [
 ]
 #: Modules that work on arrays and bytes only.
 NO_SCIKIT_LEARN = {"_jit", "_levels", "_container", "_allocation", "_bits", "_kernels",
-                   "_dtypes", "_checkpoint", "_metric", "calibration", "_calibration"}
+                   "_dtypes", "_checkpoint", "_metric", "calibration", "_calibration",
+                   "_sampling"}
 
 
 def _imports(path):

@@ -1,9 +1,14 @@
-"""The solver's small linear-algebra helpers against NumPy and SciPy references."""
+"""The solver's small linear-algebra helpers against NumPy and SciPy references, and its
+seeding of weighted rows."""
+
+import warnings
 
 import numpy as np
 import pytest
 import scipy.linalg
+from sklearn.exceptions import ConvergenceWarning
 
+from qsdlearn import QuantizedSparseDecomposition, _solver
 from qsdlearn._solver import _largest_eigenvalue, _solve_psd
 
 
@@ -33,3 +38,52 @@ def test_solve_psd_matches_a_dense_solve(dtype):
     # a zero diagonal entry is singular: least squares, not a division by zero
     singular = np.diag([2.0, 0.0, 1.0])
     np.testing.assert_allclose(_solve_psd(singular, np.array([4.0, 0.0, 3.0])), [2.0, 0.0, 3.0])
+
+
+def test_weighted_seeding_sample_takes_heavy_rows_with_their_weight():
+    """Above the seeding cap, rows are drawn in proportion to their weights, the heavy ones
+    for certain: a uniform sample would leave most of them out (found with token counts)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40_000, 4))
+    X[:, 0] = np.arange(40_000)  # the row's number, to find it in the sample
+    weights = np.ones(40_000)
+    heavy = rng.choice(np.arange(100, 40_000), 50, replace=False)
+    weights[heavy] = 1e6
+    weights[:100] = 0.0
+    rows, w = _solver._seeding_sample(X, 16, np.random.RandomState(0), weights)
+    taken = rows[:, 0].astype(int)
+    assert rows.shape[0] == _solver._SEEDING_MIN_ROWS == np.unique(taken).size
+    assert set(heavy.tolist()) <= set(taken.tolist()) and taken.min() >= 100
+    np.testing.assert_array_equal(np.sort(taken[w > 1]), np.sort(heavy))
+    np.testing.assert_array_equal(w[w <= 1], 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weighted_kmeans_on_many_rows_seeds_as_on_all_rows(dtype):
+    """Token-count-like weights (five rows a hundred times heavier than the next) on more rows
+    than the seeding cap: the fit matches one seeded from every row."""
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((4000, 64)) * 0.05
+    counts = np.zeros(4000)
+    hot = rng.choice(4000, 2000, replace=False)
+    counts[hot] = np.floor(1e4 / np.arange(1, 2001))
+    counts[hot[:5]] = 1e6
+    used = np.flatnonzero(counts)
+    X = table[used].reshape(-1, 4).astype(dtype)
+    w = np.repeat(counts[used], 16)
+    params = dict(n_components=256, n_nonzero=1, code_bits=0, codebook_bits=8, random_state=0)
+
+    def weighted_sqnr(est):
+        error = ((est.inverse_transform(est.transform(X)) - X) ** 2).sum(axis=1)
+        return 10 * np.log10((w * (X.astype(np.float64) ** 2).sum(axis=1)).sum() / (w @ error))
+
+    def fit():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return QuantizedSparseDecomposition(**params).fit(X, sample_weight=w)
+
+    sampled = weighted_sqnr(fit())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_solver, "_SEEDING_MIN_ROWS", 10**7)
+        every_row = weighted_sqnr(fit())
+    assert sampled > every_row - 0.5, (sampled, every_row)

@@ -659,37 +659,6 @@ def test_a_large_codebook_is_estimated_when_the_smaller_candidate_would_be_skipp
     assert results[1] is None and results[0] is not None
 
 
-def test_importance_sample_takes_heavy_rows_for_certain_with_their_weight():
-    """Rows that a sample drawn with replacement would hold more than once are taken for
-    certain and weighted c w; the factor times the sample's weights is the total weight."""
-    from qsdlearn.weights import _certainty_scale, _importance_sample
-
-    rng = np.random.default_rng(0)
-    weights = rng.uniform(0.5, 2.0, 400)
-    weights[[7, 99]] = [500.0, 2000.0]  # each more than 1 / c
-    weights[50:60] = 0.0  # never drawn
-    size = 40
-    c = _certainty_scale(weights, size)
-    assert np.sum(np.minimum(1.0, c * weights)) == pytest.approx(size)
-    rows, fit_weights, factor = _importance_sample(weights, size, seed=3)
-    assert rows.size == size == np.unique(rows).size and np.all(np.diff(rows) > 0)
-    assert {7, 99} <= set(rows.tolist()) and not set(range(50, 60)) & set(rows.tolist())
-    heavy = np.isin(rows, [7, 99])
-    np.testing.assert_allclose(fit_weights[heavy], c * weights[rows[heavy]])
-    np.testing.assert_array_equal(fit_weights[~heavy], 1.0)
-    assert factor * fit_weights.sum() == pytest.approx(weights.sum())
-
-
-def test_importance_sample_without_heavy_rows_is_the_plain_weighted_draw():
-    from qsdlearn.weights import _importance_sample
-
-    weights = np.random.default_rng(1).uniform(0.5, 2.0, 400)
-    rows, fit_weights, factor = _importance_sample(weights, 40, seed=3, keep_order=False)
-    expected = np.random.default_rng(3).choice(400, 40, replace=False, p=weights / weights.sum())
-    np.testing.assert_array_equal(rows, expected)
-    assert fit_weights is None and factor == pytest.approx(weights.sum() / 40)
-
-
 def test_a_sampled_row_scaled_fit_weights_rows_of_large_scale():
     """Row scales spanning four decades: the output rows of largest scale are fitted with
     their weight, as when every row is fitted."""

@@ -1,0 +1,101 @@
+"""Samples of weighted rows that keep the weights (NumPy only).
+
+A fit on a sample of rows stands for a fit on all of them. Drawn with probability
+proportional to the rows' weights and fitted with unit weights (importance sampling), the
+sample gives every row its weight in expectation, as long as the draw may repeat a row. Drawn
+without replacement, as a fit needs, a row heavier than the others together allow appears at
+most once and keeps a fraction of its weight. Such rows are taken for certain here and carry
+their weight over their inclusion probability (Horvitz, D. G. and Thompson, D. J., "A
+generalization of sampling without replacement from a finite universe", JASA 47, 1952).
+"""
+
+import numpy as np
+
+
+def certainty_scale(weights, size):
+    """The scale ``c`` of the inclusion probabilities ``min(1, c w)`` that add up to ``size``.
+
+    Rows with ``c w >= 1`` are taken for certain; the rest of the sample goes to the others
+    in proportion to their weights.
+
+    Parameters
+    ----------
+    weights : ndarray of shape (n,)
+        Nonnegative row weights, at least ``size`` of them positive.
+    size : int
+        Rows in the sample.
+
+    Returns
+    -------
+    float
+        ``c`` (``inf`` when every positive row is taken).
+
+    Examples
+    --------
+    >>> certainty_scale(np.array([1.0, 1.0, 1.0, 97.0]), 2)
+    0.3333333333333333
+    """
+    order = np.sort(weights[weights > 0])[::-1]
+    remaining = np.cumsum(order[::-1])[::-1]  # remaining[t]: weight of rows t and after
+    for taken in range(size):
+        c = (size - taken) / remaining[taken]
+        if c * order[taken] < 1:
+            return float(c)
+    return np.inf
+
+
+def importance_sample(weights, size, rng, keep_order=True):
+    """``size`` distinct rows drawn with probability proportional to ``weights``, and the
+    weights to fit them with so that the sample's weighted error estimates that of all rows.
+
+    Rows with ``c w >= 1`` (:func:`certainty_scale`) are taken for certain and weighted
+    ``c w``; the others are drawn without replacement with probability proportional to their
+    weights (``rng.choice``) and weighted 1. Rows of weight zero are never drawn.
+
+    Parameters
+    ----------
+    weights : ndarray of shape (n,)
+        Nonnegative row weights, more than ``size`` of them positive.
+    size : int
+        Rows in the sample.
+    rng : numpy.random.Generator or numpy.random.RandomState
+        Draws the rows not taken for certain.
+    keep_order : bool, default=True
+        Return the rows sorted (otherwise those taken for certain, then in the order drawn).
+
+    Returns
+    -------
+    rows : ndarray of shape (size,), int
+    fit_weights : ndarray of shape (size,), float64, or None
+        None when no row is taken for certain: unit weights, and ``rows`` is then the draw
+        of ``rng.choice(n, size, replace=False, p=weights / weights.sum())`` alone. When
+        every row of positive weight is taken, their weights.
+    factor : float
+        ``1 / c``: the sample's weighted error times ``factor`` estimates the weighted error
+        of all rows (``factor * fit_weights.sum()`` is the total weight).
+
+    Examples
+    --------
+    >>> w = np.array([1.0, 1.0, 1.0, 97.0])
+    >>> rows, fit_weights, factor = importance_sample(w, 2, np.random.default_rng(0))
+    >>> 3 in rows, round(float(factor * fit_weights.sum()), 9)
+    (True, 100.0)
+    """
+    c = certainty_scale(weights, size)
+    if c == np.inf:  # every row of positive weight is taken, with its weight
+        rows = np.flatnonzero(weights)
+        return rows, weights[rows].astype(np.float64), 1.0
+    certain = np.flatnonzero(c * weights >= 1)
+    if certain.size == 0:
+        rows = rng.choice(weights.size, size, replace=False, p=weights / weights.sum())
+        return (np.sort(rows) if keep_order else rows), None, float(weights.sum()) / size
+    others = np.ones(weights.size, dtype=bool)
+    others[certain] = False
+    others = np.flatnonzero(others & (weights > 0))
+    p = weights[others] / weights[others].sum()
+    drawn = others[rng.choice(others.size, size - certain.size, replace=False, p=p)]
+    rows = np.concatenate([certain, drawn])
+    if keep_order:
+        rows = np.sort(rows)
+    fit_weights = np.where(c * weights[rows] >= 1, c * weights[rows], 1.0)
+    return rows, fit_weights, 1.0 / c
