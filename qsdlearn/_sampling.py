@@ -12,6 +12,16 @@ generalization of sampling without replacement from a finite universe", JASA 47,
 import numpy as np
 
 
+def _relative(weights):
+    """``weights`` in float64 over their largest (sums then neither overflow nor vanish),
+    and that largest."""
+    w = np.asarray(weights, dtype=np.float64)
+    top = float(w.max()) if w.size else 0.0
+    if not (np.isfinite(top) and top > 0 and np.all(w >= 0)):
+        raise ValueError("row weights must be finite and nonnegative, some of them positive")
+    return w / top, top
+
+
 def certainty_scale(weights, size):
     """The scale ``c`` of the inclusion probabilities ``min(1, c w)`` that add up to ``size``.
 
@@ -23,24 +33,30 @@ def certainty_scale(weights, size):
     weights : ndarray of shape (n,)
         Nonnegative row weights, at least ``size`` of them positive.
     size : int
-        Rows in the sample.
+        Rows in the sample, at least 1.
 
     Returns
     -------
     float
-        ``c`` (``inf`` when every positive row is taken).
+        ``c``, in the units of ``1 / weights`` (``inf`` when every positive row is taken).
+
+    Raises
+    ------
+    ValueError
+        If a weight is negative or not finite, or none is positive.
 
     Examples
     --------
-    >>> certainty_scale(np.array([1.0, 1.0, 1.0, 97.0]), 2)
-    0.3333333333333333
+    >>> round(certainty_scale(np.array([1.0, 1.0, 1.0, 97.0]), 2), 12)
+    0.333333333333
     """
-    order = np.sort(weights[weights > 0])[::-1]
+    w, top = _relative(weights)
+    order = np.sort(w[w > 0])[::-1]
     remaining = np.cumsum(order[::-1])[::-1]  # remaining[t]: weight of rows t and after
-    for taken in range(size):
+    for taken in range(min(size, order.size)):
         c = (size - taken) / remaining[taken]
         if c * order[taken] < 1:
-            return float(c)
+            return float(c) / top
     return np.inf
 
 
@@ -55,9 +71,9 @@ def importance_sample(weights, size, rng, keep_order=True):
     Parameters
     ----------
     weights : ndarray of shape (n,)
-        Nonnegative row weights, more than ``size`` of them positive.
+        Nonnegative row weights, at least ``size`` of them positive.
     size : int
-        Rows in the sample.
+        Rows in the sample, at least 1.
     rng : numpy.random.Generator or numpy.random.RandomState
         Draws the rows not taken for certain.
     keep_order : bool, default=True
@@ -74,6 +90,11 @@ def importance_sample(weights, size, rng, keep_order=True):
         ``1 / c``: the sample's weighted error times ``factor`` estimates the weighted error
         of all rows (``factor * fit_weights.sum()`` is the total weight).
 
+    Raises
+    ------
+    ValueError
+        If a weight is negative or not finite, or none is positive.
+
     Examples
     --------
     >>> w = np.array([1.0, 1.0, 1.0, 97.0])
@@ -81,21 +102,22 @@ def importance_sample(weights, size, rng, keep_order=True):
     >>> 3 in rows, round(float(factor * fit_weights.sum()), 9)
     (True, 100.0)
     """
-    c = certainty_scale(weights, size)
+    w, top = _relative(weights)
+    c = certainty_scale(w, size)  # in units of the largest weight
     if c == np.inf:  # every row of positive weight is taken, with its weight
-        rows = np.flatnonzero(weights)
-        return rows, weights[rows].astype(np.float64), 1.0
-    certain = np.flatnonzero(c * weights >= 1)
+        rows = np.flatnonzero(w)
+        return rows, w[rows] * top, 1.0
+    certain = np.flatnonzero(c * w >= 1)
     if certain.size == 0:
-        rows = rng.choice(weights.size, size, replace=False, p=weights / weights.sum())
-        return (np.sort(rows) if keep_order else rows), None, float(weights.sum()) / size
-    others = np.ones(weights.size, dtype=bool)
+        rows = rng.choice(w.size, size, replace=False, p=w / w.sum())
+        return (np.sort(rows) if keep_order else rows), None, float(w.sum()) * top / size
+    others = np.ones(w.size, dtype=bool)
     others[certain] = False
-    others = np.flatnonzero(others & (weights > 0))
-    p = weights[others] / weights[others].sum()
-    drawn = others[rng.choice(others.size, size - certain.size, replace=False, p=p)]
+    others = np.flatnonzero(others & (w > 0))
+    drawn = others[rng.choice(others.size, size - certain.size, replace=False,
+                              p=w[others] / w[others].sum())]
     rows = np.concatenate([certain, drawn])
     if keep_order:
         rows = np.sort(rows)
-    fit_weights = np.where(c * weights[rows] >= 1, c * weights[rows], 1.0)
-    return rows, fit_weights, 1.0 / c
+    fit_weights = np.where(c * w[rows] >= 1, c * w[rows], 1.0)
+    return rows, fit_weights, top / c

@@ -48,3 +48,25 @@ def test_importance_sample_without_heavy_rows_is_the_plain_weighted_draw(make_rn
     expected = make_rng(3).choice(400, 40, replace=False, p=weights / weights.sum())
     np.testing.assert_array_equal(rows, expected)
     assert fit_weights is None and factor == pytest.approx(weights.sum() / 40)
+
+
+@pytest.mark.parametrize("scale", [1e-310, 1e-300, 1.0, 1e300, 1e305])
+def test_importance_sample_at_extreme_scales(scale):
+    """Weights near the ends of float64: the same rows and fit weights as at unit scale."""
+    weights = np.random.default_rng(2).uniform(0.5, 2.0, 100)
+    weights[3] = 500.0
+    reference = importance_sample(weights, 20, np.random.default_rng(0))
+    rows, fit_weights, factor = importance_sample(weights * scale, 20,
+                                                  np.random.default_rng(0))
+    np.testing.assert_array_equal(rows, reference[0])
+    np.testing.assert_allclose(fit_weights, reference[1], rtol=1e-12)
+    assert factor * fit_weights.sum() == pytest.approx(weights.sum() * scale, rel=1e-12)
+
+
+def test_importance_sample_of_integer_weights_and_bad_weights():
+    rows, fit_weights, factor = importance_sample(np.full(10, 2**62, dtype=np.int64), 3,
+                                                  np.random.default_rng(0))
+    assert rows.size == 3 and fit_weights is None and factor == pytest.approx(10 * 2.0**62 / 3)
+    for bad in (np.zeros(5), np.array([1.0, -1.0, 2.0]), np.array([1.0, np.nan, 2.0])):
+        with pytest.raises(ValueError, match="finite and nonnegative"):
+            importance_sample(bad, 1, np.random.default_rng(0))
