@@ -190,7 +190,12 @@ def map_in_threads(task, n_tasks):
             except BaseException as error:  # raised again by the caller
                 errors[t] = error
 
-    helpers = [_helpers().submit(work) for _ in range(n_threads - 1)]
+    helpers = []
+    for _ in range(n_threads - 1):
+        try:
+            helpers.append(_helpers().submit(work))
+        except RuntimeError:  # the interpreter is shutting down (atexit): the caller works alone
+            break
     try:
         work()
     finally:

@@ -1134,6 +1134,10 @@ def _lloyd_chunks(X, CT, chunk_rows, labels, row_err, chunk_sums, chunk_counts, 
 def lloyd_pass(X, CT, chunk_rows, labels, row_err, chunk_sums, chunk_counts, sums, counts):
     """One Lloyd pass: nearest codewords and the statistics of the centroid step, in place.
 
+    The distances are computed in the data type: the rows and codewords must be scaled so
+    that their squared distances do not overflow (the solver brings every fit to unit scale
+    first, :func:`qsdlearn._levels.scale_exponent`); an infinite distance ties with the others.
+
     Each fixed chunk of ``chunk_rows`` rows has its own slice of
     ``chunk_sums``/``chunk_counts`` (each thread takes a contiguous range of chunks); the
     chunks are then reduced in chunk order, so the result does not depend on the number of
@@ -1184,7 +1188,8 @@ def _reduce_chunks(chunk_err, chunk_sums, chunk_counts, sums, counts):
 
 def assign_nearest(X, CT, labels, row_err):
     """Nearest codewords only (``transform`` of one-hot codes): the assignment of
-    :func:`lloyd_pass`, the same operations on every row, without the statistics."""
+    :func:`lloyd_pass`, the same operations on every row, without the statistics (the same
+    scaling of the inputs is needed)."""
     split_among_threads(
         lambda start, stop: _assign_rows(X, CT, start, stop, labels, row_err), X.shape[0])
 

@@ -190,3 +190,23 @@ def test_map_in_threads_in_a_forked_child_after_the_parent_used_it():
     assert _threads_used(30) == 2
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.apply_async(_threads_used, (30,)).get(timeout=60) == 2
+
+
+def test_a_fit_at_interpreter_exit():
+    """The helper pool takes no work once the interpreter shuts down: an atexit handler's fit
+    runs on the calling thread alone."""
+    result = _run("""
+        import atexit
+        import numpy as np
+        from qsdlearn import QuantizedSparseDecomposition
+
+        def fit_at_exit():
+            X = np.random.default_rng(0).standard_normal((3000, 8))
+            est = QuantizedSparseDecomposition(n_components=16, n_nonzero=2, code_bits=2,
+                                               codebook_bits=8, max_iter=3, random_state=0)
+            print("codes", est.fit(X).transform(X).shape)
+
+        atexit.register(fit_at_exit)
+    """, env={"NUMBA_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr
+    assert "codes (3000, 16)" in result.stdout
