@@ -1311,8 +1311,8 @@ def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
     sample still uses metric block ``i mod m``: drawn uniformly, or with row weights with
     probability proportional to the weights (rows of weight zero never) and fitted with unit
     weights, except rows heavy enough to be taken for certain, fitted with their weight over
-    their inclusion probability (:func:`~qsdlearn._sampling.importance_sample`). Without a sample, the fit is
-    weighted. Rows are kept in their order unless ``keep_order=False``."""
+    their inclusion probability (:func:`~qsdlearn._sampling.importance_sample`). Without a
+    sample, the fit is weighted. Rows are kept in their order unless ``keep_order=False``."""
     if calibration is None:
         sample = sample_rows(X, max_rows, seed, keep_order)
         return sample, None, None, X.shape[0] / sample.shape[0]
@@ -1657,8 +1657,8 @@ def _shared_seeds(shared, setting, fit_rows, weights, seed):
     None) and ``seed``: the codebook its estimator would draw itself (same function, same
     random state; the estimator's weights differ by a power of two, which draws the same
     rows), so the fit is unchanged. Drawn once per sub-vector size, codebook size and row
-    scaling, and kept in ``shared`` (a dict) for the other candidates of the layer. None where the fit
-    starts otherwise."""
+    scaling, and kept in ``shared`` (a dict) for the other candidates of the layer. None
+    where the fit starts otherwise."""
     k = setting.constraints.n_components
     if fit_rows.shape[0] < k or resolve_init("auto", fit_rows.shape,
                                              setting.constraints) != "k-means++":
