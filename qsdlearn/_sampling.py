@@ -51,12 +51,17 @@ def certainty_scale(weights, size):
     0.333333333333
     """
     w, top = _relative(weights)
+    return _relative_certainty_scale(w, size) / top
+
+
+def _relative_certainty_scale(w, size):
+    """:func:`certainty_scale` of weights already relative to their largest."""
     order = np.sort(w[w > 0])[::-1]
     remaining = np.cumsum(order[::-1])[::-1]  # remaining[t]: weight of rows t and after
     for taken in range(min(size, order.size)):
         c = (size - taken) / remaining[taken]
         if c * order[taken] < 1:
-            return float(c) / top
+            return float(c)
     return np.inf
 
 
@@ -71,9 +76,10 @@ def importance_sample(weights, size, rng, keep_order=True):
     Parameters
     ----------
     weights : ndarray of shape (n,)
-        Nonnegative row weights, at least ``size`` of them positive.
+        Nonnegative row weights.
     size : int
-        Rows in the sample, at least 1.
+        Rows in the sample, at least 1; every row of positive weight when at most ``size``
+        are.
     rng : numpy.random.Generator or numpy.random.RandomState
         Draws the rows not taken for certain.
     keep_order : bool, default=True
@@ -85,7 +91,7 @@ def importance_sample(weights, size, rng, keep_order=True):
     fit_weights : ndarray of shape (size,), float64, or None
         None when no row is taken for certain: unit weights, and ``rows`` is then the draw
         of ``rng.choice(n, size, replace=False, p=weights / weights.sum())`` alone. When
-        every row of positive weight is taken, their weights.
+        every row of positive weight is taken, their weights (and ``rows`` all of them).
     factor : float
         ``1 / c``: the sample's weighted error times ``factor`` estimates the weighted error
         of all rows (``factor * fit_weights.sum()`` is the total weight).
@@ -103,10 +109,10 @@ def importance_sample(weights, size, rng, keep_order=True):
     (True, 100.0)
     """
     w, top = _relative(weights)
-    c = certainty_scale(w, size)  # in units of the largest weight
+    c = _relative_certainty_scale(w, size)  # in units of the largest weight
     if c == np.inf:  # every row of positive weight is taken, with its weight
         rows = np.flatnonzero(w)
-        return rows, w[rows] * top, 1.0
+        return rows, np.asarray(weights, dtype=np.float64)[rows], 1.0
     certain = np.flatnonzero(c * w >= 1)
     if certain.size == 0:
         rows = rng.choice(w.size, size, replace=False, p=w / w.sum())

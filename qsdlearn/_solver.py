@@ -542,13 +542,10 @@ def _seeding_sample(X, k, rng, weights=None):
     cap = max(_SEEDING_MIN_ROWS, _SEEDING_ROWS_PER_COMPONENT * k)
     if X.shape[0] <= cap:
         return X, weights
-    positive = X.shape[0] if weights is None else np.count_nonzero(weights)
-    if weights is None or positive < k:
+    if weights is None or np.count_nonzero(weights) < k:
         rows = np.sort(rng.choice(X.shape[0], cap, replace=False))
         return X[rows], None if weights is None else weights[rows]
-    if positive <= cap:
-        rows = np.flatnonzero(weights)
-        return X[rows], weights[rows]
+    # at most cap rows of positive weight: all of them, with their weights
     rows, fit_weights, _ = importance_sample(weights, cap, rng)
     return X[rows], fit_weights
 

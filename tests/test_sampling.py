@@ -70,3 +70,11 @@ def test_importance_sample_of_integer_weights_and_bad_weights():
     for bad in (np.zeros(5), np.array([1.0, -1.0, 2.0]), np.array([1.0, np.nan, 2.0])):
         with pytest.raises(ValueError, match="finite and nonnegative"):
             importance_sample(bad, 1, np.random.default_rng(0))
+
+
+def test_importance_sample_of_a_size_beyond_the_positive_rows_takes_them_all():
+    weights = np.array([0.0, 2.5, 0.0, 1e-3, 7.0])
+    rows, fit_weights, factor = importance_sample(weights, 10, np.random.default_rng(0))
+    np.testing.assert_array_equal(rows, [1, 3, 4])
+    np.testing.assert_array_equal(fit_weights, weights[[1, 3, 4]])
+    assert factor == 1.0
