@@ -55,25 +55,26 @@ def allocate(estimates, budget_bytes):
 
 
 def next_steps(estimates, plan):
-    """The moves beyond ``plan``, most profitable first: for every layer not at the end of
-    its hull, its next hull vertex, ordered by error decrease per extra byte.
+    """The moves beyond ``plan``, most profitable first: for every layer, each of its options
+    with less error than its planned one, ordered by error decrease per extra byte from the
+    planned one. A layer's next hull vertex comes before its other options (convexity); the
+    others serve when a split of its rows towards that vertex does not fit (a split adds the
+    new setting's codebook, which a smaller one may leave room for).
 
     Returns
     -------
     list of (name, setting)
-        Empty when every layer is at the end of its hull.
+        Empty when every layer is at the end of its hull (its least error).
     """
     steps = []
     for name, options in estimates.items():
-        hull = _hull(options)
-        settings = [option[2] for option in hull]
-        if plan[name] not in settings:
+        current = [option for option in options if option[2] == plan[name]]
+        if not current:
             continue
-        i = settings.index(plan[name])
-        if i + 1 >= len(hull):
-            continue
-        slope = (hull[i][1] - hull[i + 1][1]) / max(hull[i + 1][0] - hull[i][0], 1)
-        if slope > 0:
-            steps.append((slope, name, hull[i + 1][2]))
+        current_bytes, current_error, _ = current[0]
+        for size, error, setting in options:
+            if error < current_error:
+                slope = (current_error - error) / max(size - current_bytes, 1)
+                steps.append((slope, name, setting))
     steps.sort(key=lambda step: -step[0])
     return [(name, setting) for _, name, setting in steps]

@@ -2254,9 +2254,10 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
             if used < bits_per_weight - 0.05:
                 warnings.warn(
                     f"bits_per_weight={bits_per_weight}: the file takes {used:.3f} bits/weight; "
-                    "no tensor's next candidate setting, nor a split of its rows (which adds a "
-                    "codebook), fits in what is left; add candidates between them (e.g. "
-                    "smaller codebooks) to spend it", UserWarning, stacklevel=4)
+                    "no tensor's more precise candidate settings, nor a split of its rows "
+                    "onto one of them (which adds its codebook), fits in what is left; add "
+                    "candidates between them (e.g. smaller codebooks) to spend it",
+                    UserWarning, stacklevel=4)
             return plan
         overhead += excess
     raise ValueError(f"could not meet bits_per_weight={bits_per_weight}")  # pragma: no cover

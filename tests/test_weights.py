@@ -467,6 +467,36 @@ def test_a_single_matrix_spends_its_budget(bits):
         assert sum(part.shape[0] for part in layer.parts) == 512
 
 
+def test_the_budget_is_spent_past_a_next_setting_whose_codebook_does_not_fit():
+    """Past k-means with 256 codewords of 4 weights, the hull's next vertex has 1,024
+    codewords: its 4 KiB codebook does not fit in the 1.7 KiB left, so a row of the matrix
+    goes to the finer scalar setting instead (a 256-byte codebook), not left unspent."""
+    weights = {"w": np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32)}
+    candidates = [LayerSetting(4, Constraints(256, 1, 0, 8)),
+                  LayerSetting(4, Constraints(1024, 1, 0, 8)),
+                  LayerSetting(1, Constraints(256, 1, 0, 8))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "nothing fits in what is left"
+        model = compress_weights(weights, bits_per_weight=2.25, candidates=candidates,
+                                 random_state=0, max_iter=5)
+    assert 2.22 <= model.bits_per_weight <= 2.25
+    layer = model.layers["w"]
+    assert isinstance(layer, SplitLayer)
+    assert [part.setting for part in layer.parts] == [candidates[0], candidates[2]]
+
+
+def test_next_steps_order_every_better_option_by_error_saved_per_byte():
+    from qsdlearn._allocation import next_steps
+
+    estimates = {"a": [(100, 10.0, "a0"), (200, 5.0, "a1"), (300, 4.5, "a2"), (400, 4.0, "a3")],
+                 "b": [(50, 1.0, "b0"), (60, 0.5, "b1")]}
+    # a: 0.05, 0.0275 and 0.02 per byte; b is at its least error; a worse option is no step
+    assert next_steps(estimates, {"a": "a0", "b": "b1"}) == [("a", "a1"), ("a", "a2"),
+                                                             ("a", "a3")]
+    assert next_steps(estimates, {"a": "a3", "b": "b0"}) == [("b", "b1")]
+    assert next_steps(estimates, {"a": "a3", "b": "b1"}) == []
+
+
 def test_budgets_the_candidates_cannot_use_and_patterns_that_match_nothing_are_reported():
     weights = {"w": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)}
     candidates = [LayerSetting(8, Constraints(16, 1, 0))]
