@@ -325,6 +325,27 @@ def test_mlp_forward_collects_the_gram_of_each_layer_input():
     np.testing.assert_allclose(grams["fc2.weight"].gram, hidden.T @ hidden)
 
 
+def test_mlp_summary_averages_seeds_and_counts_data_aware_wins():
+    from benchmarks.model_fidelity import mlp_summary
+
+    rows = {  # (method, target, bits, accuracy, logits error, seconds) per seed
+        0: [("float32", 32.0, 32.0, 0.98, 0.0, None),
+            ("QSD weight-only", 2.0, 2.0, 0.97, 0.08, 1.0),
+            ("QSD data-aware", 2.0, 1.9, 0.96, 0.002, 3.0)],
+        1: [("float32", 32.0, 32.0, 0.96, 0.0, None),
+            ("QSD weight-only", 2.0, 1.8, 0.95, 0.06, 1.0),
+            ("QSD data-aware", 2.0, 2.0, 0.95, 0.004, 3.0)],
+    }
+    summary = {row[:2]: row[2:] for row in mlp_summary(rows)}
+    assert summary[("float32", 32.0)][:5] == pytest.approx((32.0, 0.97, 0.96, 0.98, 0.0))
+    weight_only = summary[("QSD weight-only", 2.0)]
+    assert weight_only[:5] == pytest.approx((1.9, 0.96, 0.95, 0.97, 0.07))
+    assert weight_only[5] is None
+    data_aware = summary[("QSD data-aware", 2.0)]
+    assert data_aware[:5] == pytest.approx((1.95, 0.955, 0.95, 0.96, 0.003))
+    assert data_aware[5] == "1/2"  # a tie counts: at least weight-only's accuracy
+
+
 def test_conv_checkpoint_has_mobilenet_v2_shapes(tmp_path):
     from benchmarks import speed_targets as ST
     from qsdlearn._checkpoint import open_checkpoint
