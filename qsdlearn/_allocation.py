@@ -23,11 +23,18 @@ def _hull(options):
     return hull
 
 
-def allocate(estimates, budget_bytes):
+def allocate(estimates, budget_bytes, stop_when_blocked=False):
     """Greedy marginal-return allocation over each layer's lower convex hull.
 
     ``estimates[name]`` is a list of (bytes, error, setting). Returns name -> setting, or
     None when even the smallest choices exceed the budget.
+
+    The step with the largest error decrease per byte goes first. When it does not fit in
+    what is left, ``stop_when_blocked=False`` goes on with the best step that fits (on
+    another layer, with less decrease per byte); ``True`` stops there, leaving the rest for
+    a split of that layer's rows towards its step, the Lagrangian solution made real by
+    time-sharing. Which of the two is better depends on whether that split fits (it adds a
+    codebook) and on what the other steps save: the caller compares them.
     """
     hulls = {name: _hull(options) for name, options in estimates.items()}
     position = {name: 0 for name in hulls}
@@ -41,7 +48,7 @@ def allocate(estimates, budget_bytes):
             if i + 1 >= len(hull):
                 continue
             extra = hull[i + 1][0] - hull[i][0]
-            if used + extra > budget_bytes:
+            if used + extra > budget_bytes and not stop_when_blocked:
                 continue
             slope = (hull[i][1] - hull[i + 1][1]) / max(extra, 1)
             if slope > best_slope:
@@ -49,7 +56,10 @@ def allocate(estimates, budget_bytes):
         if best is None:
             break
         i = position[best]
-        used += hulls[best][i + 1][0] - hulls[best][i][0]
+        extra = hulls[best][i + 1][0] - hulls[best][i][0]
+        if used + extra > budget_bytes:  # stop_when_blocked: the best step does not fit
+            break
+        used += extra
         position[best] = i + 1
     return {name: hulls[name][position[name]][2] for name in hulls}
 

@@ -1911,6 +1911,7 @@ def compress_weights(
     if isinstance(bits_per_weight, (bool, np.bool_)):  # a Real to the parameter check
         raise TypeError(f"bits_per_weight must be a positive number of bits, got "
                         f"{bits_per_weight!r}")
+    _check_candidates(candidates, bits_per_weight)
     checkpoint = open_checkpoint(weights)
     if not checkpoint.names:
         raise ValueError("no tensors to compress")
@@ -2127,11 +2128,13 @@ def _placeholder(setting, shape, dtype):
                            _WIDEST_SQNR, row_scales=scales)
 
 
-def _split_to_fill(layout, plan, name, better, budget, better_first=False):
+def _split_to_fill(layout, plan, name, better, budget, better_first=False, left=None):
     """Spend what ``plan`` leaves of ``budget`` on tensor ``name``: as many of its output rows
-    under ``better`` (its next setting on the hull) as the file can take, the rest as
-    planned; the better rows are the last ones, or the first ones with ``better_first``.
-    Returns the plan, with a :class:`RowSplit` for ``name`` when one fits."""
+    under ``better`` (a more precise setting) as the file can take, the rest as planned; the
+    better rows are the last ones, or the first ones with ``better_first``. ``left``: the
+    bytes ``plan`` leaves, when known; a split whose streams alone exceed it is refused
+    without sizing the file. Returns the plan, with a :class:`RowSplit` for ``name`` when one
+    fits."""
     shape = layout.shape(name)
     current = plan[name]
 
@@ -2148,7 +2151,15 @@ def _split_to_fill(layout, plan, name, better, budget, better_first=False):
 
     low = next((r for r in range(1, shape[0]) if enough_rows(better, r)), shape[0])
     high = next((r for r in range(shape[0] - 1, 0, -1) if enough_rows(current, shape[0] - r)), 0)
-    if low > high or not fits(low):
+    if low > high:
+        return plan
+    if left is not None:  # the streams of the smallest split alone, without sizing the file
+        rest = tuple(shape[1:])
+        extra = (better.stream_bytes((low, *rest)) + current.stream_bytes((shape[0] - low, *rest))
+                 - current.stream_bytes(shape))
+        if extra > left:
+            return plan
+    if not fits(low):
         return plan
     while low < high:
         middle = (low + high + 1) // 2
@@ -2157,6 +2168,100 @@ def _split_to_fill(layout, plan, name, better, budget, better_first=False):
         else:
             high = middle - 1
     return {**plan, name: split(low)}
+
+
+#: Splits that fit which :func:`_fill_budget` compares (in the order of the moves' error
+#: decrease per byte) before it keeps the one that lowers the estimated error most.
+SPLITS_COMPARED = 8
+
+
+def _fill_budget(layout, fixed, plan, estimates, budget, calibrations, heavier):
+    """Spend what ``plan`` leaves of ``budget`` with the moves of
+    :func:`~qsdlearn._allocation.next_steps`, in their order: a tensor switched whole to a
+    more precise setting when that fits (then the moves are tried again on what is left);
+    otherwise a split of a tensor's output rows (:func:`_split_to_fill`). Of the first
+    :data:`SPLITS_COMPARED` splits that fit, the one that lowers the estimated error most is
+    kept, and ends the fill: a split's new codebook may take most of what is left, so the
+    move that saves most per byte need not save most. Moves whose streams alone exceed what
+    is left are skipped without sizing the file. ``heavier`` caches
+    :func:`_heavier_first_half` per tensor."""
+    plan = dict(plan)
+    while True:
+        left = budget - layout.file_bytes({**fixed, **plan})
+        best, best_saving, n_splits, switched = None, 0.0, 0, False
+        for name, better in next_steps(estimates, plan):
+            shape = layout.shape(name)
+            current = plan[name]
+            extra = better.stream_bytes(shape) - current.stream_bytes(shape)
+            if n_splits == 0 and extra <= left and \
+                    layout.file_bytes({**fixed, **plan, name: better}) <= budget:
+                plan[name] = better
+                switched = True
+                break
+            if name not in heavier:
+                heavier[name] = _heavier_first_half(calibrations.get(name))
+            split = _split_to_fill(layout, {**fixed, **plan}, name, better, budget,
+                                   heavier[name], left)[name]
+            if split == current:
+                continue
+            rows = split.rows if split.first == better else shape[0] - split.rows
+            saving = rows / shape[0] * (_estimated_error(estimates[name], current)
+                                        - _estimated_error(estimates[name], better))
+            if saving > best_saving:
+                best, best_saving = (name, split), saving
+            n_splits += 1
+            if n_splits == SPLITS_COMPARED:
+                break
+        if switched:
+            continue
+        if best is not None:
+            plan[best[0]] = best[1]
+        return plan
+
+
+def _estimated_error(options, setting):
+    """The estimated error of ``setting`` among a tensor's ``(bytes, error, setting)``
+    options."""
+    return next(error for _, error, option in options if option == setting)
+
+
+def _plan_error(plan, estimates, layout):
+    """The estimated total error of a plan (what the allocation minimises)."""
+    total = 0.0
+    for name, setting in plan.items():
+        if isinstance(setting, RowSplit):
+            share = setting.rows / layout.shape(name)[0]
+            total += (share * _estimated_error(estimates[name], setting.first)
+                      + (1.0 - share) * _estimated_error(estimates[name], setting.second))
+        else:
+            total += _estimated_error(estimates[name], setting)
+    return total
+
+
+def _warn_if_unspent(layout, fixed, plan, estimates, bits_per_weight):
+    """Warn when a plan's file would take more than 0.05 bits per weight less than the target,
+    saying why: every tensor at its most precise candidate, or a budget left over that no
+    move fits in."""
+    used = 8 * layout.file_bytes({**fixed, **plan}) / layout.n_weights
+    if used >= bits_per_weight - 0.05:
+        return
+    at_most_precise = all(
+        not isinstance(setting, RowSplit)
+        and _estimated_error(estimates[name], setting) == min(e for _, e, _ in estimates[name])
+        for name, setting in plan.items())
+    if at_most_precise:
+        if _plan_error(plan, estimates, layout) > 0:
+            warnings.warn(
+                f"bits_per_weight={bits_per_weight:g} is more than the candidates can use: the "
+                f"file takes about {used:.3f} bits/weight with every tensor at its most precise "
+                "candidate; add finer candidates to spend more", UserWarning, stacklevel=5)
+        return
+    warnings.warn(
+        f"bits_per_weight={bits_per_weight:g}: the file takes about {used:.3f} bits/weight; "
+        "what is left is too small for any tensor's more precise candidate settings, whole "
+        "or on a share of its output rows (a split adds the setting's codebook and moves "
+        "whole rows); add candidates between them (e.g. smaller codebooks) to spend it",
+        UserWarning, stacklevel=5)
 
 
 def _heavier_first_half(calibration):
@@ -2177,6 +2282,24 @@ def _budget_bytes(bits_per_weight, layout):
     return int(bits_per_weight * layout.n_weights // 8)
 
 
+def _check_candidates(candidates, bits_per_weight):
+    """``compress_weights(candidates=...)``: a non-empty list of :class:`LayerSetting`, and only
+    with a ``bits_per_weight`` to choose among them for."""
+    if candidates is None:
+        return
+    if not candidates:
+        raise ValueError("candidates is empty: give LayerSettings to choose from, or None for "
+                         "the default candidates")
+    for i, candidate in enumerate(candidates):
+        if not isinstance(candidate, LayerSetting):
+            raise TypeError(
+                f"candidates[{i}] is a {type(candidate).__name__}; give LayerSettings, e.g. "
+                "LayerSetting(8, Constraints(256, n_nonzero=1, code_bits=0, codebook_bits=8))")
+    if bits_per_weight is None:
+        raise ValueError("candidates are chosen among for a bits_per_weight target: give "
+                         "bits_per_weight, or settings= to fix the settings yourself")
+
+
 def _below_reach(bits_per_weight, least_bytes, layout, reach="the candidates can reach",
                  advice="raise it or add cheaper candidates"):
     """The ValueError of a budget under the smallest file, ``least_bytes``, that ``reach``
@@ -2188,7 +2311,6 @@ def _below_reach(bits_per_weight, least_bytes, layout, reach="the candidates can
 
 def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_threads,
           calibrations, sensitivity=None):
-    n_weights = layout.n_weights
     budget = _budget_bytes(bits_per_weight, layout)
     # Feasibility needs no fitting: the sizes are known from the settings alone.
     smallest = {}
@@ -2226,38 +2348,25 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
     overhead = layout.file_bytes({**fixed, **smallest})
     overhead -= sum(smallest[name].stream_bytes(layout.shape(name)) for name in free)
     overhead += ENTRY_MARGIN * len(free) + FILE_MARGIN
+    heavier = {}  # tensor -> whether a split gives its better setting to the first rows
+
+    def fill(plan):
+        return _fill_budget(layout, fixed, plan, estimates, budget, calibrations, heavier)
+
     for _ in range(5):
-        plan = allocate(estimates, budget - overhead)
-        if plan is None:
+        # Two ways past a step that does not fit: other layers' smaller steps, or stopping
+        # there and splitting that layer's rows towards it. The lower estimated error wins.
+        plans = [allocate(estimates, budget - overhead, stop_when_blocked=stop)
+                 for stop in (False, True)]
+        if plans[0] is None:
             raise _below_reach(bits_per_weight, layout.file_bytes({**fixed, **smallest}), layout)
-        excess = layout.file_bytes({**fixed, **plan}) - budget
+        excess = max(layout.file_bytes({**fixed, **plan}) for plan in plans) - budget
         if excess <= 0:
-            steps = next_steps(estimates, plan)
-            if not steps:  # every layer at the end of its hull
-                used = 8 * layout.file_bytes({**fixed, **plan}) / n_weights
-                error = sum(e for name in plan for _, e, s in estimates[name] if s == plan[name])
-                if used < bits_per_weight - 0.05 and error > 0:
-                    warnings.warn(
-                        f"bits_per_weight={bits_per_weight} is more than the candidates can use: "
-                        f"the file takes {used:.3f} bits/weight with every layer at its most "
-                        "precise candidate; add finer candidates to spend more",
-                        UserWarning, stacklevel=4)
-                return plan
-            # The most profitable split that fits: a split adds a codebook, which the
-            # leftover of a small model may not hold for the best step but for another.
-            for step in steps:
-                filled = _split_to_fill(layout, {**fixed, **plan}, *step, budget,
-                                        _heavier_first_half(calibrations.get(step[0])))
-                if filled[step[0]] != plan[step[0]]:
-                    return {name: filled[name] for name in plan}
-            used = 8 * layout.file_bytes({**fixed, **plan}) / n_weights
-            if used < bits_per_weight - 0.05:
-                warnings.warn(
-                    f"bits_per_weight={bits_per_weight}: the file takes {used:.3f} bits/weight; "
-                    "no tensor's more precise candidate settings, nor a split of its rows "
-                    "onto one of them (which adds its codebook), fits in what is left; add "
-                    "candidates between them (e.g. smaller codebooks) to spend it",
-                    UserWarning, stacklevel=4)
+            if plans[1] == plans[0]:  # no step was blocked
+                plans = plans[:1]
+            plan = min((fill(plan) for plan in plans),
+                       key=lambda plan: _plan_error(plan, estimates, layout))
+            _warn_if_unspent(layout, fixed, plan, estimates, bits_per_weight)
             return plan
         overhead += excess
     raise ValueError(f"could not meet bits_per_weight={bits_per_weight}")  # pragma: no cover
