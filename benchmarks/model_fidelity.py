@@ -431,13 +431,37 @@ def _table(header, rows, formats):
     return "\n".join(lines)
 
 
+def _positive_bits(text):
+    """An argparse type: a finite positive number of bits per weight."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = np.nan
+    if not np.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"bits per weight must be positive and finite, "
+                                         f"got {text}")
+    return value
+
+
+def _seed(text):
+    """An argparse type: a seed for NumPy and scikit-learn, an int in [0, 2**32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed is an int in [0, 2**32), got {text}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bits", type=float, nargs="+", default=[2.0, 3.0, 4.0])
-    parser.add_argument("--mlp-bits", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0])
+    parser.add_argument("--bits", type=_positive_bits, nargs="+", default=[2.0, 3.0, 4.0])
+    parser.add_argument("--mlp-bits", type=_positive_bits, nargs="+",
+                        default=[1.0, 1.5, 2.0, 3.0])
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mlp-seeds", type=int, nargs="+", default=None,
+    parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument("--mlp-seeds", type=_seed, nargs="+", default=None,
                         help="seeds of the MLP's split, training and compression (default: "
                              "--seed); with several, a summary over them is added")
     parser.add_argument("--skip-minilm", action="store_true")
@@ -446,6 +470,10 @@ def main(argv=None):
                         default=list(MINILM_METHODS))
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = parser.parse_args(argv)
+    if args.skip_mlp and args.skip_minilm:
+        parser.error("--skip-mlp and --skip-minilm leave nothing to run")
+    if args.mlp_seeds is not None and len(set(args.mlp_seeds)) < len(args.mlp_seeds):
+        parser.error(f"--mlp-seeds repeats a seed: {args.mlp_seeds}")
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     sections, results = [], {}

@@ -346,6 +346,23 @@ def test_mlp_summary_averages_seeds_and_counts_data_aware_wins():
     assert data_aware[5] == "1/2"  # a tie counts: at least weight-only's accuracy
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--mlp-seeds", "-1"], "a seed is an int"),
+    (["--mlp-seeds", "0", "0"], "repeats a seed"),
+    (["--skip-mlp", "--skip-minilm"], "leave nothing to run"),
+    (["--mlp-bits", "nan"], "must be positive and finite"),
+    (["--bits", "0"], "must be positive and finite"),
+    (["--minilm-methods", "foo"], "invalid choice"),
+])
+def test_model_fidelity_refuses_arguments_that_would_mislead(argv, message, tmp_path, capsys):
+    from benchmarks.model_fidelity import main
+
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", str(tmp_path)])
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_conv_checkpoint_has_mobilenet_v2_shapes(tmp_path):
     from benchmarks import speed_targets as ST
     from qsdlearn._checkpoint import open_checkpoint
