@@ -19,6 +19,7 @@ import struct
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -68,9 +69,14 @@ class NpzRef:
     name: str
 
     def load(self):
-        """The tensor (only its member of the archive is read)."""
-        with np.load(self.path, allow_pickle=False) as archive:
-            return archive[self.name]
+        """The tensor (only its member of the archive is read). A member whose bytes fail
+        their checksum or cannot be inflated raises a ValueError."""
+        try:
+            with np.load(self.path, allow_pickle=False) as archive:
+                return archive[self.name]
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise ValueError(f"cannot read {self.name!r} from {self.path}: the file is damaged "
+                             f"({exc})") from None
 
 
 @dataclass(frozen=True)

@@ -20,19 +20,34 @@ def _demo(args):
     return 0
 
 
-def _check_output(args):
-    """Refuse to write over the input, or over an existing output without ``--force``."""
+def _input_files(path):
+    """The files an input path stands for: itself, and for a sharded checkpoint (a folder or
+    its ``.json`` index) every file of its folder."""
+    path = os.path.abspath(path)
+    folder = path if os.path.isdir(path) else None
+    if path.endswith(".json"):
+        folder = os.path.dirname(path)
+    files = [path]
+    if folder is not None and os.path.isdir(folder):
+        files += [os.path.join(folder, name) for name in os.listdir(folder)]
+    return files
+
+
+def _check_output(args, file_only=False):
+    """Refuse to write over an input (the weights, the ``--calibration`` checkpoint, the
+    ``--sensitivity`` file), over an existing output without ``--force``, or, with
+    ``file_only`` (an output that is one file), onto a folder; checked before any work."""
     output = os.path.abspath(args.output)
-    inputs = [os.path.abspath(args.input)]
-    # A sharded checkpoint (a folder or its index) is every file of its folder.
-    folder = inputs[0] if os.path.isdir(inputs[0]) else None
-    if inputs[0].endswith(".json"):
-        folder = os.path.dirname(inputs[0])
-    if folder is not None:
-        inputs += [os.path.join(folder, name) for name in os.listdir(folder)]
-    if any(os.path.exists(path) and os.path.exists(output) and os.path.samefile(path, output)
-           for path in inputs):
-        raise ValueError(f"{args.output} is the input; write the output elsewhere")
+    inputs = [("the input", path) for path in _input_files(args.input)]
+    if getattr(args, "calibration", None) is not None:
+        inputs += [("the --calibration file", path) for path in _input_files(args.calibration)]
+    if getattr(args, "sensitivity", None) is not None:
+        inputs.append(("the --sensitivity file", os.path.abspath(args.sensitivity)))
+    if file_only and os.path.isdir(output):
+        raise ValueError(f"cannot write {args.output}: it is a directory")
+    for role, path in inputs:
+        if os.path.exists(path) and os.path.exists(output) and os.path.samefile(path, output):
+            raise ValueError(f"{args.output} is {role}; write the output elsewhere")
     if os.path.exists(output) and not args.force:
         raise ValueError(f"{args.output} exists; pass --force to overwrite it")
     folder = os.path.dirname(output)
@@ -58,7 +73,7 @@ def _read_sensitivity(path):
 def _compress(args):
     from .weights import compress_weights
 
-    _check_output(args)
+    _check_output(args, file_only=True)
     sensitivity = _read_sensitivity(args.sensitivity)
     model = compress_weights(
         args.input,

@@ -224,6 +224,37 @@ def test_cli_does_not_overwrite_without_force(compressed_file, tmp_path, capsys)
     assert "exists; pass --force" in capsys.readouterr().err
 
 
+def test_cli_never_writes_over_its_calibration_or_sensitivity_file_nor_onto_a_folder(
+        tmp_path, capsys):
+    np.savez(tmp_path / "w.npz", w=np.ones((64, 64), np.float32))
+    calibration = tmp_path / "cal.npz"
+    np.savez(calibration, w=np.eye(64))
+    sensitivity = tmp_path / "s.json"
+    sensitivity.write_text('{"w": 1.0}')
+    before = calibration.read_bytes(), sensitivity.read_bytes()
+    for output, role in [(calibration, "--calibration"), (sensitivity, "--sensitivity")]:
+        extra = [role, str(output)]
+        assert main(["compress", str(tmp_path / "w.npz"), str(output), "--bits-per-weight", "4",
+                     "--force", *extra]) == 1
+        assert f"is the {role} file" in capsys.readouterr().err
+    assert (calibration.read_bytes(), sensitivity.read_bytes()) == before
+    (tmp_path / "folder").mkdir()
+    assert main(["compress", str(tmp_path / "w.npz"), str(tmp_path / "folder"),
+                 "--bits-per-weight", "4", "--force"]) == 1
+    assert "it is a directory" in capsys.readouterr().err  # before compressing, not after
+
+
+def test_a_damaged_npz_member_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "w.npz"
+    np.savez(path, w=np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32))
+    data = bytearray(path.read_bytes())
+    data[2000:2100] = b"\xff" * 100  # inside the array's bytes: its CRC-32 fails
+    path.write_bytes(bytes(data))
+    assert main(["compress", str(path), str(tmp_path / "o.qsd"), "--bits-per-weight", "4"]) == 1
+    assert "cannot read 'w' from" in capsys.readouterr().err
+    assert not (tmp_path / "o.qsd").exists()
+
+
 @pytest.mark.parametrize(
     "vocab, message",
     [(np.array(["hello", "world"]), "tensor 'vocab' has dtype <U5"),
