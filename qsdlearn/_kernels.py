@@ -54,6 +54,10 @@ INDEX_DTYPE = np.int32
 #: Rows processed by one parallel task; fixed so results never depend on the thread count.
 _CHUNK_ROWS = 256
 
+#: Positions per block of a coordinate sweep's scan: a block is priced position by position
+#: only when a branch-free (vectorised) pass finds a pruning bound in it above the threshold.
+_SCAN_BLOCK = 16
+
 
 def _per_chunk(kernel, m, *args):
     """``kernel(*args, start, stop)`` on every fixed chunk of :data:`_CHUNK_ROWS` of the ``m``
@@ -278,7 +282,14 @@ def _single_slot_savings(p, diag, nbits, out):
 
 @njit()
 def _residual_correlation(idx, val, n_slots, p, G, c):
+    """``c = p - G z`` for the slots' row ``z``."""
     k = p.shape[0]
+    if n_slots == 2:  # the common sparse case in one pass (the same operations, in order)
+        j0, j1 = idx[0], idx[1]
+        v0, v1 = np.float64(val[0]), np.float64(val[1])
+        for t in range(k):
+            c[t] = p[t] - v0 * G[j0, t] - v1 * G[j1, t]
+        return
     for t in range(k):
         c[t] = p[t]
     for a in range(n_slots):
@@ -604,17 +615,27 @@ def _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, tol,
         best_q, best_saving = _best_value(c0, G[j0, j0], nbits)
         if not dense:
             threshold = best_saving + tol
-            for j in range(k):
-                if used[j]:
+            # the same tests as a plain scan, block by block: a block none of whose bounds
+            # passes (a later threshold is only higher) is skipped after one branch-free pass
+            for b0 in range(0, k, _SCAN_BLOCK):
+                b1 = min(b0 + _SCAN_BLOCK, k)
+                hit = False
+                for j in range(b0, b1):
+                    cj = c[j] + q0 * G[j0, j]
+                    hit |= not cj * cj * inv_g[j] <= threshold
+                if not hit:
                     continue
-                cj = c[j] + q0 * G[j0, j]
-                # cj**2 / G_jj bounds what position j can save (pruning; ties keep the first)
-                if cj * cj * inv_g[j] <= threshold:
-                    continue
-                q, saving = _best_value(cj, G[j, j], nbits)
-                if saving > threshold:
-                    best_saving, best_j, best_q = saving, j, q
-                    threshold = best_saving + tol
+                for j in range(b0, b1):
+                    if used[j]:
+                        continue
+                    cj = c[j] + q0 * G[j0, j]
+                    # cj**2 / G_jj bounds what position j can save (pruning; ties keep the first)
+                    if cj * cj * inv_g[j] <= threshold:
+                        continue
+                    q, saving = _best_value(cj, G[j, j], nbits)
+                    if saving > threshold:
+                        best_saving, best_j, best_q = saving, j, q
+                        threshold = best_saving + tol
         if best_saving <= keep_saving + tol:
             stable += 1
         else:
@@ -726,11 +747,13 @@ def _solve_row_cold(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, ma
             savings[j] = p[j] * p[j] * inv_g[j]
     else:
         _single_slot_savings(p, diag, nbits, savings)
-    _select_largest(savings, n_starts, starts, candidates)
     first, stop = 0, n_starts
     if rotation >= 0:
         first = rotation % n_starts
         stop = first + 1
+    # the starts up to the last one run: the same positions, in the same order, as the first
+    # ``stop`` of all ``n_starts`` (a rotated start needs fewer, and fewer cost less to find)
+    _select_largest(savings, stop, starts, candidates)
     best_err = np.inf
     for st in range(first, stop):
         err = _descend_from(old_idx, old_val, n_slots, dense, least_squares, p, G, xx, nbits,
