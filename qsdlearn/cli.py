@@ -55,15 +55,32 @@ def _check_output(args, file_only=False):
         raise ValueError(f"the folder of {args.output} does not exist; create it first")
 
 
+class _DuplicateKey(Exception):
+    """A JSON object names a key twice (``json`` would keep the last value silently)."""
+
+
+def _unique_keys(pairs):
+    """``object_pairs_hook`` of :func:`json.load` that refuses a repeated key."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
 def _read_sensitivity(path):
     """The ``--sensitivity`` file: a JSON object of tensor name to number (None without)."""
     if path is None:
         return None
     try:
         with open(path, encoding="utf-8-sig") as f:  # with or without a byte-order mark
-            sensitivity = json.load(f)
+            sensitivity = json.load(f, object_pairs_hook=_unique_keys)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"--sensitivity {path}: not a readable JSON file ({exc})") from None
+    except _DuplicateKey as exc:
+        raise ValueError(f"--sensitivity {path}: the name {exc.args[0]!r} is given more than "
+                         "once; give each tensor one sensitivity") from None
     if not isinstance(sensitivity, dict):
         raise ValueError(f"--sensitivity {path}: give a JSON object of tensor name to number, "
                          'e.g. {"layer.weight": 2.5}')
@@ -73,15 +90,20 @@ def _read_sensitivity(path):
 def _compress(args):
     from .weights import compress_weights
 
+    if args.calibration_damping is not None and args.calibration is None:
+        raise ValueError("--calibration-damping applies to data-aware compression: give "
+                         "--calibration FILE as well, or leave the damping out")
     _check_output(args, file_only=True)
     sensitivity = _read_sensitivity(args.sensitivity)
+    damping = {} if args.calibration_damping is None else {
+        "calibration_damping": args.calibration_damping}
     model = compress_weights(
         args.input,
         bits_per_weight=args.bits_per_weight,
         vector_size=args.vector_size,
         keep=args.keep,
         calibration=args.calibration,
-        calibration_damping=args.calibration_damping,
+        **damping,
         sensitivity=sensitivity,
         n_jobs=args.jobs,
         random_state=args.seed,
@@ -209,7 +231,7 @@ def build_parser():
                           help="data-aware compression: a .npz or .safetensors file holding, "
                           "under a tensor's name, the Gram matrix (in, in) of its inputs or "
                           "row weights (rows,) for an embedding table")
-    compress.add_argument("--calibration-damping", metavar="F", type=_DAMPING, default=0.1,
+    compress.add_argument("--calibration-damping", metavar="F", type=_DAMPING, default=None,
                           help="with --calibration: fraction of each Gram matrix's mean "
                           "diagonal added to its diagonal in the objective, so that the weight "
                           "error counts too (default 0.1; 0 fits the calibration data alone)")

@@ -309,6 +309,7 @@ def test_decompress_into_a_sharded_folder_again_leaves_no_stale_shards(compresse
     ('{"layers.9.weight": 1.0}', "not compressible"),
     ('{"layers.0.weight": -2}', "finite value >= 0"),
     ('{"layers.0.weight": 1' + "0" * 400 + "}", "finite value >= 0"),  # overflows a float
+    ('{"layers.0.weight": 1, "layers.0.weight": 2}', "'layers.0.weight' is given more than once"),
 ])
 def test_cli_checks_the_sensitivity_file_before_compressing(content, message, tmp_path, capsys):
     source = tmp_path / "model.safetensors"
@@ -334,3 +335,14 @@ def test_cli_passes_the_sensitivity_on(tmp_path, capsys):
 
     bits = {r["name"]: r["bits_per_weight"] for r in load(tmp_path / "out.qsd").report()}
     assert bits["layers.1.weight"] < bits["layers.0.weight"]
+
+
+def test_cli_refuses_a_calibration_damping_without_calibration(tmp_path, capsys):
+    source = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(checkpoint_weights(), str(source))
+    output = tmp_path / "out.qsd"
+    assert main(["compress", str(source), str(output), "--bits-per-weight", "16",
+                 "--calibration-damping", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "give --calibration FILE as well" in err and len(err.strip().splitlines()) == 1
+    assert not output.exists()
