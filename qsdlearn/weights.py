@@ -2183,8 +2183,9 @@ def _split_to_fill(layout, plan, name, better, budget, better_first=False, left=
     return {**plan, name: split(low)}
 
 
-#: Splits that fit which :func:`_fill_budget` compares (in the order of the moves' error
-#: decrease per byte) before it keeps the one that lowers the estimated error most.
+#: Moves that fit (splits, and whole switches after the first split) which
+#: :func:`_fill_budget` compares (in the order of their error decrease per byte) before it
+#: keeps the one that lowers the estimated error most.
 SPLITS_COMPARED = 8
 
 
@@ -2202,38 +2203,31 @@ def _fill_budget(layout, fixed, plan, estimates, budget, calibrations, heavier):
     plan = dict(plan)
     while True:
         left = budget - layout.file_bytes({**fixed, **plan})
-        best, best_saving, n_splits, switched = None, 0.0, 0, False
+        best, best_saving, n_compared, switched = None, 0.0, 0, False
         for name, better in next_steps(estimates, plan):
             shape = layout.shape(name)
             current = plan[name]
             extra = better.stream_bytes(shape) - current.stream_bytes(shape)
             if extra <= left and layout.file_bytes({**fixed, **plan, name: better}) <= budget:
-                if n_splits == 0:
+                if n_compared == 0:
                     plan[name] = better
                     switched = True
                     break
-                # after a split, a whole switch competes with the splits by what it saves
-                saving = (_estimated_error(estimates[name], current)
-                          - _estimated_error(estimates[name], better))
-                if saving > best_saving:
-                    best, best_saving = (name, better), saving
-                n_splits += 1
-                if n_splits == SPLITS_COMPARED:
-                    break
-                continue
-            if name not in heavier:
-                heavier[name] = _heavier_first_half(calibrations.get(name))
-            split = _split_to_fill(layout, {**fixed, **plan}, name, better, budget,
-                                   heavier[name], left)[name]
-            if split == current:
-                continue
-            rows = split.rows if split.first == better else shape[0] - split.rows
-            saving = rows / shape[0] * (_estimated_error(estimates[name], current)
-                                        - _estimated_error(estimates[name], better))
+                move, share = better, 1.0  # after a split: compared with the splits
+            else:
+                if name not in heavier:
+                    heavier[name] = _heavier_first_half(calibrations.get(name))
+                move = _split_to_fill(layout, {**fixed, **plan}, name, better, budget,
+                                      heavier[name], left)[name]
+                if move == current:
+                    continue
+                share = (move.rows if move.first == better else shape[0] - move.rows) / shape[0]
+            saving = share * (_estimated_error(estimates[name], current)
+                              - _estimated_error(estimates[name], better))
             if saving > best_saving:
-                best, best_saving = (name, split), saving
-            n_splits += 1
-            if n_splits == SPLITS_COMPARED:
+                best, best_saving = (name, move), saving
+            n_compared += 1
+            if n_compared == SPLITS_COMPARED:
                 break
         if switched:
             continue
