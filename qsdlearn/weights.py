@@ -2183,9 +2183,8 @@ def _split_to_fill(layout, plan, name, better, budget, better_first=False, left=
     return {**plan, name: split(low)}
 
 
-#: Moves that fit (splits, and whole switches after the first split) which
-#: :func:`_fill_budget` compares (in the order of their error decrease per byte) before it
-#: keeps the one that lowers the estimated error most.
+#: Splits that fit which :func:`_fill_budget` compares (in the order of the moves' error
+#: decrease per byte) before it keeps the one that lowers the estimated error most.
 SPLITS_COMPARED = 8
 
 
@@ -2194,48 +2193,42 @@ def _fill_budget(layout, fixed, plan, estimates, budget, calibrations, heavier):
     :func:`~qsdlearn._allocation.next_steps`, in their order: a tensor switched whole to a
     more precise setting when that fits (then the moves are tried again on what is left);
     otherwise a split of a tensor's output rows (:func:`_split_to_fill`). Of the first
-    :data:`SPLITS_COMPARED` moves that fit after the first split (whole switches among them),
-    the one that lowers the estimated error most is kept; a split ends the fill, a whole
-    switch goes on with what is left. A split's new codebook may take most of what is left,
-    so the move that saves most per byte need not save most. Moves whose streams alone
-    exceed what is left are skipped without sizing the file. ``heavier`` caches
+    :data:`SPLITS_COMPARED` splits that fit, the one that lowers the estimated error most is
+    kept, and ends the fill: a split's new codebook may take most of what is left, so the
+    move that saves most per byte need not save most. Moves whose streams alone exceed what
+    is left are skipped without sizing the file. ``heavier`` caches
     :func:`_heavier_first_half` per tensor."""
     plan = dict(plan)
     while True:
         left = budget - layout.file_bytes({**fixed, **plan})
-        best, best_saving, n_compared, switched = None, 0.0, 0, False
+        best, best_saving, n_splits, switched = None, 0.0, 0, False
         for name, better in next_steps(estimates, plan):
             shape = layout.shape(name)
             current = plan[name]
             extra = better.stream_bytes(shape) - current.stream_bytes(shape)
-            if extra <= left and layout.file_bytes({**fixed, **plan, name: better}) <= budget:
-                if n_compared == 0:
-                    plan[name] = better
-                    switched = True
-                    break
-                move, share = better, 1.0  # after a split: compared with the splits
-            else:
-                if name not in heavier:
-                    heavier[name] = _heavier_first_half(calibrations.get(name))
-                move = _split_to_fill(layout, {**fixed, **plan}, name, better, budget,
-                                      heavier[name], left)[name]
-                if move == current:
-                    continue
-                share = (move.rows if move.first == better else shape[0] - move.rows) / shape[0]
-            saving = share * (_estimated_error(estimates[name], current)
-                              - _estimated_error(estimates[name], better))
+            if n_splits == 0 and extra <= left and \
+                    layout.file_bytes({**fixed, **plan, name: better}) <= budget:
+                plan[name] = better
+                switched = True
+                break
+            if name not in heavier:
+                heavier[name] = _heavier_first_half(calibrations.get(name))
+            split = _split_to_fill(layout, {**fixed, **plan}, name, better, budget,
+                                   heavier[name], left)[name]
+            if split == current:
+                continue
+            rows = split.rows if split.first == better else shape[0] - split.rows
+            saving = rows / shape[0] * (_estimated_error(estimates[name], current)
+                                        - _estimated_error(estimates[name], better))
             if saving > best_saving:
-                best, best_saving = (name, move), saving
-            n_compared += 1
-            if n_compared == SPLITS_COMPARED:
+                best, best_saving = (name, split), saving
+            n_splits += 1
+            if n_splits == SPLITS_COMPARED:
                 break
         if switched:
             continue
-        if best is None:
-            return plan
-        plan[best[0]] = best[1]
-        if not isinstance(best[1], RowSplit):  # a whole switch: fill what is left
-            continue
+        if best is not None:
+            plan[best[0]] = best[1]
         return plan
 
 
