@@ -2372,7 +2372,12 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
         plans = [allocate(estimates, budget - overhead, stop_when_blocked=stop)
                  for stop in (False, True)]
         if plans[0] is None:
-            raise _below_reach(bits_per_weight, layout.file_bytes({**fixed, **smallest}), layout)
+            # Only the margins are short: the smallest settings fit exactly, and the fill
+            # spends what they leave, sizing each move's file exactly.
+            least_bytes = layout.file_bytes({**fixed, **smallest})
+            if least_bytes > budget:
+                raise _below_reach(bits_per_weight, least_bytes, layout)
+            plans = [dict(smallest), dict(smallest)]
         excess = max(layout.file_bytes({**fixed, **plan}) for plan in plans) - budget
         if excess <= 0:
             if plans[1] == plans[0]:  # no step was blocked
