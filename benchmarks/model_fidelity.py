@@ -244,8 +244,9 @@ def operating_point_sensitivities(weights, compressed, calibration, model_error,
 
 def _compress(source, bits, calibration, jobs, seed, sensitivity=None):
     start = time.perf_counter()
+    damping = None if calibration is None else CALIBRATION_DAMPING
     model = compress_weights(source, bits_per_weight=bits, calibration=calibration,
-                             calibration_damping=CALIBRATION_DAMPING,
+                             calibration_damping=damping,
                              sensitivity=sensitivity, n_jobs=jobs, random_state=seed,
                              max_fit_rows=MAX_FIT_ROWS, verbose=False,
                              # not the library's defaults: large codebooks pay on the

@@ -55,18 +55,21 @@ def _check_output(args, file_only=False):
         raise ValueError(f"the folder of {args.output} does not exist; create it first")
 
 
-class _DuplicateKey(Exception):
-    """A JSON object names a key twice (``json`` would keep the last value silently)."""
+def _load_json(f):
+    """The JSON value of file ``f`` and the first key its top-level object names twice, or
+    None (``json`` would keep the last value silently)."""
+    repeats = []  # (object, key): objects are built innermost first
 
+    def hook(pairs):
+        result = {}
+        for key, value in pairs:
+            if key in result:
+                repeats.append((result, key))
+            result[key] = value
+        return result
 
-def _unique_keys(pairs):
-    """``object_pairs_hook`` of :func:`json.load` that refuses a repeated key."""
-    result = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
+    value = json.load(f, object_pairs_hook=hook)
+    return value, next((key for obj, key in repeats if obj is value), None)
 
 
 def _read_sensitivity(path):
@@ -75,12 +78,12 @@ def _read_sensitivity(path):
         return None
     try:
         with open(path, encoding="utf-8-sig") as f:  # with or without a byte-order mark
-            sensitivity = json.load(f, object_pairs_hook=_unique_keys)
+            sensitivity, repeated = _load_json(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"--sensitivity {path}: not a readable JSON file ({exc})") from None
-    except _DuplicateKey as exc:
-        raise ValueError(f"--sensitivity {path}: the name {exc.args[0]!r} is given more than "
-                         "once; give each tensor one sensitivity") from None
+    if repeated is not None:
+        raise ValueError(f"--sensitivity {path}: the name {repeated!r} is given more than "
+                         "once; give each tensor one sensitivity")
     if not isinstance(sensitivity, dict):
         raise ValueError(f"--sensitivity {path}: give a JSON object of tensor name to number, "
                          'e.g. {"layer.weight": 2.5}')
@@ -95,15 +98,13 @@ def _compress(args):
                          "--calibration FILE as well, or leave the damping out")
     _check_output(args, file_only=True)
     sensitivity = _read_sensitivity(args.sensitivity)
-    damping = {} if args.calibration_damping is None else {
-        "calibration_damping": args.calibration_damping}
     model = compress_weights(
         args.input,
         bits_per_weight=args.bits_per_weight,
         vector_size=args.vector_size,
         keep=args.keep,
         calibration=args.calibration,
-        **damping,
+        calibration_damping=args.calibration_damping,
         sensitivity=sensitivity,
         n_jobs=args.jobs,
         random_state=args.seed,
@@ -191,7 +192,15 @@ _BITS = _checked(float, lambda v: 0 < v < math.inf, "a positive number of bits")
 _SEED = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]")
 _SIZE = _checked(int, lambda v: v >= 1, "a positive integer")
 _JOBS = _checked(int, lambda v: v != 0, "a nonzero integer (-1: every core)")
-_DAMPING = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+
+
+def _max_damping():
+    from .weights import MAX_DAMPING
+
+    return MAX_DAMPING
+
+
+_DAMPING = _checked(float, lambda v: 0 <= v <= _max_damping(), "a number in [0, 1e12]")
 
 
 def build_parser():
@@ -263,15 +272,33 @@ def build_parser():
     return parser
 
 
+def _message(exc):
+    """The one line an error is reported with (a file's name before the reason, for OSError)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
 def main(argv=None):
-    """Entry point; returns the exit status (1 with a one-line message on bad input)."""
+    """Entry point; returns the exit status: 1 with a one-line message on bad input, 130 when
+    interrupted (Ctrl-C; no partial output is left). Warnings are printed as one line each."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except (ValueError, TypeError, OSError, ImportError) as exc:
-        print(f"qsdlearn {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    prefix = f"qsdlearn {args.command}"
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prefix}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            return args.handler(args)
+        except (ValueError, TypeError, OSError, ImportError) as exc:
+            print(f"{prefix}: error: {_message(exc)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"{prefix}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

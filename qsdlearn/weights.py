@@ -72,6 +72,8 @@ MIN_COMPRESSED_SIZE = 1024
 #: The largest ``calibration_damping``: beyond it the weight error is all the objective
 #: weighs in float64, and the damped Gram matrix could overflow.
 MAX_DAMPING = 1e12
+#: ``calibration_damping`` when calibration is given without it.
+DEFAULT_DAMPING = 0.1
 #: Bytes the planner sets aside, before it allocates the budget, for a layer's entry in the
 #: header to grow from that of its smallest candidate to that of the chosen one (the digits
 #: and nulls of the stored setting), and for the file (the digits of the payload's size, the
@@ -1744,7 +1746,7 @@ def _progress(results, names, enabled):
         "candidates": [list, None],
         "keep": [list, tuple, None],
         "calibration": [Mapping, str, os.PathLike, None],
-        "calibration_damping": [Interval(Real, 0, MAX_DAMPING, closed="both")],
+        "calibration_damping": [Interval(Real, 0, MAX_DAMPING, closed="both"), None],
         "sensitivity": [Mapping, None],
         "n_jobs": [Integral, None],
         "random_state": ["random_state"],
@@ -1763,7 +1765,7 @@ def compress_weights(
     candidates=None,
     keep=None,
     calibration=None,
-    calibration_damping=0.1,
+    calibration_damping=None,
     sensitivity=None,
     n_jobs=None,
     random_state=None,
@@ -1818,7 +1820,7 @@ def compress_weights(
         then minimises the sum over tensors of the *relative* error (output error over output
         energy for calibrated tensors, weight error over ``||W||^2`` for the others), and the
         report gives every calibrated tensor's output SQNR.
-    calibration_damping : float, default=0.1
+    calibration_damping : float, optional
         The objective of a tensor with a Gram matrix ``H`` is the output error in
         ``H + calibration_damping * mean(diag H) * I``: the output error on the calibration
         inputs plus this fraction of their mean energy per input times the weight error.
@@ -1827,8 +1829,8 @@ def compress_weights(
         along the others, which held-out inputs meet. 0 fits the calibration data alone. The
         report's output SQNR is measured with ``H`` itself. (GPTQ damps ``H`` by 0.01 of its
         mean diagonal before inverting it, which the error feedback does on top of this.) At
-        most 1e12 (the weight error alone). No effect on tensors calibrated by row weights
-        or not calibrated.
+        most 1e12 (the weight error alone). Given only with ``calibration``; left out, 0.1.
+        No effect on tensors calibrated by row weights or not calibrated.
         Measured on all-MiniLM-L6-v2 at 2 bits per weight: see ``benchmarks/README.md``.
     sensitivity : mapping of str to float, optional
         Per-tensor weights of the errors a ``bits_per_weight`` budget trades: each tensor's
@@ -1876,7 +1878,8 @@ def compress_weights(
         not finite (or given without ``bits_per_weight``), ``bits_per_weight`` is below what
         the candidates reach, a file cannot be read, or a calibration entry names no tensor
         or does not fit its tensor (shape, symmetry, positive semi-definiteness, negative
-        weights), or ``calibration_damping`` is outside [0, 1e12] or a bool.
+        weights), or ``calibration_damping`` is outside [0, 1e12], a bool or given without
+        ``calibration``.
     TypeError
         If a tensor name is not a string, a dtype is not supported, or ``bits_per_weight`` is
         a bool.
@@ -1921,6 +1924,9 @@ def compress_weights(
     if isinstance(calibration_damping, (bool, np.bool_)):
         raise ValueError(f"calibration_damping must be a number in [0, {MAX_DAMPING:g}], got "
                          f"{calibration_damping!r}")
+    if calibration_damping is not None and calibration is None:
+        raise ValueError("calibration_damping applies to data-aware compression: give "
+                         "calibration as well, or leave calibration_damping out")
     if isinstance(bits_per_weight, (bool, np.bool_)):  # a Real to the parameter check
         raise TypeError(f"bits_per_weight must be a positive number of bits, got "
                         f"{bits_per_weight!r}")
@@ -1970,8 +1976,9 @@ def compress_weights(
                     "e.g. LayerSetting(8, Constraints(256, n_nonzero=2, code_bits=2, "
                     "codebook_bits=8))"
                 )
-    calibrations = _open_calibration(calibration, checkpoint, tied, compressible,
-                                     calibration_damping)
+    calibrations = _open_calibration(
+        calibration, checkpoint, tied, compressible,
+        DEFAULT_DAMPING if calibration_damping is None else calibration_damping)
     sensitivity = _check_sensitivity(sensitivity, compressible, tied, fixed, bits_per_weight)
     for name, setting in fixed.items():
         if setting.row_scales and name in calibrations and \

@@ -108,6 +108,12 @@ def test_damping_keeps_held_out_outputs_where_calibration_spans_few_directions()
     assert errors[0.1] < 0.75 * errors[0.0]  # 0.56 to 0.62 over seeds 0 to 3
 
 
+def test_a_damping_without_calibration_is_refused():
+    with pytest.raises(ValueError, match="give calibration as well"):
+        compress_weights({"w": np.ones((128, 64), dtype=np.float32)}, settings=VQ4,
+                         calibration_damping=0.5)
+
+
 @pytest.mark.parametrize("damping", [-0.1, float("nan"), float("inf")])
 def test_bad_damping_is_refused(damping, capsys, tmp_path):
     weights = {"w": np.ones((128, 64), dtype=np.float32)}

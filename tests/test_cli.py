@@ -102,6 +102,8 @@ def test_cli_errors_are_one_line_messages(argv, message, capsys, tmp_path, monke
     (["compress", "a.npz", "b.qsd", "--bits-per-weight", "2", "--jobs", "0"], "--jobs"),
     (["compress", "a.npz", "b.qsd", "--bits-per-weight", "2", "--calibration-damping", "-1"],
      "--calibration-damping"),
+    (["compress", "a.npz", "b.qsd", "--bits-per-weight", "2", "--calibration-damping", "1e13"],
+     "--calibration-damping"),
     (["demo", "--seed", "-1"], "--seed"),
 ])
 def test_cli_numbers_are_checked_against_the_option_typed(argv, option, capsys):
@@ -310,6 +312,7 @@ def test_decompress_into_a_sharded_folder_again_leaves_no_stale_shards(compresse
     ('{"layers.0.weight": -2}', "finite value >= 0"),
     ('{"layers.0.weight": 1' + "0" * 400 + "}", "finite value >= 0"),  # overflows a float
     ('{"layers.0.weight": 1, "layers.0.weight": 2}', "'layers.0.weight' is given more than once"),
+    ('{"layers.0.weight": {"x": 1, "x": 2}}', "sensitivity['layers.0.weight'] is a dict"),
 ])
 def test_cli_checks_the_sensitivity_file_before_compressing(content, message, tmp_path, capsys):
     source = tmp_path / "model.safetensors"
@@ -346,3 +349,28 @@ def test_cli_refuses_a_calibration_damping_without_calibration(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "give --calibration FILE as well" in err and len(err.strip().splitlines()) == 1
     assert not output.exists()
+
+
+def test_cli_prints_warnings_on_one_line_with_the_command(tmp_path, capsys):
+    source = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(checkpoint_weights(), str(source))
+    assert main(["compress", str(source), str(tmp_path / "out.qsd"), "--bits-per-weight", "16",
+                 "--keep", "*.nothing"]) == 0
+    err = capsys.readouterr().err
+    assert "qsdlearn compress: warning: keep pattern '*.nothing' matches no tensor\n" in err
+    assert "UserWarning" not in err
+
+
+def test_cli_interrupted_exits_130_without_a_traceback_or_output(tmp_path, capsys, monkeypatch):
+    import qsdlearn.weights
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qsdlearn.weights, "compress_weights", interrupted)
+    source = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(checkpoint_weights(), str(source))
+    assert main(["compress", str(source), str(tmp_path / "out.qsd"),
+                 "--bits-per-weight", "16"]) == 130
+    assert capsys.readouterr().err == "qsdlearn compress: interrupted\n"
+    assert not (tmp_path / "out.qsd").exists()
