@@ -591,6 +591,30 @@ def test_estimates_lie_between_held_out_and_fitted_errors():
     assert _between(held_out, 0.0) == held_out and _between(0.0, fitted) == 0.0
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_held_out_errors_count_the_heaviest_rows_once_and_scale_the_others(weighted):
+    from qsdlearn.weights import (ESTIMATE_HEAVIEST_ROWS, _heaviest_rows, _held_out_error,
+                                  _held_out_split)
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((5000, 8)).astype(np.float32)
+    outliers = rng.choice(5000, 20, replace=False)
+    X[outliers] *= 100  # a uniform sample of 1,024 rows holds about 4 of them
+    weights = rng.uniform(0.5, 2.0, 5000) if weighted else None
+    split = _held_out_split(5000, 1024, seed=0)
+    est = FAST.estimator(random_state=0, max_iter=3).fit(X[split[0]])
+    errors = np.sum((X.astype(np.float64) - est.encode(X).decode()) ** 2, axis=1)
+    if weighted:
+        errors = errors * weights
+    heavy = _heaviest_rows(X, split, weights)
+    assert heavy.size == ESTIMATE_HEAVIEST_ROWS
+    assert set(np.setdiff1d(outliers, split[0])) <= set(heavy)
+    assert not set(heavy) & set(split[0])
+    others = np.setdiff1d(split[1], heavy)
+    expected = errors[heavy].sum() + errors[others].sum() * (5000 - heavy.size) / others.size
+    assert _held_out_error(est, X, split, weights) == pytest.approx(expected, rel=1e-9)
+
+
 @pytest.mark.slow
 def test_sparse_weights_get_the_large_codebooks_their_final_fits_favour():
     """5 % of a 256 x 256 matrix's weights nonzero: a codebook of 256 fitted on 2,048 of its
