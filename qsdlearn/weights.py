@@ -1592,7 +1592,7 @@ def _held_out_split(n_rows, fit_rows, seed, shared=None):
 def _heaviest_rows(X, split, weights=None):
     """The :data:`ESTIMATE_HEAVIEST_ROWS` rows of ``X`` of largest squared norm (times
     ``weights``, all rows', when given) that ``split`` does not fit."""
-    energy = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    energy = np.einsum("ij,ij->i", X, X).astype(np.float64)  # in X's dtype: no copy of X
     if weights is not None:
         energy = energy * weights
     energy[split[0]] = -1.0
