@@ -22,14 +22,15 @@ def _demo(args):
 
 def _input_files(path):
     """The files an input path stands for: itself, and for a sharded checkpoint (a folder or
-    its ``.json`` index) every file of its folder."""
+    its ``.json`` index) the ``.safetensors`` and ``.json`` files of its folder."""
     path = os.path.abspath(path)
     folder = path if os.path.isdir(path) else None
     if path.endswith(".json"):
         folder = os.path.dirname(path)
     files = [path]
     if folder is not None and os.path.isdir(folder):
-        files += [os.path.join(folder, name) for name in os.listdir(folder)]
+        files += [os.path.join(folder, name) for name in os.listdir(folder)
+                  if name.endswith((".safetensors", ".json"))]
     return files
 
 
@@ -121,8 +122,8 @@ def _decompress(args):
     from ._io import load
     from .weights import CompressedModel
 
-    _check_output(args)
-    model = load(args.input)
+    _check_output(args, file_only=args.shard_size is None)
+    model = _load_named(load, args.input)
     if not isinstance(model, CompressedModel):
         raise ValueError(f"{args.input} holds a single matrix, not a compressed model")
     sizes = {
@@ -138,6 +139,14 @@ def _decompress(args):
     where = args.output if len(files) == 1 else f"{len(files) - 1} shards and an index in {args.output}"
     print(f"wrote {len(sizes)} tensors to {where}")
     return 0
+
+
+def _load_named(load, path):
+    """``load(path)``, its ValueError naming the file first."""
+    try:
+        return load(path)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def _parse_size(text):
@@ -163,7 +172,7 @@ def _info(args):
     from ._io import load
     from .weights import CompressedModel
 
-    obj = load(args.file)
+    obj = _load_named(load, args.file)
     if isinstance(obj, CompressedModel):
         print(obj.report_table())
     else:

@@ -2369,10 +2369,11 @@ def _check_candidates(candidates, bits_per_weight):
 def _below_reach(bits_per_weight, least_bytes, layout, reach="the candidates can reach",
                  advice="raise it or add cheaper candidates"):
     """The ValueError of a budget under the smallest file, ``least_bytes``, that ``reach``
-    allows."""
+    allows; the least is rounded up, so that a budget of the figure quoted is met."""
+    least = math.ceil(8000 * least_bytes / layout.n_weights) / 1000
     return ValueError(
         f"bits_per_weight={bits_per_weight} is below what {reach} "
-        f"({8 * least_bytes / layout.n_weights:.3f} bits/weight at the least); {advice}")
+        f"({least:.3f} bits/weight at the least); {advice}")
 
 
 def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_threads,

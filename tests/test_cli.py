@@ -374,3 +374,28 @@ def test_cli_interrupted_exits_130_without_a_traceback_or_output(tmp_path, capsy
                  "--bits-per-weight", "16"]) == 130
     assert capsys.readouterr().err == "qsdlearn compress: interrupted\n"
     assert not (tmp_path / "out.qsd").exists()
+
+
+def test_cli_names_the_file_it_cannot_read_and_writes_no_file_onto_a_folder(
+        compressed_file, tmp_path, capsys):
+    junk = tmp_path / "junk.qsd"
+    junk.write_bytes(compressed_file.read_bytes()[:100])  # truncated
+    assert main(["info", str(junk)]) == 1
+    assert capsys.readouterr().err.startswith(f"qsdlearn info: error: {junk}: damaged file")
+    assert main(["decompress", str(compressed_file), str(tmp_path)]) == 1
+    assert "it is a directory" in capsys.readouterr().err
+
+
+def test_cli_may_write_next_to_an_input_folder_s_other_files(tmp_path, capsys):
+    """Only a sharded checkpoint's .safetensors and .json files are its inputs."""
+    safetensors_numpy.save_file(checkpoint_weights(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "notes.qsd").write_bytes(b"mine")
+    assert main(["compress", str(tmp_path), str(tmp_path / "notes.qsd"), "--bits-per-weight",
+                 "16"]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path), str(tmp_path / "out.qsd"), "--bits-per-weight",
+                 "16"]) == 0
+    capsys.readouterr()
+    assert main(["compress", str(tmp_path), str(tmp_path / "model.safetensors"),
+                 "--bits-per-weight", "16", "--force"]) == 1  # the shard stays an input
+    assert "is the input; write the output elsewhere" in capsys.readouterr().err
