@@ -104,9 +104,10 @@ ESTIMATE_MAX_ITER = 8
 #: rows fitted (optimistic). The final fit's error lies between, the gap widest for large
 #: codebooks on few rows and heavy-tailed data. Measured over the default candidates (final
 #: fits of 50 iterations against the estimates of one seed), the spread of estimate minus
-#: final error in dB, held-out alone / one third of the way: 4.15 / 2.25 on a 256 x 256
-#: matrix of 5 % nonzero Gaussian weights, 0.80 / 0.50 on rows scaled by 10**U(-2, 1),
-#: 0.51 / 0.27 on MiniLM's layer-0 query, 0.27 / 0.15 on Gaussian weights.
+#: final error in dB, held-out alone / one third of the way: 4.15 / 2.10 on a 256 x 256
+#: matrix of 5 % nonzero Gaussian weights, 0.80 / 0.52 on rows scaled by 10**U(-2, 1),
+#: 0.51 / 0.26 on MiniLM's layer-0 query, 0.27 / 0.15 on Gaussian weights (0.3 to 0.35 of
+#: the way do as well).
 ESTIMATE_TOWARDS_FITTED = 1 / 3
 #: A candidate whose codebook takes more than this share of its bytes on a tensor is not
 #: estimated there when a smaller candidate fits it (see :func:`_estimate_candidates`).
