@@ -1608,10 +1608,11 @@ def _held_out_error(est, X, split, weights=None):
     the other rows of ``X``."""
     heavy = _heaviest_rows(X, split, weights)
     others = np.setdiff1d(split[1], heavy, assume_unique=True)
-    measured = X[np.concatenate([heavy, others])]
+    rows = np.concatenate([heavy, others])
+    measured = X[rows]
     errors = np.sum((measured.astype(np.float64) - est.encode(measured).decode()) ** 2, axis=1)
     if weights is not None:
-        errors = errors * weights[np.concatenate([heavy, others])]
+        errors = errors * weights[rows]
     rest = X.shape[0] - heavy.shape[0]
     return float(errors[:heavy.shape[0]].sum() + errors[heavy.shape[0]:].sum() * rest
                  / max(others.shape[0], 1))

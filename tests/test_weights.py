@@ -108,17 +108,22 @@ def test_unreachable_target_is_reported():
         compress_weights(small_model(), bits_per_weight=0.5, candidates=QUICK, random_state=0)
 
 
+def _check_the_quoted_least_is_met(weights, refused_bits, max_iter):
+    """Ask for ``refused_bits``, read the least the refusal quotes, and compress at it."""
+    with pytest.raises(ValueError, match="below what the candidates can reach") as refused:
+        compress_weights(weights, bits_per_weight=refused_bits, candidates=QUICK, random_state=0)
+    least = float(re.search(r"\(([0-9.]+) bits/weight at the least\)", str(refused.value))[1])
+    compressed = compress_weights(weights, bits_per_weight=least, candidates=QUICK,
+                                  random_state=0, max_iter=max_iter)
+    assert compressed.bits_per_weight <= least
+
+
 def test_a_target_just_above_the_stated_least_is_met():
     # The planner sets aside margins for the header; a target between the least file and
     # the least file plus those margins used to be refused, quoting a smaller least.
     rng = np.random.default_rng(0)
     weights = {"a": rng.standard_normal((32, 40)), "b": rng.standard_normal((16, 64))}
-    with pytest.raises(ValueError, match="below what the candidates can reach") as refused:
-        compress_weights(weights, bits_per_weight=1.0, candidates=QUICK, random_state=0)
-    least = float(re.search(r"\(([0-9.]+) bits/weight at the least\)", str(refused.value))[1])
-    compressed = compress_weights(weights, bits_per_weight=least, candidates=QUICK,
-                                  random_state=0, max_iter=5)
-    assert compressed.bits_per_weight <= least
+    _check_the_quoted_least_is_met(weights, 1.0, max_iter=5)
 
 
 @pytest.mark.parametrize("shape", [(16, 64), (64, 64), (128, 128), (24, 72)])
@@ -126,12 +131,7 @@ def test_the_least_quoted_by_a_refusal_is_met(shape):
     """The least is rounded up: rounded to the nearest thousandth, 4.312 was quoted for a
     16 x 64 tensor and refused."""
     weights = {"w": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
-    with pytest.raises(ValueError, match="below what the candidates can reach") as refused:
-        compress_weights(weights, bits_per_weight=0.1, candidates=QUICK, random_state=0)
-    least = float(re.search(r"\(([0-9.]+) bits/weight at the least\)", str(refused.value))[1])
-    compressed = compress_weights(weights, bits_per_weight=least, candidates=QUICK,
-                                  random_state=0, max_iter=2)
-    assert compressed.bits_per_weight <= least
+    _check_the_quoted_least_is_met(weights, 0.1, max_iter=2)
 
 
 def test_decompress_restores_names_shapes_and_dtypes(tmp_path):
