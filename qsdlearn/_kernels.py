@@ -542,12 +542,12 @@ def _least_squares_codes(idx, val, n_given, n_slots, p, G, xx, max_swaps, work):
 
 
 @njit()
-def _greedy_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, c, used, first=-1):
+def _greedy_slots(idx, val, n_slots, dense, p, G, nbits, c, used, diag, savings, first=-1):
     """Cold start: fill the slots one at a time with the best (position, value) pair (codes
     on a level set, and dense codes; sparse float codes use :func:`_ols_fill`).
 
     ``first >= 0`` puts the first slot at that position instead (a start of the multi-start
-    search)."""
+    search). ``diag`` holds the ``G_jj``; ``savings`` is scratch of ``k`` floats."""
     k = p.shape[0]
     for t in range(k):
         c[t] = p[t]
@@ -555,27 +555,24 @@ def _greedy_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, c, used, first=-
     for a in range(n_slots):
         if dense:
             best_j = a
-            best_q, _ = _best_value(c[a], G[a, a], nbits)
         elif a == 0 and first >= 0:
             best_j = first
-            best_q, _ = _best_value(c[first], G[first, first], nbits)
         else:
+            # every position's saving in a loop that vectorises, then the first largest of
+            # the free ones (the choice of a scan pruned by c_j**2 / G_jj, at a fraction of
+            # its cost: that scan's branches are hard to predict)
+            _single_slot_savings(c, diag, nbits, savings)
             best_j = -1
-            best_q = 0.0
             best_saving = -np.inf
             for j in range(k):
-                # c_j**2 / G_jj bounds what position j can save (pruning; ties keep the first)
-                if used[j] or c[j] * c[j] * inv_g[j] <= best_saving:
-                    continue
-                q, saving = _best_value(c[j], G[j, j], nbits)
-                if saving > best_saving:
-                    best_saving, best_j, best_q = saving, j, q
+                if savings[j] > best_saving and not used[j]:
+                    best_saving, best_j = savings[j], j
             if best_j < 0:  # defensive (non-finite input, excluded by validation): stay in bounds
                 for j in range(k):
                     if not used[j]:
                         best_j = j
-                        best_q, best_saving = _best_value(c[j], G[j, j], nbits)
                         break
+        best_q, _ = _best_value(c[best_j], G[best_j, best_j], nbits)
         used[best_j] = True
         idx[a] = best_j
         val[a] = best_q
@@ -719,7 +716,7 @@ def _descend_from(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, max_
             n_given = 1
         return _least_squares_codes(idx, val, n_given, n_slots, p, G, xx, n_slots * max_sweeps,
                                     work)
-    _greedy_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, c, used, first)
+    _greedy_slots(idx, val, n_slots, dense, p, G, nbits, c, used, diag, z, first)
     _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, _row_tolerance(xx),
                   c, used, 1)
     return _row_error(idx, val, n_slots, p, G, xx)
