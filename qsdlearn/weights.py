@@ -2036,12 +2036,12 @@ def compress_weights(
                 "combine with: give a setting without row scales, or row weights")
     layout = _Layout(checkpoint, tied, kept)
     free = [name for name in compressible if name not in fixed]
+    why_unspent = None
     if free and bits_per_weight is not None:
-        fixed.update(
-            _plan(layout, free, fixed, bits_per_weight,
-                  candidates or default_candidates(vector_size), base, n_jobs, n_threads,
-                  calibrations, sensitivity)
-        )
+        plan, why_unspent = _plan(layout, free, fixed, bits_per_weight,
+                                  candidates or default_candidates(vector_size), base, n_jobs,
+                                  n_threads, calibrations, sensitivity)
+        fixed.update(plan)
     else:
         fixed.update({name: LayerSetting(vector_size=vector_size) for name in free})
         if bits_per_weight is not None:  # nothing to plan: the file's size is already known
@@ -2062,7 +2062,10 @@ def compress_weights(
         for name in compressible
     )
     fitted = dict(zip(compressible, _progress(parallel(jobs), compressible, verbose)))
-    return layout.model({**kept, **fitted})
+    model = layout.model({**kept, **fitted})
+    if why_unspent is not None:  # the size of the file itself, not the plan's
+        _warn_if_unspent(why_unspent, bits_per_weight, model.bits_per_weight)
+    return model
 
 
 def _check_sensitivity(sensitivity, compressible, tied, fixed, bits_per_weight):
@@ -2306,30 +2309,36 @@ def _plan_error(plan, estimates, layout):
     return total
 
 
-def _warn_if_unspent(layout, fixed, plan, estimates, bits_per_weight):
-    """Warn when a plan's file would take more than 0.05 bits per weight less than the target,
-    saying why: every tensor at its most precise candidate, or a budget left over that no
-    move fits in."""
-    used = 8 * layout.file_bytes({**fixed, **plan}) / layout.n_weights
-    if used >= bits_per_weight - 0.05:
-        return
+def _why_unspent(plan, estimates, layout):
+    """Why a plan may leave budget unspent, as the warning :func:`_warn_if_unspent` gives:
+    ``"most precise"`` (every tensor at its most precise candidate), ``None`` (the same,
+    with an estimated error of zero: nothing to spend more on) or ``"left over"``."""
     at_most_precise = all(
         not isinstance(setting, RowSplit)
         and _estimated_error(estimates[name], setting) == min(e for _, e, _ in estimates[name])
         for name, setting in plan.items())
-    if at_most_precise:
-        if _plan_error(plan, estimates, layout) > 0:
-            warnings.warn(
-                f"bits_per_weight={bits_per_weight:g} is more than the candidates can use: the "
-                f"file takes about {used:.3f} bits/weight with every tensor at its most precise "
-                "candidate; add finer candidates to spend more", UserWarning, stacklevel=5)
+    if not at_most_precise:
+        return "left over"
+    return "most precise" if _plan_error(plan, estimates, layout) > 0 else None
+
+
+def _warn_if_unspent(why, bits_per_weight, used):
+    """Warn when the file takes ``used`` bits per weight, more than 0.05 less than the target,
+    saying why (:func:`_why_unspent`)."""
+    if why is None or used >= bits_per_weight - 0.05:
+        return
+    if why == "most precise":
+        warnings.warn(
+            f"bits_per_weight={bits_per_weight:g} is more than the candidates can use: the "
+            f"file takes {used:.3f} bits/weight with every tensor at its most precise "
+            "candidate; add finer candidates to spend more", UserWarning, stacklevel=4)
         return
     warnings.warn(
-        f"bits_per_weight={bits_per_weight:g}: the file takes about {used:.3f} bits/weight; "
-        "what is left is too small for any tensor's more precise candidate settings, whole "
-        "or on a share of its output rows (a split adds the setting's codebook and moves "
-        "whole rows); add candidates between them (e.g. smaller codebooks) to spend it",
-        UserWarning, stacklevel=5)
+        f"bits_per_weight={bits_per_weight:g}: the file takes {used:.3f} bits/weight; what is "
+        "left is too small for any tensor's more precise candidate settings, whole or on a "
+        "share of its output rows (a split adds the setting's codebook and moves whole rows); "
+        "add candidates between them (e.g. smaller codebooks) to spend it",
+        UserWarning, stacklevel=4)
 
 
 def _heavier_first_half(calibration):
@@ -2380,6 +2389,8 @@ def _below_reach(bits_per_weight, least_bytes, layout, reach="the candidates can
 
 def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_threads,
           calibrations, sensitivity=None):
+    """The settings of the ``free`` tensors at ``bits_per_weight`` for the whole file, and why
+    it may fall short of it (:func:`_why_unspent`)."""
     budget = _budget_bytes(bits_per_weight, layout)
     # Feasibility needs no fitting: the sizes are known from the settings alone.
     smallest = {}
@@ -2440,7 +2451,6 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
                 plans = plans[:1]
             plan = min((fill(plan) for plan in plans),
                        key=lambda plan: _plan_error(plan, estimates, layout))
-            _warn_if_unspent(layout, fixed, plan, estimates, bits_per_weight)
-            return plan
+            return plan, _why_unspent(plan, estimates, layout)
         overhead += excess
     raise ValueError(f"could not meet bits_per_weight={bits_per_weight}")  # pragma: no cover
