@@ -291,23 +291,24 @@ def _message(exc):
 def main(argv=None):
     """Entry point; returns the exit status: 1 with a one-line message on bad input, 130 when
     interrupted (Ctrl-C; no partial output is left). Warnings are printed as one line each."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    prefix = f"qsdlearn {args.command}"
+    prefix = "qsdlearn"
 
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"{prefix}: warning: {message}", file=sys.stderr)
 
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        try:
-            return args.handler(args)
-        except (ValueError, TypeError, OSError, ImportError) as exc:
-            print(f"{prefix}: error: {_message(exc)}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(f"{prefix}: interrupted", file=sys.stderr)
-            return 130
+    try:  # parsing too: a number option may import the library (e.g. --calibration-damping)
+        args = build_parser().parse_args(argv)
+        prefix = f"qsdlearn {args.command}"
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            try:
+                return args.handler(args)
+            except (ValueError, TypeError, OSError, ImportError) as exc:
+                print(f"{prefix}: error: {_message(exc)}", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
