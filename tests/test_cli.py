@@ -266,7 +266,8 @@ def test_a_damaged_npz_member_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.parametrize(
     "vocab, message",
     [(np.array(["hello", "world"]), "tensor 'vocab' has dtype <U5"),
-     (np.ones((8, 8), np.complex128), "tensor 'vocab' has dtype complex128")],
+     (np.ones((8, 8), np.complex128), "tensor 'vocab' has dtype complex128"),
+     (np.full((64, 64), 1e300), "tensor 'vocab' in ")],  # holds values up to 1e+300 ...
 )
 def test_cli_rejects_unusable_tensors_in_one_line(vocab, message, tmp_path, capsys):
     np.savez(tmp_path / "w.npz", w=np.ones((64, 64), np.float32), vocab=vocab)
