@@ -1,6 +1,7 @@
 """The ``qsdlearn`` command."""
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -32,6 +33,15 @@ def _input_files(path):
         files += [os.path.join(folder, name) for name in os.listdir(folder)
                   if name.endswith((".safetensors", ".json"))]
     return files
+
+
+def _check_inputs_exist(args):
+    """Refuse a missing input (the weights, the ``--calibration`` file) in the words of the
+    other file errors, ``FILE: No such file or directory`` (the library's ValueError reads
+    ``no such file: FILE``)."""
+    for path in (args.input, args.calibration):
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
 
 
 def _check_output(args, file_only=False):
@@ -97,6 +107,7 @@ def _compress(args):
     if args.calibration_damping is not None and args.calibration is None:
         raise ValueError("--calibration-damping applies to data-aware compression: give "
                          "--calibration FILE as well, or leave the damping out")
+    _check_inputs_exist(args)
     _check_output(args, file_only=True)
     sensitivity = _read_sensitivity(args.sensitivity)
     model = compress_weights(

@@ -88,12 +88,19 @@ def test_cli_compress_info_decompress_round_trip(tmp_path, capsys):
     "argv, message",
     [
         (["info", "missing.qsd"], "No such file"),
-        (["compress", "missing.npz", "out.qsd", "--bits-per-weight", "2"], "no such file"),
+        (["compress", "missing.npz", "out.qsd", "--bits-per-weight", "2"],
+         "qsdlearn compress: error: missing.npz: No such file or directory\n"),
+        (["compress", "missing", "out.qsd", "--bits-per-weight", "2"],  # a folder of shards
+         "qsdlearn compress: error: missing: No such file or directory\n"),
+        (["compress", "w.npz", "out.qsd", "--bits-per-weight", "2", "--calibration",
+          "missing.npz"], "qsdlearn compress: error: missing.npz: No such file or directory\n"),
         (["decompress", "missing.qsd", "out.npz"], "No such file"),
     ],
 )
 def test_cli_errors_are_one_line_messages(argv, message, capsys, tmp_path, monkeypatch):
+    """A missing file reads ``FILE: reason``, as the operating system's errors do."""
     monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "w.npz", w=np.ones((64, 64), np.float32))
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
