@@ -1,14 +1,37 @@
-"""qsdlearn: sparse, quantized matrix factorizations ``X ~ Z C``, scikit-learn style."""
+"""qsdlearn: sparse, quantized matrix factorizations ``X ~ Z C``, scikit-learn style.
 
-from ._constraints import Constraints
-from ._estimator import QuantizedSparseDecomposition
-from ._io import load, save
-from .calibration import GramAccumulator, metric_blocks
-from .codec import CompressedMatrix
-from .metrics import sqnr
-from .weights import CompressedModel, LayerSetting, compress_weights
+The public names below are imported on first use (PEP 562), so that ``import qsdlearn`` and
+the ``qsdlearn`` command start without loading numba, SciPy and scikit-learn.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0.dev0"
+
+#: Public name -> the submodule that defines it.
+_LAZY = {
+    "Constraints": "._constraints",
+    "QuantizedSparseDecomposition": "._estimator",
+    "load": "._io",
+    "save": "._io",
+    "GramAccumulator": ".calibration",
+    "metric_blocks": ".calibration",
+    "CompressedMatrix": ".codec",
+    "sqnr": ".metrics",
+    "CompressedModel": ".weights",
+    "LayerSetting": ".weights",
+    "compress_weights": ".weights",
+}
+
+if TYPE_CHECKING:  # what static analysers see; at run time, __getattr__ below
+    from ._constraints import Constraints
+    from ._estimator import QuantizedSparseDecomposition
+    from ._io import load, save
+    from .calibration import GramAccumulator, metric_blocks
+    from .codec import CompressedMatrix
+    from .metrics import sqnr
+    from .weights import CompressedModel, LayerSetting, compress_weights
 
 __all__ = [
     "CompressedMatrix",
@@ -24,3 +47,22 @@ __all__ = [
     "sqnr",
     "__version__",
 ]
+
+
+def __getattr__(name):
+    """A public name or a submodule (``qsdlearn.weights``), imported on first access."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later accesses skip this function
+        return value
+    if not name.startswith("__"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":  # a submodule's own import failed: show it
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

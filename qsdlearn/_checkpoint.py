@@ -101,12 +101,18 @@ class Checkpoint:
         Name to an object whose ``load()`` returns the tensor.
     source : str
         Where the tensors come from, for messages.
+
+    Attributes
+    ----------
+    largest : dict of str to float
+        The largest magnitude of each float tensor, set by :meth:`check`.
     """
 
     def __init__(self, infos, refs, source):
         self.infos = {info.name: info for info in infos}
         self.refs = dict(refs)
         self.source = source
+        self.largest = {}
 
     @property
     def names(self):
@@ -122,7 +128,8 @@ class Checkpoint:
         return self.ref(name).load()
 
     def check(self):
-        """Read every tensor once, one at a time: reject NaN and infinity, naming the tensor.
+        """Read every tensor once, one at a time: reject NaN and infinity, naming the tensor,
+        and note the largest magnitude of each float tensor in :attr:`largest`.
 
         Returns
         -------
@@ -137,11 +144,25 @@ class Checkpoint:
                 raise ValueError(f"tensor {name!r} in {self.source} does not match its header")
             if is_float(array.dtype) and not np.isfinite(array).all():
                 raise ValueError(f"tensor {name!r} in {self.source} holds NaN or infinity")
+            if is_float(array.dtype):
+                self.largest[name] = _largest_magnitude(array)
             digest = hashlib.blake2b(f"{array.dtype.name}{array.shape}".encode(), digest_size=16)
             digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
             digests[name] = digest.digest()
             del array
         return digests
+
+
+def _largest_magnitude(array):
+    """The largest magnitude of a finite float array (0 when empty), without a float copy;
+    of a 16-bit float (float16, bfloat16) from its bits, which order the magnitudes once the
+    sign bit is cleared (NumPy's max over those dtypes is ten times slower than a hash)."""
+    if array.size == 0:
+        return 0.0
+    if array.dtype.itemsize == 2:
+        top = (array.view(np.uint16) & np.uint16(0x7FFF)).max()
+        return float(np.array(top, dtype=np.uint16).view(array.dtype))
+    return float(max(array.max(), -array.min()))
 
 
 def matching(name, patterns):

@@ -1,6 +1,7 @@
 """The ``qsdlearn`` command."""
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -32,6 +33,15 @@ def _input_files(path):
         files += [os.path.join(folder, name) for name in os.listdir(folder)
                   if name.endswith((".safetensors", ".json"))]
     return files
+
+
+def _check_inputs_exist(args):
+    """Refuse a missing input (the weights, the ``--calibration`` file) in the words of the
+    other file errors, ``FILE: No such file or directory`` (the library's ValueError reads
+    ``no such file: FILE``)."""
+    for path in (args.input, args.calibration):
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
 
 
 def _check_output(args, file_only=False):
@@ -97,6 +107,7 @@ def _compress(args):
     if args.calibration_damping is not None and args.calibration is None:
         raise ValueError("--calibration-damping applies to data-aware compression: give "
                          "--calibration FILE as well, or leave the damping out")
+    _check_inputs_exist(args)
     _check_output(args, file_only=True)
     sensitivity = _read_sensitivity(args.sensitivity)
     model = compress_weights(
@@ -291,23 +302,24 @@ def _message(exc):
 def main(argv=None):
     """Entry point; returns the exit status: 1 with a one-line message on bad input, 130 when
     interrupted (Ctrl-C; no partial output is left). Warnings are printed as one line each."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    prefix = f"qsdlearn {args.command}"
+    prefix = "qsdlearn"
 
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"{prefix}: warning: {message}", file=sys.stderr)
 
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        try:
-            return args.handler(args)
-        except (ValueError, TypeError, OSError, ImportError) as exc:
-            print(f"{prefix}: error: {_message(exc)}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(f"{prefix}: interrupted", file=sys.stderr)
-            return 130
+    try:  # parsing too: a number option may import the library (e.g. --calibration-damping)
+        args = build_parser().parse_args(argv)
+        prefix = f"qsdlearn {args.command}"
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            try:
+                return args.handler(args)
+            except (ValueError, TypeError, OSError, ImportError) as exc:
+                print(f"{prefix}: error: {_message(exc)}", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ Dtypes
 ------
 float16, bfloat16, float32 and float64 tensors are fitted and decoded in float32, then cast
 back to their own dtype; integers and booleans are kept verbatim; any other dtype is refused
-before anything is fitted (:mod:`qsdlearn._dtypes`).
+before anything is fitted (:mod:`qsdlearn._dtypes`), and so is a tensor to compress that holds
+a magnitude of :data:`MAX_MAGNITUDE` (2**64) or more.
 
 Tied tensors
 ------------
@@ -32,6 +33,7 @@ header, every stream's rounding to bytes and every kept tensor included. The bud
 by :func:`qsdlearn._allocation.allocate`.
 """
 
+import glob
 import json
 import math
 import os
@@ -69,6 +71,11 @@ __all__ = ["CompressedModel", "LayerSetting", "compress_weights", "default_candi
            "output_row_scales", "read_weights"]
 
 MIN_COMPRESSED_SIZE = 1024
+#: Tensors to compress must hold magnitudes below this (about 1.8e19): they are fitted and
+#: decoded in float32, where the product of two such values, and a sum of fewer than 2**64
+#: of them, stay finite (at the top of float32's range the fitted factors and their products
+#: overflow; the kernels themselves work on data divided by a power of two).
+MAX_MAGNITUDE = 2.0**64
 #: The largest ``calibration_damping``: beyond it the weight error is all the objective
 #: weighs in float64, and the damped Gram matrix could overflow.
 MAX_DAMPING = 1e12
@@ -1593,7 +1600,8 @@ def _held_out_split(n_rows, fit_rows, seed, shared=None):
 def _heaviest_rows(X, split, weights=None):
     """The :data:`ESTIMATE_HEAVIEST_ROWS` rows of ``X`` of largest squared norm (times
     ``weights``, all rows', when given) that ``split`` does not fit."""
-    energy = np.einsum("ij,ij->i", X, X).astype(np.float64)  # in X's dtype: no copy of X
+    # in float64 (squares of float32 values beyond 2**64 overflow float32), without a copy of X
+    energy = np.einsum("ij,ij->i", X, X, dtype=np.float64)
     if weights is not None:
         energy = energy * weights
     energy[split[0]] = -1.0
@@ -1824,7 +1832,8 @@ def compress_weights(
     """Compress every tensor of a model, layer by layer.
 
     Everything that can be checked is checked before the first fit: names, dtypes (a
-    tensor that cannot be stored raises a :class:`TypeError` naming it) and finiteness (a
+    tensor that cannot be stored raises a :class:`TypeError` naming it), finiteness and, for
+    the tensors to compress, magnitudes below 2**64, which float32 arithmetic takes (a
     :class:`ValueError` naming the tensor). Files are read one tensor at a time; each layer's
     worker reads its own tensor, so the process holds the results, not the model.
 
@@ -1921,7 +1930,8 @@ def compress_weights(
     Raises
     ------
     ValueError
-        If there are no tensors, a tensor holds NaN or infinity, ``settings`` or
+        If there are no tensors, a tensor holds NaN or infinity, a tensor to compress holds
+        a magnitude of 2**64 (about 1.8e19) or more (rescale it, or keep it), ``settings`` or
         ``sensitivity`` names a tensor that is not compressible, a sensitivity is negative or
         not finite (or given without ``bits_per_weight``), ``bits_per_weight`` is below what
         the candidates reach, a file cannot be read, or a calibration entry names no tensor
@@ -2002,6 +2012,7 @@ def compress_weights(
         name for name in distinct
         if _is_compressible(checkpoint.infos[name]) and not matching(name, keep or ())
     ]
+    _check_magnitudes(checkpoint, compressible)
     kept = {
         name: KeptTensor(np.asarray(checkpoint.read(name)))
         for name in distinct if name not in compressible
@@ -2066,6 +2077,20 @@ def compress_weights(
     if why_unspent is not None:  # the size of the file itself, not the plan's
         _warn_if_unspent(why_unspent, bits_per_weight, model.bits_per_weight)
     return model
+
+
+def _check_magnitudes(checkpoint, names):
+    """Refuse, naming it, a tensor of ``names`` (those to compress) that holds a magnitude of
+    :data:`MAX_MAGNITUDE` or more (noted by
+    :meth:`qsdlearn._checkpoint.Checkpoint.check`)."""
+    for name in names:
+        largest = checkpoint.largest[name]
+        if largest >= MAX_MAGNITUDE:
+            raise ValueError(
+                f"tensor {name!r} in {checkpoint.source} holds values up to {largest:.3g} in "
+                f"magnitude; compression works in float32 and takes magnitudes below 2**64 "
+                f"(about {MAX_MAGNITUDE:.2g}): rescale the tensor, or store it as it is with "
+                f"keep=[{glob.escape(name)!r}] (--keep on the command line)")
 
 
 def _check_sensitivity(sensitivity, compressible, tied, fixed, bits_per_weight):

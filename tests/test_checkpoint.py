@@ -124,6 +124,16 @@ def test_digests_tell_equal_tensors():
     assert len({digests["a"], digests["c"], digests["d"]}) == 3
 
 
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64])
+def test_check_notes_the_largest_magnitude_of_each_float_tensor(dtype):
+    a = np.array([[0.5, -3.0, 2.0], [1.0, 0.25, -0.0]], dtype=dtype)
+    checkpoint = open_checkpoint({"a": a, "negated": -a, "strided": a[:, ::2],
+                                  "empty": a[:0], "scalar": a[0, 2], "ints": np.arange(9)})
+    checkpoint.check()
+    assert checkpoint.largest == {"a": 3.0, "negated": 3.0, "strided": 2.0, "empty": 0.0,
+                                  "scalar": 2.0}
+
+
 def write_sharded(folder, arrays, per_shard=2):
     names = list(arrays)
     groups = [names[i : i + per_shard] for i in range(0, len(names), per_shard)]

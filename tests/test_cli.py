@@ -1,11 +1,17 @@
 """The command line and the demo."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import ml_dtypes
 import numpy as np
 import pytest
 
+import qsdlearn
 from qsdlearn import Constraints
 from qsdlearn._demo import DEMO_METHODS, DemoMethod, format_table, run_demo
 from qsdlearn.cli import main
@@ -82,12 +88,19 @@ def test_cli_compress_info_decompress_round_trip(tmp_path, capsys):
     "argv, message",
     [
         (["info", "missing.qsd"], "No such file"),
-        (["compress", "missing.npz", "out.qsd", "--bits-per-weight", "2"], "no such file"),
+        (["compress", "missing.npz", "out.qsd", "--bits-per-weight", "2"],
+         "qsdlearn compress: error: missing.npz: No such file or directory\n"),
+        (["compress", "missing", "out.qsd", "--bits-per-weight", "2"],  # a folder of shards
+         "qsdlearn compress: error: missing: No such file or directory\n"),
+        (["compress", "w.npz", "out.qsd", "--bits-per-weight", "2", "--calibration",
+          "missing.npz"], "qsdlearn compress: error: missing.npz: No such file or directory\n"),
         (["decompress", "missing.qsd", "out.npz"], "No such file"),
     ],
 )
 def test_cli_errors_are_one_line_messages(argv, message, capsys, tmp_path, monkeypatch):
+    """A missing file reads ``FILE: reason``, as the operating system's errors do."""
     monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "w.npz", w=np.ones((64, 64), np.float32))
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
@@ -260,7 +273,8 @@ def test_a_damaged_npz_member_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.parametrize(
     "vocab, message",
     [(np.array(["hello", "world"]), "tensor 'vocab' has dtype <U5"),
-     (np.ones((8, 8), np.complex128), "tensor 'vocab' has dtype complex128")],
+     (np.ones((8, 8), np.complex128), "tensor 'vocab' has dtype complex128"),
+     (np.full((64, 64), 1e300), "tensor 'vocab' in ")],  # holds values up to 1e+300 ...
 )
 def test_cli_rejects_unusable_tensors_in_one_line(vocab, message, tmp_path, capsys):
     np.savez(tmp_path / "w.npz", w=np.ones((64, 64), np.float32), vocab=vocab)
@@ -399,3 +413,54 @@ def test_cli_may_write_next_to_an_input_folder_s_other_files(tmp_path, capsys):
     assert main(["compress", str(tmp_path), str(tmp_path / "model.safetensors"),
                  "--bits-per-weight", "16", "--force"]) == 1  # the shard stays an input
     assert "is the input; write the output elsewhere" in capsys.readouterr().err
+
+
+def run_python(*args):
+    """Run ``python *args`` in a fresh interpreter that imports this copy of qsdlearn."""
+    root = str(pathlib.Path(qsdlearn.__file__).resolve().parents[1])
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": path})
+
+
+def test_the_command_starts_without_the_numerical_libraries():
+    """``import qsdlearn.cli`` (the console script's first line) loads neither numba nor SciPy
+    nor scikit-learn: ``--help`` answers at once and a Ctrl-C is caught by ``main``."""
+    result = run_python("-c", "import sys, qsdlearn.cli; "
+                        "print(sorted({'numba', 'scipy', 'sklearn'} & set(sys.modules)))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[]\n"
+    result = run_python("-m", "qsdlearn.cli", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: qsdlearn")
+
+
+@pytest.mark.parametrize("options, prefix", [
+    ([], "qsdlearn compress"),
+    (["--calibration", "model.npz", "--calibration-damping", "0.1"], "qsdlearn"),  # parsing
+])
+def test_an_interrupt_while_the_library_loads_exits_130_without_a_traceback(
+        options, prefix, tmp_path, monkeypatch):
+    """A Ctrl-C (a real SIGINT) in the first seconds, while the numerical libraries are being
+    imported: by the command's handler, or already by the parser (the damping's bound is the
+    library's)."""
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "model.npz", w=np.ones((16, 64), dtype=np.float32))
+    script = textwrap.dedent("""
+        import signal, sys
+
+        class Interrupt:  # the SIGINT arrives as the first heavy library starts to load
+            def find_spec(self, name, path=None, target=None):
+                if name in ("numba", "scipy", "sklearn"):
+                    signal.raise_signal(signal.SIGINT)
+
+        sys.meta_path.insert(0, Interrupt())
+        from qsdlearn.cli import main
+
+        sys.exit(main(["compress", "model.npz", "out.qsd", "--bits-per-weight", "4",
+                       *sys.argv[1:]]))
+    """)
+    result = run_python("-c", script, *options)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == f"{prefix}: interrupted\n"
+    assert not (tmp_path / "out.qsd").exists()

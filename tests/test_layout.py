@@ -1,7 +1,11 @@
 """The package's import graph, read from its source: no cycle, no upward import."""
 
 import ast
+import importlib
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -79,3 +83,32 @@ def test_low_layers_do_not_import_scikit_learn(module):
 
 def test_container_imports_nothing_from_the_package():
     assert GRAPH["_container"][0] == set()
+
+
+def test_the_package_s_names_are_imported_on_first_use_as_declared():
+    """``__init__`` names each public object twice, for static analysers (the ``TYPE_CHECKING``
+    imports) and for its ``__getattr__`` (``_LAZY``): both must agree with ``__all__``."""
+    import qsdlearn
+
+    declared = {alias.name: f".{node.module}"
+                for node in ast.walk(ast.parse((PACKAGE / "__init__.py").read_text()))
+                if isinstance(node, ast.ImportFrom) and node.level == 1 for alias in node.names}
+    assert declared == qsdlearn._LAZY
+    assert set(declared) | {"__version__"} == set(qsdlearn.__all__)
+    for name, module in declared.items():
+        assert getattr(qsdlearn, name) is getattr(importlib.import_module(module, "qsdlearn"), name)
+    assert set(qsdlearn.__all__) <= set(dir(qsdlearn))
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        qsdlearn.nothing
+
+
+def test_a_submodule_is_an_attribute_of_the_package_without_its_own_import():
+    """As when ``__init__`` imported everything: ``import qsdlearn; qsdlearn.weights...``."""
+    script = ("import sys, qsdlearn; assert 'qsdlearn.weights' not in sys.modules; "
+              "print(qsdlearn.weights.MAX_DAMPING, qsdlearn._container.__name__)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1000000000000.0 qsdlearn._container\n"

@@ -357,6 +357,62 @@ def test_nan_in_a_file_is_named(tmp_path):
         compress_weights(tmp_path / "m.safetensors", settings=FAST)
 
 
+def _huge_tensors():
+    rng = np.random.default_rng(0)
+    return {
+        "beyond float32": 1e300 * rng.standard_normal((64, 64)),
+        "float32's top": np.float32(3e38) * np.sign(rng.standard_normal((64, 64))).astype(
+            np.float32),
+        "the limit": np.full((64, 64), qsdlearn.weights.MAX_MAGNITUDE, np.float32),
+    }
+
+
+@pytest.mark.parametrize("huge", _huge_tensors().values(), ids=_huge_tensors().keys())
+def test_magnitudes_float32_arithmetic_cannot_take_are_refused_before_any_fit(huge, monkeypatch):
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted before checking")
+
+    monkeypatch.setattr(qsdlearn.weights, "_fit_layer", no_fit)
+    monkeypatch.setattr(qsdlearn.weights, "_estimate", no_fit)
+    weights = {"w": np.ones((64, 64), np.float32), "big.weight": huge}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning (overflow) on the way
+        with pytest.raises(ValueError, match=r"tensor 'big.weight' in the weights holds values "
+                           r"up to .* rescale the tensor, or .* keep=\['big.weight'\]"):
+            compress_weights(weights, bits_per_weight=4.0)
+        with pytest.raises(ValueError, match="tensor 'big.weight'"):
+            compress_weights(weights, settings=FAST)
+
+
+def test_huge_magnitudes_are_stored_as_they_are_when_not_compressed():
+    """Kept by a pattern, under two dimensions or too small: stored verbatim, not refused."""
+    huge = 1e300 * np.random.default_rng(0).standard_normal((64, 64))
+    weights = {"big.weight": huge, "big.bias": huge[0], "small.weight": huge[:8, :8],
+               "w": np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = compress_weights(weights, settings=FAST, keep=["big.weight"], random_state=0)
+        restored = model.decompress()
+    for name in ("big.weight", "big.bias", "small.weight"):
+        np.testing.assert_array_equal(restored[name], weights[name])
+    assert isinstance(model.layers["w"], CompressedLayer)
+
+
+def test_the_heaviest_rows_are_found_up_to_the_largest_magnitude_compressed():
+    """Their squared norms are summed in float64: in float32, those of rows near 2**64
+    overflow to infinity and tie."""
+    from qsdlearn.weights import MAX_MAGNITUDE, _heaviest_rows, _held_out_split
+
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, (8192, 8)) * 2.0 ** rng.integers(-6, 1, (8192, 1))
+    X = X.astype(np.float32)
+    split = _held_out_split(8192, 2048, seed=0)
+    expected = np.sort(_heaviest_rows(X, split))
+    top = X * np.float32(0.99 * MAX_MAGNITUDE)
+    assert np.abs(top).max() < MAX_MAGNITUDE
+    np.testing.assert_array_equal(np.sort(_heaviest_rows(top, split)), expected)
+
+
 def test_keep_patterns_store_tensors_verbatim():
     weights = small_model()
     model = compress_weights(weights, settings=FAST, keep=["embed.*", "*.nothing"],
