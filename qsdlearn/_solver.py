@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg
-from sklearn.cluster import kmeans_plusplus
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.extmath import randomized_svd
 
 from . import _kernels, _metric
 from ._levels import fit_level_scales, scale_exponent, snap_to_levels, top_magnitude_mask
 from ._sampling import importance_sample
+from ._seeding import kmeans_plusplus_indices
 
 #: Exact coordinate sweeps over the code slots per row and code step.
 MAX_SWEEPS = 4
@@ -552,16 +552,13 @@ def _seeding_sample(X, k, rng, weights=None):
 
 def kmeans_plusplus_seeds(X, k, rng, weights=None):
     """k-means++ seeds of ``k`` components on (a sample of) the rows of ``X``, weighted by
-    ``weights`` when given (scikit-learn's seeding; rows of weight zero are never seeds unless
-    fewer than ``k`` rows weigh anything)."""
+    ``weights`` when given (scikit-learn's greedy seeding and draws,
+    :func:`qsdlearn._seeding.kmeans_plusplus_indices`; rows of weight zero are never seeds
+    unless fewer than ``k`` rows weigh anything)."""
     rows, w = _seeding_sample(X, k, rng, weights)
     if w is not None and np.count_nonzero(w) < k:
         w = None
-    # float64 rows: scikit-learn computes float32 distances in upcast chunks, several times
-    # slower at the sizes seeded here
-    seeds, _ = kmeans_plusplus(np.asarray(rows, dtype=np.float64), k, sample_weight=w,
-                               random_state=rng)
-    return np.asarray(seeds, dtype=np.float64)
+    return np.asarray(rows[kmeans_plusplus_indices(rows, k, rng, w)], dtype=np.float64)
 
 
 def _pad_components(X, C, k, rng, weights=None):

@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "qsdlearn"
 LAYERS = [
     {"_levels"},
     {"_jit", "_container", "_allocation", "metrics", "_dtypes", "calibration", "_sampling"},
-    {"_bits", "_kernels", "_checkpoint", "_calibration"},
+    {"_bits", "_kernels", "_seeding", "_checkpoint", "_calibration"},
     {"_constraints", "_metric"},
     {"_solver", "codec"},
     {"_estimator"},
@@ -27,7 +27,7 @@ LAYERS = [
 #: Modules that work on arrays and bytes only.
 NO_SCIKIT_LEARN = {"_jit", "_levels", "_container", "_allocation", "_bits", "_kernels",
                    "_dtypes", "_checkpoint", "_metric", "calibration", "_calibration",
-                   "_sampling"}
+                   "_sampling", "_seeding"}
 
 
 def _imports(path):
