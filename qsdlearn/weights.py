@@ -1579,6 +1579,10 @@ def _codebook_share(setting, shape, nbytes):
     return sum(sizes[name] for name in _CODEBOOK_STREAMS) / max(nbytes, 1)
 
 
+#: Rows of a layer's permutation kept for its candidates' estimates (see _held_out_split).
+_PERMUTATION_START = 512 * ESTIMATE_ROWS_PER_CODEWORD + ESTIMATE_HELD_OUT_ROWS
+
+
 def _held_out_split(n_rows, fit_rows, seed, shared=None):
     """Rows to fit and disjoint rows to measure an estimate on, drawn with ``seed``; None
     when the layer has too few rows to hold any out (the estimate is then measured on the
@@ -1592,7 +1596,10 @@ def _held_out_split(n_rows, fit_rows, seed, shared=None):
     shared = {} if shared is None else shared
     key = ("permutation", n_rows)
     if key not in shared or shared[key].size < needed:
-        shared[key] = np.random.default_rng(seed).permutation(n_rows)[:needed].copy()
+        # a start long enough for every default candidate (the largest, 362 codewords, fits
+        # 2,896 rows), so that the permutation is drawn once per layer and row count
+        kept = max(needed, _PERMUTATION_START)
+        shared[key] = np.random.default_rng(seed).permutation(n_rows)[:kept].copy()
     order = shared[key]
     return order[:fit_rows], order[fit_rows:needed]
 

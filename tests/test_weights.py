@@ -659,6 +659,23 @@ def test_estimates_lie_between_held_out_and_fitted_errors():
     assert _between(held_out, 0.0) == held_out and _between(0.0, fitted) == 0.0
 
 
+def test_a_layers_candidates_share_one_draw_of_its_row_permutation():
+    """Candidates of more codewords fit more rows: the start kept from the first draw serves
+    them (the default candidates' largest, 362 codewords, needs 2,896 + 1,024 rows), and
+    their splits are those a draw of their own gives."""
+    from qsdlearn.weights import _held_out_split
+
+    shared = {}
+    first = _held_out_split(100_000, 1024, seed=3, shared=shared)
+    drawn = shared[("permutation", 100_000)]
+    for fit_rows in (1448, 2048, 2896):
+        split = _held_out_split(100_000, fit_rows, seed=3, shared=shared)
+        assert shared[("permutation", 100_000)] is drawn
+        for part, alone in zip(split, _held_out_split(100_000, fit_rows, seed=3)):
+            np.testing.assert_array_equal(part, alone)
+    np.testing.assert_array_equal(first[0], drawn[:1024])
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_held_out_errors_count_the_heaviest_rows_once_and_scale_the_others(weighted):
     from qsdlearn.weights import (ESTIMATE_HEAVIEST_ROWS, _heaviest_rows, _held_out_error,
@@ -887,7 +904,7 @@ def test_report_table_columns_line_up_whatever_the_widths():
 
 def test_shared_starts_and_permutations_leave_every_estimate_unchanged():
     from qsdlearn._calibration import LayerCalibration
-    from qsdlearn.weights import _estimate_error
+    from qsdlearn.weights import _PERMUTATION_START, _estimate_error
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((3000, 8)).astype(np.float32)
@@ -904,8 +921,9 @@ def test_shared_starts_and_permutations_leave_every_estimate_unchanged():
             assert shared == alone
         # one start per (size, codebook size, row scaling), one permutation of the rows
         assert sorted(key[0] for key in kept) == ["k-means++", "k-means++", "permutation"]
-        # only the permutation's start that the splits use: 1024 rows fitted, 1024 held out
-        assert kept[("permutation", 3000)].size == 2048
+        # only a start of the permutation (a whole one of a large layer adds to the peak
+        # memory), long enough for every default candidate
+        assert kept[("permutation", 3000)].size == min(3000, _PERMUTATION_START)
 
 
 def test_a_codebook_larger_than_its_codes_is_estimated_only_without_a_smaller_candidate():
