@@ -36,10 +36,10 @@ def _input_files(path):
 
 
 def _check_inputs_exist(args):
-    """Refuse a missing input (the weights, the ``--calibration`` file) in the words of the
-    other file errors, ``FILE: No such file or directory`` (the library's ValueError reads
-    ``no such file: FILE``)."""
-    for path in (args.input, args.calibration):
+    """Refuse a missing input (the weights, the ``--calibration`` and ``--sensitivity``
+    files) in the words of the other file errors, ``FILE: No such file or directory`` (the
+    library's ValueError reads ``no such file: FILE``)."""
+    for path in (args.input, args.calibration, args.sensitivity):
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
 

@@ -94,6 +94,8 @@ def test_cli_compress_info_decompress_round_trip(tmp_path, capsys):
          "qsdlearn compress: error: missing: No such file or directory\n"),
         (["compress", "w.npz", "out.qsd", "--bits-per-weight", "2", "--calibration",
           "missing.npz"], "qsdlearn compress: error: missing.npz: No such file or directory\n"),
+        (["compress", "w.npz", "out.qsd", "--bits-per-weight", "2", "--sensitivity",
+          "missing.json"], "qsdlearn compress: error: missing.json: No such file or directory\n"),
         (["decompress", "missing.qsd", "out.npz"], "No such file"),
     ],
 )
