@@ -659,6 +659,26 @@ def test_estimates_lie_between_held_out_and_fitted_errors():
     assert _between(held_out, 0.0) == held_out and _between(0.0, fitted) == 0.0
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_heaviest_rows_are_ranked_block_by_block_as_all_at_once(weighted, monkeypatch):
+    """Ranked a block at a time (the memory of a block, not of every row), the rows are
+    the heaviest of all: the same set as a plain sort of every row's energy."""
+    import qsdlearn.weights as weights_module
+    from qsdlearn.weights import ESTIMATE_HEAVIEST_ROWS, _heaviest_rows, _held_out_split
+
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((20_000, 4)).astype(np.float32)
+    weights = rng.uniform(0.5, 2.0, 20_000) if weighted else None
+    split = _held_out_split(20_000, 2048, seed=0)
+    energy = np.sum(X.astype(np.float64) ** 2, axis=1) * (1.0 if weights is None else weights)
+    energy[split[0]] = -1.0
+    expected = set(np.argsort(-energy)[:ESTIMATE_HEAVIEST_ROWS].tolist())
+    assert set(_heaviest_rows(X, split, weights).tolist()) == expected
+    for block in (1000, 4096, 7777):
+        monkeypatch.setattr(weights_module, "_RANKED_ROWS", block)
+        assert set(_heaviest_rows(X, split, weights).tolist()) == expected
+
+
 def test_a_layers_candidates_share_one_draw_of_its_row_permutation():
     """Candidates of more codewords fit more rows: the start kept from the first draw serves
     them (the default candidates' largest, 362 codewords, needs 2,896 + 1,024 rows), and
