@@ -5,6 +5,7 @@ the ``qsdlearn`` command start without loading numba, SciPy and scikit-learn.
 """
 
 import importlib
+import pkgutil
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0.dev0"
@@ -65,4 +66,8 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    """The public names and submodules (what completion offers), and the module's own
+    dunder attributes."""
+    submodules = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
+    dunders = {name for name in globals() if name.startswith("__")}
+    return sorted(set(__all__) | submodules | dunders)

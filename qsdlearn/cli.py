@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import os
+import signal
 import sys
 import warnings
 
@@ -295,7 +296,7 @@ def build_parser():
 def _message(exc):
     """The one line an error is reported with (a file's name before the reason, for OSError)."""
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
-        return f"{exc.filename}: {exc.strerror}"
+        return f"{exc.filename or repr(exc.filename)}: {exc.strerror}"  # '' for an empty name
     return str(exc)
 
 
@@ -322,5 +323,15 @@ def main(argv=None):
         return 130
 
 
+def run():
+    """The console script: :func:`main` on the command line's arguments, then exit with its
+    status. A Ctrl-C once the command has finished, while the interpreter shuts down (about
+    half a second after a compression), is ignored: its output is complete, and the exit
+    status says so."""
+    status = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -97,6 +97,7 @@ def test_cli_compress_info_decompress_round_trip(tmp_path, capsys):
         (["compress", "w.npz", "out.qsd", "--bits-per-weight", "2", "--sensitivity",
           "missing.json"], "qsdlearn compress: error: missing.json: No such file or directory\n"),
         (["decompress", "missing.qsd", "out.npz"], "No such file"),
+        (["info", ""], "qsdlearn info: error: '': No such file or directory\n"),
     ],
 )
 def test_cli_errors_are_one_line_messages(argv, message, capsys, tmp_path, monkeypatch):
@@ -435,6 +436,27 @@ def test_the_command_starts_without_the_numerical_libraries():
     result = run_python("-m", "qsdlearn.cli", "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: qsdlearn")
+
+
+def test_a_ctrl_c_once_the_command_has_finished_is_ignored():
+    """The console script (``run``): after the command returns, while the interpreter shuts
+    down (about half a second after a compression), a Ctrl-C no longer turns a finished run,
+    its output complete, into a failure."""
+    script = textwrap.dedent("""
+        import atexit, signal, sys, time
+        import qsdlearn.cli as cli
+
+        def late_interrupt():  # the user's Ctrl-C, as the interpreter shuts down
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(0.05)
+            print("shut down")
+
+        atexit.register(late_interrupt)
+        cli.main = lambda argv=None: 0  # a command that has written its output
+        cli.run()
+    """)
+    result = run_python("-c", script)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "shut down\n", "")
 
 
 @pytest.mark.parametrize("options, prefix", [

@@ -102,6 +102,22 @@ def test_the_package_s_names_are_imported_on_first_use_as_declared():
         qsdlearn.nothing
 
 
+def test_the_package_lists_its_public_names_and_submodules():
+    """``dir(qsdlearn)`` (what completion offers) in a fresh interpreter: the public names
+    and submodules, not yet imported, and none of ``__init__``'s own helpers."""
+    script = "import qsdlearn; print(' '.join(dir(qsdlearn)))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    names = set(result.stdout.split())
+    public = {path.stem for path in PACKAGE.glob("*.py") if not path.stem.startswith("_")}
+    assert {"compress_weights", "QuantizedSparseDecomposition", "__version__"} <= names
+    assert public <= names and "weights" in public
+    assert not names & {"importlib", "pkgutil", "TYPE_CHECKING", "_LAZY", "_kernels"}
+
+
 def test_a_submodule_is_an_attribute_of_the_package_without_its_own_import():
     """As when ``__init__`` imported everything: ``import qsdlearn; qsdlearn.weights...``."""
     script = ("import sys, qsdlearn; assert 'qsdlearn.weights' not in sys.modules; "
