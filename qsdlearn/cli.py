@@ -91,7 +91,11 @@ def _read_sensitivity(path):
     try:
         with open(path, encoding="utf-8-sig") as f:  # with or without a byte-order mark
             sensitivity, repeated = _load_json(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except OSError as exc:  # a folder, no permission: in the words of the other file errors
+        raise ValueError(f"--sensitivity {_message(exc)}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--sensitivity {path}: not a JSON file (not UTF-8 text)") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"--sensitivity {path}: not a readable JSON file ({exc})") from None
     if repeated is not None:
         raise ValueError(f"--sensitivity {path}: the name {repeated!r} is given more than "

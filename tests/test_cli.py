@@ -343,6 +343,19 @@ def test_cli_checks_the_sensitivity_file_before_compressing(content, message, tm
     assert not (tmp_path / "out.qsd").exists()
 
 
+def test_a_sensitivity_file_that_is_a_folder_or_binary_is_named_in_plain_words(
+        tmp_path, capsys):
+    source = tmp_path / "model.safetensors"
+    safetensors_numpy.save_file(checkpoint_weights(), str(source))
+    (tmp_path / "folder").mkdir()
+    for path, message in ((tmp_path / "folder", f"--sensitivity {tmp_path / 'folder'}: Is a "
+                           "directory\n"),
+                          (source, f"--sensitivity {source}: not a JSON file (not UTF-8 text)\n")):
+        assert main(["compress", str(source), str(tmp_path / "out.qsd"), "--bits-per-weight",
+                     "16", "--sensitivity", str(path)]) == 1
+        assert capsys.readouterr().err == f"qsdlearn compress: error: {message}"
+
+
 def test_cli_passes_the_sensitivity_on(tmp_path, capsys):
     source = tmp_path / "model.safetensors"
     safetensors_numpy.save_file(checkpoint_weights(), str(source))
