@@ -2373,8 +2373,8 @@ def _why_unspent(plan, estimates, layout):
 
 def _warn_if_unspent(why, bits_per_weight, used):
     """Warn when the file takes ``used`` bits per weight, more than 0.05 less than the target,
-    saying why (:func:`_why_unspent`)."""
-    if why is None or used >= bits_per_weight - 0.05:
+    saying ``why`` (``"most precise"`` or ``"left over"``, :func:`_why_unspent`)."""
+    if used >= bits_per_weight - 0.05:
         return
     if why == "most precise":
         warnings.warn(
