@@ -439,6 +439,21 @@ default=None
         """
         return self._fit(X, sample_weight, metric).to_dense(self.n_components_)
 
+    @_fit_context(prefer_skip_nested_validation=True)
+    def _fit_codes(self, X, sample_weight=None, metric=None):
+        """Fit to ``X`` and return its codes as :meth:`encode` gives them without a metric
+        (:class:`~qsdlearn._solver.Codes`), so that a caller who packs the rows fitted does
+        not solve their codes a second time. Arguments as in :meth:`fit`.
+
+        The fit ends with these codes (:func:`~qsdlearn._solver.fit_factorization`; row
+        weights do not change a row's minimiser). A fit in a ``metric``, whose codes minimise
+        the error in it, and the plain method (``solver="pgd"``), which ends with its own
+        iterate, are encoded again."""
+        codes = self._fit(X, sample_weight, metric)
+        if self.solver == "pgd" or metric is not None:
+            codes = self._encode(self._validate_new(X))
+        return codes
+
     def _fit(self, X, sample_weight=None, metric=None):
         X = validate_data(self, _native_float(X), dtype=[np.float64, np.float32],
                           ensure_min_samples=1)
@@ -597,9 +612,14 @@ default=None
             infinity, or ``metric`` is invalid (as in :meth:`transform`).
         """
         X = self._validate_new(X)
+        return self._pack(self._encode(np.asarray(X, dtype=self.components_.dtype), metric))
+
+    def _pack(self, codes):
+        """The :class:`CompressedMatrix` of ``codes`` (:class:`~qsdlearn._solver.Codes`, in
+        the dtype fitted) against the fitted codebook."""
         dtype = self.components_.dtype
-        codes = self._encode(np.asarray(X, dtype=dtype), metric)
-        settings = MatrixSettings(*X.shape, dtype.name, self._constraints_)
+        settings = MatrixSettings(codes.val.shape[0], self.components_.shape[1], dtype.name,
+                                  self._constraints_)
         return encode_factors(
             settings, codes.idx, codes.val, self.components_, self.codebook_scales_,
             codebook_levels=self._codebook_levels,

@@ -54,6 +54,20 @@ class Codes:
             return self.idx
         return _kernels.all_positions(*self.val.shape)
 
+    @classmethod
+    def of_rows(cls, n, parts):
+        """The codes of ``n`` rows from ``parts``, pairs ``(rows, codes)`` of row indices and
+        their codes (of one layout), which together cover every row once."""
+        first = parts[0][1]
+        idx = None if first.idx is None else np.empty((n,) + first.idx.shape[1:],
+                                                      dtype=first.idx.dtype)
+        val = np.empty((n,) + first.val.shape[1:], dtype=first.val.dtype)
+        for rows, codes in parts:
+            if idx is not None:
+                idx[rows] = codes.idx
+            val[rows] = codes.val
+        return cls(idx, val)
+
     def to_dense(self, n_components):
         """The ``(n, k)`` code matrix."""
         if self.idx is None:

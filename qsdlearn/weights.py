@@ -43,6 +43,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
+from typing import NamedTuple
 
 import joblib
 import numpy as np
@@ -62,7 +63,7 @@ from ._estimator import QuantizedSparseDecomposition
 from ._jit import blas_single_thread
 from ._kernels import INDEX_DTYPE
 from ._sampling import importance_sample
-from ._solver import kmeans_plusplus_seeds, resolve_init
+from ._solver import Codes, kmeans_plusplus_seeds, resolve_init
 from .codec import (STREAMS, CompressedMatrix, MatrixSettings, encode_factors, matrix_from_payload,
                     matrix_from_tensors, matrix_payload)
 from .metrics import sqnr
@@ -1326,15 +1327,37 @@ def sample_rows(X, max_rows, seed, keep_order=True):
     """At most ``max_rows`` rows of ``X`` (all when ``None``), drawn uniformly without
     replacement with ``seed``; kept in their order unless ``keep_order=False`` (then in the
     order drawn)."""
-    if max_rows is None or X.shape[0] <= max_rows:
-        return X
-    rows = np.random.default_rng(seed).choice(X.shape[0], max_rows, replace=False)
-    return X[np.sort(rows) if keep_order else rows]
+    taken = _uniform_rows(X.shape[0], max_rows, seed, keep_order)
+    return X if taken is None else X[taken]
+
+
+def _uniform_rows(n, max_rows, seed, keep_order):
+    """The indices :func:`sample_rows` takes of ``n`` rows (None: all, in order)."""
+    if max_rows is None or n <= max_rows:
+        return None
+    rows = np.random.default_rng(seed).choice(n, max_rows, replace=False)
+    return np.sort(rows) if keep_order else rows
+
+
+class _FitSample(NamedTuple):
+    """What :func:`_fit_inputs` returns."""
+
+    #: the sub-vectors to fit
+    rows: np.ndarray
+    #: their metric blocks (None: the squared error)
+    metric: np.ndarray | None
+    #: their weights (None: unit weights)
+    weights: np.ndarray | None
+    #: the factor from the sample's error to the whole tensor's
+    factor: float
+    #: the index in ``X`` of every sub-vector of ``rows`` (None: ``rows`` is ``X``)
+    taken: np.ndarray | None
 
 
 def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
-    """The sub-vectors to fit (all, or a sample of at most about ``max_rows``), their metric
-    and weights, and the factor from the sample's error to the whole tensor's.
+    """The sub-vectors to fit (all, or a sample of at most about ``max_rows``), with their
+    metric, weights and indices, and the factor from the sample's error to the whole
+    tensor's (a :class:`_FitSample`).
 
     With calibration the sample is of whole output rows, so that sub-vector ``i`` of the
     sample still uses metric block ``i mod m``: drawn uniformly, or with row weights with
@@ -1343,41 +1366,58 @@ def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
     their inclusion probability (:func:`~qsdlearn._sampling.importance_sample`). Without a
     sample, the fit is weighted. Rows are kept in their order unless ``keep_order=False``."""
     if calibration is None:
-        sample = sample_rows(X, max_rows, seed, keep_order)
-        return sample, None, None, X.shape[0] / sample.shape[0]
+        taken = _uniform_rows(X.shape[0], max_rows, seed, keep_order)
+        sample = X if taken is None else X[taken]
+        return _FitSample(sample, None, None, X.shape[0] / sample.shape[0], taken)
     d = X.shape[1]
     m = calibration.subvectors_per_row
     n_out = X.shape[0] // m
     row_weights = calibration.row_weights
     pool = n_out if row_weights is None else int(np.count_nonzero(row_weights))
 
-    def output_rows(rows):
-        return X.reshape(n_out, m, d)[rows].reshape(-1, d)
+    def output_rows(rows, metric, weights, factor):
+        taken = (rows[:, None] * m + np.arange(m)).reshape(-1)
+        return _FitSample(X[taken], metric, weights, factor, taken)
 
     if max_rows is None or pool * m <= max_rows:
         if pool == n_out:
-            return X, calibration.metric(d), calibration.sample_weight(m), 1.0
+            return _FitSample(X, calibration.metric(d), calibration.sample_weight(m), 1.0, None)
         rows = np.flatnonzero(row_weights)  # every row of positive weight: weighted
-        return output_rows(rows), None, np.repeat(row_weights[rows], m), 1.0
+        return output_rows(rows, None, np.repeat(row_weights[rows], m), 1.0)
     size = max(1, -(-max_rows // m))
     if row_weights is None:
         rows = np.random.default_rng(seed).choice(n_out, size, replace=False)
         rows = np.sort(rows) if keep_order else rows
-        return output_rows(rows), calibration.metric(d), None, n_out / size
+        return output_rows(rows, calibration.metric(d), None, n_out / size)
     rows, weights, factor = importance_sample(row_weights, size, np.random.default_rng(seed),
                                               keep_order)
-    return output_rows(rows), None, None if weights is None else np.repeat(weights, m), factor
+    return output_rows(rows, None, None if weights is None else np.repeat(weights, m), factor)
 
 
-def _fit_quietly(estimator, X, **fit_params):
-    """Fit without the :class:`~sklearn.exceptions.ConvergenceWarning`, which the layer's
-    record reports instead (``converged_``); other warnings reach the caller.
+def _fit_quietly(estimator, X, method="fit", **fit_params):
+    """Fit (by the estimator's ``method``) without the
+    :class:`~sklearn.exceptions.ConvergenceWarning`, which the layer's record reports instead
+    (``converged_``); other warnings reach the caller.
 
     Python's warning filters are process-wide: under joblib's threading backend a filter set
     by one layer may not cover another's fit, so the warning can still show there."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=ConvergenceWarning)
-        return estimator.fit(X, **fit_params)
+        return getattr(estimator, method)(X, **fit_params)
+
+
+def _codes_of_all_rows(est, X, taken, codes):
+    """The codes of every row of ``X`` from ``codes`` of the rows ``taken`` (None: all), the
+    fit's, which are those ``est.encode`` gives (see ``_fit_codes``); the other rows are
+    encoded."""
+    if taken is None:
+        return codes
+    rest = np.ones(X.shape[0], dtype=bool)
+    rest[taken] = False
+    parts = [(taken, codes)]
+    if rest.any():
+        parts.append((np.flatnonzero(rest), est._encode(X[rest])))
+    return Codes.of_rows(X.shape[0], parts)
 
 
 @dataclass(frozen=True)
@@ -1542,16 +1582,14 @@ def _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows,
     rows, fit_calibration, scales = _scaled_rows(weight, setting, calibration)
     X = to_rows(rows.astype(np.float32, copy=False), setting.vector_size)
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=max_iter)
-    sample, metric, weights, _ = _fit_inputs(X, fit_calibration, max_fit_rows, seed)
+    sample = _fit_inputs(X, fit_calibration, max_fit_rows, seed)
     with blas_single_thread():
-        if fit_calibration is None:
-            _fit_quietly(est, sample)
-            matrix = est.encode(X)
-        elif fit_calibration.gram is None:
-            _fit_quietly(est, sample, sample_weight=weights, metric=metric)
-            matrix = est.encode(X)
+        if fit_calibration is None or fit_calibration.gram is None:
+            codes = _fit_quietly(est, sample.rows, sample_weight=sample.weights,
+                                 metric=sample.metric, method="_fit_codes")
+            matrix = est._pack(_codes_of_all_rows(est, X, sample.taken, codes))
         else:
-            _fit_quietly(est, sample, metric=metric)
+            _fit_quietly(est, sample.rows, metric=sample.metric)
             matrix, est = _encode_with_feedback(est, setting, weight.shape, X, fit_calibration)
     layer = CompressedLayer(matrix, weight.shape, weight.dtype.name, setting, 0.0,
                             n_iter=est.n_iter_, converged=est.converged_, row_scales=scales)
@@ -1787,8 +1825,8 @@ def _estimate_error(setting, X, calibration, seed, n_threads, shared=None):
         held_out = _held_out_error(est, X, split, weights)
         fitted = est.reconstruction_err_**2 * X.shape[0] / rows.shape[0]
         return _between(held_out, fitted)
-    sample, metric, weights, factor = _fit_inputs(X, calibration, fit_rows, seed,
-                                                  keep_order=False)
+    sample, metric, weights, factor, _ = _fit_inputs(X, calibration, fit_rows, seed,
+                                                     keep_order=False)
     if sample.shape[0] < setting.constraints.n_components:
         return None
     _fit_quietly(est, sample, sample_weight=weights, metric=metric)

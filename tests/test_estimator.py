@@ -289,6 +289,29 @@ def test_transform_of_training_rows_reproduces_the_fitted_error(setting, dtype):
     assert est.score(X) == pytest.approx(-(error**2) / X.size, rel=1e-4)
 
 
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("fit", ["plain", "weights", "metric", "pgd"])
+def test_the_codes_of_a_fit_are_those_encode_gives(setting, fit, dtype):
+    """``_fit_codes`` (which ``compress_weights`` packs instead of encoding the rows fitted a
+    second time) packs to the bytes of ``encode``: row weights, zeros among them, leave the
+    codes as they are; a metric of blocks and the plain method are encoded again."""
+    X = gaussian(150, 6, seed=7).astype(dtype)
+    params = dict(SETTINGS[setting])
+    fit_params = {}
+    if fit == "weights":
+        fit_params["sample_weight"] = np.random.default_rng(1).choice([0.0, 0.5, 3.0], size=150)
+    elif fit == "metric":
+        A = np.random.default_rng(2).normal(size=(6, 6))
+        fit_params["metric"] = A @ A.T
+    elif fit == "pgd":
+        params["solver"] = "pgd"
+    est = QuantizedSparseDecomposition(random_state=0, max_iter=5, **params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        codes = est._fit_codes(X, **fit_params)
+    assert est._pack(codes).to_bytes() == est.encode(X).to_bytes()
+
+
 def test_transform_new_rows_is_row_independent():
     X = gaussian(200, 6)
     est = fit_quietly(QuantizedSparseDecomposition(random_state=0, **SETTINGS["qsd"]), X)

@@ -8,6 +8,7 @@ import warnings
 import ml_dtypes
 import numpy as np
 import pytest
+from sklearn.exceptions import ConvergenceWarning
 
 import qsdlearn
 from qsdlearn import CompressedModel, Constraints, LayerSetting, compress_weights
@@ -995,6 +996,34 @@ def test_a_sampled_row_scaled_fit_weights_rows_of_large_scale():
                            row_scales=True)
     rows, calibration, _ = _scaled_rows(W.astype(np.float32), setting, None)
     X = rows.reshape(-1, 8)
-    sample, metric, weights, factor = _fit_inputs(X, calibration, 256, seed=0)
+    sample, metric, weights, factor, _ = _fit_inputs(X, calibration, 256, seed=0)
     assert sample.shape == (256, 8) and metric is None and weights is not None
     assert factor * weights.sum() == pytest.approx(calibration.row_weights.sum() * 8)
+
+
+@pytest.mark.parametrize("case", ["plain", "row scales", "row weights with zeros"])
+@pytest.mark.parametrize("max_fit_rows", [None, 700, 10_000])
+def test_a_tensor_packs_the_codes_encode_gives_to_each_of_its_rows(case, max_fit_rows):
+    """The rows fitted keep the fit's codes and the others are encoded: the packed matrix is
+    that of encoding every row after the fit, with all rows fitted or a sample of them."""
+    from qsdlearn._calibration import LayerCalibration
+    from qsdlearn.weights import _compress_tensor, _fit_inputs, _scaled_rows, to_rows
+
+    rng = np.random.default_rng(4)
+    W = (10 ** rng.uniform(-1, 1, size=(64, 1)) * rng.standard_normal((64, 96))).astype(np.float32)
+    setting = LayerSetting(4, Constraints(16, n_nonzero=2, code_bits=1, codebook_bits=8),
+                           row_scales=case == "row scales")
+    calibration = None
+    if case == "row weights with zeros":
+        calibration = LayerCalibration(row_weights=rng.choice([0.0, 1.0, 5.0], size=64),
+                                       subvectors_per_row=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        layer = _compress_tensor(W, setting, 3, 1, 5, max_fit_rows, calibration)
+        rows, fit_calibration, _ = _scaled_rows(W, setting, calibration)
+        X = to_rows(rows, 4)
+        sample = _fit_inputs(X, fit_calibration, max_fit_rows, 3)
+        assert (sample.taken is None) == (max_fit_rows != 700 and case != "row weights with zeros")
+        est = setting.estimator(random_state=3, n_threads=1, max_iter=5)
+        est.fit(sample.rows, sample_weight=sample.weights, metric=sample.metric)
+    assert layer.matrix.to_bytes() == est.encode(X).to_bytes()
