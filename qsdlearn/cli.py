@@ -37,12 +37,17 @@ def _input_files(path):
 
 
 def _check_inputs_exist(args):
-    """Refuse a missing input (the weights, the ``--calibration`` and ``--sensitivity``
-    files) in the words of the other file errors, ``FILE: No such file or directory`` (the
-    library's ValueError reads ``no such file: FILE``)."""
-    for path in (args.input, args.calibration, args.sensitivity):
+    """Refuse a missing input in the words of the other file errors: the weights as
+    ``FILE: No such file or directory`` (the library's ValueError reads
+    ``no such file: FILE``), the ``--calibration`` and ``--sensitivity`` files with their
+    option's name before them."""
+    for option, path in ((None, args.input), ("--calibration", args.calibration),
+                         ("--sensitivity", args.sensitivity)):
         if path is not None and not os.path.exists(path):
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+            missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+            if option is None:
+                raise missing
+            raise ValueError(f"{option} {_message(missing)}")
 
 
 def _check_output(args, file_only=False):

@@ -93,9 +93,11 @@ def test_cli_compress_info_decompress_round_trip(tmp_path, capsys):
         (["compress", "missing", "out.qsd", "--bits-per-weight", "2"],  # a folder of shards
          "qsdlearn compress: error: missing: No such file or directory\n"),
         (["compress", "w.npz", "out.qsd", "--bits-per-weight", "2", "--calibration",
-          "missing.npz"], "qsdlearn compress: error: missing.npz: No such file or directory\n"),
+          "missing.npz"],
+         "qsdlearn compress: error: --calibration missing.npz: No such file or directory\n"),
         (["compress", "w.npz", "out.qsd", "--bits-per-weight", "2", "--sensitivity",
-          "missing.json"], "qsdlearn compress: error: missing.json: No such file or directory\n"),
+          "missing.json"],
+         "qsdlearn compress: error: --sensitivity missing.json: No such file or directory\n"),
         (["decompress", "missing.qsd", "out.npz"], "No such file"),
         (["info", ""], "qsdlearn info: error: '': No such file or directory\n"),
     ],
