@@ -21,10 +21,10 @@ from typing import Callable
 
 import numpy as np
 
-from qsdlearn import QuantizedSparseDecomposition
+from qsdlearn import Constraints, LayerSetting, compress_weights
 from qsdlearn._bits import ceil_log2, support_bits
 from qsdlearn._levels import fit_level_scales, quantize
-from qsdlearn.weights import from_rows, sample_rows, to_rows
+from qsdlearn.weights import ROW_SCALE_BYTES, from_rows, sample_rows, to_rows
 
 FLOAT_BITS = 32
 #: Rows MiniBatchDictionaryLearning learns from at most (and a quarter of the others' rows): its
@@ -81,27 +81,46 @@ def _rows_or_skip(weight, vector_size, n_codewords):
 # -- QSD -----------------------------------------------------------------------------------------
 
 
-def qsd(vector_size, n_components, n_nonzero, code_bits, codebook_bits):
-    """QuantizedSparseDecomposition on rows of ``vector_size``; bits = the codec's exact count."""
+def qsd(vector_size, n_components, n_nonzero, code_bits, codebook_bits, row_scales=False):
+    """QuantizedSparseDecomposition on rows of ``vector_size``; bits = the codec's exact count.
+
+    With ``row_scales``, the matrix's row-scaled setting as :func:`qsdlearn.compress_weights`
+    fits it (``LayerSetting(row_scales=True)``: every output row divided by its float16 scale,
+    the fit weighted by the squared scales); the 16 bits of each row's scale are counted."""
 
     def run(weight, budget):
         rows = _rows_or_skip(weight, vector_size, n_components)
-        est = QuantizedSparseDecomposition(
-            n_components=n_components, n_nonzero=n_nonzero, code_bits=code_bits,
-            codebook_bits=codebook_bits, max_iter=budget.max_iter, random_state=budget.seed,
-        )
+        if row_scales:
+            return _row_scaled_qsd(weight, setting, budget)
+        est = setting.estimator(max_iter=budget.max_iter, random_state=budget.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ConvergenceWarning: max_iter is the budget
             est.fit(budget.sample(rows))
         compressed = est.encode(rows)
         return from_rows(compressed.decode(), weight.shape), compressed.bits
 
+    setting = LayerSetting(vector_size, Constraints(n_components, n_nonzero=n_nonzero,
+                                                    code_bits=code_bits,
+                                                    codebook_bits=codebook_bits),
+                           row_scales=row_scales)
     values = "one-hot" if code_bits == 0 else (
         "float" if code_bits is None else f"{code_bits}-bit")
     slots = "dense" if n_nonzero is None else f"{n_nonzero} of {n_components}"
     codebook = "float" if codebook_bits is None else f"{codebook_bits}-bit"
     return Method("QSD", f"d={vector_size} k={n_components} {slots} {values} codes, "
-                  f"{codebook} codebook", run)
+                  f"{codebook} codebook" + (", row scales" if row_scales else ""), run)
+
+
+def _row_scaled_qsd(weight, setting, budget):
+    """A row-scaled ``setting`` through :func:`qsdlearn.compress_weights` (its fit on at most
+    ``budget.fit_rows`` sub-vectors, ``budget.max_iter`` iterations); the reconstruction and
+    the payload bits plus 16 bits per row scale."""
+    model = compress_weights({"weight": weight}, settings={"weight": setting},
+                             max_iter=budget.max_iter, max_fit_rows=budget.fit_rows,
+                             random_state=budget.seed, n_jobs=1)
+    layer = model.layers["weight"]
+    bits = layer.matrix.bits + 8 * ROW_SCALE_BYTES * weight.shape[0]
+    return layer.decompressed_float().astype(weight.dtype), bits
 
 
 # -- truncated SVD with quantized factors --------------------------------------------------------
@@ -393,19 +412,26 @@ QSD_GRID_MODEL = _unique(
 QSD_GRID_QUICK = _unique([(8, 64, 2, 2, 8), (8, 256, 2, 2, 8), (8, 8, None, 4, 8)]
                          + [qsd_vq_setting(d, k) for d, k in KMEANS_GRID_QUICK])
 
+#: Settings QSD also runs with row scales (:func:`qsd`), on the data sets of the "model" grid:
+#: model weights, whose output rows differ in scale, as ``compress_weights`` offers them.
+QSD_ROW_SCALED_MODEL = QSD_GRID_MODEL
+QSD_ROW_SCALED_QUICK = [(8, 64, 2, 2, 8), qsd_vq_setting(1, 8)]
+
 #: Per grid ("quick", "model", "full"): settings of every family. k-means runs at vector sizes 1
 #: (a per-matrix Lloyd–Max scalar quantizer), 2, 4, 8 and 16; PQ, RQ and LSQ are (vector size,
 #: codebooks, bits per codebook).
 _GRIDS = {
     "quick": dict(
-        qsd=QSD_GRID_QUICK, svd_rates=[0.5, 1, 2, 4], scalar=range(1, 6),
+        qsd=QSD_GRID_QUICK, qsd_row_scaled=QSD_ROW_SCALED_QUICK,
+        svd_rates=[0.5, 1, 2, 4], scalar=range(1, 6),
         kmeans=KMEANS_GRID_QUICK,
         dictionary=[(16, 256, 1)], sparse_pca=[(8, 1.0)], pq=[(8, 2, 8)],
         # The additive quantizers' training takes seconds even on small data.
         rq=[(8, 2, 6)], lsq=[(8, 2, 6)],
     ),
     "model": dict(
-        qsd=QSD_GRID_MODEL, svd_rates=[0.25, 0.5, 1, 2, 3, 4, 6], scalar=range(1, 7),
+        qsd=QSD_GRID_MODEL, qsd_row_scaled=QSD_ROW_SCALED_MODEL,
+        svd_rates=[0.25, 0.5, 1, 2, 3, 4, 6], scalar=range(1, 7),
         kmeans=KMEANS_GRID_MODEL,
         dictionary=[(16, 256, 1)], sparse_pca=[(8, 1.0)],
         pq=[(16, 2, 8), (8, 1, 8), (8, 2, 8), (8, 4, 8)],
@@ -437,6 +463,7 @@ def method_grid(grid="full", with_faiss=None):
     g = _GRIDS[grid]
     with_faiss = faiss_available() if with_faiss is None else with_faiss
     methods = [qsd(*s) for s in g["qsd"]]
+    methods += [qsd(*s, row_scales=True) for s in g.get("qsd_row_scaled", ())]
     methods += [svd(rate, bits) for bits in (16, 8) for rate in g["svd_rates"]]
     methods += [scalar(b) for b in g["scalar"]]
     methods += [kmeans(d, k) for d, k in g["kmeans"]]

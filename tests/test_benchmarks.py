@@ -151,6 +151,20 @@ def test_faiss_rq_uses_a_beam_of_at_least_8(weight, monkeypatch):
     assert "beam 8" in M.faiss_quantizer("RQ", 8, 2, 4).setting
 
 
+def test_row_scaled_qsd_counts_its_row_scales_and_fits_rows_of_any_scale():
+    """The row-scaled QSD setting (compress_weights' own) costs the plain setting's payload
+    plus 16 bits per row, and on rows whose scales span three decades it is the better one."""
+    rng = np.random.default_rng(3)
+    W = (10 ** rng.uniform(-2, 1, size=(64, 1)) * rng.standard_normal((64, 128))).astype(
+        np.float32)
+    plain, plain_bits = M.qsd(8, 16, 2, 1, 8).run(W, BUDGET)
+    scaled, scaled_bits = M.qsd(8, 16, 2, 1, 8, row_scales=True).run(W, BUDGET)
+    assert scaled_bits == plain_bits + 64 * 16
+    assert scaled.shape == W.shape and scaled.dtype == W.dtype
+    assert sq_error(W, scaled) < 0.7 * sq_error(W, plain)
+    assert "row scales" in M.qsd(8, 16, 2, 1, 8, row_scales=True).setting
+
+
 def test_method_grids_have_the_new_baselines():
     families = {m.family: m for m in M.method_grid("full", with_faiss=True)}
     assert {"faiss PQ", "faiss RQ", "faiss LSQ", "VQ (sklearn KMeans)"} <= set(families)
