@@ -50,7 +50,7 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, validate_params
+from sklearn.utils._param_validation import Interval, InvalidParameterError, validate_params
 
 from ._allocation import allocate, next_steps
 from ._calibration import LayerCalibration, check_entry
@@ -1998,11 +1998,13 @@ def compress_weights(
         not finite (or given without ``bits_per_weight``), ``bits_per_weight`` is below what
         the candidates reach, a file cannot be read, or a calibration entry names no tensor
         or does not fit its tensor (shape, symmetry, positive semi-definiteness, negative
-        weights), or ``calibration_damping`` is outside [0, 1e12], a bool or given without
+        weights), or ``calibration_damping`` is outside [0, 1e12] or given without
         ``calibration``.
     TypeError
-        If a tensor name is not a string, a dtype is not supported, or ``bits_per_weight`` is
-        a bool.
+        If a tensor name is not a string or a dtype is not supported.
+    sklearn.utils._param_validation.InvalidParameterError
+        (both a ValueError and a TypeError) If a parameter has the wrong type or range, as
+        ``bits_per_weight`` or ``calibration_damping`` given as a bool.
 
     See Also
     --------
@@ -2041,15 +2043,18 @@ def compress_weights(
     """
     if n_jobs == 0:
         raise ValueError("n_jobs=0 runs nothing: give a number of workers, or -1 for all cores")
+    # bools are Reals to scikit-learn's parameter checks: refused here in their words
     if isinstance(calibration_damping, (bool, np.bool_)):
-        raise ValueError(f"calibration_damping must be a number in [0, {MAX_DAMPING:g}], got "
-                         f"{calibration_damping!r}")
+        raise InvalidParameterError(
+            f"The 'calibration_damping' parameter of compress_weights must be a number in "
+            f"[0, {MAX_DAMPING:g}] or None. Got {calibration_damping!r} instead.")
     if calibration_damping is not None and calibration is None:
         raise ValueError("calibration_damping applies to data-aware compression: give "
                          "calibration as well, or leave calibration_damping out")
-    if isinstance(bits_per_weight, (bool, np.bool_)):  # a Real to the parameter check
-        raise TypeError(f"bits_per_weight must be a positive number of bits, got "
-                        f"{bits_per_weight!r}")
+    if isinstance(bits_per_weight, (bool, np.bool_)):
+        raise InvalidParameterError(
+            f"The 'bits_per_weight' parameter of compress_weights must be a positive number "
+            f"of bits or None. Got {bits_per_weight!r} instead.")
     _check_candidates(candidates, bits_per_weight)
     checkpoint = open_checkpoint(weights)
     if not checkpoint.names:

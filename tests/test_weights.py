@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils._param_validation import InvalidParameterError
 
 import qsdlearn
 from qsdlearn import CompressedModel, Constraints, LayerSetting, compress_weights
@@ -221,8 +222,11 @@ def test_files_and_bad_sources(tmp_path):
         read_weights([np.ones(3)])
     with pytest.raises(ValueError, match="bits_per_weight"):
         compress_weights(weights, bits_per_weight=-1)
-    with pytest.raises(TypeError, match="bits_per_weight"):  # not taken as 1.0 bit
+    # a bool is not taken as 1.0 bit; refused with the error of every other bad parameter
+    with pytest.raises(InvalidParameterError, match="'bits_per_weight' parameter"):
         compress_weights(weights, bits_per_weight=True)
+    with pytest.raises(InvalidParameterError, match="'calibration_damping' parameter"):
+        compress_weights(weights, bits_per_weight=2.0, calibration_damping=np.True_)
 
 
 def test_damaged_model_files_are_rejected(tmp_path):
