@@ -161,9 +161,15 @@ def squared_error(X, C, codes, metric=None):
     return out, float(out.sum())
 
 
-def code_statistics(X, codes, n_components):
+def code_statistics(X, codes, n_components, weights=None):
     """``Z^T Z`` and ``Z^T X``, the sufficient statistics of the codebook step, computed in
-    float64 (float32 sums of rows with a large common offset would lose the offset-free part)."""
+    float64 (float32 sums of rows with a large common offset would lose the offset-free part).
+    With row ``weights``, ``Z^T W Z`` and ``Z^T W X`` (the rows of ``Z`` and ``X`` times the
+    square roots of the weights)."""
+    if weights is not None:
+        root = np.sqrt(weights)[:, None]
+        X = X.astype(np.float64) * root
+        codes = Codes(codes.idx, codes.val.astype(np.float64) * root)
     if codes.idx is None:
         Z = codes.val.astype(np.float64, copy=False)
         return Z.T @ Z, Z.T @ X.astype(np.float64, copy=False)
@@ -419,6 +425,15 @@ def update_codebook(ZtZ, ZtX, C, scales, constraints):
     return pattern * new_scales[:, None], np.abs(new_scales)
 
 
+def _codebook_statistics(X, codes, constraints, metric):
+    """The statistics ``(Z^T W Z, Z^T W X)`` of the codebook block of a fit without a metric
+    or with row weights alone (for which the plain step on them is exact), else None."""
+    if metric is not None and metric.blocks is not None:
+        return None
+    return code_statistics(X, codes, constraints.n_components,
+                           None if metric is None else metric.weights)
+
+
 def _metric_codebook_step(X, codes, C, scales, constraints, metric):
     """The codebook block under a metric (float64 in and out), and the codewords no row of
     positive weight uses.
@@ -429,9 +444,9 @@ def _metric_codebook_step(X, codes, C, scales, constraints, metric):
     plain step on weighted statistics (exact per-row sweeps, but blind to ``H``), and a
     projected gradient step in the metric (step ``1 / L``, ``L`` a bound of the largest
     eigenvalue of the block's Hessian, then an exact refit of the grid scales) from either of
-    them. With row weights alone (isotropic blocks are folded into them, see
-    :func:`qsdlearn._metric.prepare`) the plain step on weighted statistics is used, sweep
-    included.
+    them. (With row weights alone, isotropic blocks folded into them by
+    :func:`qsdlearn._metric.prepare`, the plain step on the weighted statistics is exact: the
+    fit takes it instead, see :func:`_codebook_statistics`.)
     """
     k, d = C.shape
     idx, val = codes.slot_index(), codes.val
@@ -439,12 +454,6 @@ def _metric_codebook_step(X, codes, C, scales, constraints, metric):
     WZ = _metric.code_matrix(idx, val, k, metric.weights)
     curvature = np.asarray(WZ.multiply(Z).sum(axis=0)).ravel()
     unused = np.flatnonzero(curvature <= 0)
-    if metric.blocks is None:
-        # Row weights only: the plain step on the weighted statistics is exact as it is.
-        ZtZ = (WZ.T @ Z).toarray()
-        C, scales = update_codebook(ZtZ, np.asarray(WZ.T @ X.astype(np.float64)), C, scales,
-                                    constraints)
-        return C, scales, unused
     if constraints.free_codebook:
         if metric.n_blocks == 1:
             ZtZ = (WZ.T @ Z).toarray()
@@ -513,11 +522,12 @@ def _relocate_unused(X, C, scales, codes, row_errors, unused, constraints):
 
 def _fold_code_scales(X, codes, C, scales, constraints, metric=None, statistics=None):
     """Refit per-component scales of quantized codes and fold them into the codebook.
-    ``statistics``: the codes' ``(Z^T Z, Z^T X)`` when already computed (no metric)."""
+    ``statistics``: the codes' ``(Z^T W Z, Z^T W X)`` when already computed (no metric, or
+    row weights alone; see :func:`_codebook_statistics`)."""
     ones = np.ones(constraints.n_components)
-    if metric is None:
-        if statistics is None:
-            statistics = code_statistics(X, codes, constraints.n_components)
+    if statistics is None and metric is None:
+        statistics = code_statistics(X, codes, constraints.n_components)
+    if statistics is not None:
         ZtZ, ZtX = statistics
         alpha = refit_scales(ZtZ, ZtX, C, ones)
     else:
@@ -847,11 +857,10 @@ def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit
 
         # Codebook block: fold code scales, then exact LS or a projected gradient step.
         C_old, scales_old = C, scales
-        statistics = None if metric is not None else code_statistics(
-            X, codes, constraints.n_components)  # the codes stay fixed in this block
+        statistics = _codebook_statistics(X, codes, constraints, metric)  # codes fixed here
         if constraints.code_bits is not None and constraints.code_bits > 0:
             C, scales = _fold_code_scales(X, codes, C, scales, constraints, metric, statistics)
-        if metric is None:
+        if statistics is not None:
             ZtZ, ZtX = statistics
             C, scales = update_codebook(ZtZ, ZtX, C, scales, constraints)
             unused = np.flatnonzero(np.diag(ZtZ) <= 0)

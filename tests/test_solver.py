@@ -58,6 +58,27 @@ def test_weighted_seeding_sample_takes_heavy_rows_with_their_weight():
     np.testing.assert_array_equal(w[w <= 1], 1.0)
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_weighted_code_statistics_match_a_plain_numpy_reference(dense, dtype):
+    """``Z^T W Z`` and ``Z^T W X`` (the codebook step of a fit with row weights, zeros among
+    them), from sparse slots or dense codes."""
+    rng = np.random.default_rng(5)
+    n, k, d = 50, 7, 3
+    X = rng.normal(size=(n, d)).astype(dtype)
+    weights = rng.choice([0.0, 0.25, 1.0, 9.0], size=n)
+    if dense:
+        codes = _solver.Codes(None, rng.normal(size=(n, k)).astype(dtype))
+    else:
+        idx = np.sort(np.argsort(rng.random((n, k)), axis=1)[:, :2], axis=1)
+        values = rng.choice([-1.0, 1.0], size=(n, 2)).astype(dtype)
+        codes = _solver.Codes(idx.astype(np.int32), values)
+    Z = codes.to_dense(k).astype(np.float64)
+    ZtZ, ZtX = _solver.code_statistics(X, codes, k, weights)
+    np.testing.assert_allclose(ZtZ, Z.T @ (weights[:, None] * Z), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ZtX, Z.T @ (weights[:, None] * X.astype(np.float64)),
+                               rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_weighted_kmeans_on_many_rows_seeds_as_on_all_rows(dtype):
     """Token-count-like weights (five rows a hundred times heavier than the next) on more rows
