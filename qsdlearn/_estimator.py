@@ -413,7 +413,8 @@ default=None
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit_transform(self, X, y=None, sample_weight=None, metric=None):
-        """Fit to ``X`` and return its codes (the same as ``fit(X).transform(X)``).
+        """Fit to ``X`` and return its codes (the same as ``fit(X).transform(X)``, except with
+        ``solver="pgd"``, whose codes are its last iterate's).
 
         Parameters
         ----------

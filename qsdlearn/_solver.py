@@ -940,31 +940,38 @@ def fit_factorization(
                              metric, search_width, solver)
         if best is None or result.objective[-1] < best.objective[-1]:
             best = result
-    codebook, best.codebook_scales, best.codebook_levels = _finalize_codebook(
+    fitted = best.codebook
+    best.codebook, best.codebook_scales, best.codebook_levels = _finalize_codebook(
         best.codebook, best.codebook_scales, constraints, X.dtype
     )
-    # One-hot codes from the last iteration are already the nearest codewords of the codebook.
+    _scale_codebook(best, exponent)
+    # The codebook stored, in the units of the fit: the final one, unless scaling it back
+    # rounded it (among subnormal numbers). The codes are solved against it, as transform does.
+    stored = _scaled(best.codebook.astype(X.dtype), -exponent)
     if solver == "pgd":
-        best.row_errors, _ = squared_error(X, codebook, best.codes)
-    elif metric is not None or not (constraints.one_hot
-                                    and np.array_equal(codebook, best.codebook)):
-        best.codes, best.row_errors = _solve_codes(X, codebook, constraints, metric=metric,
+        best.row_errors, _ = squared_error(X, stored, best.codes)
+    # One-hot codes from the last iteration are already the nearest codewords of the codebook.
+    elif metric is not None or not (constraints.one_hot and np.array_equal(stored, fitted)):
+        best.codes, best.row_errors = _solve_codes(X, stored, constraints, metric=metric,
                                                    search_width=search_width)
-    best.codebook = codebook
-    return _scale_result(best, exponent, metric_unit)
+    return _scale_errors(best, exponent, metric_unit)
 
 
-def _scale_result(result, exponent, metric_unit=1.0):
-    """The fit of ``X / 2**exponent`` as the fit of ``X``: codebook and scales times
-    ``2**exponent``, squared errors times ``4**exponent`` and the metric's power of two
-    ``metric_unit`` (codes are unchanged). A quantized
-    codebook is recomputed as its levels times the scaled scales, the product the decoder
-    computes (the two differ where scaling rounds, among subnormal numbers)."""
+def _scale_codebook(result, exponent):
+    """The codebook and grid scales of the fit of ``X / 2**exponent`` as those of ``X``
+    (times ``2**exponent``). A quantized codebook is recomputed as its levels times the
+    scaled scales, the product the decoder computes (the two differ where scaling rounds,
+    among subnormal numbers)."""
     result.codebook_scales = _scaled(result.codebook_scales, exponent)
     if result.codebook_levels is None:
         result.codebook = _scaled(result.codebook, exponent)
     else:
         result.codebook = result.codebook_levels * result.codebook_scales[:, None]
+
+
+def _scale_errors(result, exponent, metric_unit=1.0):
+    """The errors of the fit of ``X / 2**exponent`` as those of ``X``: squared errors times
+    ``4**exponent`` and the metric's power of two ``metric_unit`` (codes are unchanged)."""
     result.error_norm = math.ldexp(math.sqrt(float(result.row_errors.sum()) * metric_unit),
                                    exponent)
     with np.errstate(over="ignore"):  # squared errors beyond float64's range become inf

@@ -5,6 +5,7 @@ import warnings
 import numba
 import numpy as np
 import pytest
+from sklearn.base import clone
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.decomposition import MiniBatchDictionaryLearning, SparsePCA, sparse_encode
@@ -290,12 +291,17 @@ def test_transform_of_training_rows_reproduces_the_fitted_error(setting, dtype):
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
-@pytest.mark.parametrize("fit", ["plain", "weights", "metric", "pgd"])
+@pytest.mark.parametrize("fit", ["plain", "weights", "metric", "pgd", "subnormal"])
 def test_the_codes_of_a_fit_are_those_encode_gives(setting, fit, dtype):
     """``_fit_codes`` (which ``compress_weights`` packs instead of encoding the rows fitted a
-    second time) packs to the bytes of ``encode``: row weights, zeros among them, leave the
-    codes as they are; a metric of blocks and the plain method are encoded again."""
-    X = gaussian(150, 6, seed=7).astype(dtype)
+    second time) packs to the bytes of ``encode``, and ``fit_transform`` gives ``transform``:
+    row weights, zeros among them, leave the codes as they are; a metric of blocks and the
+    plain method are encoded again; data among subnormal numbers, whose codebook rounds as it
+    is scaled back, get the codes of the codebook stored."""
+    X = gaussian(150, 6, seed=7)
+    if fit == "subnormal":
+        X = X * (1e-39 if dtype == np.float32 else 1e-310)
+    X = X.astype(dtype)
     params = dict(SETTINGS[setting])
     fit_params = {}
     if fit == "weights":
@@ -309,7 +315,10 @@ def test_the_codes_of_a_fit_are_those_encode_gives(setting, fit, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         codes = est._fit_codes(X, **fit_params)
+        fit_transform = clone(est).fit_transform(X, **fit_params)
     assert est._pack(codes).to_bytes() == est.encode(X).to_bytes()
+    if fit != "pgd":  # the plain method returns its own last iterate (see ``solver``)
+        np.testing.assert_array_equal(fit_transform, est.transform(X, fit_params.get("metric")))
 
 
 def test_transform_new_rows_is_row_independent():
