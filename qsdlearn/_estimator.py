@@ -21,6 +21,7 @@ from sklearn.utils.validation import (
 from . import _metric, _solver
 from ._constraints import Constraints
 from ._jit import kernel_threads
+from ._params import refuse_bools
 from ._kernels import all_positions, reconstruct_from_slots
 from .codec import MatrixSettings, encode_factors
 
@@ -407,6 +408,9 @@ default=None
         ValueError
             If ``X`` holds NaN or infinity, ``sample_weight`` is negative or all zero, or
             ``metric`` has the wrong shape or is not symmetric positive semi-definite.
+        sklearn.utils._param_validation.InvalidParameterError
+            (a ValueError and a TypeError) If a parameter has the wrong type or range, or a
+            numeric one is a bool.
         """
         self._fit(X, sample_weight, metric)
         return self
@@ -456,6 +460,9 @@ default=None
         return codes
 
     def _fit(self, X, sample_weight=None, metric=None):
+        refuse_bools(type(self).__name__, **{name: getattr(self, name) for name in (
+            "n_components", "n_nonzero", "code_bits", "codebook_bits", "component_nonzero",
+            "n_init", "max_iter", "tol", "search_width", "n_threads")})
         X = validate_data(self, _native_float(X), dtype=[np.float64, np.float32],
                           ensure_min_samples=1)
         X = np.ascontiguousarray(X)

@@ -50,7 +50,7 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, InvalidParameterError, validate_params
+from sklearn.utils._param_validation import Interval, validate_params
 
 from ._allocation import allocate, next_steps
 from ._calibration import LayerCalibration, check_entry
@@ -62,6 +62,7 @@ from ._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, from_little_
 from ._estimator import QuantizedSparseDecomposition
 from ._jit import blas_single_thread
 from ._kernels import INDEX_DTYPE
+from ._params import refuse_bools
 from ._sampling import importance_sample
 from ._solver import Codes, kmeans_plusplus_seeds, resolve_init
 from .codec import (STREAMS, CompressedMatrix, MatrixSettings, encode_factors, matrix_from_payload,
@@ -2001,10 +2002,11 @@ def compress_weights(
         weights), or ``calibration_damping`` is outside [0, 1e12] or given without
         ``calibration``.
     TypeError
-        If a tensor name is not a string or a dtype is not supported.
+        If a tensor name or a ``keep`` pattern is not a string, or a dtype is not supported.
     sklearn.utils._param_validation.InvalidParameterError
-        (both a ValueError and a TypeError) If a parameter has the wrong type or range, as
-        ``bits_per_weight`` or ``calibration_damping`` given as a bool.
+        (both a ValueError and a TypeError) If a parameter has the wrong type or range, or a
+        numeric one (``bits_per_weight``, ``calibration_damping``, ``vector_size``,
+        ``max_iter``, ``max_fit_rows``) is a bool.
 
     See Also
     --------
@@ -2043,18 +2045,12 @@ def compress_weights(
     """
     if n_jobs == 0:
         raise ValueError("n_jobs=0 runs nothing: give a number of workers, or -1 for all cores")
-    # bools are Reals to scikit-learn's parameter checks: refused here in their words
-    if isinstance(calibration_damping, (bool, np.bool_)):
-        raise InvalidParameterError(
-            f"The 'calibration_damping' parameter of compress_weights must be a number in "
-            f"[0, {MAX_DAMPING:g}] or None. Got {calibration_damping!r} instead.")
+    refuse_bools("compress_weights", bits_per_weight=bits_per_weight,
+                 calibration_damping=calibration_damping, vector_size=vector_size,
+                 max_iter=max_iter, max_fit_rows=max_fit_rows)
     if calibration_damping is not None and calibration is None:
         raise ValueError("calibration_damping applies to data-aware compression: give "
                          "calibration as well, or leave calibration_damping out")
-    if isinstance(bits_per_weight, (bool, np.bool_)):
-        raise InvalidParameterError(
-            f"The 'bits_per_weight' parameter of compress_weights must be a positive number "
-            f"of bits or None. Got {bits_per_weight!r} instead.")
     _check_candidates(candidates, bits_per_weight)
     checkpoint = open_checkpoint(weights)
     if not checkpoint.names:
@@ -2062,6 +2058,8 @@ def compress_weights(
     if all(info.size == 0 for info in checkpoint.infos.values()):
         raise ValueError("no weights to compress: every tensor is empty")
     for pattern in keep or ():
+        if not isinstance(pattern, str):
+            raise TypeError(f"keep holds name patterns (strings), got {pattern!r}")
         if not any(matching(name, (pattern,)) for name in checkpoint.names):
             warnings.warn(f"keep pattern {pattern!r} matches no tensor", UserWarning, stacklevel=3)
     digests = checkpoint.check()

@@ -10,6 +10,7 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.decomposition import MiniBatchDictionaryLearning, SparsePCA, sparse_encode
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.utils._param_validation import InvalidParameterError
 
 from qsdlearn import QuantizedSparseDecomposition
 
@@ -474,6 +475,17 @@ def test_power_of_two_scaling_is_exact(setting, exponent, dtype):
 )
 def test_bad_parameters_raise_value_error(params, match):
     with pytest.raises(ValueError, match=match):
+        QuantizedSparseDecomposition(**params).fit(gaussian(50, 6))
+
+
+@pytest.mark.parametrize("name", ["n_components", "n_nonzero", "code_bits", "codebook_bits",
+                                  "component_nonzero", "n_init", "max_iter", "tol",
+                                  "search_width", "n_threads"])
+def test_a_bool_for_a_numeric_parameter_is_refused(name):
+    """scikit-learn's checks take a bool for 0 or 1 (``code_bits=True`` would be one bit; it
+    crashed as ``n_nonzero``)."""
+    params = {**dict(n_components=4, n_nonzero=2, code_bits=1, codebook_bits=4), name: True}
+    with pytest.raises(InvalidParameterError, match=f"'{name}' parameter.*not a bool"):
         QuantizedSparseDecomposition(**params).fit(gaussian(50, 6))
 
 

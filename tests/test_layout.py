@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "qsdlearn"
 
 #: Modules from the bottom up; a module may import only from layers below its own.
 LAYERS = [
-    {"_levels"},
+    {"_levels", "_params"},
     {"_jit", "_container", "_allocation", "metrics", "_dtypes", "calibration", "_sampling"},
     {"_bits", "_kernels", "_seeding", "_checkpoint", "_calibration"},
     {"_constraints", "_metric"},

@@ -225,8 +225,11 @@ def test_files_and_bad_sources(tmp_path):
     # a bool is not taken as 1.0 bit; refused with the error of every other bad parameter
     with pytest.raises(InvalidParameterError, match="'bits_per_weight' parameter"):
         compress_weights(weights, bits_per_weight=True)
-    with pytest.raises(InvalidParameterError, match="'calibration_damping' parameter"):
-        compress_weights(weights, bits_per_weight=2.0, calibration_damping=np.True_)
+    with pytest.raises(TypeError, match="keep holds name patterns"):
+        compress_weights(weights, bits_per_weight=2.0, keep=[1])
+    for name in ("calibration_damping", "vector_size", "max_iter", "max_fit_rows"):
+        with pytest.raises(InvalidParameterError, match=f"'{name}' parameter.*not a bool"):
+            compress_weights(weights, bits_per_weight=2.0, **{name: True})
 
 
 def test_damaged_model_files_are_rejected(tmp_path):
