@@ -53,7 +53,10 @@ def _check_inputs_exist(args):
 def _check_output(args, file_only=False):
     """Refuse to write over an input (the weights, the ``--calibration`` checkpoint, the
     ``--sensitivity`` file), over an existing output without ``--force``, or, with
-    ``file_only`` (an output that is one file), onto a folder; checked before any work."""
+    ``file_only`` (an output that is one file), onto a folder; checked before any work. A
+    symbolic link counts as existing even where it points nowhere."""
+    if not args.output:
+        raise ValueError("the output name is empty: give the file to write")
     output = os.path.abspath(args.output)
     inputs = [("the input", path) for path in _input_files(args.input)]
     if getattr(args, "calibration", None) is not None:
@@ -65,7 +68,7 @@ def _check_output(args, file_only=False):
     for role, path in inputs:
         if os.path.exists(path) and os.path.exists(output) and os.path.samefile(path, output):
             raise ValueError(f"{args.output} is {role}; write the output elsewhere")
-    if os.path.exists(output) and not args.force:
+    if os.path.lexists(output) and not args.force:
         raise ValueError(f"{args.output} exists; pass --force to overwrite it")
     folder = os.path.dirname(output)
     if not os.path.isdir(folder):  # checked now, not after the whole compression

@@ -242,6 +242,14 @@ def test_cli_does_not_overwrite_without_force(compressed_file, tmp_path, capsys)
     assert compressed_file.read_bytes() == before
     assert main(["compress", str(out), str(compressed_file), "--bits-per-weight", "4"]) == 1
     assert "exists; pass --force" in capsys.readouterr().err
+    # a link, even one that points nowhere, is not replaced unasked; an empty name is refused
+    link = tmp_path / "link.npz"
+    link.symlink_to(tmp_path / "nowhere.npz")
+    assert main(["decompress", str(compressed_file), str(link)]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert link.is_symlink() and not (tmp_path / "nowhere.npz").exists()
+    assert main(["decompress", str(compressed_file), ""]) == 1
+    assert "the output name is empty" in capsys.readouterr().err
 
 
 def test_cli_never_writes_over_its_calibration_or_sensitivity_file_nor_onto_a_folder(
