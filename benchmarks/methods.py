@@ -24,7 +24,8 @@ import numpy as np
 from qsdlearn import Constraints, LayerSetting, compress_weights
 from qsdlearn._bits import ceil_log2, support_bits
 from qsdlearn._levels import fit_level_scales, quantize
-from qsdlearn.weights import ROW_SCALE_BYTES, from_rows, sample_rows, to_rows
+from qsdlearn.weights import (MIN_COMPRESSED_SIZE, ROW_SCALE_BYTES, from_rows, sample_rows,
+                              to_rows)
 
 FLOAT_BITS = 32
 #: Rows MiniBatchDictionaryLearning learns from at most (and a quarter of the others' rows): its
@@ -115,6 +116,9 @@ def _row_scaled_qsd(weight, setting, budget):
     """A row-scaled ``setting`` through :func:`qsdlearn.compress_weights` (its fit on at most
     ``budget.fit_rows`` sub-vectors, ``budget.max_iter`` iterations); the reconstruction and
     the payload bits plus 16 bits per row scale."""
+    if weight.size < MIN_COMPRESSED_SIZE:
+        raise NotApplicable(f"{weight.size} weights: compress_weights keeps tensors of fewer "
+                            f"than {MIN_COMPRESSED_SIZE}")
     model = compress_weights({"weight": weight}, settings={"weight": setting},
                              max_iter=budget.max_iter, max_fit_rows=budget.fit_rows,
                              random_state=budget.seed, n_jobs=1)

@@ -163,6 +163,8 @@ def test_row_scaled_qsd_counts_its_row_scales_and_fits_rows_of_any_scale():
     assert scaled.shape == W.shape and scaled.dtype == W.dtype
     assert sq_error(W, scaled) < 0.7 * sq_error(W, plain)
     assert "row scales" in M.qsd(8, 16, 2, 1, 8, row_scales=True).setting
+    with pytest.raises(M.NotApplicable):  # a tensor compress_weights keeps as it is
+        M.qsd(8, 16, 2, 1, 8, row_scales=True).run(W[:4], BUDGET)
 
 
 def test_method_grids_have_the_new_baselines():
