@@ -2052,14 +2052,15 @@ def compress_weights(
         raise ValueError("calibration_damping applies to data-aware compression: give "
                          "calibration as well, or leave calibration_damping out")
     _check_candidates(candidates, bits_per_weight)
+    for pattern in keep or ():
+        if not isinstance(pattern, str):
+            raise TypeError(f"keep holds name patterns (strings), got {pattern!r}")
     checkpoint = open_checkpoint(weights)
     if not checkpoint.names:
         raise ValueError("no tensors to compress")
     if all(info.size == 0 for info in checkpoint.infos.values()):
         raise ValueError("no weights to compress: every tensor is empty")
     for pattern in keep or ():
-        if not isinstance(pattern, str):
-            raise TypeError(f"keep holds name patterns (strings), got {pattern!r}")
         if not any(matching(name, (pattern,)) for name in checkpoint.names):
             warnings.warn(f"keep pattern {pattern!r} matches no tensor", UserWarning, stacklevel=3)
     digests = checkpoint.check()
