@@ -206,7 +206,7 @@ def test_cli_reads_calibration_files(digits_mlp, tmp_path, capsys):
     missing = tmp_path / "missing.npz"
     assert main(["compress", str(source), str(tmp_path / "b.qsd"), "--bits-per-weight", "4",
                  "--calibration", str(missing)]) == 1
-    assert f"error: {missing}: No such file or directory\n" in capsys.readouterr().err
+    assert f"error: --calibration {missing}: No such file or directory\n" in capsys.readouterr().err
 
 
 def test_feedback_factors_are_the_optimal_compensation_and_its_metric():
