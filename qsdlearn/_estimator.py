@@ -21,8 +21,8 @@ from sklearn.utils.validation import (
 from . import _metric, _solver
 from ._constraints import Constraints
 from ._jit import kernel_threads
-from ._params import refuse_bools
 from ._kernels import all_positions, reconstruct_from_slots
+from ._params import refuse_bools
 from .codec import MatrixSettings, encode_factors
 
 

@@ -2048,6 +2048,7 @@ def compress_weights(
     refuse_bools("compress_weights", bits_per_weight=bits_per_weight,
                  calibration_damping=calibration_damping, vector_size=vector_size,
                  max_iter=max_iter, max_fit_rows=max_fit_rows)
+    vector_size = int(vector_size)  # a NumPy integer as well (it sizes the settings' codebooks)
     if calibration_damping is not None and calibration is None:
         raise ValueError("calibration_damping applies to data-aware compression: give "
                          "calibration as well, or leave calibration_damping out")

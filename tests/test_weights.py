@@ -225,6 +225,9 @@ def test_files_and_bad_sources(tmp_path):
     # a bool is not taken as 1.0 bit; refused with the error of every other bad parameter
     with pytest.raises(InvalidParameterError, match="'bits_per_weight' parameter"):
         compress_weights(weights, bits_per_weight=True)
+    model = compress_weights(weights, bits_per_weight=4.0, vector_size=np.int64(8),
+                             max_iter=np.int64(2), max_fit_rows=np.int64(512), random_state=0)
+    assert model.bits_per_weight <= 4.0  # NumPy integers are integers
     with pytest.raises(TypeError, match="keep holds name patterns"):
         compress_weights(weights, bits_per_weight=2.0, keep=[1])
     for name in ("calibration_damping", "vector_size", "max_iter", "max_fit_rows"):
