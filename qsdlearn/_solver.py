@@ -520,13 +520,11 @@ def _relocate_unused(X, C, scales, codes, row_errors, unused, constraints):
     return C, scales
 
 
-def _fold_code_scales(X, codes, C, scales, constraints, metric=None, statistics=None):
+def _fold_code_scales(X, codes, C, scales, constraints, metric, statistics):
     """Refit per-component scales of quantized codes and fold them into the codebook.
-    ``statistics``: the codes' ``(Z^T W Z, Z^T W X)`` when already computed (no metric, or
-    row weights alone; see :func:`_codebook_statistics`)."""
+    ``statistics``: the codes' ``(Z^T W Z, Z^T W X)`` of a fit without a metric or with row
+    weights alone (:func:`_codebook_statistics`); None under a metric of blocks."""
     ones = np.ones(constraints.n_components)
-    if statistics is None and metric is None:
-        statistics = code_statistics(X, codes, constraints.n_components)
     if statistics is not None:
         ZtZ, ZtX = statistics
         alpha = refit_scales(ZtZ, ZtX, C, ones)

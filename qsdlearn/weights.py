@@ -1328,15 +1328,15 @@ def sample_rows(X, max_rows, seed, keep_order=True):
     """At most ``max_rows`` rows of ``X`` (all when ``None``), drawn uniformly without
     replacement with ``seed``; kept in their order unless ``keep_order=False`` (then in the
     order drawn)."""
-    taken = _uniform_rows(X.shape[0], max_rows, seed, keep_order)
-    return X if taken is None else X[taken]
+    if max_rows is None or X.shape[0] <= max_rows:
+        return X
+    return X[_uniform_rows(X.shape[0], max_rows, seed, keep_order)]
 
 
-def _uniform_rows(n, max_rows, seed, keep_order):
-    """The indices :func:`sample_rows` takes of ``n`` rows (None: all, in order)."""
-    if max_rows is None or n <= max_rows:
-        return None
-    rows = np.random.default_rng(seed).choice(n, max_rows, replace=False)
+def _uniform_rows(n, size, seed, keep_order):
+    """``size`` of ``n`` row indices, drawn uniformly without replacement with ``seed``;
+    sorted unless ``keep_order=False`` (then in the order drawn)."""
+    rows = np.random.default_rng(seed).choice(n, size, replace=False)
     return np.sort(rows) if keep_order else rows
 
 
@@ -1367,9 +1367,10 @@ def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
     their inclusion probability (:func:`~qsdlearn._sampling.importance_sample`). Without a
     sample, the fit is weighted. Rows are kept in their order unless ``keep_order=False``."""
     if calibration is None:
+        if max_rows is None or X.shape[0] <= max_rows:
+            return _FitSample(X, None, None, 1.0, None)
         taken = _uniform_rows(X.shape[0], max_rows, seed, keep_order)
-        sample = X if taken is None else X[taken]
-        return _FitSample(sample, None, None, X.shape[0] / sample.shape[0], taken)
+        return _FitSample(X[taken], None, None, X.shape[0] / max_rows, taken)
     d = X.shape[1]
     m = calibration.subvectors_per_row
     n_out = X.shape[0] // m
@@ -1387,8 +1388,7 @@ def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
         return output_rows(rows, None, np.repeat(row_weights[rows], m), 1.0)
     size = max(1, -(-max_rows // m))
     if row_weights is None:
-        rows = np.random.default_rng(seed).choice(n_out, size, replace=False)
-        rows = np.sort(rows) if keep_order else rows
+        rows = _uniform_rows(n_out, size, seed, keep_order)
         return output_rows(rows, calibration.metric(d), None, n_out / size)
     rows, weights, factor = importance_sample(row_weights, size, np.random.default_rng(seed),
                                               keep_order)
