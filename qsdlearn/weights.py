@@ -95,6 +95,13 @@ ROW_SCALE_BYTES = 2
 #: codeword fits them far better than it fits the others).
 ESTIMATE_ROWS = 1024
 ESTIMATE_ROWS_PER_CODEWORD = 8
+#: The same for vector quantization (one-hot codes), whose estimate is a few Lloyd passes and
+#: cheap on many rows. On 8 rows per codeword its estimates were optimistic by 0.2 to 0.4 dB
+#: on MiniLM's matrices at 64 to 256 codewords (up to 1.5 dB on rows of very different
+#: scales), which drew the planner to vector quantization over better settings; on at least
+#: 4,096 rows and 32 per codeword they lie within -0.35 to +0.35 dB of the final fit's.
+ESTIMATE_ONE_HOT_ROWS = 4096
+ESTIMATE_ONE_HOT_ROWS_PER_CODEWORD = 32
 #: Rows, besides those fitted, on which the estimate is measured when the layer has them.
 ESTIMATE_HELD_OUT_ROWS = 1024
 #: Of the rows not fitted, this many of the largest (weighted) squared norm are always among
@@ -251,9 +258,10 @@ class LayerSetting:
 def default_candidates(vector_size=8, large_codebooks=False):
     """Candidate settings spanning about 0.5 to 5 bits per weight, dense in rate.
 
-    Vector quantization (k-means, 8-bit codebook) with 16, 64 and 256 codewords on
-    sub-vectors of ``vector_size``, half and a quarter of it, and with 4 to 32 levels on
-    single weights (a Lloyd–Max scalar quantizer of the tensor), so that the special cases
+    Vector quantization (k-means, 8-bit codebook) with 16, 32, 64, 128 and 256 codewords on
+    sub-vectors of ``vector_size``, half and a quarter of it (steps of 1 / d bits per weight:
+    a split between two settings far apart in rate loses to a point between them), and with
+    4 to 32 levels on single weights (a Lloyd–Max scalar quantizer of the tensor), so that the special cases
     the factorization contains are candidates too; two 1-bit code values among 128, 181,
     256 and 362 codewords (as many as 13 to 16 bits of support address: about 1.9 to
     2.3 bits per weight at ``vector_size=8``), two and three 2-bit values among 256; dense
@@ -277,7 +285,7 @@ def default_candidates(vector_size=8, large_codebooks=False):
     Returns
     -------
     list of LayerSetting
-        46 settings at ``vector_size=8`` (50 with ``large_codebooks``): 23 (25) without row
+        58 settings at ``vector_size=8`` (62 with ``large_codebooks``): 29 (31) without row
         scales, then the same with them.
 
     Raises
@@ -290,9 +298,9 @@ def default_candidates(vector_size=8, large_codebooks=False):
     >>> from qsdlearn.weights import default_candidates
     >>> candidates = default_candidates(8)
     >>> len(candidates), candidates[0].describe()
-    (46, 'd=8 k=128 2 of 128 codes=1b codebook=8b')
+    (58, 'd=8 k=128 2 of 128 codes=1b codebook=8b')
     >>> len(default_candidates(8, large_codebooks=True))
-    50
+    62
     """
     if not isinstance(large_codebooks, (bool, np.bool_)):
         raise TypeError(f"large_codebooks must be a bool, got {large_codebooks!r}")
@@ -301,7 +309,8 @@ def default_candidates(vector_size=8, large_codebooks=False):
     dense = [(d, None, b) for b in (2, 3, 4, 5)]
     candidates = [LayerSetting(d, Constraints(k, s, b, 8)) for k, s, b in sparse + dense]
     for size in sorted({d, max(1, d // 2), max(1, d // 4)} - {1}, reverse=True):
-        candidates += [LayerSetting(size, Constraints(k, 1, 0, 8)) for k in (16, 64, 256)]
+        candidates += [LayerSetting(size, Constraints(k, 1, 0, 8))
+                       for k in (16, 32, 64, 128, 256)]
     if large_codebooks:
         candidates += [LayerSetting(d, Constraints(k, 1, 0, 8)) for k in (1024, 4096)]
     candidates += [LayerSetting(1, Constraints(k, 1, 0, 8)) for k in (4, 8, 16, 32)]
@@ -1602,7 +1611,10 @@ def _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows,
 
 def _estimate_rows(setting):
     """Rows a candidate is fitted on to estimate its error."""
-    return max(ESTIMATE_ROWS, ESTIMATE_ROWS_PER_CODEWORD * setting.constraints.n_components)
+    k = setting.constraints.n_components
+    if setting.constraints.one_hot:
+        return max(ESTIMATE_ONE_HOT_ROWS, ESTIMATE_ONE_HOT_ROWS_PER_CODEWORD * k)
+    return max(ESTIMATE_ROWS, ESTIMATE_ROWS_PER_CODEWORD * k)
 
 
 def _fits(setting, shape):
@@ -1619,7 +1631,8 @@ def _codebook_share(setting, shape, nbytes):
 
 
 #: Rows of a layer's permutation kept for its candidates' estimates (see _held_out_split).
-_PERMUTATION_START = 512 * ESTIMATE_ROWS_PER_CODEWORD + ESTIMATE_HELD_OUT_ROWS
+_PERMUTATION_START = max(512 * ESTIMATE_ROWS_PER_CODEWORD,
+                         256 * ESTIMATE_ONE_HOT_ROWS_PER_CODEWORD) + ESTIMATE_HELD_OUT_ROWS
 
 
 def _held_out_split(n_rows, fit_rows, seed, shared=None):
@@ -1635,8 +1648,9 @@ def _held_out_split(n_rows, fit_rows, seed, shared=None):
     shared = {} if shared is None else shared
     key = ("permutation", n_rows)
     if key not in shared or shared[key].size < needed:
-        # a start long enough for every default candidate (the largest, 362 codewords, fits
-        # 2,896 rows), so that the permutation is drawn once per layer and row count
+        # a start long enough for every default candidate (the most rows, 8,192, are those
+        # of vector quantization with 256 codewords), so that the permutation is drawn once
+        # per layer and row count
         kept = max(needed, _PERMUTATION_START)
         shared[key] = np.random.default_rng(seed).permutation(n_rows)[:kept].copy()
     order = shared[key]
