@@ -96,12 +96,16 @@ ROW_SCALE_BYTES = 2
 ESTIMATE_ROWS = 1024
 ESTIMATE_ROWS_PER_CODEWORD = 8
 #: The same for vector quantization (one-hot codes), whose estimate is a few Lloyd passes and
-#: cheap on many rows. On 8 rows per codeword its estimates were optimistic by 0.2 to 0.4 dB
-#: on MiniLM's matrices at 64 to 256 codewords (up to 1.5 dB on rows of very different
-#: scales), which drew the planner to vector quantization over better settings; on at least
-#: 4,096 rows and 32 per codeword they lie within -0.35 to +0.35 dB of the final fit's.
+#: cheap on many rows: at least ESTIMATE_ONE_HOT_ROWS, and ESTIMATE_ONE_HOT_ROWS_PER_CODEWORD
+#: per codeword up to ESTIMATE_ONE_HOT_MAX_ROWS (beyond, as many as the other candidates: the
+#: 4,096 codewords of ``large_codebooks`` would take 131,072 rows). On 8 rows per codeword its
+#: estimates were optimistic by 0.2 to 0.4 dB on MiniLM's matrices at 64 to 256 codewords (up
+#: to 1.5 dB on rows of very different scales), which drew the planner to vector quantization
+#: over better settings; on 32 per codeword and at least 4,096 rows they lie within -0.35 to
+#: +0.35 dB of the final fit's on MiniLM's matrices (-0.7 to +0.7 dB on the row-scaled ones).
 ESTIMATE_ONE_HOT_ROWS = 4096
 ESTIMATE_ONE_HOT_ROWS_PER_CODEWORD = 32
+ESTIMATE_ONE_HOT_MAX_ROWS = 8192
 #: Rows, besides those fitted, on which the estimate is measured when the layer has them.
 ESTIMATE_HELD_OUT_ROWS = 1024
 #: Of the rows not fitted, this many of the largest (weighted) squared norm are always among
@@ -123,7 +127,7 @@ ESTIMATE_MAX_ITER = 8
 #: final error in dB, held-out alone / one third of the way: 4.15 / 2.10 on a 256 x 256
 #: matrix of 5 % nonzero Gaussian weights, 0.80 / 0.52 on rows scaled by 10**U(-2, 1),
 #: 0.51 / 0.26 on MiniLM's layer-0 query, 0.27 / 0.15 on Gaussian weights (0.3 to 0.35 of
-#: the way do as well).
+#: the way do as well). Measured before k-means estimates took 32 rows per codeword.
 ESTIMATE_TOWARDS_FITTED = 1 / 3
 #: A candidate whose codebook takes more than this share of its bytes on a tensor is not
 #: estimated there when a smaller candidate fits it (see :func:`_estimate_candidates`).
@@ -259,8 +263,9 @@ def default_candidates(vector_size=8, large_codebooks=False):
     """Candidate settings spanning about 0.5 to 5 bits per weight, dense in rate.
 
     Vector quantization (k-means, 8-bit codebook) with 16, 32, 64, 128 and 256 codewords on
-    sub-vectors of ``vector_size``, half and a quarter of it (steps of 1 / d bits per weight:
-    a split between two settings far apart in rate loses to a point between them), and with
+    sub-vectors of ``vector_size``, half and a quarter of it (steps of one bit per
+    sub-vector: a split between two settings far apart in rate loses to a point between
+    them), and with
     4 to 32 levels on single weights (a Lloyd–Max scalar quantizer of the tensor), so that
     the special cases the factorization contains are candidates too; two 1-bit code values
     among 128, 181, 256 and 362 codewords (as many as 13 to 16 bits of support address: about 1.9 to
@@ -271,7 +276,8 @@ def default_candidates(vector_size=8, large_codebooks=False):
     Parameters
     ----------
     vector_size : int, default=8
-        Sub-vector length of the sparse and dense settings.
+        Sub-vector length of the sparse and dense settings, and the largest of the k-means
+        settings (which also use half and a quarter of it, where those exceed 1).
     large_codebooks : bool, default=False
         Also k-means with 1,024 and 4,096 codewords on sub-vectors of ``vector_size`` (1.25
         and 1.5 bits per weight at ``vector_size=8``, between 256 codewords and the sparse
@@ -292,6 +298,8 @@ def default_candidates(vector_size=8, large_codebooks=False):
     ------
     TypeError
         If ``large_codebooks`` is not a bool.
+    ValueError
+        If ``vector_size`` is not a positive integer.
 
     Examples
     --------
@@ -304,7 +312,9 @@ def default_candidates(vector_size=8, large_codebooks=False):
     """
     if not isinstance(large_codebooks, (bool, np.bool_)):
         raise TypeError(f"large_codebooks must be a bool, got {large_codebooks!r}")
-    d = vector_size
+    # a NumPy integer as an int (it sizes the dense settings' codebooks); LayerSetting checks
+    # the value
+    d = int(vector_size) if isinstance(vector_size, np.integer) else vector_size
     sparse = [(k, 2, 1) for k in (128, 181, 256, 362)] + [(256, 2, 2), (256, 3, 2)]
     dense = [(d, None, b) for b in (2, 3, 4, 5)]
     candidates = [LayerSetting(d, Constraints(k, s, b, 8)) for k, s, b in sparse + dense]
@@ -1612,9 +1622,11 @@ def _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows,
 def _estimate_rows(setting):
     """Rows a candidate is fitted on to estimate its error."""
     k = setting.constraints.n_components
+    rows = max(ESTIMATE_ROWS, ESTIMATE_ROWS_PER_CODEWORD * k)
     if setting.constraints.one_hot:
-        return max(ESTIMATE_ONE_HOT_ROWS, ESTIMATE_ONE_HOT_ROWS_PER_CODEWORD * k)
-    return max(ESTIMATE_ROWS, ESTIMATE_ROWS_PER_CODEWORD * k)
+        return max(rows, ESTIMATE_ONE_HOT_ROWS,
+                   min(ESTIMATE_ONE_HOT_ROWS_PER_CODEWORD * k, ESTIMATE_ONE_HOT_MAX_ROWS))
+    return rows
 
 
 def _fits(setting, shape):
@@ -1631,8 +1643,8 @@ def _codebook_share(setting, shape, nbytes):
 
 
 #: Rows of a layer's permutation kept for its candidates' estimates (see _held_out_split).
-_PERMUTATION_START = max(512 * ESTIMATE_ROWS_PER_CODEWORD,
-                         256 * ESTIMATE_ONE_HOT_ROWS_PER_CODEWORD) + ESTIMATE_HELD_OUT_ROWS
+_PERMUTATION_START = (max(512 * ESTIMATE_ROWS_PER_CODEWORD, ESTIMATE_ONE_HOT_MAX_ROWS)
+                      + ESTIMATE_HELD_OUT_ROWS)
 
 
 def _held_out_split(n_rows, fit_rows, seed, shared=None):

@@ -983,6 +983,18 @@ def test_large_codebooks_add_two_kmeans_settings_and_refuse_a_non_bool():
     assert all(c.vector_size == 8 and c.constraints.one_hot for c in extra)
     with pytest.raises(TypeError, match="large_codebooks must be a bool"):
         qsdlearn.weights.default_candidates(8, large_codebooks=1)
+    assert qsdlearn.weights.default_candidates(np.int64(8)) == plain  # a NumPy integer
+
+
+def test_kmeans_estimates_take_32_rows_per_codeword_up_to_8192_rows():
+    from qsdlearn.weights import _estimate_rows
+
+    rows = {(c.constraints.n_components, c.constraints.one_hot): _estimate_rows(c)
+            for c in qsdlearn.weights.default_candidates(8, large_codebooks=True)}
+    assert rows[(16, True)] == rows[(128, True)] == 4096
+    assert rows[(256, True)] == rows[(1024, True)] == 8192
+    assert rows[(4096, True)] == 8 * 4096  # as many as the other candidates beyond
+    assert rows[(128, False)] == 1024 and rows[(362, False)] == 8 * 362
 
 
 def test_a_large_codebook_is_estimated_when_the_smaller_candidate_would_be_skipped():
