@@ -5,7 +5,8 @@ The estimator builds one from its parameters, the solver fits under it, the code
 the bit account is a method of it.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from numbers import Integral
 
 from ._bits import factorization_bits
 
@@ -18,7 +19,8 @@ class Constraints:
     """Constraints of ``X ~ Z C``; the parameters of :class:`QuantizedSparseDecomposition`.
 
     ``n_nonzero == n_components`` is the same as dense codes and is stored as ``None``, so
-    that equal constraints compare, hash and serialise equal.
+    that equal constraints compare, hash and serialise equal; NumPy integers are stored as
+    ints for the same reason.
 
     Parameters
     ----------
@@ -58,6 +60,10 @@ class Constraints:
     component_nonzero: int | None = None
 
     def __post_init__(self):
+        for name in (f.name for f in fields(self)):
+            value = getattr(self, name)
+            if isinstance(value, Integral) and not isinstance(value, (bool, int)):
+                object.__setattr__(self, name, int(value))  # a NumPy integer
         if self.n_nonzero is not None and self.n_nonzero > self.n_components:
             raise ValueError(
                 f"n_nonzero={self.n_nonzero} exceeds n_components={self.n_components}: a row "

@@ -312,9 +312,7 @@ def default_candidates(vector_size=8, large_codebooks=False):
     """
     if not isinstance(large_codebooks, (bool, np.bool_)):
         raise TypeError(f"large_codebooks must be a bool, got {large_codebooks!r}")
-    # a NumPy integer as an int (it sizes the dense settings' codebooks); LayerSetting checks
-    # the value
-    d = int(vector_size) if isinstance(vector_size, np.integer) else vector_size
+    d = vector_size  # LayerSetting checks it
     sparse = [(k, 2, 1) for k in (128, 181, 256, 362)] + [(256, 2, 2), (256, 3, 2)]
     dense = [(d, None, b) for b in (2, 3, 4, 5)]
     candidates = [LayerSetting(d, Constraints(k, s, b, 8)) for k, s, b in sparse + dense]
@@ -2074,7 +2072,6 @@ def compress_weights(
     refuse_bools("compress_weights", bits_per_weight=bits_per_weight,
                  calibration_damping=calibration_damping, vector_size=vector_size,
                  max_iter=max_iter, max_fit_rows=max_fit_rows)
-    vector_size = int(vector_size)  # a NumPy integer as well (it sizes the settings' codebooks)
     if calibration_damping is not None and calibration is None:
         raise ValueError("calibration_damping applies to data-aware compression: give "
                          "calibration as well, or leave calibration_damping out")

@@ -913,6 +913,17 @@ def test_layer_setting_refuses_constraints_a_file_cannot_store():
         LayerSetting(8, Constraints(-1))
     with pytest.raises(TypeError, match="Constraints"):
         LayerSetting(8, (256, 2, 2, 8))
+    with pytest.raises(ValueError, match="n_components=True"):  # a bool is not a count
+        LayerSetting(8, Constraints(True))
+
+
+def test_constraints_store_numpy_integers_as_ints():
+    numpy = Constraints(np.int64(256), np.int32(2), np.uint8(1), np.int16(8))
+    assert numpy == Constraints(256, 2, 1, 8) and hash(numpy) == hash(Constraints(256, 2, 1, 8))
+    fields = (numpy.n_components, numpy.n_nonzero, numpy.code_bits, numpy.codebook_bits)
+    assert all(type(v) is int for v in fields)
+    setting = LayerSetting(np.int64(8), Constraints(np.int64(8), code_bits=np.int64(2)))
+    assert setting.describe() == "d=8 k=8 dense codes=2b codebook=float"
 
 
 def test_a_budget_with_nothing_to_plan_is_checked_before_fitting():
