@@ -265,11 +265,11 @@ def default_candidates(vector_size=8, large_codebooks=False):
     Vector quantization (k-means, 8-bit codebook) with 16, 32, 64, 128 and 256 codewords on
     sub-vectors of ``vector_size``, half and a quarter of it (steps of one bit per
     sub-vector: a split between two settings far apart in rate loses to a point between
-    them), and with
-    4 to 32 levels on single weights (a Lloyd–Max scalar quantizer of the tensor), so that
-    the special cases the factorization contains are candidates too; two 1-bit code values
-    among 128, 181, 256 and 362 codewords (as many as 13 to 16 bits of support address: about 1.9 to
-    2.3 bits per weight at ``vector_size=8``), two and three 2-bit values among 256; dense
+    them), and with 4 to 32 levels on single weights (a Lloyd–Max scalar quantizer of the
+    tensor), so that the special cases the factorization contains are candidates too; two
+    1-bit code values among 128, 181, 256 and 362 codewords (as many as 13 to 16 bits of
+    support address: about 1.9 to 2.3 bits per weight at ``vector_size=8``), two and three
+    2-bit values among 256; dense
     2- to 5-bit codes. Each also with per-output-row scales (``row_scales=True``), estimated
     only on tensors whose rows differ enough in scale to pay for them.
 
