@@ -11,6 +11,7 @@ import pytest
 from benchmarks import methods as M
 from benchmarks import rate_distortion as RD
 from qsdlearn import Constraints, QuantizedSparseDecomposition
+from qsdlearn.weights import default_candidates
 from qsdlearn._bits import support_bits
 from qsdlearn._levels import quantize
 
@@ -193,6 +194,14 @@ def test_qsd_grid_holds_the_vq_special_case_of_every_kmeans_baseline(grid):
             assert vq_bits <= kmeans_bits
             if d > 1:  # the 8-bit codebook with a 32-bit scale per codeword is cheaper
                 assert vq_bits < kmeans_bits
+
+
+def test_model_kmeans_grid_holds_every_kmeans_candidate_of_compress_weights():
+    """The adapter benchmark compares compress_weights with the model grid's baselines: their
+    k-means grid is at least as dense as the planner's own k-means candidates."""
+    planner = {(s.vector_size, s.constraints.n_components) for s in default_candidates(8)
+               if s.constraints.one_hot and s.vector_size > 1}
+    assert planner and planner <= set(M.KMEANS_GRID_MODEL)
 
 
 def test_qsd_vq_setting_keeps_a_float_codebook_for_scalars_only():
