@@ -1,5 +1,6 @@
 """The scikit-learn estimator: validation and bookkeeping around :mod:`qsdlearn._solver`."""
 
+import os
 from numbers import Integral, Real
 
 import numpy as np
@@ -77,6 +78,28 @@ def _check_search_width(width):
     if width < 1:
         raise ValueError(f"search_width must be an int >= 1, got {width!r}")
     return int(width)
+
+
+def _physical_memory():
+    """Bytes of physical memory, or None where the platform does not say (``os.sysconf``)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_gram_memory(constraints):
+    """Refuse, before any work, a codebook whose ``(n_components, n_components)`` float64
+    Gram matrix alone (formed by the code step of every setting but one-hot codes) exceeds
+    the machine's memory."""
+    k = constraints.n_components
+    memory = _physical_memory()
+    if constraints.one_hot or memory is None or 8 * k * k <= memory:
+        return
+    raise ValueError(
+        f"n_components={k} needs a {k} x {k} float64 Gram matrix of {8 * k * k / 2**30:.1f} "
+        f"GiB, more than this machine's {memory / 2**30:.1f} GiB of memory: give fewer "
+        "components")
 
 
 def _prepared_metric(blocks, weights, n_rows):
@@ -406,8 +429,10 @@ default=None
         Raises
         ------
         ValueError
-            If ``X`` holds NaN or infinity, ``sample_weight`` is negative or all zero, or
-            ``metric`` has the wrong shape or is not symmetric positive semi-definite.
+            If ``X`` holds NaN or infinity, ``sample_weight`` is negative or all zero,
+            ``metric`` has the wrong shape or is not symmetric positive semi-definite, or the
+            ``(n_components, n_components)`` Gram matrix of codes other than one-hot would
+            not fit in the machine's memory.
         sklearn.utils._param_validation.InvalidParameterError
             (a ValueError and a TypeError) If a parameter has the wrong type or range, or a
             numeric one is a bool.
@@ -472,6 +497,7 @@ default=None
             raise ValueError("solver='pgd' (the plain method) takes no sample_weight or metric; "
                              "use solver='descent'")
         constraints = self._constraints(n, d, X.dtype)
+        _check_gram_memory(constraints)
         k = constraints.n_components
         codebook_init = self._check_init_array(self.codebook_init, "codebook_init", (k, d), X.dtype)
         code_init = self._check_init_array(self.code_init, "code_init", (n, k), X.dtype)

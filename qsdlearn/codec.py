@@ -57,6 +57,8 @@ __all__ = ["CompressedMatrix", "MatrixSettings"]
 HEADER_BYTES = 1024
 STREAMS = ("code_support", "code_values", "codebook_support", "codebook_values", "codebook_scales")
 _DTYPES = {"float32": np.float32, "float64": np.float64}
+#: The largest row length (sub-vector size) a stored matrix may declare.
+MAX_FEATURES = 2**31
 #: Order of the fields of the flat settings form files store.
 _SETTINGS_FIELDS = ("n_rows", "n_features", "n_components", "n_nonzero", "code_bits",
                     "codebook_bits", "component_nonzero", "dtype")
@@ -226,7 +228,7 @@ def _validate_flat(raw, problem="damaged file: setting"):
     n_features = raw["n_features"] if is_int(raw["n_features"], 1) else 1
     checks = [
         ("n_rows", is_int(raw["n_rows"], 0, 2**40)),
-        ("n_features", is_int(raw["n_features"], 1, 2**31)),
+        ("n_features", is_int(raw["n_features"], 1, MAX_FEATURES)),
         ("n_components", is_int(raw["n_components"], 1, 2**31)),
         ("n_nonzero", is_int(raw["n_nonzero"], 1, n_components, optional=True)),
         ("code_bits", is_int(raw["code_bits"], 0, 16, optional=True)),

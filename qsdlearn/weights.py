@@ -65,8 +65,8 @@ from ._kernels import INDEX_DTYPE
 from ._params import refuse_bools
 from ._sampling import importance_sample
 from ._solver import Codes, kmeans_plusplus_seeds, resolve_init
-from .codec import (STREAMS, CompressedMatrix, MatrixSettings, encode_factors, matrix_from_payload,
-                    matrix_from_tensors, matrix_payload)
+from .codec import (MAX_FEATURES, STREAMS, CompressedMatrix, MatrixSettings, encode_factors,
+                    matrix_from_payload, matrix_from_tensors, matrix_payload)
 from .metrics import sqnr
 
 __all__ = ["CompressedModel", "LayerSetting", "compress_weights", "default_candidates",
@@ -188,6 +188,9 @@ class LayerSetting:
         if isinstance(self.vector_size, (bool, np.bool_)) or not isinstance(
                 self.vector_size, Integral) or self.vector_size < 1:
             raise ValueError(f"vector_size must be a positive integer, got {self.vector_size!r}")
+        if self.vector_size > MAX_FEATURES:
+            raise ValueError(f"vector_size must be at most 2**31 (the file format's largest "
+                             f"sub-vector), got {self.vector_size!r}")
         object.__setattr__(self, "vector_size", int(self.vector_size))
         if not isinstance(self.constraints, Constraints):
             raise TypeError(f"constraints must be a Constraints, got "
@@ -1990,7 +1993,7 @@ def compress_weights(
         gives a tensor its cheapest candidate; a value under a tied name serves the tensor
         it is tied to. Requires ``bits_per_weight``.
     n_jobs : int, optional
-        Layers run through ``joblib.Parallel(n_jobs)``; under
+        Layers run through ``joblib.Parallel(n_jobs)``, at most one worker per tensor; under
         ``joblib.parallel_config(backend="dask")`` on a Dask cluster (workers given a file
         read their layer from it: they need the path). Results do not depend on it.
     random_state : int, RandomState instance or None, default=None
@@ -2091,8 +2094,6 @@ def compress_weights(
     if verbose is None:
         verbose = sys.stderr.isatty()
     base = check_random_state(random_state).randint(2**31)
-    n_workers = joblib.effective_n_jobs(n_jobs)
-    n_threads = max(1, (os.cpu_count() or 1) // max(n_workers, 1))
 
     # Tied tensors: every name to the first name with the same digest.
     first_of = {}
@@ -2103,6 +2104,10 @@ def compress_weights(
         if _is_compressible(checkpoint.infos[name]) and not matching(name, keep or ())
     ]
     _check_magnitudes(checkpoint, compressible)
+    # No more workers than tensors to fit: more would idle while the others' threads share
+    # fewer cores (and a huge n_jobs would reach joblib's process semaphores).
+    n_workers = min(joblib.effective_n_jobs(n_jobs), max(len(compressible), 1))
+    n_threads = max(1, (os.cpu_count() or 1) // n_workers)
     kept = {
         name: KeptTensor(np.asarray(checkpoint.read(name)))
         for name in distinct if name not in compressible
@@ -2140,7 +2145,7 @@ def compress_weights(
     why_unspent = None
     if free and bits_per_weight is not None:
         plan, why_unspent = _plan(layout, free, fixed, bits_per_weight,
-                                  candidates or default_candidates(vector_size), base, n_jobs,
+                                  candidates or default_candidates(vector_size), base, n_workers,
                                   n_threads, calibrations, sensitivity)
         fixed.update(plan)
     else:
@@ -2154,7 +2159,7 @@ def compress_weights(
                     f"dimensions, not floats, fewer than {MIN_COMPRESSED_SIZE} elements or "
                     f"matching keep; {len(fixed)} with fixed settings)")
 
-    parallel = joblib.Parallel(n_jobs=n_jobs, return_as="generator")
+    parallel = joblib.Parallel(n_jobs=n_workers, return_as="generator")
     jobs = (
         joblib.delayed(_fit_layer)(
             checkpoint.ref(name), fixed[name], _layer_seed(base, name), n_threads, max_iter,

@@ -521,6 +521,22 @@ def test_unfitted_transform_raises():
         QuantizedSparseDecomposition().transform(gaussian(5, 3))
 
 
+def test_a_gram_matrix_beyond_the_memory_is_refused_before_any_work(monkeypatch):
+    """n_components=10**5 once died in the code step with NumPy's MemoryError (74.5 GiB);
+    the fit now says which parameter to change before it starts. One-hot codes form no Gram
+    matrix and are not refused."""
+    from qsdlearn import _estimator
+
+    X = np.random.default_rng(0).standard_normal((40, 4))
+    monkeypatch.setattr(_estimator, "_physical_memory", lambda: 8 * 30 * 30)
+    with pytest.raises(ValueError, match=r"n_components=31 needs a 31 x 31 float64 Gram"):
+        QuantizedSparseDecomposition(n_components=31, n_nonzero=2, code_bits=2).fit(X)
+    QuantizedSparseDecomposition(n_components=30, n_nonzero=2, code_bits=2, max_iter=1).fit(X)
+    QuantizedSparseDecomposition(n_components=31, n_nonzero=1, code_bits=0, max_iter=1).fit(X)
+    monkeypatch.setattr(_estimator, "_physical_memory", lambda: None)  # the platform is silent
+    QuantizedSparseDecomposition(n_components=31, n_nonzero=2, code_bits=2, max_iter=1).fit(X)
+
+
 def test_sparse_input_is_rejected_with_a_clear_message():
     import scipy.sparse
 

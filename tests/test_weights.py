@@ -534,6 +534,15 @@ def test_arguments_are_checked_before_any_fit():
         compress_weights(weights, settings=FAST, n_jobs=0)
 
 
+def test_n_jobs_beyond_the_tensors_runs_one_worker_per_tensor():
+    """More workers than tensors cannot help: a huge n_jobs runs as many as there are tensors
+    (it once reached joblib's process semaphores, OverflowError) and changes no result."""
+    weights = {"w": np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)}
+    one = compress_weights(weights, settings=FAST, random_state=0, max_iter=2, n_jobs=1)
+    huge = compress_weights(weights, settings=FAST, random_state=0, max_iter=2, n_jobs=10**30)
+    assert huge.to_bytes() == one.to_bytes()
+
+
 def test_candidates_too_large_for_a_tensor_do_not_count_as_reachable():
     """A tensor of 192 sub-vectors cannot take 256 codewords: the budget check says so at
     once, from the candidates that fit, instead of after the estimates."""
@@ -906,6 +915,14 @@ def test_layer_settings_and_candidates_refuse_a_bad_vector_size(vector_size):
         qsdlearn.weights.default_candidates(vector_size)
     with pytest.raises(ValueError, match="vector_size"):
         LayerSetting(vector_size)
+
+
+def test_a_vector_size_beyond_the_file_format_is_refused_by_name():
+    LayerSetting(2**31, Constraints(1, 1, 0))
+    with pytest.raises(ValueError, match=r"vector_size must be at most 2\*\*31"):
+        LayerSetting(2**31 + 1)
+    with pytest.raises(ValueError, match=r"vector_size must be at most 2\*\*31"):
+        compress_weights(small_model(), bits_per_weight=2.0, vector_size=10**30)
 
 
 def test_layer_setting_refuses_constraints_a_file_cannot_store():
