@@ -52,9 +52,10 @@ def _check_inputs_exist(args):
 
 def _check_output(args, file_only=False):
     """Refuse to write over an input (the weights, the ``--calibration`` checkpoint, the
-    ``--sensitivity`` file), over an existing output without ``--force``, or, with
-    ``file_only`` (an output that is one file), onto a folder; checked before any work. A
-    symbolic link counts as existing even where it points nowhere."""
+    ``--sensitivity`` file), over an existing output without ``--force``, with
+    ``file_only`` (an output that is one file) onto a folder, or without it (a folder of
+    shards) onto a file, which ``--force`` does not turn into a folder; checked before any
+    work. A symbolic link counts as existing even where it points nowhere."""
     if not args.output:
         raise ValueError("the output name is empty: give the file to write")
     output = os.path.abspath(args.output)
@@ -65,6 +66,9 @@ def _check_output(args, file_only=False):
         inputs.append(("the --sensitivity file", os.path.abspath(args.sensitivity)))
     if file_only and os.path.isdir(output):
         raise ValueError(f"cannot write {args.output}: it is a directory")
+    if not file_only and os.path.lexists(output) and not os.path.isdir(output):
+        raise ValueError(f"cannot write shards into {args.output}: it is a file, and "
+                         "--shard-size writes a folder; give a folder name")
     for role, path in inputs:
         if os.path.exists(path) and os.path.exists(output) and os.path.samefile(path, output):
             raise ValueError(f"{args.output} is {role}; write the output elsewhere")

@@ -424,6 +424,13 @@ def test_cli_names_the_file_it_cannot_read_and_writes_no_file_onto_a_folder(
     assert capsys.readouterr().err.startswith(f"qsdlearn info: error: {junk}: damaged file")
     assert main(["decompress", str(compressed_file), str(tmp_path)]) == 1
     assert "it is a directory" in capsys.readouterr().err
+    # nor a folder of shards onto a file, even with --force (it was "File exists")
+    mine = tmp_path / "out.safetensors"
+    mine.write_bytes(b"mine")
+    assert main(["decompress", str(compressed_file), str(mine), "--shard-size", "2KB",
+                 "--force"]) == 1
+    assert "it is a file, and --shard-size writes a folder" in capsys.readouterr().err
+    assert mine.read_bytes() == b"mine"
 
 
 def test_cli_may_write_next_to_an_input_folder_s_other_files(tmp_path, capsys):
