@@ -40,11 +40,16 @@ def _check_inputs_exist(args):
     """Refuse a missing input in the words of the other file errors: the weights as
     ``FILE: No such file or directory`` (the library's ValueError reads
     ``no such file: FILE``), the ``--calibration`` and ``--sensitivity`` files with their
-    option's name before them."""
+    option's name before them; a path that names no file for another reason (a loop of
+    symbolic links) with that reason."""
     for option, path in ((None, args.input), ("--calibration", args.calibration),
                          ("--sensitivity", args.sensitivity)):
         if path is not None and not os.path.exists(path):
             missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+            try:  # the reason, where it is not absence (a loop of symbolic links)
+                os.stat(path)
+            except OSError as exc:
+                missing = exc
             if option is None:
                 raise missing
             raise ValueError(f"{option} {_message(missing)}")

@@ -111,6 +111,26 @@ def test_cli_errors_are_one_line_messages(argv, message, capsys, tmp_path, monke
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="POSIX symlinks")
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "loop", "out.qsd", "--bits-per-weight", "2"], "error: loop: "),
+    (["compress", "w.npz", "out.qsd", "--bits-per-weight", "2", "--calibration", "loop"],
+     "error: --calibration loop: "),
+    (["info", "loop"], "error: loop: "),
+])
+def test_cli_names_a_loop_of_symbolic_links_as_such(argv, message, capsys, tmp_path,
+                                                     monkeypatch):
+    """A path that names no file because its links loop is not reported as missing."""
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "w.npz", w=np.ones((64, 64), np.float32))
+    os.symlink("other", tmp_path / "loop")
+    os.symlink("loop", tmp_path / "other")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "No such file" not in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("argv, option", [
     (["compress", "a.npz", "b.qsd", "--bits-per-weight", "0"], "--bits-per-weight"),
     (["compress", "a.npz", "b.qsd", "--bits-per-weight", "nan"], "--bits-per-weight"),
