@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._container import _new_file_mode
+from ._container import FORMAT_NAME, _new_file_mode
 from ._dtypes import SAFETENSORS_NAMES, check_dtype, is_float, to_little_endian_bytes
 
 #: File name of the index of a sharded checkpoint written by :func:`write_checkpoint`.
@@ -334,6 +334,10 @@ def _open_shards(paths, source):
     for path in paths:
         try:
             with safe_open(path, framework="np") as file:
+                if (file.metadata() or {}).get("format") == FORMAT_NAME:
+                    raise ValueError(
+                        f"{path} is a compressed qsdlearn file, not weights: decompress it "
+                        "first (qsdlearn decompress, or qsdlearn.load(path).decompress())")
                 for name in file.keys():
                     if name in refs:
                         raise ValueError(f"tensor {name!r} is in two shards of {source}")

@@ -15,6 +15,7 @@ matrix codec and the model adapter both build on it. It imports nothing from the
 
 import json
 import os
+import stat
 import struct
 import tempfile
 import zlib
@@ -345,6 +346,17 @@ def check_declared_elements(elements, max_elements, what):
 
 
 def read_file(path):
-    """The bytes of the file at ``path``."""
+    """The bytes of the file at ``path``, its header checked (:func:`_parse_header`) before
+    the rest is read, so that a file that is not a qsdlearn file is refused before a
+    checkpoint of many GB is read whole. Devices and pipes (``/dev/zero``, a FIFO, which
+    would never end or never start) are refused."""
+    mode = os.stat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder: open's own error
+        raise ValueError("not a qsdlearn file: not a regular file (a device or a pipe)")
     with open(path, "rb") as file:
-        return file.read()
+        head = file.read(8)
+        if len(head) == 8:
+            (length,) = struct.unpack("<Q", head)
+            head += file.read(min(length, MAX_HEADER_BYTES))
+        _parse_header(head)
+        return head + file.read()

@@ -72,8 +72,9 @@ def _check_output(args, file_only=False):
     if file_only and os.path.isdir(output):
         raise ValueError(f"cannot write {args.output}: it is a directory")
     if not file_only and os.path.lexists(output) and not os.path.isdir(output):
-        raise ValueError(f"cannot write shards into {args.output}: it is a file, and "
-                         "--shard-size writes a folder; give a folder name")
+        raise ValueError(f"cannot write shards into {args.output}: it is not a folder (a "
+                         "file or a link to none), and --shard-size writes a folder; give a "
+                         "folder name")
     for role, path in inputs:
         if os.path.exists(path) and os.path.exists(output) and os.path.samefile(path, output):
             raise ValueError(f"{args.output} is {role}; write the output elsewhere")
@@ -156,6 +157,7 @@ def _decompress(args):
     from .weights import CompressedModel
 
     _check_output(args, file_only=args.shard_size is None)
+    shard_bytes = None if args.shard_size is None else _parse_size(args.shard_size)
     model = _load_named(load, args.input)
     if not isinstance(model, CompressedModel):
         raise ValueError(f"{args.input} holds a single matrix, not a compressed model")
@@ -163,7 +165,6 @@ def _decompress(args):
         name: math.prod(entry.shape) * numpy_dtype(entry.dtype).itemsize
         for name, entry in model.layers.items()
     }
-    shard_bytes = None if args.shard_size is None else _parse_size(args.shard_size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         files = write_checkpoint(args.output, sizes, model.decompress, shard_bytes)
@@ -183,7 +184,7 @@ def _load_named(load, path):
 
 
 def _parse_size(text):
-    """Bytes of a size such as ``500MB``, ``2GB`` or ``1000000``."""
+    """Bytes of a size such as ``500MB``, ``2GB`` or ``1000000`` (a finite number)."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     upper = text.strip().upper()
     for unit, factor in units.items():
@@ -194,7 +195,7 @@ def _parse_size(text):
         scale = 1
     try:
         size = int(float(upper) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):  # also "inf" and "1e400", which no int holds
         raise ValueError(f"cannot read the size {text!r}: write e.g. 500MB or 2GB") from None
     if size <= 0:
         raise ValueError(f"the shard size must be positive, got {text!r}")
@@ -303,7 +304,11 @@ def build_parser():
     decompress.add_argument("--shard-size", metavar="SIZE",
                             help="write safetensors shards of at most SIZE (e.g. 2GB) and an "
                             "index into the folder OUTPUT")
-    decompress.add_argument("--force", action="store_true", help="overwrite an existing output")
+    decompress.add_argument("--force", action="store_true",
+                            help="overwrite an existing output (with --shard-size: write into "
+                            "an existing folder, replacing its model.safetensors.index.json "
+                            "and removing every model-NNNNN-of-NNNNN.safetensors shard this "
+                            "write does not produce)")
     decompress.set_defaults(handler=_decompress)
 
     info = commands.add_parser(
@@ -321,9 +326,19 @@ def _message(exc):
     return str(exc)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the console script's handler (:func:`run`), so
+    that a termination unwinds as Ctrl-C does: worker processes stopped, no partial output."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv=None):
     """Entry point; returns the exit status: 1 with a one-line message on bad input, 130 when
-    interrupted (Ctrl-C; no partial output is left). Warnings are printed as one line each."""
+    interrupted (Ctrl-C; no partial output is left), 143 when terminated (SIGTERM, under
+    :func:`run`; likewise). Warnings are printed as one line each."""
     prefix = "qsdlearn"
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -339,7 +354,10 @@ def main(argv=None):
             except (ValueError, TypeError, OSError, ImportError) as exc:
                 print(f"{prefix}: error: {_message(exc)}", file=sys.stderr)
                 return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, _Terminated):
+            print(f"{prefix}: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
 
@@ -348,7 +366,9 @@ def run():
     """The console script: :func:`main` on the command line's arguments, then exit with its
     status. A Ctrl-C once the command has finished, while the interpreter shuts down (about
     half a second after a compression), is ignored: its output is complete, and the exit
-    status says so."""
+    status says so. SIGTERM is handled as Ctrl-C is (without it, the process died at once and
+    left its worker processes running)."""
+    signal.signal(signal.SIGTERM, _terminate)
     status = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(status)

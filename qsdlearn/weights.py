@@ -1866,6 +1866,17 @@ def _estimate_error(setting, X, calibration, seed, n_threads, shared=None):
     return _feedback_error(est, codes, sample.reshape(n_rows, -1), calibration) * factor
 
 
+def _check_vector_size(vector_size, shortest, checkpoint, names):
+    """Refuse a ``vector_size`` whose sub-vectors (``shortest``: the shortest it makes) are all
+    longer than the rows of every tensor in ``names``: each row would be one sub-vector padded
+    with zeros, which no budget pays for (it was reported as a budget the candidates cannot
+    reach, or left to the scalar candidates alone)."""
+    longest = max((math.prod(checkpoint.infos[name].shape[1:]) for name in names), default=0)
+    if names and shortest > longest:
+        raise ValueError(f"vector_size={vector_size} is longer than the rows of every tensor to "
+                         f"compress (at most {longest} elements): give vector_size <= {longest}")
+
+
 def _progress(results, names, enabled):
     """``results`` with a progress bar naming the layer just done (tqdm, when installed)."""
     if not enabled:
@@ -2070,11 +2081,11 @@ def compress_weights(
     >>> restored["fc1.weight"].shape, restored["fc1.weight"].dtype
     ((256, 64), dtype(bfloat16))
     """
-    if n_jobs == 0:
-        raise ValueError("n_jobs=0 runs nothing: give a number of workers, or -1 for all cores")
     refuse_bools("compress_weights", bits_per_weight=bits_per_weight,
                  calibration_damping=calibration_damping, vector_size=vector_size,
-                 max_iter=max_iter, max_fit_rows=max_fit_rows)
+                 max_iter=max_iter, max_fit_rows=max_fit_rows, n_jobs=n_jobs)
+    if n_jobs == 0:
+        raise ValueError("n_jobs=0 runs nothing: give a number of workers, or -1 for all cores")
     if calibration_damping is not None and calibration is None:
         raise ValueError("calibration_damping applies to data-aware compression: give "
                          "calibration as well, or leave calibration_damping out")
@@ -2143,10 +2154,14 @@ def compress_weights(
     layout = _Layout(checkpoint, tied, kept)
     free = [name for name in compressible if name not in fixed]
     why_unspent = None
+    if bits_per_weight is None:
+        _check_vector_size(vector_size, vector_size, checkpoint, free)
+    elif candidates is None:  # the default ones cut d, d/2 and d/4 (and single weights)
+        _check_vector_size(vector_size, max(1, vector_size // 4), checkpoint, free)
+        candidates = default_candidates(vector_size)
     if free and bits_per_weight is not None:
-        plan, why_unspent = _plan(layout, free, fixed, bits_per_weight,
-                                  candidates or default_candidates(vector_size), base, n_workers,
-                                  n_threads, calibrations, sensitivity)
+        plan, why_unspent = _plan(layout, free, fixed, bits_per_weight, candidates, base,
+                                  n_workers, n_threads, calibrations, sensitivity)
         fixed.update(plan)
     else:
         fixed.update({name: LayerSetting(vector_size=vector_size) for name in free})

@@ -338,6 +338,21 @@ def test_progress_bar_names_layers_when_asked(tmp_path, capsys):
     assert "layer" not in capsys.readouterr().err  # quiet when not on a terminal
 
 
+@pytest.mark.parametrize("size, message", [
+    ("abc", "cannot read the size 'abc'"), ("inf", "cannot read the size 'inf'"),
+    ("1e400GB", "cannot read the size '1e400GB'"), ("nan", "cannot read the size 'nan'"),
+    ("0", "must be positive"), ("-5MB", "must be positive"),
+])
+def test_a_bad_shard_size_is_one_line_saying_what_to_write(size, message, compressed_file,
+                                                           tmp_path, capsys):
+    """"inf" once ended in OverflowError's traceback."""
+    assert main(["decompress", str(compressed_file), str(tmp_path / "shards"),
+                 f"--shard-size={size}"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "shards").exists()
+
+
 def test_decompress_into_a_sharded_folder_again_leaves_no_stale_shards(compressed_file, tmp_path):
     folder = tmp_path / "shards"
     assert main(["decompress", str(compressed_file), str(folder), "--shard-size", "2KB"]) == 0
@@ -449,7 +464,7 @@ def test_cli_names_the_file_it_cannot_read_and_writes_no_file_onto_a_folder(
     mine.write_bytes(b"mine")
     assert main(["decompress", str(compressed_file), str(mine), "--shard-size", "2KB",
                  "--force"]) == 1
-    assert "it is a file, and --shard-size writes a folder" in capsys.readouterr().err
+    assert "it is not a folder (a file or a link to none)" in capsys.readouterr().err
     assert mine.read_bytes() == b"mine"
 
 
@@ -538,3 +553,41 @@ def test_an_interrupt_while_the_library_loads_exits_130_without_a_traceback(
     assert result.returncode == 130, result.stderr
     assert result.stderr == f"{prefix}: interrupted\n"
     assert not (tmp_path / "out.qsd").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_sigterm_stops_a_compression_as_ctrl_c_does(tmp_path):
+    """SIGTERM once killed the command at once and left its two worker processes running for
+    minutes; it now unwinds as Ctrl-C does: status 143, one line, no output file."""
+    import signal
+    import time
+
+    rng = np.random.default_rng(0)
+    safetensors_numpy.save_file(
+        {f"l{i}.weight": rng.standard_normal((1024, 1024)).astype(np.float32) for i in range(4)},
+        str(tmp_path / "model.safetensors"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "qsdlearn.cli", "compress", "model.safetensors", "out.qsd",
+         "--bits-per-weight", "2", "--jobs", "2"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(5)  # imports done, the layers' estimates under way in two workers (about 20 s)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 143, (out, err)
+    assert err == "qsdlearn compress: terminated\n"
+    assert not (tmp_path / "out.qsd").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_a_compressed_file_given_as_weights_is_named_as_such(compressed_file, tmp_path, capsys):
+    """A qsdlearn file named .safetensors (it is one) was compressed again as one uint8
+    tensor, or refused as beyond the budget's reach; it now says to decompress it."""
+    renamed = tmp_path / "compressed.safetensors"
+    renamed.write_bytes(compressed_file.read_bytes())
+    assert main(["compress", str(renamed), str(tmp_path / "again.qsd"), "--bits-per-weight",
+                 "16"]) == 1
+    err = capsys.readouterr().err
+    assert "is a compressed qsdlearn file, not weights: decompress it first" in err
+    with pytest.raises(ValueError, match="decompress it first"):
+        qsdlearn.compress_weights(renamed, bits_per_weight=16.0)

@@ -241,6 +241,34 @@ def test_unknown_version_and_foreign_files_are_rejected(tmp_path):
         qsdlearn.load(path)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX devices and FIFOs")
+def test_load_refuses_devices_pipes_and_foreign_files_before_reading_them(tmp_path,
+                                                                          monkeypatch):
+    """/dev/zero once ended in MemoryError and a FIFO in a hang; a large foreign file was read
+    whole before its header was refused."""
+    with pytest.raises(ValueError, match="not a regular file"):
+        qsdlearn.load("/dev/zero")
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="not a regular file"):
+        qsdlearn.load(tmp_path / "pipe")
+    header = b'{"a": {"dtype": "F32", "shape": [262144], "data_offsets": [0, 1048576]}}'
+    foreign = tmp_path / "plain.safetensors"
+    foreign.write_bytes(struct.pack("<Q", len(header)) + header + bytes(1 << 20))
+    reads = []
+    real_open = open
+
+    def spy(path, mode="r", *args, **kwargs):
+        file = real_open(path, mode, *args, **kwargs)
+        original = file.read
+        file.read = lambda n=-1: reads.append(n) or original(n)
+        return file
+
+    monkeypatch.setattr("builtins.open", spy)
+    with pytest.raises(ValueError, match="not a qsdlearn file: the header has no metadata"):
+        qsdlearn.load(foreign)
+    assert -1 not in reads and sum(reads) < 1000, reads  # the header alone was read
+
+
 def test_declared_sizes_larger_than_the_file_are_rejected():
     data = _image()
     huge_header = struct.pack("<Q", 2**40) + data[8:]

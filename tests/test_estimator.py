@@ -489,6 +489,22 @@ def test_a_bool_for_a_numeric_parameter_is_refused(name):
         QuantizedSparseDecomposition(**params).fit(gaussian(50, 6))
 
 
+@pytest.mark.parametrize("name, value, error", [
+    ("search_width", 0, ValueError), ("search_width", True, TypeError),
+    ("search_width", "8", TypeError), ("n_threads", 0, ValueError), ("n_threads", -5, ValueError),
+    ("n_threads", True, TypeError), ("n_threads", "x", TypeError),
+])
+def test_transform_checks_the_counts_set_after_fit(name, value, error):
+    """fit's parameter validation does not see set_params after it: n_threads=0, -5 and True
+    were clamped silently, "x" raised a comparison's TypeError."""
+    X = gaussian(50, 6)
+    est = QuantizedSparseDecomposition(n_components=4, n_nonzero=2, code_bits=1, max_iter=2,
+                                       random_state=0).fit(X)
+    est.set_params(**{name: value})
+    with pytest.raises(error, match=f"{name} must be an int >= 1"):
+        est.transform(X)
+
+
 @pytest.mark.parametrize(
     "X, error, match",
     [
@@ -521,10 +537,11 @@ def test_unfitted_transform_raises():
         QuantizedSparseDecomposition().transform(gaussian(5, 3))
 
 
-def test_a_gram_matrix_beyond_the_memory_is_refused_before_any_work(monkeypatch):
-    """n_components=10**5 once died in the code step with NumPy's MemoryError (74.5 GiB);
-    the fit now says which parameter to change before it starts. One-hot codes form no Gram
-    matrix and are not refused."""
+def test_a_codebook_beyond_the_memory_is_refused_before_any_work(monkeypatch):
+    """n_components=10**5 once died in the code step with NumPy's MemoryError (74.5 GiB), and
+    10**8 one-hot codewords of 8 features took every byte of the machine until the system
+    killed the process; the fit now says which parameter to change before it starts. One-hot
+    codes form no Gram matrix: only their codebook's copies count."""
     from qsdlearn import _estimator
 
     X = np.random.default_rng(0).standard_normal((40, 4))
@@ -533,8 +550,11 @@ def test_a_gram_matrix_beyond_the_memory_is_refused_before_any_work(monkeypatch)
         QuantizedSparseDecomposition(n_components=31, n_nonzero=2, code_bits=2).fit(X)
     QuantizedSparseDecomposition(n_components=30, n_nonzero=2, code_bits=2, max_iter=1).fit(X)
     QuantizedSparseDecomposition(n_components=31, n_nonzero=1, code_bits=0, max_iter=1).fit(X)
+    with pytest.raises(ValueError, match=r"n_components=40 codewords of 4 features need"):
+        QuantizedSparseDecomposition(n_components=40, n_nonzero=1, code_bits=0).fit(X)
     monkeypatch.setattr(_estimator, "_physical_memory", lambda: None)  # the platform is silent
     QuantizedSparseDecomposition(n_components=31, n_nonzero=2, code_bits=2, max_iter=1).fit(X)
+    QuantizedSparseDecomposition(n_components=40, n_nonzero=1, code_bits=0, max_iter=1).fit(X)
 
 
 def test_sparse_input_is_rejected_with_a_clear_message():

@@ -532,6 +532,9 @@ def test_arguments_are_checked_before_any_fit():
         compress_weights(weights, settings={"embed.weight": {"n_components": 4}})
     with pytest.raises(ValueError, match="n_jobs=0"):
         compress_weights(weights, settings=FAST, n_jobs=0)
+    for flag in (True, False):  # joblib would take True for one worker
+        with pytest.raises(ValueError, match="'n_jobs' parameter of compress_weights must be"):
+            compress_weights(weights, settings=FAST, n_jobs=flag)
 
 
 def test_n_jobs_beyond_the_tensors_runs_one_worker_per_tensor():
@@ -917,12 +920,23 @@ def test_layer_settings_and_candidates_refuse_a_bad_vector_size(vector_size):
         LayerSetting(vector_size)
 
 
-def test_a_vector_size_beyond_the_file_format_is_refused_by_name():
+def test_a_vector_size_beyond_the_file_format_or_the_rows_is_refused_by_name():
+    """A vector_size longer than every tensor's rows pads each row into one sub-vector: it
+    was reported as a budget the candidates cannot reach (2.16 bits per weight at 2)."""
     LayerSetting(2**31, Constraints(1, 1, 0))
     with pytest.raises(ValueError, match=r"vector_size must be at most 2\*\*31"):
         LayerSetting(2**31 + 1)
-    with pytest.raises(ValueError, match=r"vector_size must be at most 2\*\*31"):
-        compress_weights(small_model(), bits_per_weight=2.0, vector_size=10**30)
+    weights = {"w": np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)}
+    message = "is longer than the rows of every tensor to compress .at most 64 elements."
+    # planned: refused when even the shortest default candidate (vector_size // 4) is longer
+    for size in (260, 10**30):
+        with pytest.raises(ValueError, match=f"vector_size={size} {message}"):
+            compress_weights(weights, bits_per_weight=2.0, vector_size=size)
+    with pytest.raises(ValueError, match=f"vector_size=65 {message}"):  # one setting of 65
+        compress_weights(weights, vector_size=65)
+    # the user's own candidates or settings do not use vector_size
+    compress_weights(weights, bits_per_weight=8.0, candidates=[FAST], vector_size=10**6,
+                     max_iter=1)
 
 
 def test_layer_setting_refuses_constraints_a_file_cannot_store():
