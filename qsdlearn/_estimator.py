@@ -702,8 +702,10 @@ default=None
         """
         X = self._validate_new(X)
         codes = self._encode(X).to_dense(self.n_components_)
+        # in float64: the squares of float32 differences beyond 2**64 overflow float32
+        residual = X.astype(np.float64) - self.inverse_transform(codes)
         with np.errstate(over="ignore"):  # beyond float64's range the mean square is inf
-            return -float(np.mean((X - self.inverse_transform(codes)) ** 2))
+            return -float(np.mean(residual**2))
 
     @property
     def _n_features_out(self):

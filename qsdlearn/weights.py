@@ -836,8 +836,18 @@ class CompressedModel(FileImage):
         dict of str to ndarray, or ndarray
             Name to array with the original shapes and dtypes, in order; or the array of
             ``name``.
+
+        Raises
+        ------
+        TypeError
+            If ``name`` is not a string (one name: for several, call it once per name).
+        KeyError
+            If the model has no tensor ``name``.
         """
         if name is not None:
+            if not isinstance(name, str):
+                raise TypeError(f"name is one tensor's name (a str), got {type(name).__name__}; "
+                                "call decompress once per name for several")
             if name not in self.layers:
                 raise KeyError(f"no tensor named {name!r}")
             return self.layers[name].decompress()
@@ -2538,7 +2548,14 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
         smallest[name] = min(usable, key=lambda c: c.stream_bytes(layout.shape(name)))
     least_bytes = layout.file_bytes({**fixed, **smallest})
     if least_bytes > budget:
-        raise _below_reach(bits_per_weight, least_bytes, layout)
+        advice = "raise it or add cheaper candidates"
+        if layout.kept:  # tensors kept verbatim take their share whatever the candidates
+            kept_bits = 8 * sum(t.nbytes for t in layout.kept.values()) / layout.n_weights
+            n = len(layout.kept)
+            advice += (f" ({n} tensor{'s' * (n != 1)} kept verbatim take{'s' * (n == 1)} "
+                       f"{kept_bits:.3f} bits/weight of it: under two dimensions, not floats, "
+                       f"fewer than {MIN_COMPRESSED_SIZE} elements or matching keep)")
+        raise _below_reach(bits_per_weight, least_bytes, layout, advice=advice)
     results = joblib.Parallel(n_jobs=n_jobs)(
         joblib.delayed(_estimate)(
             layout.checkpoint.ref(name), candidates, _layer_seed(base, name), n_threads,

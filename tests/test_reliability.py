@@ -185,6 +185,19 @@ def test_save_errors_name_the_path_the_user_gave(tmp_path):
         qsdlearn._container.write_atomic(tmp_path, b"x")
 
 
+def test_score_of_float32_data_is_finite_where_float32_squares_overflow():
+    """Rows near 1e19 in float32: differences beyond 2**64 squared overflow float32 (score was
+    -inf) though the mean square, about 1e37, is a float32 number."""
+    X = gaussian(200, 6)
+    params = dict(n_components=8, n_nonzero=2, code_bits=2, codebook_bits=8, random_state=0,
+                  max_iter=5)
+    unit = fit_quietly(QuantizedSparseDecomposition(**params), X.astype(np.float32))
+    big = fit_quietly(QuantizedSparseDecomposition(**params), (X * 1e19).astype(np.float32))
+    score = big.score((X * 1e19).astype(np.float32))
+    assert np.isfinite(score) and score < 0
+    assert score / 1e38 == pytest.approx(unit.score(X.astype(np.float32)), rel=1e-3)
+
+
 @pytest.mark.parametrize("scale", [1e-300, 1e200, 1e300])
 def test_reconstruction_error_is_exact_where_its_square_overflows(scale):
     X = gaussian(200, 6)

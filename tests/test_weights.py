@@ -110,6 +110,16 @@ def test_unreachable_target_is_reported():
         compress_weights(small_model(), bits_per_weight=0.5, candidates=QUICK, random_state=0)
 
 
+def test_an_unreachable_target_names_the_share_of_the_tensors_kept_verbatim():
+    """An int8 tensor is kept at 8 bits: the advice to add cheaper candidates alone misled."""
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.standard_normal((64, 64)).astype(np.float32),
+               "i": rng.integers(-100, 100, (64, 64)).astype(np.int8)}
+    with pytest.raises(ValueError, match=r"add cheaper candidates \(1 tensor kept verbatim "
+                                         r"takes 4\.000 bits/weight of it: under two"):
+        compress_weights(weights, bits_per_weight=2.0, candidates=QUICK)
+
+
 def _check_the_quoted_least_is_met(weights, refused_bits, max_iter):
     """Ask for ``refused_bits``, read the least the refusal quotes, and compress at it."""
     with pytest.raises(ValueError, match="below what the candidates can reach") as refused:
@@ -463,6 +473,8 @@ def test_decompress_one_tensor():
                                   model.decompress()["conv.weight"])
     with pytest.raises(KeyError, match="no tensor named 'missing'"):
         model.decompress("missing")
+    with pytest.raises(TypeError, match="one tensor's name .a str., got list"):
+        model.decompress(["conv.weight"])  # was "unhashable type: 'list'"
 
 
 def test_sharded_input_gives_the_same_model(tmp_path):
