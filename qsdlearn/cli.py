@@ -371,6 +371,7 @@ def run():
     signal.signal(signal.SIGTERM, _terminate)
     status = main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here on, no exception to unwind
     sys.exit(status)
 
 
