@@ -8,6 +8,7 @@ one tensor from, so that no process holds the whole model. Files are never read 
 It imports only :mod:`qsdlearn._dtypes` from the package.
 """
 
+import errno
 import fnmatch
 import hashlib
 import json
@@ -233,8 +234,20 @@ def _open_mapping(mapping):
     return Checkpoint(infos, refs, "the weights")
 
 
+def _check_regular_file(path):
+    """Refuse a path that is not a regular file (a device or a pipe, which a reader would read
+    until the memory runs out, or wait on in ``open`` for ever)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"cannot read {path}: not a regular file (a device or a pipe)")
+
+
 def _open_path(path):
     if not os.path.exists(path):
+        try:
+            os.stat(path)
+        except OSError as exc:  # a reason other than absence: a loop of symbolic links
+            if exc.errno != errno.ENOENT:
+                raise ValueError(f"cannot read {path}: {exc.strerror}") from None
         raise ValueError(f"no such file: {path}")
     if os.path.isdir(path):
         indexes = sorted(f for f in os.listdir(path) if f.endswith(INDEX_SUFFIX))
@@ -246,6 +259,7 @@ def _open_path(path):
         if not shards:
             raise ValueError(f"{path} holds no .safetensors file")
         return _open_shards([os.path.join(path, f) for f in shards], path)
+    _check_regular_file(path)
     if path.endswith(".json"):
         return _open_index(path)
     if path.endswith(".npz"):
@@ -332,6 +346,7 @@ def _open_shards(paths, source):
 
     infos, refs = [], {}
     for path in paths:
+        _check_regular_file(path)
         try:
             with safe_open(path, framework="np") as file:
                 if (file.metadata() or {}).get("format") == FORMAT_NAME:

@@ -591,3 +591,30 @@ def test_a_compressed_file_given_as_weights_is_named_as_such(compressed_file, tm
     assert "is a compressed qsdlearn file, not weights: decompress it first" in err
     with pytest.raises(ValueError, match="decompress it first"):
         qsdlearn.compress_weights(renamed, bits_per_weight=16.0)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX devices and FIFOs")
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "pipe.safetensors", "out.qsd", "--bits-per-weight", "2"],
+     "error: pipe.safetensors: not a regular file"),
+    (["compress", "zero.npz", "out.qsd", "--bits-per-weight", "2"],
+     "error: zero.npz: not a regular file"),
+    (["compress", "w.npz", "out.qsd", "--bits-per-weight", "2", "--calibration",
+      "pipe.safetensors"], "error: --calibration pipe.safetensors: not a regular file"),
+    (["compress", "w.npz", "out.qsd", "--bits-per-weight", "2", "--sensitivity", "zero.npz"],
+     "error: --sensitivity zero.npz: not a regular file"),
+])
+def test_devices_and_pipes_as_inputs_are_refused_before_they_are_read(argv, message, capsys,
+                                                                      tmp_path, monkeypatch):
+    """A FIFO as weights waited in open() for ever, through SIGTERM and Ctrl-C; /dev/zero
+    behind a .npz name was read until the memory ran out."""
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "w.npz", w=np.ones((64, 64), np.float32))
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    os.symlink("/dev/zero", tmp_path / "zero.npz")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    for path in ("pipe.safetensors", "zero.npz"):  # the library too
+        with pytest.raises(ValueError, match=f"cannot read {path}: not a regular file"):
+            qsdlearn.compress_weights(path, bits_per_weight=2.0)
