@@ -5,7 +5,7 @@ sharded safetensors checkpoint (its ``*.safetensors.index.json`` or the folder h
 a folder of ``.safetensors`` files. :func:`open_checkpoint` reads only the names, shapes and
 dtypes; :meth:`Checkpoint.ref` gives a small picklable reference a worker process loads its
 one tensor from, so that no process holds the whole model. Files are never read with pickle.
-It imports only :mod:`qsdlearn._dtypes` from the package.
+It imports only :mod:`qsdlearn._container` and :mod:`qsdlearn._dtypes` from the package.
 """
 
 import errno
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._container import FORMAT_NAME, _new_file_mode
+from ._container import FORMAT_NAME, _new_file_mode, is_device_or_pipe
 from ._dtypes import SAFETENSORS_NAMES, check_dtype, is_float, to_little_endian_bytes
 
 #: File name of the index of a sharded checkpoint written by :func:`write_checkpoint`.
@@ -235,9 +235,8 @@ def _open_mapping(mapping):
 
 
 def _check_regular_file(path):
-    """Refuse a path that is not a regular file (a device or a pipe, which a reader would read
-    until the memory runs out, or wait on in ``open`` for ever)."""
-    if not os.path.isfile(path):
+    """Refuse a device or a pipe (:func:`~qsdlearn._container.is_device_or_pipe`)."""
+    if is_device_or_pipe(path):
         raise ValueError(f"cannot read {path}: not a regular file (a device or a pipe)")
 
 

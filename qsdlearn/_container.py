@@ -345,13 +345,23 @@ def check_declared_elements(elements, max_elements, what):
         )
 
 
+def is_device_or_pipe(path):
+    """Whether ``path`` names something that is neither a regular file nor a folder: a device
+    or a pipe, which a reader would read until the memory runs out (``/dev/zero``) or wait on
+    in ``open`` for ever (a FIFO). False where nothing is there (``open`` then says why)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def read_file(path):
     """The bytes of the file at ``path``, its header checked (:func:`_parse_header`) before
     the rest is read, so that a file that is not a qsdlearn file is refused before a
-    checkpoint of many GB is read whole. Devices and pipes (``/dev/zero``, a FIFO, which
-    would never end or never start) are refused."""
-    mode = os.stat(path).st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder: open's own error
+    checkpoint of many GB is read whole. Devices and pipes are refused
+    (:func:`is_device_or_pipe`)."""
+    if is_device_or_pipe(path):
         raise ValueError("not a qsdlearn file: not a regular file (a device or a pipe)")
     with open(path, "rb") as file:
         head = file.read(8)

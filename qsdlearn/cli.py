@@ -42,6 +42,8 @@ def _check_inputs_exist(args):
     ``no such file: FILE``), the ``--calibration`` and ``--sensitivity`` files with their
     option's name before them; a path that names no file for another reason (a loop of
     symbolic links) with that reason; a device or a pipe as not a regular file."""
+    from ._container import is_device_or_pipe
+
     for option, path in ((None, args.input), ("--calibration", args.calibration),
                          ("--sensitivity", args.sensitivity)):
         if path is not None and not os.path.exists(path):
@@ -53,8 +55,7 @@ def _check_inputs_exist(args):
             if option is None:
                 raise missing
             raise ValueError(f"{option} {_message(missing)}")
-        if path is not None and not (os.path.isfile(path) or os.path.isdir(path)):
-            # a device or a pipe: read until the memory runs out, or waited on in open
+        if path is not None and is_device_or_pipe(path):
             named = path if option is None else f"{option} {path}"
             raise ValueError(f"{named}: not a regular file (a device or a pipe)")
 
