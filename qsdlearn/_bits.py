@@ -19,6 +19,7 @@ combinatorial number system, ``ceil(log2(comb(k, s)))`` bits, while that rank fi
 beyond that it is stored as ``s`` fixed-width positions of ``ceil(log2(k))`` bits each.
 """
 
+import functools
 from dataclasses import dataclass
 from math import comb
 
@@ -204,6 +205,12 @@ def unpack_fields(stream, width, count):
 # -- subsets as ranks (combinatorial number system) --------------------------------------------
 
 
+#: Tables of at most this many entries are built once per size and copied (a model's
+#: compression packs the supports of thousands of fits, and a table of 362 positions took
+#: about 1 ms of Python to build).
+_CACHED_TABLE_ENTRIES = 1 << 16
+
+
 def binomial_table(n_positions, n_keep):
     """``table[m, i] = comb(m, i)`` for ``m < n_positions``, ``i <= n_keep``, as uint64.
 
@@ -211,6 +218,17 @@ def binomial_table(n_positions, n_keep):
     ``n_positions`` never reads them when ``comb(n_positions, n_keep) <= 2**64``: the entries it
     reads are at most ``comb(n_positions - 1, n_keep)``.
     """
+    if max(n_positions, 1) * (n_keep + 1) <= _CACHED_TABLE_ENTRIES:
+        return _cached_binomial_table(n_positions, n_keep).copy()
+    return _build_binomial_table(n_positions, n_keep)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_binomial_table(n_positions, n_keep):
+    return _build_binomial_table(n_positions, n_keep)
+
+
+def _build_binomial_table(n_positions, n_keep):
     table = np.zeros((max(n_positions, 1), n_keep + 1), dtype=np.uint64)
     cap = 2**64 - 1
     for m in range(n_positions):

@@ -47,6 +47,7 @@ from numba.extending import overload
 
 from ._jit import map_in_threads, njit, split_among_threads
 from ._levels import FLOAT  # noqa: F401  (re-exported: the kernels' name for float values)
+from ._levels import SCALE_FRACTIONS
 
 #: dtype of slot positions everywhere in the package (solver, kernels, codec).
 INDEX_DTYPE = np.int32
@@ -83,6 +84,45 @@ def quantize_scalar(v, scale, nbits):
     elif i > 2 * half - 1:
         i = 2 * half - 1
     return (i - half + 0.5) * scale
+
+
+@njit()
+def _level_scales(values, nbits, mask, fractions, out):
+    """Serial body of :func:`fit_level_scales`."""
+    m, n = values.shape
+    top_level = (1 << (nbits - 1)) - 0.5
+    for j in range(n):
+        top = 0.0
+        for i in range(m):
+            if mask[i, j]:
+                top = max(top, abs(values[i, j]))
+        out[j] = 1.0
+        if not top > 0.0:
+            continue
+        best = np.inf
+        for f in range(fractions.shape[0]):
+            step = top / top_level * fractions[f]
+            err = 0.0
+            for i in range(m):
+                if mask[i, j]:
+                    r = values[i, j] - quantize_scalar(values[i, j], step, nbits)
+                    err += r * r
+            if err < best:
+                best = err
+                out[j] = step
+
+
+def fit_level_scales(values, nbits, mask=None):
+    """Per-column scale of the ``nbits`` grid (``nbits >= 1``) with the smallest squared
+    quantization error over the entries of ``mask``: the compiled counterpart of
+    :func:`qsdlearn._levels.fit_level_scales` (the same steps tried, its sums in another
+    order). Returns float64 scales of shape ``(values.shape[1],)``."""
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    mask = (np.ones(values.shape, dtype=np.bool_) if mask is None
+            else np.ascontiguousarray(mask, dtype=np.bool_))
+    out = np.empty(values.shape[1], dtype=np.float64)
+    _level_scales(values, int(nbits), mask, SCALE_FRACTIONS, out)
+    return out
 
 
 @njit()

@@ -3,7 +3,7 @@ power of two that brings data to unit scale.
 
 The conventions are those of :mod:`qsdlearn._kernels` (unit mid-rise levels times a scale).
 This module is the plain-NumPy counterpart the kernels are tested against, and what the solver
-uses where vectorized NumPy is fast enough (initial scales).
+uses where vectorized NumPy is fast enough.
 """
 
 import numpy as np
@@ -12,7 +12,7 @@ import numpy as np
 FLOAT = -1
 
 #: Relative grid steps tried when fitting a scale, as fractions of the range-covering step.
-_SCALE_FRACTIONS = np.linspace(0.05, 1.0, 39)
+SCALE_FRACTIONS = np.linspace(0.05, 1.0, 39)
 
 
 def unit_levels(nbits):
@@ -89,7 +89,7 @@ def fit_level_scales(values, nbits, mask=None, fractions=None):
     full_step = top / (2 ** (nbits - 1) - 0.5)
     best_err = np.full(values.shape[1], np.inf)
     best = np.ones(values.shape[1])
-    for fraction in _SCALE_FRACTIONS if fractions is None else fractions:
+    for fraction in SCALE_FRACTIONS if fractions is None else fractions:
         step = np.where(full_step > 0, full_step * fraction, 1.0)
         err = np.sum(weights * (values - quantize(values, step, nbits)) ** 2, axis=0)
         better = err < best_err

@@ -23,7 +23,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.extmath import randomized_svd
 
 from . import _kernels, _metric
-from ._levels import fit_level_scales, scale_exponent, snap_to_levels, top_magnitude_mask
+from ._levels import scale_exponent, snap_to_levels, top_magnitude_mask
 from ._sampling import importance_sample
 from ._seeding import kmeans_plusplus_indices
 
@@ -121,11 +121,11 @@ def _largest_eigenvalue(sym, n_iter=100, rtol=1e-7):
     if _is_diagonal(sym):  # a power iteration would converge slowly between close entries
         return float(np.max(np.diagonal(sym)))
     v = 1.0 + np.arange(k) / k  # fixed start with a component along any nonnegative direction
-    v /= np.linalg.norm(v)
+    v /= math.sqrt(v.dot(v))
     value = 0.0
     for _ in range(n_iter):
         w = sym @ v
-        norm = float(np.linalg.norm(w))
+        norm = math.sqrt(w.dot(w))  # np.linalg.norm's value, without its dispatch
         if norm == 0.0:
             break
         new_value = float(v @ w)
@@ -391,7 +391,7 @@ def quantize_codebook(C, constraints):
     scales = None
     if constraints.codebook_bits is not None:
         mask = top_magnitude_mask(C, constraints.component_nonzero)
-        scales = fit_level_scales(C.T, constraints.codebook_bits, mask.T)
+        scales = _kernels.fit_level_scales(C.T, constraints.codebook_bits, mask.T)
     if constraints.free_codebook:
         return C, scales
     return _project_codebook(C, scales, constraints), scales
@@ -639,7 +639,7 @@ def _scale_for_code_levels(C0, Z0, constraints, rng):
     if rows.shape[0] > _SCALE_SAMPLE_ROWS:
         rows = rows[rng.choice(rows.shape[0], _SCALE_SAMPLE_ROWS, replace=False)]
     mask = top_magnitude_mask(rows, constraints.n_nonzero)
-    alpha = fit_level_scales(rows, constraints.code_bits, mask)
+    alpha = _kernels.fit_level_scales(rows, constraints.code_bits, mask)
     return C0 * alpha[:, None]
 
 

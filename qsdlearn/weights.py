@@ -1685,22 +1685,31 @@ def _held_out_split(n_rows, fit_rows, seed, shared=None):
 _RANKED_ROWS = 1 << 20
 
 
-def _heaviest_rows(X, split, weights=None):
+def _row_energies(X, block, weights=None):
+    """Squared norms of the rows ``block`` of ``X`` (times ``weights``, all rows', when
+    given), in float64 (squares of float32 values beyond 2**64 overflow float32), without a
+    copy of ``X``."""
+    energy = np.einsum("ij,ij->i", X[block], X[block], dtype=np.float64)
+    return energy if weights is None else energy * weights[block]
+
+
+def _heaviest_rows(X, split, weights=None, energies=None):
     """The :data:`ESTIMATE_HEAVIEST_ROWS` rows of ``X`` of largest squared norm (times
     ``weights``, all rows', when given) that ``split`` does not fit; ranked
-    :data:`_RANKED_ROWS` at a time, each block's heaviest kept for the next."""
+    :data:`_RANKED_ROWS` at a time, each block's heaviest kept for the next. ``energies``,
+    when given, are those of all rows (:func:`_row_energies`, at most :data:`_RANKED_ROWS`)."""
     n_rows = X.shape[0]
     n = min(ESTIMATE_HEAVIEST_ROWS, n_rows - split[0].shape[0])
+    if energies is not None:
+        energy = energies.copy()
+        energy[split[0]] = -1.0
+        return np.argpartition(energy, n_rows - n)[n_rows - n:]
     fitted = np.zeros(n_rows, dtype=bool)
     fitted[split[0]] = True
     rows, energy = np.empty(0, dtype=np.intp), np.empty(0)
     for start in range(0, n_rows, _RANKED_ROWS):
         block = slice(start, min(n_rows, start + _RANKED_ROWS))
-        # in float64 (squares of float32 values beyond 2**64 overflow float32), without a
-        # copy of X
-        block_energy = np.einsum("ij,ij->i", X[block], X[block], dtype=np.float64)
-        if weights is not None:
-            block_energy = block_energy * weights[block]
+        block_energy = _row_energies(X, block, weights)
         block_energy[fitted[block]] = -1.0
         rows = np.concatenate([rows, np.arange(block.start, block.stop)])
         energy = np.concatenate([energy, block_energy])
@@ -1709,12 +1718,12 @@ def _heaviest_rows(X, split, weights=None):
     return rows
 
 
-def _held_out_error(est, X, split, weights=None):
+def _held_out_error(est, X, split, weights=None, energies=None):
     """Squared error (weighted by ``weights``, all rows', when given) of ``est`` on rows it
     was not fitted on, for all of ``X``'s rows: that of the heaviest rows
-    (:func:`_heaviest_rows`) plus that of the other held-out rows of ``split`` scaled to
-    the other rows of ``X``."""
-    heavy = _heaviest_rows(X, split, weights)
+    (:func:`_heaviest_rows`, given the rows' ``energies`` or not) plus that of the other
+    held-out rows of ``split`` scaled to the other rows of ``X``."""
+    heavy = _heaviest_rows(X, split, weights, energies)
     others = np.setdiff1d(split[1], heavy, assume_unique=True)
     rows = np.concatenate([heavy, others])
     measured = X[rows]
@@ -1838,6 +1847,19 @@ def _shared_seeds(shared, setting, fit_rows, weights, seed):
     return shared[key]
 
 
+def _shared_energies(shared, setting, X, weights):
+    """The squared norms of the rows ``X`` of a candidate (:func:`_row_energies`), computed
+    once per sub-vector size and row scaling and kept in ``shared`` (a dict, or None: not
+    kept) for the other candidates of the layer; None for layers of more than
+    :data:`_RANKED_ROWS` rows, whose rows are ranked a block at a time."""
+    if shared is None or X.shape[0] > _RANKED_ROWS:
+        return None
+    key = ("row energies", setting.vector_size, setting.row_scales)
+    if key not in shared:
+        shared[key] = _row_energies(X, slice(None), weights)
+    return shared[key]
+
+
 def _estimate_error(setting, X, calibration, seed, n_threads, shared=None):
     """The error of one candidate on the sub-vectors ``X`` of a layer (see :func:`_estimate`),
     or None when the layer has fewer sub-vectors than the candidate has codewords. ``shared``
@@ -1860,7 +1882,8 @@ def _estimate_error(setting, X, calibration, seed, n_threads, shared=None):
         if shared is not None:
             est.set_params(codebook_init=_shared_seeds(shared, setting, rows, row_weights, seed))
         _fit_quietly(est, rows, sample_weight=row_weights)
-        held_out = _held_out_error(est, X, split, weights)
+        held_out = _held_out_error(est, X, split, weights,
+                                   _shared_energies(shared, setting, X, weights))
         fitted = est.reconstruction_err_**2 * X.shape[0] / rows.shape[0]
         return _between(held_out, fitted)
     sample, metric, weights, factor, _ = _fit_inputs(X, calibration, fit_rows, seed,

@@ -93,3 +93,19 @@ def test_estimator_reports_the_formula(params, per_row, codebook):
         est32.fit(X.astype(np.float32))
     assert est32.compression_ratio_ == pytest.approx(32 * 300 / est32.bits_)
     assert est32.encode(X.astype(np.float32)).compression_ratio == est32.compression_ratio_
+
+
+@pytest.mark.parametrize("n_positions, n_keep", [(1, 1), (9, 3), (362, 2), (20000, 4)])
+def test_binomial_tables_are_fresh_copies(n_positions, n_keep):
+    """Small tables are built once and handed out as copies: writing into one leaves the
+    next call's entries exact (the large ones are built each time)."""
+    from qsdlearn._bits import binomial_table
+
+    table = binomial_table(n_positions, n_keep)
+    m = np.arange(max(n_positions, 1))
+    for i in range(n_keep + 1):
+        expected = [min(comb(int(v), i), 2**64 - 1) for v in m]
+        np.testing.assert_array_equal(table[:, i], np.array(expected, dtype=np.uint64))
+    table[:] = 7
+    again = binomial_table(n_positions, n_keep)
+    assert again is not table and again[-1, 1] == max(n_positions - 1, 0)

@@ -38,6 +38,37 @@ def test_quantize_scalar_matches_numpy_reference(nbits):
         np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("nbits", [1, 2, 3, 8])
+def test_level_scales_match_numpy_reference(nbits, dtype):
+    """The compiled search of grid scales picks the NumPy reference's step in every column
+    (masked entries ignored; a column with nothing masked in, or all zeros, gets 1), and no
+    other of the steps tried quantizes a column with less error."""
+    from qsdlearn._levels import SCALE_FRACTIONS, fit_level_scales
+
+    rng = np.random.default_rng(nbits)
+    values = (rng.standard_normal((7, 300)) * rng.uniform(0.01, 100, 300)).astype(dtype)
+    values[:, 5] = 0.0
+    mask = rng.random(values.shape) < 0.7
+    mask[:, 7] = False
+    for m in (mask, None):
+        got = _kernels.fit_level_scales(values, nbits, m)
+        np.testing.assert_array_equal(got, fit_level_scales(values, nbits, m))
+        assert got.dtype == np.float64 and got[5] == 1.0
+        keep = np.ones(values.shape, bool) if m is None else m
+        x = values.astype(np.float64)
+
+        def error(step):
+            return np.sum(keep * (x - quantize(x, step, nbits)) ** 2, axis=0)
+
+        top = np.max(np.abs(x) * keep, axis=0) / (2 ** (nbits - 1) - 0.5)
+        tried = np.min([error(np.where(top > 0, top * f, 1.0)) for f in SCALE_FRACTIONS], axis=0)
+        np.testing.assert_allclose(error(got), tried, rtol=1e-12)
+    assert _kernels.fit_level_scales(values, nbits, mask)[7] == 1.0
+    # a column-major array (the solver passes the codebook's transpose) gives the same
+    np.testing.assert_array_equal(_kernels.fit_level_scales(np.asfortranarray(values), nbits),
+                                  _kernels.fit_level_scales(values, nbits))
+
+
 @pytest.mark.parametrize("nbits", NBITS)
 @pytest.mark.parametrize("m, n_keep", [(1, 1), (4, 1), (4, 2), (5, 3), (5, 5)])
 def test_projection_equals_brute_force(nbits, m, n_keep, dtype):

@@ -699,7 +699,8 @@ def test_the_heaviest_rows_are_ranked_block_by_block_as_all_at_once(weighted, mo
     """Ranked a block at a time (the memory of a block, not of every row), the rows are
     the heaviest of all: the same set as a plain sort of every row's energy."""
     import qsdlearn.weights as weights_module
-    from qsdlearn.weights import ESTIMATE_HEAVIEST_ROWS, _heaviest_rows, _held_out_split
+    from qsdlearn.weights import (ESTIMATE_HEAVIEST_ROWS, _heaviest_rows, _held_out_split,
+                                  _row_energies)
 
     rng = np.random.default_rng(4)
     X = rng.standard_normal((20_000, 4)).astype(np.float32)
@@ -709,6 +710,11 @@ def test_the_heaviest_rows_are_ranked_block_by_block_as_all_at_once(weighted, mo
     energy[split[0]] = -1.0
     expected = set(np.argsort(-energy)[:ESTIMATE_HEAVIEST_ROWS].tolist())
     assert set(_heaviest_rows(X, split, weights).tolist()) == expected
+    # ranked from all rows' energies, computed once for a layer's candidates: the same rows
+    energies = _row_energies(X, slice(None), weights)
+    np.testing.assert_array_equal(_heaviest_rows(X, split, weights, energies),
+                                  _heaviest_rows(X, split, weights))
+    assert np.all(energies >= 0)  # not marked by the ranking
     for block in (1000, 4096, 7777):
         monkeypatch.setattr(weights_module, "_RANKED_ROWS", block)
         assert set(_heaviest_rows(X, split, weights).tolist()) == expected
@@ -989,7 +995,7 @@ def test_report_table_columns_line_up_whatever_the_widths():
         assert line[end - 1].isdigit() and line[end] == " "
 
 
-def test_shared_starts_and_permutations_leave_every_estimate_unchanged():
+def test_shared_starts_permutations_and_energies_leave_every_estimate_unchanged():
     from qsdlearn._calibration import LayerCalibration
     from qsdlearn.weights import _PERMUTATION_START, _estimate_error
 
@@ -1006,8 +1012,10 @@ def test_shared_starts_and_permutations_leave_every_estimate_unchanged():
             alone = _estimate_error(setting, X, calibration, 7, 1)
             shared = _estimate_error(setting, X, calibration, 7, 1, kept)
             assert shared == alone
-        # one start per (size, codebook size, row scaling), one permutation of the rows
-        assert sorted(key[0] for key in kept) == ["k-means++", "k-means++", "permutation"]
+        # one start per (size, codebook size, row scaling), one permutation of the rows, the
+        # rows' energies once per (size, row scaling)
+        assert sorted(key[0] for key in kept) == [
+            "k-means++", "k-means++", "permutation", "row energies", "row energies"]
         # only a start of the permutation (a whole one of a large layer adds to the peak
         # memory), long enough for every default candidate
         assert kept[("permutation", 3000)].size == min(3000, _PERMUTATION_START)
