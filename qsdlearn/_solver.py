@@ -196,8 +196,11 @@ def solve_scales(M, b, current):
     new = current.astype(np.float64).copy()
     if not active.any():
         return current
-    rhs = b[active] - M[np.ix_(active, ~active)] @ new[~active]
-    new[active] = _solve_psd(M[np.ix_(active, active)], rhs)
+    if active.all():  # the usual case, without two copies of M by fancy indexing
+        new = _solve_psd(M, b)
+    else:
+        rhs = b[active] - M[np.ix_(active, ~active)] @ new[~active]
+        new[active] = _solve_psd(M[np.ix_(active, active)], rhs)
 
     def objective(s):
         return -2.0 * b @ s + s @ M @ s

@@ -108,3 +108,22 @@ def test_weighted_kmeans_on_many_rows_seeds_as_on_all_rows(dtype):
         patch.setattr(_solver, "_SEEDING_MIN_ROWS", 10**7)
         every_row = weighted_sqnr(fit())
     assert sampled > every_row - 0.5, (sampled, every_row)
+
+
+@pytest.mark.parametrize("inactive", [[], [3], [0, 5, 6]])
+def test_solved_scales_minimise_the_quadratic_over_the_active_ones(inactive):
+    """``solve_scales`` against NumPy's solution: the scales whose diagonal term does not
+    vanish solve their normal equations, the others keep their current values."""
+    from qsdlearn._solver import solve_scales
+
+    rng = np.random.default_rng(len(inactive))
+    A = rng.standard_normal((40, 8))
+    A[:, inactive] = 0.0  # those scales have no term: M's rows and columns vanish
+    M, b = A.T @ A, A.T @ rng.standard_normal(40)
+    current = rng.uniform(0.5, 2.0, 8)
+    got = solve_scales(M, b, current)
+    active = np.setdiff1d(np.arange(8), inactive)
+    expected = current.copy()
+    expected[active] = np.linalg.solve(M[np.ix_(active, active)], b[active])
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    np.testing.assert_array_equal(got[inactive], current[inactive])
