@@ -205,6 +205,46 @@ def test_code_update_never_increases_the_error(nbits, dtype):
     assert np.all(err <= cold * (1 + 1e-12) + 1e-12)  # nor than solving from scratch
 
 
+@pytest.mark.parametrize("rotation", [1, 3])
+@pytest.mark.parametrize("nbits", [1, 2, 3])
+def test_improved_codes_are_the_better_of_the_round_and_the_rotated_start(nbits, rotation,
+                                                                          dtype):
+    """Row by row, improve_codes keeps the better of one improvement round from the incoming
+    codes and the rotated start of the cold search (the cold one on a tie), as the two
+    compiled pieces give them; rows whose rotated start settles on their incoming codes (the
+    kernel then skips the round) included."""
+    rng = np.random.default_rng(23 + nbits)
+    X = rng.normal(size=(150, 5)).astype(dtype)
+    C = rng.normal(size=(9, 5)).astype(dtype)
+    idx, val, _ = run_update(X, C, nbits, 2, width=4)
+    C2 = (C + 0.05 * rng.normal(size=C.shape)).astype(dtype)
+    got_idx, got_val, got_err = run_update(X, C2, nbits, 2, entry="improve", idx=idx.copy(),
+                                           val=val.copy(), width=4, rotation=rotation)
+    X64, CT = X.astype(np.float64), np.ascontiguousarray(C2.T, dtype=np.float64)
+    G = CT.T @ CT
+    work = _kernels._row_work(G, 2, 4, False)
+    p = np.empty(9)
+    settled_on_incoming = 0
+    for i in range(X.shape[0]):
+        xx = _kernels._correlate(X64, i, CT, p)
+        row_idx, row_val = idx[i].astype(np.int64), val[i].astype(np.float64)
+        row_err = _kernels._improvement_round(row_idx, row_val, 2, False, False, p, G, xx,
+                                              nbits, 0.0, 4, work)
+        alt_idx, alt_val = np.empty(2, np.int64), np.empty(2)
+        alt_err, _ = _kernels._solve_row_cold(alt_idx, alt_val, 2, False, False, p, G, xx,
+                                              nbits, 4, work, rotation)
+        order = np.argsort(alt_idx)
+        settled_on_incoming += (np.array_equal(alt_idx[order], idx[i])
+                                and np.array_equal(alt_val[order], val[i]))
+        if alt_err <= row_err:
+            row_idx, row_val, row_err = alt_idx, alt_val, alt_err
+        order = np.argsort(row_idx)  # slots are stored by position
+        np.testing.assert_array_equal(got_idx[i], row_idx[order])
+        np.testing.assert_array_equal(got_val[i], row_val[order].astype(dtype))
+        assert got_err[i] == max(row_err, 0.0)
+    assert 10 < settled_on_incoming < X.shape[0]  # both paths of the kernel are exercised
+
+
 @pytest.mark.parametrize("nbits", NBITS)
 def test_multi_start_search(nbits, dtype):
     """More starts never lose to fewer (the first start is the greedy choice), the errors
