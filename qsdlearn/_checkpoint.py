@@ -377,6 +377,13 @@ def _open_shards(paths, source):
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
+def replaced_by_shards(file_name):
+    """Whether a sharded write (:func:`write_checkpoint` with ``max_shard_bytes``) into a
+    folder replaces or removes the file ``file_name`` there: a shard of the
+    ``model-00001-of-00003.safetensors`` pattern, or the index."""
+    return bool(_SHARD_NAME.fullmatch(file_name)) or file_name == "model" + INDEX_SUFFIX
+
+
 def shard_names(count, stem="model"):
     """File names of ``count`` shards, ``model-00001-of-00003.safetensors`` style.
 

@@ -199,17 +199,22 @@ def _offsets(entry, name):
     return offsets
 
 
-def write_atomic(path, data):
+def write_atomic(path, data, overwrite=False):
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
     An interrupted write leaves either the old file or the new one at ``path``, never a
     partial file. Temporary files left in that folder by writers that no longer run (a killed
-    process) are removed first.
+    process) are removed first. Something already at ``path`` is replaced only with
+    ``overwrite``, and only a regular file (or a link to one): never a device or a pipe.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    if is_device_or_pipe(path):
+        raise ValueError(f"cannot write {path}: it is a device or a pipe, not a regular file")
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
     remove_stale_temporaries(folder)
@@ -236,22 +241,28 @@ class FileImage:
 
     _KIND = None
 
-    def save(self, path):
+    def save(self, path, *, overwrite=False):
         """Write :meth:`to_bytes` to ``path`` atomically (see :func:`qsdlearn.save`).
 
         Parameters
         ----------
         path : str or path-like
-            Destination; an existing file there is replaced as a whole, never left partial.
+            Destination.
+        overwrite : bool, default=False
+            Replace a file already at ``path`` (as a whole: never left partial).
 
         Raises
         ------
+        FileExistsError
+            If something is at ``path`` and ``overwrite`` is False.
         IsADirectoryError
             If ``path`` is a folder.
         FileNotFoundError
             If the folder of ``path`` does not exist.
+        ValueError
+            If ``path`` is a device or a pipe.
         """
-        write_atomic(path, self.to_bytes())
+        write_atomic(path, self.to_bytes(), overwrite=_check_overwrite(overwrite))
 
     @classmethod
     def from_bytes(cls, data, *, max_elements=None):
@@ -271,6 +282,7 @@ class FileImage:
             If the image is not a file of this kind and format version, is damaged, or
             declares more than ``max_elements`` elements.
         """
+        max_elements = check_max_elements(max_elements)
         return cls._from_container(*read_container(data), max_elements=max_elements)
 
     @classmethod
@@ -278,6 +290,13 @@ class FileImage:
         """Reject metadata of another kind of file."""
         if meta.get("kind") != cls._KIND:
             raise ValueError(f"not a compressed {cls._KIND}: kind {meta.get('kind')!r}")
+
+
+def _check_overwrite(overwrite):
+    """``overwrite`` itself, if it is a bool."""
+    if not isinstance(overwrite, (bool, np.bool_)):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    return bool(overwrite)
 
 
 def _new_file_mode():
@@ -334,6 +353,20 @@ def remove_stale_temporaries(folder):
     return removed
 
 
+def check_max_elements(max_elements):
+    """``max_elements`` itself if it is None or a positive integer (a NaN compared false with
+    every size, which turned the limit off)."""
+    if max_elements is None:
+        return None
+    if isinstance(max_elements, (bool, np.bool_)) or not isinstance(
+            max_elements, (int, np.integer)):
+        raise TypeError(f"max_elements must be a positive integer or None, got "
+                        f"{max_elements!r}")
+    if max_elements < 1:
+        raise ValueError(f"max_elements must be a positive integer, got {max_elements}")
+    return int(max_elements)
+
+
 def check_declared_elements(elements, max_elements, what):
     """Reject a file that declares more than ``max_elements`` elements (``None``: the
     default :data:`MAX_ELEMENTS`)."""
@@ -361,6 +394,8 @@ def read_file(path):
     the rest is read, so that a file that is not a qsdlearn file is refused before a
     checkpoint of many GB is read whole. Devices and pipes are refused
     (:func:`is_device_or_pipe`)."""
+    if not isinstance(path, (str, bytes, os.PathLike)):  # open() takes an int for a descriptor
+        raise TypeError(f"expected a file name (str or path-like), got {type(path).__name__}")
     if is_device_or_pipe(path):
         raise ValueError("not a qsdlearn file: not a regular file (a device or a pipe)")
     with open(path, "rb") as file:

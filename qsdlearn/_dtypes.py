@@ -68,12 +68,27 @@ def check_dtype(tensor, dtype):
     dtype = np.dtype(dtype)
     if dtype.name in SAFETENSORS_NAMES and dtype.isnative:
         return
-    advice = _KIND_ADVICE.get(dtype.kind)
+    if dtype.type.__module__ == "ml_dtypes":  # NumPy sees them as raw records
+        advice = ("it has no codec for the 8-, 6- and 4-bit types of ml_dtypes; cast the "
+                  "tensor to float16, bfloat16 or float32 (or to int8)")
+    else:
+        advice = _KIND_ADVICE.get(dtype.kind)
     if advice is None:
         advice = ("supported dtypes are " + ", ".join(SAFETENSORS_NAMES)
                   + "; cast the tensor to one of them")
     raise TypeError(f"tensor {tensor!r} has dtype {dtype}, "
                     f"which qsdlearn does not store: {advice}")
+
+
+def cast_reconstruction(values, name):
+    """A reconstruction ``values`` (float32 or float64) cast to the tensor dtype ``name``,
+    clipped first to that dtype's finite range: a weight at float16's largest value (65504)
+    reconstructed a rounding above it would otherwise become ``inf``."""
+    dtype = numpy_dtype(name)
+    top = float(ml_dtypes.finfo(dtype).max)
+    if top < float(np.finfo(values.dtype).max):
+        values = np.clip(values, -top, top)
+    return values.astype(dtype)
 
 
 def is_float(dtype):

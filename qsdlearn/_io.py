@@ -4,18 +4,19 @@ This module sits above the matrix codec and the model adapter, which both write 
 container (:mod:`qsdlearn._container`); it is the only place that knows both kinds.
 """
 
-from ._container import read_container, read_file
+from ._container import check_max_elements, read_container, read_file
 from .codec import CompressedMatrix
 from .weights import CompressedModel
 
 _KINDS = {kind._KIND: kind for kind in (CompressedMatrix, CompressedModel)}
 
 
-def save(obj, path):
+def save(obj, path, *, overwrite=False):
     """Write a compressed matrix or model to ``path`` atomically (whatever its extension).
 
     The file is written to a temporary file in the same folder and renamed over ``path``, so
-    an interrupted save leaves either the old file or the new one, never a partial file.
+    an interrupted save leaves either the old file or the new one, never a partial file. A
+    file already at ``path`` is replaced only when asked (``overwrite=True``).
 
     Parameters
     ----------
@@ -23,11 +24,20 @@ def save(obj, path):
         What to write (its ``to_bytes()``).
     path : str or path-like
         Destination.
+    overwrite : bool, default=False
+        Replace a file already at ``path``.
 
     Raises
     ------
     TypeError
-        If ``obj`` is neither a :class:`CompressedMatrix` nor a :class:`CompressedModel`.
+        If ``obj`` is neither a :class:`CompressedMatrix` nor a :class:`CompressedModel`, or
+        ``overwrite`` is not a bool.
+    FileExistsError
+        If something is at ``path`` and ``overwrite`` is False.
+    IsADirectoryError, FileNotFoundError
+        If ``path`` is a folder, or its folder does not exist.
+    ValueError
+        If ``path`` is a device or a pipe.
 
     See Also
     --------
@@ -50,7 +60,7 @@ def save(obj, path):
         raise TypeError(
             f"save takes a CompressedMatrix or a CompressedModel, got {type(obj).__name__}"
         )
-    obj.save(path)
+    obj.save(path, overwrite=overwrite)
 
 
 def load(path, *, max_elements=None):
@@ -78,7 +88,9 @@ def load(path, *, max_elements=None):
     ValueError
         If the file is not a qsdlearn file of a supported version, is truncated or
         altered, or declares more than ``max_elements`` elements; the message names the
-        problem.
+        problem. Also if ``max_elements`` is below 1.
+    TypeError
+        If ``path`` is not a file name, or ``max_elements`` is not an integer or None.
     OSError
         If the file cannot be read.
 
@@ -100,6 +112,7 @@ def load(path, *, max_elements=None):
     >>> bool(np.array_equal(loaded.decode(), qsd.inverse_transform(qsd.transform(X))))
     True
     """
+    max_elements = check_max_elements(max_elements)
     meta, tensors = read_container(read_file(path))
     kind = _KINDS.get(meta.get("kind"))
     if kind is None:

@@ -65,7 +65,11 @@ def _check_output(args, file_only=False):
     ``--sensitivity`` file), over an existing output without ``--force``, with
     ``file_only`` (an output that is one file) onto a folder, or without it (a folder of
     shards) onto a file, which ``--force`` does not turn into a folder; checked before any
-    work. A symbolic link counts as existing even where it points nowhere."""
+    work. A symbolic link counts as existing even where it points nowhere. A device or a
+    pipe is never written over."""
+    from ._checkpoint import replaced_by_shards
+    from ._container import is_device_or_pipe
+
     if not args.output:
         raise ValueError("the output name is empty: give the file to write")
     output = os.path.abspath(args.output)
@@ -76,6 +80,9 @@ def _check_output(args, file_only=False):
         inputs.append(("the --sensitivity file", os.path.abspath(args.sensitivity)))
     if file_only and os.path.isdir(output):
         raise ValueError(f"cannot write {args.output}: it is a directory")
+    if is_device_or_pipe(output):
+        raise ValueError(f"cannot write {args.output}: it is a device or a pipe, not a "
+                         "regular file")
     if not file_only and os.path.lexists(output) and not os.path.isdir(output):
         raise ValueError(f"cannot write shards into {args.output}: it is not a folder (a "
                          "file or a link to none), and --shard-size writes a folder; give a "
@@ -83,6 +90,12 @@ def _check_output(args, file_only=False):
     for role, path in inputs:
         if os.path.exists(path) and os.path.exists(output) and os.path.samefile(path, output):
             raise ValueError(f"{args.output} is {role}; write the output elsewhere")
+        if (not file_only and os.path.isdir(output) and os.path.exists(path)
+                and os.path.samefile(os.path.dirname(path), output)
+                and replaced_by_shards(os.path.basename(path))):
+            raise ValueError(f"{role} {path} is in {args.output} under the name of a shard "
+                             "or of the index, which a sharded write replaces or removes; "
+                             "write the shards into another folder")
     if os.path.lexists(output) and not args.force:
         raise ValueError(f"{args.output} exists; pass --force to overwrite it")
     folder = os.path.dirname(output)
@@ -150,7 +163,7 @@ def _compress(args):
         random_state=args.seed,
         verbose=True if args.verbose else None,
     )
-    model.save(args.output)
+    model.save(args.output, overwrite=args.force)
     print(model.report_table())
     return 0
 

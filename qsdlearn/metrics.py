@@ -49,7 +49,9 @@ def sqnr(X, X_hat):
     Raises
     ------
     ValueError
-        If the shapes differ.
+        If the shapes differ, the arrays are empty or hold NaN or infinite values.
+    TypeError
+        If either array does not hold real numbers (complex, strings, objects).
 
     Examples
     --------
@@ -85,7 +87,9 @@ def normalized_mse(X, X_hat):
     Raises
     ------
     ValueError
-        If the shapes differ.
+        If the shapes differ, the arrays are empty or hold NaN or infinite values.
+    TypeError
+        If either array does not hold real numbers (complex, strings, objects).
 
     Examples
     --------
@@ -106,9 +110,11 @@ _CHUNK_ELEMENTS = 2**20
 
 
 def _noise_and_signal(X, X_hat):
-    X, X_hat = np.asarray(X), np.asarray(X_hat)
+    X, X_hat = _real_array(X, "X"), _real_array(X_hat, "X_hat")
     if X.shape != X_hat.shape:
         raise ValueError(f"shapes differ: {X.shape} and {X_hat.shape}")
+    if X.size == 0:
+        raise ValueError("X and X_hat are empty")
     X, X_hat = X.reshape(-1), X_hat.reshape(-1)
     # Both divided by the power of two that brings them to unit scale (exact; the ratio does
     # not change), so that squares of data near 1e300 or 1e-300 neither overflow nor underflow.
@@ -119,7 +125,17 @@ def _noise_and_signal(X, X_hat):
         error = x - np.ldexp(X_hat[start:start + _CHUNK_ELEMENTS].astype(np.float64), -exponent)
         noise += float(error @ error)
         signal += float(x @ x)
+    if not (math.isfinite(noise) and math.isfinite(signal)):
+        raise ValueError("X and X_hat must hold finite values (no NaN or infinity)")
     return noise, signal
+
+
+def _real_array(a, name):
+    """``a`` as an array of real numbers (integers, booleans and floats, bfloat16 included)."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf" and a.dtype.name != "bfloat16":
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    return a
 
 
 # -- the operational hull ----------------------------------------------------------------------
@@ -211,6 +227,11 @@ def hull_at(points, rates, origin=(0.0, 1.0)):
         rate is at most the given rate; ``nan`` where no point has a rate that low. A float
         for a scalar ``rates``.
 
+    Raises
+    ------
+    ValueError
+        If a point or a rate is not finite, or a rate is negative.
+
     Examples
     --------
     >>> from qsdlearn.metrics import hull_at
@@ -219,6 +240,8 @@ def hull_at(points, rates, origin=(0.0, 1.0)):
     """
     vertices = lower_hull(points, origin)
     rates_arr = np.asarray(rates, dtype=np.float64)
+    if not np.all(np.isfinite(rates_arr)) or np.any(rates_arr < 0):
+        raise ValueError("rates must be finite and nonnegative")
     out = np.full(rates_arr.shape, np.nan)
     if len(vertices):
         below = rates_arr >= vertices[0, 0]
@@ -344,7 +367,8 @@ def budget_scorer(max_bits_per_element):
     >>> search.fit(X).best_params_
     {'n_components': 16}
     """
-    if not (isinstance(max_bits_per_element, (int, float, np.floating))
+    if not (isinstance(max_bits_per_element, (int, float, np.integer, np.floating))
+            and not isinstance(max_bits_per_element, bool)
             and math.isfinite(max_bits_per_element) and max_bits_per_element > 0):
         raise ValueError(
             f"max_bits_per_element must be a positive number, got {max_bits_per_element!r}"

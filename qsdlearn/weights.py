@@ -57,8 +57,8 @@ from ._calibration import LayerCalibration, check_entry
 from ._checkpoint import matching, open_checkpoint
 from ._constraints import Constraints
 from ._container import FileImage, check_declared_elements, json_field, write_container
-from ._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, from_little_endian_bytes,
-                      is_float, numpy_dtype, to_little_endian_bytes)
+from ._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, cast_reconstruction,
+                      from_little_endian_bytes, is_float, numpy_dtype, to_little_endian_bytes)
 from ._estimator import QuantizedSparseDecomposition
 from ._jit import blas_single_thread
 from ._kernels import INDEX_DTYPE
@@ -88,6 +88,9 @@ DEFAULT_DAMPING = 0.1
 #: and nulls of the stored setting), and for the file (the digits of the payload's size, the
 #: padding of the header to 8 bytes). The size of the planned file is then checked exactly.
 ENTRY_MARGIN, FILE_MARGIN = 12, 16
+#: The largest ``bits_per_weight``: no weight needs more bits than a float64's (a budget of
+#: 1e308 bits per weight overflowed to NaN bytes).
+MAX_BITS_PER_WEIGHT = 64.0
 #: Bytes of one output row's scale (a float16) in a file.
 ROW_SCALE_BYTES = 2
 #: Rows of a layer a candidate setting is fitted on to estimate its error: at least this many,
@@ -525,7 +528,7 @@ class CompressedLayer:
         the encoded matrix, float32 for every layer :func:`compress_weights` makes) before
         the cast to the tensor's dtype.
         """
-        return self.decompressed_float().astype(numpy_dtype(self.dtype))
+        return cast_reconstruction(self.decompressed_float(), self.dtype)
 
     def decompressed_float(self):
         """The reconstructed tensor in the encoded matrix's dtype (before the cast of
@@ -1930,7 +1933,7 @@ def _progress(results, names, enabled):
 @validate_params(
     {
         "weights": [Mapping, str, os.PathLike],
-        "bits_per_weight": [Interval(Real, 0, None, closed="neither"), None],
+        "bits_per_weight": [Interval(Real, 0, MAX_BITS_PER_WEIGHT, closed="right"), None],
         "settings": [LayerSetting, dict, None],
         "vector_size": [Interval(Integral, 1, None, closed="left")],
         "candidates": [list, None],
@@ -1986,7 +1989,7 @@ def compress_weights(
         weight error under that budget (greedy marginal returns on estimates from a row
         sample); the budget the chosen settings leave goes to one tensor whose output rows
         are split between two settings (a :class:`RowSplit`), so that the file lands close
-        under the target.
+        under the target. At most 64 (the bits of a float64).
     settings : LayerSetting or mapping of str to LayerSetting, optional
         Fixed settings, for all compressible tensors or per name (others then follow
         ``bits_per_weight`` when given, else the default :class:`LayerSetting`).

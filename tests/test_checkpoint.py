@@ -3,6 +3,7 @@ any fit; writing back, sharded or not; the dtype table."""
 
 import json
 import pickle
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -208,8 +209,31 @@ def test_write_checkpoint_round_trips(target, tmp_path):
 def test_check_dtype_accepts_the_table():
     for name in SAFETENSORS_NAMES:
         check_dtype("t", numpy_dtype(name))
-    with pytest.raises(TypeError, match="float8"):
-        check_dtype("t", np.dtype(ml_dtypes.float8_e4m3fn))
+    for narrow in (ml_dtypes.float8_e4m3fn, ml_dtypes.int4):
+        with pytest.raises(TypeError, match="ml_dtypes; cast the tensor") as caught:
+            check_dtype("t", np.dtype(narrow))
+        assert "records" not in str(caught.value)  # not taken for raw records (kind "V")
+
+
+def test_reconstructions_stay_within_the_tensor_dtypes_range():
+    """float16 weights at float16's largest value come back finite: the float32
+    reconstruction is clipped to the dtype's range before the cast (bfloat16's range is
+    float32's, beyond the magnitudes compression takes)."""
+    from qsdlearn import compress_weights
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((128, 128))
+    weights = {"half": np.where(abs(a) > 1, np.sign(a) * 65504, a).astype(np.float16)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no overflow in a cast
+        model = compress_weights(weights, bits_per_weight=2.0, random_state=0)
+        restored = model.decompress()
+    for name, weight in weights.items():
+        assert np.all(np.isfinite(restored[name].astype(np.float32)))
+        assert restored[name].dtype == weight.dtype
+        assert np.max(np.abs(restored[name].astype(np.float32))) <= np.max(
+            np.abs(weight.astype(np.float32)))
+        assert np.isfinite(model.layers[name].sqnr_db)
 
 
 @pytest.mark.parametrize("target", ["out.safetensors", "out.npz", "shards"])

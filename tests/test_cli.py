@@ -618,3 +618,34 @@ def test_devices_and_pipes_as_inputs_are_refused_before_they_are_read(argv, mess
     for path in ("pipe.safetensors", "zero.npz"):  # the library too
         with pytest.raises(ValueError, match=f"cannot read {path}: not a regular file"):
             qsdlearn.compress_weights(path, bits_per_weight=2.0)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX devices and FIFOs")
+@pytest.mark.parametrize("command", ["compress", "decompress"])
+def test_devices_and_pipes_as_outputs_are_refused_even_with_force(command, compressed_file,
+                                                                  tmp_path, capsys):
+    pipe = tmp_path / "pipe.npz"
+    os.mkfifo(pipe)
+    source = compressed_file if command == "decompress" else compressed_file.with_name(
+        "model.safetensors")
+    argv = [command, str(source), str(pipe), "--force"]
+    if command == "compress":
+        argv += ["--bits-per-weight", "4"]
+    assert main(argv) == 1
+    assert "it is a device or a pipe, not a regular file" in capsys.readouterr().err
+    assert pipe.is_fifo()
+
+
+def test_shards_are_not_written_over_an_input_in_their_folder(compressed_file, tmp_path, capsys):
+    """An input inside the shards' folder under a shard's name would be replaced or removed
+    as a stale shard (with --force): refused before any work."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    source = folder / "model-00001-of-00009.safetensors"
+    source.write_bytes(compressed_file.read_bytes())
+    assert main(["decompress", str(source), str(folder), "--shard-size", "2KB", "--force"]) == 1
+    assert "under the name of a shard" in capsys.readouterr().err
+    assert source.read_bytes() == compressed_file.read_bytes()
+    other = tmp_path / "elsewhere"
+    assert main(["decompress", str(source), str(other), "--shard-size", "2KB"]) == 0
+    assert source.exists()

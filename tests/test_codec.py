@@ -388,11 +388,29 @@ def test_save_is_atomic_and_never_damages_an_existing_file(tmp_path, monkeypatch
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
+    with pytest.raises(FileExistsError, match="overwrite=True"):  # not replaced unasked
+        qsdlearn.save(est.encode(X[:5]), path)
+    with pytest.raises(TypeError, match="True or False"):
+        qsdlearn.save(est.encode(X[:5]), path, overwrite="yes")
+    assert path.read_bytes() == before
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        qsdlearn.save(est.encode(X[:5]), path)
+        qsdlearn.save(est.encode(X[:5]), path, overwrite=True)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.qsd"]  # no temporary left behind
+    monkeypatch.undo()
+    qsdlearn.save(est.encode(X[:5]), path, overwrite=True)
+    assert qsdlearn.load(path).shape == (5, X.shape[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_save_never_writes_over_a_pipe(tmp_path):
+    est, X = fitted("vq")
+    pipe = tmp_path / "pipe.qsd"
+    os.mkfifo(pipe)
+    with pytest.raises(ValueError, match="device or a pipe"):
+        qsdlearn.save(est.encode(X), pipe, overwrite=True)
+    assert pipe.is_fifo()
 
 
 def test_save_rejects_other_objects(tmp_path):

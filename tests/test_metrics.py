@@ -94,6 +94,29 @@ def test_hull_rejects_bad_points():
         lower_hull([(np.nan, 0.5)])
     with pytest.raises(ValueError, match="nonnegative"):
         lower_hull([(-1.0, 0.5)])
+    for rates in ([np.nan], [-1.0], np.inf):
+        with pytest.raises(ValueError, match="rates must be finite and nonnegative"):
+            hull_at([(1.0, 0.5)], rates)
+
+
+@pytest.mark.parametrize("metric", [sqnr, normalized_mse])
+def test_errors_refuse_what_is_not_real_finite_data(metric):
+    """Not a silent NaN, a numpy ufunc error or a dropped imaginary part: errors that say
+    what to fix."""
+    X = np.ones((4, 4))
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="finite values"):
+            metric(X, np.full_like(X, bad))
+    with pytest.raises(ValueError, match="empty"):
+        metric(np.zeros(0), np.zeros(0))
+    for x, x_hat in (("abc", "abd"), (X + 1j, X), (X, X.astype(object))):
+        with pytest.raises(TypeError, match="real numbers"):
+            metric(x, x_hat)
+    # integers, booleans and bfloat16 are numbers
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    expected = metric(X, 1.1 * X)
+    for x in (X.astype(int), X.astype(bool), X.astype(ml_dtypes.bfloat16)):
+        assert metric(x, 1.1 * X) == pytest.approx(expected)
 
 
 def test_curve_measures_the_codec(X):
@@ -136,8 +159,9 @@ def test_scorers_work_on_a_pipeline(X):
 def test_scorers_reject_bad_arguments_and_estimators(X):
     with pytest.raises(ValueError, match="non-negative"):
         rate_distortion_scorer(-1.0)
-    with pytest.raises(ValueError, match="positive"):
-        budget_scorer(0)
+    for budget in (0, True, np.nan):
+        with pytest.raises(ValueError, match="positive"):
+            budget_scorer(budget)
     from sklearn.decomposition import PCA
 
     with pytest.raises(TypeError, match="encode"):

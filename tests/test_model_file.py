@@ -479,3 +479,23 @@ def test_deeply_nested_json_is_a_damaged_file(where):
         text = json.dumps({"__metadata__": meta}).encode()
     with pytest.raises(ValueError, match="damaged file|not a qsdlearn file"):
         CompressedModel.from_bytes(struct.pack("<Q", len(text)) + text)
+
+
+def test_load_checks_its_arguments_before_reading(tmp_path):
+    """A NaN max_elements turned the limit off, an int path was taken for a file
+    descriptor: both refused with what to give instead."""
+    model = quiet_compress({"w": np.zeros((64, 64), np.float32)},
+                           settings=LayerSetting(8, Constraints(4, 1, 0)))
+    path = tmp_path / "m.qsd"
+    model.save(path)
+    for limit, error in ((float("nan"), TypeError), ("a", TypeError), (True, TypeError),
+                         (-1, ValueError), (0, ValueError)):
+        with pytest.raises(error, match="max_elements must be a positive integer"):
+            qsdlearn.load(path, max_elements=limit)
+        with pytest.raises(error, match="max_elements must be a positive integer"):
+            CompressedModel.from_bytes(model.to_bytes(), max_elements=limit)
+    with pytest.raises(TypeError, match="expected a file name"):
+        qsdlearn.load(3)
+    assert qsdlearn.load(path, max_elements=np.int64(10**6)).n_weights == 4096
+    with pytest.raises(ValueError, match="max_elements"):
+        qsdlearn.load(path, max_elements=100)

@@ -118,7 +118,7 @@ _WRITER = textwrap.dedent("""
     from qsdlearn._container import write_atomic
     path = sys.argv[1]
     for i in range(10**6):
-        write_atomic(path, bytes([i % 251]) * (8 << 20))
+        write_atomic(path, bytes([i % 251]) * (8 << 20), overwrite=True)
 """)
 
 
@@ -137,7 +137,7 @@ def test_a_killed_save_never_leaves_a_partial_file(tmp_path):
         data = path.read_bytes()
         assert len(data) == 8 << 20 and len(set(data)) == 1
     leftovers = [n for n in os.listdir(tmp_path) if n.startswith(TEMPORARY_PREFIX)]
-    qsdlearn._container.write_atomic(path, b"new")
+    qsdlearn._container.write_atomic(path, b"new", overwrite=True)
     assert path.read_bytes() == b"new"
     remaining = [n for n in os.listdir(tmp_path) if n.startswith(TEMPORARY_PREFIX)]
     assert remaining == [] and all(n.endswith(TEMPORARY_SUFFIX) for n in leftovers)

@@ -232,6 +232,11 @@ def test_files_and_bad_sources(tmp_path):
         read_weights([np.ones(3)])
     with pytest.raises(ValueError, match="bits_per_weight"):
         compress_weights(weights, bits_per_weight=-1)
+    # beyond a float64's bits: refused before any work (1e308 overflowed to NaN bytes, 1e400
+    # failed after the whole compression)
+    for huge in (64.5, 1e308, 10**400):
+        with pytest.raises(InvalidParameterError, match=r"range \(0.0, 64.0\]"):
+            compress_weights(weights, bits_per_weight=huge)
     # a bool is not taken as 1.0 bit; refused with the error of every other bad parameter
     with pytest.raises(InvalidParameterError, match="'bits_per_weight' parameter"):
         compress_weights(weights, bits_per_weight=True)
