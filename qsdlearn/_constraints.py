@@ -14,6 +14,26 @@ from ._bits import factorization_bits
 FLOAT = -1
 
 
+#: The range of every field, ``(least, greatest or None, whether None is allowed)``: those of
+#: the estimator's parameters.
+_RANGES = {"n_components": (1, None, False), "n_nonzero": (1, None, True),
+           "code_bits": (0, 16, True), "codebook_bits": (1, 32, True),
+           "component_nonzero": (1, None, True)}
+
+
+def _check_field(name, value):
+    """Refuse a field value of the wrong type or out of its range (see :data:`_RANGES`)."""
+    least, greatest, optional = _RANGES[name]
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer{' or None' if optional else ''}, got "
+                        f"{value!r}")
+    if value < least or (greatest is not None and value > greatest):
+        span = f"at least {least}" if greatest is None else f"from {least} to {greatest}"
+        raise ValueError(f"{name}={value} is out of range: it must be {span}")
+
+
 @dataclass(frozen=True)
 class Constraints:
     """Constraints of ``X ~ Z C``; the parameters of :class:`QuantizedSparseDecomposition`.
@@ -37,8 +57,12 @@ class Constraints:
 
     Raises
     ------
+    TypeError
+        If a field is not an integer (or None where it may be).
     ValueError
-        If ``n_nonzero`` exceeds ``n_components``.
+        If a field is out of its range (``n_components``, ``n_nonzero`` and
+        ``component_nonzero`` at least 1, ``code_bits`` 0 to 16, ``codebook_bits`` 1 to 32),
+        or ``n_nonzero`` exceeds ``n_components``.
 
     Examples
     --------
@@ -64,6 +88,7 @@ class Constraints:
             value = getattr(self, name)
             if isinstance(value, Integral) and not isinstance(value, (bool, int)):
                 object.__setattr__(self, name, int(value))  # a NumPy integer
+            _check_field(name, getattr(self, name))
         if self.n_nonzero is not None and self.n_nonzero > self.n_components:
             raise ValueError(
                 f"n_nonzero={self.n_nonzero} exceeds n_components={self.n_components}: a row "

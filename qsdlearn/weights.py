@@ -2502,13 +2502,15 @@ def _warn_if_unspent(why, bits_per_weight, used):
         warnings.warn(
             f"bits_per_weight={bits_per_weight:g} is more than the candidates can use: the "
             f"file takes {used:.3f} bits/weight with every tensor at its most precise "
-            "candidate; add finer candidates to spend more", UserWarning, stacklevel=4)
+            "candidate; add finer candidate settings (compress_weights' candidates=) to spend "
+            "more", UserWarning, stacklevel=4)
         return
     warnings.warn(
         f"bits_per_weight={bits_per_weight:g}: the file takes {used:.3f} bits/weight; what is "
         "left is too small for any tensor's more precise candidate settings, whole or on a "
         "share of its output rows (a split adds the setting's codebook and moves whole rows); "
-        "add candidates between them (e.g. smaller codebooks) to spend it",
+        "add candidate settings between them (compress_weights' candidates=; e.g. smaller "
+        "codebooks) to spend it",
         UserWarning, stacklevel=4)
 
 
@@ -2549,7 +2551,7 @@ def _check_candidates(candidates, bits_per_weight):
 
 
 def _below_reach(bits_per_weight, least_bytes, layout, reach="the candidates can reach",
-                 advice="raise it or add cheaper candidates"):
+                 advice="raise it or add cheaper candidate settings (compress_weights' candidates=)"):
     """The ValueError of a budget under the smallest file, ``least_bytes``, that ``reach``
     allows; the least is rounded up, so that a budget of the figure quoted is met."""
     least = math.ceil(8000 * least_bytes / layout.n_weights) / 1000
@@ -2574,7 +2576,7 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
         smallest[name] = min(usable, key=lambda c: c.stream_bytes(layout.shape(name)))
     least_bytes = layout.file_bytes({**fixed, **smallest})
     if least_bytes > budget:
-        advice = "raise it or add cheaper candidates"
+        advice = "raise it or add cheaper candidate settings (compress_weights' candidates=)"
         if layout.kept:  # tensors kept verbatim take their share whatever the candidates
             kept_bits = 8 * sum(t.nbytes for t in layout.kept.values()) / layout.n_weights
             n = len(layout.kept)

@@ -109,3 +109,20 @@ def test_binomial_tables_are_fresh_copies(n_positions, n_keep):
     table[:] = 7
     again = binomial_table(n_positions, n_keep)
     assert again is not table and again[-1, 1] == max(n_positions - 1, 0)
+
+
+@pytest.mark.parametrize("fields, error, message", [
+    (dict(n_components=0), ValueError, "n_components=0 is out of range: it must be at least 1"),
+    (dict(n_components="a"), TypeError, "n_components must be an integer, got 'a'"),
+    (dict(n_components=None), TypeError, "n_components must be an integer, got None"),
+    (dict(n_components=16, code_bits=99), ValueError, "code_bits=99 .* from 0 to 16"),
+    (dict(n_components=16, codebook_bits=0), ValueError, "codebook_bits=0 .* from 1 to 32"),
+    (dict(n_components=16, n_nonzero=True), TypeError, "n_nonzero must be an integer or None"),
+    (dict(n_components=16, component_nonzero=2.0), TypeError, "component_nonzero must be"),
+])
+def test_constraints_check_their_fields_when_built(fields, error, message):
+    """Refused when built, with the range (they failed later, in a fit or a file, as
+    "constraint n_components=0 is invalid")."""
+    with pytest.raises(error, match=message):
+        Constraints(**fields)
+    assert Constraints(np.int64(16), code_bits=np.int8(2)).code_bits == 2

@@ -115,7 +115,8 @@ def test_an_unreachable_target_names_the_share_of_the_tensors_kept_verbatim():
     rng = np.random.default_rng(0)
     weights = {"w": rng.standard_normal((64, 64)).astype(np.float32),
                "i": rng.integers(-100, 100, (64, 64)).astype(np.int8)}
-    with pytest.raises(ValueError, match=r"add cheaper candidates \(1 tensor kept verbatim "
+    with pytest.raises(ValueError, match=r"add cheaper candidate settings \(compress_weights' "
+                                         r"candidates=\) \(1 tensor kept verbatim "
                                          r"takes 4\.000 bits/weight of it: under two"):
         compress_weights(weights, bits_per_weight=2.0, candidates=QUICK)
 
@@ -967,8 +968,8 @@ def test_layer_setting_refuses_constraints_a_file_cannot_store():
         LayerSetting(8, Constraints(-1))
     with pytest.raises(TypeError, match="Constraints"):
         LayerSetting(8, (256, 2, 2, 8))
-    with pytest.raises(ValueError, match="n_components=True"):  # a bool is not a count
-        LayerSetting(8, Constraints(True))
+    with pytest.raises(TypeError, match="n_components must be an integer, got True"):
+        LayerSetting(8, Constraints(True))  # a bool is not a count: refused when built
 
 
 def test_constraints_store_numpy_integers_as_ints():
