@@ -256,7 +256,8 @@ def _open_path(path):
             return _open_index(os.path.join(path, indexes[0]))
         shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not shards:
-            raise ValueError(f"{path} holds no .safetensors file")
+            raise ValueError(f"{path} holds no .safetensors file (a folder is read as the "
+                             "shards of one checkpoint; give a .npz file by its name)")
         return _open_shards([os.path.join(path, f) for f in shards], path)
     _check_regular_file(path)
     if path.endswith(".json"):

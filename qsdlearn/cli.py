@@ -188,8 +188,10 @@ def _decompress(args):
         files = write_checkpoint(args.output, sizes, model.decompress, shard_bytes)
     for warning in caught:
         print(f"qsdlearn decompress: note: {warning.message}", file=sys.stderr)
-    where = args.output if len(files) == 1 else f"{len(files) - 1} shards and an index in {args.output}"
-    print(f"wrote {len(sizes)} tensors to {where}")
+    shards = len(files) - 1
+    where = args.output if len(files) == 1 else (
+        f"{shards} shard{'s' * (shards != 1)} and an index in {args.output}")
+    print(f"wrote {len(sizes)} tensor{'s' * (len(sizes) != 1)} to {where}")
     return 0
 
 

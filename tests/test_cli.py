@@ -649,3 +649,17 @@ def test_shards_are_not_written_over_an_input_in_their_folder(compressed_file, t
     other = tmp_path / "elsewhere"
     assert main(["decompress", str(source), str(other), "--shard-size", "2KB"]) == 0
     assert source.exists()
+
+
+def test_decompress_counts_in_words_and_a_folder_of_npz_gets_advice(tmp_path, capsys):
+    np.savez(tmp_path / "w.npz", w=np.ones((64, 64), np.float32))
+    assert main(["compress", str(tmp_path / "w.npz"), str(tmp_path / "w.qsd"),
+                 "--bits-per-weight", "4"]) == 0
+    capsys.readouterr()
+    assert main(["decompress", str(tmp_path / "w.qsd"), str(tmp_path / "back.npz")]) == 0
+    assert f"wrote 1 tensor to {tmp_path / 'back.npz'}" in capsys.readouterr().out
+    folder = tmp_path / "npz"
+    folder.mkdir()
+    np.savez(folder / "w.npz", w=np.ones((64, 64), np.float32))
+    assert main(["compress", str(folder), str(tmp_path / "f.qsd"), "--bits-per-weight", "4"]) == 1
+    assert "give a .npz file by its name" in capsys.readouterr().err
