@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._container import FORMAT_NAME, _new_file_mode, is_device_or_pipe
+from ._container import FORMAT_NAME, _new_file_mode, is_device_or_pipe, stat_error
 from ._dtypes import SAFETENSORS_NAMES, check_dtype, is_float, to_little_endian_bytes
 
 #: File name of the index of a sharded checkpoint written by :func:`write_checkpoint`.
@@ -242,11 +242,9 @@ def _check_regular_file(path):
 
 def _open_path(path):
     if not os.path.exists(path):
-        try:
-            os.stat(path)
-        except OSError as exc:  # a reason other than absence: a loop of symbolic links
-            if exc.errno != errno.ENOENT:
-                raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        reason = stat_error(path)
+        if reason is not None and reason.errno != errno.ENOENT:  # a loop of symbolic links
+            raise ValueError(f"cannot read {path}: {reason.strerror}")
         raise ValueError(f"no such file: {path}")
     if os.path.isdir(path):
         indexes = sorted(f for f in os.listdir(path) if f.endswith(INDEX_SUFFIX))

@@ -378,6 +378,16 @@ def check_declared_elements(elements, max_elements, what):
         )
 
 
+def stat_error(path):
+    """The error ``os.stat(path)`` raises (``ENOENT`` where nothing is there, ``ELOOP`` for a
+    loop of symbolic links), or None when it succeeds."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc
+    return None
+
+
 def is_device_or_pipe(path):
     """Whether ``path`` names something that is neither a regular file nor a folder: a device
     or a pipe, which a reader would read until the memory runs out (``/dev/zero``) or wait on

@@ -1013,9 +1013,9 @@ def improve_codes(X, CT, G, eta, nbits, max_sweeps, n_starts, rotation, idx, val
     a change (10 to 50 % of rows in a fit's later code steps). The round is exact coordinate
     sweeps (dense codes: after a projected gradient step with step ``eta``); for sparse float
     codes, least squares on the incoming positions (those independent of the ones before
-    them) and the exchanges of :func:`solve_codes_cold`. Arguments are those of :func:`solve_codes_cold`,
-    plus the gradient step ``eta`` (``1 / lambda_max(G)``, used by dense codes) and
-    ``rotation``; ``idx`` and ``val`` hold the incoming slots on entry.
+    them) and the exchanges of :func:`solve_codes_cold`. Arguments are those of
+    :func:`solve_codes_cold`, plus the gradient step ``eta`` (``1 / lambda_max(G)``, used by
+    dense codes) and ``rotation``; ``idx`` and ``val`` hold the incoming slots on entry.
     """
     _code_block(X, CT, G, eta, nbits, max_sweeps, n_starts, rotation, True, idx, val, err)
 

@@ -42,16 +42,14 @@ def _check_inputs_exist(args):
     ``no such file: FILE``), the ``--calibration`` and ``--sensitivity`` files with their
     option's name before them; a path that names no file for another reason (a loop of
     symbolic links) with that reason; a device or a pipe as not a regular file."""
-    from ._container import is_device_or_pipe
+    from ._container import is_device_or_pipe, stat_error
 
     for option, path in ((None, args.input), ("--calibration", args.calibration),
                          ("--sensitivity", args.sensitivity)):
         if path is not None and not os.path.exists(path):
-            missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-            try:  # the reason, where it is not absence (a loop of symbolic links)
-                os.stat(path)
-            except OSError as exc:
-                missing = exc
+            # the reason, which may be other than absence (a loop of symbolic links)
+            missing = stat_error(path) or FileNotFoundError(
+                errno.ENOENT, os.strerror(errno.ENOENT), path)
             if option is None:
                 raise missing
             raise ValueError(f"{option} {_message(missing)}")

@@ -2550,8 +2550,12 @@ def _check_candidates(candidates, bits_per_weight):
                          "bits_per_weight, or settings= to fix the settings yourself")
 
 
+#: What :func:`_below_reach` advises by default.
+_CHEAPER_CANDIDATES = "raise it or add cheaper candidate settings (compress_weights' candidates=)"
+
+
 def _below_reach(bits_per_weight, least_bytes, layout, reach="the candidates can reach",
-                 advice="raise it or add cheaper candidate settings (compress_weights' candidates=)"):
+                 advice=_CHEAPER_CANDIDATES):
     """The ValueError of a budget under the smallest file, ``least_bytes``, that ``reach``
     allows; the least is rounded up, so that a budget of the figure quoted is met."""
     least = math.ceil(8000 * least_bytes / layout.n_weights) / 1000
@@ -2576,7 +2580,7 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
         smallest[name] = min(usable, key=lambda c: c.stream_bytes(layout.shape(name)))
     least_bytes = layout.file_bytes({**fixed, **smallest})
     if least_bytes > budget:
-        advice = "raise it or add cheaper candidate settings (compress_weights' candidates=)"
+        advice = _CHEAPER_CANDIDATES
         if layout.kept:  # tensors kept verbatim take their share whatever the candidates
             kept_bits = 8 * sum(t.nbytes for t in layout.kept.values()) / layout.n_weights
             n = len(layout.kept)
