@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._container import FORMAT_NAME, _new_file_mode, is_device_or_pipe, stat_error
+from ._container import FORMAT_NAME, is_device_or_pipe, replace_atomically, stat_error
 from ._dtypes import SAFETENSORS_NAMES, check_dtype, is_float, to_little_endian_bytes
 
 #: File name of the index of a sharded checkpoint written by :func:`write_checkpoint`.
@@ -473,7 +473,7 @@ def _write_npz(path, names, read):
                     np.lib.format.write_array(member, array, allow_pickle=False)
                 del array  # released before the next tensor is read
 
-    _replace_atomically(path, write)
+    replace_atomically(path, write, overwrite=True)
     if widened:
         warnings.warn(
             f"{path}: .npz cannot hold bfloat16; {len(widened)} tensors (e.g. {widened[0]!r}) "
@@ -508,7 +508,7 @@ def _write_safetensors(path, names, read, metadata):
                 out.write(struct.pack("<Q", len(text)) + text)
                 shutil.copyfileobj(data, out, 2**24)
 
-    _replace_atomically(path, write)
+    replace_atomically(path, write, overwrite=True)
 
 
 def _write_shards(folder, names, read, max_shard_bytes):
@@ -526,7 +526,7 @@ def _write_shards(folder, names, read, max_shard_bytes):
         with open(temporary, "w", encoding="utf-8") as file:
             json.dump(index, file, indent=2)
 
-    _replace_atomically(index_path, write_index)
+    replace_atomically(index_path, write_index, overwrite=True)
     # Shards of an earlier, differently sharded write into the same folder would otherwise
     # stay next to the new ones (tools that read every shard of a folder would read them):
     # remove the files of that naming pattern that this write did not produce.
@@ -534,19 +534,3 @@ def _write_shards(folder, names, read, max_shard_bytes):
         if _SHARD_NAME.fullmatch(stale):
             os.unlink(os.path.join(folder, stale))
     return [os.path.join(folder, f) for f in files] + [index_path]
-
-
-def _replace_atomically(path, write):
-    """Call ``write(temporary)`` on a temporary file next to ``path``, then rename it over
-    ``path``: an interrupted write leaves no partial file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".qsdlearn-", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, _new_file_mode())  # mkstemp makes it 0600; the umask's mode
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise

@@ -33,8 +33,8 @@ FORMAT_VERSION = 3
 READ_VERSIONS = (1, 2, 3)
 #: Largest JSON header accepted when reading (bytes).
 MAX_HEADER_BYTES = 64 * 2**20
-#: Prefix and suffix of the temporary files :func:`write_atomic` creates next to the target:
-#: ``.qsdlearn-<pid>-<random>.tmp``, the pid being that of the writing process.
+#: Prefix and suffix of the temporary files :func:`replace_atomically` creates next to the
+#: target: ``.qsdlearn-<pid>-<random>.tmp``, the pid being that of the writing process.
 TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".qsdlearn-", ".tmp"
 
 #: Default cap on the elements a file may declare (matrix entries and code slots): sizes in a
@@ -199,12 +199,14 @@ def _offsets(entry, name):
     return offsets
 
 
-def write_atomic(path, data, overwrite=False):
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+def replace_atomically(path, write, overwrite=False):
+    """Call ``write(temporary)`` on a temporary file in the folder of ``path``, then rename it
+    over ``path``.
 
     An interrupted write leaves either the old file or the new one at ``path``, never a
-    partial file. Temporary files left in that folder by writers that no longer run (a killed
-    process) are removed first. Something already at ``path`` is replaced only with
+    partial file: the temporary file is flushed to disk before the rename, and removed when
+    ``write`` fails. Temporary files left in that folder by writers that no longer run (a
+    killed process) are removed first. Something already at ``path`` is replaced only with
     ``overwrite``, and only a regular file (or a link to one): never a device or a pipe.
     """
     path = os.fspath(path)
@@ -221,17 +223,30 @@ def write_atomic(path, data, overwrite=False):
     handle, temporary = tempfile.mkstemp(
         dir=folder, prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-", suffix=TEMPORARY_SUFFIX
     )
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, _new_file_mode())
+        write(temporary)
+        handle = os.open(temporary, os.O_RDWR)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+        os.chmod(temporary, _new_file_mode())  # mkstemp makes it 0600; the umask's mode
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def write_atomic(path, data, overwrite=False):
+    """Write the bytes ``data`` to ``path`` atomically (:func:`replace_atomically`)."""
+
+    def write(temporary):
+        with open(temporary, "wb") as file:
+            file.write(data)
+
+    replace_atomically(path, write, overwrite)
 
 
 class FileImage:
@@ -332,7 +347,7 @@ def _process_is_running(pid):
 
 
 def remove_stale_temporaries(folder):
-    """Remove the temporary files of :func:`write_atomic` in ``folder`` whose writing process
+    """Remove the temporary files of :func:`replace_atomically` in ``folder`` whose writing process
     has ended; returns their names. Files of running writers are left alone."""
     removed = []
     try:

@@ -2,6 +2,7 @@
 any fit; writing back, sharded or not; the dtype table."""
 
 import json
+import os
 import pickle
 import warnings
 
@@ -204,6 +205,44 @@ def test_write_checkpoint_round_trips(target, tmp_path):
         assert checkpoint.infos["scalar.temperature"].shape == ()
     assert_same(restored, arrays)
     assert not list(tmp_path.glob(".qsdlearn-*"))  # no temporary file left
+
+
+@pytest.mark.parametrize("target", ["out.safetensors", "out.npz", "shards"])
+def test_write_checkpoint_is_atomic_and_refuses_devices(target, tmp_path):
+    """The checkpoint writer is the compressed files' atomic writer: a read that fails
+    midway leaves no temporary file and, for one file, the earlier file as it was (shards are
+    replaced one by one); a stale temporary of a process that no longer runs is removed, and
+    a pipe is refused, not replaced."""
+    import subprocess
+    import sys
+
+    sizes = {f"t{i}": 800 for i in range(3)}
+    path = tmp_path / target
+    shard_bytes = 1600 if target == "shards" else None
+    write_checkpoint(path, sizes, lambda name: np.full(100, float(name[1:])), shard_bytes)
+    before = sorted((p.name, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    folder = path if target == "shards" else tmp_path
+    stale = folder / f".qsdlearn-{dead}-x.tmp"
+    stale.write_bytes(b"left by a killed writer")
+
+    def failing(name):
+        if name == "t2":
+            raise RuntimeError("read failed")
+        return np.zeros(100)
+
+    with pytest.raises(RuntimeError, match="read failed"):
+        write_checkpoint(path, sizes, failing, shard_bytes)
+    assert not list(tmp_path.rglob(".qsdlearn-*"))
+    if target != "shards":
+        assert sorted((p.name, p.read_bytes()) for p in tmp_path.rglob("*")
+                      if p.is_file()) == before
+    if os.name == "posix" and target != "shards":
+        fifo = tmp_path / ("pipe" + path.suffix)
+        os.mkfifo(fifo)
+        with pytest.raises(ValueError, match="device or a pipe"):
+            write_checkpoint(fifo, sizes, lambda name: np.zeros(100), None)
 
 
 def test_check_dtype_accepts_the_table():
