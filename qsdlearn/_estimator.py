@@ -20,6 +20,7 @@ from sklearn.utils.validation import (
 )
 
 from . import _metric, _solver
+from ._checks import check_positive_int
 from ._constraints import Constraints
 from ._jit import kernel_threads
 from ._kernels import all_positions, reconstruct_from_slots
@@ -68,20 +69,6 @@ def _check_weights(sample_weight, X):
     if not weights.any():
         raise ValueError("sample_weight is zero for every row: there is nothing to fit.")
     return weights
-
-
-def _check_count(name, value, none_allowed=False):
-    """``value`` of the parameter ``name`` as an int >= 1 (or None, where allowed); checked
-    where ``fit``'s parameter validation does not reach (``transform`` after ``set_params``)
-    and for booleans, which it lets through."""
-    if value is None and none_allowed:
-        return None
-    expected = "an int >= 1" + (" or None" if none_allowed else "")
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be {expected}, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return int(value)
 
 
 def _physical_memory():
@@ -532,7 +519,7 @@ default=None
                 random_state=check_random_state(self.random_state),
                 verbose=self.verbose,
                 metric=prepared,
-                search_width=_check_count("search_width", self.search_width),
+                search_width=check_positive_int("search_width", self.search_width),
                 solver=self.solver,
             )
         self.components_ = result.codebook
@@ -593,8 +580,8 @@ default=None
         """Codes of validated rows ``X`` (see :meth:`transform`)."""
         X = np.ascontiguousarray(X)
         prepared = _prepared_metric(_check_metric(metric, X.shape[1]), None, X.shape[0])
-        width = _check_count("search_width", self.search_width)
-        with kernel_threads(_check_count("n_threads", self.n_threads, none_allowed=True)):
+        width = check_positive_int("search_width", self.search_width)
+        with kernel_threads(check_positive_int("n_threads", self.n_threads, none_allowed=True)):
             codes, _ = _solver.solve_codes(X, self.components_.astype(X.dtype), self._constraints_,
                                            metric=prepared, search_width=width)
         return codes

@@ -12,6 +12,8 @@ number of times each row is used.
 
 import numpy as np
 
+from ._checks import check_positive_int
+
 __all__ = ["GramAccumulator", "metric_blocks"]
 
 
@@ -36,10 +38,11 @@ class GramAccumulator:
     Raises
     ------
     ValueError
-        From :meth:`update`, when a batch's last axis is not ``n_features`` wide, holds NaN
-        or infinity, or makes the sums overflow.
+        If ``n_features`` is below 1; from :meth:`update`, when a batch's last axis is not
+        ``n_features`` wide, holds NaN or infinity, or makes the sums overflow.
     TypeError
-        From :meth:`update`, when a batch does not hold real numbers.
+        If ``n_features`` is not an integer; from :meth:`update`, when a batch does not hold
+        real numbers.
 
     See Also
     --------
@@ -59,9 +62,7 @@ class GramAccumulator:
     """
 
     def __init__(self, n_features):
-        if int(n_features) != n_features or n_features < 1:
-            raise ValueError(f"n_features must be a positive integer, got {n_features!r}")
-        self.n_features = int(n_features)
+        self.n_features = check_positive_int("n_features", n_features)
         self.gram = np.zeros((self.n_features, self.n_features))
         self.n_samples = 0
 
@@ -122,8 +123,10 @@ def metric_blocks(gram, vector_size):
     Raises
     ------
     ValueError
-        If ``gram`` is not a finite square matrix, or ``vector_size`` is not a positive
-        integer at most its width.
+        If ``gram`` is not a finite square matrix, or ``vector_size`` is below 1 or above its
+        width.
+    TypeError
+        If ``vector_size`` is not an integer.
 
     Examples
     --------
@@ -139,11 +142,9 @@ def metric_blocks(gram, vector_size):
         raise ValueError(f"gram has shape {H.shape}; expected a square (in, in) matrix")
     if not np.all(np.isfinite(H)):
         raise ValueError("gram holds NaN or infinity")
-    if isinstance(vector_size, bool) or int(vector_size) != vector_size or vector_size < 1:
-        raise ValueError(f"vector_size must be a positive integer, got {vector_size!r}")
-    if vector_size > max(H.shape[0], 1):
-        raise ValueError(f"vector_size={vector_size} exceeds the input width {H.shape[0]}")
-    d = int(vector_size)
+    d = check_positive_int("vector_size", vector_size)
+    if d > max(H.shape[0], 1):
+        raise ValueError(f"vector_size={d} exceeds the input width {H.shape[0]}")
     m = -(-H.shape[0] // d)
     padded = np.zeros((m * d, m * d))
     padded[: H.shape[0], : H.shape[0]] = H

@@ -55,6 +55,7 @@ from sklearn.utils._param_validation import Interval, validate_params
 from ._allocation import allocate, next_steps
 from ._calibration import LayerCalibration, check_entry
 from ._checkpoint import matching, open_checkpoint
+from ._checks import check_positive_int
 from ._constraints import Constraints
 from ._container import FileImage, check_declared_elements, json_field, write_container
 from ._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, cast_reconstruction,
@@ -163,10 +164,11 @@ class LayerSetting:
     Raises
     ------
     ValueError
-        If ``vector_size`` is not a positive integer or a constraint is out of the range a
+        If ``vector_size`` is below 1 or above 2**31, or a constraint is out of the range a
         file can store (e.g. fewer than one codebook row).
     TypeError
-        If ``constraints`` is not a :class:`Constraints` or ``row_scales`` not a bool.
+        If ``vector_size`` is not an integer, ``constraints`` not a :class:`Constraints` or
+        ``row_scales`` not a bool.
 
     Examples
     --------
@@ -188,13 +190,11 @@ class LayerSetting:
         if not isinstance(self.row_scales, (bool, np.bool_)):
             raise TypeError(f"row_scales must be True or False, got {self.row_scales!r}")
         object.__setattr__(self, "row_scales", bool(self.row_scales))
-        if isinstance(self.vector_size, (bool, np.bool_)) or not isinstance(
-                self.vector_size, Integral) or self.vector_size < 1:
-            raise ValueError(f"vector_size must be a positive integer, got {self.vector_size!r}")
-        if self.vector_size > MAX_FEATURES:
+        vector_size = check_positive_int("vector_size", self.vector_size)
+        if vector_size > MAX_FEATURES:
             raise ValueError(f"vector_size must be at most 2**31 (the file format's largest "
-                             f"sub-vector), got {self.vector_size!r}")
-        object.__setattr__(self, "vector_size", int(self.vector_size))
+                             f"sub-vector), got {vector_size!r}")
+        object.__setattr__(self, "vector_size", vector_size)
         if not isinstance(self.constraints, Constraints):
             raise TypeError(f"constraints must be a Constraints, got "
                             f"{type(self.constraints).__name__}")
@@ -303,9 +303,9 @@ def default_candidates(vector_size=8, large_codebooks=False):
     Raises
     ------
     TypeError
-        If ``large_codebooks`` is not a bool.
+        If ``large_codebooks`` is not a bool or ``vector_size`` not an integer.
     ValueError
-        If ``vector_size`` is not a positive integer.
+        If ``vector_size`` is below 1.
 
     Examples
     --------
@@ -318,7 +318,7 @@ def default_candidates(vector_size=8, large_codebooks=False):
     """
     if not isinstance(large_codebooks, (bool, np.bool_)):
         raise TypeError(f"large_codebooks must be a bool, got {large_codebooks!r}")
-    d = vector_size  # LayerSetting checks it
+    d = check_positive_int("vector_size", vector_size)
     sparse = [(k, 2, 1) for k in (128, 181, 256, 362)] + [(256, 2, 2), (256, 3, 2)]
     dense = [(d, None, b) for b in (2, 3, 4, 5)]
     candidates = [LayerSetting(d, Constraints(k, s, b, 8)) for k, s, b in sparse + dense]

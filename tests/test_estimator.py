@@ -501,7 +501,7 @@ def test_transform_checks_the_counts_set_after_fit(name, value, error):
     est = QuantizedSparseDecomposition(n_components=4, n_nonzero=2, code_bits=1, max_iter=2,
                                        random_state=0).fit(X)
     est.set_params(**{name: value})
-    with pytest.raises(error, match=f"{name} must be an int >= 1"):
+    with pytest.raises(error, match=f"{name} must be a positive integer"):
         est.transform(X)
 
 

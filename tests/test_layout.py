@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "qsdlearn"
 
 #: Modules from the bottom up; a module may import only from layers below its own.
 LAYERS = [
-    {"_levels", "_params"},
+    {"_levels", "_params", "_checks"},
     {"_jit", "_container", "_allocation", "metrics", "_dtypes", "calibration", "_sampling"},
     {"_bits", "_kernels", "_seeding", "_checkpoint", "_calibration"},
     {"_constraints", "_metric"},
@@ -25,7 +25,7 @@ LAYERS = [
     {"__init__"},
 ]
 #: Modules that work on arrays and bytes only.
-NO_SCIKIT_LEARN = {"_jit", "_levels", "_container", "_allocation", "_bits", "_kernels",
+NO_SCIKIT_LEARN = {"_checks", "_jit", "_levels", "_container", "_allocation", "_bits", "_kernels",
                    "_dtypes", "_checkpoint", "_metric", "calibration", "_calibration",
                    "_sampling", "_seeding"}
 

@@ -229,17 +229,22 @@ def test_gram_accumulator_streams_batches():
         acc.update(np.ones((2, 4)))
     with pytest.raises(ValueError, match="NaN"):
         acc.update(np.full((2, 5), np.inf))
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="n_features must be a positive integer"):
         GramAccumulator(0)
+    for value in ("a", 5.0, float("nan"), True, None):  # int()'s or no message before
+        with pytest.raises(TypeError, match="n_features must be a positive integer"):
+            GramAccumulator(value)
     with pytest.raises(TypeError, match="real numbers"):
         acc.update(np.ones((2, 5), dtype=complex))
     with pytest.raises(ValueError, match="overflows"):
         GramAccumulator(5).update(np.full((2, 5), 1e200))
 
 
-@pytest.mark.parametrize("vector_size", [0, -1, 2.5, True, 11])
-def test_metric_blocks_refuses_bad_vector_sizes(vector_size):
-    with pytest.raises(ValueError, match="vector_size"):
+@pytest.mark.parametrize("vector_size, error", [
+    (0, ValueError), (-1, ValueError), (11, ValueError), (2.5, TypeError), (True, TypeError),
+    ("2", TypeError)])
+def test_metric_blocks_refuses_bad_vector_sizes(vector_size, error):
+    with pytest.raises(error, match="vector_size"):
         metric_blocks(np.eye(10), vector_size)
 
 

@@ -936,11 +936,13 @@ def test_sensitivity_only_ratios_matter_and_ties_and_fixed_settings_are_handled(
                          sensitivity={"loud.weight": 0.0, "quiet.weight": 0.0})
 
 
-@pytest.mark.parametrize("vector_size", [0, -1, 8.0, "8", True])
-def test_layer_settings_and_candidates_refuse_a_bad_vector_size(vector_size):
-    with pytest.raises(ValueError, match="vector_size must be a positive integer"):
+@pytest.mark.parametrize("vector_size, error", [
+    (0, ValueError), (-1, ValueError), (8.0, TypeError), ("8", TypeError), (True, TypeError),
+    (None, TypeError), (float("nan"), TypeError)])
+def test_layer_settings_and_candidates_refuse_a_bad_vector_size(vector_size, error):
+    with pytest.raises(error, match="vector_size must be a positive integer"):
         qsdlearn.weights.default_candidates(vector_size)
-    with pytest.raises(ValueError, match="vector_size"):
+    with pytest.raises(error, match="vector_size must be a positive integer"):
         LayerSetting(vector_size)
 
 
