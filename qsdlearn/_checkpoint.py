@@ -240,6 +240,11 @@ def _check_regular_file(path):
         raise ValueError(f"cannot read {path}: not a regular file (a device or a pipe)")
 
 
+def _suffix(path):
+    """The extension of ``path`` in lower case (``model.NPZ`` is a ``.npz`` file)."""
+    return os.path.splitext(path)[1].lower()
+
+
 def _open_path(path):
     if not os.path.exists(path):
         reason = stat_error(path)
@@ -258,11 +263,12 @@ def _open_path(path):
                              "shards of one checkpoint; give a .npz file by its name)")
         return _open_shards([os.path.join(path, f) for f in shards], path)
     _check_regular_file(path)
-    if path.endswith(".json"):
+    suffix = _suffix(path)
+    if suffix == ".json":
         return _open_index(path)
-    if path.endswith(".npz"):
+    if suffix == ".npz":
         return _open_npz(path)
-    if path.endswith(".safetensors"):
+    if suffix == ".safetensors":
         return _open_shards([path], path)
     raise ValueError(
         f"cannot read {path}: expected a .npz or .safetensors file, a {INDEX_SUFFIX} index "
@@ -450,9 +456,9 @@ def write_checkpoint(path, names, read, max_shard_bytes=None):
     path = os.fspath(path)
     if max_shard_bytes is not None:
         return _write_shards(path, names, read, max_shard_bytes)
-    if path.endswith(".npz"):
+    if _suffix(path) == ".npz":
         _write_npz(path, names, read)
-    elif path.endswith(".safetensors"):
+    elif _suffix(path) == ".safetensors":
         _write_safetensors(path, names, read, {"format": "pt"})
     else:
         raise ValueError(f"cannot write {path}: name it .npz or .safetensors, or give a shard size")

@@ -245,6 +245,15 @@ def test_write_checkpoint_is_atomic_and_refuses_devices(target, tmp_path):
             write_checkpoint(fifo, sizes, lambda name: np.zeros(100), None)
 
 
+@pytest.mark.parametrize("target", ["OUT.NPZ", "Out.SafeTensors"])
+def test_extensions_are_read_in_any_case(target, tmp_path):
+    """``model.NPZ`` was refused ("expected a .npz or .safetensors file")."""
+    sizes = {"a": 800}
+    files = write_checkpoint(tmp_path / target, sizes, lambda name: np.arange(100.0))
+    assert files == [str(tmp_path / target)]
+    np.testing.assert_array_equal(open_checkpoint(tmp_path / target).read("a"), np.arange(100.0))
+
+
 def test_check_dtype_accepts_the_table():
     for name in SAFETENSORS_NAMES:
         check_dtype("t", numpy_dtype(name))
