@@ -7,7 +7,7 @@ solution on the hulls). This module works on numbers only and imports nothing fr
 """
 
 
-def _hull(options):
+def options_hull(options):
     """The lower convex hull of ``(bytes, error, setting)`` options, by increasing bytes."""
     hull = []
     for option in sorted(options, key=lambda o: (o[0], o[1])):
@@ -36,7 +36,7 @@ def allocate(estimates, budget_bytes, stop_when_blocked=False):
     time-sharing. Which of the two is better depends on whether that split fits (it adds a
     codebook) and on what the other steps save: the caller compares them.
     """
-    hulls = {name: _hull(options) for name, options in estimates.items()}
+    hulls = {name: options_hull(options) for name, options in estimates.items()}
     position = {name: 0 for name in hulls}
     used = sum(hull[0][0] for hull in hulls.values())
     if used > budget_bytes:

@@ -656,6 +656,48 @@ def test_the_fill_keeps_the_split_that_saves_most_so_more_bits_never_cost_qualit
     assert sqnrs == sorted(sqnrs)  # 2.31, 2.34, 2.44 dB (2.18 at 0.62 before)
 
 
+def test_a_split_may_keep_its_other_rows_under_a_setting_the_hull_passed_over():
+    """The estimates of MiniLM's layer3 attention key at 3 b/w: 2 of 256 sparse codes
+    (2.29 b/w, 11.1 dB), 2-D k-means with 32 codewords (2.51 b/w, 11.9 dB) a hair above the
+    hull from them to 2-D k-means with 64 (3.02 b/w, 14.7 dB). The plan starts on the sparse
+    setting; split from it, its 2 KiB codebook on a share of the rows left room for 292 rows
+    of k-means (13.8 dB measured). Split from k-means with 32 codewords, 344 rows fit
+    (14.3 dB measured)."""
+    from qsdlearn._checkpoint import open_checkpoint
+    from qsdlearn.weights import RowSplit, _fill_budget, _Layout, _plan_error, _split_bases
+
+    shape = (384, 384)
+    checkpoint = open_checkpoint({"w": np.zeros(shape, np.float32)})
+    layout = _Layout(checkpoint, {"w": "w"}, {})
+    sparse = LayerSetting(8, Constraints(256, 2, 1, 8))
+    pairs32, pairs64 = (LayerSetting(2, Constraints(k, 1, 0, 8)) for k in (32, 64))
+    signal = 100.0
+    estimates = {"w": [(s.stream_bytes(shape), signal * 10 ** (-db / 10), s)
+                       for s, db in ((sparse, 11.12), (pairs32, 11.91), (pairs64, 14.71))]}
+    budget = 3 * 384 * 384 // 8
+    assert [s for s, _ in _split_bases(estimates["w"], sparse, pairs64, 10**9)] == [
+        sparse, pairs32]
+    assert [s for s, _ in _split_bases(estimates["w"], sparse, pairs64, 1)] == [sparse]
+    # below the planned vertex too, down to the hull vertex before it; never a dominated one
+    options = [(100, 10.0, "a"), (150, 8.5, "b"), (155, 8.7, "dominated"), (160, 8.0, "c"),
+               (300, 2.0, "d"), (90, 12.0, "below a")]
+    assert _split_bases(options, "c", "d", 100) == [("c", 100), ("b", 110)]
+    assert _split_bases(options, "c", "d", 5) == [("c", 5), ("b", 15)]
+    plan = _fill_budget(layout, {}, {"w": sparse}, estimates, budget, {}, {})
+    split = plan["w"]
+    assert isinstance(split, RowSplit)
+    assert {split.first, split.second} == {pairs32, pairs64}
+    assert layout.file_bytes(plan) <= budget
+    rows64 = split.rows if split.first == pairs64 else shape[0] - split.rows
+    assert rows64 > 330
+    from_sparse = _fill_budget(layout, {}, {"w": sparse},
+                               {"w": [o for o in estimates["w"] if o[2] != pairs32]},
+                               budget, {}, {})["w"]
+    assert {from_sparse.first, from_sparse.second} == {sparse, pairs64}
+    assert _plan_error(plan, estimates, layout) < 0.9 * _plan_error(
+        {"w": from_sparse}, estimates, layout)
+
+
 def test_a_tensor_switches_whole_to_a_setting_that_fits_rather_than_split_one_row():
     rng = np.random.default_rng(0)
     weights = {"t0": rng.standard_normal((300, 128)).astype(np.float32),
