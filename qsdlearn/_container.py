@@ -66,17 +66,47 @@ def write_container(tensors, metadata, header_bytes=None):
     -------
     bytes
     """
+    checksums = {name: f"{zlib.crc32(data):08x}" for name, _, _, data in tensors}
+    sizes = [(name, dtype, shape, len(data)) for name, dtype, shape, data in tensors]
+    text = _header_text(sizes, metadata, checksums, header_bytes)
+    return struct.pack("<Q", len(text)) + text + b"".join(data for _, _, _, data in tensors)
+
+
+def container_size(tensors, metadata, header_bytes=None):
+    """Bytes of the image :func:`write_container` makes, from the tensors' sizes alone.
+
+    Parameters
+    ----------
+    tensors : list of (name, dtype, shape, int)
+        As for :func:`write_container`, with each tensor's size in bytes instead of its bytes
+        (a CRC-32 is 8 hex digits whatever the data, so the header's size does not depend on
+        them).
+    metadata : dict of str to str
+    header_bytes : int, optional
+
+    Returns
+    -------
+    int
+    """
+    text = _header_text(tensors, metadata, {name: "0" * 8 for name, *_ in tensors},
+                        header_bytes)
+    return 8 + len(text) + sum(size for *_, size in tensors)
+
+
+def _header_text(tensors, metadata, checksums, header_bytes):
+    """The JSON header of a file image of ``(name, dtype, shape, size)`` tensors with their
+    ``checksums``, padded with spaces to ``header_bytes`` (by default to a multiple of 8, as
+    safetensors aligns the buffer)."""
     header = {}
     offset = 0
-    for name, dtype, shape, data in tensors:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
+    for name, dtype, shape, size in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), **metadata}
     header["__metadata__"] = {
         **meta,
-        "checksums": json.dumps(
-            {name: f"{zlib.crc32(data):08x}" for name, _, _, data in tensors}, sort_keys=True
-        ),
+        "checksums": json.dumps(checksums, sort_keys=True),
         "metadata_checksum": _metadata_checksum(meta),
     }
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -84,8 +114,7 @@ def write_container(tensors, metadata, header_bytes=None):
         header_bytes = len(text) + (-len(text) % 8)  # align the buffer, as safetensors does
     if len(text) > header_bytes:
         raise ValueError(f"header of {len(text)} bytes exceeds the fixed {header_bytes}")
-    text += b" " * (header_bytes - len(text))
-    return struct.pack("<Q", len(text)) + text + b"".join(data for _, _, _, data in tensors)
+    return text + b" " * (header_bytes - len(text))
 
 
 def read_container(data):

@@ -57,7 +57,8 @@ from ._calibration import LayerCalibration, check_entry
 from ._checkpoint import matching, open_checkpoint
 from ._checks import check_positive_int
 from ._constraints import Constraints
-from ._container import FileImage, check_declared_elements, json_field, write_container
+from ._container import (FileImage, check_declared_elements, container_size, json_field,
+                         write_container)
 from ._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, cast_reconstruction,
                       from_little_endian_bytes, is_float, numpy_dtype, to_little_endian_bytes)
 from ._estimator import QuantizedSparseDecomposition
@@ -809,8 +810,15 @@ class CompressedModel(FileImage):
 
     @property
     def nbytes(self):
-        """Size of the file :meth:`save` writes, in bytes."""
-        return len(self.to_bytes())
+        """Size of the file :meth:`save` writes, in bytes.
+
+        Computed from the entries' sizes, without building the file.
+        """
+        if self._image is not None:
+            return len(self._image)
+        entries, stored = self._file_layers()
+        size = sum(entry.nbytes for entry in stored)
+        return container_size([(PAYLOAD, "U8", (size,), size)], self._file_metadata(entries))
 
     @property
     def bits_per_weight(self):
@@ -949,20 +957,29 @@ class CompressedModel(FileImage):
             tensor (see the user guide's section on the file format).
         """
         if self._image is None:
-            entries, chunks, position = [], [], {}
-            firsts = self._firsts()
-            for i, (name, entry) in enumerate(self.layers.items()):
-                first = firsts[name]
-                if first != name:
-                    entries.append([_TIED, name, position[first]])
-                    continue
-                position[name] = i
-                entries.append(entry.file_entry(name))
-                chunks.append(entry.payload())
-            payload = b"".join(chunks)
-            metadata = {"kind": self._KIND, "layers": json.dumps(entries, separators=(",", ":"))}
-            self._image = write_container([(PAYLOAD, "U8", (len(payload),), payload)], metadata)
+            entries, stored = self._file_layers()
+            payload = b"".join(entry.payload() for entry in stored)
+            self._image = write_container([(PAYLOAD, "U8", (len(payload),), payload)],
+                                          self._file_metadata(entries))
         return self._image
+
+    def _file_layers(self):
+        """The file's layer list (one entry per tensor) and the entries whose bytes it stores,
+        in order (a tied tensor stores none)."""
+        entries, stored, position = [], [], {}
+        firsts = self._firsts()
+        for i, (name, entry) in enumerate(self.layers.items()):
+            first = firsts[name]
+            if first != name:
+                entries.append([_TIED, name, position[first]])
+                continue
+            position[name] = i
+            entries.append(entry.file_entry(name))
+            stored.append(entry)
+        return entries, stored
+
+    def _file_metadata(self, entries):
+        return {"kind": self._KIND, "layers": json.dumps(entries, separators=(",", ":"))}
 
     @classmethod
     def _from_container(cls, meta, tensors, max_elements=None):
@@ -2333,6 +2350,8 @@ class _Layout:
     checkpoint: object
     tied: dict
     kept: dict
+    #: Placeholder matrices by (setting, shape): a plan is sized many times over.
+    placeholders: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_weights(self):
@@ -2352,22 +2371,26 @@ class _Layout:
         for name, setting in plan.items():
             info = self.checkpoint.infos[name]
             if isinstance(setting, RowSplit):
-                parts = [_placeholder(block, shape, info.dtype.name)
+                parts = [self._placeholder(block, shape, info.dtype.name)
                          for block, shape, _ in setting.blocks(info.shape)]
                 entries[name] = SplitLayer(parts, info.shape, info.dtype.name, _WIDEST_SQNR)
             else:
-                entries[name] = _placeholder(setting, info.shape, info.dtype.name)
+                entries[name] = self._placeholder(setting, info.shape, info.dtype.name)
         return self.model(entries).nbytes
 
-
-def _placeholder(setting, shape, dtype):
-    """A layer with streams of the right sizes (zeros), row scales (ones) if the setting has
-    them and the widest SQNR a file stores, for sizing files."""
-    settings = setting.matrix_settings(shape)
-    streams = {k: bytes(v) for k, v in settings.stream_sizes().items()}
-    scales = np.ones(shape[0], dtype=np.float16) if setting.row_scales else None
-    return CompressedLayer(CompressedMatrix(settings, streams), shape, dtype, setting,
-                           _WIDEST_SQNR, row_scales=scales)
+    def _placeholder(self, setting, shape, dtype):
+        """A layer with streams of the right sizes (zeros), row scales (ones) if the setting
+        has them and the widest SQNR a file stores, for sizing files. A new layer each time
+        (a model takes one layer object twice for tied tensors), around a matrix built once
+        per setting and shape."""
+        key = (setting, tuple(shape))
+        if key not in self.placeholders:
+            settings = setting.matrix_settings(shape)
+            streams = {k: bytes(v) for k, v in settings.stream_sizes().items()}
+            self.placeholders[key] = CompressedMatrix(settings, streams)
+        scales = np.ones(shape[0], dtype=np.float16) if setting.row_scales else None
+        return CompressedLayer(self.placeholders[key], shape, dtype, setting, _WIDEST_SQNR,
+                               row_scales=scales)
 
 
 def _split_to_fill(layout, plan, name, better, budget, better_first=False, left=None):
@@ -2426,8 +2449,8 @@ def _fill_budget(layout, fixed, plan, estimates, budget, calibrations, heavier):
     under the planned setting or one of :func:`_split_bases`. Of the splits of the first
     :data:`SPLITS_COMPARED` moves that have one that fits, the one that lowers the estimated
     error most is kept, and ends the fill: a split's new codebook may take most of what is
-    left, so the move that saves most per byte need not save most. Moves whose streams alone exceed what
-    is left are skipped without sizing the file. ``heavier`` caches
+    left, so the move that saves most per byte need not save most. Moves whose streams alone
+    exceed what is left are skipped without sizing the file. ``heavier`` caches
     :func:`_heavier_first_half` per tensor."""
     plan = dict(plan)
     while True:
@@ -2484,7 +2507,7 @@ def _split_bases(options, current, better, left):
     sizes = {setting: size for size, _, setting in options}
     current_bytes, better_bytes = sizes[current], sizes[better]
     better_error = _estimated_error(options, better)
-    lower = max((size for size, _, setting in options_hull(options) if size < current_bytes),
+    lower = max((size for size, _, _ in options_hull(options) if size < current_bytes),
                 default=-1)
     bases = [(current, left)]
     least = float("inf")

@@ -84,6 +84,26 @@ def test_a_model_file_is_one_payload_tensor_and_a_compact_layer_list():
     assert (len(data) - len(payload)) % 8 == 0  # the payload starts 8-byte aligned
 
 
+def test_the_file_size_is_known_without_building_the_file():
+    """``nbytes`` adds up the header and the entries' sizes (the planner sizes many files);
+    it equals the length of the file :meth:`to_bytes` builds, with every kind of entry."""
+    rng = np.random.default_rng(0)
+    weights = {"fc.weight": rng.standard_normal((64, 64)).astype(np.float32),
+               "scaled.weight": (rng.standard_normal((96, 64)) * np.logspace(-2, 1, 96)[:, None]
+                                 ).astype(np.float16),
+               "fc.bias": np.arange(64, dtype=np.float32), "step": np.array(3, np.int64)}
+    weights["tied.weight"] = weights["fc.weight"]
+    model = quiet_compress(weights, settings={
+        "fc.weight": FAST, "scaled.weight": replace(FAST, row_scales=True)})
+    layers = {**model.layers, **_split_model(scales=True).layers}
+    assert isinstance(layers["split.weight"], SplitLayer)
+    assert layers["scaled.weight"].row_scales is not None
+    for layers in (layers, {}, {"step": model.layers["step"]}):
+        fresh = CompressedModel(dict(layers))  # nothing built yet
+        size = fresh.nbytes
+        assert size == len(fresh.to_bytes()) == fresh.nbytes
+
+
 def test_the_header_costs_a_few_dozen_bytes_per_tensor():
     """20 compressed tensors: the file is the header of an empty model, the streams, the names
     and 58 bytes a tensor (about 870 in format version 2)."""

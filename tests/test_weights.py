@@ -698,6 +698,23 @@ def test_a_split_may_keep_its_other_rows_under_a_setting_the_hull_passed_over():
         {"w": from_sparse}, estimates, layout)
 
 
+def test_the_planner_sizes_files_exactly_with_equal_tensors():
+    """The planner's file sizes (placeholder layers, built once per setting and shape) count
+    two tensors of one shape and setting twice, not as tied, and match the file written to
+    within the SQNRs' digits (sized at their widest)."""
+    from qsdlearn._checkpoint import open_checkpoint
+    from qsdlearn.weights import _Layout
+
+    rng = np.random.default_rng(0)
+    weights = {n: rng.standard_normal((64, 128)).astype(np.float32) for n in ("a", "b", "c")}
+    setting = LayerSetting(8, Constraints(16, 1, 0, 8))
+    layout = _Layout(open_checkpoint(weights), {n: n for n in weights}, {})
+    plan = {n: setting for n in weights}
+    model = compress_weights(weights, settings=plan, random_state=0, max_iter=2)
+    for _ in range(2):  # the second time from the cached placeholders
+        assert 0 <= layout.file_bytes(plan) - model.nbytes <= 3 * 8
+
+
 def test_a_tensor_switches_whole_to_a_setting_that_fits_rather_than_split_one_row():
     rng = np.random.default_rng(0)
     weights = {"t0": rng.standard_normal((300, 128)).astype(np.float32),
