@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._container import FORMAT_NAME, is_device_or_pipe, replace_atomically, stat_error
+from ._container import (FORMAT_NAME, check_target, discard, is_device_or_pipe,
+                         remove_stale_temporaries, replace_atomically, stat_error,
+                         write_temporary)
 from ._dtypes import SAFETENSORS_NAMES, check_dtype, is_float, to_little_endian_bytes
 
 #: File name of the index of a sharded checkpoint written by :func:`write_checkpoint`.
@@ -245,6 +247,20 @@ def _suffix(path):
     return os.path.splitext(path)[1].lower()
 
 
+def _complete_shards(folder, files):
+    """Refuse a folder without an index whose ``model-0000i-of-0000n.safetensors`` shards
+    are not one complete set (what an interrupted write can leave)."""
+    numbered = [_SHARD_NUMBERS.fullmatch(f) for f in files]
+    numbered = [(int(m.group(1)), int(m.group(2))) for m in numbered if m]
+    counts = {n for _, n in numbered}
+    if numbered and (len(counts) > 1 or sorted(i for i, _ in numbered) != list(
+            range(1, max(counts) + 1))):
+        raise ValueError(
+            f"{folder} has no index and its shards are not one complete set "
+            f"({', '.join(f'{i} of {n}' for i, n in sorted(numbered))}): an interrupted "
+            "write leaves such a folder; write the checkpoint again")
+
+
 def _open_path(path):
     if not os.path.exists(path):
         reason = stat_error(path)
@@ -261,6 +277,7 @@ def _open_path(path):
         if not shards:
             raise ValueError(f"{path} holds no .safetensors file (a folder is read as the "
                              "shards of one checkpoint; give a .npz file by its name)")
+        _complete_shards(path, shards)
         return _open_shards([os.path.join(path, f) for f in shards], path)
     _check_regular_file(path)
     suffix = _suffix(path)
@@ -378,8 +395,9 @@ def _open_shards(paths, source):
 # -- writing -------------------------------------------------------------------------------------
 
 
-#: File names :func:`shard_names` gives (for any count).
+#: File names :func:`shard_names` gives (for any count), and the two numbers in them.
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_SHARD_NUMBERS = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 
 
 def replaced_by_shards(file_name):
@@ -482,16 +500,24 @@ def _write_npz(path, names, read):
     replace_atomically(path, write, overwrite=True)
     if widened:
         warnings.warn(
-            f"{path}: .npz cannot hold bfloat16; {len(widened)} tensors (e.g. {widened[0]!r}) "
-            "were written as float32, exactly (write .safetensors to keep bfloat16)",
+            f"{path}: .npz cannot hold bfloat16; {len(widened)} "
+            f"{'tensor was' if len(widened) == 1 else 'tensors were'} (e.g. {widened[0]!r}) "
+            "written as float32, exactly (write .safetensors to keep bfloat16)",
             UserWarning, stacklevel=3,
         )
 
 
 def _write_safetensors(path, names, read, metadata):
-    """A safetensors file of the tensors ``read(name)`` for ``names``, holding one tensor in
-    memory at a time: their bytes go to an unnamed temporary file as they are read, and the
-    file is the header (known once every shape is) followed by a copy of those bytes."""
+    """A safetensors file of the tensors ``read(name)`` for ``names``, written atomically
+    (:func:`_safetensors_writer`)."""
+    replace_atomically(path, _safetensors_writer(path, names, read, metadata), overwrite=True)
+
+
+def _safetensors_writer(path, names, read, metadata):
+    """``write(temporary)`` of a safetensors file of the tensors ``read(name)`` for
+    ``names``, holding one tensor in memory at a time: their bytes go to an unnamed temporary
+    file in the folder of ``path`` as they are read, and the file is the header (known once
+    every shape is) followed by a copy of those bytes."""
     folder = os.path.dirname(os.path.abspath(path))
 
     def write(temporary):
@@ -514,29 +540,50 @@ def _write_safetensors(path, names, read, metadata):
                 out.write(struct.pack("<Q", len(text)) + text)
                 shutil.copyfileobj(data, out, 2**24)
 
-    replace_atomically(path, write, overwrite=True)
+    return write
 
 
 def _write_shards(folder, names, read, max_shard_bytes):
+    """Shards and their index in ``folder`` (created if missing).
+
+    Every shard is written to a temporary file first, so that an interrupted write (reading
+    and decoding the tensors is the long part) leaves the folder as it was, and a folder it
+    created is removed. Then the earlier index goes, the shards of that naming pattern this
+    write does not produce are removed (tools that read every shard of a folder would read
+    them), the new shards are renamed into place and the index is written last: renames
+    only, so a write interrupted there is rare, and the shards it leaves have no index (a
+    folder read without one must hold a complete set, :func:`_complete_shards`)."""
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     groups = plan_shards(names, max_shard_bytes)
     files = shard_names(len(groups))
-    weight_map = {}
-    for group, file_name in zip(groups, files):
-        _write_safetensors(os.path.join(folder, file_name), group, read, {"format": "pt"})
-        weight_map.update({name: file_name for name in group})
+    paths = [check_target(os.path.join(folder, f), overwrite=True) for f in files]
+    index_path = check_target(os.path.join(folder, "model" + INDEX_SUFFIX), overwrite=True)
+    remove_stale_temporaries(folder)
+    staged = []
+    try:
+        for group, path in zip(groups, paths):
+            staged.append(write_temporary(
+                path, _safetensors_writer(path, group, read, {"format": "pt"})))
+        if os.path.lexists(index_path):
+            os.unlink(index_path)
+        for stale in set(os.listdir(folder)) - set(files):
+            if _SHARD_NAME.fullmatch(stale):
+                os.unlink(os.path.join(folder, stale))
+        for temporary, path in zip(staged, paths):
+            os.replace(temporary, path)
+    except BaseException:
+        for temporary in staged:
+            discard(temporary)
+        if created and not os.listdir(folder):
+            os.rmdir(folder)
+        raise
+    weight_map = {name: file_name for group, file_name in zip(groups, files) for name in group}
     index = {"metadata": {"total_size": int(sum(names.values()))}, "weight_map": weight_map}
-    index_path = os.path.join(folder, "model" + INDEX_SUFFIX)
 
     def write_index(temporary):
         with open(temporary, "w", encoding="utf-8") as file:
             json.dump(index, file, indent=2)
 
     replace_atomically(index_path, write_index, overwrite=True)
-    # Shards of an earlier, differently sharded write into the same folder would otherwise
-    # stay next to the new ones (tools that read every shard of a folder would read them):
-    # remove the files of that naming pattern that this write did not produce.
-    for stale in set(os.listdir(folder)) - set(files):
-        if _SHARD_NAME.fullmatch(stale):
-            os.unlink(os.path.join(folder, stale))
-    return [os.path.join(folder, f) for f in files] + [index_path]
+    return paths + [index_path]

@@ -238,7 +238,21 @@ def replace_atomically(path, write, overwrite=False):
     killed process) are removed first. Something already at ``path`` is replaced only with
     ``overwrite``, and only a regular file (or a link to one): never a device or a pipe.
     """
+    path = check_target(path, overwrite)
+    remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
+    temporary = write_temporary(path, write)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        discard(temporary)
+        raise
+
+
+def check_target(path, overwrite):
+    """``path`` (as a str) if a file may be written there (see :func:`replace_atomically`)."""
     path = os.fspath(path)
+    if not path:
+        raise ValueError("the file name is empty: give the file to write")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {path}: it is a directory")
@@ -248,9 +262,16 @@ def replace_atomically(path, write, overwrite=False):
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
-    remove_stale_temporaries(folder)
+    return path
+
+
+def write_temporary(path, write):
+    """A temporary file next to ``path`` that ``write(temporary)`` filled, flushed to disk
+    and given the mode a new file gets; removed when ``write`` fails. Returns its path, for
+    the caller to rename over ``path``."""
     handle, temporary = tempfile.mkstemp(
-        dir=folder, prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-", suffix=TEMPORARY_SUFFIX
+        dir=os.path.dirname(os.path.abspath(path)),
+        prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-", suffix=TEMPORARY_SUFFIX
     )
     os.close(handle)
     try:
@@ -261,11 +282,16 @@ def replace_atomically(path, write, overwrite=False):
         finally:
             os.close(handle)
         os.chmod(temporary, _new_file_mode())  # mkstemp makes it 0600; the umask's mode
-        os.replace(temporary, path)
     except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        discard(temporary)
         raise
+    return temporary
+
+
+def discard(temporary):
+    """Remove a temporary file if it is still there."""
+    if os.path.exists(temporary):
+        os.unlink(temporary)
 
 
 def write_atomic(path, data, overwrite=False):
@@ -304,7 +330,7 @@ class FileImage:
         FileNotFoundError
             If the folder of ``path`` does not exist.
         ValueError
-            If ``path`` is a device or a pipe.
+            If ``path`` is empty, or a device or a pipe.
         """
         write_atomic(path, self.to_bytes(), overwrite=_check_overwrite(overwrite))
 

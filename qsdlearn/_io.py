@@ -37,7 +37,7 @@ def save(obj, path, *, overwrite=False):
     IsADirectoryError, FileNotFoundError
         If ``path`` is a folder, or its folder does not exist.
     ValueError
-        If ``path`` is a device or a pipe.
+        If ``path`` is empty, or a device or a pipe.
 
     See Also
     --------

@@ -38,8 +38,9 @@ class GramAccumulator:
     Raises
     ------
     ValueError
-        If ``n_features`` is below 1; from :meth:`update`, when a batch's last axis is not
-        ``n_features`` wide, holds NaN or infinity, or makes the sums overflow.
+        If ``n_features`` is below 1 or its Gram matrix cannot be allocated; from
+        :meth:`update`, when a batch's last axis is not ``n_features`` wide, holds NaN or
+        infinity, or makes the sums overflow.
     TypeError
         If ``n_features`` is not an integer; from :meth:`update`, when a batch does not hold
         real numbers.
@@ -63,7 +64,13 @@ class GramAccumulator:
 
     def __init__(self, n_features):
         self.n_features = check_positive_int("n_features", n_features)
-        self.gram = np.zeros((self.n_features, self.n_features))
+        try:
+            self.gram = np.zeros((self.n_features, self.n_features))
+        except (ValueError, MemoryError):  # numpy's "array is too big", or out of memory
+            raise ValueError(
+                f"n_features={self.n_features}: its Gram matrix of n_features**2 float64 "
+                f"numbers ({8 * self.n_features**2 / 2**30:.3g} GiB) cannot be allocated"
+            ) from None
         self.n_samples = 0
 
     def update(self, batch):

@@ -320,8 +320,9 @@ def build_parser():
                             "folder of shards with --shard-size (.npz has no bfloat16: those "
                             "tensors are written as float32, exactly)")
     decompress.add_argument("--shard-size", metavar="SIZE",
-                            help="write safetensors shards of at most SIZE (e.g. 2GB) and an "
-                            "index into the folder OUTPUT")
+                            help="write safetensors shards of at most SIZE (e.g. 2GB; a tensor "
+                            "larger than SIZE gets a shard of its own) and an index into the "
+                            "folder OUTPUT")
     decompress.add_argument("--force", action="store_true",
                             help="overwrite an existing output (with --shard-size: write into "
                             "an existing folder, replacing its model.safetensors.index.json "

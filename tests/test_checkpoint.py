@@ -210,9 +210,10 @@ def test_write_checkpoint_round_trips(target, tmp_path):
 @pytest.mark.parametrize("target", ["out.safetensors", "out.npz", "shards"])
 def test_write_checkpoint_is_atomic_and_refuses_devices(target, tmp_path):
     """The checkpoint writer is the compressed files' atomic writer: a read that fails
-    midway leaves no temporary file and, for one file, the earlier file as it was (shards are
-    replaced one by one); a stale temporary of a process that no longer runs is removed, and
-    a pipe is refused, not replaced."""
+    midway (an interrupt while tensors are decoded) leaves the earlier file or shards and
+    index as they were and no temporary file (a sharded write replaced the first shards and
+    left the rest); a stale temporary of a process that no longer runs is removed, and a
+    pipe is refused, not replaced."""
     import subprocess
     import sys
 
@@ -235,9 +236,8 @@ def test_write_checkpoint_is_atomic_and_refuses_devices(target, tmp_path):
     with pytest.raises(RuntimeError, match="read failed"):
         write_checkpoint(path, sizes, failing, shard_bytes)
     assert not list(tmp_path.rglob(".qsdlearn-*"))
-    if target != "shards":
-        assert sorted((p.name, p.read_bytes()) for p in tmp_path.rglob("*")
-                      if p.is_file()) == before
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.rglob("*")
+                  if p.is_file()) == before
     if os.name == "posix" and target != "shards":
         fifo = tmp_path / ("pipe" + path.suffix)
         os.mkfifo(fifo)
@@ -252,6 +252,34 @@ def test_extensions_are_read_in_any_case(target, tmp_path):
     files = write_checkpoint(tmp_path / target, sizes, lambda name: np.arange(100.0))
     assert files == [str(tmp_path / target)]
     np.testing.assert_array_equal(open_checkpoint(tmp_path / target).read("a"), np.arange(100.0))
+
+
+def test_an_interrupted_sharded_write_into_a_new_folder_leaves_nothing(tmp_path):
+    def failing(name):
+        if name == "t2":
+            raise KeyboardInterrupt
+        return np.zeros(100)
+
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(tmp_path / "new", {f"t{i}": 800 for i in range(3)}, failing, 1600)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_folder_of_shards_without_index_must_hold_a_complete_set(tmp_path):
+    """What an interrupted sharded write could leave (2 of 4 shards) was read as a model of
+    2 tensors without a word."""
+    sizes = {f"t{i}": 800 for i in range(4)}
+    write_checkpoint(tmp_path / "s", sizes, lambda name: np.full(100, float(name[1:])), 800)
+    (tmp_path / "s" / "model.safetensors.index.json").unlink()
+    assert list(open_checkpoint(tmp_path / "s").infos) == list(sizes)  # complete: read
+    (tmp_path / "s" / "model-00003-of-00004.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"not one complete set \(1 of 4, 2 of 4, 4 of 4\)"):
+        open_checkpoint(tmp_path / "s")
+    write_checkpoint(tmp_path / "t", {"a": 800}, lambda name: np.zeros(100), 800)
+    os.replace(tmp_path / "t" / "model-00001-of-00001.safetensors",
+               tmp_path / "s" / "model-00003-of-00001.safetensors")
+    with pytest.raises(ValueError, match="not one complete set"):
+        open_checkpoint(tmp_path / "s")
 
 
 def test_check_dtype_accepts_the_table():

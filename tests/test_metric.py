@@ -231,6 +231,9 @@ def test_gram_accumulator_streams_batches():
         acc.update(np.full((2, 5), np.inf))
     with pytest.raises(ValueError, match="n_features must be a positive integer"):
         GramAccumulator(0)
+    for huge in (2**40, 2**70):  # numpy's "array is too big" before
+        with pytest.raises(ValueError, match=f"n_features={huge}: its Gram matrix"):
+            GramAccumulator(huge)
     for value in ("a", 5.0, float("nan"), True, None):  # int()'s or no message before
         with pytest.raises(TypeError, match="n_features must be a positive integer"):
             GramAccumulator(value)

@@ -178,11 +178,18 @@ def test_saved_files_follow_the_umask(tmp_path):
     assert (tmp_path / "a.qsd").stat().st_mode & 0o777 == 0o644
 
 
-def test_save_errors_name_the_path_the_user_gave(tmp_path):
+def test_save_errors_name_the_path_the_user_gave(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="nodir"):
         qsdlearn._container.write_atomic(tmp_path / "nodir" / "x.qsd", b"x")
     with pytest.raises(IsADirectoryError, match="is a directory"):
         qsdlearn._container.write_atomic(tmp_path, b"x")
+    # an empty name was the folder above the working one: the file written there, then the
+    # rename refused
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(ValueError, match="the file name is empty"):
+        qsdlearn.save(qsdlearn.CompressedModel({}), "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
 
 
 def test_score_of_float32_data_is_finite_where_float32_squares_overflow():
