@@ -388,7 +388,8 @@ def _open_shards(paths, source):
                                             numpy_dtype(NUMPY_NAMES[dtype_name])))
                     refs[name] = SafetensorsRef(path, name)
         except (SafetensorError, OSError) as exc:
-            raise ValueError(f"cannot read {path}: {exc}") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ValueError(f"cannot read {path}: {reason}") from None
     return Checkpoint(infos, refs, source)
 
 
@@ -550,9 +551,10 @@ def _write_shards(folder, names, read, max_shard_bytes):
     and decoding the tensors is the long part) leaves the folder as it was, and a folder it
     created is removed. Then the earlier index goes, the shards of that naming pattern this
     write does not produce are removed (tools that read every shard of a folder would read
-    them), the new shards are renamed into place and the index is written last: renames
-    only, so a write interrupted there is rare, and the shards it leaves have no index (a
-    folder read without one must hold a complete set, :func:`_complete_shards`)."""
+    them), the new shards are renamed into place and the index is written last, an
+    interrupt deferred until that is done (:func:`_finish`). Only a killed process stops
+    there, leaving shards without an index (a folder read without one must hold a complete
+    set, :func:`_complete_shards`)."""
     created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     groups = plan_shards(names, max_shard_bytes)
@@ -565,13 +567,6 @@ def _write_shards(folder, names, read, max_shard_bytes):
         for group, path in zip(groups, paths):
             staged.append(write_temporary(
                 path, _safetensors_writer(path, group, read, {"format": "pt"})))
-        if os.path.lexists(index_path):
-            os.unlink(index_path)
-        for stale in set(os.listdir(folder)) - set(files):
-            if _SHARD_NAME.fullmatch(stale):
-                os.unlink(os.path.join(folder, stale))
-        for temporary, path in zip(staged, paths):
-            os.replace(temporary, path)
     except BaseException:
         for temporary in staged:
             discard(temporary)
@@ -585,5 +580,38 @@ def _write_shards(folder, names, read, max_shard_bytes):
         with open(temporary, "w", encoding="utf-8") as file:
             json.dump(index, file, indent=2)
 
-    replace_atomically(index_path, write_index, overwrite=True)
+    stale = [os.path.join(folder, f) for f in set(os.listdir(folder)) - set(files)
+             if _SHARD_NAME.fullmatch(f)]
+    _finish([lambda: _remove(index_path)]
+            + [lambda path=path: _remove(path) for path in stale]
+            + [lambda t=temporary, path=path: _rename(t, path)
+               for temporary, path in zip(staged, paths)]
+            + [lambda: replace_atomically(index_path, write_index, overwrite=True)])
     return paths + [index_path]
+
+
+def _finish(steps):
+    """Run every one of ``steps`` (each may run again without harm), an interrupt (Ctrl-C,
+    or SIGTERM under the command line) deferred until the last is done: they only remove,
+    rename and write a small index, so finishing takes milliseconds, where stopping midway
+    would leave a folder of old and new shards."""
+    interrupted = None
+    for step in steps:
+        while True:
+            try:
+                step()
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+
+
+def _remove(path):
+    if os.path.lexists(path):
+        os.unlink(path)
+
+
+def _rename(temporary, path):
+    if os.path.exists(temporary):
+        os.replace(temporary, path)

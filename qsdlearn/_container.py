@@ -191,6 +191,9 @@ def json_field(meta, key, kind):
 def _parse_header(data):
     if len(data) < 8:
         raise ValueError(f"not a qsdlearn file: {len(data)} bytes is too short for a header")
+    if data[:4] == b"PK\x03\x04":
+        raise ValueError("not a qsdlearn file: a zip archive (a .npz file of weights?); "
+                         "compress it with qsdlearn compress")
     (length,) = struct.unpack("<Q", data[:8])
     if length > MAX_HEADER_BYTES:
         raise ValueError(f"not a qsdlearn file: header length {length} exceeds the cap")

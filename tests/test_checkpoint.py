@@ -265,6 +265,38 @@ def test_an_interrupted_sharded_write_into_a_new_folder_leaves_nothing(tmp_path)
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("after", [False, True])
+def test_an_interrupt_while_shards_are_renamed_is_deferred_until_they_all_are(
+        tmp_path, monkeypatch, after):
+    """Once every shard is written, the renames and the index are finished before Ctrl-C
+    (or SIGTERM under the command line) takes effect: stopped there, the folder held new
+    shards and old ones of the same names, read as one model without a word."""
+    import qsdlearn._checkpoint as checkpoint
+
+    sizes = {f"t{i}": 800 for i in range(4)}
+    write_checkpoint(tmp_path / "s", sizes, lambda name: np.full(100, -1.0), 800)
+    (tmp_path / "s" / "config.json").write_text("{}")
+    real, calls = os.replace, []
+
+    def interrupted_replace(source, target):
+        calls.append(target)
+        if len(calls) == 2:  # the second rename, before or after it is done
+            if after:
+                real(source, target)
+            raise KeyboardInterrupt
+        real(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(tmp_path / "s", sizes, lambda name: np.full(100, float(name[1:])), 800)
+    monkeypatch.undo()
+    restored = open_checkpoint(tmp_path / "s")
+    assert [float(restored.read(n)[0]) for n in sizes] == [0, 1, 2, 3]
+    assert (tmp_path / "s" / "model.safetensors.index.json").exists()
+    assert (tmp_path / "s" / "config.json").read_text() == "{}"
+    assert not list(tmp_path.rglob(".qsdlearn-*"))
+
+
 def test_a_folder_of_shards_without_index_must_hold_a_complete_set(tmp_path):
     """What an interrupted sharded write could leave (2 of 4 shards) was read as a model of
     2 tensors without a word."""

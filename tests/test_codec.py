@@ -269,6 +269,13 @@ def test_load_refuses_devices_pipes_and_foreign_files_before_reading_them(tmp_pa
     assert -1 not in reads and sum(reads) < 1000, reads  # the header alone was read
 
 
+def test_a_npz_file_of_weights_is_named_as_such(tmp_path):
+    """``qsdlearn info weights.npz`` said "header length 193340853072 exceeds the cap"."""
+    np.savez(tmp_path / "w.npz", w=np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"a zip archive \(a \.npz file of weights\?\); compress it"):
+        qsdlearn.load(tmp_path / "w.npz")
+
+
 def test_declared_sizes_larger_than_the_file_are_rejected():
     data = _image()
     huge_header = struct.pack("<Q", 2**40) + data[8:]
