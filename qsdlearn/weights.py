@@ -2370,27 +2370,29 @@ class _Layout:
         entries = dict(self.kept)
         for name, setting in plan.items():
             info = self.checkpoint.infos[name]
-            if isinstance(setting, RowSplit):
-                parts = [self._placeholder(block, shape, info.dtype.name)
+            if isinstance(setting, RowSplit):  # parts of many shapes: not kept
+                parts = [self._placeholder(block, shape, info.dtype.name, keep=False)
                          for block, shape, _ in setting.blocks(info.shape)]
                 entries[name] = SplitLayer(parts, info.shape, info.dtype.name, _WIDEST_SQNR)
             else:
                 entries[name] = self._placeholder(setting, info.shape, info.dtype.name)
         return self.model(entries).nbytes
 
-    def _placeholder(self, setting, shape, dtype):
+    def _placeholder(self, setting, shape, dtype, keep=True):
         """A layer with streams of the right sizes (zeros), row scales (ones) if the setting
         has them and the widest SQNR a file stores, for sizing files. A new layer each time
         (a model takes one layer object twice for tied tensors), around a matrix built once
-        per setting and shape."""
+        per setting and shape with ``keep``."""
         key = (setting, tuple(shape))
-        if key not in self.placeholders:
+        matrix = self.placeholders.get(key)
+        if matrix is None:
             settings = setting.matrix_settings(shape)
             streams = {k: bytes(v) for k, v in settings.stream_sizes().items()}
-            self.placeholders[key] = CompressedMatrix(settings, streams)
+            matrix = CompressedMatrix(settings, streams)
+            if keep:
+                self.placeholders[key] = matrix
         scales = np.ones(shape[0], dtype=np.float16) if setting.row_scales else None
-        return CompressedLayer(self.placeholders[key], shape, dtype, setting, _WIDEST_SQNR,
-                               row_scales=scales)
+        return CompressedLayer(matrix, shape, dtype, setting, _WIDEST_SQNR, row_scales=scales)
 
 
 def _split_to_fill(layout, plan, name, better, budget, better_first=False, left=None):
