@@ -250,7 +250,7 @@ def _suffix(path):
 def _complete_shards(folder, files):
     """Refuse a folder without an index whose ``model-0000i-of-0000n.safetensors`` shards
     are not one complete set (what an interrupted write can leave)."""
-    numbered = [_SHARD_NUMBERS.fullmatch(f) for f in files]
+    numbered = [_SHARD_NAME.fullmatch(f) for f in files]
     numbered = [(int(m.group(1)), int(m.group(2))) for m in numbered if m]
     counts = {n for _, n in numbered}
     if numbered and (len(counts) > 1 or sorted(i for i, _ in numbered) != list(
@@ -396,9 +396,8 @@ def _open_shards(paths, source):
 # -- writing -------------------------------------------------------------------------------------
 
 
-#: File names :func:`shard_names` gives (for any count), and the two numbers in them.
-_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-_SHARD_NUMBERS = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+#: File names :func:`shard_names` gives (for any count), with the two numbers in them.
+_SHARD_NAME = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 
 
 def replaced_by_shards(file_name):
@@ -475,9 +474,10 @@ def write_checkpoint(path, names, read, max_shard_bytes=None):
     path = os.fspath(path)
     if max_shard_bytes is not None:
         return _write_shards(path, names, read, max_shard_bytes)
-    if _suffix(path) == ".npz":
+    suffix = _suffix(path)
+    if suffix == ".npz":
         _write_npz(path, names, read)
-    elif _suffix(path) == ".safetensors":
+    elif suffix == ".safetensors":
         _write_safetensors(path, names, read, {"format": "pt"})
     else:
         raise ValueError(f"cannot write {path}: name it .npz or .safetensors, or give a shard size")

@@ -2506,9 +2506,8 @@ def _split_bases(options, current, better, left):
     split from one with a smaller codebook can keep more rows under ``better`` and lower the
     error more (2-D k-means with 32 codewords instead of 2 of 256 sparse codes under 2-D
     k-means with 64: 0.5 dB on a MiniLM attention matrix at 3 bits per weight)."""
-    sizes = {setting: size for size, _, setting in options}
-    current_bytes, better_bytes = sizes[current], sizes[better]
-    better_error = _estimated_error(options, better)
+    known = {setting: (size, error) for size, error, setting in options}
+    (current_bytes, _), (better_bytes, better_error) = known[current], known[better]
     lower = max((size for size, _, _ in options_hull(options) if size < current_bytes),
                 default=-1)
     bases = [(current, left)]
