@@ -46,9 +46,38 @@ class _NoLock:
         return False
 
 
-def njit(**options):
-    """``numba.njit`` with the project's options: cached where possible, no GIL held."""
-    return numba.njit(cache=_CACHE, nogil=True, **options)
+#: Whether this numba has its (private) option to compile a function without reference
+#: counting, ``_nrt`` (numba 0.19 to 0.68 at least; see :func:`njit`).
+_CAN_SKIP_REFCOUNTS = hasattr(numba.core.cpu.CPUTargetOptions, "_nrt")
+
+#: The functions compiled without reference counting (``njit(refcounts=False)``), for the
+#: test that none of them returns an array.
+UNCOUNTED = []
+
+
+def njit(refcounts=True, **options):
+    """``numba.njit`` with the project's options: cached where possible, no GIL held.
+
+    ``refcounts=False`` is for the per-row helpers of compiled kernels, which only borrow
+    arrays that their compiled caller holds: numba counts the references to every array a
+    function receives (an atomic increment and decrement, ``NRT_incref``/``NRT_decref``), and
+    its pruning pass leaves most of those counts in place wherever a variable's life ends on
+    several paths (a ``break``, ``and``/``or``, branches that use different arrays), which the
+    row searches are full of: about 30 % of the code step's time. Such a helper is compiled
+    with numba's ``_nrt=False`` (where this numba has it: :data:`_CAN_SKIP_REFCOUNTS`;
+    otherwise with counting, the same results): numba then refuses to compile an array
+    allocation in it, and it must not return an array (its caller would release a reference it
+    was never given; ``tests/test_kernels.py`` checks the compiled signatures of
+    :data:`UNCOUNTED`)."""
+    if refcounts or not _CAN_SKIP_REFCOUNTS:
+        return numba.njit(cache=_CACHE, nogil=True, **options)
+
+    def compile_uncounted(function):
+        dispatcher = numba.njit(cache=_CACHE, nogil=True, _nrt=False, **options)(function)
+        UNCOUNTED.append(dispatcher)
+        return dispatcher
+
+    return compile_uncounted
 
 
 #: Libraries of the ``tbb`` package numba's tbb layer links against, by platform.

@@ -560,3 +560,70 @@ def test_lloyd_pass_does_not_depend_on_the_thread_count():
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+def _holds_an_array(numba_type):
+    """Whether a numba type is an array or a tuple holding one."""
+    if isinstance(numba_type, numba.types.Array):
+        return True
+    return any(_holds_an_array(t) for t in getattr(numba_type, "types", ()))
+
+
+@pytest.mark.slow  # compiles the row kernels anew: about 11 s
+def test_helpers_compiled_without_reference_counting_return_no_array(monkeypatch):
+    """A helper compiled without reference counting (``_jit.njit(refcounts=False)``) must not
+    return an array: its counting caller would release a reference it was never given. The
+    row kernels and the helpers are compiled anew here, without numba's cache, which would
+    load a kernel with its helpers inside and leave the helpers' own signatures unknown;
+    compiled for the arguments of real calls, and not run (a helper that broke the rule
+    could corrupt memory before the check)."""
+    from numba.core.caching import NullCache
+
+    from qsdlearn import _jit
+
+    if not _jit._CAN_SKIP_REFCOUNTS:
+        pytest.skip("this numba compiles every function with reference counting")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 3))
+    C = rng.standard_normal((6, 3))
+    gram = C @ C.T
+    for dispatcher in _jit.UNCOUNTED:
+        monkeypatch.setattr(dispatcher, "_cache", NullCache())
+    code_rows = numba.njit(_kernels._code_rows.py_func)
+    for nbits, n_slots in [(_kernels.FLOAT, 2), (2, 6)]:
+        idx = np.zeros((40, n_slots), dtype=_kernels.INDEX_DTYPE)
+        args = (X, C.T.copy(), gram, 0.1, nbits, 4, 3, 1, True, idx, np.zeros((40, n_slots)),
+                np.zeros(40), 0, 40)
+        code_rows.compile(tuple(numba.typeof(a) for a in args))
+    args = (X, np.ones(40), 2, 2, np.zeros_like(X), 0, 40)
+    numba.njit(_kernels._project_rows.py_func).compile(tuple(numba.typeof(a) for a in args))
+    # A helper already compiled (or loaded from the cache) by earlier tests is not typed
+    # again, nor are its callees: each signature is typed anew, until no new one appears.
+    uncounted = {d.py_func.__name__ for d in _jit.UNCOUNTED}
+    checked = set()
+    while True:
+        signatures = {(d, s) for d in _jit.UNCOUNTED for s in d.nopython_signatures} - checked
+        if not signatures:
+            break
+        for dispatcher, signature in signatures:
+            assert not _holds_an_array(signature.return_type), (dispatcher, signature)
+            if uncounted & set(dispatcher.py_func.__code__.co_names):  # it calls helpers
+                numba.njit(dispatcher.py_func).compile(signature.args)
+        checked |= signatures
+    assert len({d for d, _ in checked}) == len(_jit.UNCOUNTED)
+
+
+def test_a_helper_compiled_without_reference_counting_cannot_allocate(monkeypatch):
+    from qsdlearn import _jit
+
+    if not _jit._CAN_SKIP_REFCOUNTS:
+        pytest.skip("this numba compiles every function with reference counting")
+    monkeypatch.setattr(_jit, "UNCOUNTED", [])
+    monkeypatch.setattr(_jit, "_CACHE", False)
+
+    @_jit.njit(refcounts=False)
+    def allocates(n):
+        return np.empty(n)
+
+    with pytest.raises(numba.core.errors.TypingError):
+        allocates(3)
