@@ -10,11 +10,10 @@ shape ``(rows,)`` (how often each row of an embedding table is used). See
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
-import ml_dtypes
 import numpy as np
 import scipy.linalg
 
-from ._dtypes import is_float
+from ._dtypes import finfo, is_float
 
 
 #: Damping of a Gram matrix before it is inverted: this fraction of its mean diagonal is
@@ -170,7 +169,7 @@ def check_entry(name, array, shape):
     n_in = int(np.prod(shape[1:], dtype=np.int64))
     # rounding to the entry's dtype (bfloat16 keeps 8 bits) may leave a Gram matrix slightly
     # asymmetric or indefinite: tolerate that much, relative to its largest entry
-    eps = float(ml_dtypes.finfo(array.dtype).eps) if is_float(array.dtype) else 0.0
+    eps = float(finfo(array.dtype).eps) if is_float(array.dtype) else 0.0
     tolerance = max(1e-6, 16 * eps)
     array = array.astype(np.float64)
     if not np.all(np.isfinite(array)):

@@ -4,11 +4,11 @@ Floats (float16, bfloat16, float32, float64) may be compressed; decompression co
 float32 and casts back to the tensor's own dtype. Integers and booleans are only ever kept
 verbatim. Everything else (complex, strings, bytes, objects, structured records, dates, 8-bit
 and extended-precision floats) is refused with a :class:`TypeError` that names the tensor.
-NumPy has no bfloat16 of its own: it is ``ml_dtypes.bfloat16``. It imports nothing from the
-package.
+NumPy has no bfloat16 of its own: it is ``ml_dtypes.bfloat16``, imported here on first use
+(loading ml_dtypes takes most of a second, and a float32 fit never needs it). This module
+imports nothing from the package.
 """
 
-import ml_dtypes
 import numpy as np
 
 #: Float dtypes a tensor may be compressed from, NumPy name to safetensors name.
@@ -47,10 +47,30 @@ def numpy_dtype(name):
     (2, 'int64')
     """
     if name == "bfloat16":
+        import ml_dtypes
+
         return np.dtype(ml_dtypes.bfloat16)
     if name not in SAFETENSORS_NAMES:
         raise ValueError(f"unsupported dtype {name!r}")
     return np.dtype(name)
+
+
+def finfo(dtype):
+    """The machine limits of a float dtype, bfloat16 included (:func:`numpy.finfo` does not know
+    it; ``ml_dtypes.finfo`` does).
+
+    Examples
+    --------
+    >>> from qsdlearn._dtypes import finfo, numpy_dtype
+    >>> float(finfo(numpy_dtype("bfloat16")).eps), float(finfo(numpy_dtype("float16")).max)
+    (0.0078125, 65504.0)
+    """
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.finfo(dtype)
+    return np.finfo(dtype)
 
 
 def check_dtype(tensor, dtype):
@@ -85,7 +105,7 @@ def cast_reconstruction(values, name):
     clipped first to that dtype's finite range: a weight at float16's largest value (65504)
     reconstructed a rounding above it would otherwise become ``inf``."""
     dtype = numpy_dtype(name)
-    top = float(ml_dtypes.finfo(dtype).max)
+    top = float(finfo(dtype).max)
     if top < float(np.finfo(values.dtype).max):
         values = np.clip(values, -top, top)
     return values.astype(dtype)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from qsdlearn._checkpoint import open_checkpoint, plan_shards, write_checkpoint
-from qsdlearn._dtypes import (FLOAT_DTYPES, SAFETENSORS_NAMES, check_dtype,
+from qsdlearn._container import CONTAINER_ITEMSIZES
+from qsdlearn._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, check_dtype, finfo,
                               from_little_endian_bytes, numpy_dtype, to_little_endian_bytes)
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -312,6 +313,20 @@ def test_a_folder_of_shards_without_index_must_hold_a_complete_set(tmp_path):
                tmp_path / "s" / "model-00003-of-00001.safetensors")
     with pytest.raises(ValueError, match="not one complete set"):
         open_checkpoint(tmp_path / "s")
+
+
+def test_the_container_reader_knows_the_sizes_of_every_dtype_of_the_table():
+    """The file reader keeps its own table of sizes (it imports nothing from the package)."""
+    assert {st: numpy_dtype(name).itemsize for st, name in NUMPY_NAMES.items()} \
+        == CONTAINER_ITEMSIZES
+
+
+@pytest.mark.parametrize("name", sorted(FLOAT_DTYPES))
+def test_finfo_agrees_with_ml_dtypes(name):
+    dtype = numpy_dtype(name)
+    ours, theirs = finfo(dtype), ml_dtypes.finfo(dtype)
+    assert (float(ours.eps), float(ours.max), ours.bits) \
+        == (float(theirs.eps), float(theirs.max), theirs.bits)
 
 
 def test_check_dtype_accepts_the_table():

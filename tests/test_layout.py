@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -130,3 +131,22 @@ def test_a_submodule_is_an_attribute_of_the_package_without_its_own_import():
     result = _run_fresh(script)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "1000000000000.0 qsdlearn._container\n"
+
+
+def test_a_float32_fit_and_its_file_do_not_load_ml_dtypes(tmp_path):
+    """ml_dtypes (bfloat16) takes most of a second to import: only bfloat16 tensors load it."""
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        import numpy as np
+        import qsdlearn
+        X = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # not converged in 2 iterations
+            model = qsdlearn.QuantizedSparseDecomposition(n_components=4, max_iter=2).fit(X)
+        qsdlearn.save(model.encode(X), {str(tmp_path / "x.qsd")!r})
+        qsdlearn.load({str(tmp_path / "x.qsd")!r}).decode()
+        print("ml_dtypes" in sys.modules)
+    """)
+    result = _run_fresh(script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "False\n"
