@@ -29,7 +29,8 @@ import numpy as np
 from ._container import (FORMAT_NAME, check_target, discard, is_device_or_pipe,
                          remove_stale_temporaries, replace_atomically, stat_error,
                          write_temporary)
-from ._dtypes import SAFETENSORS_NAMES, check_dtype, is_float, to_little_endian_bytes
+from ._dtypes import (SAFETENSORS_NAMES, bfloat16, check_dtype, is_float,
+                      to_little_endian_bytes)
 
 #: File name of the index of a sharded checkpoint written by :func:`write_checkpoint`.
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -61,6 +62,8 @@ class SafetensorsRef:
         from safetensors import safe_open
 
         with safe_open(self.path, framework="np") as file:
+            if file.get_slice(self.name).get_dtype() == "BF16":
+                bfloat16()  # safetensors asks NumPy for it by name (a worker may not know it)
             return file.get_tensor(self.name)
 
 

@@ -47,9 +47,7 @@ def numpy_dtype(name):
     (2, 'int64')
     """
     if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
+        return bfloat16()
     if name not in SAFETENSORS_NAMES:
         raise ValueError(f"unsupported dtype {name!r}")
     return np.dtype(name)
@@ -71,6 +69,14 @@ def finfo(dtype):
 
         return ml_dtypes.finfo(dtype)
     return np.finfo(dtype)
+
+
+def bfloat16():
+    """``ml_dtypes.bfloat16``, imported on first use. From then on NumPy also knows the name
+    ``"bfloat16"``, by which safetensors asks for it when it reads a BF16 tensor."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def check_dtype(tensor, dtype):

@@ -3,14 +3,19 @@ any fit; writing back, sharded or not; the dtype table."""
 
 import json
 import os
+import pathlib
 import pickle
+import subprocess
+import sys
 import warnings
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from qsdlearn._checkpoint import open_checkpoint, plan_shards, write_checkpoint
+import qsdlearn
+from qsdlearn._checkpoint import (SafetensorsRef, open_checkpoint, plan_shards,
+                                  write_checkpoint)
 from qsdlearn._container import CONTAINER_ITEMSIZES
 from qsdlearn._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, check_dtype, finfo,
                               from_little_endian_bytes, numpy_dtype, to_little_endian_bytes)
@@ -215,9 +220,6 @@ def test_write_checkpoint_is_atomic_and_refuses_devices(target, tmp_path):
     index as they were and no temporary file (a sharded write replaced the first shards and
     left the rest); a stale temporary of a process that no longer runs is removed, and a
     pipe is refused, not replaced."""
-    import subprocess
-    import sys
-
     sizes = {f"t{i}": 800 for i in range(3)}
     path = tmp_path / target
     shard_bytes = 1600 if target == "shards" else None
@@ -327,6 +329,23 @@ def test_finfo_agrees_with_ml_dtypes(name):
     ours, theirs = finfo(dtype), ml_dtypes.finfo(dtype)
     assert (float(ours.eps), float(ours.max), ours.bits) \
         == (float(theirs.eps), float(theirs.max), theirs.bits)
+
+
+def test_a_fresh_worker_reads_a_bfloat16_tensor_of_a_safetensors_file(tmp_path):
+    """A worker process gets a reference, not the opened checkpoint, and may not have loaded
+    ml_dtypes: safetensors, which asks NumPy for "bfloat16" by name, failed there with "data
+    type 'bfloat16' not understood" (the command line with --jobs 2 on a bfloat16 file)."""
+    weights = np.arange(12, dtype=np.float32).reshape(3, 4).astype(BF16)
+    safetensors_numpy.save_file({"w": weights}, str(tmp_path / "m.safetensors"))
+    script = (f"from qsdlearn._checkpoint import SafetensorsRef; "
+              f"a = SafetensorsRef({str(tmp_path / 'm.safetensors')!r}, 'w').load(); "
+              f"print(a.dtype, a.shape, a.astype(float).sum())")
+    root = str(pathlib.Path(qsdlearn.__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": root})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "bfloat16 (3, 4) 66.0\n"
+    assert SafetensorsRef(str(tmp_path / "m.safetensors"), "w").load().dtype == BF16
 
 
 def test_check_dtype_accepts_the_table():
