@@ -335,8 +335,12 @@ def _open_npz(path):
 def _open_index(path):
     try:
         with open(path, encoding="utf-8") as file:
-            weight_map = json.load(file)["weight_map"]
-    except (ValueError, KeyError, TypeError):
+            index = json.load(file)
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise ValueError(f"{path} is not a checkpoint index: not JSON ({exc})") from None
+    try:
+        weight_map = index["weight_map"]
+    except (KeyError, TypeError):
         raise ValueError(f"{path} is not a checkpoint index (no weight_map)") from None
     if not isinstance(weight_map, dict):
         raise ValueError(f"{path} is not a checkpoint index (no weight_map)")

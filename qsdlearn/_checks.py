@@ -5,6 +5,11 @@ from numbers import Integral
 
 import numpy as np
 
+#: The largest bits per weight a budget may ask for: no weight needs more bits than a
+#: float64's (a budget of 1e308 bits per weight overflowed to NaN bytes). Here, not in the
+#: adapter, so that the command line checks its option without loading the library.
+MAX_BITS_PER_WEIGHT = 64.0
+
 
 def check_positive_int(name, value, none_allowed=False):
     """``value`` of the argument ``name`` as an int >= 1 (or None, where allowed).

@@ -271,10 +271,14 @@ def write_temporary(path, write):
     """A temporary file next to ``path`` that ``write(temporary)`` filled, flushed to disk
     and given the mode a new file gets; removed when ``write`` fails. Returns its path, for
     the caller to rename over ``path``."""
-    handle, temporary = tempfile.mkstemp(
-        dir=os.path.dirname(os.path.abspath(path)),
-        prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-", suffix=TEMPORARY_SUFFIX
-    )
+    try:
+        handle, temporary = tempfile.mkstemp(
+            dir=os.path.dirname(os.path.abspath(path)),
+            prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-", suffix=TEMPORARY_SUFFIX
+        )
+    except OSError as exc:  # named after the file asked for, not the temporary one
+        raise OSError(exc.errno, f"cannot create a file in its folder ({exc.strerror})",
+                      os.fspath(path)) from None
     os.close(handle)
     try:
         write(temporary)

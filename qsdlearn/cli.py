@@ -9,6 +9,8 @@ import signal
 import sys
 import warnings
 
+from ._checks import MAX_BITS_PER_WEIGHT
+
 
 def _demo(args):
     from ._demo import format_table, run_demo
@@ -173,7 +175,6 @@ def _decompress(args):
     from .weights import CompressedModel
 
     _check_output(args, file_only=args.shard_size is None)
-    shard_bytes = None if args.shard_size is None else _parse_size(args.shard_size)
     model = _load_named(load, args.input)
     if not isinstance(model, CompressedModel):
         raise ValueError(f"{args.input} holds a single matrix, not a compressed model")
@@ -183,7 +184,7 @@ def _decompress(args):
     }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        files = write_checkpoint(args.output, sizes, model.decompress, shard_bytes)
+        files = write_checkpoint(args.output, sizes, model.decompress, args.shard_size)
     for warning in caught:
         print(f"qsdlearn decompress: note: {warning.message}", file=sys.stderr)
     shards = len(files) - 1
@@ -214,10 +215,18 @@ def _parse_size(text):
     try:
         size = int(float(upper) * scale)
     except (ValueError, OverflowError):  # also "inf" and "1e400", which no int holds
-        raise ValueError(f"cannot read the size {text!r}: write e.g. 500MB or 2GB") from None
+        raise ValueError(f"must be a size such as 500MB or 2GB, got {text!r}") from None
     if size <= 0:
-        raise ValueError(f"the shard size must be positive, got {text!r}")
+        raise ValueError(f"must be a positive size, got {text!r}")
     return size
+
+
+def _shard_size(text):
+    """An argparse ``type``: :func:`_parse_size`, its error said by argparse (exit status 2)."""
+    try:
+        return _parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _info(args):
@@ -249,7 +258,8 @@ def _checked(convert, accept, requirement):
     return parse
 
 
-_BITS = _checked(float, lambda v: 0 < v < math.inf, "a positive number of bits")
+_BITS = _checked(float, lambda v: 0 < v <= MAX_BITS_PER_WEIGHT,
+                 f"a number of bits in (0, {MAX_BITS_PER_WEIGHT:g}]")
 _SEED = _checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]")
 _SIZE = _checked(int, lambda v: v >= 1, "a positive integer")
 _JOBS = _checked(int, lambda v: v != 0, "a nonzero integer (-1: every core)")
@@ -270,6 +280,9 @@ def build_parser():
         prog="qsdlearn",
         description="Sparse, quantized matrix factorizations of matrices and network weights.",
     )
+    # the package (its __init__) is loaded before any of its modules
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {sys.modules[__package__].__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
@@ -319,7 +332,7 @@ def build_parser():
     decompress.add_argument("output", help="weights to write: .npz or .safetensors, or a "
                             "folder of shards with --shard-size (.npz has no bfloat16: those "
                             "tensors are written as float32, exactly)")
-    decompress.add_argument("--shard-size", metavar="SIZE",
+    decompress.add_argument("--shard-size", metavar="SIZE", type=_shard_size,
                             help="write safetensors shards of at most SIZE (e.g. 2GB; a tensor "
                             "larger than SIZE gets a shard of its own) and an index into the "
                             "folder OUTPUT")

@@ -55,7 +55,7 @@ from sklearn.utils._param_validation import Interval, validate_params
 from ._allocation import allocate, next_steps, options_hull
 from ._calibration import LayerCalibration, check_entry
 from ._checkpoint import matching, open_checkpoint
-from ._checks import check_positive_int
+from ._checks import MAX_BITS_PER_WEIGHT, check_positive_int
 from ._constraints import Constraints
 from ._container import (FileImage, check_declared_elements, container_size, json_field,
                          write_container)
@@ -90,9 +90,6 @@ DEFAULT_DAMPING = 0.1
 #: and nulls of the stored setting), and for the file (the digits of the payload's size, the
 #: padding of the header to 8 bytes). The size of the planned file is then checked exactly.
 ENTRY_MARGIN, FILE_MARGIN = 12, 16
-#: The largest ``bits_per_weight``: no weight needs more bits than a float64's (a budget of
-#: 1e308 bits per weight overflowed to NaN bytes).
-MAX_BITS_PER_WEIGHT = 64.0
 #: Bytes of one output row's scale (a float16) in a file.
 ROW_SCALE_BYTES = 2
 #: Rows of a layer a candidate setting is fitted on to estimate its error: at least this many,

@@ -181,6 +181,10 @@ def test_damaged_indexes_are_rejected(tmp_path):
     index.write_text("{}")
     with pytest.raises(ValueError, match="no weight_map"):
         open_checkpoint(index)
+    for text in ("{bad", "[1, 2]", "\xff"):
+        index.write_text(text, encoding="latin-1")
+        with pytest.raises(ValueError, match="not JSON" if text != "[1, 2]" else "no weight_map"):
+            open_checkpoint(index)
 
 
 def test_plan_shards_keeps_order_and_bound():

@@ -134,6 +134,9 @@ def test_cli_names_a_loop_of_symbolic_links_as_such(argv, message, capsys, tmp_p
 @pytest.mark.parametrize("argv, option", [
     (["compress", "a.npz", "b.qsd", "--bits-per-weight", "0"], "--bits-per-weight"),
     (["compress", "a.npz", "b.qsd", "--bits-per-weight", "nan"], "--bits-per-weight"),
+    (["compress", "a.npz", "b.qsd", "--bits-per-weight", "1e9"], "--bits-per-weight"),
+    (["compress", "a.npz", "b.qsd", "--bits-per-weight", "64.5"], "--bits-per-weight"),
+    (["decompress", "a.qsd", "out", "--shard-size", "abc"], "--shard-size"),
     (["compress", "a.npz", "b.qsd", "--bits-per-weight", "2", "--seed", "-5"], "--seed"),
     (["compress", "a.npz", "b.qsd", "--bits-per-weight", "2", "--vector-size", "0"],
      "--vector-size"),
@@ -339,18 +342,28 @@ def test_progress_bar_names_layers_when_asked(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("size, message", [
-    ("abc", "cannot read the size 'abc'"), ("inf", "cannot read the size 'inf'"),
-    ("1e400GB", "cannot read the size '1e400GB'"), ("nan", "cannot read the size 'nan'"),
-    ("0", "must be positive"), ("-5MB", "must be positive"),
+    *[(size, f"must be a size such as 500MB or 2GB, got {size!r}")
+      for size in ("abc", "inf", "1e400GB", "nan")],
+    ("0", "must be a positive size, got '0'"), ("-5MB", "must be a positive size"),
 ])
-def test_a_bad_shard_size_is_one_line_saying_what_to_write(size, message, compressed_file,
-                                                           tmp_path, capsys):
-    """"inf" once ended in OverflowError's traceback."""
-    assert main(["decompress", str(compressed_file), str(tmp_path / "shards"),
-                 f"--shard-size={size}"]) == 1
+def test_a_bad_shard_size_is_refused_saying_what_to_write(size, message, compressed_file,
+                                                          tmp_path, capsys):
+    """"inf" once ended in OverflowError's traceback. A value that does not parse is refused
+    by argparse, with exit status 2, like those of the other options."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["decompress", str(compressed_file), str(tmp_path / "shards"),
+              f"--shard-size={size}"])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert f"argument --shard-size: {message}" in err, err
     assert not (tmp_path / "shards").exists()
+
+
+def test_the_command_says_its_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"qsdlearn {qsdlearn.__version__}\n"
 
 
 def test_decompress_into_a_sharded_folder_again_leaves_no_stale_shards(compressed_file, tmp_path):

@@ -386,6 +386,18 @@ def test_non_finite_floats_are_rejected():
         from_bytes(_rewrite(data, edit_streams=nan_scale))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_new_file_is_named_by_the_file_asked_for():
+    """/proc exists but takes no new file: the error named the temporary file instead."""
+    from qsdlearn._container import write_atomic
+
+    with pytest.raises(OSError) as caught:
+        write_atomic("/proc/x.qsd", b"data")
+    assert caught.value.filename == "/proc/x.qsd"
+    assert "cannot create a file in its folder" in caught.value.strerror
+    assert ".tmp" not in str(caught.value)
+
+
 def test_save_is_atomic_and_never_damages_an_existing_file(tmp_path, monkeypatch):
     est, X = fitted("vq")
     path = tmp_path / "model.qsd"
