@@ -175,6 +175,9 @@ def _decompress(args):
     from .weights import CompressedModel
 
     _check_output(args, file_only=args.shard_size is None)
+    if args.shard_size is not None and args.output.lower().endswith((".safetensors", ".npz")):
+        warnings.warn(f"with --shard-size, {args.output} is written as a folder of shards "
+                      "(give it a folder's name)", UserWarning)
     model = _load_named(load, args.input)
     if not isinstance(model, CompressedModel):
         raise ValueError(f"{args.input} holds a single matrix, not a compressed model")

@@ -366,6 +366,17 @@ def test_the_command_says_its_version(capsys):
     assert capsys.readouterr().out == f"qsdlearn {qsdlearn.__version__}\n"
 
 
+def test_shards_into_a_folder_named_like_a_file_are_written_with_a_warning(compressed_file,
+                                                                          tmp_path, capsys):
+    folder = tmp_path / "back.safetensors"
+    assert main(["decompress", str(compressed_file), str(folder), "--shard-size", "1GB"]) == 0
+    assert "warning: with --shard-size" in capsys.readouterr().err
+    assert folder.is_dir() and set(read_back(folder)) == set(checkpoint_weights())
+    assert main(["decompress", str(compressed_file), str(tmp_path / "back"),
+                 "--shard-size", "1GB"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_decompress_into_a_sharded_folder_again_leaves_no_stale_shards(compressed_file, tmp_path):
     folder = tmp_path / "shards"
     assert main(["decompress", str(compressed_file), str(folder), "--shard-size", "2KB"]) == 0
