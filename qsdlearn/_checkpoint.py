@@ -338,10 +338,7 @@ def _open_index(path):
             index = json.load(file)
     except ValueError as exc:  # also UnicodeDecodeError
         raise ValueError(f"{path} is not a checkpoint index: not JSON ({exc})") from None
-    try:
-        weight_map = index["weight_map"]
-    except (KeyError, TypeError):
-        raise ValueError(f"{path} is not a checkpoint index (no weight_map)") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise ValueError(f"{path} is not a checkpoint index (no weight_map)")
     folder = os.path.dirname(os.path.abspath(path))

@@ -64,19 +64,20 @@ def finfo(dtype):
     (0.0078125, 65504.0)
     """
     dtype = np.dtype(dtype)
-    if dtype.name == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.finfo(dtype)
-    return np.finfo(dtype)
+    return _ml_dtypes().finfo(dtype) if dtype.name == "bfloat16" else np.finfo(dtype)
 
 
 def bfloat16():
     """``ml_dtypes.bfloat16``, imported on first use. From then on NumPy also knows the name
     ``"bfloat16"``, by which safetensors asks for it when it reads a BF16 tensor."""
+    return np.dtype(_ml_dtypes().bfloat16)
+
+
+def _ml_dtypes():
+    """The ml_dtypes module, imported on the first call (the package's only import of it)."""
     import ml_dtypes
 
-    return np.dtype(ml_dtypes.bfloat16)
+    return ml_dtypes
 
 
 def check_dtype(tensor, dtype):

@@ -205,8 +205,9 @@ def _load_named(load, path):
         raise ValueError(f"{path}: {exc}") from None
 
 
-def _parse_size(text):
-    """Bytes of a size such as ``500MB``, ``2GB`` or ``1000000`` (a finite number)."""
+def _shard_size(text):
+    """An argparse ``type``: bytes of a size such as ``500MB``, ``2GB`` or ``1000000`` (a
+    finite number); argparse says what is wrong with any other (exit status 2)."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     upper = text.strip().upper()
     for unit, factor in units.items():
@@ -218,18 +219,11 @@ def _parse_size(text):
     try:
         size = int(float(upper) * scale)
     except (ValueError, OverflowError):  # also "inf" and "1e400", which no int holds
-        raise ValueError(f"must be a size such as 500MB or 2GB, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be a size such as 500MB or 2GB, got {text!r}") from None
     if size <= 0:
-        raise ValueError(f"must be a positive size, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive size, got {text!r}")
     return size
-
-
-def _shard_size(text):
-    """An argparse ``type``: :func:`_parse_size`, its error said by argparse (exit status 2)."""
-    try:
-        return _parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _info(args):
