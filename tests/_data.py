@@ -1,5 +1,9 @@
 """Test data and small helpers shared by the test modules."""
 
+import os
+import pathlib
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -78,3 +82,12 @@ def factorization_problems(draw, max_rows=30, max_features=6, max_components=8):
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     seed = draw(st.integers(0, 2**16))
     return n, d, params, dtype, seed
+
+
+def run_python(*args):
+    """``python *args`` in a fresh interpreter that imports this copy of qsdlearn (not an
+    installed one): the completed process, its output as text."""
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": path})

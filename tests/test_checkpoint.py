@@ -3,7 +3,6 @@ any fit; writing back, sharded or not; the dtype table."""
 
 import json
 import os
-import pathlib
 import pickle
 import subprocess
 import sys
@@ -13,12 +12,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import qsdlearn
 from qsdlearn._checkpoint import (SafetensorsRef, open_checkpoint, plan_shards,
                                   write_checkpoint)
 from qsdlearn._container import CONTAINER_ITEMSIZES
 from qsdlearn._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, check_dtype, finfo,
                               from_little_endian_bytes, numpy_dtype, to_little_endian_bytes)
+
+from ._data import run_python
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -344,9 +344,7 @@ def test_a_fresh_worker_reads_a_bfloat16_tensor_of_a_safetensors_file(tmp_path):
     script = (f"from qsdlearn._checkpoint import SafetensorsRef; "
               f"a = SafetensorsRef({str(tmp_path / 'm.safetensors')!r}, 'w').load(); "
               f"print(a.dtype, a.shape, a.astype(float).sum())")
-    root = str(pathlib.Path(qsdlearn.__file__).resolve().parents[1])
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "PYTHONPATH": root})
+    result = run_python("-c", script)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "bfloat16 (3, 4) 66.0\n"
     assert SafetensorsRef(str(tmp_path / "m.safetensors"), "w").load().dtype == BF16

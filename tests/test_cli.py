@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,8 @@ import qsdlearn
 from qsdlearn import Constraints
 from qsdlearn._demo import DEMO_METHODS, DemoMethod, format_table, run_demo
 from qsdlearn.cli import main
+
+from ._data import run_python
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
@@ -366,8 +367,8 @@ def test_the_command_says_its_version(capsys):
     assert capsys.readouterr().out == f"qsdlearn {qsdlearn.__version__}\n"
 
 
-def test_shards_into_a_folder_named_like_a_file_are_written_with_a_warning(compressed_file,
-                                                                          tmp_path, capsys):
+def test_shards_into_a_folder_named_like_a_file_are_written_with_a_warning(
+        compressed_file, tmp_path, capsys):
     folder = tmp_path / "back.safetensors"
     assert main(["decompress", str(compressed_file), str(folder), "--shard-size", "1GB"]) == 0
     assert "warning: with --shard-size" in capsys.readouterr().err
@@ -505,14 +506,6 @@ def test_cli_may_write_next_to_an_input_folder_s_other_files(tmp_path, capsys):
     assert main(["compress", str(tmp_path), str(tmp_path / "model.safetensors"),
                  "--bits-per-weight", "16", "--force"]) == 1  # the shard stays an input
     assert "is the input; write the output elsewhere" in capsys.readouterr().err
-
-
-def run_python(*args):
-    """Run ``python *args`` in a fresh interpreter that imports this copy of qsdlearn."""
-    root = str(pathlib.Path(qsdlearn.__file__).resolve().parents[1])
-    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": path})
 
 
 def test_the_command_starts_without_the_numerical_libraries():

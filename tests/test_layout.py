@@ -2,13 +2,12 @@
 
 import ast
 import importlib
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from ._data import run_python
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "qsdlearn"
 
@@ -103,19 +102,11 @@ def test_the_package_s_names_are_imported_on_first_use_as_declared():
         qsdlearn.nothing
 
 
-def _run_fresh(script):
-    """``python -c script`` in a fresh interpreter that imports this copy of the package."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE.parent),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=120)
-
-
 def test_the_package_lists_its_public_names_and_submodules():
     """``dir(qsdlearn)`` (what completion offers) in a fresh interpreter: the public names
     and submodules, not yet imported, and none of ``__init__``'s own helpers."""
     script = "import qsdlearn; print(' '.join(dir(qsdlearn)))"
-    result = _run_fresh(script)
+    result = run_python("-c", script)
     assert result.returncode == 0, result.stderr
     names = set(result.stdout.split())
     public = {path.stem for path in PACKAGE.glob("*.py") if not path.stem.startswith("_")}
@@ -128,7 +119,7 @@ def test_a_submodule_is_an_attribute_of_the_package_without_its_own_import():
     """As when ``__init__`` imported everything: ``import qsdlearn; qsdlearn.weights...``."""
     script = ("import sys, qsdlearn; assert 'qsdlearn.weights' not in sys.modules; "
               "print(qsdlearn.weights.MAX_DAMPING, qsdlearn._container.__name__)")
-    result = _run_fresh(script)
+    result = run_python("-c", script)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "1000000000000.0 qsdlearn._container\n"
 
@@ -147,6 +138,6 @@ def test_a_float32_fit_and_its_file_do_not_load_ml_dtypes(tmp_path):
         qsdlearn.load({str(tmp_path / "x.qsd")!r}).decode()
         print("ml_dtypes" in sys.modules)
     """)
-    result = _run_fresh(script)
+    result = run_python("-c", script)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "False\n"
