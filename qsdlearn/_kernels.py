@@ -59,11 +59,6 @@ INDEX_DTYPE = np.int32
 #: Rows processed by one parallel task; fixed so results never depend on the thread count.
 _CHUNK_ROWS = 256
 
-#: Positions per block of a coordinate sweep's scan: a block is priced position by position
-#: only when a branch-free (vectorised) pass finds a pruning bound in it above the threshold.
-_SCAN_BLOCK = 16
-
-
 def _per_chunk(kernel, m, *args):
     """``kernel(*args, start, stop)`` on every fixed chunk of :data:`_CHUNK_ROWS` of the ``m``
     rows, in threads: for kernels whose rows differ in cost, which the threads then share out
@@ -625,8 +620,30 @@ def _greedy_slots(idx, val, n_slots, dense, p, G, nbits, c, used, diag, savings,
 
 
 @njit(refcounts=False)
+def _positions_above(c, G, j0, q0, inv_g, threshold, bounds, out):
+    """The pruning bounds ``(c_j + q0 G[j0, j])**2 / G_jj`` of every position into ``bounds``,
+    and the positions whose bound exceeds ``threshold``, in increasing order, into the start
+    of ``out``; returns how many. Two branch-free passes: the first vectorises and counts,
+    the second (only when the count is not zero) lists."""
+    k = c.shape[0]
+    count = 0
+    for j in range(k):
+        cj = c[j] + q0 * G[j0, j]
+        bound = cj * cj * inv_g[j]
+        bounds[j] = bound
+        count += bound > threshold
+    if count == 0:
+        return 0
+    count = 0
+    for j in range(k):
+        out[count] = j
+        count += bounds[j] > threshold
+    return count
+
+
+@njit(refcounts=False)
 def _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, tol, c, used,
-                  verified=0):
+                  bounds, candidates, verified=0):
     """Exact block-coordinate descent: re-solve one slot at a time given all the others, in
     turn, until every slot has been re-solved without a change since the last change (at most
     ``max_sweeps * n_slots`` re-solves).
@@ -637,8 +654,9 @@ def _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, tol,
     ``c``, which is updated only when the slot changes. ``verified``: how many slots at the end
     of the order are already optimal given all the others (1 after a greedy fill, whose last
     slot was chosen given all the others), so that they are not re-solved before a change.
-    Returns whether the descent settled: every slot re-solved without a change since the
-    last change (not stopped by ``max_sweeps``).
+    ``bounds`` (k floats) and ``candidates`` (k ints) are scratch. Returns whether the descent
+    settled: every slot re-solved without a change since the last change (not stopped by
+    ``max_sweeps``).
     """
     k = p.shape[0]
     for t in range(k):
@@ -658,27 +676,18 @@ def _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, tol,
         best_q, best_saving = _best_value(c0, G[j0, j0], nbits)
         if not dense:
             threshold = best_saving + tol
-            # the same tests as a plain scan, block by block: a block none of whose bounds
-            # passes (a later threshold is only higher) is skipped after one branch-free pass
-            for b0 in range(0, k, _SCAN_BLOCK):
-                b1 = min(b0 + _SCAN_BLOCK, k)
-                hit = False
-                for j in range(b0, b1):
-                    cj = c[j] + q0 * G[j0, j]
-                    hit |= not cj * cj * inv_g[j] <= threshold
-                if not hit:
+            # cj**2 / G_jj bounds what position j can save. The same tests as a plain scan,
+            # in order (ties keep the first), over the positions whose bound passes the first
+            # threshold (a later threshold is only higher), listed by a pass that vectorises
+            n_listed = _positions_above(c, G, j0, q0, inv_g, threshold, bounds, candidates)
+            for m in range(n_listed):
+                j = candidates[m]
+                if used[j] or bounds[j] <= threshold:
                     continue
-                for j in range(b0, b1):
-                    if used[j]:
-                        continue
-                    cj = c[j] + q0 * G[j0, j]
-                    # cj**2 / G_jj bounds what position j can save (pruning; ties keep the first)
-                    if cj * cj * inv_g[j] <= threshold:
-                        continue
-                    q, saving = _best_value(cj, G[j, j], nbits)
-                    if saving > threshold:
-                        best_saving, best_j, best_q = saving, j, q
-                        threshold = best_saving + tol
+                q, saving = _best_value(c[j] + q0 * G[j0, j], G[j, j], nbits)
+                if saving > threshold:
+                    best_saving, best_j, best_q = saving, j, q
+                    threshold = best_saving + tol
         if best_saving <= keep_saving + tol:
             stable += 1
         else:
@@ -737,7 +746,7 @@ def _improvement_round(idx, val, n_slots, dense, least_squares, p, G, xx, nbits,
             _pgd_step(idx, val, p, G, nbits, eta, z, c)
         _residual_correlation(idx, val, n_slots, p, G, c)
         _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps,
-                      _row_tolerance(xx), c, used)
+                      _row_tolerance(xx), c, used, savings, candidates)
     new_err = _row_error(idx, val, n_slots, p, G, xx)
     if new_err > err:
         for a in range(n_slots):
@@ -766,7 +775,7 @@ def _descend_from(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, max_
                                     work), False
     _greedy_slots(idx, val, n_slots, dense, p, G, nbits, c, used, diag, z, first)
     settled = _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps,
-                            _row_tolerance(xx), c, used, 1)
+                            _row_tolerance(xx), c, used, savings, candidates, 1)
     return _row_error(idx, val, n_slots, p, G, xx), settled
 
 
@@ -835,13 +844,13 @@ def _row_work(G, n_slots, n_starts, least_squares):
     return (
         np.empty(k, dtype=np.float64),  # c: residual correlations p - G z
         np.empty(k, dtype=np.float64),  # z: the dense code row of a gradient step
-        np.empty(k, dtype=np.float64),  # savings of the starts (single-slot savings)
+        np.empty(k, dtype=np.float64),  # savings of the starts; a sweep's pruning bounds
         np.empty(k, dtype=np.bool_),  # used positions
         np.empty(n_slots, dtype=np.int64),  # old_idx (also the slots of one start)
         np.empty(n_slots, dtype=np.float64),  # old_val
         _inverse_diagonal(G),  # inv_g
         np.empty(max(1, min(n_starts, k)), dtype=np.int64),  # starts of the multi-start solve
-        np.empty(k, dtype=np.int64),  # candidates of a selection (see _select_largest)
+        np.empty(k, dtype=np.int64),  # candidates of a selection or of a sweep's scan
         np.empty(ls_k, dtype=np.float64),  # g: squared norms outside the support's span
         np.empty((ls_slots, k), dtype=np.float64),  # W: orthonormal directions of the fill
         np.empty((ls_slots, ls_slots), dtype=np.float64),  # L: Cholesky factor
