@@ -59,6 +59,7 @@ INDEX_DTYPE = np.int32
 #: Rows processed by one parallel task; fixed so results never depend on the thread count.
 _CHUNK_ROWS = 256
 
+
 def _per_chunk(kernel, m, *args):
     """``kernel(*args, start, stop)`` on every fixed chunk of :data:`_CHUNK_ROWS` of the ``m``
     rows, in threads: for kernels whose rows differ in cost, which the threads then share out
@@ -620,24 +621,24 @@ def _greedy_slots(idx, val, n_slots, dense, p, G, nbits, c, used, diag, savings,
 
 
 @njit(refcounts=False)
-def _positions_above(c, G, j0, q0, inv_g, threshold, bounds, out):
+def _positions_above(c, G, j0, q0, inv_g, used, threshold, bounds, out):
     """The pruning bounds ``(c_j + q0 G[j0, j])**2 / G_jj`` of every position into ``bounds``,
-    and the positions whose bound exceeds ``threshold``, in increasing order, into the start
-    of ``out``; returns how many. Two branch-free passes: the first vectorises and counts,
-    the second (only when the count is not zero) lists."""
+    and the positions not ``used`` whose bound exceeds ``threshold``, in increasing order,
+    into the start of ``out``; returns how many. Two branch-free passes: the first vectorises
+    and counts, the second (only when the count is not zero) lists."""
     k = c.shape[0]
     count = 0
     for j in range(k):
         cj = c[j] + q0 * G[j0, j]
         bound = cj * cj * inv_g[j]
         bounds[j] = bound
-        count += bound > threshold
+        count += (bound > threshold) & (not used[j])
     if count == 0:
         return 0
     count = 0
     for j in range(k):
         out[count] = j
-        count += bounds[j] > threshold
+        count += (bounds[j] > threshold) & (not used[j])
     return count
 
 
@@ -679,10 +680,11 @@ def _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, tol,
             # cj**2 / G_jj bounds what position j can save. The same tests as a plain scan,
             # in order (ties keep the first), over the positions whose bound passes the first
             # threshold (a later threshold is only higher), listed by a pass that vectorises
-            n_listed = _positions_above(c, G, j0, q0, inv_g, threshold, bounds, candidates)
+            n_listed = _positions_above(c, G, j0, q0, inv_g, used, threshold, bounds,
+                                        candidates)
             for m in range(n_listed):
                 j = candidates[m]
-                if used[j] or bounds[j] <= threshold:
+                if bounds[j] <= threshold:
                     continue
                 q, saving = _best_value(c[j] + q0 * G[j0, j], G[j, j], nbits)
                 if saving > threshold:

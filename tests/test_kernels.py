@@ -488,6 +488,28 @@ def test_select_largest_orders_by_saving_then_index(n_keep):
     assert len(set(out.tolist())) == n_keep and np.all((out >= 0) & (out < 20))
 
 
+@pytest.mark.parametrize("threshold", [-np.inf, 0.5, 2.0, np.inf])
+def test_positions_above_lists_the_free_positions_whose_bound_passes(threshold):
+    """A coordinate sweep's scan: the bounds (c_j + q0 G[j0, j])**2 / G_jj of every position,
+    and the positions not in use whose bound exceeds the threshold, in increasing order."""
+    rng = np.random.default_rng(7)
+    k, j0, q0 = 37, 5, -1.5
+    A = rng.normal(size=(k, 4))
+    G = A @ A.T
+    G[9] = G[:, 9] = 0.0  # an empty codeword: its factor 1 / G_jj is 0
+    inv_g = np.where(np.diag(G) > 0, 1.0 / np.where(np.diag(G) > 0, np.diag(G), 1.0), 0.0)
+    c = rng.normal(size=k)
+    used = np.zeros(k, dtype=np.bool_)
+    used[[j0, 20]] = True
+    bounds = np.full(k, np.nan)
+    out = np.full(k, -1, dtype=np.int64)
+    n = _kernels._positions_above(c, G, j0, q0, inv_g, used, threshold, bounds, out)
+    np.testing.assert_allclose(bounds, (c + q0 * G[j0]) ** 2 * inv_g, rtol=1e-14, atol=0)
+    expected = np.flatnonzero((bounds > threshold) & ~used)
+    assert n == expected.size
+    np.testing.assert_array_equal(out[:n], expected)
+
+
 # -- one-hot codes: the Lloyd pass -------------------------------------------------------------
 
 
