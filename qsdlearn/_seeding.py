@@ -72,7 +72,10 @@ def _greedy_seeds(XT, weights, first, uniforms, indices):
                 total += weights[i] * distances[i]
             if total < best_potential:
                 best, best_potential = a, total
-        closest[:] = trial[best]
+        # a loop, not ``closest[:] = trial[best]``: numba compiles a slice assignment's shape
+        # check with its error message, about 2 s of the first compilation
+        for i in range(n):
+            closest[i] = trial[best, i]
         potential = best_potential
         indices[c] = candidates[best]
 

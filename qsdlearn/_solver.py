@@ -417,7 +417,9 @@ def update_codebook(ZtZ, ZtX, C, scales, constraints):
     # The gradient step moves all rows with the step of the worst-conditioned one; an exact
     # pass over the rows then lets each row move as far as it should.
     row_scales = np.ones(C.shape[0]) if scales is None else scales
-    _kernels.codebook_row_sweep(ZtZ, ZtX, C_new, row_scales, constraints.codebook_levels,
+    # C order always (some statistics come in Fortran order): one compiled signature, not two
+    _kernels.codebook_row_sweep(np.ascontiguousarray(ZtZ), ZtX, C_new, row_scales,
+                                constraints.codebook_levels,
                                 constraints.codebook_row_nonzero(C.shape[1]))
     if constraints.codebook_bits is None:
         return C_new, scales
