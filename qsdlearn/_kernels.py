@@ -623,8 +623,10 @@ def _greedy_slots(idx, val, n_slots, dense, p, G, nbits, c, used, diag, savings,
 @njit(refcounts=False)
 def _positions_above(c, G, j0, q0, inv_g, used, threshold, bounds, out):
     """The pruning bounds ``(c_j + q0 G[j0, j])**2 / G_jj`` of every position into ``bounds``,
-    and the positions not ``used`` whose bound exceeds ``threshold``, in increasing order,
-    into the start of ``out``; returns how many. Two branch-free passes: the first vectorises
+    and the positions not ``used`` whose bound is not at most ``threshold``, in increasing
+    order, into the start of ``out``; returns how many. A NaN bound is listed (``0 * inf``,
+    from a codeword whose squared norm is so small that its inverse overflows): such a
+    position is priced, as a plain scan would. Two branch-free passes: the first vectorises
     and counts, the second (only when the count is not zero) lists."""
     k = c.shape[0]
     count = 0
@@ -632,13 +634,13 @@ def _positions_above(c, G, j0, q0, inv_g, used, threshold, bounds, out):
         cj = c[j] + q0 * G[j0, j]
         bound = cj * cj * inv_g[j]
         bounds[j] = bound
-        count += (bound > threshold) & (not used[j])
+        count += (not bound <= threshold) & (not used[j])
     if count == 0:
         return 0
     count = 0
     for j in range(k):
         out[count] = j
-        count += (bounds[j] > threshold) & (not used[j])
+        count += (not bounds[j] <= threshold) & (not used[j])
     return count
 
 

@@ -491,7 +491,9 @@ def test_select_largest_orders_by_saving_then_index(n_keep):
 @pytest.mark.parametrize("threshold", [-np.inf, 0.5, 2.0, np.inf])
 def test_positions_above_lists_the_free_positions_whose_bound_passes(threshold):
     """A coordinate sweep's scan: the bounds (c_j + q0 G[j0, j])**2 / G_jj of every position,
-    and the positions not in use whose bound exceeds the threshold, in increasing order."""
+    and the positions not in use whose bound is not at most the threshold, in increasing
+    order; a NaN bound (0 * inf) is listed, so that its position is priced as a plain scan
+    prices it."""
     rng = np.random.default_rng(7)
     k, j0, q0 = 37, 5, -1.5
     A = rng.normal(size=(k, 4))
@@ -499,13 +501,19 @@ def test_positions_above_lists_the_free_positions_whose_bound_passes(threshold):
     G[9] = G[:, 9] = 0.0  # an empty codeword: its factor 1 / G_jj is 0
     inv_g = np.where(np.diag(G) > 0, 1.0 / np.where(np.diag(G) > 0, np.diag(G), 1.0), 0.0)
     c = rng.normal(size=k)
+    inv_g[11] = np.inf  # a squared norm whose inverse overflows, and c_11 + q0 G[j0, 11] = 0
+    c[11] = -q0 * G[j0, 11]
     used = np.zeros(k, dtype=np.bool_)
     used[[j0, 20]] = True
     bounds = np.full(k, np.nan)
     out = np.full(k, -1, dtype=np.int64)
     n = _kernels._positions_above(c, G, j0, q0, inv_g, used, threshold, bounds, out)
-    np.testing.assert_allclose(bounds, (c + q0 * G[j0]) ** 2 * inv_g, rtol=1e-14, atol=0)
-    expected = np.flatnonzero((bounds > threshold) & ~used)
+    with np.errstate(invalid="ignore"):  # 0 * inf at position 11
+        expected_bounds = (c + q0 * G[j0]) ** 2 * inv_g
+    np.testing.assert_allclose(bounds, expected_bounds, rtol=1e-14, atol=0)
+    assert np.isnan(bounds[11])
+    expected = np.flatnonzero(~(bounds <= threshold) & ~used)
+    assert 11 in expected
     assert n == expected.size
     np.testing.assert_array_equal(out[:n], expected)
 
