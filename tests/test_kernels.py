@@ -499,7 +499,7 @@ def test_positions_above_lists_the_free_positions_whose_bound_passes(threshold):
     A = rng.normal(size=(k, 4))
     G = A @ A.T
     G[9] = G[:, 9] = 0.0  # an empty codeword: its factor 1 / G_jj is 0
-    inv_g = np.where(np.diag(G) > 0, 1.0 / np.where(np.diag(G) > 0, np.diag(G), 1.0), 0.0)
+    inv_g = _kernels._inverse_diagonal(G)
     c = rng.normal(size=k)
     inv_g[11] = np.inf  # a squared norm whose inverse overflows, and c_11 + q0 G[j0, 11] = 0
     c[11] = -q0 * G[j0, 11]
