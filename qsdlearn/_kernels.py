@@ -404,7 +404,7 @@ def _ols_fill(idx, n_given, n_slots, p, G, diag, floor, c, g, used, W):
     for a in range(n_given):
         j = idx[a]
         if not used[j] and g[j] > floor[j]:
-            _ols_add(j, r, G, c, g, W)
+            _ols_add(j, np.int64(r), G, c, g, W)
             used[j] = True
             idx[r] = j
             r += 1
@@ -422,7 +422,7 @@ def _ols_fill(idx, n_given, n_slots, p, G, diag, floor, c, g, used, W):
                 best_c2, best_g, best_j = c2, gt, t
         if best_j < 0:
             break
-        _ols_add(best_j, r, G, c, g, W)
+        _ols_add(np.int64(best_j), np.int64(r), G, c, g, W)
         used[best_j] = True
         idx[r] = best_j
         r += 1
@@ -750,7 +750,7 @@ def _improvement_round(idx, val, n_slots, dense, least_squares, p, G, xx, nbits,
             _pgd_step(idx, val, p, G, nbits, eta, z, c)
         _residual_correlation(idx, val, n_slots, p, G, c)
         _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps,
-                      _row_tolerance(xx), c, used, savings, candidates)
+                      _row_tolerance(xx), c, used, savings, candidates, np.int64(0))
     new_err = _row_error(idx, val, n_slots, p, G, xx)
     if new_err > err:
         for a in range(n_slots):
@@ -779,7 +779,7 @@ def _descend_from(idx, val, n_slots, dense, least_squares, p, G, xx, nbits, max_
                                     work), False
     _greedy_slots(idx, val, n_slots, dense, p, G, nbits, c, used, diag, z, first)
     settled = _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps,
-                            _row_tolerance(xx), c, used, savings, candidates, 1)
+                            _row_tolerance(xx), c, used, savings, candidates, np.int64(1))
     return _row_error(idx, val, n_slots, p, G, xx), settled
 
 
