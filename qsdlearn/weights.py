@@ -1697,7 +1697,7 @@ def _held_out_split(n_rows, fit_rows, seed, shared=None):
     return order[:fit_rows], order[fit_rows:needed]
 
 
-#: Rows whose energies :func:`_heaviest_rows` ranks at a time (16 MB of float64 energies and
+#: Rows whose energies :func:`_ranked_rows` ranks at a time (16 MB of float64 energies and
 #: their indices, where all of a 4096 x 4096 matrix's scalars took 268 MB).
 _RANKED_ROWS = 1 << 20
 
@@ -1710,37 +1710,48 @@ def _row_energies(X, block, weights=None):
     return energy if weights is None else energy * weights[block]
 
 
-def _heaviest_rows(X, split, weights=None, energies=None):
-    """The :data:`ESTIMATE_HEAVIEST_ROWS` rows of ``X`` of largest squared norm (times
-    ``weights``, all rows', when given) that ``split`` does not fit; ranked
-    :data:`_RANKED_ROWS` at a time, each block's heaviest kept for the next. ``energies``,
-    when given, are those of all rows (:func:`_row_energies`, at most :data:`_RANKED_ROWS`)."""
+def _ranked_rows(X, weights, depth):
+    """The ``depth`` rows of ``X`` of largest squared norm (times ``weights``, all rows', when
+    given) and their energies, in no particular order; ranked :data:`_RANKED_ROWS` at a time,
+    each block's heaviest kept for the next (the memory of a block, not of every row)."""
     n_rows = X.shape[0]
-    n = min(ESTIMATE_HEAVIEST_ROWS, n_rows - split[0].shape[0])
-    if energies is not None:
-        energy = energies.copy()
-        energy[split[0]] = -1.0
-        return np.argpartition(energy, n_rows - n)[n_rows - n:]
-    fitted = np.zeros(n_rows, dtype=bool)
-    fitted[split[0]] = True
     rows, energy = np.empty(0, dtype=np.intp), np.empty(0)
     for start in range(0, n_rows, _RANKED_ROWS):
         block = slice(start, min(n_rows, start + _RANKED_ROWS))
-        block_energy = _row_energies(X, block, weights)
-        block_energy[fitted[block]] = -1.0
         rows = np.concatenate([rows, np.arange(block.start, block.stop)])
-        energy = np.concatenate([energy, block_energy])
-        top = np.argpartition(energy, energy.shape[0] - n)[energy.shape[0] - n:]
-        rows, energy = rows[top], energy[top]
-    return rows
+        energy = np.concatenate([energy, _row_energies(X, block, weights)])
+        if energy.shape[0] > depth:
+            top = np.argpartition(energy, energy.shape[0] - depth)[energy.shape[0] - depth:]
+            rows, energy = rows[top], energy[top]
+    return rows, energy
 
 
-def _held_out_error(est, X, split, weights=None, energies=None):
+def _heaviest_rows(X, split, weights=None, energies=None, ranked=None):
+    """The :data:`ESTIMATE_HEAVIEST_ROWS` rows of ``X`` of largest squared norm (times
+    ``weights``, all rows', when given) that ``split`` does not fit. Found among the
+    ``energies`` of all rows (:func:`_row_energies`) when given, else among the ``ranked``
+    heaviest rows (:func:`_ranked_rows`, at least as many as those wanted and those fitted
+    together: the fitted ones among them leave the heaviest of the others), ranked here when
+    not given."""
+    fitted = split[0]
+    n = min(ESTIMATE_HEAVIEST_ROWS, X.shape[0] - fitted.shape[0])
+    if energies is not None:
+        rows, energy = None, energies.copy()
+        energy[fitted] = -1.0
+    else:
+        rows, energy = _ranked_rows(X, weights, n + fitted.shape[0]) if ranked is None \
+            else ranked
+        energy = np.where(np.isin(rows, fitted), -1.0, energy)
+    top = np.argpartition(energy, energy.shape[0] - n)[energy.shape[0] - n:]
+    return top if rows is None else rows[top]
+
+
+def _held_out_error(est, X, split, weights=None, energies=None, ranked=None):
     """Squared error (weighted by ``weights``, all rows', when given) of ``est`` on rows it
     was not fitted on, for all of ``X``'s rows: that of the heaviest rows
-    (:func:`_heaviest_rows`, given the rows' ``energies`` or not) plus that of the other
-    held-out rows of ``split`` scaled to the other rows of ``X``."""
-    heavy = _heaviest_rows(X, split, weights, energies)
+    (:func:`_heaviest_rows`, given the rows' ``energies`` or ``ranked`` rows, or neither)
+    plus that of the other held-out rows of ``split`` scaled to the other rows of ``X``."""
+    heavy = _heaviest_rows(X, split, weights, energies, ranked)
     others = np.setdiff1d(split[1], heavy, assume_unique=True)
     rows = np.concatenate([heavy, others])
     measured = X[rows]
@@ -1799,7 +1810,7 @@ def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibratio
     results = []
     scales_pay = _row_scales_pay(weight)
     scaled = None  # the normalised rows and their weights, the same for every row-scaled setting
-    shared = {}  # k-means++ starts and row permutations, shared by the layer's candidates
+    shared = {}  # k-means++ starts, row permutations and energies, for all the candidates
 
     def eligible(setting):
         return _fits(setting, weight.shape) and not (setting.row_scales and (
@@ -1868,7 +1879,7 @@ def _shared_energies(shared, setting, X, weights):
     """The squared norms of the rows ``X`` of a candidate (:func:`_row_energies`), computed
     once per sub-vector size and row scaling and kept in ``shared`` (a dict, or None: not
     kept) for the other candidates of the layer; None for layers of more than
-    :data:`_RANKED_ROWS` rows, whose rows are ranked a block at a time."""
+    :data:`_RANKED_ROWS` rows (see :func:`_shared_ranking`)."""
     if shared is None or X.shape[0] > _RANKED_ROWS:
         return None
     key = ("row energies", setting.vector_size, setting.row_scales)
@@ -1877,11 +1888,27 @@ def _shared_energies(shared, setting, X, weights):
     return shared[key]
 
 
+def _shared_ranking(shared, setting, X, weights, depth):
+    """The heaviest rows of a layer of more than :data:`_RANKED_ROWS` rows and their energies
+    (:func:`_ranked_rows`), at least ``depth`` of them, ranked once per sub-vector size and row
+    scaling and kept in ``shared`` (a dict) for the other candidates of the layer: as many as
+    the heaviest rows and the fitted rows of every default candidate, or ``depth`` if more.
+    None for smaller layers, or without ``shared``."""
+    if shared is None or X.shape[0] <= _RANKED_ROWS:
+        return None
+    key = ("ranked rows", setting.vector_size, setting.row_scales)
+    if key not in shared or shared[key][0].shape[0] < min(depth, X.shape[0]):
+        most = max(depth, ESTIMATE_HEAVIEST_ROWS + _PERMUTATION_START - ESTIMATE_HELD_OUT_ROWS)
+        shared[key] = _ranked_rows(X, weights, most)
+    return shared[key]
+
+
 def _estimate_error(setting, X, calibration, seed, n_threads, shared=None):
     """The error of one candidate on the sub-vectors ``X`` of a layer (see :func:`_estimate`),
     or None when the layer has fewer sub-vectors than the candidate has codewords. ``shared``
     (a dict, kept across the candidates of a layer) shares their k-means++ starts
-    (:func:`_shared_seeds`) and row permutations (:func:`_held_out_split`)."""
+    (:func:`_shared_seeds`), row permutations (:func:`_held_out_split`) and the rows' energies
+    (:func:`_shared_energies`, :func:`_shared_ranking`)."""
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=ESTIMATE_MAX_ITER)
     fit_rows = _estimate_rows(setting)
     gram = calibration is not None and calibration.gram is not None
@@ -1899,8 +1926,9 @@ def _estimate_error(setting, X, calibration, seed, n_threads, shared=None):
         if shared is not None:
             est.set_params(codebook_init=_shared_seeds(shared, setting, rows, row_weights, seed))
         _fit_quietly(est, rows, sample_weight=row_weights)
-        held_out = _held_out_error(est, X, split, weights,
-                                   _shared_energies(shared, setting, X, weights))
+        held_out = _held_out_error(
+            est, X, split, weights, _shared_energies(shared, setting, X, weights),
+            _shared_ranking(shared, setting, X, weights, ESTIMATE_HEAVIEST_ROWS + rows.shape[0]))
         fitted = est.reconstruction_err_**2 * X.shape[0] / rows.shape[0]
         return _between(held_out, fitted)
     sample, metric, weights, factor, _ = _fit_inputs(X, calibration, fit_rows, seed,

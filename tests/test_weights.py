@@ -785,6 +785,37 @@ def test_the_heaviest_rows_are_ranked_block_by_block_as_all_at_once(weighted, mo
         assert set(_heaviest_rows(X, split, weights).tolist()) == expected
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_large_layers_candidates_share_one_ranking_of_its_heaviest_rows(weighted, monkeypatch):
+    """On a layer of more rows than are ranked at a time, the heaviest rows are ranked once
+    per sub-vector size for all its candidates, deep enough for the most rows any default
+    candidate fits: each candidate's heaviest rows not fitted are those of a plain sort, and
+    a candidate that fits more rows than the ranking holds ranks deeper."""
+    import qsdlearn.weights as weights_module
+    from qsdlearn.weights import (ESTIMATE_HEAVIEST_ROWS, LayerSetting, _heaviest_rows,
+                                  _held_out_split, _shared_energies, _shared_ranking)
+
+    monkeypatch.setattr(weights_module, "_RANKED_ROWS", 5000)
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((30_000, 4)).astype(np.float32)
+    weights = rng.uniform(0.5, 2.0, 30_000) if weighted else None
+    energy = np.sum(X.astype(np.float64) ** 2, axis=1) * (1.0 if weights is None else weights)
+    setting, shared = LayerSetting(4), {}
+    assert _shared_energies(shared, setting, X, weights) is None  # too many rows to keep
+    first = None
+    for fit_rows in (1024, 2896, 8192, 12_000):
+        split = _held_out_split(30_000, fit_rows, seed=1, shared=shared)
+        ranked = _shared_ranking(shared, setting, X, weights, ESTIMATE_HEAVIEST_ROWS + fit_rows)
+        first = ranked if first is None else first
+        assert (ranked is first) == (fit_rows <= 8192)
+        assert ranked[0].shape[0] >= ESTIMATE_HEAVIEST_ROWS + fit_rows
+        marked = energy.copy()
+        marked[split[0]] = -1.0
+        expected = set(np.argsort(-marked)[:ESTIMATE_HEAVIEST_ROWS].tolist())
+        assert set(_heaviest_rows(X, split, weights, ranked=ranked).tolist()) == expected
+        assert set(_heaviest_rows(X, split, weights).tolist()) == expected
+
+
 def test_a_layers_candidates_share_one_draw_of_its_row_permutation():
     """Candidates of more codewords fit more rows: the start kept from the first draw serves
     them (the default candidates' largest, 362 codewords, needs 2,896 + 1,024 rows), and
