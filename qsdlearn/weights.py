@@ -1955,6 +1955,14 @@ def _check_vector_size(vector_size, shortest, checkpoint, names):
                          f"compress (at most {longest} elements): give vector_size <= {longest}")
 
 
+def _largest_first(names, checkpoint):
+    """``names`` in the order their layers are given to the workers: most weights first (the
+    checkpoint's order among equals), so that the last to run are the smallest and no worker
+    waits long for another at the end (longest processing time first). Results do not depend
+    on the order: each layer's seed comes from its name."""
+    return sorted(names, key=lambda name: -checkpoint.infos[name].size)
+
+
 def _progress(results, names, enabled):
     """``results`` with a progress bar naming the layer just done (tqdm, when installed)."""
     if not enabled:
@@ -2253,14 +2261,15 @@ def compress_weights(
                     f"matching keep; {len(fixed)} with fixed settings)")
 
     parallel = joblib.Parallel(n_jobs=n_workers, return_as="generator")
+    order = _largest_first(compressible, checkpoint)
     jobs = (
         joblib.delayed(_fit_layer)(
             checkpoint.ref(name), fixed[name], _layer_seed(base, name), n_threads, max_iter,
             max_fit_rows, calibrations.get(name),
         )
-        for name in compressible
+        for name in order
     )
-    fitted = dict(zip(compressible, _progress(parallel(jobs), compressible, verbose)))
+    fitted = dict(zip(order, _progress(parallel(jobs), order, verbose)))
     model = layout.model({**kept, **fitted})
     if why_unspent is not None:  # the size of the file itself, not the plan's
         _warn_if_unspent(why_unspent, bits_per_weight, model.bits_per_weight)
@@ -2673,16 +2682,19 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
                        f"{kept_bits:.3f} bits/weight of it: under two dimensions, not floats, "
                        f"fewer than {MIN_COMPRESSED_SIZE} elements or matching keep)")
         raise _below_reach(bits_per_weight, least_bytes, layout, advice=advice)
+    order = _largest_first(free, layout.checkpoint)
     results = joblib.Parallel(n_jobs=n_jobs)(
         joblib.delayed(_estimate)(
             layout.checkpoint.ref(name), candidates, _layer_seed(base, name), n_threads,
             bool(calibrations) or sensitivity is not None, calibrations.get(name),
         )
-        for name in free
+        for name in order
     )
+    results = dict(zip(order, results))
     estimates = {name: [] for name in free}
     factors = _sensitivity_factors(sensitivity, free)
-    for name, per_candidate in zip(free, results):
+    for name in free:
+        per_candidate = results[name]
         factor = 1.0 if factors is None else factors[name]
         for candidate, result in zip(candidates, per_candidate):
             if result is not None:
