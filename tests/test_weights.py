@@ -1211,3 +1211,21 @@ def test_a_tensor_packs_the_codes_encode_gives_to_each_of_its_rows(case, max_fit
         est = setting.estimator(random_state=3, n_threads=1, max_iter=5)
         est.fit(sample.rows, sample_weight=sample.weights, metric=sample.metric)
     assert layer.matrix.to_bytes() == est.encode(X).to_bytes()
+
+
+def test_workers_take_the_layers_with_the_most_weights_first():
+    """Layers go to the workers largest first (the last to run are the smallest), equals in
+    the checkpoint's order; the order of the results follows the checkpoint regardless."""
+    from qsdlearn._checkpoint import open_checkpoint
+    from qsdlearn.weights import _largest_first
+
+    rng = np.random.default_rng(0)
+    shapes = {"a.weight": (64, 32), "b.weight": (256, 64), "c.weight": (32, 64),
+              "d.weight": (128, 128)}
+    weights = {name: rng.standard_normal(shape).astype(np.float32)
+               for name, shape in shapes.items()}
+    checkpoint = open_checkpoint(weights)
+    assert _largest_first(list(shapes), checkpoint) == ["b.weight", "d.weight", "a.weight",
+                                                        "c.weight"]
+    model = qsdlearn.compress_weights(weights, bits_per_weight=2.0, random_state=0, n_jobs=2)
+    assert [record["name"] for record in model.report()] == list(shapes)
