@@ -1308,22 +1308,36 @@ def assign_nearest(X, CT, labels, row_err):
 
 @njit()
 def _row_squared_errors(X, C, idx, val, out, start, stop):
-    """Serial body of :func:`row_squared_errors` for rows ``start:stop``."""
+    """Serial body of :func:`row_squared_errors` for rows ``start:stop`` (``idx`` of one row
+    serves every row: see :func:`_shared_positions`)."""
     d = X.shape[1]
     n_slots = idx.shape[1]
+    each = idx.shape[0] > 1
     for i in range(start, stop):
+        row = i if each else 0
         total = 0.0
         for t in range(d):
             r = np.float64(X[i, t])
             for a in range(n_slots):
-                r -= np.float64(val[i, a]) * np.float64(C[idx[i, a], t])
+                r -= np.float64(val[i, a]) * np.float64(C[idx[row, a], t])
             total += r * r
         out[i] = total
 
 
 def row_squared_errors(X, C, idx, val, out):
     """``out[i] = ||X[i] - sum_a val[i, a] C[idx[i, a]]||^2``, accumulated in float64."""
-    split_among_threads(_row_squared_errors, X.shape[0], X, C, idx, val, out)
+    split_among_threads(_row_squared_errors, X.shape[0], X, C, _shared_positions(idx), val,
+                        out)
+
+
+def _shared_positions(idx):
+    """Slot positions as the decoding kernels take them: the positions of dense codes
+    (:func:`all_positions`, the same row repeated by a read-only view of stride 0) as that one
+    row, a C-contiguous array of its own, which serves every row. The kernels then compile
+    one signature per dtype, not a second one for the view."""
+    if idx.ndim == 2 and idx.strides[0] == 0:
+        return np.array(idx[:1], order="C")  # a copy: writable, as the codes' own arrays are
+    return idx
 
 
 @njit()
@@ -1358,17 +1372,20 @@ def densify_codes(idx, val, out):
 
 @njit()
 def _reconstruct_from_slots(idx, val, C, out, start, stop):
-    """Serial body of :func:`reconstruct_from_slots` for rows ``start:stop``."""
+    """Serial body of :func:`reconstruct_from_slots` for rows ``start:stop`` (``idx`` of one
+    row serves every row: see :func:`_shared_positions`)."""
     n_slots = idx.shape[1]
     d = C.shape[1]
+    each = idx.shape[0] > 1
     for i in range(start, stop):
+        row = i if each else 0
         for t in range(d):
             out[i, t] = 0
         for a in range(n_slots):
             v = val[i, a]
             if v == 0:
                 continue
-            j = idx[i, a]
+            j = idx[row, a]
             for t in range(d):
                 out[i, t] += v * C[j, t]
 
@@ -1379,7 +1396,7 @@ def reconstruct_from_slots(idx, val, C, out):
     Dense codes go through the same loop with :func:`all_positions`, so decoding and
     ``inverse_transform`` perform the same operations in the same order.
     """
-    split_among_threads(_reconstruct_from_slots, idx.shape[0], idx, val, C, out)
+    split_among_threads(_reconstruct_from_slots, val.shape[0], _shared_positions(idx), val, C, out)
 
 
 def all_positions(n_rows, n_components):

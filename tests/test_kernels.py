@@ -657,3 +657,34 @@ def test_a_helper_compiled_without_reference_counting_cannot_allocate(monkeypatc
 
     with pytest.raises(numba.core.errors.TypingError):
         allocates(3)
+
+
+@pytest.mark.parametrize("n_rows", [0, 1, 5, 300])
+def test_dense_positions_decode_as_explicit_ones_with_one_signature(n_rows, dtype):
+    """Dense codes' positions (:func:`all_positions`, a read-only view of one repeated row)
+    decode and give errors exactly as an explicit array of every row's positions does, and
+    as NumPy does; the decoding kernels never compile a signature for the view."""
+    rng = np.random.default_rng(12)
+    k, d = 6, 5
+    X = rng.normal(size=(n_rows, d)).astype(dtype)
+    C = rng.normal(size=(k, d)).astype(dtype)
+    val = rng.normal(size=(n_rows, k)).astype(dtype)
+    val[:, 2] = 0  # a zero value is skipped by the decoder
+    view = _kernels.all_positions(n_rows, k)
+    explicit = np.array(view, order="C")
+    decoded, expected = np.empty((n_rows, d), dtype), np.empty((n_rows, d), dtype)
+    _kernels.reconstruct_from_slots(view, val, C, decoded)
+    _kernels.reconstruct_from_slots(explicit, val, C, expected)
+    np.testing.assert_array_equal(decoded, expected)
+    reference = val.astype(np.float64) @ C.astype(np.float64)
+    np.testing.assert_allclose(decoded, reference, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-5 if dtype == np.float32 else 1e-12)
+    errors, expected_errors = np.empty(n_rows), np.empty(n_rows)
+    _kernels.row_squared_errors(X, C, view, val, errors)
+    _kernels.row_squared_errors(X, C, explicit, val, expected_errors)
+    np.testing.assert_array_equal(errors, expected_errors)
+    np.testing.assert_allclose(errors, np.sum((X - reference) ** 2, axis=1), rtol=1e-9)
+    for kernel, position in ((_kernels._reconstruct_from_slots, 0),
+                             (_kernels._row_squared_errors, 2)):
+        for signature in kernel.signatures:
+            assert signature[position].layout == "C" and signature[position].mutable
