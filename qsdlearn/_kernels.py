@@ -1288,13 +1288,18 @@ def lloyd_pass(X, CT, chunk_rows, labels, row_err, chunk_sums, chunk_counts, sum
 @njit()
 def _reduce_chunks(chunk_err, chunk_sums, chunk_counts, sums, counts):
     """Add the chunks' statistics in chunk order; returns the total error."""
-    sums[:, :] = 0.0
-    counts[:] = 0
+    k, d = sums.shape
+    for j in range(k):
+        counts[j] = 0
+        for t in range(d):
+            sums[j, t] = 0.0
     total = 0.0
-    for c in range(chunk_err.shape[0]):
+    for c in range(chunk_err.shape[0]):  # loops, not array expressions: faster to compile
         total += chunk_err[c]
-        sums += chunk_sums[c]
-        counts += chunk_counts[c]
+        for j in range(k):
+            counts[j] += chunk_counts[c, j]
+            for t in range(d):
+                sums[j, t] += chunk_sums[c, j, t]
     return total
 
 
