@@ -1331,15 +1331,18 @@ def _row_squared_errors(X, C, idx, val, out, start, stop):
 
 def row_squared_errors(X, C, idx, val, out):
     """``out[i] = ||X[i] - sum_a val[i, a] C[idx[i, a]]||^2``, accumulated in float64."""
-    split_among_threads(_row_squared_errors, X.shape[0], X, C, _shared_positions(idx), val,
-                        out)
+    split_among_threads(_row_squared_errors, X.shape[0], X, C, _shared_positions(idx, val),
+                        val, out)
 
 
-def _shared_positions(idx):
+def _shared_positions(idx, val):
     """Slot positions as the decoding kernels take them: the positions of dense codes
     (:func:`all_positions`, the same row repeated by a read-only view of stride 0) as that one
     row, a C-contiguous array of its own, which serves every row. The kernels then compile
-    one signature per dtype, not a second one for the view."""
+    one signature per dtype, not a second one for the view. Positions and values must have
+    the same rows (a ValueError otherwise: the kernels would read past the positions)."""
+    if idx.shape[0] != val.shape[0]:
+        raise ValueError(f"slot positions for {idx.shape[0]} rows, values for {val.shape[0]}")
     if idx.ndim == 2 and idx.strides[0] == 0:
         return np.array(idx[:1], order="C")  # a copy: writable, as the codes' own arrays are
     return idx
@@ -1401,7 +1404,8 @@ def reconstruct_from_slots(idx, val, C, out):
     Dense codes go through the same loop with :func:`all_positions`, so decoding and
     ``inverse_transform`` perform the same operations in the same order.
     """
-    split_among_threads(_reconstruct_from_slots, val.shape[0], _shared_positions(idx), val, C, out)
+    split_among_threads(_reconstruct_from_slots, val.shape[0], _shared_positions(idx, val),
+                        val, C, out)
 
 
 def all_positions(n_rows, n_components):

@@ -1892,7 +1892,8 @@ def _shared_ranking(shared, setting, X, weights, depth):
     """The heaviest rows of a layer of more than :data:`_RANKED_ROWS` rows and their energies
     (:func:`_ranked_rows`), at least ``depth`` of them, ranked once per sub-vector size and row
     scaling and kept in ``shared`` (a dict) for the other candidates of the layer: as many as
-    the heaviest rows and the fitted rows of every default candidate, or ``depth`` if more.
+    the heaviest rows and the fitted rows of every candidate of ``default_candidates()``, or
+    ``depth`` if more (then ranked again, as for the 4,096 codewords of ``large_codebooks``).
     None for smaller layers, or without ``shared``."""
     if shared is None or X.shape[0] <= _RANKED_ROWS:
         return None

@@ -673,18 +673,30 @@ def test_dense_positions_decode_as_explicit_ones_with_one_signature(n_rows, dtyp
     view = _kernels.all_positions(n_rows, k)
     explicit = np.array(view, order="C")
     decoded, expected = np.empty((n_rows, d), dtype), np.empty((n_rows, d), dtype)
-    _kernels.reconstruct_from_slots(view, val, C, decoded)
+    errors, expected_errors = np.empty(n_rows), np.empty(n_rows)
     _kernels.reconstruct_from_slots(explicit, val, C, expected)
+    _kernels.row_squared_errors(X, C, explicit, val, expected_errors)
+    kernels = (_kernels._reconstruct_from_slots, _kernels._row_squared_errors)
+    compiled = [set(kernel.signatures) for kernel in kernels]
+    _kernels.reconstruct_from_slots(view, val, C, decoded)
+    _kernels.row_squared_errors(X, C, view, val, errors)
+    assert [set(kernel.signatures) for kernel in kernels] == compiled  # no new signature
     np.testing.assert_array_equal(decoded, expected)
+    np.testing.assert_array_equal(errors, expected_errors)
     reference = val.astype(np.float64) @ C.astype(np.float64)
     np.testing.assert_allclose(decoded, reference, rtol=1e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-5 if dtype == np.float32 else 1e-12)
-    errors, expected_errors = np.empty(n_rows), np.empty(n_rows)
-    _kernels.row_squared_errors(X, C, view, val, errors)
-    _kernels.row_squared_errors(X, C, explicit, val, expected_errors)
-    np.testing.assert_array_equal(errors, expected_errors)
     np.testing.assert_allclose(errors, np.sum((X - reference) ** 2, axis=1), rtol=1e-9)
-    for kernel, position in ((_kernels._reconstruct_from_slots, 0),
-                             (_kernels._row_squared_errors, 2)):
-        for signature in kernel.signatures:
-            assert signature[position].layout == "C" and signature[position].mutable
+
+
+def test_decoding_refuses_positions_and_values_of_different_rows():
+    """Positions of fewer (or more) rows than the values: a ValueError, not a read past the
+    positions in the compiled kernel."""
+    val = np.ones((4, 3), np.float32)
+    C = np.ones((3, 2), np.float32)
+    for idx in (np.zeros((2, 3), np.int32), np.zeros((1, 3), np.int32),
+                _kernels.all_positions(5, 3)):
+        with pytest.raises(ValueError, match="rows"):
+            _kernels.reconstruct_from_slots(idx, val, C, np.empty((4, 2), np.float32))
+        with pytest.raises(ValueError, match="rows"):
+            _kernels.row_squared_errors(np.ones((4, 2), np.float32), C, idx, val, np.empty(4))
