@@ -401,6 +401,7 @@ def _ols_fill(idx, n_given, n_slots, p, G, diag, floor, c, g, used, W):
         g[t] = diag[t]
         used[t] = False
     r = 0
+    # positions passed as int64: a literal (r = 0, best_j = -1) would compile _ols_add again
     for a in range(n_given):
         j = idx[a]
         if not used[j] and g[j] > floor[j]:
@@ -646,7 +647,7 @@ def _positions_above(c, G, j0, q0, inv_g, used, threshold, bounds, out):
 
 @njit(refcounts=False)
 def _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps, tol, c, used,
-                  bounds, candidates, verified=0):
+                  bounds, candidates, verified):
     """Exact block-coordinate descent: re-solve one slot at a time given all the others, in
     turn, until every slot has been re-solved without a change since the last change (at most
     ``max_sweeps * n_slots`` re-solves).
@@ -749,6 +750,8 @@ def _improvement_round(idx, val, n_slots, dense, least_squares, p, G, xx, nbits,
         if dense:
             _pgd_step(idx, val, p, G, nbits, eta, z, c)
         _residual_correlation(idx, val, n_slots, p, G, c)
+        # 'verified' as int64 here and in _descend_from: one compiled signature, not one per
+        # literal
         _refine_slots(idx, val, n_slots, dense, p, G, inv_g, nbits, max_sweeps,
                       _row_tolerance(xx), c, used, savings, candidates, np.int64(0))
     new_err = _row_error(idx, val, n_slots, p, G, xx)

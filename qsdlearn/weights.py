@@ -1670,9 +1670,11 @@ def _codebook_share(setting, shape, nbytes):
     return sum(sizes[name] for name in _CODEBOOK_STREAMS) / max(nbytes, 1)
 
 
+#: The most rows a candidate of ``default_candidates()`` fits for its estimate (8,192: vector
+#: quantization with 256 codewords; see _estimate_rows).
+_MOST_FIT_ROWS = max(512 * ESTIMATE_ROWS_PER_CODEWORD, ESTIMATE_ONE_HOT_MAX_ROWS)
 #: Rows of a layer's permutation kept for its candidates' estimates (see _held_out_split).
-_PERMUTATION_START = (max(512 * ESTIMATE_ROWS_PER_CODEWORD, ESTIMATE_ONE_HOT_MAX_ROWS)
-                      + ESTIMATE_HELD_OUT_ROWS)
+_PERMUTATION_START = _MOST_FIT_ROWS + ESTIMATE_HELD_OUT_ROWS
 
 
 def _held_out_split(n_rows, fit_rows, seed, shared=None):
@@ -1899,7 +1901,7 @@ def _shared_ranking(shared, setting, X, weights, depth):
         return None
     key = ("ranked rows", setting.vector_size, setting.row_scales)
     if key not in shared or shared[key][0].shape[0] < min(depth, X.shape[0]):
-        most = max(depth, ESTIMATE_HEAVIEST_ROWS + _PERMUTATION_START - ESTIMATE_HELD_OUT_ROWS)
+        most = max(depth, ESTIMATE_HEAVIEST_ROWS + _MOST_FIT_ROWS)
         shared[key] = _ranked_rows(X, weights, most)
     return shared[key]
 
