@@ -24,8 +24,7 @@ import numpy as np
 from qsdlearn import Constraints, LayerSetting, compress_weights
 from qsdlearn._bits import ceil_log2, support_bits
 from qsdlearn._levels import fit_level_scales, quantize
-from qsdlearn.weights import (MIN_COMPRESSED_SIZE, ROW_SCALE_BYTES, from_rows, sample_rows,
-                              to_rows)
+from qsdlearn.weights import MIN_COMPRESSED_SIZE, from_rows, sample_rows, to_rows
 
 FLOAT_BITS = 32
 #: Rows MiniBatchDictionaryLearning learns from at most (and a quarter of the others' rows): its
@@ -86,8 +85,8 @@ def qsd(vector_size, n_components, n_nonzero, code_bits, codebook_bits, row_scal
     """QuantizedSparseDecomposition on rows of ``vector_size``; bits = the codec's exact count.
 
     With ``row_scales``, the matrix's row-scaled setting as :func:`qsdlearn.compress_weights`
-    fits it (``LayerSetting(row_scales=True)``: every output row divided by its float16 scale,
-    the fit weighted by the squared scales); the 16 bits of each row's scale are counted."""
+    fits it (``LayerSetting(row_scales=True)``: every output row divided by its 8-bit scale,
+    the fit weighted by the squared scales); the 8 bits of each row's scale are counted."""
 
     def run(weight, budget):
         rows = _rows_or_skip(weight, vector_size, n_components)
@@ -115,7 +114,7 @@ def qsd(vector_size, n_components, n_nonzero, code_bits, codebook_bits, row_scal
 def _row_scaled_qsd(weight, setting, budget):
     """A row-scaled ``setting`` through :func:`qsdlearn.compress_weights` (its fit on at most
     ``budget.fit_rows`` sub-vectors, ``budget.max_iter`` iterations); the reconstruction and
-    the payload bits plus 16 bits per row scale."""
+    the payload bits plus the row scales' bits (8 a row)."""
     if weight.size < MIN_COMPRESSED_SIZE:
         raise NotApplicable(f"{weight.size} weights: compress_weights keeps tensors of fewer "
                             f"than {MIN_COMPRESSED_SIZE}")
@@ -123,7 +122,7 @@ def _row_scaled_qsd(weight, setting, budget):
                              max_iter=budget.max_iter, max_fit_rows=budget.fit_rows,
                              random_state=budget.seed, n_jobs=1)
     layer = model.layers["weight"]
-    bits = layer.matrix.bits + 8 * ROW_SCALE_BYTES * weight.shape[0]
+    bits = layer.matrix.bits + 8 * layer.row_scales.nbytes
     return layer.decompressed_float().astype(weight.dtype), bits
 
 

@@ -8,7 +8,7 @@ buffer; ``__metadata__`` (string to string) holds ``format = "qsdlearn"``,
 a model's layer list), ``checksums`` (JSON: tensor name to the CRC-32 of its bytes, 8 hex
 digits) and ``metadata_checksum`` (the CRC-32 of the other metadata fields as sorted,
 compact JSON; from version 2 on). A matrix file holds five tensors, one per stream
-(:mod:`qsdlearn.codec`); a model file of version 3 holds one, ``payload``
+(:mod:`qsdlearn.codec`); a model file of version 3 or 4 holds one, ``payload``
 (:class:`qsdlearn.CompressedModel`). This module knows nothing of what the tensors mean: the
 matrix codec and the model adapter both build on it. It imports nothing from the package.
 """
@@ -26,10 +26,11 @@ FORMAT_NAME = "qsdlearn"
 #: Version written. 2 added model entries of tensors split between two settings ("split"),
 #: tensors stored once under several names ("tied") and bfloat16 tensors, and the metadata
 #: checksum. 3 stores a model in one tensor (its layers' bytes back to back) described by a
-#: compact layer list, and adds row scales; matrices are the same in every version.
-FORMAT_VERSION = 3
+#: compact layer list, and adds row scales (float16); 4 stores row scales in 8 bits
+#: (float8_e5m2), float16 ones as they are. Matrices are the same in every version.
+FORMAT_VERSION = 4
 #: Versions read.
-READ_VERSIONS = (1, 2, 3)
+READ_VERSIONS = (1, 2, 3, 4)
 #: Largest JSON header accepted when reading (bytes).
 MAX_HEADER_BYTES = 64 * 2**20
 #: Prefix and suffix of the temporary files :func:`replace_atomically` creates next to the

@@ -5,7 +5,8 @@ float32 and casts back to the tensor's own dtype. Integers and booleans are only
 verbatim. Everything else (complex, strings, bytes, objects, structured records, dates, 8-bit
 and extended-precision floats) is refused with a :class:`TypeError` that names the tensor.
 NumPy has no bfloat16 of its own: it is ``ml_dtypes.bfloat16``, imported here on first use
-(loading ml_dtypes takes most of a second, and a float32 fit never needs it). This module
+(loading ml_dtypes takes most of a second, and a float32 fit never needs it), as is the 8-bit
+float of row scales, ``ml_dtypes.float8_e5m2``. This module
 imports nothing from the package.
 """
 
@@ -54,8 +55,8 @@ def numpy_dtype(name):
 
 
 def finfo(dtype):
-    """The machine limits of a float dtype, bfloat16 included (:func:`numpy.finfo` does not know
-    it; ``ml_dtypes.finfo`` does).
+    """The machine limits of a float dtype, those of ml_dtypes (bfloat16, float8_e5m2)
+    included (:func:`numpy.finfo` does not know them; ``ml_dtypes.finfo`` does).
 
     Examples
     --------
@@ -64,13 +65,28 @@ def finfo(dtype):
     (0.0078125, 65504.0)
     """
     dtype = np.dtype(dtype)
-    return _ml_dtypes().finfo(dtype) if dtype.name == "bfloat16" else np.finfo(dtype)
+    return _ml_dtypes().finfo(dtype) if dtype.type.__module__ == "ml_dtypes" else np.finfo(dtype)
 
 
 def bfloat16():
     """``ml_dtypes.bfloat16``, imported on first use. From then on NumPy also knows the name
     ``"bfloat16"``, by which safetensors asks for it when it reads a BF16 tensor."""
     return np.dtype(_ml_dtypes().bfloat16)
+
+
+def float8_e5m2():
+    """``ml_dtypes.float8_e5m2``, imported on first use: the 8-bit float of the OCP FP8
+    formats with float16's five exponent bits and two mantissa bits (a float16's upper
+    byte), in which row scales are stored (:func:`qsdlearn.weights.output_row_scales`).
+
+    Examples
+    --------
+    >>> from qsdlearn._dtypes import float8_e5m2
+    >>> e5m2 = float8_e5m2()
+    >>> e5m2.itemsize, float(finfo(e5m2).smallest_normal), float(finfo(e5m2).max)
+    (1, 6.103515625e-05, 57344.0)
+    """
+    return np.dtype(_ml_dtypes().float8_e5m2)
 
 
 def _ml_dtypes():

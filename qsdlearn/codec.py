@@ -31,7 +31,7 @@ length against a cap and the file size, the JSON structure, the format name and 
 settings (types and ranges), that the streams are contiguous, in order and cover the buffer,
 that each has the size the settings imply, its checksum, and after unpacking that every index
 is in range and every float is finite. Matrix files have this layout in every format version.
-A model file (format version 3) stores each compressed layer's five streams back to back
+A model file (format version 3 on) stores each compressed layer's five streams back to back
 (:func:`matrix_payload`, without the absent ones' names or offsets) inside its one
 ``payload`` tensor, its settings in the layer list (see :class:`qsdlearn.CompressedModel`).
 """
@@ -572,7 +572,7 @@ def matrix_tensors(compressed, prefix=""):
 
 def matrix_payload(compressed):
     """The streams of a :class:`CompressedMatrix` back to back, in :data:`STREAMS` order: the
-    form a model file (format version 3) stores them in."""
+    form a model file (format version 3 on) stores them in."""
     return b"".join(compressed.streams[name] for name in STREAMS)
 
 

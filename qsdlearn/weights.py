@@ -60,7 +60,8 @@ from ._constraints import Constraints
 from ._container import (FileImage, check_declared_elements, container_size, json_field,
                          write_container)
 from ._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, cast_reconstruction,
-                      from_little_endian_bytes, is_float, numpy_dtype, to_little_endian_bytes)
+                      float8_e5m2, from_little_endian_bytes, is_float, numpy_dtype,
+                      to_little_endian_bytes)
 from ._estimator import QuantizedSparseDecomposition
 from ._jit import blas_single_thread
 from ._kernels import INDEX_DTYPE
@@ -90,8 +91,9 @@ DEFAULT_DAMPING = 0.1
 #: and nulls of the stored setting), and for the file (the digits of the payload's size, the
 #: padding of the header to 8 bytes). The size of the planned file is then checked exactly.
 ENTRY_MARGIN, FILE_MARGIN = 12, 16
-#: Bytes of one output row's scale (a float16) in a file.
-ROW_SCALE_BYTES = 2
+#: Bytes of one output row's scale in a file: a ``float8_e5m2`` (files of format version 3
+#: stored float16 scales, :data:`ROW_SCALE_DTYPES`).
+ROW_SCALE_BYTES = 1
 #: Rows of a layer a candidate setting is fitted on to estimate its error: at least this many,
 #: and ESTIMATE_ROWS_PER_CODEWORD per codebook row (a codebook fitted on a few rows per
 #: codeword fits them far better than it fits the others).
@@ -155,7 +157,7 @@ class LayerSetting:
         2-bit code values per sub-vector, 8-bit codebook entries by default.
     row_scales : bool, default=False
         Whether every output row of the tensor (along axis 0) has a scale of its own, stored
-        as a float16 (16 bits per output row, counted): the decoded tensor's rows are
+        as an 8-bit float (8 bits per output row, counted): the decoded tensor's rows are
         multiplied by their scales (see :class:`~qsdlearn.weights.CompressedLayer` and
         :func:`~qsdlearn.weights.output_row_scales`).
 
@@ -257,7 +259,7 @@ class LayerSetting:
         -------
         int
             The bytes its streams take in a file (each rounded up to a whole byte), its
-            row scales (2 bytes per output row) included.
+            row scales (:data:`ROW_SCALE_BYTES` per output row) included.
         """
         scales = ROW_SCALE_BYTES * shape[0] if self.row_scales else 0
         return sum(self.matrix_settings(shape).stream_sizes().values()) + scales
@@ -365,22 +367,27 @@ def _decode_once(matrix):
 
 # -- row scales ----------------------------------------------------------------------------------
 
-#: Range of a row scale: the normal float16 numbers, so that every scale keeps float16's 11
-#: significant bits.
-ROW_SCALE_RANGE = (float(np.finfo(np.float16).smallest_normal), float(np.finfo(np.float16).max))
+#: Range of a row scale: the normal ``float8_e5m2`` numbers (float16's exponent range), so
+#: that every scale keeps its 3 significant bits.
+ROW_SCALE_RANGE = (2.0**-14, 57344.0)
+#: Dtypes of stored row scales by their bytes: ``float8_e5m2`` (written from format version 4
+#: on) and float16 (format version 3, still read and written as they are).
+ROW_SCALE_DTYPES = {1: "float8_e5m2", 2: "float16"}
 
 
 def output_row_scales(weight):
-    """One float16 scale per output row of a tensor: the root mean square of the row.
+    """One 8-bit scale per output row of a tensor: the root mean square of the row.
 
     The rows are those of axis 0 (a linear layer's outputs, a convolution's output
     channels). The RMS is computed in float64 without overflow (each row divided by its
-    largest magnitude first) and rounded to float16. Every scale is positive and finite, as
-    :class:`CompressedLayer` requires: an all-zero row (a pruned channel) gets the smallest
-    one, ``2**-14``, so that whatever code it is given decodes to almost nothing, and RMS
-    values outside the normal float16 range, ``[2**-14, 65504]``, are clamped to it
-    (rather than rounded to a subnormal float16 with few significant bits, to zero or to
-    infinity).
+    largest magnitude first) and rounded to the nearest ``float8_e5m2`` (ml_dtypes; the
+    OCP 8-bit float with five exponent bits and two mantissa bits, the upper byte of a
+    float16), so a scale is within 12.5 % of its row's RMS: enough to bring rows of very
+    different scales to about one, for 8 bits a row. Every scale is positive and finite,
+    as :class:`CompressedLayer` requires: an all-zero row (a pruned channel) gets the
+    smallest one, ``2**-14``, so that whatever code it is given decodes to almost nothing,
+    and RMS values outside the normal range, ``[2**-14, 57344]``, are clamped to it (rather
+    than rounded to a subnormal with fewer significant bits, to zero or to infinity).
 
     Parameters
     ----------
@@ -389,7 +396,7 @@ def output_row_scales(weight):
 
     Returns
     -------
-    ndarray of shape (rows,), float16
+    ndarray of shape (rows,), float8_e5m2
         The scale of every output row.
 
     Raises
@@ -406,8 +413,8 @@ def output_row_scales(weight):
     >>> import numpy as np
     >>> from qsdlearn.weights import output_row_scales
     >>> weight = np.array([[3.0, -4.0], [0.0, 0.0], [1e-9, 0.0], [1e6, 1e6]])
-    >>> output_row_scales(weight)
-    array([3.535e+00, 6.104e-05, 6.104e-05, 6.550e+04], dtype=float16)
+    >>> output_row_scales(weight).astype(float).tolist()  # sqrt(12.5), 0, 1e-9, 1e6
+    [3.5, 6.103515625e-05, 6.103515625e-05, 57344.0]
     """
     weight = np.asarray(weight)
     if weight.ndim == 0:
@@ -419,30 +426,50 @@ def output_row_scales(weight):
     safe = np.where(peak > 0, peak, 1.0)
     rms = safe * np.sqrt(np.mean((rows / safe[:, None]) ** 2, axis=1)) if rows.shape[1] else peak
     low, high = ROW_SCALE_RANGE
-    return np.where(peak > 0, np.clip(rms, low, high), low).astype(np.float16)
+    return np.where(peak > 0, np.clip(rms, low, high), low).astype(float8_e5m2())
 
 
 def _check_row_scales(scales, rows):
-    """``scales`` as a read-only copy if they are ``rows`` positive finite float16 values.
+    """``scales`` as a read-only copy if they are ``rows`` positive finite values of a dtype
+    of :data:`ROW_SCALE_DTYPES`.
 
     Raises
     ------
     TypeError
-        If they are not float16.
+        If they are neither float8_e5m2 nor float16.
     ValueError
         If their shape is not ``(rows,)`` or a scale is not positive and finite.
     """
     scales = np.asarray(scales)
-    if scales.dtype != np.float16:
-        raise TypeError(f"row scales must be float16 (see output_row_scales), got {scales.dtype}")
+    if scales.dtype.name not in ROW_SCALE_DTYPES.values():
+        raise TypeError(f"row scales must be float8_e5m2 (see output_row_scales) or float16, "
+                        f"got {scales.dtype}")
     if scales.shape != (rows,):
         raise ValueError(f"row scales must have shape ({rows},), one per output row; got "
                          f"{scales.shape}")
-    if not np.all(np.isfinite(scales) & (scales > 0)):
+    if not _positive_and_finite(scales):
         raise ValueError("every row scale must be positive and finite")
     scales = scales.copy()
     scales.flags.writeable = False
     return scales
+
+
+def _positive_and_finite(scales):
+    values = scales.astype(np.float32)
+    return bool(np.all(np.isfinite(values) & (values > 0)))
+
+
+def _row_scales_from_bytes(data, scale_bytes):
+    """Row scales of ``scale_bytes`` bytes each (:data:`ROW_SCALE_DTYPES`, float16 little
+    endian) from a file's bytes."""
+    if scale_bytes == 1:
+        return np.frombuffer(data, dtype=np.uint8).view(float8_e5m2())
+    return np.frombuffer(data, dtype="<f2").astype(np.float16)
+
+
+def _row_scale_bytes(scales):
+    """The bytes of row scales in a file (float16 little endian)."""
+    return (scales if scales.itemsize == 1 else scales.astype("<f2")).tobytes()
 
 
 # -- the compressed model ------------------------------------------------------------------------
@@ -473,16 +500,17 @@ class CompressedLayer:
         ``tr(W H W^T) / tr(E H E^T)`` with ``E`` the weight error and ``H`` the full Gram
         matrix (or the row-weighted SQNR for row weights). ``None`` without calibration; not
         stored in files.
-    row_scales : ndarray of shape (shape[0],), float16, or None
+    row_scales : ndarray of shape (shape[0],), float8_e5m2 or float16, or None
         With ``setting.row_scales``: one positive, finite scale per output row (axis 0 of the
         tensor), by which :meth:`decompress` multiplies the decoded rows (see
         :func:`output_row_scales`); stored in files and counted in :attr:`nbytes` and the
-        report's bits (16 bits per output row). Kept as a read-only copy. ``None`` without.
+        report's bits (8 bits per output row; 16 for the float16 scales of files of format
+        version 3). Kept as a read-only copy. ``None`` without.
 
     Raises
     ------
     TypeError
-        If ``row_scales`` are not float16.
+        If ``row_scales`` are neither float8_e5m2 nor float16.
     ValueError
         If the matrix is not what ``setting`` makes of a tensor of ``shape``, or
         ``row_scales`` are given without ``setting.row_scales`` or missing with it, have
@@ -509,15 +537,18 @@ class CompressedLayer:
         if self.setting.row_scales != (self.row_scales is not None):
             raise ValueError(
                 "row_scales are given without setting.row_scales" if self.row_scales is not None
-                else "setting.row_scales needs row_scales: one float16 scale per output row")
+                else "setting.row_scales needs row_scales: one scale per output row (see "
+                     "output_row_scales)")
         if self.row_scales is not None:
             self.row_scales = _check_row_scales(self.row_scales, self.shape[0])
 
     @property
     def nbytes(self):
         """Bytes of its streams and row scales in a file."""
-        scales = 0 if self.row_scales is None else ROW_SCALE_BYTES * self.shape[0]
-        return self.matrix.nbytes + scales
+        return self.matrix.nbytes + self._scale_bytes()
+
+    def _scale_bytes(self):
+        return 0 if self.row_scales is None else self.row_scales.nbytes
 
     def decompress(self):
         """The reconstructed tensor (decoded in float32), in its original shape and dtype.
@@ -539,7 +570,7 @@ class CompressedLayer:
 
     def record(self):
         """What :meth:`CompressedModel.report` shows of this tensor."""
-        scales = 0 if self.row_scales is None else 8 * ROW_SCALE_BYTES * self.shape[0]
+        scales = 8 * self._scale_bytes()
         return dict(setting=self.setting.describe(), payload_bits=self.matrix.bits + scales,
                     sqnr_db=self.sqnr_db, n_iter=self.n_iter, converged=self.converged,
                     output_sqnr_db=self.output_sqnr_db)
@@ -551,11 +582,11 @@ class CompressedLayer:
                 _stored_sqnr(self.sqnr_db), _setting_fields(self)]
 
     def payload(self):
-        """Its bytes in a file: the matrix's streams back to back, then the row scales
-        (little-endian float16), if any."""
+        """Its bytes in a file: the matrix's streams back to back, then the row scales (a
+        byte each, or little-endian float16), if any."""
         data = matrix_payload(self.matrix)
         if self.row_scales is not None:
-            data += self.row_scales.astype("<f2").tobytes()
+            data += _row_scale_bytes(self.row_scales)
         return data
 
 
@@ -721,18 +752,19 @@ class CompressedModel(FileImage):
 
     Notes
     -----
-    The file (format version 3, :meth:`to_bytes`) is a safetensors file of one ``U8`` tensor,
+    The file (format version 4, :meth:`to_bytes`) is a safetensors file of one ``U8`` tensor,
     ``payload``, that holds the bytes of every stored tensor back to back, and of a layer
     list in its metadata with one JSON array per tensor: ``[0, name, dtype, shape]`` for a
     kept tensor (its little-endian values), ``[1, name, dtype, shape, sqnr_db, setting]`` for
-    a compressed one (its matrix's streams, then its float16 row scales if it has any),
+    a compressed one (its matrix's streams, then its row scales if it has any, a byte each),
     ``[2, name, dtype, shape, sqnr_db, parts]`` for a split one (its parts' bytes in row
     order) and ``[3, name, index]`` for one tied to an earlier entry (no bytes). A
-    ``setting`` is ``[d, k, s, code_bits, codebook_bits, t, float_bits, row_scales]``; the
-    size of every tensor's bytes follows from its entry, so no offsets are stored and a
-    compressed tensor costs a few dozen bytes of header besides its name. Files of format
-    versions 1 and 2 are read too. The user guide's section on the file format describes it
-    byte by byte, with what a reader checks.
+    ``setting`` is ``[d, k, s, code_bits, codebook_bits, t, float_bits, row_scales]``
+    (``row_scales``: the bytes of one row scale, 0 without); the size of every tensor's
+    bytes follows from its entry, so no offsets are stored and a compressed tensor costs a
+    few dozen bytes of header besides its name. Files of format versions 1 to 3 are read too
+    (version 3 is this layout with float16 row scales, 1 in ``row_scales``). The user
+    guide's section on the file format describes it byte by byte, with what a reader checks.
 
     Examples
     --------
@@ -942,7 +974,7 @@ class CompressedModel(FileImage):
     # file image ---------------------------------------------------------------------------------
 
     def to_bytes(self):
-        """The file image (format version 3).
+        """The file image (format version 4).
 
         Returns
         -------
@@ -980,7 +1012,7 @@ class CompressedModel(FileImage):
 
     @classmethod
     def _from_container(cls, meta, tensors, max_elements=None):
-        """Rebuild from a parsed container (format versions 1 to 3).
+        """Rebuild from a parsed container (format versions 1 to 4).
 
         Every layer's entry is checked, the declared sizes against ``max_elements`` and the
         payload's length, before any stream is decoded.
@@ -1000,9 +1032,10 @@ class CompressedModel(FileImage):
             The validated model.
         """
         cls._check_kind(meta)
-        if meta.get("format_version") in ("1", "2"):
+        version = int(meta["format_version"])  # one of READ_VERSIONS (read_container)
+        if version <= 2:
             return cls(_layers_of_version_2(meta, tensors, max_elements))
-        return cls(_layers_of_version_3(meta, tensors, max_elements))
+        return cls(_layers_of_compact_list(meta, tensors, max_elements, version))
 
     def __repr__(self):
         return (
@@ -1011,7 +1044,7 @@ class CompressedModel(FileImage):
         )
 
 
-# -- the model file, format version 3 ------------------------------------------------------------
+# -- the model file, format versions 3 and 4 -----------------------------------------------------
 
 #: Name of the one tensor of a model file.
 PAYLOAD = "payload"
@@ -1045,12 +1078,14 @@ def _shape_list(shape):
 def _setting_fields(layer):
     """A compressed layer's setting as a file stores it: ``[vector_size, n_components,
     n_nonzero, code_bits, codebook_bits, component_nonzero, float_bits, row_scales]``
-    (``null`` for ``None``, ``row_scales`` 0 or 1, ``float_bits`` 32 or 64: the dtype of the
-    encoded matrix)."""
+    (``null`` for ``None``, ``float_bits`` 32 or 64: the dtype of the encoded matrix,
+    ``row_scales`` the bytes of a row scale, :data:`ROW_SCALE_DTYPES`, or 0 without; in
+    format version 3 it was 1 for float16 scales)."""
     setting = layer.setting
     c = setting.constraints
     fields = [setting.vector_size, c.n_components, c.n_nonzero, c.code_bits, c.codebook_bits,
-              c.component_nonzero, layer.matrix.settings.float_bits, setting.row_scales]
+              c.component_nonzero, layer.matrix.settings.float_bits,
+              0 if layer.row_scales is None else layer.row_scales.itemsize]
     return [None if value is None else int(value) for value in fields]
 
 
@@ -1069,6 +1104,7 @@ class _Block:
     shape: tuple
     dtype: str
     sqnr_db: float
+    scale_bytes: int  # of one row scale (ROW_SCALE_DTYPES), 0 without
 
     @property
     def stream_bytes(self):
@@ -1076,19 +1112,18 @@ class _Block:
 
     @property
     def nbytes(self):
-        return self.stream_bytes + (ROW_SCALE_BYTES * self.shape[0] if self.setting.row_scales
-                                    else 0)
+        return self.stream_bytes + self.scale_bytes * self.shape[0]
 
     def read(self, data, what):
         """The :class:`CompressedLayer` of this block from its ``nbytes`` bytes ``data``."""
         matrix = matrix_from_payload(self.settings, data[:self.stream_bytes], what)
         scales = None
         if self.setting.row_scales:
-            scales = np.frombuffer(data[self.stream_bytes:], dtype="<f2").astype(np.float16)
+            scales = _row_scales_from_bytes(data[self.stream_bytes:], self.scale_bytes)
             if scales.shape != (self.shape[0],):
                 raise ValueError(f"damaged file: {what} has {scales.size} row scales for "
                                  f"{self.shape[0]} rows")
-            if not np.all(np.isfinite(scales) & (scales > 0)):
+            if not _positive_and_finite(scales):
                 raise ValueError(f"damaged file: {what} has a row scale that is not positive "
                                  "and finite")
         return CompressedLayer(matrix, self.shape, self.dtype, self.setting, self.sqnr_db,
@@ -1110,10 +1145,13 @@ def _sqnr_field(raw, name):
     return float(raw)
 
 
-def _block_field(raw, shape, dtype, sqnr_db, name):
-    """A checked stored setting (see :func:`_setting_fields`) of a block of ``shape``."""
+def _block_field(raw, shape, dtype, sqnr_db, name, version):
+    """A checked stored setting (see :func:`_setting_fields`) of a block of ``shape`` in a file
+    of format ``version`` (3 or 4)."""
+    scale_bytes = {0: 0, 1: 2} if version == 3 else {0: 0, **{b: b for b in ROW_SCALE_DTYPES}}
     if (not isinstance(raw, list) or len(raw) != 8 or not _is_int(raw[0], 1, 2**31)
-            or not _is_int(raw[6]) or raw[6] not in _MATRIX_DTYPES or not _is_int(raw[7], 0, 1)):
+            or not _is_int(raw[6]) or raw[6] not in _MATRIX_DTYPES
+            or not _is_int(raw[7]) or raw[7] not in scale_bytes):
         raise ValueError(f"damaged file: layer {name!r} has invalid settings")
     d, k, s, code_bits, codebook_bits, t, float_bits, row_scales = raw
     flat = dict(n_rows=rows_of(shape, d), n_features=d, n_components=k, n_nonzero=s,
@@ -1124,7 +1162,7 @@ def _block_field(raw, shape, dtype, sqnr_db, name):
     except ValueError as exc:
         raise ValueError(f"damaged file: layer {name!r} has invalid settings ({exc})") from None
     setting = LayerSetting(d, settings.constraints, row_scales=bool(row_scales))
-    return _Block(setting, settings, shape, dtype, sqnr_db)
+    return _Block(setting, settings, shape, dtype, sqnr_db, scale_bytes[row_scales])
 
 
 def _float_dtype_field(raw, name):
@@ -1133,8 +1171,9 @@ def _float_dtype_field(raw, name):
     return NUMPY_NAMES[raw]
 
 
-def _entry_field(raw, i):
-    """A checked entry of the layer list: ``(name, kind, spec, payload bytes)``."""
+def _entry_field(raw, i, version):
+    """A checked entry of the layer list of a file of format ``version`` (3 or 4):
+    ``(name, kind, spec, payload bytes)``."""
     lengths = {_KEPT: 4, _COMPRESSED: 6, _SPLIT: 6, _TIED: 3}
     if (not isinstance(raw, list) or len(raw) < 2 or not _is_int(raw[0])
             or raw[0] not in lengths or not isinstance(raw[1], str)):
@@ -1157,27 +1196,28 @@ def _entry_field(raw, i):
     shape = _shape_field(raw[3], name, compressed=True)
     sqnr_db = _sqnr_field(raw[4], name)
     if kind == _COMPRESSED:
-        block = _block_field(raw[5], shape, dtype, sqnr_db, name)
+        block = _block_field(raw[5], shape, dtype, sqnr_db, name, version)
         return name, kind, block, block.nbytes
     parts = raw[5]
     if (not isinstance(parts, list) or len(parts) != 2
             or not all(isinstance(p, list) and len(p) == 3 and _is_int(p[0], 1) for p in parts)
             or sum(p[0] for p in parts) != shape[0]):
         raise ValueError(f"damaged file: the parts of layer {name!r} do not add up to its rows")
-    blocks = [_block_field(setting, (rows, *shape[1:]), dtype, _sqnr_field(sqnr, name), name)
-              for rows, sqnr, setting in parts]
+    blocks = [_block_field(setting, (rows, *shape[1:]), dtype, _sqnr_field(sqnr, name), name,
+                           version) for rows, sqnr, setting in parts]
     return name, kind, (shape, dtype, sqnr_db, blocks), sum(b.nbytes for b in blocks)
 
 
-def _layers_of_version_3(meta, tensors, max_elements):
-    """The layers of a model file of format version 3, every entry checked, the declared
-    elements against ``max_elements`` and the payload's length, before any is decoded."""
+def _layers_of_compact_list(meta, tensors, max_elements, version):
+    """The layers of a model file of format ``version`` 3 or 4 (one payload, a compact layer
+    list), every entry checked, the declared elements against ``max_elements`` and the
+    payload's length, before any is decoded."""
     if list(tensors) != [PAYLOAD] or tensors[PAYLOAD][0] != "U8":
         raise ValueError(f"damaged file: a model file holds one U8 tensor, {PAYLOAD!r}; "
                          f"found {list(tensors)}")
     entries, seen = [], set()
     for i, raw in enumerate(json_field(meta, "layers", list)):
-        entry = _entry_field(raw, i)
+        entry = _entry_field(raw, i, version)
         if entry[0] in seen:
             raise ValueError(f"damaged file: layer {entry[0]!r} appears twice")
         seen.add(entry[0])
@@ -1851,7 +1891,7 @@ def _share_limit(setting):
 def _row_scales_pay(weight):
     """Whether row scales may pay on a tensor: the high-rate gain of coding every output row
     at its own scale, ``10 log10`` of the arithmetic over the geometric mean of the rows'
-    mean squares (the gain of adaptive transform coding), exceeds what their 16 bits per row
+    mean squares (the gain of adaptive transform coding), exceeds what their 8 bits per row
     would buy at 6.02 dB per bit. Candidates with row scales are estimated only then."""
     s = output_row_scales(weight).astype(np.float64)
     energy = s * s
@@ -2428,7 +2468,7 @@ class _Layout:
             matrix = CompressedMatrix(settings, streams)
             if keep:
                 self.placeholders[key] = matrix
-        scales = np.ones(shape[0], dtype=np.float16) if setting.row_scales else None
+        scales = (np.ones(shape[0], dtype=float8_e5m2()) if setting.row_scales else None)
         return CompressedLayer(matrix, shape, dtype, setting, _WIDEST_SQNR, row_scales=scales)
 
 

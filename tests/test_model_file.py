@@ -29,7 +29,7 @@ def quiet_compress(weights, **params):
         return compress_weights(weights, random_state=0, max_iter=2, **params)
 
 
-# -- format version 3 ----------------------------------------------------------------------------
+# -- format version 4 ----------------------------------------------------------------------------
 
 
 def _split_header(data):
@@ -38,7 +38,7 @@ def _split_header(data):
 
 
 def _rewrite(data, edit_layers=None, edit_payload=None):
-    """A version-3 model image with its layer list and/or payload edited, its checksums made
+    """A model image with its layer list and/or payload edited, its checksums made
     to match (a crafted file: the deeper checks must catch it)."""
     header, payload = _split_header(data)
     meta = header["__metadata__"]
@@ -70,7 +70,7 @@ def test_a_model_file_is_one_payload_tensor_and_a_compact_layer_list():
     assert header["payload"] == {"dtype": "U8", "shape": [len(payload)],
                                  "data_offsets": [0, len(payload)]}
     meta = header["__metadata__"]
-    assert meta["format_version"] == str(FORMAT_VERSION) == "3"
+    assert meta["format_version"] == str(FORMAT_VERSION) == "4"
     layer = model.layers["fc.weight"]
     assert json.loads(meta["layers"]) == [
         [1, "fc.weight", "F32", [64, 64], round(layer.sqnr_db, 2), [8, 16, 1, 0, 8, None, 32, 0]],
@@ -143,10 +143,11 @@ def test_sqnr_is_stored_to_a_hundredth_of_a_decibel():
     (lambda L: L[0][5].__setitem__(1, 0), "n_components"),
     (lambda L: L[0][5].__setitem__(2, 17), "n_nonzero"),
     (lambda L: L[0][5].__setitem__(6, 16), "invalid settings"),
-    (lambda L: L[0][5].__setitem__(7, 2), "invalid settings"),
+    (lambda L: L[0][5].__setitem__(7, 3), "invalid settings"),
     (lambda L: L[0][5].__setitem__(7, True), "invalid settings"),
     (lambda L: L[0][5].pop(), "invalid settings"),
     (lambda L: L[0][5].__setitem__(7, 1), "the layers take"),
+    (lambda L: L[0][5].__setitem__(7, 2), "the layers take"),
     (lambda L: L[0][5].__setitem__(1, 17), "the layers take"),
     (lambda L: L[0].__setitem__(3, [65, 64]), "the layers take"),
     (lambda L: L[3].__setitem__(2, 3), "tied to no earlier layer"),
@@ -203,7 +204,7 @@ def test_declared_sizes_are_checked_before_the_payload():
         CompressedModel.from_bytes(kept)
 
 
-# -- files of format versions 1 and 2 ------------------------------------------------------------
+# -- files of format versions 1 to 3 ------------------------------------------------------------
 
 #: ``data/model_v2.qsd`` was written by qsdlearn at commit 7ff6bfe (format version 2; see
 #: ``data/README.md``). Every tensor it decompresses to there: name to dtype, shape and the
@@ -244,7 +245,7 @@ def test_files_of_format_version_2_still_load(tmp_path):
     _check_v2_model(model)
     model.save(tmp_path / "m.qsd")  # rewritten in the current version
     again = qsdlearn.load(tmp_path / "m.qsd")
-    assert _split_header(again.to_bytes())[0]["__metadata__"]["format_version"] == "3"
+    assert _split_header(again.to_bytes())[0]["__metadata__"]["format_version"] == "4"
     _check_v2_model(again)
     assert again.nbytes < len(data) - 1500
 
@@ -259,25 +260,93 @@ def test_files_of_format_version_1_still_load():
     _check_v2_model(CompressedModel.from_bytes(struct.pack("<Q", len(text)) + text + payload))
 
 
+#: ``data/model_v3.qsd``, written at commit 207595d (format version 3, float16 row scales;
+#: see ``data/README.md``): what it decompresses to there, as :data:`V2_DECODED`.
+V3_DECODED = {
+    "conv.weight": ("bfloat16", (16, 8, 3, 3), "13c2775439985aa8"),
+    "fc.weight": ("float32", (32, 64), "41a1b5eb6d5a1a65"),
+    "fc.bias": ("float32", (32,), "4784ccf1e462e6fa"),
+    "split.weight": ("float16", (32, 64), "e151a806711941c6"),
+    "head.weight": ("bfloat16", (16, 8, 3, 3), "13c2775439985aa8"),
+}
+
+
+def _check_v3_model(model):
+    decoded = model.decompress()
+    assert list(decoded) == list(V3_DECODED)
+    for name, (dtype, shape, digest) in V3_DECODED.items():
+        array = decoded[name]
+        assert (array.dtype.name, array.shape) == (dtype, shape), name
+        assert hashlib.sha256(array.tobytes()).hexdigest()[:16] == digest, name
+    conv, split = model.layers["conv.weight"], model.layers["split.weight"]
+    assert model.layers["head.weight"] is conv
+    for layer in (conv, split.parts[1]):  # float16 scales, 16 bits a row
+        assert layer.row_scales.dtype == np.float16
+        assert layer.nbytes == layer.matrix.nbytes + 2 * layer.shape[0]
+    assert split.parts[0].row_scales is None
+    assert model.report()[0]["payload_bits"] == conv.matrix.bits + 16 * 16
+
+
+def test_files_of_format_version_3_still_load(tmp_path):
+    """Their float16 row scales load as they are and are saved as they are (2 bytes a row,
+    ``row_scales`` 2 in the entry) in the current version."""
+    data = (DATA / "model_v3.qsd").read_bytes()
+    header, payload = _split_header(data)
+    assert header["__metadata__"]["format_version"] == "3"
+    assert json.loads(header["__metadata__"]["layers"])[0][5][7] == 1
+    model = CompressedModel.from_bytes(data)
+    _check_v3_model(model)
+    model.save(tmp_path / "m.qsd")
+    again = qsdlearn.load(tmp_path / "m.qsd")
+    new_header, new_payload = _split_header(again.to_bytes())
+    assert new_header["__metadata__"]["format_version"] == "4"
+    assert json.loads(new_header["__metadata__"]["layers"])[0][5][7] == 2
+    assert new_payload == payload
+    _check_v3_model(again)
+    with pytest.raises(ValueError, match="invalid settings"):  # 2 is no value of version 3
+        CompressedModel.from_bytes(_rewrite(data, lambda L: L[0][5].__setitem__(7, 2)))
+
+
 # -- row scales ----------------------------------------------------------------------------------
+
+
+#: Every positive normal float8_e5m2, ascending (the 8-bit patterns below the infinity).
+E5M2_NORMALS = np.arange(4, 124, dtype=np.uint8).view(ml_dtypes.float8_e5m2).astype(np.float64)
 
 
 def test_output_row_scales():
     weight = np.array([[3.0, -4.0], [0.0, 0.0], [1e-9, 0.0], [1e6, 1e6], [1e300, -1e300]])
     scales = output_row_scales(weight)
-    assert scales.dtype == np.float16 and scales.shape == (5,)
-    assert scales[0] == np.float16(np.sqrt(12.5))
-    assert scales[1] == np.float16(2.0**-14)  # an all-zero row: the smallest scale
-    assert scales[2] == np.float16(2.0**-14)  # the smallest normal float16
-    assert scales[3] == scales[4] == np.finfo(np.float16).max  # no overflow in float64 either
+    assert scales.dtype == ml_dtypes.float8_e5m2 and scales.shape == (5,)
+    assert E5M2_NORMALS[0] == 2.0**-14 and E5M2_NORMALS[-1] == 57344
+    assert scales.astype(np.float64).tolist() == [
+        3.5,  # sqrt(12.5) = 3.54, between 3.5 and 4
+        2.0**-14,  # an all-zero row: the smallest scale
+        2.0**-14,  # the smallest normal float8_e5m2
+        57344, 57344]  # the largest; no overflow in float64 either
     conv = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype(ml_dtypes.bfloat16)
     expected = np.sqrt(np.mean(conv.astype(np.float64).reshape(4, -1) ** 2, axis=1))
-    np.testing.assert_array_equal(output_row_scales(conv), expected.astype(np.float16))
-    assert output_row_scales(np.zeros((3, 0))).tolist() == [2.0**-14] * 3
+    np.testing.assert_array_equal(output_row_scales(conv),
+                                  expected.astype(ml_dtypes.float8_e5m2))
+    assert output_row_scales(np.zeros((3, 0))).astype(float).tolist() == [2.0**-14] * 3
     with pytest.raises(ValueError, match="NaN or infinity"):
         output_row_scales(np.array([[1.0, np.inf]]))
     with pytest.raises(ValueError, match="at least one dimension"):
         output_row_scales(np.float32(1))
+
+
+def test_output_row_scales_are_the_nearest_8_bit_floats():
+    """Brute force: each scale is the positive normal float8_e5m2 nearest to its row's RMS,
+    so within 12.5 % of it (two mantissa bits)."""
+    rng = np.random.default_rng(0)
+    rms = 10 ** rng.uniform(-5, 5, 2000)
+    weight = rms[:, None] * np.array([1.0, -1.0, 1.0])
+    scales = output_row_scales(weight).astype(np.float64)
+    clamped = np.clip(rms, E5M2_NORMALS[0], E5M2_NORMALS[-1])
+    nearest = E5M2_NORMALS[np.argmin(np.abs(E5M2_NORMALS[None] - clamped[:, None]), axis=1)]
+    np.testing.assert_array_equal(scales, nearest)
+    assert np.all(np.abs(scales / clamped - 1) <= 0.125)
+    assert np.any(rms < E5M2_NORMALS[0]) and np.any(rms > E5M2_NORMALS[-1])
 
 
 def test_layer_settings_with_row_scales():
@@ -298,7 +367,8 @@ def _scaled(layer, scales):
 
 def _split_model(scales=False):
     """A model of one split tensor (its parts fitted on their own), with row scales on the
-    second part if ``scales``."""
+    second part if ``scales`` (float16 ones, as files of format version 3 hold them: a file
+    of version 4 keeps them in 2 bytes each)."""
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((48, 64)).astype(np.float16)
     first = quiet_compress({"w": weight[:16]}, settings=FAST).layers["w"]
@@ -324,13 +394,13 @@ def test_row_scales_round_trip_through_bytes_and_files(tmp_path):
                 * scales.astype(np.float32)[:, None, None, None])
     assert scaled.decompress().dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(scaled.decompress(), expected.astype(ml_dtypes.bfloat16))
-    assert scaled.nbytes == layer.nbytes + 2 * 16
+    assert scaled.nbytes == layer.nbytes + 16  # a byte a row
     model = CompressedModel({"conv.weight": scaled, "fc.bias": plain.layers["fc.bias"]})
     record = model.report()[0]
-    assert record["payload_bits"] == layer.matrix.bits + 16 * 16
-    assert record["stored_bits"] == 8 * (layer.matrix.nbytes + 32)
+    assert record["payload_bits"] == layer.matrix.bits + 8 * 16
+    assert record["stored_bits"] == 8 * (layer.matrix.nbytes + 16)
     assert record["setting"] == FAST.describe() + " rowscale"
-    assert model.nbytes - plain.nbytes == 32 + len(",1]]") - len(",0]]")
+    assert model.nbytes - plain.nbytes == 16 + len(",1]]") - len(",0]]")
     assert model.bits_per_weight == 8 * len(model.to_bytes()) / model.n_weights
     model.save(tmp_path / "m.qsd")
     for loaded in (CompressedModel.from_bytes(model.to_bytes()), qsdlearn.load(tmp_path / "m.qsd")):
@@ -373,8 +443,11 @@ def test_row_scales_are_checked_when_a_layer_is_built():
     weight = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
     layer = quiet_compress({"w": weight}, settings=FAST).layers["w"]
     good = np.ones(8, np.float16)
-    with pytest.raises(TypeError, match="float16"):
-        _scaled(layer, np.ones(8, np.float32))
+    assert _scaled(layer, good.astype(ml_dtypes.float8_e5m2)).nbytes == layer.nbytes + 8
+    assert _scaled(layer, good).nbytes == layer.nbytes + 16
+    for wrong in (np.float32, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn):
+        with pytest.raises(TypeError, match="float8_e5m2 .* or float16"):
+            _scaled(layer, np.ones(8, wrong))
     with pytest.raises(ValueError, match=r"shape \(8,\)"):
         _scaled(layer, np.ones(9, np.float16))
     for bad in (0, -1, np.inf, np.nan):
@@ -406,7 +479,7 @@ def _row_scaled_matrix(rows=64, cols=64, seed=0):
 def test_row_scales_fit_the_normalised_rows_weighted_by_their_squared_scales():
     """With rows of one scale, a row-scaled fit is the plain fit of the normalised rows
     (equal weights fold away), times the scale; with rows of many scales it is far better
-    than the plain fit at a cost of 16 bits per row."""
+    than the plain fit at a cost of 8 bits per row."""
     rng = np.random.default_rng(1)
     G = rng.standard_normal((32, 64))
     G /= np.sqrt(np.mean(G ** 2, axis=1, keepdims=True))
@@ -419,7 +492,7 @@ def test_row_scales_fit_the_normalised_rows_weighted_by_their_squared_scales():
     plain = compress_weights({"w": normalised}, settings=FAST, random_state=0)
     np.testing.assert_array_equal(model.decompress()["w"],
                                   plain.decompress()["w"] * s[0].astype(np.float32))
-    assert model.bits_per_weight > plain.bits_per_weight  # 16 bits a row, counted
+    assert model.bits_per_weight > plain.bits_per_weight  # 8 bits a row, counted
     W = _row_scaled_matrix()
     dense = LayerSetting(8, Constraints(8, code_bits=4, codebook_bits=8))
     with_scales = compress_weights({"w": W}, settings=replace(dense, row_scales=True),
