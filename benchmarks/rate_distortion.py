@@ -483,31 +483,51 @@ _DATASET_FIELDS = {"gaussian": ["gaussian_shape"], "minilm": ["minilm_layers"],
                    "embeddings": ["embeddings_shape"], "digits": ["digits_float_accuracy"]}
 
 
-def reuse_datasets(results, previous):
-    """Copy into ``results`` the data sets of ``previous`` (an earlier run's results) that
-    ``results`` did not run, with what the run recorded of them and where they come from
-    (``results["reused"]``: name to that run's date, command and seconds on that data set;
-    the run it came from if ``previous`` had reused it in turn).
+def check_reusable(results, previous):
+    """Check, before a run starts, that the data sets of ``previous`` (an earlier run's
+    results, as read from its ``results.json``) can join those of ``results`` (this run's,
+    before its fits).
 
     Raises
     ------
     ValueError
-        If the two runs' budgets or rates differ (their points would not compare).
+        If ``previous`` is not the results of this benchmark, or the two runs' budgets or
+        rates differ (their points would not compare).
     """
+    needed = ("quick", "budget", "model_budget", "hull_rates", "date", "command", "datasets",
+              "dataset_seconds", "records")
+    if not isinstance(previous, dict) or any(key not in previous for key in needed):
+        raise ValueError("the earlier results are not a results.json of this benchmark (it "
+                         f"holds {', '.join(needed)})")
     for key in ("quick", "budget", "model_budget", "hull_rates"):
-        if previous.get(key) != results[key]:
-            raise ValueError(f"the earlier run's {key} ({previous.get(key)}) is not this "
+        if previous[key] != results[key]:
+            raise ValueError(f"the earlier run's {key} ({previous[key]}) is not this "
                              f"run's ({results[key]}): its data sets cannot be reused")
+
+
+def reuse_datasets(results, previous):
+    """Copy into ``results`` the data sets of ``previous`` (an earlier run's results) that
+    ``results`` did not run and ``previous`` did, with what the run recorded of them and
+    where they come from (``results["reused"]``: name to that run's date, command and seconds
+    on that data set; the run it came from if ``previous`` had reused it in turn).
+
+    Raises
+    ------
+    ValueError
+        As :func:`check_reusable`.
+    """
+    check_reusable(results, previous)
     for name in _DATASET_FIELDS:
-        if name in results["datasets"] or name not in previous.get("datasets", []):
+        records = [r for r in previous["records"] if r["dataset"] == name]
+        if name in results["datasets"] or not records:  # not run there (e.g. no weights)
             continue
-        results["records"] += [r for r in previous["records"] if r["dataset"] == name]
+        results["records"] += records
         for key in _DATASET_FIELDS[name]:
             results[key] = previous.get(key)
         results["datasets"].append(name)
         results.setdefault("reused", {})[name] = previous.get("reused", {}).get(name) or dict(
             date=previous["date"], command=previous["command"],
-            seconds=previous["dataset_seconds"][name])
+            seconds=previous["dataset_seconds"].get(name, float("nan")))
 
 
 def run(quick, out, minilm_layers=MINILM_LAYERS, with_speed=True, log=print,
@@ -524,6 +544,8 @@ def run(quick, out, minilm_layers=MINILM_LAYERS, with_speed=True, log=print,
                    records=[], dataset_seconds={}, hull_rates=HULL_RATES,
                    date=datetime.date.today().isoformat(), machine=machine_description(),
                    command=" ".join(["python -m benchmarks.rate_distortion", *sys.argv[1:]]))
+    if reuse is not None:  # before hours of fits
+        check_reusable(results, reuse)
 
     def timed(name, *args, **kwargs):
         t0 = time.perf_counter()

@@ -259,7 +259,9 @@ class LayerSetting:
         -------
         int
             The bytes its streams take in a file (each rounded up to a whole byte), its
-            row scales (:data:`ROW_SCALE_BYTES` per output row) included.
+            row scales (:data:`ROW_SCALE_BYTES` per output row, as :func:`compress_weights`
+            makes them; a layer read from a file of format version 3 has float16 ones, two
+            bytes each, :attr:`CompressedLayer.nbytes`) included.
         """
         scales = ROW_SCALE_BYTES * shape[0] if self.row_scales else 0
         return sum(self.matrix_settings(shape).stream_sizes().values()) + scales
@@ -468,7 +470,8 @@ def _row_scales_from_bytes(data, scale_bytes):
 
 
 def _row_scale_bytes(scales):
-    """The bytes of row scales in a file (float16 little endian)."""
+    """The bytes of row scales in a file: a byte each (float8_e5m2), or two (float16, little
+    endian)."""
     return (scales if scales.itemsize == 1 else scales.astype("<f2")).tobytes()
 
 

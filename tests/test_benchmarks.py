@@ -339,6 +339,23 @@ def test_reuse_takes_the_data_sets_not_run_from_an_earlier_run():
     other = dict(now, budget=dict(BUDGET.__dict__, max_iter=99))
     with pytest.raises(ValueError, match="budget"):
         RD.reuse_datasets(other, earlier)
+    skipped = dict(earlier, datasets=["gaussian", "minilm", "embeddings"])  # no weights there
+    fresh = dict(now, datasets=["digits"], records=[], reused={})
+    RD.reuse_datasets(fresh, skipped)
+    assert sorted(fresh["reused"]) == ["gaussian", "minilm"]
+    no_records = {key: value for key, value in earlier.items() if key != "records"}
+    for broken in ([], {"date": "x"}, no_records):
+        with pytest.raises(ValueError, match="not a results.json of this benchmark"):
+            RD.check_reusable(now, broken)
+
+
+def test_reuse_is_checked_before_the_run(tmp_path, monkeypatch):
+    """A run whose budgets differ from the earlier run's stops before its first fit."""
+    monkeypatch.setattr(RD, "evaluate", lambda *a, **k: pytest.fail("fitted"))
+    earlier = dict(quick=False, budget={}, model_budget={}, hull_rates=RD.HULL_RATES,
+                   date="d", command="c", datasets=[], dataset_seconds={}, records=[])
+    with pytest.raises(ValueError, match="quick"):
+        RD.run(True, str(tmp_path), with_speed=False, datasets=["gaussian"], reuse=earlier)
 
 
 def test_model_fidelity_scores_and_rtn_count_what_they_claim():
