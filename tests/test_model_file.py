@@ -1,4 +1,4 @@
-"""The model file: the layout of format version 3, files of versions 1 and 2, row scales."""
+"""The model file: the layout of format version 4, files of versions 1 to 3, row scales."""
 
 import hashlib
 import json
