@@ -403,6 +403,8 @@ def output_row_scales(weight):
 
     Raises
     ------
+    TypeError
+        If the tensor is complex.
     ValueError
         If the tensor is 0-d or holds NaN or infinity.
 
@@ -421,7 +423,9 @@ def output_row_scales(weight):
     weight = np.asarray(weight)
     if weight.ndim == 0:
         raise ValueError("output_row_scales needs a tensor of at least one dimension")
-    rows = weight.reshape(weight.shape[0], -1).astype(np.float64)
+    if np.iscomplexobj(weight):
+        raise TypeError("output_row_scales needs real weights, got a complex tensor")
+    rows = weight.reshape(weight.shape[0], math.prod(weight.shape[1:])).astype(np.float64)
     if not np.all(np.isfinite(rows)):
         raise ValueError("the tensor holds NaN or infinity: its rows have no scale")
     peak = np.max(np.abs(rows), axis=1, initial=0.0)
@@ -568,7 +572,10 @@ class CompressedLayer:
         decoded = from_rows(_decode_once(self.matrix), self.shape)
         if self.row_scales is not None:
             scales = self.row_scales.astype(decoded.dtype)
-            decoded = decoded * scales.reshape((-1,) + (1,) * (decoded.ndim - 1))
+            with np.errstate(over="ignore"):  # past the dtype's range only in a crafted file
+                decoded = decoded * scales.reshape((-1,) + (1,) * (decoded.ndim - 1))
+            top = np.finfo(decoded.dtype).max  # clipped, as the decoded matrix itself is
+            np.clip(decoded, -top, top, out=decoded)
         return decoded
 
     def record(self):

@@ -333,6 +333,9 @@ def test_output_row_scales():
         output_row_scales(np.array([[1.0, np.inf]]))
     with pytest.raises(ValueError, match="at least one dimension"):
         output_row_scales(np.float32(1))
+    assert output_row_scales(np.zeros((0, 4))).shape == (0,)
+    with pytest.raises(TypeError, match="complex"):
+        output_row_scales(np.ones((2, 3), np.complex64))
 
 
 def test_output_row_scales_are_the_nearest_8_bit_floats():
@@ -410,6 +413,31 @@ def test_row_scales_round_trip_through_bytes_and_files(tmp_path):
         np.testing.assert_array_equal(loaded.decompress("conv.weight"), scaled.decompress())
         assert loaded.to_bytes() == model.to_bytes()
         assert loaded.report()[0]["payload_bits"] == record["payload_bits"]
+
+
+def test_row_scales_past_the_float_range_decode_to_its_largest_values():
+    """Scales times a decoded row past float32's range (a hand-built or crafted file:
+    compress_weights refuses weights that large) give float32's largest value, not inf, as
+    a decoded matrix does."""
+    rng = np.random.default_rng(0)
+    X = (rng.standard_normal((256, 8)) * 1e34).astype(np.float32)
+    est = qsdlearn.QuantizedSparseDecomposition(n_components=16, n_nonzero=1, code_bits=0,
+                                                codebook_bits=8, random_state=0, max_iter=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        matrix = est.fit(X).encode(X)
+    scales = np.full(32, 57344, ml_dtypes.float8_e5m2)
+    layer = CompressedLayer(matrix, (32, 64), "float32", LayerSetting(8, FAST.constraints,
+                                                                      row_scales=True),
+                            0.0, row_scales=scales)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning either
+        decoded = CompressedModel.from_bytes(CompressedModel({"w": layer}).to_bytes()
+                                             ).decompress()["w"]
+    top = np.finfo(np.float32).max
+    expected = np.clip(matrix.decode().astype(np.float64).reshape(32, 64) * 57344, -top, top)
+    np.testing.assert_array_equal(decoded, expected.astype(np.float32))
+    assert np.all(np.isfinite(decoded)) and np.any(np.abs(decoded) == top)
 
 
 def test_row_scales_of_split_parts_round_trip():
