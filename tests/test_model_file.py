@@ -221,13 +221,18 @@ V2_DECODED = {
 }
 
 
-def _check_v2_model(model):
+def _check_decoded(model, expected):
+    """``model`` decompresses to ``expected``: name to dtype, shape and digest, in order."""
     decoded = model.decompress()
-    assert list(decoded) == list(V2_DECODED)
-    for name, (dtype, shape, digest) in V2_DECODED.items():
+    assert list(decoded) == list(expected)
+    for name, (dtype, shape, digest) in expected.items():
         array = decoded[name]
         assert (array.dtype.name, array.shape) == (dtype, shape), name
         assert hashlib.sha256(array.tobytes()).hexdigest()[:16] == digest, name
+
+
+def _check_v2_model(model):
+    _check_decoded(model, V2_DECODED)
     assert isinstance(model.layers["split.weight"], SplitLayer)
     assert model.layers["lm_head.weight"] is model.layers["fc.weight"]
     assert model.layers["bias.copy"] is model.layers["fc.bias"]
@@ -272,12 +277,7 @@ V3_DECODED = {
 
 
 def _check_v3_model(model):
-    decoded = model.decompress()
-    assert list(decoded) == list(V3_DECODED)
-    for name, (dtype, shape, digest) in V3_DECODED.items():
-        array = decoded[name]
-        assert (array.dtype.name, array.shape) == (dtype, shape), name
-        assert hashlib.sha256(array.tobytes()).hexdigest()[:16] == digest, name
+    _check_decoded(model, V3_DECODED)
     conv, split = model.layers["conv.weight"], model.layers["split.weight"]
     assert model.layers["head.weight"] is conv
     for layer in (conv, split.parts[1]):  # float16 scales, 16 bits a row
