@@ -497,7 +497,9 @@ class CompressedLayer:
     setting : LayerSetting
         How it was compressed.
     sqnr_db : float
-        SQNR of the decompressed tensor against the original, in dB.
+        SQNR of the decompressed tensor against the original, in dB, measured on
+        :meth:`decompressed_float` (before the cast to a 16-bit dtype, whose rounding it
+        leaves out).
     n_iter : int or None
         Iterations of the final fit (``None`` when not recorded, e.g. read from a file).
     converged : bool or None
