@@ -233,6 +233,11 @@ def _info(args):
     obj = _load_named(load, args.file)
     if isinstance(obj, CompressedModel):
         print(obj.report_table())
+        on_disk = os.path.getsize(args.file)
+        if on_disk != obj.nbytes:  # the sizes above are those of the current format version
+            print(f"file on disk: {on_disk} bytes, "
+                  f"{8 * on_disk / max(obj.n_weights, 1):.3f} bits/weight, in an earlier "
+                  f"format version; saved again, it takes the {obj.nbytes} bytes above")
     else:
         s = obj.settings
         print(repr(obj))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -76,7 +77,8 @@ def test_cli_compress_info_decompress_round_trip(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "layer.weight" in out and "total" in out
     assert main(["info", str(target)]) == 0
-    assert "bits/weight" in capsys.readouterr().out
+    info = capsys.readouterr().out
+    assert "bits/weight" in info and "file on disk" not in info
     for name in ["out.npz", "out.safetensors"]:
         assert main(["decompress", str(target), str(tmp_path / name)]) == 0
     with np.load(tmp_path / "out.npz", allow_pickle=False) as restored:
@@ -680,3 +682,13 @@ def test_decompress_counts_in_words_and_a_folder_of_npz_gets_advice(tmp_path, ca
     np.savez(folder / "w.npz", w=np.ones((64, 64), np.float32))
     assert main(["compress", str(folder), str(tmp_path / "f.qsd"), "--bits-per-weight", "4"]) == 1
     assert "give a .npz file by its name" in capsys.readouterr().err
+
+
+def test_cli_info_gives_the_size_of_a_file_of_an_earlier_version(capsys):
+    """A version-2 file is reported with the sizes of the current version (what saving it
+    again gives) and, on a line of its own, the size it takes on disk."""
+    old = pathlib.Path(__file__).resolve().parent / "data" / "model_v2.qsd"
+    assert main(["info", str(old)]) == 0
+    info = capsys.readouterr().out
+    on_disk = old.stat().st_size
+    assert f"file on disk: {on_disk} bytes" in info and "earlier format version" in info
