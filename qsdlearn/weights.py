@@ -436,8 +436,8 @@ def output_row_scales(weight):
 
 
 def _check_row_scales(scales, rows):
-    """``scales`` as a read-only copy if they are ``rows`` positive finite values of a dtype
-    of :data:`ROW_SCALE_DTYPES`.
+    """``scales`` as a read-only copy in native byte order if they are ``rows`` positive
+    finite values of a dtype of :data:`ROW_SCALE_DTYPES`.
 
     Raises
     ------
@@ -455,7 +455,7 @@ def _check_row_scales(scales, rows):
                          f"{scales.shape}")
     if not _positive_and_finite(scales):
         raise ValueError("every row scale must be positive and finite")
-    scales = scales.copy()
+    scales = scales.astype(scales.dtype.newbyteorder("="))  # a copy, in native byte order
     scales.flags.writeable = False
     return scales
 
@@ -471,12 +471,6 @@ def _row_scales_from_bytes(data, scale_bytes):
     if scale_bytes == 1:
         return np.frombuffer(data, dtype=np.uint8).view(float8_e5m2())
     return np.frombuffer(data, dtype="<f2").astype(np.float16)
-
-
-def _row_scale_bytes(scales):
-    """The bytes of row scales in a file: a byte each (float8_e5m2), or two (float16, little
-    endian)."""
-    return (scales if scales.itemsize == 1 else scales.astype("<f2")).tobytes()
 
 
 # -- the compressed model ------------------------------------------------------------------------
@@ -598,7 +592,7 @@ class CompressedLayer:
         byte each, or little-endian float16), if any."""
         data = matrix_payload(self.matrix)
         if self.row_scales is not None:
-            data += _row_scale_bytes(self.row_scales)
+            data += to_little_endian_bytes(self.row_scales)
         return data
 
 
@@ -2480,7 +2474,7 @@ class _Layout:
             matrix = CompressedMatrix(settings, streams)
             if keep:
                 self.placeholders[key] = matrix
-        scales = (np.ones(shape[0], dtype=float8_e5m2()) if setting.row_scales else None)
+        scales = np.ones(shape[0], dtype=float8_e5m2()) if setting.row_scales else None
         return CompressedLayer(matrix, shape, dtype, setting, _WIDEST_SQNR, row_scales=scales)
 
 

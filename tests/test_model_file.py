@@ -494,6 +494,8 @@ def test_row_scales_are_checked_when_a_layer_is_built():
     scaled = _scaled(layer, good)
     good[0] = 2  # the layer holds its own read-only copy
     assert scaled.row_scales[0] == 1 and not scaled.row_scales.flags.writeable
+    swapped = _scaled(layer, np.linspace(0.5, 4, 8).astype(">f2"))  # written little-endian
+    assert swapped.payload() == _scaled(layer, np.linspace(0.5, 4, 8).astype("<f2")).payload()
 
 
 def _row_scaled_matrix(rows=64, cols=64, seed=0):
