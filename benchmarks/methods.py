@@ -122,7 +122,7 @@ def _row_scaled_qsd(weight, setting, budget):
                              max_iter=budget.max_iter, max_fit_rows=budget.fit_rows,
                              random_state=budget.seed, n_jobs=1)
     layer = model.layers["weight"]
-    bits = layer.matrix.bits + 8 * layer.row_scales.nbytes
+    bits = layer.record()["payload_bits"]  # the matrix's and the row scales'
     return layer.decompressed_float().astype(weight.dtype), bits
 
 
