@@ -1780,7 +1780,9 @@ def _heaviest_rows(X, split, weights=None, energies=None, ranked=None):
     ``energies`` of all rows (:func:`_row_energies`) when given, else among the ``ranked``
     heaviest rows (:func:`_ranked_rows`, at least as many as those wanted and those fitted
     together: the fitted ones among them leave the heaviest of the others), ranked here when
-    not given."""
+    not given. In increasing order, whichever way they are found (the order of a partition
+    differs between NumPy versions and between the two ways, and the held-out error sums the
+    rows' errors in this order)."""
     fitted = split[0]
     n = min(ESTIMATE_HEAVIEST_ROWS, X.shape[0] - fitted.shape[0])
     if energies is not None:
@@ -1791,7 +1793,7 @@ def _heaviest_rows(X, split, weights=None, energies=None, ranked=None):
             else ranked
         energy = np.where(np.isin(rows, fitted), -1.0, energy)
     top = np.argpartition(energy, energy.shape[0] - n)[energy.shape[0] - n:]
-    return top if rows is None else rows[top]
+    return np.sort(top if rows is None else rows[top])
 
 
 def _held_out_error(est, X, split, weights=None, energies=None, ranked=None):
