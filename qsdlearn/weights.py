@@ -2732,6 +2732,13 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
             advice += (f" ({n} tensor{'s' * (n != 1)} kept verbatim take{'s' * (n == 1)} "
                        f"{kept_bits:.3f} bits/weight of it: under two dimensions, not floats, "
                        f"fewer than {MIN_COMPRESSED_SIZE} elements or matching keep)")
+        if fixed:  # so do the tensors of fixed settings, which the candidates cannot lower
+            fixed_bits = 8 * sum(setting.stream_bytes(layout.shape(name))
+                                 for name, setting in fixed.items()) / layout.n_weights
+            n, them = len(fixed), "them" if len(fixed) > 1 else "it"
+            advice += (f" ({n} tensor{'s' * (n != 1)} with fixed settings take{'s' * (n == 1)} "
+                       f"{fixed_bits:.3f} bits/weight of it: give {them} cheaper settings=, or "
+                       f"leave {them} to the target)")
         raise _below_reach(bits_per_weight, least_bytes, layout, advice=advice)
     order = _largest_first(free, layout.checkpoint)
     results = joblib.Parallel(n_jobs=n_jobs)(
