@@ -307,7 +307,9 @@ def build_parser():
     compress.add_argument("--vector-size", type=_SIZE, default=8, metavar="D",
                           help="sub-vector length (default: 8)")
     compress.add_argument("--jobs", type=_JOBS, default=None, metavar="N",
-                          help="layers compressed in parallel (default: 1)")
+                          help="layers compressed in parallel (default: 1; negative counts "
+                          "from the cores, as joblib does: -1 every core, -2 all but one, at "
+                          "least one)")
     compress.add_argument("--seed", type=_SEED, default=0, metavar="S", help="random seed")
     compress.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                           help="store tensors whose name matches this glob verbatim, e.g. "
