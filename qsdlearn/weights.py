@@ -1912,14 +1912,17 @@ def _shared_seeds(shared, setting, fit_rows, weights, seed):
     """The k-means++ start of a candidate fitted on ``fit_rows`` (with sample ``weights`` or
     None) and ``seed``: the codebook its estimator would draw itself (same function, same
     random state; the estimator's weights differ by a power of two, which draws the same
-    rows), so the fit is unchanged. Drawn once per sub-vector size, codebook size and row
-    scaling, and kept in ``shared`` (a dict) for the other candidates of the layer. None
+    rows), so the fit is unchanged. Drawn once per sub-vector size, codebook size, row scaling
+    and rows fitted, and kept in ``shared`` (a dict) for the other candidates of the layer. None
     where the fit starts otherwise."""
     k = setting.constraints.n_components
     if fit_rows.shape[0] < k or resolve_init("auto", fit_rows.shape,
                                              setting.constraints) != "k-means++":
         return None
-    key = ("k-means++", setting.vector_size, k, setting.row_scales)
+    # the rows fitted count too: vector quantization fits more rows than sparse codes of as
+    # many codewords, and a start drawn from the other's rows would make each estimate depend
+    # on which candidates were estimated before it
+    key = ("k-means++", setting.vector_size, k, setting.row_scales, fit_rows.shape[0])
     if key not in shared:
         shared[key] = kmeans_plusplus_seeds(fit_rows, k, check_random_state(seed), weights)
     return shared[key]

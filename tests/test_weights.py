@@ -1163,6 +1163,21 @@ def test_large_codebooks_add_two_kmeans_settings_and_refuse_a_non_bool():
     assert qsdlearn.weights.default_candidates(np.int64(8)) == plain  # a NumPy integer
 
 
+def test_an_estimate_does_not_depend_on_the_candidates_estimated_before_it():
+    """Vector quantization with 256 codewords fits 8,192 rows, two sparse codes among 256
+    codewords 2,048: the k-means++ start shared between the two was drawn from the rows of
+    whichever came first, so a candidate's estimate changed when the other was not
+    estimated (the plan of all-MiniLM-L6-v2 at 1 b/w changed on 6 of its 41 matrices)."""
+    from qsdlearn.weights import _estimate_candidates
+
+    weight = np.random.default_rng(5).standard_normal((1024, 96)).astype(np.float32)
+    sparse = LayerSetting(8, Constraints(256, 2, 1, 8))
+    vq = LayerSetting(8, Constraints(256, 1, 0, 8))
+    after_sparse = _estimate_candidates(weight, [sparse, vq], 0, 1, None, None)[1]
+    alone = _estimate_candidates(weight, [vq], 0, 1, None, None)[0]
+    assert after_sparse == alone
+
+
 def test_kmeans_estimates_take_32_rows_per_codeword_up_to_8192_rows():
     from qsdlearn.weights import _estimate_rows
 
