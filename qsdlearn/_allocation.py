@@ -88,3 +88,58 @@ def next_steps(estimates, plan):
                 steps.append((slope, name, setting))
     steps.sort(key=lambda step: -step[0])
     return [(name, setting) for _, name, setting in steps]
+
+
+def may_enter(estimates, plans, pending):
+    """The ``pending`` options (known bytes, error not yet estimated) that could enter a
+    plan, for estimates made in two rounds: the cheaper options first, the others only where
+    the allocation of the first round may want them.
+
+    An option ``(b, setting)`` of a layer planned at ``(b0, e0)`` saves at most ``e0`` (its
+    error is not negative), so it saves at most ``e0 / (b - b0)`` per extra byte. Where that
+    is less than what the step to the layer's next hull vertex ``(b1, e1)`` saves per byte,
+    ``(e0 - e1) / (b1 - b0)``, the option comes after that vertex in every order of steps
+    (:func:`allocate`, :func:`next_steps`); and the options estimated in the second round, all
+    of more bytes than the plans', only raise the price of a byte, which moves the other layers
+    down their hulls, not up. So it is left out. A layer at the end of its hull (or with no
+    estimate yet) takes all its pending options; one whose error is zero, none.
+
+    Parameters
+    ----------
+    estimates : dict of str to list of (bytes, error, setting)
+        The first round's options of every layer.
+    plans : list of dict of str to setting
+        The first round's allocations (e.g. with and without ``stop_when_blocked``): an option
+        that may enter any of them is kept.
+    pending : dict of str to list of (bytes, setting)
+        Every layer's options not estimated yet.
+
+    Returns
+    -------
+    dict of str to list of setting
+        Per layer with any, the pending settings to estimate, in ``pending``'s order.
+    """
+    wanted = {}
+    for name, options in pending.items():
+        hull = options_hull(estimates.get(name, []))
+        settings = [option[2] for option in hull]
+        keep = set()
+        for plan in plans:
+            if not hull or plan is None or plan.get(name) not in settings:
+                keep.update(setting for _, setting in options)
+                continue
+            i = settings.index(plan[name])
+            b0, e0, _ = hull[i]
+            if e0 <= 0:
+                continue  # nothing left to gain
+            if i + 1 == len(hull):
+                keep.update(setting for _, setting in options)
+                continue
+            b1, e1, _ = hull[i + 1]
+            next_slope = (e0 - e1) / max(b1 - b0, 1)
+            keep.update(setting for size, setting in options
+                        if e0 / max(size - b0, 1) >= next_slope)
+        kept = [setting for _, setting in options if setting in keep]
+        if kept:
+            wanted[name] = kept
+    return wanted

@@ -655,6 +655,38 @@ def test_a_step_that_does_not_fit_is_taken_on_a_share_of_rows_not_skipped():
     assert _sqnr_db(model, weights) >= _sqnr_db(by_hand, weights) - 0.05
 
 
+@pytest.mark.parametrize("bits", [1.0, 2.25])
+def test_candidates_far_above_the_target_are_estimated_only_where_they_may_count(
+        bits, monkeypatch):
+    """Candidates more than FIRST_ROUND_MARGIN above the target are estimated in a second
+    round, where the allocation or the fill may reach them: fewer estimates, the same file as
+    when every candidate is estimated at once."""
+    import qsdlearn.weights as weights_module
+
+    rng = np.random.default_rng(3)
+    weights = {"a": rng.standard_normal((256, 512)).astype(np.float32),
+               "b": 0.1 * rng.standard_normal((64, 64)).astype(np.float32),
+               "c": rng.laplace(size=(128, 96)).astype(np.float32)}
+    estimated = []
+    original = weights_module._estimate_error
+
+    def counted(setting, *args, **kwargs):
+        estimated.append(setting)
+        return original(setting, *args, **kwargs)
+
+    monkeypatch.setattr(weights_module, "_estimate_error", counted)
+    files = []
+    for margin in (weights_module.FIRST_ROUND_MARGIN, np.inf):
+        monkeypatch.setattr(weights_module, "FIRST_ROUND_MARGIN", margin)
+        estimated.clear()
+        model = compress_weights(weights, bits_per_weight=bits, random_state=0, max_iter=2,
+                                 n_jobs=1)
+        files.append((model.to_bytes(), len(estimated)))
+    (lazy, n_lazy), (every, n_every) = files
+    assert n_lazy < n_every
+    assert lazy == every
+
+
 def test_the_fill_keeps_the_split_that_saves_most_so_more_bits_never_cost_quality():
     """Past 16 codewords of 8 weights, the hull's next setting has 256 codewords, whose 2 KiB
     codebook takes most of a small leftover: a split onto 16 levels of pairs saves more."""
@@ -921,6 +953,23 @@ def test_allocate_stops_at_a_step_that_does_not_fit_when_asked():
     assert allocate(estimates, 150, stop_when_blocked=True) == {"big": "b0", "small": "s0"}
     assert allocate(estimates, 220, stop_when_blocked=True) == {"big": "b1", "small": "s1"}
     assert allocate(estimates, 100) is None
+
+
+def test_may_enter_keeps_the_pending_options_that_could_beat_the_next_hull_vertex():
+    from qsdlearn._allocation import may_enter
+
+    estimates = {"a": [(100, 10.0, "a0"), (200, 5.0, "a1")], "b": [(50, 1.0, "b0")]}
+    pending = {"a": [(300, "a2"), (1000, "a3")], "b": [(80, "b1")]}
+    # a: the step to a1 saves 0.05 per byte; a2 could save 10 / 200, a3 at most 10 / 900.
+    # b is at the end of its hull: all its pending options may enter.
+    assert may_enter(estimates, [{"a": "a0", "b": "b0"}], pending) == {"a": ["a2"],
+                                                                       "b": ["b1"]}
+    # a plan at a1, the end of a's hull, or no plan (None: below the budget) keeps them all
+    assert may_enter(estimates, [{"a": "a1", "b": "b0"}], pending)["a"] == ["a2", "a3"]
+    assert may_enter(estimates, [None], pending)["a"] == ["a2", "a3"]
+    # nothing to gain where the error is already zero
+    assert may_enter({"a": [(100, 0.0, "a0"), (200, 0.0, "a1")]}, [{"a": "a0"}],
+                     {"a": [(300, "a2")]}) == {}
 
 
 def test_next_steps_order_every_better_option_by_error_saved_per_byte():
