@@ -99,10 +99,11 @@ def may_enter(estimates, plans, pending):
     error is not negative), so it saves at most ``e0 / (b - b0)`` per extra byte. Where that
     is less than what the step to the layer's next hull vertex ``(b1, e1)`` saves per byte,
     ``(e0 - e1) / (b1 - b0)``, the option comes after that vertex in every order of steps
-    (:func:`allocate`, :func:`next_steps`); and the options estimated in the second round, all
-    of more bytes than the plans', only raise the price of a byte, which moves the other layers
-    down their hulls, not up. So it is left out. A layer at the end of its hull (or with no
-    estimate yet) takes all its pending options; one whose error is zero, none.
+    (:func:`allocate`, :func:`next_steps`), and it cannot take the vertex off the hull: the
+    hull up to the next vertex is the one with every option. So it is left out. A layer at
+    the end of its hull (or with no estimate yet) takes all its pending options; one whose
+    error is zero, none. (An allocation that skips a step that does not fit may move other
+    layers past where they stood: the caller checks every allocation it makes.)
 
     Parameters
     ----------

@@ -2616,13 +2616,14 @@ def _fill_budget(layout, fixed, plan, estimates, budget, calibrations, heavier, 
 def _pending_in_reach(layout, pending, estimates, plan, left, tried, exhausted):
     """The ``pending`` candidates (name to ``(bytes, setting)`` pairs, or None) that could
     change the moves of :func:`_fill_budget` from ``plan``, which leaves ``left`` bytes. Per
-    tensor, those a move could take at all, and then those whose error decrease per byte from
-    the planned option could reach that of the last move ``tried`` (any, if the moves were
-    ``exhausted``) or of fewer bytes than a move tried on it. A move could take a candidate
-    where its extra bytes over the planned option, or its codebook alone (the least a split
-    adds), fit in what is left plus what the other rows of a split may give back (down to the
-    hull vertex before the planned option, see :func:`_split_bases`). Name to a list of
-    settings, for the tensors with any."""
+    tensor, those whose error decrease per byte from the planned option could reach that of
+    the last move ``tried`` (any, if the moves were ``exhausted``) or of fewer bytes than a
+    move tried on it, and that a move could take at all: switched whole, its extra bytes over
+    the planned option fit in what is left; in a split, its codebook fits in what is left
+    plus what the other rows may give back (down to the hull vertex before the planned
+    option, see :func:`_split_bases`), where no base of the split has more bytes per row than
+    the candidate (otherwise it is kept). Name to a list of settings, for the tensors with
+    any."""
     if not pending:
         return {}
     last = -np.inf if exhausted or not tried else tried[-1][2]
@@ -2639,11 +2640,24 @@ def _pending_in_reach(layout, pending, estimates, plan, left, tried, exhausted):
                      if size < current_bytes), default=0)
         room = left + current_bytes - lower
         shape = layout.shape(name)
+        known = [(size, setting) for size, _, setting in estimates[name]] + list(options)
+        rows_bytes = {setting: size - _codebook_bytes(setting, shape) for size, setting in known}
+
+        def fits(size, setting):
+            if size - current_bytes <= left:  # switched whole
+                return True
+            # A split adds the candidate's codebook, less what its rows save on those of the
+            # base (the planned option or one of more bytes than the hull vertex before it):
+            # nothing, where no base has more bytes per row than the candidate.
+            bases = [rows_bytes[base] for base_size, base in known
+                     if base == plan[name] or lower < base_size < size]
+            return (max(bases) > rows_bytes[setting]
+                    or _codebook_bytes(setting, shape) <= room)
+
         reach = [setting for size, setting in options
-                 if min(size - current_bytes, _codebook_bytes(setting, shape)) <= room
-                 and (size < below.get(name, 0) or (
-                     current_error > 0
-                     and current_error / max(size - current_bytes, 1) >= last))]
+                 if (size < below.get(name, 0) or (
+                     current_error > 0 and current_error / max(size - current_bytes, 1) >= last))
+                 and fits(size, setting)]
         if reach:
             wanted[name] = reach
     return wanted
@@ -2887,10 +2901,25 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
             estimates[name][:] = _options({name: found[name]}, candidates)[name]
             pending[name] = [(size, c) for size, c in pending[name] if c not in wanted[name]]
 
-    complete(may_enter(estimates, [allocate(estimates, budget - overhead, stop_when_blocked=stop)
-                                   for stop in (False, True)], pending))
     return _allocate_and_fill(layout, fixed, estimates, smallest, overhead, budget, calibrations,
                               bits_per_weight, pending, complete)
+
+
+def _allocations(estimates, budget_bytes, pending=None, complete=None):
+    """The allocations of ``budget_bytes`` without and with ``stop_when_blocked``
+    (:func:`~qsdlearn._allocation.allocate`); with ``pending`` candidates, those they may
+    take (:func:`~qsdlearn._allocation.may_enter`) are estimated by ``complete`` and the
+    allocations made again, until none is wanted. (Without ``stop_when_blocked`` a step that
+    does not fit lets other tensors climb past where they stood before, so every allocation
+    is checked, not only the first.) Then each tensor's lower hull up to the step after its
+    planned option is the one every estimate would give, and so are the allocations."""
+    while True:
+        plans = [allocate(estimates, budget_bytes, stop_when_blocked=stop)
+                 for stop in (False, True)]
+        wanted = may_enter(estimates, plans, pending) if pending else {}
+        if not wanted:
+            return plans
+        complete(wanted)
 
 
 def _allocate_and_fill(layout, fixed, estimates, smallest, overhead, budget, calibrations,
@@ -2908,8 +2937,7 @@ def _allocate_and_fill(layout, fixed, estimates, smallest, overhead, budget, cal
     for _ in range(5):
         # Two ways past a step that does not fit: other layers' smaller steps, or stopping
         # there and splitting that layer's rows towards it. The lower estimated error wins.
-        plans = [allocate(estimates, budget - overhead, stop_when_blocked=stop)
-                 for stop in (False, True)]
+        plans = _allocations(estimates, budget - overhead, pending, complete)
         if plans[0] is None:
             # Only the margins are short: the smallest settings fit exactly, and the fill
             # spends what they leave, sizing each move's file exactly.

@@ -972,6 +972,29 @@ def test_may_enter_keeps_the_pending_options_that_could_beat_the_next_hull_verte
                      {"a": [(300, "a2")]}) == {}
 
 
+def test_allocations_estimate_what_a_skipped_step_lets_other_tensors_reach():
+    """Estimated, a2 makes a's next step too big to fit: b climbs past where the first
+    allocation left it, to b3, which may_enter had left out (from a review)."""
+    from qsdlearn._allocation import allocate
+    from qsdlearn.weights import _allocations
+
+    every = {"a": [(0, 100.0, "a0"), (50, 50.0, "a1"), (60, 0.0, "a2")],
+             "b": [(0, 10.0, "b0"), (5, 5.5, "b1"), (10, 3.0, "b2"), (20, 0.0, "b3")]}
+    for budget in (55, 48):
+        estimates = {"a": every["a"][:2], "b": every["b"][:3]}
+        pending = {"a": [(60, "a2")], "b": [(20, "b3")]}
+
+        def complete(wanted):
+            for name, settings in wanted.items():
+                estimates[name] = [o for o in every[name]
+                                   if o in estimates[name] or o[2] in settings]
+                pending[name] = [p for p in pending[name] if p[1] not in settings]
+
+        plans = _allocations(estimates, budget, pending, complete)
+        assert plans == [allocate(every, budget, stop) for stop in (False, True)]
+        assert plans[0] == {"a": "a0", "b": "b3"}
+
+
 def test_next_steps_order_every_better_option_by_error_saved_per_byte():
     from qsdlearn._allocation import next_steps
 
