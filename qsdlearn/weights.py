@@ -2313,6 +2313,7 @@ def compress_weights(
     elif candidates is None:  # the default ones cut d, d/2 and d/4 (and single weights)
         _check_vector_size(vector_size, max(1, vector_size // 4), checkpoint, free)
         candidates = default_candidates(vector_size)
+    held = _fixed_share(fixed, layout)  # what settings= takes, which no candidate changes
     if free and bits_per_weight is not None:
         plan, why_unspent = _plan(layout, free, fixed, bits_per_weight, candidates, base,
                                   n_workers, n_threads, calibrations, sensitivity)
@@ -2340,8 +2341,21 @@ def compress_weights(
     fitted = dict(zip(order, _progress(parallel(jobs), order, verbose)))
     model = layout.model({**kept, **fitted})
     if why_unspent is not None:  # the size of the file itself, not the plan's
-        _warn_if_unspent(why_unspent, bits_per_weight, model.bits_per_weight)
+        _warn_if_unspent(why_unspent, bits_per_weight, model.bits_per_weight, held)
     return model
+
+
+def _fixed_share(fixed, layout):
+    """The remark on the tensors of fixed ``settings`` that a warning or refusal about the
+    budget appends ("" without any): how many and the bits per weight their streams take."""
+    if not fixed:
+        return ""
+    bits = 8 * sum(setting.stream_bytes(layout.shape(name))
+                   for name, setting in fixed.items()) / layout.n_weights
+    n, them = len(fixed), "them" if len(fixed) > 1 else "it"
+    return (f" ({n} tensor{'s' * (n != 1)} with fixed settings take{'s' * (n == 1)} "
+            f"{bits:.3f} bits/weight of it: give {them} cheaper settings=, or leave {them} "
+            "to the target)")
 
 
 def _check_magnitudes(checkpoint, names):
@@ -2722,17 +2736,19 @@ def _why_unspent(plan, estimates, layout):
     return "most precise" if _plan_error(plan, estimates, layout) > 0 else None
 
 
-def _warn_if_unspent(why, bits_per_weight, used):
+def _warn_if_unspent(why, bits_per_weight, used, held=""):
     """Warn when the file takes ``used`` bits per weight, more than 0.05 less than the target,
-    saying ``why`` (``"most precise"`` or ``"left over"``, :func:`_why_unspent`)."""
+    saying ``why`` (``"most precise"`` or ``"left over"``, :func:`_why_unspent`) and, where
+    ``why`` is the first, ``held`` (:func:`_fixed_share`: what fixed settings take)."""
     if used >= bits_per_weight - 0.05:
         return
     if why == "most precise":
+        planned = "every tensor planned" if held else "every tensor"
         warnings.warn(
             f"bits_per_weight={bits_per_weight:g} is more than the candidates can use: the "
-            f"file takes {used:.3f} bits/weight with every tensor at its most precise "
-            "candidate; add finer candidate settings (compress_weights' candidates=) to spend "
-            "more", UserWarning, stacklevel=4)
+            f"file takes {used:.3f} bits/weight with {planned} at its most precise "
+            f"candidate{held}; add finer candidate settings (compress_weights' candidates=) "
+            "to spend more", UserWarning, stacklevel=4)
         return
     warnings.warn(
         f"bits_per_weight={bits_per_weight:g}: the file takes {used:.3f} bits/weight; what is "
@@ -2856,13 +2872,7 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
             advice += (f" ({n} tensor{'s' * (n != 1)} kept verbatim take{'s' * (n == 1)} "
                        f"{kept_bits:.3f} bits/weight of it: under two dimensions, not floats, "
                        f"fewer than {MIN_COMPRESSED_SIZE} elements or matching keep)")
-        if fixed:  # so do the tensors of fixed settings, which the candidates cannot lower
-            fixed_bits = 8 * sum(setting.stream_bytes(layout.shape(name))
-                                 for name, setting in fixed.items()) / layout.n_weights
-            n, them = len(fixed), "them" if len(fixed) > 1 else "it"
-            advice += (f" ({n} tensor{'s' * (n != 1)} with fixed settings take{'s' * (n == 1)} "
-                       f"{fixed_bits:.3f} bits/weight of it: give {them} cheaper settings=, or "
-                       f"leave {them} to the target)")
+        advice += _fixed_share(fixed, layout)  # tensors the candidates cannot lower
         raise _below_reach(bits_per_weight, least_bytes, layout, advice=advice)
     relative = bool(calibrations) or sensitivity is not None
     factors = _sensitivity_factors(sensitivity, free)

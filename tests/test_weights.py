@@ -136,6 +136,14 @@ def test_an_unreachable_target_names_the_share_of_the_tensors_with_fixed_setting
         compress_weights(weights, bits_per_weight=2.0, settings={"a": scalar}, candidates=QUICK)
     assert compress_weights(weights, bits_per_weight=2.0, candidates=QUICK,
                             max_iter=2).bits_per_weight <= 2.0
+    # so does the warning of a target above what the planned tensors can use (a fresh user's
+    # trial: it said every tensor was at its most precise candidate)
+    cheap = LayerSetting(8, Constraints(16, 1, 0, 8))
+    shares = 8 * cheap.stream_bytes((64, 64)) / (2 * 64 * 64)
+    with pytest.warns(UserWarning, match=rf"with every tensor planned at its most precise "
+                                         rf"candidate \(1 tensor with fixed settings takes "
+                                         rf"{shares:.3f} bits/weight of it"):
+        compress_weights(weights, bits_per_weight=9.0, settings={"a": cheap}, max_iter=2)
 
 
 def _check_the_quoted_least_is_met(weights, refused_bits, max_iter):
