@@ -7,6 +7,12 @@ solution on the hulls). This module works on numbers only and imports nothing fr
 """
 
 
+def saving_per_byte(from_bytes, from_error, to_bytes, to_error):
+    """Error decrease per extra byte of a move between two options (at least one byte apart,
+    so that options of equal size do not divide by zero)."""
+    return (from_error - to_error) / max(to_bytes - from_bytes, 1)
+
+
 def options_hull(options):
     """The lower convex hull of ``(bytes, error, setting)`` options, by increasing bytes."""
     hull = []
@@ -50,7 +56,7 @@ def allocate(estimates, budget_bytes, stop_when_blocked=False):
             extra = hull[i + 1][0] - hull[i][0]
             if used + extra > budget_bytes and not stop_when_blocked:
                 continue
-            slope = (hull[i][1] - hull[i + 1][1]) / max(extra, 1)
+            slope = saving_per_byte(*hull[i][:2], *hull[i + 1][:2])
             if slope > best_slope:
                 best, best_slope = name, slope
         if best is None:
@@ -84,7 +90,7 @@ def next_steps(estimates, plan):
         current_bytes, current_error, _ = current[0]
         for size, error, setting in options:
             if error < current_error:
-                slope = (current_error - error) / max(size - current_bytes, 1)
+                slope = saving_per_byte(current_bytes, current_error, size, error)
                 steps.append((slope, name, setting))
     steps.sort(key=lambda step: -step[0])
     return [(name, setting) for _, name, setting in steps]
@@ -92,8 +98,8 @@ def next_steps(estimates, plan):
 
 def may_enter(estimates, plans, pending):
     """The ``pending`` options (known bytes, error not yet estimated) that could enter a
-    plan, for estimates made in two rounds: the cheaper options first, the others only where
-    the allocation of the first round may want them.
+    plan, for estimates made in rounds: the cheaper options first, the others only where an
+    allocation may want them.
 
     An option ``(b, setting)`` of a layer planned at ``(b0, e0)`` saves at most ``e0`` (its
     error is not negative), so it saves at most ``e0 / (b - b0)`` per extra byte. Where that
@@ -108,10 +114,10 @@ def may_enter(estimates, plans, pending):
     Parameters
     ----------
     estimates : dict of str to list of (bytes, error, setting)
-        The first round's options of every layer.
+        The options of every layer estimated so far.
     plans : list of dict of str to setting
-        The first round's allocations (e.g. with and without ``stop_when_blocked``): an option
-        that may enter any of them is kept.
+        Allocations of those options (e.g. with and without ``stop_when_blocked``; None where
+        the budget is too small): an option that may enter any of them is kept.
     pending : dict of str to list of (bytes, setting)
         Every layer's options not estimated yet.
 
@@ -136,10 +142,9 @@ def may_enter(estimates, plans, pending):
             if i + 1 == len(hull):
                 keep.update(setting for _, setting in options)
                 continue
-            b1, e1, _ = hull[i + 1]
-            next_slope = (e0 - e1) / max(b1 - b0, 1)
+            next_slope = saving_per_byte(b0, e0, *hull[i + 1][:2])
             keep.update(setting for size, setting in options
-                        if e0 / max(size - b0, 1) >= next_slope)
+                        if saving_per_byte(b0, e0, size, 0.0) >= next_slope)
         kept = [setting for _, setting in options if setting in keep]
         if kept:
             wanted[name] = kept

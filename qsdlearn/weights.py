@@ -52,7 +52,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, validate_params
 
-from ._allocation import allocate, may_enter, next_steps, options_hull
+from ._allocation import allocate, may_enter, next_steps, options_hull, saving_per_byte
 from ._calibration import LayerCalibration, check_entry
 from ._checkpoint import matching, open_checkpoint
 from ._checks import MAX_BITS_PER_WEIGHT, check_positive_int
@@ -2590,9 +2590,10 @@ def _fill_budget(layout, fixed, plan, estimates, budget, calibrations, heavier, 
             options = estimates[name]
             current_error = _estimated_error(options, current)
             better_error = _estimated_error(options, better)
-            extra = better.stream_bytes(shape) - current.stream_bytes(shape)
-            tried.append((name, better.stream_bytes(shape),
-                          (current_error - better_error) / max(extra, 1)))
+            better_bytes = better.stream_bytes(shape)
+            extra = better_bytes - current.stream_bytes(shape)
+            tried.append((name, better_bytes, saving_per_byte(0, current_error, extra,
+                                                              better_error)))
             if n_splits == 0 and extra <= left and \
                     layout.file_bytes({**fixed, **plan, name: better}) <= budget:
                 switch = (name, better)
@@ -2670,7 +2671,8 @@ def _pending_in_reach(layout, pending, estimates, plan, left, tried, exhausted):
 
         reach = [setting for size, setting in options
                  if (size < below.get(name, 0) or (
-                     current_error > 0 and current_error / max(size - current_bytes, 1) >= last))
+                     current_error > 0
+                     and saving_per_byte(current_bytes, current_error, size, 0.0) >= last))
                  and fits(size, setting)]
         if reach:
             wanted[name] = reach
@@ -2883,11 +2885,17 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
 
     # First round: the candidates up to FIRST_ROUND_MARGIN above the target on each tensor;
     # a tensor none of them could be estimated on takes the others at once.
-    pending = {name: [c for c in candidates if c.stream_bytes(layout.shape(name)) * 8
-                      > (bits_per_weight + FIRST_ROUND_MARGIN) * math.prod(layout.shape(name))]
-               for name in free}
-    found = estimate({name: [c for c in candidates if c not in pending[name]] for name in free})
-    found.update(estimate({name: pending.pop(name) for name in free if not found[name]}))
+    first, pending = {}, {}  # pending: the (bytes, setting) of the candidates not estimated
+    for name in free:
+        shape = layout.shape(name)
+        sized = [(c.stream_bytes(shape), c) for c in candidates]
+        above = [size * 8 > (bits_per_weight + FIRST_ROUND_MARGIN) * math.prod(shape)
+                 for size, _ in sized]
+        first[name] = [c for (_, c), far in zip(sized, above) if not far]
+        pending[name] = [option for option, far in zip(sized, above) if far]
+    found = estimate(first)
+    found.update(estimate({name: [c for _, c in pending.pop(name)]
+                           for name in free if not found[name]}))
     estimates = _options(found, candidates)
     if any(not options for options in estimates.values()):
         empty = sorted(name for name, options in estimates.items() if not options)
@@ -2899,10 +2907,9 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
     overhead = layout.file_bytes({**fixed, **smallest})
     overhead -= sum(smallest[name].stream_bytes(layout.shape(name)) for name in free)
     overhead += ENTRY_MARGIN * len(free) + FILE_MARGIN
-    # Second round: the other candidates where the first round's plans may want them; the fill
-    # of the budget estimates those it may reach as it goes (see _fill_budget).
-    pending = {name: [(c.stream_bytes(layout.shape(name)), c) for c in settings]
-               for name, settings in pending.items() if settings}
+    # Then the others where an allocation may want them (_allocations) and where the fill of
+    # the budget may reach them (_fill_budget), as they go.
+    pending = {name: options for name, options in pending.items() if options}
 
     def complete(wanted):
         """Estimate the ``wanted`` pending candidates (name to settings) into ``estimates``."""
