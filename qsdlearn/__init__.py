@@ -14,14 +14,14 @@ __version__ = "0.1.0.dev0"
 _LAZY = {
     "Constraints": "._constraints",
     "QuantizedSparseDecomposition": "._estimator",
+    "LayerSetting": "._layers",
+    "CompressedModel": "._model",
     "load": "._io",
     "save": "._io",
     "GramAccumulator": ".calibration",
     "metric_blocks": ".calibration",
     "CompressedMatrix": ".codec",
     "sqnr": ".metrics",
-    "CompressedModel": ".weights",
-    "LayerSetting": ".weights",
     "compress_weights": ".weights",
 }
 
@@ -29,10 +29,12 @@ if TYPE_CHECKING:  # what static analysers see; at run time, __getattr__ below
     from ._constraints import Constraints
     from ._estimator import QuantizedSparseDecomposition
     from ._io import load, save
+    from ._layers import LayerSetting
+    from ._model import CompressedModel
     from .calibration import GramAccumulator, metric_blocks
     from .codec import CompressedMatrix
     from .metrics import sqnr
-    from .weights import CompressedModel, LayerSetting, compress_weights
+    from .weights import compress_weights
 
 __all__ = [
     "CompressedMatrix",

@@ -16,7 +16,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from ._estimator import QuantizedSparseDecomposition
 from .metrics import sqnr
-from .weights import from_rows, to_rows
+from ._layers import from_rows, to_rows
 
 
 #: Iterations per fit: the demo compares methods at equal effort and stays under a minute.

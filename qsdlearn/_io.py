@@ -6,7 +6,7 @@ container (:mod:`qsdlearn._container`); it is the only place that knows both kin
 
 from ._container import check_max_elements, read_container, read_file
 from .codec import CompressedMatrix
-from .weights import CompressedModel
+from ._model import CompressedModel
 
 _KINDS = {kind._KIND: kind for kind in (CompressedMatrix, CompressedModel)}
 

@@ -172,7 +172,7 @@ def _decompress(args):
     from ._checkpoint import write_checkpoint
     from ._dtypes import numpy_dtype
     from ._io import load
-    from .weights import CompressedModel
+    from ._model import CompressedModel
 
     _check_output(args, file_only=args.shard_size is None)
     if args.shard_size is not None and args.output.lower().endswith((".safetensors", ".npz")):
@@ -228,7 +228,7 @@ def _shard_size(text):
 
 def _info(args):
     from ._io import load
-    from .weights import CompressedModel
+    from ._model import CompressedModel
 
     obj = _load_named(load, args.file)
     if isinstance(obj, CompressedModel):

@@ -15,9 +15,11 @@ import pytest
 import qsdlearn
 from qsdlearn import CompressedModel, Constraints, LayerSetting, compress_weights
 from qsdlearn._container import FORMAT_VERSION, _metadata_checksum
+from qsdlearn._estimates import _row_scales_pay
+from qsdlearn._layers import ROW_SCALE_BYTES
 from qsdlearn.metrics import sqnr
-from qsdlearn.weights import (ROW_SCALE_BYTES, CompressedLayer, KeptTensor, SplitLayer,
-                              _row_scales_pay, default_candidates, output_row_scales)
+from qsdlearn.weights import (CompressedLayer, KeptTensor, SplitLayer, default_candidates,
+                              output_row_scales)
 
 FAST = LayerSetting(8, Constraints(16, n_nonzero=1, code_bits=0, codebook_bits=8))
 DATA = pathlib.Path(__file__).resolve().parent / "data"

@@ -390,7 +390,7 @@ def test_unusable_tensors_are_rejected_before_any_fit(value, tmp_path, monkeypat
         raise AssertionError("fitted before checking")
 
     monkeypatch.setattr(qsdlearn.weights, "_fit_layer", no_fit)
-    monkeypatch.setattr(qsdlearn.weights, "_estimate", no_fit)
+    monkeypatch.setattr(qsdlearn._planning, "_estimate", no_fit)
     weights = {"w": np.ones((64, 64), np.float32), "vocab": value}
     with pytest.raises(TypeError, match="tensor 'vocab'"):
         compress_weights(weights, bits_per_weight=4.0)
@@ -425,7 +425,7 @@ def test_magnitudes_float32_arithmetic_cannot_take_are_refused_before_any_fit(hu
         raise AssertionError("fitted before checking")
 
     monkeypatch.setattr(qsdlearn.weights, "_fit_layer", no_fit)
-    monkeypatch.setattr(qsdlearn.weights, "_estimate", no_fit)
+    monkeypatch.setattr(qsdlearn._planning, "_estimate", no_fit)
     weights = {"w": np.ones((64, 64), np.float32), "big.weight": huge}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no RuntimeWarning (overflow) on the way
@@ -453,7 +453,8 @@ def test_huge_magnitudes_are_stored_as_they_are_when_not_compressed():
 def test_the_heaviest_rows_are_found_up_to_the_largest_magnitude_compressed():
     """Their squared norms are summed in float64: in float32, those of rows near 2**64
     overflow to infinity and tie."""
-    from qsdlearn.weights import MAX_MAGNITUDE, _heaviest_rows, _held_out_split
+    from qsdlearn._estimates import _heaviest_rows, _held_out_split
+    from qsdlearn.weights import MAX_MAGNITUDE
 
     rng = np.random.default_rng(0)
     X = rng.uniform(-1, 1, (8192, 8)) * 2.0 ** rng.integers(-6, 1, (8192, 1))
@@ -669,23 +670,24 @@ def test_candidates_far_above_the_target_are_estimated_only_where_they_may_count
     """Candidates more than FIRST_ROUND_MARGIN above the target are estimated in a second
     round, where the allocation or the fill may reach them: fewer estimates, the same file as
     when every candidate is estimated at once."""
-    import qsdlearn.weights as weights_module
+    import qsdlearn._estimates as estimates_module
+    import qsdlearn._planning as planning_module
 
     rng = np.random.default_rng(3)
     weights = {"a": rng.standard_normal((256, 512)).astype(np.float32),
                "b": 0.1 * rng.standard_normal((64, 64)).astype(np.float32),
                "c": rng.laplace(size=(128, 96)).astype(np.float32)}
     estimated = []
-    original = weights_module._estimate_error
+    original = estimates_module._estimate_error
 
     def counted(setting, *args, **kwargs):
         estimated.append(setting)
         return original(setting, *args, **kwargs)
 
-    monkeypatch.setattr(weights_module, "_estimate_error", counted)
+    monkeypatch.setattr(estimates_module, "_estimate_error", counted)
     files = []
-    for margin in (weights_module.FIRST_ROUND_MARGIN, np.inf):
-        monkeypatch.setattr(weights_module, "FIRST_ROUND_MARGIN", margin)
+    for margin in (planning_module.FIRST_ROUND_MARGIN, np.inf):
+        monkeypatch.setattr(planning_module, "FIRST_ROUND_MARGIN", margin)
         estimated.clear()
         model = compress_weights(weights, bits_per_weight=bits, random_state=0, max_iter=2,
                                  n_jobs=1)
@@ -721,7 +723,8 @@ def test_a_split_may_keep_its_other_rows_under_a_setting_the_hull_passed_over():
     of k-means (13.8 dB measured). Split from k-means with 32 codewords, 344 rows fit
     (14.3 dB measured)."""
     from qsdlearn._checkpoint import open_checkpoint
-    from qsdlearn.weights import RowSplit, _fill_budget, _Layout, _plan_error, _split_bases
+    from qsdlearn._planning import _Layout, _fill_budget, _plan_error, _split_bases
+    from qsdlearn.weights import RowSplit
 
     shape = (384, 384)
     checkpoint = open_checkpoint({"w": np.zeros(shape, np.float32)})
@@ -760,7 +763,7 @@ def test_the_planner_sizes_files_exactly_with_equal_tensors():
     two tensors of one shape and setting twice, not as tied, and match the file written to
     within the SQNRs' digits (sized at their widest)."""
     from qsdlearn._checkpoint import open_checkpoint
-    from qsdlearn.weights import _Layout
+    from qsdlearn._planning import _Layout
 
     rng = np.random.default_rng(0)
     weights = {n: rng.standard_normal((64, 128)).astype(np.float32) for n in ("a", "b", "c")}
@@ -807,7 +810,7 @@ def test_a_tensor_of_repeated_subvectors_gets_vector_quantization():
 
 
 def test_estimates_lie_between_held_out_and_fitted_errors():
-    from qsdlearn.weights import ESTIMATE_TOWARDS_FITTED, _between
+    from qsdlearn._estimates import ESTIMATE_TOWARDS_FITTED, _between
 
     held_out, fitted = 1e-2, 1e-5  # 20 and 50 dB below the signal
     estimate = _between(held_out, fitted)
@@ -820,9 +823,9 @@ def test_estimates_lie_between_held_out_and_fitted_errors():
 def test_the_heaviest_rows_are_ranked_block_by_block_as_all_at_once(weighted, monkeypatch):
     """Ranked a block at a time (the memory of a block, not of every row), the rows are
     the heaviest of all: the same set as a plain sort of every row's energy."""
-    import qsdlearn.weights as weights_module
-    from qsdlearn.weights import (ESTIMATE_HEAVIEST_ROWS, _heaviest_rows, _held_out_split,
-                                  _row_energies)
+    import qsdlearn._estimates as estimates_module
+    from qsdlearn._estimates import (ESTIMATE_HEAVIEST_ROWS, _heaviest_rows, _held_out_split,
+                                     _row_energies)
 
     rng = np.random.default_rng(4)
     X = rng.standard_normal((20_000, 4)).astype(np.float32)
@@ -838,7 +841,7 @@ def test_the_heaviest_rows_are_ranked_block_by_block_as_all_at_once(weighted, mo
                                   _heaviest_rows(X, split, weights))
     assert np.all(energies >= 0)  # not marked by the ranking
     for block in (1000, 4096, 7777):
-        monkeypatch.setattr(weights_module, "_RANKED_ROWS", block)
+        monkeypatch.setattr(estimates_module, "_RANKED_ROWS", block)
         assert set(_heaviest_rows(X, split, weights).tolist()) == expected
 
 
@@ -848,11 +851,12 @@ def test_a_large_layers_candidates_share_one_ranking_of_its_heaviest_rows(weight
     per sub-vector size for all its candidates, deep enough for the most rows any default
     candidate fits: each candidate's heaviest rows not fitted are those of a plain sort, and
     a candidate that fits more rows than the ranking holds ranks deeper."""
-    import qsdlearn.weights as weights_module
-    from qsdlearn.weights import (ESTIMATE_HEAVIEST_ROWS, LayerSetting, _heaviest_rows,
-                                  _held_out_split, _shared_energies, _shared_ranking)
+    import qsdlearn._estimates as estimates_module
+    from qsdlearn._estimates import (ESTIMATE_HEAVIEST_ROWS, _heaviest_rows, _held_out_split,
+                                     _shared_energies, _shared_ranking)
+    from qsdlearn.weights import LayerSetting
 
-    monkeypatch.setattr(weights_module, "_RANKED_ROWS", 5000)
+    monkeypatch.setattr(estimates_module, "_RANKED_ROWS", 5000)
     rng = np.random.default_rng(5)
     X = rng.standard_normal((30_000, 4)).astype(np.float32)
     weights = rng.uniform(0.5, 2.0, 30_000) if weighted else None
@@ -877,7 +881,7 @@ def test_a_layers_candidates_share_one_draw_of_its_row_permutation():
     """Candidates of more codewords fit more rows: the start kept from the first draw serves
     them (the default candidates' largest, 362 codewords, needs 2,896 + 1,024 rows), and
     their splits are those a draw of their own gives."""
-    from qsdlearn.weights import _held_out_split
+    from qsdlearn._estimates import _held_out_split
 
     shared = {}
     first = _held_out_split(100_000, 1024, seed=3, shared=shared)
@@ -892,8 +896,8 @@ def test_a_layers_candidates_share_one_draw_of_its_row_permutation():
 
 @pytest.mark.parametrize("weighted", [False, True])
 def test_held_out_errors_count_the_heaviest_rows_once_and_scale_the_others(weighted):
-    from qsdlearn.weights import (ESTIMATE_HEAVIEST_ROWS, _heaviest_rows, _held_out_error,
-                                  _held_out_split)
+    from qsdlearn._estimates import (ESTIMATE_HEAVIEST_ROWS, _heaviest_rows, _held_out_error,
+                                     _held_out_split)
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((5000, 8)).astype(np.float32)
@@ -984,7 +988,7 @@ def test_allocations_estimate_what_a_skipped_step_lets_other_tensors_reach():
     """Estimated, a2 makes a's next step too big to fit: b climbs past where the first
     allocation left it, to b3, which may_enter had left out (from a review)."""
     from qsdlearn._allocation import allocate
-    from qsdlearn.weights import _allocations
+    from qsdlearn._planning import _allocations
 
     every = {"a": [(0, 100.0, "a0"), (50, 50.0, "a1"), (60, 0.0, "a2")],
              "b": [(0, 10.0, "b0"), (5, 5.5, "b1"), (10, 3.0, "b2"), (20, 0.0, "b3")]}
@@ -1192,7 +1196,7 @@ def test_report_table_columns_line_up_whatever_the_widths():
 
 def test_shared_starts_permutations_and_energies_leave_every_estimate_unchanged():
     from qsdlearn._calibration import LayerCalibration
-    from qsdlearn.weights import _PERMUTATION_START, _estimate_error
+    from qsdlearn._estimates import _PERMUTATION_START, _estimate_error
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((3000, 8)).astype(np.float32)
@@ -1219,7 +1223,7 @@ def test_shared_starts_permutations_and_energies_leave_every_estimate_unchanged(
 def test_a_codebook_larger_than_its_codes_is_estimated_only_without_a_smaller_candidate():
     """On a 64 x 64 tensor, 256 8-bit codewords of 8 weights take 2 kB against 512 bytes of
     codes: not estimated beside a smaller candidate, estimated when it is the only one."""
-    from qsdlearn.weights import _estimate_candidates
+    from qsdlearn._estimates import _estimate_candidates
 
     weight = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     large = LayerSetting(8, Constraints(256, 1, 0, 8))
@@ -1248,7 +1252,7 @@ def test_an_estimate_does_not_depend_on_the_candidates_estimated_before_it():
     codewords 2,048: the k-means++ start shared between the two was drawn from the rows of
     whichever came first, so a candidate's estimate changed when the other was not
     estimated (the plan of all-MiniLM-L6-v2 at 1 b/w changed on 6 of its 41 matrices)."""
-    from qsdlearn.weights import _estimate_candidates
+    from qsdlearn._estimates import _estimate_candidates
 
     weight = np.random.default_rng(5).standard_normal((1024, 96)).astype(np.float32)
     sparse = LayerSetting(8, Constraints(256, 2, 1, 8))
@@ -1259,7 +1263,7 @@ def test_an_estimate_does_not_depend_on_the_candidates_estimated_before_it():
 
 
 def test_kmeans_estimates_take_32_rows_per_codeword_up_to_8192_rows():
-    from qsdlearn.weights import _estimate_rows
+    from qsdlearn._estimates import _estimate_rows
 
     rows = {(c.constraints.n_components, c.constraints.one_hot): _estimate_rows(c)
             for c in qsdlearn.weights.default_candidates(8, large_codebooks=True)}
@@ -1272,7 +1276,7 @@ def test_kmeans_estimates_take_32_rows_per_codeword_up_to_8192_rows():
 def test_a_large_codebook_is_estimated_when_the_smaller_candidate_would_be_skipped():
     """The smaller candidate has row scales, which do not pay on a Gaussian tensor: it is not
     estimated, so the large codebook must be."""
-    from qsdlearn.weights import _estimate_candidates
+    from qsdlearn._estimates import _estimate_candidates
 
     weight = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     large = LayerSetting(8, Constraints(256, 1, 0, 8))
@@ -1284,7 +1288,7 @@ def test_a_large_codebook_is_estimated_when_the_smaller_candidate_would_be_skipp
 def test_a_sampled_row_scaled_fit_weights_rows_of_large_scale():
     """Row scales spanning four decades: the output rows of largest scale are fitted with
     their weight, as when every row is fitted."""
-    from qsdlearn.weights import _fit_inputs, _scaled_rows
+    from qsdlearn._layer_fit import _fit_inputs, _scaled_rows
 
     rng = np.random.default_rng(2)
     W = (10 ** rng.uniform(-2, 2, size=(128, 1)) * rng.standard_normal((128, 64)))
@@ -1303,7 +1307,8 @@ def test_a_tensor_packs_the_codes_encode_gives_to_each_of_its_rows(case, max_fit
     """The rows fitted keep the fit's codes and the others are encoded: the packed matrix is
     that of encoding every row after the fit, with all rows fitted or a sample of them."""
     from qsdlearn._calibration import LayerCalibration
-    from qsdlearn.weights import _compress_tensor, _fit_inputs, _scaled_rows, to_rows
+    from qsdlearn._layer_fit import _compress_tensor, _fit_inputs, _scaled_rows
+    from qsdlearn.weights import to_rows
 
     rng = np.random.default_rng(4)
     W = (10 ** rng.uniform(-1, 1, size=(64, 1)) * rng.standard_normal((64, 96))).astype(np.float32)
@@ -1329,7 +1334,7 @@ def test_workers_take_the_layers_with_the_most_weights_first():
     """Layers go to the workers largest first (the last to run are the smallest), equals in
     the checkpoint's order; the order of the results follows the checkpoint regardless."""
     from qsdlearn._checkpoint import open_checkpoint
-    from qsdlearn.weights import _largest_first
+    from qsdlearn._planning import _largest_first
 
     rng = np.random.default_rng(0)
     shapes = {"a.weight": (64, 32), "b.weight": (256, 64), "c.weight": (32, 64),

@@ -1,0 +1,319 @@
+"""The compressed forms of one tensor of a model (:class:`CompressedLayer`, :class:`SplitLayer`
+of :class:`RowSplit` blocks, :class:`KeptTensor`) and the entries they write in a model file's
+layer list."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._dtypes import SAFETENSORS_NAMES, cast_reconstruction, to_little_endian_bytes
+from ._layers import LayerSetting, _check_row_scales, from_rows
+from .codec import CompressedMatrix, matrix_payload
+
+
+#: Name of the one tensor of a model file.
+PAYLOAD = "payload"
+#: First field of an entry of a model file's layer list: its kind.
+_KEPT, _COMPRESSED, _SPLIT, _TIED = 0, 1, 2, 3
+#: SQNRs are stored rounded to 0.01 dB and within +-_SQNR_LIMIT dB (the SQNR of float64
+#: data stays within about +-6,400 dB), infinities and NaN as they are, so that a stored
+#: SQNR takes at most 9 characters.
+_SQNR_LIMIT = 99999.99
+#: The widest SQNR a file stores ("-99999.99", as wide as "-Infinity"): the placeholders that
+#: size a planned file carry it, so that the size is an upper bound.
+_WIDEST_SQNR = -_SQNR_LIMIT
+
+
+def _stored_sqnr(value):
+    """An SQNR as a file stores it (see :data:`_SQNR_LIMIT`)."""
+    value = float(value)
+    if math.isfinite(value):
+        return round(min(max(value, -_SQNR_LIMIT), _SQNR_LIMIT), 2)
+    return value
+
+
+def _shape_list(shape):
+    return [int(v) for v in shape]
+
+
+def _setting_fields(layer):
+    """A compressed layer's setting as a file stores it: ``[vector_size, n_components,
+    n_nonzero, code_bits, codebook_bits, component_nonzero, float_bits, row_scales]``
+    (``null`` for ``None``, ``float_bits`` 32 or 64: the dtype of the encoded matrix,
+    ``row_scales`` the bytes of a row scale, :data:`ROW_SCALE_DTYPES`, or 0 without; in
+    format version 3 it was 1 for float16 scales)."""
+    setting = layer.setting
+    c = setting.constraints
+    fields = [setting.vector_size, c.n_components, c.n_nonzero, c.code_bits, c.codebook_bits,
+              c.component_nonzero, layer.matrix.settings.float_bits,
+              0 if layer.row_scales is None else layer.row_scales.itemsize]
+    return [None if value is None else int(value) for value in fields]
+
+
+def _decode_once(matrix):
+    """Decode ``matrix`` without keeping its unpacked factors: they take several times the
+    streams' size, and a model decoded layer by layer must not hold every layer's."""
+    return CompressedMatrix(matrix.settings, matrix.streams).decode()
+
+
+@dataclass
+class CompressedLayer:
+    """One compressed tensor: its matrix, original shape and dtype, setting and fit record.
+
+    Attributes
+    ----------
+    matrix : CompressedMatrix
+        The encoded ``(rows, vector_size)`` matrix of the tensor's sub-vectors.
+    shape : tuple of int
+        Shape of the original tensor.
+    dtype : str
+        Its dtype name (``"bfloat16"`` included), restored on decompression.
+    setting : LayerSetting
+        How it was compressed.
+    sqnr_db : float
+        SQNR of the decompressed tensor against the original, in dB, measured on
+        :meth:`decompressed_float` (before the cast to a 16-bit dtype, whose rounding it
+        leaves out).
+    n_iter : int or None
+        Iterations of the final fit (``None`` when not recorded, e.g. read from a file).
+    converged : bool or None
+        Whether the final fit met its tolerance before ``max_iter`` (``None``: not recorded).
+    output_sqnr_db : float or None
+        SQNR of the layer's output on its calibration data, in dB: ``10 log10`` of
+        ``tr(W H W^T) / tr(E H E^T)`` with ``E`` the weight error and ``H`` the full Gram
+        matrix (or the row-weighted SQNR for row weights). ``None`` without calibration; not
+        stored in files.
+    row_scales : ndarray of shape (shape[0],), float8_e5m2 or float16, or None
+        With ``setting.row_scales``: one positive, finite scale per output row (axis 0 of the
+        tensor), by which :meth:`decompress` multiplies the decoded rows (see
+        :func:`output_row_scales`); stored in files and counted in :attr:`nbytes` and the
+        report's bits (8 bits per output row; 16 for the float16 scales of files of format
+        version 3). Kept as a read-only copy. ``None`` without.
+
+    Raises
+    ------
+    TypeError
+        If ``row_scales`` are neither float8_e5m2 nor float16.
+    ValueError
+        If the matrix is not what ``setting`` makes of a tensor of ``shape``, or
+        ``row_scales`` are given without ``setting.row_scales`` or missing with it, have
+        another shape than ``(shape[0],)``, or hold a scale that is not positive and finite.
+    """
+
+    matrix: CompressedMatrix
+    shape: tuple
+    dtype: str
+    setting: LayerSetting
+    sqnr_db: float
+    n_iter: int | None = None
+    converged: bool | None = None
+    output_sqnr_db: float | None = None
+    row_scales: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.shape = tuple(self.shape)
+        if self.setting.matrix_settings(self.shape, self.matrix.settings.dtype) != \
+                self.matrix.settings:
+            raise ValueError(
+                f"the matrix ({self.matrix.settings}) is not what the setting "
+                f"({self.setting.describe()}) makes of a tensor of shape {self.shape}")
+        if self.setting.row_scales != (self.row_scales is not None):
+            raise ValueError(
+                "row_scales are given without setting.row_scales" if self.row_scales is not None
+                else "setting.row_scales needs row_scales: one scale per output row (see "
+                     "output_row_scales)")
+        if self.row_scales is not None:
+            self.row_scales = _check_row_scales(self.row_scales, self.shape[0])
+
+    @property
+    def nbytes(self):
+        """Bytes of its streams and row scales in a file."""
+        return self.matrix.nbytes + self._scale_bytes()
+
+    def _scale_bytes(self):
+        return 0 if self.row_scales is None else self.row_scales.nbytes
+
+    def decompress(self):
+        """The reconstructed tensor (decoded in float32), in its original shape and dtype.
+
+        With row scales, every decoded output row is multiplied by its scale (in the dtype of
+        the encoded matrix, float32 for every layer :func:`compress_weights` makes) before
+        the cast to the tensor's dtype.
+        """
+        return cast_reconstruction(self.decompressed_float(), self.dtype)
+
+    def decompressed_float(self):
+        """The reconstructed tensor in the encoded matrix's dtype (before the cast of
+        :meth:`decompress`)."""
+        decoded = from_rows(_decode_once(self.matrix), self.shape)
+        if self.row_scales is not None:
+            scales = self.row_scales.astype(decoded.dtype)
+            with np.errstate(over="ignore"):  # past the dtype's range only in a crafted file
+                decoded = decoded * scales.reshape((-1,) + (1,) * (decoded.ndim - 1))
+            top = np.finfo(decoded.dtype).max  # clipped, as the decoded matrix itself is
+            np.clip(decoded, -top, top, out=decoded)
+        return decoded
+
+    def record(self):
+        """What :meth:`CompressedModel.report` shows of this tensor."""
+        scales = 8 * self._scale_bytes()
+        return dict(setting=self.setting.describe(), payload_bits=self.matrix.bits + scales,
+                    sqnr_db=self.sqnr_db, n_iter=self.n_iter, converged=self.converged,
+                    output_sqnr_db=self.output_sqnr_db)
+
+    def file_entry(self, name):
+        """The layer's entry in a file's layer list: ``[1, name, dtype, shape, sqnr_db,
+        setting]`` (see :meth:`CompressedModel.to_bytes`)."""
+        return [_COMPRESSED, name, SAFETENSORS_NAMES[self.dtype], _shape_list(self.shape),
+                _stored_sqnr(self.sqnr_db), _setting_fields(self)]
+
+    def payload(self):
+        """Its bytes in a file: the matrix's streams back to back, then the row scales (a
+        byte each, or little-endian float16), if any."""
+        data = matrix_payload(self.matrix)
+        if self.row_scales is not None:
+            data += to_little_endian_bytes(self.row_scales)
+        return data
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """Two settings sharing one tensor: its first ``rows`` output rows (axis 0) under
+    ``first``, the others under ``second``. The mix of two settings, at any share of rows,
+    is how a point between two vertices of the operational rate–distortion hull is reached.
+
+    Attributes
+    ----------
+    first, second : LayerSetting
+        The settings of the two blocks of rows.
+    rows : int
+        Output rows of the first block.
+    """
+
+    first: LayerSetting
+    second: LayerSetting
+    rows: int
+
+    def blocks(self, shape):
+        """``(setting, block shape, row slice)`` of both blocks of a tensor of ``shape``."""
+        rest = tuple(shape[1:])
+        return [(self.first, (self.rows, *rest), slice(0, self.rows)),
+                (self.second, (shape[0] - self.rows, *rest), slice(self.rows, shape[0]))]
+
+    def describe(self):
+        """A short human-readable form of the split."""
+        return f"{self.rows} rows {self.first.describe()} + rest {self.second.describe()}"
+
+
+@dataclass
+class SplitLayer:
+    """One tensor compressed in two blocks of output rows (see :class:`RowSplit`), with the
+    interface of :class:`CompressedLayer`.
+
+    Attributes
+    ----------
+    parts : list of CompressedLayer
+        The blocks, in row order.
+    shape : tuple of int
+        Shape of the original tensor.
+    dtype : str
+        Its dtype name, restored on decompression.
+    sqnr_db : float
+        SQNR of the whole decompressed tensor, in dB.
+    output_sqnr_db : float or None
+        SQNR of the whole layer's output on its calibration data (see
+        :class:`CompressedLayer`).
+    """
+
+    parts: list
+    shape: tuple
+    dtype: str
+    sqnr_db: float
+    output_sqnr_db: float | None = None
+
+    @property
+    def setting(self):
+        """The :class:`RowSplit` of the tensor."""
+        first, second = self.parts
+        return RowSplit(first.setting, second.setting, first.shape[0])
+
+    @property
+    def nbytes(self):
+        """Bytes of its streams in a file."""
+        return sum(part.nbytes for part in self.parts)
+
+    def decompress(self):
+        """The reconstructed tensor, in its original shape and dtype."""
+        return np.concatenate([part.decompress() for part in self.parts], axis=0)
+
+    def record(self):
+        """What :meth:`CompressedModel.report` shows of this tensor."""
+        records = [part.record() for part in self.parts]
+        n_iter = [r["n_iter"] for r in records]
+        converged = [r["converged"] for r in records]
+        return dict(
+            setting=self.setting.describe(), payload_bits=sum(r["payload_bits"] for r in records),
+            sqnr_db=self.sqnr_db, n_iter=None if None in n_iter else max(n_iter),
+            converged=None if None in converged else all(converged),
+            output_sqnr_db=self.output_sqnr_db,
+        )
+
+    def file_entry(self, name):
+        """The tensor's entry in a file's layer list: ``[2, name, dtype, shape, sqnr_db,
+        parts]``, each part ``[rows, sqnr_db, setting]`` (see :meth:`CompressedModel.to_bytes`)."""
+        parts = [[int(part.shape[0]), _stored_sqnr(part.sqnr_db), _setting_fields(part)]
+                 for part in self.parts]
+        return [_SPLIT, name, SAFETENSORS_NAMES[self.dtype], _shape_list(self.shape),
+                _stored_sqnr(self.sqnr_db), parts]
+
+    def payload(self):
+        """Its bytes in a file: those of its parts, in row order."""
+        return b"".join(part.payload() for part in self.parts)
+
+
+@dataclass
+class KeptTensor:
+    """A tensor stored verbatim (1-D, integer, boolean or small), with the interface of
+    :class:`CompressedLayer`.
+
+    Attributes
+    ----------
+    array : ndarray
+        The tensor itself.
+    """
+
+    array: np.ndarray
+
+    @property
+    def shape(self):
+        """Shape of the tensor."""
+        return self.array.shape
+
+    @property
+    def dtype(self):
+        """Its dtype name."""
+        return self.array.dtype.name
+
+    @property
+    def nbytes(self):
+        """Bytes of the tensor in a file."""
+        return self.array.nbytes
+
+    def decompress(self):
+        """A copy of the tensor."""
+        return self.array.copy()
+
+    def record(self):
+        """What :meth:`CompressedModel.report` shows of this tensor."""
+        return dict(setting=f"kept ({self.dtype})", payload_bits=8 * self.nbytes,
+                    sqnr_db=float("inf"), n_iter=None, converged=None, output_sqnr_db=None)
+
+    def file_entry(self, name):
+        """The tensor's entry in a file's layer list: ``[0, name, dtype, shape]`` (see
+        :meth:`CompressedModel.to_bytes`)."""
+        return [_KEPT, name, SAFETENSORS_NAMES[self.dtype], _shape_list(self.shape)]
+
+    def payload(self):
+        """Its bytes in a file: the little-endian values of its dtype, in C order."""
+        return to_little_endian_bytes(self.array)
