@@ -41,7 +41,8 @@ def _setting_fields(layer):
     """A compressed layer's setting as a file stores it: ``[vector_size, n_components,
     n_nonzero, code_bits, codebook_bits, component_nonzero, float_bits, row_scales]``
     (``null`` for ``None``, ``float_bits`` 32 or 64: the dtype of the encoded matrix,
-    ``row_scales`` the bytes of a row scale, :data:`ROW_SCALE_DTYPES`, or 0 without; in
+    ``row_scales`` the bytes of a row scale,
+    :data:`~qsdlearn._layers.ROW_SCALE_DTYPES`, or 0 without; in
     format version 3 it was 1 for float16 scales)."""
     setting = layer.setting
     c = setting.constraints
@@ -87,9 +88,9 @@ class CompressedLayer:
     row_scales : ndarray of shape (shape[0],), float8_e5m2 or float16, or None
         With ``setting.row_scales``: one positive, finite scale per output row (axis 0 of the
         tensor), by which :meth:`decompress` multiplies the decoded rows (see
-        :func:`output_row_scales`); stored in files and counted in :attr:`nbytes` and the
-        report's bits (8 bits per output row; 16 for the float16 scales of files of format
-        version 3). Kept as a read-only copy. ``None`` without.
+        :func:`~qsdlearn.weights.output_row_scales`); stored in files and counted in
+        :attr:`nbytes` and the report's bits (8 bits per output row; 16 for the float16 scales
+        of files of format version 3). Kept as a read-only copy. ``None`` without.
 
     Raises
     ------

@@ -83,8 +83,9 @@ def _codebook_bytes(setting, shape):
 
 
 def _codebook_share(setting, shape, nbytes):
-    """The share of a candidate's ``nbytes`` on a tensor (its :meth:`LayerSetting.stream_bytes`,
-    row scales included) that its codebook takes."""
+    """The share of a candidate's ``nbytes`` on a tensor (its
+    :meth:`~qsdlearn.LayerSetting.stream_bytes`, row scales included) that its codebook
+    takes."""
     return _codebook_bytes(setting, shape) / max(nbytes, 1)
 
 

@@ -1,6 +1,6 @@
 """What a layer of a model is compressed with: its setting (:class:`LayerSetting`, the default
 candidate settings), the reshape rule from a tensor to the rows of its matrix, and the per-row
-(output-channel) scales."""
+(output-channel) scales; which tensors are compressed at all (:data:`MIN_COMPRESSED_SIZE`)."""
 
 import math
 from dataclasses import dataclass, field, replace
@@ -139,7 +139,7 @@ class LayerSetting:
             The bytes its streams take in a file (each rounded up to a whole byte), its
             row scales (:data:`ROW_SCALE_BYTES` per output row, as :func:`compress_weights`
             makes them; a layer read from a file of format version 3 has float16 ones, two
-            bytes each, :attr:`CompressedLayer.nbytes`) included.
+            bytes each, :attr:`~qsdlearn.weights.CompressedLayer.nbytes`) included.
         """
         scales = ROW_SCALE_BYTES * shape[0] if self.row_scales else 0
         return sum(self.matrix_settings(shape).stream_sizes().values()) + scales
@@ -253,8 +253,8 @@ def output_row_scales(weight):
     OCP 8-bit float with five exponent bits and two mantissa bits, the upper byte of a
     float16), so a scale is within 12.5 % of its row's RMS: enough to bring rows of very
     different scales to about one, for 8 bits a row. Every scale is positive and finite,
-    as :class:`CompressedLayer` requires: an all-zero row (a pruned channel) gets the
-    smallest one, ``2**-14``, so that whatever code it is given decodes to almost nothing,
+    as :class:`~qsdlearn.weights.CompressedLayer` requires: an all-zero row (a pruned channel)
+    gets the smallest one, ``2**-14``, so that whatever code it is given decodes to almost nothing,
     and RMS values outside the normal range, ``[2**-14, 57344]``, are clamped to it (rather
     than rounded to a subnormal with fewer significant bits, to zero or to infinity).
 
@@ -277,7 +277,7 @@ def output_row_scales(weight):
 
     See Also
     --------
-    CompressedLayer : Stores the scales and multiplies the decoded rows by them.
+    qsdlearn.weights.CompressedLayer : Stores the scales and multiplies the decoded rows by them.
 
     Examples
     --------

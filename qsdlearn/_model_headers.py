@@ -76,8 +76,9 @@ def _sqnr_field(raw, name):
 
 
 def _block_field(raw, shape, dtype, sqnr_db, name, version):
-    """A checked stored setting (see :func:`_setting_fields`) of a block of ``shape`` in a file
-    of format ``version`` (3 or 4)."""
+    """A checked stored setting (written by
+    :func:`qsdlearn._compressed_layers._setting_fields`) of a block of ``shape`` in a file of
+    format ``version`` (3 or 4)."""
     scale_bytes = {0: 0, 1: 2} if version == 3 else {0: 0, **{b: b for b in ROW_SCALE_DTYPES}}
     if (not isinstance(raw, list) or len(raw) != 8 or not _is_int(raw[0], 1, 2**31)
             or not _is_int(raw[6]) or raw[6] not in _MATRIX_DTYPES

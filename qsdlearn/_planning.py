@@ -65,8 +65,8 @@ def _kept_share(layout):
 
 
 def _share_remark(n, which, nbytes, layout, why):
-    """" (<n> tensors <which> take <bits> bits/weight of it: <why>)", the bits per weight
-    those of ``nbytes`` take in the file of ``layout``."""
+    """The remark ``" (<n> tensors <which> take <bits> bits/weight of it: <why>)"``, with
+    the bits per weight that ``nbytes`` take in the file of ``layout``."""
     bits = 8 * nbytes / layout.n_weights
     return (f" ({n} tensor{'s' * (n != 1)} {which} take{'s' * (n == 1)} {bits:.3f} "
             f"bits/weight of it: {why})")

@@ -34,11 +34,13 @@ by :func:`qsdlearn._allocation.allocate`.
 
 Modules
 -------
-This module holds :func:`compress_weights` and its checks; the rest of the adapter is below it,
-each module importing only from those before it: the layer settings, reshape rule and row
-scales (``_layers``), the compressed layers (``_compressed_layers``), the model and its file
-(``_model_headers``, ``_model``), the fit of one layer (``_layer_fit``), the candidates'
-error estimates (``_estimates``) and the plan (``_planning``).
+This module holds :func:`compress_weights` with its checks and :func:`read_weights`; the rest
+of the adapter is in modules below it, each importing only from those before it: the layer
+settings, reshape rule (:func:`to_rows`) and row scales (``_layers``), the compressed layers
+and the entries they write in a file's layer list (``_compressed_layers``), the reading of
+that list (``_model_headers``), the model and its file image (``_model``), the fit of one
+layer (``_layer_fit``), the candidates' error estimates (``_estimates``) and the plan
+(``_planning``).
 """
 
 import glob
@@ -57,19 +59,20 @@ from sklearn.utils._param_validation import Interval, validate_params
 from ._calibration import check_entry
 from ._checkpoint import matching, open_checkpoint
 from ._checks import MAX_BITS_PER_WEIGHT
-from ._compressed_layers import KeptTensor
 from ._layer_fit import _CalibrationSource, _fit_layer, _layer_seed
-from ._layers import (MIN_COMPRESSED_SIZE, LayerSetting, _is_compressible, default_candidates,
-                      output_row_scales)
 from ._model import CompressedModel
 from ._params import refuse_bools
 from ._planning import (_below_reach, _budget_bytes, _fixed_share, _largest_first, _Layout,
                         _plan, _warn_if_unspent)
-
-# defined below, and importable from here as before the adapter was split into modules
-from ._compressed_layers import CompressedLayer, RowSplit, SplitLayer  # noqa: F401
+# Names that lived in this module before the adapter was split by topic, importable from it as
+# before (the noqa ones are not used here). The planner's tunables (ESTIMATE_*,
+# FIRST_ROUND_MARGIN, ...) are not: set on this module they would change nothing.
+from ._compressed_layers import (PAYLOAD, CompressedLayer, KeptTensor,  # noqa: F401
+                                 RowSplit, SplitLayer)
 from ._layer_fit import sample_rows  # noqa: F401
-from ._layers import from_rows, rows_of, to_rows  # noqa: F401
+from ._layers import (MIN_COMPRESSED_SIZE, ROW_SCALE_BYTES, ROW_SCALE_DTYPES,  # noqa: F401
+                      ROW_SCALE_RANGE, LayerSetting, _is_compressible, default_candidates,
+                      from_rows, output_row_scales, rows_of, to_rows)
 
 
 __all__ = ["CompressedModel", "LayerSetting", "compress_weights", "default_candidates",
