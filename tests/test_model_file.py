@@ -340,6 +340,24 @@ def test_output_row_scales():
         output_row_scales(np.ones((2, 3), np.complex64))
 
 
+def test_output_row_scales_read_a_large_tensor_in_blocks_with_the_same_result(monkeypatch):
+    """Read a block of rows at a time (the memory of a block, not a float64 copy of the whole
+    tensor): the same scales as all rows at once, a NaN in a later block still refused."""
+    import qsdlearn._layers as layers
+
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal((37, 5, 3)) * 10.0 ** rng.uniform(-6, 6, (37, 1, 1)))
+    whole = output_row_scales(weight)
+    for block in (1, 15, 16, 100):  # elements: one row (15) a block and less, or several rows
+        monkeypatch.setattr(layers, "_SCALE_BLOCK", block)
+        np.testing.assert_array_equal(output_row_scales(weight).view(np.uint8),
+                                      whole.view(np.uint8))
+        damaged = weight.copy()
+        damaged[30, 2, 1] = np.nan
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            output_row_scales(damaged)
+
+
 def test_output_row_scales_are_the_nearest_8_bit_floats():
     """Brute force: each scale is the positive normal float8_e5m2 nearest to its row's RMS,
     so within 12.5 % of it (two mantissa bits)."""
