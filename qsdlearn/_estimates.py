@@ -92,28 +92,30 @@ def _codebook_share(setting, shape, nbytes):
 #: The most rows a candidate of ``default_candidates()`` fits for its estimate (8,192: vector
 #: quantization with 256 codewords; see _estimate_rows).
 _MOST_FIT_ROWS = max(512 * ESTIMATE_ROWS_PER_CODEWORD, ESTIMATE_ONE_HOT_MAX_ROWS)
-#: Rows of a layer's permutation kept for its candidates' estimates (see _held_out_split).
-_PERMUTATION_START = _MOST_FIT_ROWS + ESTIMATE_HELD_OUT_ROWS
+#: Rows of a layer drawn once for its candidates' estimates (see _held_out_split).
+_ROWS_DRAWN = _MOST_FIT_ROWS + ESTIMATE_HELD_OUT_ROWS
 
 
 def _held_out_split(n_rows, fit_rows, seed, shared=None):
     """Rows to fit and disjoint rows to measure an estimate on, drawn with ``seed``; None
     when the layer has too few rows to hold any out (the estimate is then measured on the
-    rows fitted, as the final fit of all rows is). Both are the start of a permutation that
-    depends on ``n_rows`` and ``seed`` only; the start in use is kept in ``shared`` (a dict)
-    for the other candidates of the layer (the start alone: a whole permutation of a large
-    tensor's sub-vectors would add to the peak memory)."""
+    rows fitted, as the final fit of all rows is). Both are the start of one uniform draw
+    without replacement, in random order, of as many rows as every default candidate needs
+    (more for a candidate that needs more): a function of ``n_rows``, ``seed`` and that
+    number alone, kept in ``shared`` (a dict) for the other candidates of the layer. The draw
+    takes memory in proportion to the rows drawn (NumPy's ``Generator.choice``, Floyd's
+    algorithm on large layers), not to ``n_rows``: a permutation of all the sub-vectors of a
+    4096 x 4096 matrix cut into single weights took 128 MiB for the 9,216 rows kept."""
     needed = fit_rows + ESTIMATE_HELD_OUT_ROWS
     if n_rows < needed:
         return None
     shared = {} if shared is None else shared
-    key = ("permutation", n_rows)
-    if key not in shared or shared[key].size < needed:
-        # a start long enough for every default candidate (the most rows, 8,192, are those
-        # of vector quantization with 256 codewords), so that the permutation is drawn once
-        # per layer and row count
-        kept = max(needed, _PERMUTATION_START)
-        shared[key] = np.random.default_rng(seed).permutation(n_rows)[:kept].copy()
+    # as many rows as the default candidate that fits the most rows needs (8,192: vector
+    # quantization with 256 codewords), so that one draw serves every default candidate
+    size = min(n_rows, max(needed, _ROWS_DRAWN))
+    key = ("row draw", n_rows, size)
+    if key not in shared:
+        shared[key] = np.random.default_rng(seed).choice(n_rows, size, replace=False)
     order = shared[key]
     return order[:fit_rows], order[fit_rows:needed]
 
@@ -235,7 +237,7 @@ def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibratio
     results = []
     scales_pay = _row_scales_pay(weight)
     scaled = None  # the normalised rows and their weights, the same for every row-scaled setting
-    shared = {}  # k-means++ starts, row permutations and energies, for all the candidates
+    shared = {}  # k-means++ starts, row draws and energies, for all the candidates
 
     def eligible(setting):
         return _fits(setting, weight.shape) and not (setting.row_scales and (
@@ -337,7 +339,7 @@ def _estimate_error(setting, X, calibration, seed, n_threads, shared=None):
     """The error of one candidate on the sub-vectors ``X`` of a layer (see :func:`_estimate`),
     or None when the layer has fewer sub-vectors than the candidate has codewords. ``shared``
     (a dict, kept across the candidates of a layer) shares their k-means++ starts
-    (:func:`_shared_seeds`), row permutations (:func:`_held_out_split`) and the rows' energies
+    (:func:`_shared_seeds`), row draws (:func:`_held_out_split`) and the rows' energies
     (:func:`_shared_energies`, :func:`_shared_ranking`)."""
     est = setting.estimator(random_state=seed, n_threads=n_threads, max_iter=ESTIMATE_MAX_ITER)
     fit_rows = _estimate_rows(setting)

@@ -877,21 +877,43 @@ def test_a_large_layers_candidates_share_one_ranking_of_its_heaviest_rows(weight
         assert set(_heaviest_rows(X, split, weights).tolist()) == expected
 
 
-def test_a_layers_candidates_share_one_draw_of_its_row_permutation():
-    """Candidates of more codewords fit more rows: the start kept from the first draw serves
-    them (the default candidates' largest, 362 codewords, needs 2,896 + 1,024 rows), and
-    their splits are those a draw of their own gives."""
-    from qsdlearn._estimates import _held_out_split
+def test_a_layers_candidates_share_one_draw_of_its_rows():
+    """Candidates of more codewords fit more rows: the rows of the first draw serve them (the
+    default candidates' largest, 362 codewords, needs 2,896 + 1,024 rows), and their splits
+    are those a draw of their own gives; a candidate that needs more rows than the draw
+    holds draws its own, which leaves the others' splits as they were."""
+    from qsdlearn._estimates import _ROWS_DRAWN, _held_out_split
 
     shared = {}
     first = _held_out_split(100_000, 1024, seed=3, shared=shared)
-    drawn = shared[("permutation", 100_000)]
-    for fit_rows in (1448, 2048, 2896):
+    key = ("row draw", 100_000, _ROWS_DRAWN)
+    drawn = shared[key]
+    assert drawn.shape == (_ROWS_DRAWN,) and np.unique(drawn).size == _ROWS_DRAWN
+    for fit_rows in (1448, 2048, 2896, 20_000, 2048):
         split = _held_out_split(100_000, fit_rows, seed=3, shared=shared)
-        assert shared[("permutation", 100_000)] is drawn
+        assert shared[key] is drawn
         for part, alone in zip(split, _held_out_split(100_000, fit_rows, seed=3)):
             np.testing.assert_array_equal(part, alone)
+        assert np.intersect1d(*split).size == 0
     np.testing.assert_array_equal(first[0], drawn[:1024])
+    assert ("row draw", 100_000, 21_024) in shared
+
+
+def test_a_row_draw_takes_memory_in_proportion_to_the_rows_drawn():
+    """The split of a layer of 16.7 M sub-vectors (a 4096 x 4096 matrix of single weights)
+    allocates about the rows drawn, not a permutation of every row (128 MiB)."""
+    import tracemalloc
+
+    from qsdlearn._estimates import _held_out_split
+
+    tracemalloc.start()
+    try:
+        fitted, held_out = _held_out_split(4096 * 4096, 2048, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
+    assert fitted.max() < 4096 * 4096 and np.intersect1d(fitted, held_out).size == 0
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -1194,9 +1216,9 @@ def test_report_table_columns_line_up_whatever_the_widths():
         assert line[end - 1].isdigit() and line[end] == " "
 
 
-def test_shared_starts_permutations_and_energies_leave_every_estimate_unchanged():
+def test_shared_starts_row_draws_and_energies_leave_every_estimate_unchanged():
     from qsdlearn._calibration import LayerCalibration
-    from qsdlearn._estimates import _PERMUTATION_START, _estimate_error
+    from qsdlearn._estimates import _ROWS_DRAWN, _estimate_error
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((3000, 8)).astype(np.float32)
@@ -1211,13 +1233,12 @@ def test_shared_starts_permutations_and_energies_leave_every_estimate_unchanged(
             alone = _estimate_error(setting, X, calibration, 7, 1)
             shared = _estimate_error(setting, X, calibration, 7, 1, kept)
             assert shared == alone
-        # one start per (size, codebook size, row scaling), one permutation of the rows, the
-        # rows' energies once per (size, row scaling)
+        # one start per (size, codebook size, row scaling), one draw of rows, the rows'
+        # energies once per (size, row scaling)
         assert sorted(key[0] for key in kept) == [
-            "k-means++", "k-means++", "permutation", "row energies", "row energies"]
-        # only a start of the permutation (a whole one of a large layer adds to the peak
-        # memory), long enough for every default candidate
-        assert kept[("permutation", 3000)].size == min(3000, _PERMUTATION_START)
+            "k-means++", "k-means++", "row draw", "row energies", "row energies"]
+        # as many rows as every default candidate needs (all of a small layer)
+        assert kept[("row draw", 3000, 3000)].size == min(3000, _ROWS_DRAWN)
 
 
 def test_a_codebook_larger_than_its_codes_is_estimated_only_without_a_smaller_candidate():
