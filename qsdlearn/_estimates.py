@@ -199,8 +199,9 @@ def _between(held_out, fitted):
 
 def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None, wanted=None):
     """For each candidate: bytes of the layer's streams (exact) and its error (from a row
-    sample), or ``None`` when the sample is too small for it or it is not among ``wanted``
-    (a collection of settings; None: all). Reads the layer once.
+    sample), or ``None`` when the sample is too small for it or its position in
+    ``candidates`` is not among ``wanted`` (a collection of ints; None: all). Reads the layer
+    once.
 
     The error is the squared weight error (weighted by the row weights, or by the squared
     row scales of a setting with them, :func:`_scaled_rows`), fitted on a sample
@@ -224,7 +225,7 @@ def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None
 
 def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibration, wanted=None):
     """The loop of :func:`_estimate` over the candidates (relative errors when ``energy`` is
-    given; only those in ``wanted`` when given, the others None).
+    given; only those at the positions ``wanted`` when given, the others None).
 
     Candidates with sparse or dense codes whose codebook takes more than
     :data:`MAX_CODEBOOK_SHARE` of their bytes are skipped where a candidate of fewer bytes fits
@@ -245,8 +246,8 @@ def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibratio
 
     sizes = [c.stream_bytes(weight.shape) if eligible(c) else None for c in candidates]
     smallest = min((n for n in sizes if n is not None), default=0)
-    for setting, nbytes in zip(candidates, sizes):
-        if nbytes is None or (wanted is not None and setting not in wanted) or (
+    for position, (setting, nbytes) in enumerate(zip(candidates, sizes)):
+        if nbytes is None or (wanted is not None and position not in wanted) or (
                 nbytes > smallest and _codebook_share(setting, weight.shape, nbytes)
                 > _share_limit(setting)):
             results.append(None)

@@ -431,10 +431,15 @@ def _estimate_layers(layout, wanted, candidates, base, n_jobs, n_threads, calibr
     if not wanted:
         return {}
     order = _largest_first(list(wanted), layout.checkpoint)
+    # the wanted candidates by their positions, a tuple of ints: Dask's joblib backend
+    # scatters an argument of more than 1 kB and gives back the futures of a set's items in
+    # their place (a frozenset of settings arrived as one of futures, which no setting is in)
+    positions = {name: tuple(i for i, c in enumerate(candidates) if c in wanted[name])
+                 for name in order}
     results = joblib.Parallel(n_jobs=n_jobs)(
         joblib.delayed(_estimate)(
             layout.checkpoint.ref(name), candidates, _layer_seed(base, name), n_threads,
-            relative, calibrations.get(name), frozenset(wanted[name]),
+            relative, calibrations.get(name), positions[name],
         )
         for name in order
     )

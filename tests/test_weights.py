@@ -316,7 +316,13 @@ def test_serial_joblib_and_dask_give_identical_models(tmp_path):
             safetensors_numpy.save_file(weights, str(path))
             from_file = compress_weights(path, settings=FAST, random_state=3, max_iter=5,
                                          n_jobs=2)
+            # and a budget: the planner's estimates run on the workers too (a set of the
+            # settings to estimate arrived there as a set of futures: "no candidate fits")
+            planned_on_dask = compress_weights(weights, bits_per_weight=2.0, random_state=3,
+                                               max_iter=2, n_jobs=2)
     assert on_dask.to_bytes() == serial.to_bytes()
+    assert planned_on_dask.to_bytes() == compress_weights(
+        weights, bits_per_weight=2.0, random_state=3, max_iter=2, n_jobs=1).to_bytes()
     assert set(from_file.decompress()) == set(serial.decompress())
     by_name = compress_weights(dict(sorted(weights.items())), settings=FAST, random_state=3,
                                max_iter=5)
