@@ -24,7 +24,8 @@ Tied tensors
 ------------
 Tensors with the same dtype, shape and content (tied embeddings, or any exact copy) are
 compressed once; the file stores the others as ``tied`` to the first, and decompression
-restores every name.
+restores every name. Names that match a ``keep`` pattern are tied only among themselves: a
+copy of a compressed tensor that ``keep`` names is stored verbatim.
 
 Rate
 ----
@@ -225,7 +226,8 @@ def compress_weights(
         :func:`~qsdlearn.weights.default_candidates`).
     keep : list of str, optional
         Glob patterns (:func:`fnmatch.fnmatchcase`) of tensor names to store verbatim,
-        e.g. ``["*embed*", "lm_head.*", "*norm*"]``.
+        e.g. ``["*embed*", "lm_head.*", "*norm*"]``; a name that matches is stored verbatim
+        even where its tensor is a copy of one compressed (a tied ``lm_head``).
     calibration : mapping of str to array-like, or str / path-like, optional
         Data-aware compression: under a tensor's own name, either the Gram matrix ``A^T A``
         of its inputs (shape ``(in, in)``, ``in`` the product of its axes after the first;
@@ -367,9 +369,12 @@ def compress_weights(
         verbose = sys.stderr.isatty()
     base = check_random_state(random_state).randint(2**31)
 
-    # Tied tensors: every name to the first name with the same digest.
+    # Tied tensors: every name to the first name with the same digest, among the names that
+    # match keep and among the others apart (a copy of a compressed tensor that keep names,
+    # such as a tied lm_head, is kept verbatim as asked, not tied to the lossy one).
     first_of = {}
-    tied = {name: first_of.setdefault(digests[name], name) for name in checkpoint.names}
+    tied = {name: first_of.setdefault((digests[name], matching(name, keep or ())), name)
+            for name in checkpoint.names}
     distinct = [name for name in checkpoint.names if tied[name] == name]
     compressible = [
         name for name in distinct

@@ -505,6 +505,25 @@ def test_tied_tensors_are_stored_once(tmp_path):
     assert loaded.to_bytes() == model.to_bytes()
 
 
+def test_a_copy_that_keep_names_is_kept_verbatim_not_tied_to_the_compressed_tensor():
+    """keep=["lm_head.*"] with lm_head tied to the embedding: lm_head was stored as tied to
+    the compressed embedding and decompressed lossily, without a word (a fresh user's
+    trial); it is kept verbatim, its copies that keep names too are tied to it, and the
+    embedding is compressed."""
+    weights = small_model()
+    weights["lm_head.weight"] = weights["embed.weight"]
+    weights["lm_head.copy"] = weights["embed.weight"].copy()
+    model = compress_weights(weights, settings=FAST, random_state=0, max_iter=2,
+                             keep=["lm_head.*"])
+    assert model.tied_to("lm_head.copy") == "lm_head.weight"
+    assert isinstance(model.layers["lm_head.weight"], KeptTensor)
+    assert isinstance(model.layers["embed.weight"], CompressedLayer)
+    restored = model.decompress()
+    np.testing.assert_array_equal(restored["lm_head.weight"], weights["embed.weight"])
+    np.testing.assert_array_equal(restored["lm_head.copy"], weights["embed.weight"])
+    assert not np.array_equal(restored["embed.weight"], weights["embed.weight"])
+
+
 def test_decompress_one_tensor():
     model = compress_weights(small_model(), settings=FAST, random_state=0, max_iter=2)
     np.testing.assert_array_equal(model.decompress("conv.weight"),
