@@ -216,8 +216,22 @@ def open_checkpoint(source):
     else:
         raise TypeError(f"weights must be a mapping name -> array or a path, got {type(source)}")
     for info in checkpoint.infos.values():
+        _check_name(info.name)
         check_dtype(info.name, info.dtype)
     return checkpoint
+
+
+def _check_name(name):
+    """Refuse a tensor name that a file cannot store as it is: one that is not valid Unicode
+    (a lone surrogate, which UTF-8 cannot encode) or that holds the NUL character (a ``.npz``
+    member's name ends there: two such names were written as one)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"tensor name {name!r} is not valid Unicode (UTF-8 cannot encode it): "
+                         "rename the tensor") from None
+    if "\x00" in name:
+        raise ValueError(f"tensor name {name!r} holds the NUL character: rename the tensor")
 
 
 def _open_mapping(mapping):
@@ -476,6 +490,8 @@ def write_checkpoint(path, names, read, max_shard_bytes=None):
         The files written.
     """
     path = os.fspath(path)
+    for name in names:  # a file read with such names (its checks come from other writers)
+        _check_name(name)
     if max_shard_bytes is not None:
         return _write_shards(path, names, read, max_shard_bytes)
     suffix = _suffix(path)

@@ -107,6 +107,18 @@ def test_bfloat16_saved_in_npz_gets_advice(tmp_path):
         open_checkpoint(tmp_path / "m.npz")
 
 
+@pytest.mark.parametrize("name, words", [("a\x00x", "NUL character"),
+                                         ("\ud800", "not valid Unicode")])
+def test_names_a_file_cannot_store_are_refused_on_reading_and_writing(name, words, tmp_path):
+    """A NUL ends a .npz member's name (two names were written as one, a fresh user's trial);
+    a lone surrogate failed as a UnicodeEncodeError in the middle of the fits."""
+    with pytest.raises(ValueError, match=f"tensor name .* {words}.*rename the tensor"):
+        open_checkpoint({name: np.ones((4, 4), np.float32)})
+    with pytest.raises(ValueError, match=words):
+        write_checkpoint(tmp_path / "m.npz", {name: 64}, lambda _: np.ones((4, 4), np.float32))
+    assert not (tmp_path / "m.npz").exists()
+
+
 def test_values_numpy_cannot_read_are_named():
     class Unreadable:
         def __array__(self, dtype=None, copy=None):
