@@ -248,6 +248,8 @@ def _open_mapping(mapping):
                 f"tensor {name!r} cannot be read as a NumPy array ({exc}); pass arrays, e.g. "
                 "v.float().numpy() for a bfloat16 torch tensor"
             ) from None
+        if not array.dtype.isnative and array.dtype.name in SAFETENSORS_NAMES:
+            array = array.astype(array.dtype.newbyteorder("="))  # as the estimator takes it
         infos.append(TensorInfo(name, array.shape, array.dtype))
         refs[name] = ArrayRef(array)
     return Checkpoint(infos, refs, "the weights")

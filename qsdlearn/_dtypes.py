@@ -111,7 +111,10 @@ def check_dtype(tensor, dtype):
     dtype = np.dtype(dtype)
     if dtype.name in SAFETENSORS_NAMES and dtype.isnative:
         return
-    if dtype.type.__module__ == "ml_dtypes":  # NumPy sees them as raw records
+    if dtype.name in SAFETENSORS_NAMES:  # of the other byte order (e.g. in a .npz file)
+        advice = (f"its byte order is not this machine's; store it as {dtype.name} in native "
+                  "byte order (array.astype(array.dtype.newbyteorder('=')))")
+    elif dtype.type.__module__ == "ml_dtypes":  # NumPy sees them as raw records
         advice = ("it has no codec for the 8-, 6- and 4-bit types of ml_dtypes; cast the "
                   "tensor to float16, bfloat16 or float32 (or to int8)")
     else:
