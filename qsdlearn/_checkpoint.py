@@ -255,6 +255,12 @@ def _open_mapping(mapping):
     return Checkpoint(infos, refs, "the weights")
 
 
+def _compressed_file(path):
+    """The error for a compressed qsdlearn file given where weights are expected."""
+    return ValueError(f"{path} is a compressed qsdlearn file, not weights: decompress it "
+                      "first (qsdlearn decompress, or qsdlearn.load(path).decompress())")
+
+
 def _check_regular_file(path):
     """Refuse a device or a pipe (:func:`~qsdlearn._container.is_device_or_pipe`)."""
     if is_device_or_pipe(path):
@@ -306,6 +312,8 @@ def _open_path(path):
         return _open_npz(path)
     if suffix == ".safetensors":
         return _open_shards([path], path)
+    if suffix == ".qsd":
+        raise _compressed_file(path)
     raise ValueError(
         f"cannot read {path}: expected a .npz or .safetensors file, a {INDEX_SUFFIX} index "
         "or a folder of .safetensors files"
@@ -391,9 +399,7 @@ def _open_shards(paths, source):
         try:
             with safe_open(path, framework="np") as file:
                 if (file.metadata() or {}).get("format") == FORMAT_NAME:
-                    raise ValueError(
-                        f"{path} is a compressed qsdlearn file, not weights: decompress it "
-                        "first (qsdlearn decompress, or qsdlearn.load(path).decompress())")
+                    raise _compressed_file(path)
                 for name in file.keys():
                     if name in refs:
                         raise ValueError(f"tensor {name!r} is in two shards of {source}")

@@ -483,6 +483,10 @@ def read_file(path):
     (:func:`is_device_or_pipe`)."""
     if not isinstance(path, (str, bytes, os.PathLike)):  # open() takes an int for a descriptor
         raise TypeError(f"expected a file name (str or path-like), got {type(path).__name__}")
+    if isinstance(path, bytes) and b"\x00" in path:  # no file name holds NUL: a file's bytes
+        raise TypeError("expected a file name (str or path-like), got bytes holding NUL (a "
+                        "file's content?): read those with CompressedModel.from_bytes or "
+                        "CompressedMatrix.from_bytes")
     if is_device_or_pipe(path):
         raise ValueError("not a qsdlearn file: not a regular file (a device or a pipe)")
     with open(path, "rb") as file:

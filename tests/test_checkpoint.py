@@ -140,6 +140,21 @@ def test_arrays_of_the_other_byte_order_are_taken_in_memory_and_named_in_files(t
         open_checkpoint(tmp_path / "m.npz")
 
 
+def test_a_compressed_file_given_for_weights_or_its_bytes_for_a_path_is_named(tmp_path):
+    """A .qsd file passed as weights got the generic "expected .npz or .safetensors" (the same
+    file renamed .safetensors was named); a file's bytes given to load got "stat: embedded
+    null character in path" (a fresh user's trials)."""
+    weights = {"w": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)}
+    setting = qsdlearn.LayerSetting(8, qsdlearn.Constraints(16, n_nonzero=1, code_bits=0))
+    path = tmp_path / "m.qsd"
+    qsdlearn.compress_weights(weights, settings=setting, max_iter=1).save(path)
+    with pytest.raises(ValueError, match="m.qsd is a compressed qsdlearn file, not weights"):
+        open_checkpoint(path)
+    with pytest.raises(TypeError, match="bytes holding NUL .a file's content.*from_bytes"):
+        qsdlearn.load(path.read_bytes())
+    assert isinstance(qsdlearn.load(os.fsencode(path)), qsdlearn.CompressedModel)
+
+
 def test_values_numpy_cannot_read_are_named():
     class Unreadable:
         def __array__(self, dtype=None, copy=None):
