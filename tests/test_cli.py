@@ -557,6 +557,10 @@ def test_an_interrupt_while_the_library_loads_exits_130_without_a_traceback(
     script = textwrap.dedent("""
         import signal, sys
 
+        # Ctrl-C as in a terminal, even where the test runner was started with SIGINT ignored
+        # (a background job of a shell without job control), which a child inherits
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
         class Interrupt:  # the SIGINT arrives as the first heavy library starts to load
             def find_spec(self, name, path=None, target=None):
                 if name in ("numba", "scipy", "sklearn"):
