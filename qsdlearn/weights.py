@@ -369,12 +369,17 @@ def compress_weights(
         verbose = sys.stderr.isatty()
     base = check_random_state(random_state).randint(2**31)
 
-    # Tied tensors: every name to the first name with the same digest, among the names that
-    # match keep and among the others apart (a copy of a compressed tensor that keep names,
-    # such as a tied lm_head, is kept verbatim as asked, not tied to the lossy one).
-    first_of = {}
-    tied = {name: first_of.setdefault((digests[name], matching(name, keep or ())), name)
-            for name in checkpoint.names}
+    # Tied tensors: every name to the first name with the same digest; except that a name
+    # keep matches is not tied to a first that is compressed (a tied lm_head that keep names
+    # is kept verbatim as asked, not tied to the lossy embedding): it goes to the first such
+    # name of its group instead. Copies of a tensor stored verbatim stay tied to it.
+    first_of, first_kept, tied = {}, {}, {}
+    for name in checkpoint.names:
+        first = first_of.setdefault(digests[name], name)
+        lossy = _is_compressible(checkpoint.infos[first]) and not matching(first, keep or ())
+        if lossy and matching(name, keep or ()):
+            first = first_kept.setdefault(digests[name], name)
+        tied[name] = first
     distinct = [name for name in checkpoint.names if tied[name] == name]
     compressible = [
         name for name in distinct

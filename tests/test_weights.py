@@ -522,6 +522,13 @@ def test_a_copy_that_keep_names_is_kept_verbatim_not_tied_to_the_compressed_tens
     np.testing.assert_array_equal(restored["lm_head.weight"], weights["embed.weight"])
     np.testing.assert_array_equal(restored["lm_head.copy"], weights["embed.weight"])
     assert not np.array_equal(restored["embed.weight"], weights["embed.weight"])
+    # keep naming the first of the group: its copies stay tied to it, exact, stored once
+    kept_first = compress_weights(weights, settings=FAST, random_state=0, max_iter=2,
+                                  keep=["embed.*"])
+    assert kept_first.tied_to("lm_head.weight") == "embed.weight"
+    assert kept_first.tied_to("lm_head.copy") == "embed.weight"
+    np.testing.assert_array_equal(kept_first.decompress()["lm_head.weight"],
+                                  weights["embed.weight"])
 
 
 def test_decompress_one_tensor():
