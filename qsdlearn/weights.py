@@ -369,22 +369,9 @@ def compress_weights(
         verbose = sys.stderr.isatty()
     base = check_random_state(random_state).randint(2**31)
 
-    # Tied tensors: every name to the first name with the same digest; except that a name
-    # keep matches is not tied to a first that is compressed (a tied lm_head that keep names
-    # is kept verbatim as asked, not tied to the lossy embedding): it goes to the first such
-    # name of its group instead. Copies of a tensor stored verbatim stay tied to it.
-    first_of, first_kept, tied = {}, {}, {}
-    for name in checkpoint.names:
-        first = first_of.setdefault(digests[name], name)
-        lossy = _is_compressible(checkpoint.infos[first]) and not matching(first, keep or ())
-        if lossy and matching(name, keep or ()):
-            first = first_kept.setdefault(digests[name], name)
-        tied[name] = first
+    tied = _ties(checkpoint, digests, keep)
     distinct = [name for name in checkpoint.names if tied[name] == name]
-    compressible = [
-        name for name in distinct
-        if _is_compressible(checkpoint.infos[name]) and not matching(name, keep or ())
-    ]
+    compressible = [name for name in distinct if _fitted(checkpoint, name, keep)]
     _check_magnitudes(checkpoint, compressible)
     # No more workers than tensors to fit: more would idle while the others' threads share
     # fewer cores (and a huge n_jobs would reach joblib's process semaphores).
@@ -460,6 +447,27 @@ def compress_weights(
     if why_unspent is not None:  # the size of the file itself, not the plan's
         _warn_if_unspent(why_unspent, bits_per_weight, model.bits_per_weight, held)
     return model
+
+
+def _fitted(checkpoint, name, keep):
+    """Whether tensor ``name`` is compressed when it is the first of its tied group: it can
+    be (:func:`~qsdlearn._layers._is_compressible`) and no ``keep`` pattern names it."""
+    return _is_compressible(checkpoint.infos[name]) and not matching(name, keep or ())
+
+
+def _ties(checkpoint, digests, keep):
+    """Every name to the name whose entry it shares: the first with the same digest; except
+    that a name ``keep`` matches is not tied to a first that is compressed (a tied lm_head
+    that keep names is kept verbatim as asked, not tied to the lossy embedding): it goes to
+    the first such name of its group instead. Copies of a tensor stored verbatim stay tied
+    to it."""
+    first_of, first_kept, tied = {}, {}, {}
+    for name in checkpoint.names:
+        first = first_of.setdefault(digests[name], name)
+        if _fitted(checkpoint, first, keep) and matching(name, keep or ()):
+            first = first_kept.setdefault(digests[name], name)
+        tied[name] = first
+    return tied
 
 
 def _check_magnitudes(checkpoint, names):
