@@ -29,8 +29,8 @@ import numpy as np
 from ._container import (FORMAT_NAME, check_target, discard, is_device_or_pipe,
                          remove_stale_temporaries, replace_atomically, stat_error,
                          write_temporary)
-from ._dtypes import (SAFETENSORS_NAMES, bfloat16, check_dtype, is_float,
-                      to_little_endian_bytes)
+from ._dtypes import (SAFETENSORS_NAMES, bfloat16, check_dtype, in_native_byte_order,
+                      is_float, to_little_endian_bytes)
 
 #: File name of the index of a sharded checkpoint written by :func:`write_checkpoint`.
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -248,8 +248,8 @@ def _open_mapping(mapping):
                 f"tensor {name!r} cannot be read as a NumPy array ({exc}); pass arrays, e.g. "
                 "v.float().numpy() for a bfloat16 torch tensor"
             ) from None
-        if not array.dtype.isnative and array.dtype.name in SAFETENSORS_NAMES:
-            array = array.astype(array.dtype.newbyteorder("="))  # as the estimator takes it
+        if array.dtype.name in SAFETENSORS_NAMES:  # as the estimator takes it
+            array = in_native_byte_order(array)
         infos.append(TensorInfo(name, array.shape, array.dtype))
         refs[name] = ArrayRef(array)
     return Checkpoint(infos, refs, "the weights")

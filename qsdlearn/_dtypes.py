@@ -142,6 +142,12 @@ def is_float(dtype):
     return np.dtype(dtype).name in FLOAT_DTYPES
 
 
+def in_native_byte_order(array):
+    """``array`` itself in native byte order, else a copy in it (the same values)."""
+    dtype = array.dtype
+    return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
+
+
 def to_little_endian_bytes(array):
     """The raw little-endian bytes of an array of a supported dtype, in C order."""
     size = array.dtype.itemsize

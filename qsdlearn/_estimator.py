@@ -22,6 +22,7 @@ from sklearn.utils.validation import (
 from . import _metric, _solver
 from ._checks import check_positive_int
 from ._constraints import Constraints
+from ._dtypes import in_native_byte_order
 from ._jit import kernel_threads
 from ._kernels import all_positions, reconstruct_from_slots
 from ._params import refuse_bools
@@ -125,7 +126,7 @@ def _native_float(X):
         return X
     if dtype.itemsize <= 2:
         return X.astype(np.float32)
-    return X.astype(dtype.newbyteorder("=")) if not dtype.isnative else X
+    return in_native_byte_order(X)
 
 
 class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
