@@ -363,6 +363,26 @@ class FileImage:
         return cls._from_container(*read_container(data), max_elements=max_elements)
 
     @classmethod
+    def _from_container(cls, meta, tensors, max_elements=None):
+        """Rebuild from a parsed container; each kind of file implements it.
+
+        Parameters
+        ----------
+        meta : dict
+            The file's metadata (:func:`read_container`).
+        tensors : dict
+            Its tensors by name.
+        max_elements : int, optional
+            Largest number of elements the file may declare in all (default ``2**32``).
+
+        Returns
+        -------
+        FileImage
+            An instance of ``cls``, validated.
+        """
+        raise NotImplementedError
+
+    @classmethod
     def _check_kind(cls, meta):
         """Reject metadata of another kind of file."""
         if meta.get("kind") != cls._KIND:

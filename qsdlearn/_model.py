@@ -289,25 +289,10 @@ class CompressedModel(FileImage):
 
     @classmethod
     def _from_container(cls, meta, tensors, max_elements=None):
-        """Rebuild from a parsed container (format versions 1 to 4).
-
-        Every layer's entry is checked, the declared sizes against ``max_elements`` and the
-        payload's length, before any stream is decoded.
-
-        Parameters
-        ----------
-        meta : dict
-            The file's metadata (:func:`qsdlearn._container.read_container`).
-        tensors : dict
-            Its tensors by name.
-        max_elements : int, optional
-            Largest number of elements the layers may declare in all (default ``2**32``).
-
-        Returns
-        -------
-        CompressedModel
-            The validated model.
-        """
+        """:meth:`FileImage._from_container <qsdlearn._container.FileImage._from_container>`
+        of a model file (format versions 1 to 4): every layer's entry is checked, the declared
+        sizes against ``max_elements`` and the payload's length, before any stream is
+        decoded."""
         cls._check_kind(meta)
         version = int(meta["format_version"])  # one of READ_VERSIONS (read_container)
         if version <= 2:

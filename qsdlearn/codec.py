@@ -425,22 +425,8 @@ class CompressedMatrix(FileImage):
 
     @classmethod
     def _from_container(cls, meta, tensors, max_elements=None):
-        """Rebuild from a parsed container.
-
-        Parameters
-        ----------
-        meta : dict
-            The file's metadata (:func:`qsdlearn._container.read_container`).
-        tensors : dict
-            Its tensors by name.
-        max_elements : int, optional
-            Largest number of elements the file may declare (default ``2**32``).
-
-        Returns
-        -------
-        CompressedMatrix
-            The validated matrix.
-        """
+        """:meth:`FileImage._from_container <qsdlearn._container.FileImage._from_container>`
+        of a matrix file: its five streams, settings and declared sizes checked."""
         cls._check_kind(meta)
         if list(tensors) != list(STREAMS):
             raise ValueError(
