@@ -217,8 +217,21 @@ def rows_of(shape, vector_size):
 
 
 def to_rows(weight, vector_size):
-    """The matrix of ``vector_size``-element sub-vectors of a weight (see the module notes)."""
-    matrix = np.asarray(weight).reshape(weight.shape[0], -1)
+    """The matrix of ``vector_size``-element sub-vectors of a weight (see the module notes).
+
+    Raises
+    ------
+    TypeError
+        If ``vector_size`` is not an integer.
+    ValueError
+        If ``vector_size`` is below 1, or ``weight`` has no axis (a scalar).
+    """
+    vector_size = check_positive_int("vector_size", vector_size)
+    weight = np.asarray(weight)
+    if weight.ndim == 0:
+        raise ValueError("to_rows needs a tensor of at least one axis (its output rows), "
+                         "got a scalar")
+    matrix = weight.reshape(weight.shape[0], -1)
     pad = (-matrix.shape[1]) % vector_size
     if pad:
         matrix = np.pad(matrix, ((0, 0), (0, pad)))
@@ -226,10 +239,24 @@ def to_rows(weight, vector_size):
 
 
 def from_rows(rows, shape):
-    """Inverse of :func:`to_rows`: drop the padding and restore ``shape``."""
-    out = shape[0]
-    width = int(np.prod(shape[1:], dtype=np.int64))
-    return rows.reshape(out, -1)[:, :width].reshape(shape)
+    """Inverse of :func:`to_rows`: drop the padding and restore ``shape``.
+
+    Raises
+    ------
+    ValueError
+        If ``rows`` is not the sub-vectors :func:`to_rows` cuts a tensor of ``shape`` into
+        (for some vector size): its size is not the tensor's rows times a multiple of the
+        vector size that covers them.
+    """
+    rows = np.asarray(rows)
+    shape = tuple(int(n) for n in shape)
+    width = math.prod(shape[1:]) if shape else 0
+    if (not shape or rows.ndim != 2 or shape[0] == 0 or rows.size % shape[0]
+            or rows.size // shape[0] < width or (rows.size // shape[0]) % rows.shape[1]
+            or (rows.size // shape[0]) - width >= rows.shape[1]):
+        raise ValueError(f"rows of shape {rows.shape} are not the sub-vectors of a tensor of "
+                         f"shape {shape} (see to_rows)")
+    return rows.reshape(shape[0], -1)[:, :width].reshape(shape)
 
 
 def _is_compressible(info):

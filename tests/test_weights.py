@@ -63,6 +63,31 @@ def test_rows_round_trip(shape, d):
     np.testing.assert_array_equal(padded[:, :width], weight.reshape(shape[0], -1))
 
 
+@pytest.mark.parametrize("d, error", [(0, ValueError), (-4, ValueError), (2.0, TypeError),
+                                      (True, TypeError), ("8", TypeError)])
+def test_to_rows_refuses_a_bad_vector_size(d, error):
+    with pytest.raises(error, match="vector_size must be a positive integer"):
+        to_rows(np.ones((4, 8), np.float32), d)
+
+
+def test_to_rows_refuses_a_scalar():
+    with pytest.raises(ValueError, match="at least one axis"):
+        to_rows(np.float32(1.0), 4)
+
+
+@pytest.mark.parametrize("rows_shape, shape", [
+    ((20, 8), (2, 3, 5, 6)),  # too few sub-vectors for the rows' width
+    ((20, 8), (3, 50)),  # not a whole number of sub-vectors per output row
+    ((19, 8), (2, 3, 5, 5)),
+    ((20, 8), (2, 3, 5, 1)),  # more padding than one sub-vector
+    ((160,), (2, 3, 5, 5)),  # not a matrix of sub-vectors
+    ((20, 8), ()),
+])
+def test_from_rows_refuses_rows_of_another_tensor(rows_shape, shape):
+    with pytest.raises(ValueError, match="are not the sub-vectors of a tensor"):
+        from_rows(np.zeros(rows_shape, np.float32), shape)
+
+
 # -- end to end on a real network -------------------------------------------------------------------
 
 
