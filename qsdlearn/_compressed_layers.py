@@ -152,7 +152,7 @@ class CompressedLayer:
             scales = self.row_scales.astype(decoded.dtype)
             with np.errstate(over="ignore"):  # past the dtype's range only in a crafted file
                 decoded = decoded * scales.reshape((-1,) + (1,) * (decoded.ndim - 1))
-            top = np.finfo(decoded.dtype).max  # clipped, as the decoded matrix itself is
+            top = np.finfo(decoded.dtype).max  # clipped to the dtype's range
             np.clip(decoded, -top, top, out=decoded)
         return decoded
 

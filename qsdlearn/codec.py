@@ -386,7 +386,8 @@ class CompressedMatrix(FileImage):
         Raises
         ------
         ValueError
-            If an index is out of range or a float is not finite (a damaged file).
+            If an index is out of range, a float is not finite or a codebook scale times
+            its levels passes the dtype's range (a damaged file).
         """
         if self._factors is None:
             with kernel_threads():
@@ -401,6 +402,12 @@ class CompressedMatrix(FileImage):
         ndarray of shape (n_rows, n_features)
             ``Z @ C`` in the dtype of the data, bit for bit what
             ``inverse_transform(transform(X))`` of the encoding estimator gives.
+
+        Raises
+        ------
+        ValueError
+            If the factors are damaged (see :meth:`factors`), or their product passes the
+            dtype's range (factors no fit produces: a crafted file).
         """
         idx, val, codebook = self.factors()
         out = np.empty(self.shape, dtype=_DTYPES[self.settings.dtype])
@@ -408,6 +415,10 @@ class CompressedMatrix(FileImage):
             idx = all_positions(*val.shape)
         with kernel_threads():
             reconstruct_from_slots(idx, val, codebook, out)
+        if _may_overflow(self.settings, val, codebook) and not (
+                np.isfinite(out.min()) and np.isfinite(out.max())):
+            raise ValueError(f"damaged file: the factors decode to values beyond the range of "
+                             f"{self.settings.dtype}")
         return out
 
     # file image -----------------------------------------------------------------------------
@@ -534,7 +545,11 @@ def _unpack_factors(settings, streams):
         scales = _read_floats(streams["codebook_scales"], dtype, k, "codebook_scales")
         if np.any(scales < 0):
             raise ValueError("damaged file: a codebook scale is negative")
-        kept = level_values(indices, s.codebook_bits, dtype).reshape(k, t) * scales[:, None]
+        with np.errstate(over="ignore"):
+            kept = level_values(indices, s.codebook_bits, dtype).reshape(k, t) * scales[:, None]
+        if not np.all(np.isfinite(kept)):
+            raise ValueError(f"damaged file: a codebook scale times its levels overflows "
+                             f"{settings.dtype}")
     kept = kept.reshape(k, t)
     if s.component_nonzero is None:
         codebook = np.ascontiguousarray(kept)
@@ -543,6 +558,21 @@ def _unpack_factors(settings, streams):
         codebook = np.zeros((k, d), dtype=dtype)
         np.put_along_axis(codebook, cb_idx, kept, axis=1)
     return idx, np.ascontiguousarray(val), codebook
+
+
+def _may_overflow(settings, val, codebook):
+    """Whether ``Z @ C`` may pass the dtype's range: the largest code value times the
+    largest codebook entry times the slots of a row does (never for factors a fit of data
+    within the range produces, so that their decode needs no check of its own)."""
+    if val.size == 0 or codebook.size == 0:
+        return False
+    bits = settings.constraints.code_bits
+    if bits is None:
+        largest_value = float(np.max(np.abs(val)))
+    else:
+        largest_value = 1.0 if bits == 0 else 2.0 ** (bits - 1) - 0.5
+    bound = largest_value * float(np.max(np.abs(codebook))) * val.shape[1]
+    return not bound <= float(np.finfo(_DTYPES[settings.dtype]).max)
 
 
 # -- container tensors and the payload of a model file -------------------------------------------

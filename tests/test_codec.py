@@ -461,3 +461,42 @@ def test_an_edited_metadata_field_is_caught_by_its_checksum():
     text = json.dumps(header).encode()
     with pytest.raises(ValueError, match="checksum mismatch in the metadata"):
         from_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
+
+
+def _scaled_codebook_image(target):
+    """A float32 matrix file whose codebook entries reach ``target`` (a crafted file: no fit
+    of data within float32's range makes one): two rows, each the largest code value (3/2)
+    times codeword 0 plus 1/2 times codeword 1, both codewords ``[127.5, ...]`` times
+    ``target / 127.5``."""
+    from qsdlearn import Constraints
+    from qsdlearn.codec import MatrixSettings, encode_factors
+
+    settings = MatrixSettings(2, 4, "float32", Constraints(2, n_nonzero=2, code_bits=2,
+                                                           codebook_bits=8))
+    idx = np.array([[0, 1], [0, 1]], dtype=np.int32)
+    val = np.array([[1.5, 0.5], [1.5, 0.5]], dtype=np.float32)
+    scales = np.float32([1.0, 1.0])
+    data = to_bytes(encode_factors(settings, idx, val, np.full((2, 4), 127.5, np.float32),
+                                   scales))
+
+    def scale(streams, header):
+        streams["codebook_scales"] = bytearray(np.full(2, target / 127.5, "<f4").tobytes())
+
+    return _rewrite(data, edit_streams=scale)
+
+
+def test_a_codebook_scale_whose_levels_overflow_is_rejected_at_load():
+    with pytest.raises(ValueError, match="damaged file: a codebook scale times its levels "
+                                         "overflows float32"):
+        from_bytes(_scaled_codebook_image(4e38))
+
+
+def test_factors_whose_product_passes_the_range_are_rejected_at_decode():
+    top = float(np.finfo(np.float32).max)
+    matrix = from_bytes(_scaled_codebook_image(0.9 * top))  # the factors themselves are finite
+    assert np.isfinite(matrix.factors()[2]).all()
+    with pytest.raises(ValueError, match="decode to values beyond the range of float32"):
+        matrix.decode()
+    # just within the range: decoded as it is
+    np.testing.assert_allclose(from_bytes(_scaled_codebook_image(0.45 * top)).decode(),
+                               np.full((2, 4), 0.9 * top, np.float32), rtol=1e-6)
