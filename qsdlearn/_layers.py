@@ -245,18 +245,15 @@ def from_rows(rows, shape):
     ------
     ValueError
         If ``rows`` is not the sub-vectors :func:`to_rows` cuts a tensor of ``shape`` into
-        (for some vector size): its size is not the tensor's rows times a multiple of the
-        vector size that covers them.
+        (for the vector size ``rows.shape[1]``: :func:`rows_of` of them).
     """
     rows = np.asarray(rows)
     shape = tuple(int(n) for n in shape)
-    width = math.prod(shape[1:]) if shape else 0
-    if (not shape or rows.ndim != 2 or shape[0] == 0 or rows.size % shape[0]
-            or rows.size // shape[0] < width or (rows.size // shape[0]) % rows.shape[1]
-            or (rows.size // shape[0]) - width >= rows.shape[1]):
+    if (not shape or shape[0] == 0 or rows.ndim != 2 or rows.shape[1] == 0
+            or rows.shape[0] != rows_of(shape, rows.shape[1])):
         raise ValueError(f"rows of shape {rows.shape} are not the sub-vectors of a tensor of "
                          f"shape {shape} (see to_rows)")
-    return rows.reshape(shape[0], -1)[:, :width].reshape(shape)
+    return rows.reshape(shape[0], -1)[:, :math.prod(shape[1:])].reshape(shape)
 
 
 def _is_compressible(info):

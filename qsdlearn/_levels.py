@@ -36,12 +36,17 @@ def level_values(indices, nbits, dtype=np.float64):
     return (np.asarray(indices).astype(np.float64) - 2 ** (nbits - 1) + 0.5).astype(dtype)
 
 
+def largest_level(nbits):
+    """The largest unit level of ``nbits >= 1`` bits, ``2**(nbits-1) - 1/2``."""
+    return 2.0 ** (nbits - 1) - 0.5
+
+
 def snap_to_levels(levels, nbits):
     """Put values that lie on the unit grid up to rounding errors exactly back on it.
 
     Every value goes to the nearest multiple of 1/2 within the grid's range, so zeros (the
     entries off a sparse row's support) stay zero."""
-    top = 2.0 ** (nbits - 1) - 0.5
+    top = largest_level(nbits)
     return np.clip(np.rint(np.asarray(levels, dtype=np.float64) * 2.0) / 2.0, -top, top)
 
 
@@ -86,7 +91,7 @@ def fit_level_scales(values, nbits, mask=None, fractions=None):
     values = np.asarray(values, dtype=np.float64)
     weights = np.ones_like(values) if mask is None else mask.astype(np.float64)
     top = np.max(np.abs(values) * weights, axis=0, initial=0.0)
-    full_step = top / (2 ** (nbits - 1) - 0.5)
+    full_step = top / largest_level(nbits)
     best_err = np.full(values.shape[1], np.inf)
     best = np.ones(values.shape[1])
     for fraction in SCALE_FRACTIONS if fractions is None else fractions:

@@ -48,7 +48,7 @@ from ._constraints import Constraints
 from ._container import FileImage, check_declared_elements, write_container
 from ._jit import kernel_threads
 from ._kernels import INDEX_DTYPE, all_positions, reconstruct_from_slots
-from ._levels import level_indices, level_values
+from ._levels import largest_level, level_indices, level_values
 
 __all__ = ["CompressedMatrix", "MatrixSettings"]
 
@@ -570,7 +570,7 @@ def _may_overflow(settings, val, codebook):
     if bits is None:
         largest_value = float(np.max(np.abs(val)))
     else:
-        largest_value = 1.0 if bits == 0 else 2.0 ** (bits - 1) - 0.5
+        largest_value = 1.0 if bits == 0 else largest_level(bits)
     bound = largest_value * float(np.max(np.abs(codebook))) * val.shape[1]
     return not bound <= float(np.finfo(_DTYPES[settings.dtype]).max)
 
