@@ -408,6 +408,17 @@ QSD_SPARSE = [
     (8, 256, 3, 3, 8),
     (8, 256, 4, 3, 8),
 ]
+#: Codebook bits of the second variant of the 1-bit sparse settings at d = 16 (about 1 to 1.5
+#: bits per element). Such a row is two (or four) codewords at half their scale, so a coarse
+#: codebook's rounding weighs little against the codes' error, while a codebook of 256 x 16
+#: takes 0.22 bits per element of a 384 x 384 matrix at 8 bits: on MiniLM's layer-0 query,
+#: fitted on all its 9,216 sub-vectors (25 iterations), two of 256 lost 0.10 dB with 4 bits
+#: and saved 0.11 bits per element. At d = 8 (2 of 256 on its 18,432 sub-vectors) 4 bits
+#: lost 0.33 dB (0.42 in 100 iterations) for 0.056 bits, which does not pay; there only the
+#: benchmark's fit on 4,096 sub-vectors hid the loss (0.03 dB), so d = 8 keeps 8 bits.
+QSD_COARSE_CODEBOOK_BITS = 4
+QSD_SPARSE += [(d, k, s, b, QSD_COARSE_CODEBOOK_BITS)
+               for d, k, s, b, _ in QSD_SPARSE if d == 16 and b == 1]
 #: Dense quantized codes (a quantized transform of each 8-element sub-vector), 2 to 5 code bits.
 QSD_DENSE = [(8, 8, None, b, QSD_CODEBOOK_BITS) for b in (2, 3, 4, 5)]
 #: Every QSD grid is its sparse settings, dense settings, and the VQ special case of each k-means
