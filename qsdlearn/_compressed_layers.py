@@ -152,8 +152,10 @@ class CompressedLayer:
             scales = self.row_scales.astype(decoded.dtype)
             with np.errstate(over="ignore"):  # past the dtype's range only in a crafted file
                 decoded = decoded * scales.reshape((-1,) + (1,) * (decoded.ndim - 1))
-            top = np.finfo(decoded.dtype).max  # clipped to the dtype's range
-            np.clip(decoded, -top, top, out=decoded)
+            if decoded.size and not (np.isfinite(decoded.min()) and np.isfinite(decoded.max())):
+                # refused as a matrix whose factors decode past the range is (CompressedMatrix)
+                raise ValueError(f"damaged file: a layer's rows times their row scales pass the "
+                                 f"range of {decoded.dtype}")
         return decoded
 
     def record(self):

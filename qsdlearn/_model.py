@@ -160,6 +160,9 @@ class CompressedModel(FileImage):
             If ``name`` is not a string (one name: for several, call it once per name).
         KeyError
             If the model has no tensor ``name``.
+        ValueError
+            If a tensor decodes to values beyond its dtype's range (a damaged or crafted file:
+            no fit of weights within the range makes one).
         """
         if name is not None:
             if not isinstance(name, str):

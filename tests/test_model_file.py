@@ -435,10 +435,11 @@ def test_row_scales_round_trip_through_bytes_and_files(tmp_path):
         assert loaded.report()[0]["payload_bits"] == record["payload_bits"]
 
 
-def test_row_scales_past_the_float_range_decode_to_its_largest_values():
+def test_row_scales_past_the_float_range_are_refused_as_damaged():
     """Scales times a decoded row past float32's range (a hand-built or crafted file:
-    compress_weights refuses weights that large) give float32's largest value, not inf, as
-    a decoded matrix does."""
+    compress_weights refuses weights that large) are refused at decode as a matrix whose
+    factors decode past it is, not returned as inf; a product just within it decodes as it
+    is."""
     rng = np.random.default_rng(0)
     X = (rng.standard_normal((256, 8)) * 1e34).astype(np.float32)
     est = qsdlearn.QuantizedSparseDecomposition(n_components=16, n_nonzero=1, code_bits=0,
@@ -446,18 +447,25 @@ def test_row_scales_past_the_float_range_decode_to_its_largest_values():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         matrix = est.fit(X).encode(X)
-    scales = np.full(32, 57344, ml_dtypes.float8_e5m2)
-    layer = CompressedLayer(matrix, (32, 64), "float32", LayerSetting(8, FAST.constraints,
-                                                                      row_scales=True),
-                            0.0, row_scales=scales)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no overflow warning either
-        decoded = CompressedModel.from_bytes(CompressedModel({"w": layer}).to_bytes()
-                                             ).decompress()["w"]
-    top = np.finfo(np.float32).max
-    expected = np.clip(matrix.decode().astype(np.float64).reshape(32, 64) * 57344, -top, top)
-    np.testing.assert_array_equal(decoded, expected.astype(np.float32))
-    assert np.all(np.isfinite(decoded)) and np.any(np.abs(decoded) == top)
+    largest = float(np.abs(matrix.decode()).max())
+    top = float(np.finfo(np.float32).max)
+    for scale, fits in ((57344, False), (2.0 ** int(np.log2(top / largest)), True)):
+        scales = np.full(32, scale, ml_dtypes.float8_e5m2)
+        assert float(scales[0]) == scale
+        layer = CompressedLayer(matrix, (32, 64), "float32",
+                                LayerSetting(8, FAST.constraints, row_scales=True), 0.0,
+                                row_scales=scales)
+        loaded = CompressedModel.from_bytes(CompressedModel({"w": layer}).to_bytes())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no overflow warning either
+            if not fits:
+                with pytest.raises(ValueError, match="damaged file: a layer's rows times"):
+                    loaded.decompress()
+                continue
+            decoded = loaded.decompress()["w"]
+        expected = matrix.decode().astype(np.float64).reshape(32, 64) * scale
+        np.testing.assert_array_equal(decoded, expected.astype(np.float32))
+        assert np.abs(decoded).max() > top / 2
 
 
 def test_row_scales_of_split_parts_round_trip():
