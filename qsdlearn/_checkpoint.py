@@ -18,6 +18,7 @@ import re
 import shutil
 import struct
 import tempfile
+import tokenize
 import warnings
 import zipfile
 import zlib
@@ -333,6 +334,24 @@ def _check_npz_member_size(path, name, shape, dtype, data_bytes):
         )
 
 
+def _npz_member_header(archive, member, path, name):
+    """``(shape, dtype, header bytes)`` of an archive's member, read from its ``.npy``
+    header alone; a ValueError naming the file and the tensor when the header is damaged
+    (NumPy raises ValueError, EOFError, SyntaxError or tokenize's TokenError, without either
+    name)."""
+    try:
+        with archive.open(member) as file:
+            version = np.lib.format.read_magic(file)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(file)
+            return shape, np.dtype(dtype), file.tell()
+    except (ValueError, TypeError, EOFError, SyntaxError, tokenize.TokenError,
+            zlib.error) as exc:
+        raise ValueError(f"{path}: tensor {name!r} has a damaged .npy header ({exc})"
+                         ) from None
+
+
 def _open_npz(path):
     infos, refs = [], {}
     try:
@@ -341,15 +360,10 @@ def _open_npz(path):
                 if not member.endswith(".npy"):
                     raise ValueError(f"{path} holds {member!r}, which is not a NumPy array")
                 name = member[: -len(".npy")]
-                with archive.open(member) as file:
-                    version = np.lib.format.read_magic(file)
-                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read_header(file)
-                    header_bytes = file.tell()
-                _check_npz_member_size(path, name, shape, np.dtype(dtype),
+                shape, dtype, header_bytes = _npz_member_header(archive, member, path, name)
+                _check_npz_member_size(path, name, shape, dtype,
                                        archive.getinfo(member).file_size - header_bytes)
-                infos.append(TensorInfo(name, tuple(shape), np.dtype(dtype)))
+                infos.append(TensorInfo(name, tuple(shape), dtype))
                 refs[name] = NpzRef(path, name)
     except zipfile.BadZipFile:
         raise ValueError(f"cannot read {path}: not a .npz archive") from None

@@ -649,10 +649,19 @@ default=None
             If the estimator is not fitted.
         ValueError
             If ``X`` has another number of features than the data fitted, or holds NaN or
-            infinity, or ``metric`` is invalid (as in :meth:`transform`).
+            infinity or values beyond the range of the dtype fitted on, or ``metric`` is
+            invalid (as in :meth:`transform`).
         """
         X = self._validate_new(X)
-        return self._pack(self._encode(np.asarray(X, dtype=self.components_.dtype), metric))
+        dtype = self.components_.dtype
+        with np.errstate(over="ignore"):  # checked below
+            X = np.asarray(X, dtype=dtype)
+        if not np.isfinite(X).all():
+            raise ValueError(f"X holds values beyond the range of {dtype.name}, the dtype this "
+                             f"estimator was fitted on and encodes in (largest finite: "
+                             f"{np.finfo(dtype).max:.4g}); scale the data, or fit on "
+                             f"{np.result_type(dtype, np.float64).name} data")
+        return self._pack(self._encode(X, metric))
 
     def _pack(self, codes):
         """The :class:`CompressedMatrix` of ``codes`` (:class:`~qsdlearn._solver.Codes`, in

@@ -66,7 +66,13 @@ def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
     probability proportional to the weights (rows of weight zero never) and fitted with unit
     weights, except rows heavy enough to be taken for certain, fitted with their weight over
     their inclusion probability (:func:`~qsdlearn._sampling.importance_sample`). Without a
-    sample, the fit is weighted. Rows are kept in their order unless ``keep_order=False``."""
+    sample, the fit is weighted. Rows whose row weights are all zero are fitted as without
+    calibration. Rows are kept in their order unless ``keep_order=False``."""
+    if calibration is not None and calibration.row_weights is not None and not np.any(
+            calibration.row_weights > 0):
+        # rows no calibration row uses (a split's block of unseen tokens): their error counts
+        # for nothing, and they are still encoded, so they are fitted as plain rows
+        calibration = None
     if calibration is None:
         if max_rows is None or X.shape[0] <= max_rows:
             return _FitSample(X, None, None, 1.0, None)

@@ -975,9 +975,9 @@ def _scale_codebook(result, exponent):
 def _scale_errors(result, exponent, metric_unit=1.0):
     """The errors of the fit of ``X / 2**exponent`` as those of ``X``: squared errors times
     ``4**exponent`` and the metric's power of two ``metric_unit`` (codes are unchanged)."""
-    result.error_norm = math.ldexp(math.sqrt(float(result.row_errors.sum()) * metric_unit),
-                                   exponent)
-    with np.errstate(over="ignore"):  # squared errors beyond float64's range become inf
+    with np.errstate(over="ignore"):  # a norm or squared errors beyond float64's range: inf
+        result.error_norm = float(np.ldexp(
+            math.sqrt(float(result.row_errors.sum()) * metric_unit), exponent))
         result.row_errors = _scaled(result.row_errors * metric_unit, 2 * exponent)
         result.objective = np.ldexp(np.asarray(result.objective, dtype=np.float64) * metric_unit,
                                     2 * exponent).tolist()

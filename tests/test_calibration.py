@@ -11,7 +11,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
 import qsdlearn
-from qsdlearn import Constraints, LayerSetting, compress_weights
+from qsdlearn import Constraints, LayerSetting, compress_weights, sqnr
 from qsdlearn.cli import main
 from qsdlearn.weights import SplitLayer
 
@@ -290,3 +290,23 @@ def test_heavy_tailed_row_weights_under_a_budget_beat_the_plain_fit(seed):
         plain = compress_weights({"embed": table}, bits_per_weight=2.0, random_state=seed)
     assert aware.bits_per_weight <= 2.0
     assert weighted_error(aware) < 0.7 * weighted_error(plain)
+
+
+def test_row_weights_of_zero_on_a_whole_block_of_a_split_are_fitted_as_plain_rows():
+    """Token counts with zeros for the tokens never seen (a fresh user's trial): a row split
+    whose block holds only rows of weight zero had no row to fit ("Found array with 0
+    sample(s)" from the estimator). Those rows are fitted unweighted; the rows used are
+    still coded more precisely than the others."""
+    table = np.random.default_rng(0).standard_normal((3000, 32)).astype(np.float32)
+    counts = np.zeros(3000)
+    counts[:20] = 1000.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = compress_weights({"embed": table}, bits_per_weight=2.0,
+                                 calibration={"embed": counts}, random_state=0)
+    layer = model.layers["embed"]
+    assert isinstance(layer, SplitLayer)
+    assert model.bits_per_weight <= 2.0
+    decoded = model.decompress()["embed"]
+    assert sqnr(table[:20], decoded[:20]) > sqnr(table[20:], decoded[20:]) + 10
+    assert sqnr(table[20:], decoded[20:]) > 5

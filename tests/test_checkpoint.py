@@ -81,6 +81,24 @@ def test_npz_headers_are_read_without_loading(tmp_path):
     assert_same({n: checkpoint.read(n) for n in arrays}, arrays)
 
 
+@pytest.mark.parametrize("header, declared", [
+    (b"{'descr': '<f4', 'fortran_order': False, 'shape': (64, 64), }", 16),  # TokenError
+    (b"{'descr': '<f4', 'fortran_order': False, 'shape': (64, 64), }", 80),  # EOFError
+    (b"{'descr': '<f4', 'fortran_order': False, 'shape': (64, \n", 48),  # SyntaxError
+], ids=["unterminated", "short", "syntax"])
+def test_a_damaged_npz_header_is_refused_naming_the_file_and_tensor(
+        header, declared, tmp_path):
+    """A .npz member whose .npy header is damaged raised tokenize's TokenError (a traceback
+    from the command line) or NumPy errors naming neither the file nor the tensor."""
+    import zipfile
+
+    path = tmp_path / "m.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("w.npy", b"\x93NUMPY\x01\x00" + declared.to_bytes(2, "little") + header)
+    with pytest.raises(ValueError, match=r"m\.npz: tensor 'w' has a damaged \.npy header"):
+        open_checkpoint(path)
+
+
 @pytest.mark.parametrize(
     "value, words",
     [

@@ -221,6 +221,28 @@ def test_reconstruction_error_is_exact_where_its_square_overflows(scale):
                                rtol=1e-9, atol=1e-12)
 
 
+def test_an_error_norm_beyond_float64_is_inf_not_an_overflow_error():
+    """Data of 1e308 (a fresh user's trial): the Frobenius norm of the error passes float64's
+    range, which raised OverflowError from math.ldexp; it is inf, as the objective is."""
+    X = np.sign(gaussian(50, 8)) * 1e308
+    est = fit_quietly(QuantizedSparseDecomposition(n_components=4, random_state=0), X)
+    assert est.reconstruction_err_ == np.inf
+    assert np.all(np.isfinite(est.components_))
+
+
+def test_encode_refuses_rows_beyond_the_range_of_the_dtype_fitted():
+    """An estimator fitted on float32 encodes in float32: float64 rows beyond its range
+    became inf after the check for finite values and crashed the code search (a fresh
+    user's trial: a segmentation fault in most runs). Refused, naming the dtype."""
+    X = gaussian(300, 8).astype(np.float32)
+    est = fit_quietly(QuantizedSparseDecomposition(16, n_nonzero=2, code_bits=2,
+                                                   codebook_bits=8, random_state=0,
+                                                   max_iter=5), X)
+    with pytest.raises(ValueError, match="beyond the range of float32"):
+        est.encode(X.astype(np.float64) * 1e39)
+    assert est.encode(X.astype(np.float64) * 1e30).decode().dtype == np.float32
+
+
 @pytest.mark.parametrize("setting", [dict(n_nonzero=2), dict(n_nonzero=2, code_bits=2),
                                      dict(n_nonzero=None, component_nonzero=3)])
 @pytest.mark.parametrize("norm", [1e-155, 1e-160])
