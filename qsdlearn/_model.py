@@ -299,8 +299,12 @@ class CompressedModel(FileImage):
         cls._check_kind(meta)
         version = int(meta["format_version"])  # one of READ_VERSIONS (read_container)
         if version <= 2:
-            return cls(_layers_of_version_2(meta, tensors, max_elements))
-        return cls(_layers_of_compact_list(meta, tensors, max_elements, version))
+            model = cls(_layers_of_version_2(meta, tensors, max_elements))
+        else:
+            model = cls(_layers_of_compact_list(meta, tensors, max_elements, version))
+        if model.n_weights == 0:  # compress_weights refuses a model of no weights
+            raise ValueError("damaged file: a model of no weights")
+        return model
 
     def __repr__(self):
         return (

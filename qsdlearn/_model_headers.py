@@ -4,10 +4,13 @@ checked before any array is read, a damaged header rejected naming the field."""
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from ._compressed_layers import (_COMPRESSED, _KEPT, _SPLIT, _TIED, PAYLOAD, CompressedLayer,
                                  KeptTensor, SplitLayer)
 from ._container import check_declared_elements, json_field
-from ._dtypes import FLOAT_DTYPES, NUMPY_NAMES, from_little_endian_bytes, numpy_dtype
+from ._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, from_little_endian_bytes, is_float,
+                      numpy_dtype)
 from ._layers import (ROW_SCALE_DTYPES, LayerSetting, _positive_and_finite,
                       _row_scales_from_bytes, rows_of)
 from .codec import STREAMS, MatrixSettings, matrix_from_payload, matrix_from_tensors
@@ -169,7 +172,7 @@ def _layers_of_compact_list(meta, tensors, max_elements, version):
         if kind == _TIED:
             layers[name] = layers[names[spec]]
         elif kind == _KEPT:
-            layers[name] = KeptTensor(from_little_endian_bytes(data, *spec))
+            layers[name] = _kept(from_little_endian_bytes(data, *spec), name)
         elif kind == _COMPRESSED:
             layers[name] = spec.read(data, f"layer {name!r}")
         else:
@@ -182,6 +185,15 @@ def _layers_of_compact_list(meta, tensors, max_elements, version):
             layers[name] = SplitLayer(read, shape, dtype, sqnr_db)
         names.append(name)
     return layers
+
+
+def _kept(array, name):
+    """The :class:`KeptTensor` of a file's verbatim tensor; a float one must be finite
+    (compress_weights refuses NaN and infinity in every tensor, so a file that holds one is
+    damaged)."""
+    if is_float(array.dtype) and not np.isfinite(array).all():
+        raise ValueError(f"damaged file: the kept tensor {name!r} holds NaN or infinity")
+    return KeptTensor(array)
 
 
 def _layers_of_version_2(meta, tensors, max_elements):
@@ -221,8 +233,8 @@ def _layers_of_version_2(meta, tensors, max_elements):
             layers[name] = layers[key]
         elif header == "kept":
             dtype_name, shape, chunk = tensors[key]
-            layers[name] = KeptTensor(from_little_endian_bytes(chunk, NUMPY_NAMES[dtype_name],
-                                                               shape))
+            layers[name] = _kept(from_little_endian_bytes(chunk, NUMPY_NAMES[dtype_name], shape),
+                                 name)
             used.add(key)
         elif isinstance(header, list):  # a split: its parts, then the whole
             parts = [_layer_from_header(part, tensors, f"{key}.{j}", used)

@@ -444,6 +444,8 @@ class CompressedMatrix(FileImage):
                 f"damaged file: expected the streams {list(STREAMS)}, found {list(tensors)}"
             )
         settings = MatrixSettings.from_json(meta.get("settings"))
+        if settings.n_rows == 0:  # encode refuses zero rows: a crafted file
+            raise ValueError("damaged file: a matrix of no rows")
         check_declared_elements(settings.declared_elements, max_elements, "a matrix")
         return matrix_from_tensors(settings, tensors)
 

@@ -500,3 +500,23 @@ def test_factors_whose_product_passes_the_range_are_rejected_at_decode():
     # just within the range: decoded as it is
     np.testing.assert_allclose(from_bytes(_scaled_codebook_image(0.45 * top)).decode(),
                                np.full((2, 4), 0.9 * top, np.float32), rtol=1e-6)
+
+
+def test_a_matrix_file_of_no_rows_is_refused_as_damaged():
+    """encode refuses zero rows, so a matrix file of none is crafted: it loaded, then its
+    repr and bits_per_element divided by zero (a fresh user's trial)."""
+    from dataclasses import replace
+
+    from qsdlearn.codec import encode_factors
+
+    X = gaussian(64, 8).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = QuantizedSparseDecomposition(16, n_nonzero=2, code_bits=2, codebook_bits=8,
+                                           random_state=0, max_iter=2).fit(X)
+    matrix = est.encode(X)
+    idx, val, _ = matrix.factors()
+    empty = encode_factors(replace(matrix.settings, n_rows=0), idx[:0], val[:0],
+                           est.components_, est.codebook_scales_)
+    with pytest.raises(ValueError, match="damaged file: a matrix of no rows"):
+        from_bytes(empty.to_bytes())

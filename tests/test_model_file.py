@@ -650,3 +650,26 @@ def test_load_checks_its_arguments_before_reading(tmp_path):
     assert qsdlearn.load(path, max_elements=np.int64(10**6)).n_weights == 4096
     with pytest.raises(ValueError, match="max_elements"):
         qsdlearn.load(path, max_elements=100)
+
+
+def test_a_model_file_of_no_weights_is_refused_as_damaged():
+    """compress_weights refuses a model of no weights, so a file of one is crafted: it loaded,
+    then bits_per_weight, its repr and report_table divided by zero (a fresh user's
+    trial)."""
+    image = CompressedModel({"w": KeptTensor(np.zeros((0, 4), np.float32))}).to_bytes()
+    with pytest.raises(ValueError, match="damaged file: a model of no weights"):
+        CompressedModel.from_bytes(image)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_a_kept_tensor_of_nan_or_infinity_is_refused_as_damaged(value, dtype):
+    """compress_weights refuses non-finite weights, and load checks every float of a file:
+    a kept tensor's were not (a fresh user's trial: NaN decompressed as it was)."""
+    big = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    bias = np.ones(8, dtype)
+    model = compress_weights({"w": big, "b": bias}, settings=FAST, random_state=0)
+    CompressedModel.from_bytes(model.to_bytes())  # loads as written
+    bad = CompressedModel({**model.layers, "b": KeptTensor(np.array([value] * 8, dtype))})
+    with pytest.raises(ValueError, match="damaged file: the kept tensor 'b' holds NaN"):
+        CompressedModel.from_bytes(bad.to_bytes())
