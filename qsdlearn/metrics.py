@@ -141,10 +141,18 @@ def _real_array(a, name):
 # -- the operational hull ----------------------------------------------------------------------
 
 
-def _as_points(points):
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+def _as_points(points, name="points"):
+    """``points`` (or the one point ``origin``) as a float64 array of ``(rate, distortion)``
+    rows: finite, rates nonnegative."""
+    points = np.asarray(points, dtype=np.float64)
+    if name == "origin" and points.shape != (2,):
+        raise ValueError(f"origin must be one (rate, distortion) pair, got shape {points.shape}")
+    if points.size and points.shape[-1] != 2 or points.ndim > 2:
+        raise ValueError(f"{name} must be (rate, distortion) pairs, of shape (n_points, 2); "
+                         f"got shape {points.shape}")
+    points = points.reshape(-1, 2)
     if points.size and (not np.all(np.isfinite(points)) or np.any(points[:, 0] < 0)):
-        raise ValueError("points must be finite with nonnegative rates")
+        raise ValueError(f"{name} must be finite with nonnegative rates")
     return points
 
 
@@ -171,7 +179,7 @@ def lower_hull(points, origin=(0.0, 1.0)):
     Raises
     ------
     ValueError
-        If a point is not finite or has a negative rate.
+        If a point (or ``origin``) is not a finite pair or has a negative rate.
 
     Notes
     -----
@@ -187,7 +195,7 @@ def lower_hull(points, origin=(0.0, 1.0)):
     """
     points = _as_points(points)
     if origin is not None:
-        points = np.vstack([np.asarray(origin, dtype=np.float64).reshape(1, 2), points])
+        points = np.vstack([_as_points(origin, "origin"), points])
     if len(points) == 0:
         return points.reshape(0, 2)
     order = np.lexsort((points[:, 1], points[:, 0]))
@@ -230,7 +238,8 @@ def hull_at(points, rates, origin=(0.0, 1.0)):
     Raises
     ------
     ValueError
-        If a point or a rate is not finite, or a rate is negative.
+        If a point, ``origin`` or a rate is not finite, a rate is negative, or the points
+        are not ``(rate, distortion)`` pairs.
 
     Examples
     --------
@@ -268,9 +277,16 @@ def _encoder_and_input(estimator, X):
 
 
 def _rate_and_distortion(estimator, X):
+    """``(bits per element, normalised MSE)`` of the scored rows ``X``; a ValueError when they
+    are all zero, where the normalised error is not defined (``inf`` for every setting that
+    does not decode them exactly, so that every setting would tie)."""
     encoder, X = _encoder_and_input(estimator, X)
     compressed = encoder.encode(X)
     X = np.asarray(X, dtype=np.float64)
+    if not np.any(X):
+        raise ValueError("the scored rows are all zero: their normalised error (and SQNR) is "
+                         "not defined; score on rows that hold some signal (e.g. leave the "
+                         "all-zero rows out of the cross-validation data)")
     return compressed.bits_per_element, normalized_mse(X, compressed.decode())
 
 
@@ -296,7 +312,8 @@ def rate_distortion_scorer(lmbda):
     Raises
     ------
     ValueError
-        If ``lmbda`` is negative or not finite.
+        If ``lmbda`` is negative or not finite; the scorer, if the scored rows are all zero
+        (their normalised error is not defined).
 
     See Also
     --------
@@ -315,7 +332,8 @@ def rate_distortion_scorer(lmbda):
     >>> search.fit(X).best_params_
     {'n_components': 16}
     """
-    if not (isinstance(lmbda, (int, float, np.floating)) and math.isfinite(lmbda) and lmbda >= 0):
+    if not (isinstance(lmbda, (int, float, np.integer, np.floating))
+            and not isinstance(lmbda, bool) and math.isfinite(lmbda) and lmbda >= 0):
         raise ValueError(f"lmbda must be a finite non-negative number, got {lmbda!r}")
 
     def score(estimator, X, y=None):
@@ -333,7 +351,8 @@ def budget_scorer(max_bits_per_element):
     ``R > max_bits_per_element`` scores what it can deliver within the budget: coding a share
     ``max_bits_per_element / R`` of the rows and nothing for the others (a point of the
     operational hull), whose normalised error is ``1 - (B / R) (1 - D)``. So settings over
-    budget rank below what they would reach within it, and every score stays finite.
+    budget rank below what they would reach within it, with a finite score (an exact
+    reconstruction within the budget scores ``inf``).
 
     Parameters
     ----------
@@ -348,7 +367,8 @@ def budget_scorer(max_bits_per_element):
     Raises
     ------
     ValueError
-        If the budget is not a positive finite number.
+        If the budget is not a positive finite number; the scorer, if the scored rows are all
+        zero (their SQNR is not defined).
 
     See Also
     --------

@@ -97,6 +97,18 @@ def test_hull_rejects_bad_points():
     for rates in ([np.nan], [-1.0], np.inf):
         with pytest.raises(ValueError, match="rates must be finite and nonnegative"):
             hull_at([(1.0, 0.5)], rates)
+    # origin is checked as points are (a fresh user's trial: NaN and a negative rate were
+    # taken, and wrong shapes gave NumPy's reshape errors)
+    for origin in ((0.0, np.nan), (np.inf, 1.0), (-1.0, 1.0)):
+        with pytest.raises(ValueError, match="origin must be finite with nonnegative rates"):
+            hull_at([(2.0, 0.25)], [0.0, 1.0], origin=origin)
+    for origin in ((1.0,), [(0.0, 1.0)], (0.0, 1.0, 2.0)):
+        with pytest.raises(ValueError, match="origin must be one"):
+            lower_hull([(2.0, 0.25)], origin=origin)
+    for points in ([(1.0, 0.5, 3.0)], [1.0, 0.5, 3.0], np.ones((2, 2, 2))):
+        with pytest.raises(ValueError, match=r"points must be \(rate, distortion\) pairs"):
+            lower_hull(points)
+    assert lower_hull([1.0, 0.5]).tolist() == [[0.0, 1.0], [1.0, 0.5]]  # one pair, flat
 
 
 @pytest.mark.parametrize("metric", [sqnr, normalized_mse])
@@ -157,8 +169,10 @@ def test_scorers_work_on_a_pipeline(X):
 
 
 def test_scorers_reject_bad_arguments_and_estimators(X):
-    with pytest.raises(ValueError, match="non-negative"):
-        rate_distortion_scorer(-1.0)
+    for lmbda in (-1.0, True, np.inf):
+        with pytest.raises(ValueError, match="non-negative"):
+            rate_distortion_scorer(lmbda)
+    assert np.isfinite(rate_distortion_scorer(np.int64(1))(vq(8).fit(X), X))
     for budget in (0, True, np.nan):
         with pytest.raises(ValueError, match="positive"):
             budget_scorer(budget)
@@ -166,6 +180,16 @@ def test_scorers_reject_bad_arguments_and_estimators(X):
 
     with pytest.raises(TypeError, match="encode"):
         budget_scorer(2.0)(PCA(2).fit(X), X)
+
+
+def test_scorers_refuse_all_zero_rows_whose_error_is_not_defined(X):
+    """Rows of pruned weights are all zero (a fresh user's trial): every setting scored -inf
+    on them, a silent tie that made GridSearchCV pick the first candidate."""
+    est = vq(8).fit(X)
+    for scorer in (budget_scorer(2.0), rate_distortion_scorer(0.1)):
+        with pytest.raises(ValueError, match="scored rows are all zero"):
+            scorer(est, np.zeros((10, X.shape[1]), X.dtype))
+        assert np.isfinite(scorer(est, X))
 
 
 @pytest.mark.parametrize("scale", [1e-300, 1e-30, 1.0, 1e30, 1e300])
