@@ -15,6 +15,7 @@ matrix codec and the model adapter both build on it. It imports nothing from the
 
 import json
 import os
+import socket
 import stat
 import struct
 import tempfile
@@ -34,8 +35,17 @@ READ_VERSIONS = (1, 2, 3, 4)
 #: Largest JSON header accepted when reading (bytes).
 MAX_HEADER_BYTES = 64 * 2**20
 #: Prefix and suffix of the temporary files :func:`replace_atomically` creates next to the
-#: target: ``.qsdlearn-<pid>-<random>.tmp``, the pid being that of the writing process.
+#: target: ``.qsdlearn-<pid>-<host>-<random>.tmp``, the pid being that of the writing process
+#: and ``<host>`` :func:`host_tag`.
 TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".qsdlearn-", ".tmp"
+
+
+def host_tag():
+    """Eight hex digits of the CRC-32 of this machine's host name: a temporary file's pid is
+    tested only on the host that wrote it (a folder shared between machines, or containers
+    of separate pid namespaces, holds files of pids that this host cannot see)."""
+    return f"{zlib.crc32(socket.gethostname().encode('utf-8', 'replace')):08x}"
+
 
 #: Default cap on the elements a file may declare (matrix entries and code slots): sizes in a
 #: header are checked against it before anything is allocated; ``load(..., max_elements=)``
@@ -237,8 +247,8 @@ def replace_atomically(path, write, overwrite=False):
 
     An interrupted write leaves either the old file or the new one at ``path``, never a
     partial file: the temporary file is flushed to disk before the rename, and removed when
-    ``write`` fails. Temporary files left in that folder by writers that no longer run (a
-    killed process) are removed first. Something already at ``path`` is replaced only with
+    ``write`` fails. Temporary files left in that folder by writers of this host that no
+    longer run (a killed process) are removed first. Something already at ``path`` is replaced only with
     ``overwrite``, and only a regular file (or a link to one): never a device or a pipe.
     """
     path = check_target(path, overwrite)
@@ -253,9 +263,12 @@ def replace_atomically(path, write, overwrite=False):
 
 def check_target(path, overwrite):
     """``path`` (as a str) if a file may be written there (see :func:`replace_atomically`)."""
-    path = os.fspath(path)
+    path = os.fsdecode(os.fspath(path))  # a bytes path as the str one
     if not path:
         raise ValueError("the file name is empty: give the file to write")
+    if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
+        raise ValueError(f"cannot write {path}: a file name does not end with a path "
+                         "separator")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {path}: it is a directory")
@@ -275,7 +288,7 @@ def write_temporary(path, write):
     try:
         handle, temporary = tempfile.mkstemp(
             dir=os.path.dirname(os.path.abspath(path)),
-            prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-", suffix=TEMPORARY_SUFFIX
+            prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-{host_tag()}-", suffix=TEMPORARY_SUFFIX
         )
     except OSError as exc:  # named after the file asked for, not the temporary one
         raise OSError(exc.errno, f"cannot create a file in its folder ({exc.strerror})",
@@ -429,18 +442,21 @@ def _process_is_running(pid):
 
 
 def remove_stale_temporaries(folder):
-    """Remove the temporary files of :func:`replace_atomically` in ``folder`` whose writing process
-    has ended; returns their names. Files of running writers are left alone."""
+    """Remove the temporary files of :func:`replace_atomically` in ``folder`` that this host
+    wrote (:func:`host_tag`) and whose writing process has ended; returns their names. Files
+    of running writers, of other hosts and of other names are left alone."""
     removed = []
     try:
         names = os.listdir(folder)
     except OSError:
         return removed
+    tag = host_tag()
     for name in names:
         if not (name.startswith(TEMPORARY_PREFIX) and name.endswith(TEMPORARY_SUFFIX)):
             continue
-        pid = name[len(TEMPORARY_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or _process_is_running(int(pid)):
+        fields = name[len(TEMPORARY_PREFIX):].split("-", 2)
+        if len(fields) < 3 or fields[1] != tag or not fields[0].isdigit() or \
+                _process_is_running(int(fields[0])):
             continue
         try:
             os.unlink(os.path.join(folder, name))

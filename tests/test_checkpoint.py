@@ -15,7 +15,7 @@ import pytest
 import qsdlearn
 from qsdlearn._checkpoint import (SafetensorsRef, open_checkpoint, plan_shards,
                                   write_checkpoint)
-from qsdlearn._container import CONTAINER_ITEMSIZES
+from qsdlearn._container import CONTAINER_ITEMSIZES, host_tag
 from qsdlearn._dtypes import (FLOAT_DTYPES, NUMPY_NAMES, SAFETENSORS_NAMES, check_dtype, finfo,
                               from_little_endian_bytes, numpy_dtype, to_little_endian_bytes)
 
@@ -298,7 +298,7 @@ def test_write_checkpoint_is_atomic_and_refuses_devices(target, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
     folder = path if target == "shards" else tmp_path
-    stale = folder / f".qsdlearn-{dead}-x.tmp"
+    stale = folder / f".qsdlearn-{dead}-{host_tag()}-x.tmp"
     stale.write_bytes(b"left by a killed writer")
 
     def failing(name):

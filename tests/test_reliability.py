@@ -144,10 +144,39 @@ def test_a_killed_save_never_leaves_a_partial_file(tmp_path):
 
 
 def test_a_running_writers_temporary_file_is_left_alone(tmp_path):
-    mine = tmp_path / f"{TEMPORARY_PREFIX}{os.getpid()}-abc{TEMPORARY_SUFFIX}"
+    tag = qsdlearn._container.host_tag()
+    mine = tmp_path / f"{TEMPORARY_PREFIX}{os.getpid()}-{tag}-abc{TEMPORARY_SUFFIX}"
     mine.write_bytes(b"in progress")
     qsdlearn._container.write_atomic(tmp_path / "other.qsd", b"x")
     assert mine.exists()
+
+
+def test_temporary_files_of_other_hosts_and_names_are_left_alone(tmp_path):
+    """A folder shared between machines (or containers of separate pid namespaces) holds
+    temporary files whose pid this host cannot see (a fresh user's trial: they were removed
+    as stale, failing the other machine's save). Only this host's files of ended writers
+    go."""
+    dead = 2**22 + 12345  # above Linux's largest pid: no such process
+    tag = qsdlearn._container.host_tag()
+    other_tag = f"{(int(tag, 16) + 1) % 2**32:08x}"
+    names = {f"{TEMPORARY_PREFIX}{dead}-{tag}-abc{TEMPORARY_SUFFIX}": False,
+             f"{TEMPORARY_PREFIX}{dead}-{other_tag}-abc{TEMPORARY_SUFFIX}": True,
+             f"{TEMPORARY_PREFIX}{dead}-abc{TEMPORARY_SUFFIX}": True}
+    for name in names:
+        (tmp_path / name).write_bytes(b"in progress")
+    qsdlearn._container.write_atomic(tmp_path / "other.qsd", b"x")
+    assert {name: (tmp_path / name).exists() for name in names} == names
+
+
+def test_save_takes_a_bytes_path_and_refuses_a_trailing_separator(tmp_path):
+    """A bytes path raised a TypeError from the removal of stale temporary files (load took
+    it); a name ending with a separator raised NotADirectoryError naming the temporary file."""
+    path = os.fsencode(tmp_path / "b.qsd")
+    qsdlearn._container.write_atomic(path, b"x")
+    assert (tmp_path / "b.qsd").read_bytes() == b"x"
+    with pytest.raises(ValueError, match="does not end with a path separator"):
+        qsdlearn._container.write_atomic(str(tmp_path / "new.qsd") + os.sep, b"x")
+    assert not (tmp_path / "new.qsd").exists()
 
 
 # -- input dtypes and file modes ----------------------------------------------------------------
