@@ -29,3 +29,12 @@ def check_positive_int(name, value, none_allowed=False):
     if value < 1:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return int(value)
+
+
+def check_real_array(a, name):
+    """``a`` as an array of real numbers (booleans, integers and floats, bfloat16 included);
+    a TypeError naming ``name`` for complex numbers, strings or objects."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf" and a.dtype.name != "bfloat16":
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    return a

@@ -8,7 +8,10 @@ the bit account is a method of it.
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral
 
+import numpy as np
+
 from ._bits import factorization_bits
+from ._checks import check_positive_int
 
 #: Level-set code of float values, no quantization (see :mod:`qsdlearn._kernels`).
 FLOAT = -1
@@ -158,8 +161,27 @@ class Constraints:
         BitBudget
             Bits of every stream (``code_support``, ``code_values``, ``codebook_support``,
             ``codebook_values``, ``codebook_scales``), their ``total`` and ``per_element``.
+
+        Raises
+        ------
+        TypeError
+            If an argument is not an integer.
+        ValueError
+            If ``n_rows`` is negative, ``n_features`` below 1 or below ``component_nonzero``,
+            or ``float_bits`` not 16, 32 or 64.
         """
-        return factorization_bits(self, n_rows, n_features, float_bits)
+        if isinstance(n_rows, (bool, np.bool_)) or not isinstance(n_rows, Integral):
+            raise TypeError(f"n_rows must be a non-negative integer, got {n_rows!r}")
+        if n_rows < 0:
+            raise ValueError(f"n_rows must be a non-negative integer, got {n_rows!r}")
+        n_features = check_positive_int("n_features", n_features)
+        if check_positive_int("float_bits", float_bits) not in (16, 32, 64):
+            raise ValueError(f"float_bits is the width of a float: 16, 32 or 64, got "
+                             f"{float_bits!r}")
+        if self.component_nonzero is not None and self.component_nonzero > n_features:
+            raise ValueError(f"component_nonzero={self.component_nonzero} exceeds the "
+                             f"n_features={n_features} of a codebook row")
+        return factorization_bits(self, int(n_rows), n_features, int(float_bits))
 
     def to_dict(self):
         """The fields as a mapping.

@@ -12,7 +12,7 @@ number of times each row is used.
 
 import numpy as np
 
-from ._checks import check_positive_int
+from ._checks import check_positive_int, check_real_array
 
 __all__ = ["GramAccumulator", "metric_blocks"]
 
@@ -87,9 +87,7 @@ class GramAccumulator:
         self : GramAccumulator
             The accumulator, updated.
         """
-        A = np.asarray(batch)
-        if not (A.dtype.kind in "fiu" or A.dtype.name == "bfloat16"):
-            raise TypeError(f"batch has dtype {A.dtype}; give real numbers")
+        A = check_real_array(batch, "batch")
         if A.ndim == 0 or A.shape[-1] != self.n_features:
             raise ValueError(f"batch has shape {A.shape}; its last axis must have "
                              f"n_features={self.n_features} entries")
@@ -130,10 +128,10 @@ def metric_blocks(gram, vector_size):
     Raises
     ------
     ValueError
-        If ``gram`` is not a finite square matrix, or ``vector_size`` is below 1 or above its
-        width.
+        If ``gram`` is not a finite square matrix of at least one entry, or ``vector_size`` is
+        below 1 or above its width.
     TypeError
-        If ``vector_size`` is not an integer.
+        If ``vector_size`` is not an integer, or ``gram`` does not hold real numbers.
 
     Examples
     --------
@@ -144,9 +142,10 @@ def metric_blocks(gram, vector_size):
     >>> metric_blocks(A.T @ A, 8).shape
     (3, 8, 8)
     """
-    H = np.asarray(gram, dtype=np.float64)
-    if H.ndim != 2 or H.shape[0] != H.shape[1]:
-        raise ValueError(f"gram has shape {H.shape}; expected a square (in, in) matrix")
+    H = check_real_array(gram, "gram").astype(np.float64)
+    if H.ndim != 2 or H.shape[0] != H.shape[1] or H.size == 0:
+        raise ValueError(f"gram has shape {H.shape}; expected a square (in, in) matrix, "
+                         "in >= 1")
     if not np.all(np.isfinite(H)):
         raise ValueError("gram holds NaN or infinity")
     d = check_positive_int("vector_size", vector_size)

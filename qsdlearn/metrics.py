@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 
+from ._checks import check_real_array
 from ._levels import scale_exponent
 
 __all__ = [
@@ -110,7 +111,7 @@ _CHUNK_ELEMENTS = 2**20
 
 
 def _noise_and_signal(X, X_hat):
-    X, X_hat = _real_array(X, "X"), _real_array(X_hat, "X_hat")
+    X, X_hat = check_real_array(X, "X"), check_real_array(X_hat, "X_hat")
     if X.shape != X_hat.shape:
         raise ValueError(f"shapes differ: {X.shape} and {X_hat.shape}")
     if X.size == 0:
@@ -128,14 +129,6 @@ def _noise_and_signal(X, X_hat):
     if not (math.isfinite(noise) and math.isfinite(signal)):
         raise ValueError("X and X_hat must hold finite values (no NaN or infinity)")
     return noise, signal
-
-
-def _real_array(a, name):
-    """``a`` as an array of real numbers (integers, booleans and floats, bfloat16 included)."""
-    a = np.asarray(a)
-    if a.dtype.kind not in "biuf" and a.dtype.name != "bfloat16":
-        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
-    return a
 
 
 # -- the operational hull ----------------------------------------------------------------------

@@ -126,3 +126,18 @@ def test_constraints_check_their_fields_when_built(fields, error, message):
     with pytest.raises(error, match=message):
         Constraints(**fields)
     assert Constraints(np.int64(16), code_bits=np.int8(2)).code_bits == 2
+
+
+def test_the_bit_account_refuses_impossible_shapes():
+    """Negative rows, more nonzeros per codebook row than features and a float of 7 bits
+    gave nonsense counts (a fresh user's trial: code_values=-128 for -1 rows)."""
+    for args, error in (((-1, 8, 32), ValueError), ((2.0, 8, 32), TypeError),
+                        ((10, 0, 32), ValueError), ((10, 8, 7), ValueError),
+                        ((10, 8, True), TypeError)):
+        with pytest.raises(error):
+            Constraints(4).bits(*args)
+    with pytest.raises(ValueError, match="component_nonzero=10 exceeds"):
+        Constraints(4, component_nonzero=10).bits(10, 8, 32)
+    empty = Constraints(4).bits(0, 8, 32)  # no rows: the codebook alone
+    assert empty.code_support == 0 and empty.code_values == 0 and empty.total > 0
+    assert Constraints(4).bits(np.int64(10), np.int64(8), 16).total > 0

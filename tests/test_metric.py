@@ -251,6 +251,15 @@ def test_metric_blocks_refuses_bad_vector_sizes(vector_size, error):
         metric_blocks(np.eye(10), vector_size)
 
 
+def test_metric_blocks_refuses_a_complex_or_empty_gram():
+    """A complex Gram matrix lost its imaginary part with only NumPy's ComplexWarning, and an
+    empty one gave NumPy's "need at least one array to stack" (a fresh user's trial)."""
+    with pytest.raises(TypeError, match="gram must hold real numbers"):
+        metric_blocks(np.eye(4) * (1 + 1j), 2)
+    with pytest.raises(ValueError, match="gram has shape"):
+        metric_blocks(np.ones((0, 0)), 1)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_nearly_isotropic_metric_fits_about_as_well_as_the_plain_objective(seed):
     """The metric's codebook step keeps the plain step (exact row sweeps) as a candidate, so
