@@ -275,9 +275,15 @@ def _suffix(path):
 
 def _complete_shards(folder, files):
     """Refuse a folder without an index whose ``model-0000i-of-0000n.safetensors`` shards
-    are not one complete set (what an interrupted write can leave)."""
-    numbered = [_SHARD_NAME.fullmatch(f) for f in files]
-    numbered = [(int(m.group(1)), int(m.group(2))) for m in numbered if m]
+    are not one complete set (what an interrupted write can leave), or that holds other
+    .safetensors files beside them (they would be read as part of the checkpoint)."""
+    matches = [_SHARD_NAME.fullmatch(f) for f in files]
+    others = [f for f, m in zip(files, matches) if not m]
+    if others and len(others) < len(files):
+        raise ValueError(
+            f"{folder} has no index and holds {', '.join(others)} beside the shards of a "
+            "checkpoint: move the other files out, or give the checkpoint's index")
+    numbered = [(int(m.group(1)), int(m.group(2))) for m in matches if m]
     counts = {n for _, n in numbered}
     if numbered and (len(counts) > 1 or sorted(i for i, _ in numbered) != list(
             range(1, max(counts) + 1))):

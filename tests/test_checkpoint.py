@@ -387,6 +387,23 @@ def test_a_folder_of_shards_without_index_must_hold_a_complete_set(tmp_path):
         open_checkpoint(tmp_path / "s")
 
 
+def test_a_folder_of_shards_without_index_refuses_other_safetensors_files(tmp_path):
+    """A stray .safetensors file beside a complete set was read as part of the checkpoint
+    (a fresh user's trial: its tensor came first in the model); a folder of files not named
+    as shards is still read as one checkpoint of all of them."""
+    sizes = {f"t{i}": 800 for i in range(3)}
+    write_checkpoint(tmp_path / "s", sizes, lambda name: np.full(100, float(name[1:])), 800)
+    (tmp_path / "s" / "model.safetensors.index.json").unlink()
+    write_checkpoint(tmp_path / "s" / "extra.safetensors", {"w": 400},
+                     lambda name: np.zeros(100))
+    with pytest.raises(ValueError, match="holds extra.safetensors beside the shards"):
+        open_checkpoint(tmp_path / "s")
+    (tmp_path / "u").mkdir()
+    write_checkpoint(tmp_path / "u" / "a.safetensors", {"a": 400}, lambda name: np.zeros(100))
+    write_checkpoint(tmp_path / "u" / "b.safetensors", {"b": 400}, lambda name: np.ones(100))
+    assert list(open_checkpoint(tmp_path / "u").infos) == ["a", "b"]
+
+
 def test_the_container_reader_knows_the_sizes_of_every_dtype_of_the_table():
     """The file reader keeps its own table of sizes (it imports nothing from the package)."""
     assert {st: numpy_dtype(name).itemsize for st, name in NUMPY_NAMES.items()} \
