@@ -248,8 +248,9 @@ def replace_atomically(path, write, overwrite=False):
     An interrupted write leaves either the old file or the new one at ``path``, never a
     partial file: the temporary file is flushed to disk before the rename, and removed when
     ``write`` fails. Temporary files left in that folder by writers of this host that no
-    longer run (a killed process) are removed first. Something already at ``path`` is replaced only with
-    ``overwrite``, and only a regular file (or a link to one): never a device or a pipe.
+    longer run (a killed process) are removed first. Something already at ``path`` is
+    replaced only with ``overwrite``, and only a regular file (or a link to one): never a
+    device or a pipe.
     """
     path = check_target(path, overwrite)
     remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
