@@ -351,6 +351,8 @@ def _npz_member_header(archive, member, path, name):
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)
             shape, _, dtype = read_header(file)
+            if not all(type(n) is int and n >= 0 for n in shape):  # NumPy takes (True, 16)
+                raise ValueError(f"shape {shape!r} is not of non-negative integers")
             return shape, np.dtype(dtype), file.tell()
     except (ValueError, TypeError, EOFError, SyntaxError, tokenize.TokenError,
             zlib.error) as exc:

@@ -267,9 +267,10 @@ def check_target(path, overwrite):
     path = os.fsdecode(os.fspath(path))  # a bytes path as the str one
     if not path:
         raise ValueError("the file name is empty: give the file to write")
-    if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)):
-        raise ValueError(f"cannot write {path}: a file name does not end with a path "
-                         "separator")
+    if path.endswith(os.sep) or (os.altsep and path.endswith(os.altsep)) or \
+            os.path.basename(path) in (os.curdir, os.pardir):
+        raise ValueError(f"cannot write {path}: it names a folder (it ends with a path "
+                         f"separator, {os.curdir!r} or {os.pardir!r}), not a file")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {path}: it is a directory")

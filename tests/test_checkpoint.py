@@ -85,7 +85,8 @@ def test_npz_headers_are_read_without_loading(tmp_path):
     (b"{'descr': '<f4', 'fortran_order': False, 'shape': (64, 64), }", 16),  # TokenError
     (b"{'descr': '<f4', 'fortran_order': False, 'shape': (64, 64), }", 80),  # EOFError
     (b"{'descr': '<f4', 'fortran_order': False, 'shape': (64, \n", 48),  # SyntaxError
-], ids=["unterminated", "short", "syntax"])
+    (b"{'descr': '<f4', 'fortran_order': False, 'shape': (True, 16), }\n", 64),  # a bool
+], ids=["unterminated", "short", "syntax", "bool"])
 def test_a_damaged_npz_header_is_refused_naming_the_file_and_tensor(
         header, declared, tmp_path):
     """A .npz member whose .npy header is damaged raised tokenize's TokenError (a traceback

@@ -174,9 +174,11 @@ def test_save_takes_a_bytes_path_and_refuses_a_trailing_separator(tmp_path):
     path = os.fsencode(tmp_path / "b.qsd")
     qsdlearn._container.write_atomic(path, b"x")
     assert (tmp_path / "b.qsd").read_bytes() == b"x"
-    with pytest.raises(ValueError, match="does not end with a path separator"):
-        qsdlearn._container.write_atomic(str(tmp_path / "new.qsd") + os.sep, b"x")
+    for tail in (os.sep, os.sep + os.curdir, os.sep + os.pardir):
+        with pytest.raises(ValueError, match="it names a folder"):
+            qsdlearn._container.write_atomic(str(tmp_path / "new.qsd") + tail, b"x")
     assert not (tmp_path / "new.qsd").exists()
+    assert sorted(os.listdir(tmp_path)) == ["b.qsd"]  # no temporary file written anywhere
 
 
 # -- input dtypes and file modes ----------------------------------------------------------------
