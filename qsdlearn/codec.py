@@ -227,7 +227,7 @@ def _validate_flat(raw, problem="damaged file: setting"):
     n_components = raw["n_components"] if is_int(raw["n_components"], 1) else 1
     n_features = raw["n_features"] if is_int(raw["n_features"], 1) else 1
     checks = [
-        ("n_rows", is_int(raw["n_rows"], 0, 2**40)),
+        ("n_rows", is_int(raw["n_rows"], 1, 2**40)),  # encode refuses a matrix of no rows
         ("n_features", is_int(raw["n_features"], 1, MAX_FEATURES)),
         ("n_components", is_int(raw["n_components"], 1, 2**31)),
         ("n_nonzero", is_int(raw["n_nonzero"], 1, n_components, optional=True)),
@@ -444,8 +444,6 @@ class CompressedMatrix(FileImage):
                 f"damaged file: expected the streams {list(STREAMS)}, found {list(tensors)}"
             )
         settings = MatrixSettings.from_json(meta.get("settings"))
-        if settings.n_rows == 0:  # encode refuses zero rows: a crafted file
-            raise ValueError("damaged file: a matrix of no rows")
         check_declared_elements(settings.declared_elements, max_elements, "a matrix")
         return matrix_from_tensors(settings, tensors)
 

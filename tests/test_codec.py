@@ -502,9 +502,9 @@ def test_factors_whose_product_passes_the_range_are_rejected_at_decode():
                                np.full((2, 4), 0.9 * top, np.float32), rtol=1e-6)
 
 
-def test_a_matrix_file_of_no_rows_is_refused_as_damaged():
-    """encode refuses zero rows, so a matrix file of none is crafted: it loaded, then its
-    repr and bits_per_element divided by zero (a fresh user's trial)."""
+def test_a_matrix_of_no_rows_is_refused_as_damaged():
+    """encode refuses zero rows, so a matrix of none is crafted, in a file or in memory: it
+    loaded, then its repr and bits_per_element divided by zero (a fresh user's trial)."""
     from dataclasses import replace
 
     from qsdlearn.codec import encode_factors
@@ -516,7 +516,8 @@ def test_a_matrix_file_of_no_rows_is_refused_as_damaged():
                                            random_state=0, max_iter=2).fit(X)
     matrix = est.encode(X)
     idx, val, _ = matrix.factors()
-    empty = encode_factors(replace(matrix.settings, n_rows=0), idx[:0], val[:0],
-                           est.components_, est.codebook_scales_)
-    with pytest.raises(ValueError, match="damaged file: a matrix of no rows"):
-        from_bytes(empty.to_bytes())
+    with pytest.raises(ValueError, match="n_rows=0 is invalid"):
+        encode_factors(replace(matrix.settings, n_rows=0), idx[:0], val[:0],
+                       est.components_, est.codebook_scales_)
+    with pytest.raises(ValueError, match="damaged file: setting n_rows=0 is invalid"):
+        from_bytes(_rewrite(_image(), _settings_edit(n_rows=0)))
