@@ -1,5 +1,6 @@
 """The scikit-learn estimator: validation and bookkeeping around :mod:`qsdlearn._solver`."""
 
+import math
 import os
 from numbers import Integral, Real
 
@@ -78,6 +79,28 @@ def _physical_memory():
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+#: Headroom below the dtype's largest value that data must keep (a factor of 2**8): a
+#: reconstruction adds slots of codebook rows times code values, and of data within a few
+#: times the largest value it passed the range (float32 data of 2e38 reconstructed to inf).
+_HEADROOM_BITS = 8
+
+
+def _check_headroom(X):
+    """``X`` (validated, float32 or float64) if its magnitudes stay :data:`_HEADROOM_BITS`
+    below its dtype's largest value; a ValueError otherwise (inf included: float64 rows cast
+    to float32 by :meth:`QuantizedSparseDecomposition.encode`)."""
+    if X.size:
+        largest = max(float(np.max(X)), -float(np.min(X)))
+        limit = math.ldexp(float(np.finfo(X.dtype).max), -_HEADROOM_BITS)
+        if not largest < limit:
+            upcast = " pass float64 data, or" if X.dtype == np.float32 else ""
+            raise ValueError(
+                f"X holds a magnitude of {largest:.3g}, within a factor 2**{_HEADROOM_BITS} of "
+                f"the largest {X.dtype.name} ({np.finfo(X.dtype).max:.3g}): its reconstruction "
+                f"could pass that range;{upcast} scale X down")
+    return X
 
 
 #: Copies of the ``(n_components, n_features)`` float64 codebook a fit holds at once (starts,
@@ -434,7 +457,8 @@ default=None
         Raises
         ------
         ValueError
-            If ``X`` holds NaN or infinity, ``sample_weight`` is negative or all zero,
+            If ``X`` holds NaN or infinity or a magnitude within a factor ``2**8`` of its
+            dtype's largest value, ``sample_weight`` is negative or all zero,
             ``metric`` has the wrong shape or is not symmetric positive semi-definite, or the
             codebook's float64 arrays (with codes other than one-hot, its
             ``(n_components, n_components)`` Gram matrix) would not fit in the machine's
@@ -496,7 +520,7 @@ default=None
             "n_init", "max_iter", "tol", "search_width", "n_threads")})
         X = validate_data(self, _native_float(X), dtype=[np.float64, np.float32],
                           ensure_min_samples=1)
-        X = np.ascontiguousarray(X)
+        X = np.ascontiguousarray(_check_headroom(X))
         n, d = X.shape
         prepared = _prepared_metric(_check_metric(metric, d), _check_weights(sample_weight, X), n)
         if self.solver == "pgd" and prepared is not None:
@@ -567,15 +591,16 @@ default=None
             If the estimator is not fitted.
         ValueError
             If ``X`` has another number of features than the data fitted, or holds NaN or
-            infinity, or ``metric`` has the wrong shape or is not symmetric positive
-            semi-definite.
+            infinity or a magnitude within a factor ``2**8`` of its dtype's largest value, or
+            ``metric`` has the wrong shape or is not symmetric positive semi-definite.
         """
         X = self._validate_new(X)
         return self._encode(X, metric).to_dense(self.n_components_)
 
     def _validate_new(self, X):
         check_is_fitted(self)
-        return validate_data(self, _native_float(X), dtype=[np.float64, np.float32], reset=False)
+        return _check_headroom(validate_data(self, _native_float(X),
+                                             dtype=[np.float64, np.float32], reset=False))
 
     def _encode(self, X, metric=None):
         """Codes of validated rows ``X`` (see :meth:`transform`)."""
@@ -649,19 +674,13 @@ default=None
             If the estimator is not fitted.
         ValueError
             If ``X`` has another number of features than the data fitted, or holds NaN or
-            infinity or values beyond the range of the dtype fitted on, or ``metric`` is
-            invalid (as in :meth:`transform`).
+            infinity or a magnitude within a factor ``2**8`` of the largest value of the dtype
+            fitted on (or beyond it), or ``metric`` is invalid (as in :meth:`transform`).
         """
         X = self._validate_new(X)
-        dtype = self.components_.dtype
-        with np.errstate(over="ignore"):  # checked below
-            X = np.asarray(X, dtype=dtype)
-        if not np.isfinite(X).all():
-            raise ValueError(f"X holds values beyond the range of {dtype.name}, the dtype this "
-                             f"estimator was fitted on and encodes in (largest finite: "
-                             f"{np.finfo(dtype).max:.4g}); scale the data, or fit on "
-                             f"{np.result_type(dtype, np.float64).name} data")
-        return self._pack(self._encode(X, metric))
+        with np.errstate(over="ignore"):  # inf beyond the range: refused by the check
+            X = np.asarray(X, dtype=self.components_.dtype)
+        return self._pack(self._encode(_check_headroom(X), metric))
 
     def _pack(self, codes):
         """The :class:`CompressedMatrix` of ``codes`` (:class:`~qsdlearn._solver.Codes`, in
@@ -695,7 +714,7 @@ default=None
             If the estimator is not fitted.
         ValueError
             If ``X`` has another number of features than the data fitted, or holds NaN or
-            infinity.
+            infinity or a magnitude within a factor ``2**8`` of its dtype's largest value.
         """
         X = self._validate_new(X)
         codes = self._encode(X).to_dense(self.n_components_)

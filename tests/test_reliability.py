@@ -253,12 +253,29 @@ def test_reconstruction_error_is_exact_where_its_square_overflows(scale):
 
 
 def test_an_error_norm_beyond_float64_is_inf_not_an_overflow_error():
-    """Data of 1e308 (a fresh user's trial): the Frobenius norm of the error passes float64's
-    range, which raised OverflowError from math.ldexp; it is inf, as the objective is."""
-    X = np.sign(gaussian(50, 8)) * 1e308
+    """The Frobenius norm of the error of many rows of 5e305 passes float64's range (a fresh
+    user's trial, on data of 1e308: OverflowError from math.ldexp); it is inf, as the
+    objective is, and the factors are finite."""
+    X = np.sign(gaussian(50000, 8)) * 5e305
     est = fit_quietly(QuantizedSparseDecomposition(n_components=4, random_state=0), X)
     assert est.reconstruction_err_ == np.inf
     assert np.all(np.isfinite(est.components_))
+
+
+@pytest.mark.parametrize("dtype, magnitude", [(np.float32, 2e38), (np.float64, 1e308)])
+def test_data_within_a_factor_256_of_the_largest_value_is_refused(dtype, magnitude):
+    """Its reconstruction passed the range (a fresh user's trial: float32 data of 2e38 fitted,
+    and reconstructed to inf, so that score was -inf and encode(X).decode() refused its own
+    factors as damaged). Refused by fit, and by transform of a fitted estimator; data 2**9
+    below the largest value fit and reconstruct finite."""
+    sign = np.sign(gaussian(50, 8))
+    with pytest.raises(ValueError, match=r"within a factor 2\*\*8 of the largest"):
+        QuantizedSparseDecomposition(4, random_state=0).fit((sign * magnitude).astype(dtype))
+    fine = (sign * np.ldexp(float(np.finfo(dtype).max), -9)).astype(dtype)
+    est = fit_quietly(QuantizedSparseDecomposition(4, random_state=0), fine)
+    assert np.all(np.isfinite(est.inverse_transform(est.transform(fine))))
+    with pytest.raises(ValueError, match=r"within a factor 2\*\*8 of the largest"):
+        est.transform((sign * magnitude).astype(dtype))
 
 
 def test_encode_refuses_rows_beyond_the_range_of_the_dtype_fitted():
@@ -269,7 +286,7 @@ def test_encode_refuses_rows_beyond_the_range_of_the_dtype_fitted():
     est = fit_quietly(QuantizedSparseDecomposition(16, n_nonzero=2, code_bits=2,
                                                    codebook_bits=8, random_state=0,
                                                    max_iter=5), X)
-    with pytest.raises(ValueError, match="beyond the range of float32"):
+    with pytest.raises(ValueError, match=r"magnitude of inf, within a factor 2\*\*8"):
         est.encode(X.astype(np.float64) * 1e39)
     assert est.encode(X.astype(np.float64) * 1e30).decode().dtype == np.float32
 
