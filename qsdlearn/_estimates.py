@@ -260,9 +260,6 @@ def _estimate_candidates(weight, candidates, seed, n_threads, energy, calibratio
         X = to_rows(rows.astype(np.float32, copy=False), setting.vector_size)
         layer_calibration = _layout(fit_calibration, weight.shape, setting.vector_size)
         error = _estimate_error(setting, X, layer_calibration, seed, n_threads, shared)
-        if error is None:
-            results.append(None)
-            continue
         if energy is not None:
             error = error / energy if energy > 0 else 0.0
         results.append((nbytes, error))
@@ -337,8 +334,8 @@ def _shared_ranking(shared, setting, X, weights, depth):
 
 
 def _estimate_error(setting, X, calibration, seed, n_threads, shared=None):
-    """The error of one candidate on the sub-vectors ``X`` of a layer (see :func:`_estimate`),
-    or None when the layer has fewer sub-vectors than the candidate has codewords. ``shared``
+    """The error of one candidate on the sub-vectors ``X`` of a layer (see :func:`_estimate`;
+    the layer has at least as many sub-vectors as the candidate has codewords). ``shared``
     (a dict, kept across the candidates of a layer) shares their k-means++ starts
     (:func:`_shared_seeds`), row draws (:func:`_held_out_split`) and the rows' energies
     (:func:`_shared_energies`, :func:`_shared_ranking`)."""
@@ -364,10 +361,10 @@ def _estimate_error(setting, X, calibration, seed, n_threads, shared=None):
             _shared_ranking(shared, setting, X, weights, ESTIMATE_HEAVIEST_ROWS + rows.shape[0]))
         fitted = est.reconstruction_err_**2 * X.shape[0] / rows.shape[0]
         return _between(held_out, fitted)
+    # (row weights with zeros may leave fewer rows than codewords: fitted all the same, as
+    # the final fit does, rather than left unestimated)
     sample, metric, weights, factor, _ = _fit_inputs(X, calibration, fit_rows, seed,
                                                      keep_order=False)
-    if sample.shape[0] < setting.constraints.n_components:
-        return None
     _fit_quietly(est, sample, sample_weight=weights, metric=metric)
     if not gram:
         return est.reconstruction_err_**2 * factor
