@@ -199,9 +199,9 @@ def _between(held_out, fitted):
 
 def _estimate(ref, candidates, seed, n_threads, relative=False, calibration=None, wanted=None):
     """For each candidate: bytes of the layer's streams (exact) and its error (from a row
-    sample), or ``None`` when the sample is too small for it or its position in
-    ``candidates`` is not among ``wanted`` (a collection of ints; None: all). Reads the layer
-    once.
+    sample), or ``None`` when it is not estimated on the layer (it does not fit it, or is
+    skipped: see :func:`_estimate_candidates`) or its position in ``candidates`` is not
+    among ``wanted`` (a collection of ints; None: all). Reads the layer once.
 
     The error is the squared weight error (weighted by the row weights, or by the squared
     row scales of a setting with them, :func:`_scaled_rows`), fitted on a sample

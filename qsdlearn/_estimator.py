@@ -597,10 +597,15 @@ default=None
         X = self._validate_new(X)
         return self._encode(X, metric).to_dense(self.n_components_)
 
-    def _validate_new(self, X):
+    def _validate_new(self, X, dtype=None):
+        """``X`` validated for a fitted estimator, cast to ``dtype`` when given (values beyond
+        its range become inf, which the check of headroom refuses)."""
         check_is_fitted(self)
-        return _check_headroom(validate_data(self, _native_float(X),
-                                             dtype=[np.float64, np.float32], reset=False))
+        X = validate_data(self, _native_float(X), dtype=[np.float64, np.float32], reset=False)
+        if dtype is not None:
+            with np.errstate(over="ignore"):
+                X = np.asarray(X, dtype=dtype)
+        return _check_headroom(X)
 
     def _encode(self, X, metric=None):
         """Codes of validated rows ``X`` (see :meth:`transform`)."""
@@ -677,10 +682,8 @@ default=None
             infinity or a magnitude within a factor ``2**8`` of the largest value of the dtype
             fitted on (or beyond it), or ``metric`` is invalid (as in :meth:`transform`).
         """
-        X = self._validate_new(X)
-        with np.errstate(over="ignore"):  # inf beyond the range: refused by the check
-            X = np.asarray(X, dtype=self.components_.dtype)
-        return self._pack(self._encode(_check_headroom(X), metric))
+        X = self._validate_new(X, dtype=self.components_.dtype)
+        return self._pack(self._encode(X, metric))
 
     def _pack(self, codes):
         """The :class:`CompressedMatrix` of ``codes`` (:class:`~qsdlearn._solver.Codes`, in
