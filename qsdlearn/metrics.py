@@ -134,12 +134,18 @@ def _noise_and_signal(X, X_hat):
 # -- the operational hull ----------------------------------------------------------------------
 
 
+def _as_origin(origin):
+    """The hull's ``origin`` as a ``(1, 2)`` array of points (:func:`_as_points`)."""
+    origin = np.asarray(origin, dtype=np.float64)
+    if origin.shape != (2,):
+        raise ValueError(f"origin must be one (rate, distortion) pair, got shape {origin.shape}")
+    return _as_points(origin, "origin")
+
+
 def _as_points(points, name="points"):
-    """``points`` (or the one point ``origin``) as a float64 array of ``(rate, distortion)``
-    rows: finite, rates nonnegative."""
+    """``points`` as a float64 array of ``(rate, distortion)`` rows: finite, rates
+    nonnegative."""
     points = np.asarray(points, dtype=np.float64)
-    if name == "origin" and points.shape != (2,):
-        raise ValueError(f"origin must be one (rate, distortion) pair, got shape {points.shape}")
     if points.size and points.shape[-1] != 2 or points.ndim > 2:
         raise ValueError(f"{name} must be (rate, distortion) pairs, of shape (n_points, 2); "
                          f"got shape {points.shape}")
@@ -188,7 +194,7 @@ def lower_hull(points, origin=(0.0, 1.0)):
     """
     points = _as_points(points)
     if origin is not None:
-        points = np.vstack([_as_points(origin, "origin"), points])
+        points = np.vstack([_as_origin(origin), points])
     if len(points) == 0:
         return points.reshape(0, 2)
     order = np.lexsort((points[:, 1], points[:, 0]))
@@ -274,12 +280,12 @@ def _rate_and_distortion(estimator, X):
     are all zero, where the normalised error is not defined (``inf`` for every setting that
     does not decode them exactly, so that every setting would tie)."""
     encoder, X = _encoder_and_input(estimator, X)
-    compressed = encoder.encode(X)
-    X = np.asarray(X, dtype=np.float64)
-    if not np.any(X):
+    if not np.any(X):  # before the encoding, which would be wasted
         raise ValueError("the scored rows are all zero: their normalised error (and SQNR) is "
                          "not defined; score on rows that hold some signal (e.g. leave the "
                          "all-zero rows out of the cross-validation data)")
+    compressed = encoder.encode(X)
+    X = np.asarray(X, dtype=np.float64)
     return compressed.bits_per_element, normalized_mse(X, compressed.decode())
 
 
