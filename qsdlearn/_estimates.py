@@ -9,6 +9,7 @@ from ._jit import blas_single_thread
 from ._layer_fit import (_feedback_error, _feedback_pass, _fit_inputs, _fit_quietly, _layout,
                          _read_calibration, _scaled_rows)
 from ._layers import ROW_SCALE_BYTES, output_row_scales, rows_of, to_rows
+from ._sampling import _RANKED_ROWS, _ranked_rows, _row_energies, outlier_rows, with_outliers
 from ._solver import kmeans_plusplus_seeds, resolve_init
 
 
@@ -120,35 +121,6 @@ def _held_out_split(n_rows, fit_rows, seed, shared=None):
     return order[:fit_rows], order[fit_rows:needed]
 
 
-#: Rows whose energies :func:`_ranked_rows` ranks at a time (16 MB of float64 energies and
-#: their indices, where all of a 4096 x 4096 matrix's scalars took 268 MB).
-_RANKED_ROWS = 1 << 20
-
-
-def _row_energies(X, block, weights=None):
-    """Squared norms of the rows ``block`` of ``X`` (times ``weights``, all rows', when
-    given), in float64 (squares of float32 values beyond 2**64 overflow float32), without a
-    copy of ``X``."""
-    energy = np.einsum("ij,ij->i", X[block], X[block], dtype=np.float64)
-    return energy if weights is None else energy * weights[block]
-
-
-def _ranked_rows(X, weights, depth):
-    """The ``depth`` rows of ``X`` of largest squared norm (times ``weights``, all rows', when
-    given) and their energies, in no particular order; ranked :data:`_RANKED_ROWS` at a time,
-    each block's heaviest kept for the next (the memory of a block, not of every row)."""
-    n_rows = X.shape[0]
-    rows, energy = np.empty(0, dtype=np.intp), np.empty(0)
-    for start in range(0, n_rows, _RANKED_ROWS):
-        block = slice(start, min(n_rows, start + _RANKED_ROWS))
-        rows = np.concatenate([rows, np.arange(block.start, block.stop)])
-        energy = np.concatenate([energy, _row_energies(X, block, weights)])
-        if energy.shape[0] > depth:
-            top = np.argpartition(energy, energy.shape[0] - depth)[energy.shape[0] - depth:]
-            rows, energy = rows[top], energy[top]
-    return rows, energy
-
-
 def _heaviest_rows(X, split, weights=None, energies=None, ranked=None):
     """The :data:`ESTIMATE_HEAVIEST_ROWS` rows of ``X`` of largest squared norm (times
     ``weights``, all rows', when given) that ``split`` does not fit. Found among the
@@ -164,19 +136,22 @@ def _heaviest_rows(X, split, weights=None, energies=None, ranked=None):
         rows, energy = None, energies.copy()
         energy[fitted] = -1.0
     else:
-        rows, energy = _ranked_rows(X, weights, n + fitted.shape[0]) if ranked is None \
-            else ranked
+        rows, energy = (_ranked_rows(X, weights, n + fitted.shape[0]) if ranked is None
+                        else ranked)[:2]
         energy = np.where(np.isin(rows, fitted), -1.0, energy)
     top = np.argpartition(energy, energy.shape[0] - n)[energy.shape[0] - n:]
     return np.sort(top if rows is None else rows[top])
 
 
-def _held_out_error(est, X, split, weights=None, energies=None, ranked=None):
+def _held_out_error(est, X, split, weights=None, energies=None, ranked=None, outliers=None):
     """Squared error (weighted by ``weights``, all rows', when given) of ``est`` on rows it
     was not fitted on, for all of ``X``'s rows: that of the heaviest rows
     (:func:`_heaviest_rows`, given the rows' ``energies`` or ``ranked`` rows, or neither)
+    and of the ``outliers`` (:func:`_outlier_rows`, fitted, as the final fit fits them),
     plus that of the other held-out rows of ``split`` scaled to the other rows of ``X``."""
     heavy = _heaviest_rows(X, split, weights, energies, ranked)
+    if outliers is not None:
+        heavy = np.concatenate([outliers, heavy])
     others = np.setdiff1d(split[1], heavy, assume_unique=True)
     rows = np.concatenate([heavy, others])
     measured = X[rows]
@@ -186,6 +161,18 @@ def _held_out_error(est, X, split, weights=None, energies=None, ranked=None):
     rest = X.shape[0] - heavy.shape[0]
     return float(errors[:heavy.shape[0]].sum() + errors[heavy.shape[0]:].sum() * rest
                  / max(others.shape[0], 1))
+
+
+def _outlier_rows(X, weights, energies, ranked, n_fit):
+    """The rows of ``X`` fitted for certain by an estimate that fits ``n_fit`` of them
+    (:func:`~qsdlearn._sampling.outlier_rows`), found among the ``energies`` of all rows
+    (:func:`~qsdlearn._sampling._row_energies`) when given, else among the ``ranked``
+    heaviest rows (:func:`~qsdlearn._sampling._ranked_rows`, at least ``n_fit`` of them),
+    ranked here when neither is given."""
+    if energies is not None:
+        return outlier_rows(None, energies, float(energies.sum()), X.shape[0], n_fit)
+    rows, energy, total = _ranked_rows(X, weights, n_fit) if ranked is None else ranked
+    return outlier_rows(rows, energy, total, X.shape[0], n_fit)
 
 
 def _between(held_out, fitted):
@@ -351,15 +338,22 @@ def _estimate_error(setting, X, calibration, seed, n_threads, shared=None):
     if split is not None:
         weights = None if calibration is None else \
             calibration.sample_weight(calibration.subvectors_per_row)
-        rows = X[split[0]]
+        energies = _shared_energies(shared, setting, X, weights)
+        ranked = _shared_ranking(shared, setting, X, weights, ESTIMATE_HEAVIEST_ROWS + fit_rows)
+        outliers = _outlier_rows(X, weights, energies, ranked, fit_rows)
         row_weights = None if weights is None else weights[split[0]]
+        if outliers.shape[0]:  # fitted for certain, each for itself alone
+            fitted_rows, row_weights, _ = with_outliers(split[0], outliers, X.shape[0])
+            split = fitted_rows, split[1][~np.isin(split[1], outliers)]
+            if weights is not None:
+                row_weights = row_weights * weights[fitted_rows]
+        rows = X[split[0]]
         if shared is not None:
             est.set_params(codebook_init=_shared_seeds(shared, setting, rows, row_weights, seed))
         _fit_quietly(est, rows, sample_weight=row_weights)
-        held_out = _held_out_error(
-            est, X, split, weights, _shared_energies(shared, setting, X, weights),
-            _shared_ranking(shared, setting, X, weights, ESTIMATE_HEAVIEST_ROWS + rows.shape[0]))
-        fitted = est.reconstruction_err_**2 * X.shape[0] / rows.shape[0]
+        held_out = _held_out_error(est, X, split, weights, energies, ranked, outliers)
+        drawn = rows.shape[0] - outliers.shape[0]
+        fitted = est.reconstruction_err_**2 * (X.shape[0] - outliers.shape[0]) / drawn
         return _between(held_out, fitted)
     # (row weights with zeros may leave fewer rows than codewords: fitted all the same, as
     # the final fit does, rather than left unestimated)

@@ -15,7 +15,7 @@ from ._compressed_layers import CompressedLayer, RowSplit, SplitLayer
 from ._jit import blas_single_thread
 from ._kernels import INDEX_DTYPE
 from ._layers import output_row_scales, rows_of, to_rows
-from ._sampling import importance_sample
+from ._sampling import importance_sample, uniform_sample
 from ._solver import Codes
 from .codec import encode_factors
 from .metrics import sqnr
@@ -67,7 +67,10 @@ def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
     weights, except rows heavy enough to be taken for certain, fitted with their weight over
     their inclusion probability (:func:`~qsdlearn._sampling.importance_sample`). Without a
     sample, the fit is weighted. Rows whose row weights are all zero are fitted as without
-    calibration. Rows are kept in their order unless ``keep_order=False``."""
+    calibration. Without calibration the sample is drawn uniformly, except the sub-vectors of
+    outlying energy, taken for certain and weighted for themselves alone
+    (:func:`~qsdlearn._sampling.uniform_sample`). Rows are kept in their order unless
+    ``keep_order=False``."""
     if calibration is not None and calibration.row_weights is not None and not np.any(
             calibration.row_weights > 0):
         # rows no calibration row uses (a split's block of unseen tokens): their error counts
@@ -76,8 +79,8 @@ def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
     if calibration is None:
         if max_rows is None or X.shape[0] <= max_rows:
             return _FitSample(X, None, None, 1.0, None)
-        taken = _uniform_rows(X.shape[0], max_rows, seed, keep_order)
-        return _FitSample(X[taken], None, None, X.shape[0] / max_rows, taken)
+        taken, weights, factor = uniform_sample(X, max_rows, seed, keep_order)
+        return _FitSample(X[taken], None, weights, factor, taken)
     d = X.shape[1]
     m = calibration.subvectors_per_row
     n_out = X.shape[0] // m

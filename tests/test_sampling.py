@@ -1,9 +1,12 @@
-"""Weighted samples that keep the weights (qsdlearn._sampling)."""
+"""Weighted samples that keep the weights, and uniform samples that keep the outliers
+(qsdlearn._sampling)."""
 
 import numpy as np
 import pytest
 
-from qsdlearn._sampling import certainty_scale, importance_sample
+from qsdlearn._sampling import (MAX_OUTLIER_SHARE, OUTLIER_MEAN_RATIO, _ranked_rows,
+                                certainty_scale, importance_sample, outlier_rows,
+                                uniform_sample)
 
 
 def test_certainty_scale_makes_the_probabilities_add_up_to_the_size():
@@ -78,3 +81,72 @@ def test_importance_sample_of_a_size_beyond_the_positive_rows_takes_them_all():
     np.testing.assert_array_equal(rows, [1, 3, 4])
     np.testing.assert_array_equal(fit_weights, weights[[1, 3, 4]])
     assert factor == 1.0
+
+
+def _outliers_by_sort(energy, size):
+    """outlier_rows by its definition, on a plain sort of every row's energy."""
+    limit = energy.sum() * max(1.0 / size, OUTLIER_MEAN_RATIO / energy.size)
+    order = np.argsort(-energy, kind="stable")
+    over = order[energy[order] > limit][:size // MAX_OUTLIER_SHARE]
+    return np.sort(over)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [16, 40, 400, 1900])
+def test_outlier_rows_are_those_above_a_drawn_rows_share_and_far_above_the_mean(dtype, size):
+    """Against a sort of every row's energy, from all the energies and from the heaviest
+    ranked a block at a time: rows with more than 1/size of the energy and more than
+    OUTLIER_MEAN_RATIO times the mean, the heaviest size // MAX_OUTLIER_SHARE of them."""
+    rng = np.random.default_rng(size)
+    X = rng.standard_normal((2000, 3)).astype(dtype)
+    X[rng.choice(2000, 30, replace=False)] *= rng.uniform(5, 1000, (30, 1)).astype(dtype)
+    energy = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    expected = _outliers_by_sort(energy, size)
+    assert 0 < expected.size <= 30  # some rows beyond the limits, none of the Gaussian ones
+    assert (expected.size == size // MAX_OUTLIER_SHARE) == (size <= 40)  # capped at 16, 40
+    np.testing.assert_array_equal(
+        outlier_rows(None, energy, energy.sum(), 2000, size), expected)
+    ranked = _ranked_rows(X, None, max(size // MAX_OUTLIER_SHARE, 1))
+    assert ranked[2] == pytest.approx(energy.sum(), rel=1e-12)
+    np.testing.assert_array_equal(outlier_rows(*ranked, 2000, size), expected)
+
+
+def test_rows_of_equal_energy_are_no_outliers():
+    energy = np.ones(1000)
+    assert outlier_rows(None, energy, 1000.0, 1000, 10).size == 0
+    assert outlier_rows(None, np.zeros(5), 0.0, 5, 2).size == 0  # all-zero rows
+
+
+@pytest.mark.parametrize("keep_order", [True, False])
+def test_a_uniform_sample_without_outliers_is_the_plain_draw(keep_order):
+    X = np.random.default_rng(0).standard_normal((5000, 8))
+    rows, fit_weights, factor = uniform_sample(X, 700, seed=3, keep_order=keep_order)
+    expected = np.random.default_rng(3).choice(5000, 700, replace=False)
+    np.testing.assert_array_equal(rows, np.sort(expected) if keep_order else expected)
+    assert fit_weights is None and factor == 5000 / 700
+
+
+@pytest.mark.parametrize("keep_order", [True, False])
+def test_a_uniform_sample_takes_its_outliers_for_certain_each_for_itself(keep_order):
+    """Rows a million times the others' scale are always in the sample, weighted one over
+    the rows a drawn row stands for; the rest is a uniform draw of the other rows, and the
+    factor times the fit weights is the number of rows."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((5000, 2))
+    outliers = np.sort(rng.choice(5000, 12, replace=False))
+    X[outliers] *= 1e6
+    counts = np.zeros(5000)
+    for seed in range(40):
+        rows, fit_weights, factor = uniform_sample(X, 500, seed, keep_order=keep_order)
+        assert rows.size == 500 == np.unique(rows).size
+        assert np.all(np.diff(rows) > 0) == keep_order
+        assert set(outliers.tolist()) <= set(rows.tolist())
+        assert factor == (5000 - 12) / (500 - 12)
+        np.testing.assert_allclose(fit_weights, np.where(np.isin(rows, outliers),
+                                                         1 / factor, 1.0))
+        assert factor * fit_weights.sum() == pytest.approx(5000)
+        counts[rows] += 1
+    # the other rows drawn uniformly: each in 40 * 488 / 4988 of the samples, on average
+    others = np.setdiff1d(np.arange(5000), outliers)
+    assert counts[others].mean() == pytest.approx(40 * 488 / 4988)
+    assert counts[others].std() < 2.5  # about sqrt(3.9), a draw of distinct rows
