@@ -65,7 +65,8 @@ class Constraints:
     ValueError
         If a field is out of its range (``n_components``, ``n_nonzero`` and
         ``component_nonzero`` at least 1, ``code_bits`` 0 to 16, ``codebook_bits`` 1 to 32),
-        or ``n_nonzero`` exceeds ``n_components``.
+        ``n_nonzero`` exceeds ``n_components``, or ``code_bits=0`` comes with dense codes
+        (every row the sum of all of more than one codebook row).
 
     Examples
     --------
@@ -100,6 +101,12 @@ class Constraints:
             )
         if self.n_nonzero == self.n_components:
             object.__setattr__(self, "n_nonzero", None)
+        if self.code_bits == 0 and self.n_nonzero is None and self.n_components > 1:
+            raise ValueError(
+                "code_bits=0 (every code value is 1) needs n_nonzero below n_components: with "
+                "dense codes every row would be the same sum of all components. Set "
+                "n_nonzero=1 for vector quantization."
+            )
 
     @property
     def dense_codes(self):

@@ -39,11 +39,12 @@ def _check_metric(metric, n_features):
         return None
     blocks = check_array(metric, dtype=np.float64, ensure_2d=False, allow_nd=True,
                          input_name="metric")
+    given = blocks.shape
     if blocks.ndim == 2:
         blocks = blocks[None]
     if blocks.ndim != 3 or blocks.shape[1:] != (n_features, n_features) or not blocks.shape[0]:
         raise ValueError(
-            f"metric has shape {blocks.shape}; expected ({n_features}, {n_features}) or "
+            f"metric has shape {given}; expected ({n_features}, {n_features}) or "
             f"(m, {n_features}, {n_features}), n_features={n_features} (row i uses block i mod m)."
         )
     scale = np.max(np.abs(blocks), axis=(1, 2))
@@ -682,6 +683,7 @@ default=None
             infinity or a magnitude within a factor ``2**8`` of the largest value of the dtype
             fitted on (or beyond it), or ``metric`` is invalid (as in :meth:`transform`).
         """
+        check_is_fitted(self)
         X = self._validate_new(X, dtype=self.components_.dtype)
         return self._pack(self._encode(X, metric))
 

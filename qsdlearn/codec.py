@@ -374,6 +374,8 @@ class CompressedMatrix(FileImage):
     def factors(self):
         """Unpack and validate the streams into the factors.
 
+        The arrays are read-only: they are kept for :meth:`decode` (copy them to edit).
+
         Returns
         -------
         idx : ndarray of shape (n_rows, n_nonzero), int32, or None
@@ -391,7 +393,11 @@ class CompressedMatrix(FileImage):
         """
         if self._factors is None:
             with kernel_threads():
-                self._factors = _unpack_factors(self.settings, self.streams)
+                factors = _unpack_factors(self.settings, self.streams)
+            for array in factors:  # kept for decode: a caller's edit would change it
+                if array is not None:
+                    array.setflags(write=False)
+            self._factors = factors
         return self._factors
 
     def decode(self):

@@ -12,8 +12,10 @@ This module needs nothing of the package: scorers and curves use an estimator's 
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
+from scipy import sparse
 from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 
@@ -275,25 +277,59 @@ def _encoder_and_input(estimator, X):
     return estimator, X
 
 
+class _Rate(NamedTuple):
+    """The bits of an encoding: ``fixed`` (the codebook's, whatever the rows) and ``per_row``
+    (each row's codes), for rows of ``n_features`` elements."""
+
+    fixed: float
+    per_row: float
+    n_features: int
+
+    def bits_per_element(self, n_rows):
+        """Bits per element of ``n_rows`` rows under this encoding."""
+        return (self.fixed + self.per_row * n_rows) / (n_rows * self.n_features)
+
+    def share_within(self, budget, n_rows):
+        """The largest share of ``n_rows`` rows this encoding codes within ``budget`` bits per
+        element of all of them (the others coded with no bits), in [0, 1]."""
+        if self.per_row == 0:
+            return 1.0 if self.fixed <= budget * n_rows * self.n_features else 0.0
+        share = (budget * n_rows * self.n_features - self.fixed) / (self.per_row * n_rows)
+        return min(1.0, max(0.0, share))
+
+
 def _rate_and_distortion(estimator, X):
-    """``(bits per element, normalised MSE)`` of the scored rows ``X``; a ValueError when they
-    are all zero, where the normalised error is not defined (``inf`` for every setting that
-    does not decode them exactly, so that every setting would tie)."""
+    """The bits (a :class:`_Rate`) and normalised MSE of the scored rows ``X``, and their
+    number; a ValueError when they are all zero, where the normalised error is not defined
+    (``inf`` for every setting that does not decode them exactly, so that every setting would
+    tie)."""
     encoder, X = _encoder_and_input(estimator, X)
     if not np.any(X):  # before the encoding, which would be wasted
         raise ValueError("the scored rows are all zero: their normalised error (and SQNR) is "
                          "not defined; score on rows that hold some signal (e.g. leave the "
                          "all-zero rows out of the cross-validation data)")
     compressed = encoder.encode(X)
+    n_rows, n_features = compressed.shape
+    settings = compressed.settings
+    fixed = settings.constraints.bits(0, n_features, settings.float_bits).total
+    rate = _Rate(fixed, (compressed.bits - fixed) / n_rows, n_features)
     X = np.asarray(X, dtype=np.float64)
-    return compressed.bits_per_element, normalized_mse(X, compressed.decode())
+    return rate, normalized_mse(X, compressed.decode()), n_rows
 
 
-def rate_distortion_scorer(lmbda):
+def _check_n_rows(n_rows):
+    """Refuse an ``n_rows`` that is not None or a positive integer."""
+    if n_rows is not None and (isinstance(n_rows, bool) or not isinstance(
+            n_rows, (int, np.integer)) or n_rows < 1):
+        raise ValueError(f"n_rows must be None or a positive integer, got {n_rows!r}")
+
+
+def rate_distortion_scorer(lmbda, n_rows=None):
     """A scorer for scikit-learn's model selection: ``-(distortion + lmbda * rate)``.
 
     The rate is what storing the scored rows costs, ``encode(X).bits_per_element`` (codebook
-    included); the distortion is their normalised mean squared error. Higher is better, so
+    included), or what ``n_rows`` rows coded alike would cost; the distortion is the scored
+    rows' normalised mean squared error. Higher is better, so
     ``GridSearchCV(..., scoring=rate_distortion_scorer(lmbda))`` picks the setting on the
     operational hull where its slope is ``-lmbda``: larger ``lmbda`` favours fewer bits.
 
@@ -301,6 +337,11 @@ def rate_distortion_scorer(lmbda):
     ----------
     lmbda : float
         Price of one bit per element in units of normalised squared error (non-negative).
+    n_rows : int, optional
+        The rows of the matrix the chosen setting will code (e.g. all of them, where a
+        cross-validation scores folds of a part): the codebook's bits, the same for any
+        number of rows, are spread over these. None: over the scored rows, so that the rate,
+        and the choice, change with the size of the folds.
 
     Returns
     -------
@@ -311,8 +352,8 @@ def rate_distortion_scorer(lmbda):
     Raises
     ------
     ValueError
-        If ``lmbda`` is negative or not finite; the scorer, if the scored rows are all zero
-        (their normalised error is not defined).
+        If ``lmbda`` is negative or not finite, or ``n_rows`` is not a positive integer; the
+        scorer, if the scored rows are all zero (their normalised error is not defined).
 
     See Also
     --------
@@ -334,29 +375,36 @@ def rate_distortion_scorer(lmbda):
     if not (isinstance(lmbda, (int, float, np.integer, np.floating))
             and not isinstance(lmbda, bool) and math.isfinite(lmbda) and lmbda >= 0):
         raise ValueError(f"lmbda must be a finite non-negative number, got {lmbda!r}")
+    _check_n_rows(n_rows)
 
     def score(estimator, X, y=None):
-        rate, distortion = _rate_and_distortion(estimator, X)
-        return -(distortion + lmbda * rate)
+        rate, distortion, scored = _rate_and_distortion(estimator, X)
+        return -(distortion + lmbda * rate.bits_per_element(n_rows or scored))
 
     return score
 
 
-def budget_scorer(max_bits_per_element):
+def budget_scorer(max_bits_per_element, n_rows=None):
     """A scorer for scikit-learn's model selection: SQNR (dB) within a bit budget.
 
     A setting whose encoding of the scored rows fits in ``max_bits_per_element``
-    (``encode(X).bits_per_element``, codebook included) scores its SQNR. One that costs
-    ``R > max_bits_per_element`` scores what it can deliver within the budget: coding a share
-    ``max_bits_per_element / R`` of the rows and nothing for the others (a point of the
-    operational hull), whose normalised error is ``1 - (B / R) (1 - D)``. So settings over
-    budget rank below what they would reach within it, with a finite score (an exact
-    reconstruction within the budget scores ``inf``).
+    (``encode(X).bits_per_element``, codebook included; or of ``n_rows`` rows coded alike)
+    scores its SQNR. One over the budget scores what it can deliver within it: coding the
+    largest share ``f`` of the rows that fits, its codebook counted in full, and nothing for
+    the others, whose normalised error is ``1 - f (1 - D)``; ``f = 0`` (0 dB) when the
+    codebook alone passes the budget. So settings over budget rank below what they would
+    reach within it, with a finite score (an exact reconstruction within the budget scores
+    ``inf``).
 
     Parameters
     ----------
     max_bits_per_element : float
         The budget in bits per element (positive).
+    n_rows : int, optional
+        The rows of the matrix the chosen setting will code (e.g. all of them, where a
+        cross-validation scores folds of a part): the codebook's bits, the same for any
+        number of rows, are spread over these. None: over the scored rows, so that what fits
+        the budget, and the choice, change with the size of the folds.
 
     Returns
     -------
@@ -366,8 +414,8 @@ def budget_scorer(max_bits_per_element):
     Raises
     ------
     ValueError
-        If the budget is not a positive finite number; the scorer, if the scored rows are all
-        zero (their SQNR is not defined).
+        If the budget is not a positive finite number, or ``n_rows`` is not a positive
+        integer; the scorer, if the scored rows are all zero (their SQNR is not defined).
 
     See Also
     --------
@@ -393,10 +441,13 @@ def budget_scorer(max_bits_per_element):
             f"max_bits_per_element must be a positive number, got {max_bits_per_element!r}"
         )
 
+    _check_n_rows(n_rows)
+
     def score(estimator, X, y=None):
-        rate, distortion = _rate_and_distortion(estimator, X)
-        if rate > max_bits_per_element:
-            distortion = 1.0 - max_bits_per_element / rate * (1.0 - distortion)
+        rate, distortion, scored = _rate_and_distortion(estimator, X)
+        rows = n_rows or scored
+        if rate.bits_per_element(rows) > max_bits_per_element:
+            distortion = 1.0 - rate.share_within(max_bits_per_element, rows) * (1.0 - distortion)
         return float("inf") if distortion == 0 else float(-10.0 * np.log10(distortion))
 
     return score
@@ -404,6 +455,9 @@ def budget_scorer(max_bits_per_element):
 
 def rate_distortion_curve(X, estimators):
     """Fit each estimator to ``X`` and measure its exact rate and distortion on ``X``.
+
+    For a pipeline, they are those of its last step on its input (the rows as the earlier
+    steps transform them).
 
     Parameters
     ----------
@@ -441,7 +495,7 @@ def rate_distortion_curve(X, estimators):
     >>> bool(hull_at(points, 1.5) < curve[1]["normalized_mse"])
     True
     """
-    X = np.asarray(X)
+    X = X if sparse.issparse(X) else np.asarray(X)  # sparse input: the estimator's error
     records = []
     for template in estimators:
         estimator = clone(template).fit(X)

@@ -119,6 +119,9 @@ def test_binomial_tables_are_fresh_copies(n_positions, n_keep):
     (dict(n_components=16, codebook_bits=0), ValueError, "codebook_bits=0 .* from 1 to 32"),
     (dict(n_components=16, n_nonzero=True), TypeError, "n_nonzero must be an integer or None"),
     (dict(n_components=16, component_nonzero=2.0), TypeError, "component_nonzero must be"),
+    # every row the sum of all codebook rows: refused by every fit, now when built
+    (dict(n_components=4, code_bits=0), ValueError, "code_bits=0 .* needs n_nonzero"),
+    (dict(n_components=4, n_nonzero=4, code_bits=0), ValueError, "needs n_nonzero"),
 ])
 def test_constraints_check_their_fields_when_built(fields, error, message):
     """Refused when built, with the range (they failed later, in a fit or a file, as
@@ -126,6 +129,7 @@ def test_constraints_check_their_fields_when_built(fields, error, message):
     with pytest.raises(error, match=message):
         Constraints(**fields)
     assert Constraints(np.int64(16), code_bits=np.int8(2)).code_bits == 2
+    assert Constraints(1, n_nonzero=1, code_bits=0).one_hot  # one codeword: dense is one-hot
 
 
 def test_the_bit_account_refuses_impossible_shapes():

@@ -502,6 +502,22 @@ def test_factors_whose_product_passes_the_range_are_rejected_at_decode():
                                np.full((2, 4), 0.9 * top, np.float32), rtol=1e-6)
 
 
+def test_the_factors_kept_for_decode_are_read_only():
+    """An edit of the arrays factors() returned changed every later decode (a fresh user's
+    trial); they are read-only, and decode is what the streams hold."""
+    X = gaussian(64, 8).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = QuantizedSparseDecomposition(16, n_nonzero=2, code_bits=2, codebook_bits=8,
+                                           random_state=0, max_iter=2).fit(X)
+    matrix = est.encode(X)
+    expected = matrix.decode().copy()
+    for array in matrix.factors():
+        with pytest.raises(ValueError, match="read-only"):
+            array[...] = 0
+    np.testing.assert_array_equal(matrix.decode(), expected)
+
+
 def test_a_matrix_of_no_rows_is_refused_as_damaged():
     """encode refuses zero rows, so a matrix of none is crafted, in a file or in memory: it
     loaded, then its repr and bits_per_element divided by zero (a fresh user's trial)."""

@@ -535,6 +535,14 @@ def test_wrong_width_at_transform_and_inverse_transform():
 def test_unfitted_transform_raises():
     with pytest.raises(NotFittedError):
         QuantizedSparseDecomposition().transform(gaussian(5, 3))
+    with pytest.raises(NotFittedError):  # an AttributeError on components_ before
+        QuantizedSparseDecomposition().encode(gaussian(5, 3))
+
+
+def test_a_metric_of_the_wrong_shape_is_named_as_given():
+    """The shape in the message is the one passed, not with the block axis added inside."""
+    with pytest.raises(ValueError, match=r"metric has shape \(4, 4\); expected \(8, 8\)"):
+        QuantizedSparseDecomposition(n_components=2).fit(gaussian(20, 8), metric=np.eye(4))
 
 
 def test_a_codebook_beyond_the_memory_is_refused_before_any_work(monkeypatch):

@@ -142,14 +142,49 @@ def test_curve_measures_the_codec(X):
     assert curve[0]["normalized_mse"] > curve[1]["normalized_mse"]
 
 
+def test_curve_refuses_sparse_input_as_the_estimator_does(X):
+    """Turned into a 0-d object array, it failed with "setting an array element with a
+    sequence"."""
+    scipy_sparse = pytest.importorskip("scipy.sparse")
+    with pytest.raises(TypeError, match="Sparse data was passed"):
+        rate_distortion_curve(scipy_sparse.csr_matrix(X), [vq(4)])
+
+
 def test_budget_scorer_scores_sqnr_within_and_the_hull_share_beyond(X):
     est = vq(64).fit(X)
     compressed = est.encode(X)
     rate, dist = compressed.bits_per_element, normalized_mse(X, compressed.decode())
     assert budget_scorer(rate + 0.01)(est, X) == pytest.approx(sqnr(X, compressed.decode()))
+    # over the budget: the largest share of the rows whose codes and the whole codebook fit
     budget = rate / 2
-    expected = -10 * np.log10(1 - budget / rate * (1 - dist))
+    fixed = compressed.settings.constraints.bits(0, X.shape[1], 32).total
+    share = (budget * X.size - fixed) / (compressed.bits - fixed)
+    expected = -10 * np.log10(1 - share * (1 - dist))
     assert budget_scorer(budget)(est, X) == pytest.approx(expected)
+    coded = int(share * X.shape[0])  # those rows fit the budget, one more does not
+    assert est.encode(X[:coded]).bits <= budget * X.size < est.encode(X[:coded + 1]).bits
+    # a codebook alone over the budget codes nothing: 0 dB
+    assert budget_scorer(0.99 * fixed / X.size)(est, X) == 0.0
+
+
+def test_scorers_spread_the_codebook_over_n_rows():
+    """A fresh user's trial: scored on cross-validation folds, the codebook's bits were spread
+    over a fold's rows, so the rate, and the choice, depended on the number of folds. With
+    n_rows, a fold's rate is that of the whole matrix."""
+    X = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float32)
+    est = vq(64).fit(X)
+    whole = est.encode(X).bits_per_element
+    fold = X[:250]
+    dist = normalized_mse(fold, est.encode(fold).decode())
+    assert est.encode(fold).bits_per_element > whole + 0.1  # the codebook on fewer rows
+    assert rate_distortion_scorer(1.0, n_rows=1000)(est, fold) == pytest.approx(-(dist + whole))
+    assert budget_scorer(whole + 1e-9, n_rows=1000)(est, fold) == pytest.approx(
+        -10 * np.log10(dist))
+    assert budget_scorer(whole + 1e-9)(est, fold) < -10 * np.log10(dist)  # over, on the fold
+    for bad in (0, -5, 2.5, True, "1000"):
+        for scorer in (budget_scorer, rate_distortion_scorer):
+            with pytest.raises(ValueError, match="n_rows must be None or a positive integer"):
+                scorer(1.0, n_rows=bad)
 
 
 def test_larger_lambda_selects_fewer_bits(X):
