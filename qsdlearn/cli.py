@@ -66,9 +66,10 @@ def _check_output(args, file_only=False):
     ``file_only`` (an output that is one file) onto a folder, or without it (a folder of
     shards) onto a file, which ``--force`` does not turn into a folder; checked before any
     work. A symbolic link counts as existing even where it points nowhere. A device or a
-    pipe is never written over."""
+    pipe is never written over. A folder of shards that holds nothing but the temporary
+    files of a killed write of this host is removed, as not the user's."""
     from ._checkpoint import replaced_by_shards
-    from ._container import is_device_or_pipe
+    from ._container import is_device_or_pipe, remove_stale_temporaries
 
     if not args.output:
         raise ValueError("the output name is empty: give the file to write")
@@ -96,6 +97,9 @@ def _check_output(args, file_only=False):
             raise ValueError(f"{role} {path} is in {args.output} under the name of a shard "
                              "or of the index, which a sharded write replaces or removes; "
                              "write the shards into another folder")
+    if (not file_only and os.path.isdir(output) and not os.path.islink(output)
+            and remove_stale_temporaries(output) and not os.listdir(output)):
+        os.rmdir(output)  # left by a killed sharded write of this host: nothing of the user's
     if os.path.lexists(output) and not args.force:
         raise ValueError(f"{args.output} exists; pass --force to overwrite it")
     folder = os.path.dirname(output)

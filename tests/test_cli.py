@@ -251,6 +251,30 @@ def test_cli_reads_sharded_checkpoints(tmp_path, capsys):
         n: (a.shape, a.dtype) for n, a in weights.items()}
 
 
+def test_a_folder_left_by_a_killed_sharded_write_does_not_need_force(compressed_file,
+                                                                      tmp_path, capsys):
+    """A kill -9 while the shards are decoded left the new folder with one stale temporary
+    file, and the next run refused it without --force (a fresh user's trial). A folder that
+    holds anything else still needs --force."""
+    from qsdlearn._container import host_tag
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / f".qsdlearn-{dead}-{host_tag()}-x.tmp").write_bytes(b"")
+    assert main(["decompress", str(compressed_file), str(folder), "--shard-size", "2KB"]) == 0
+    assert (folder / "model.safetensors.index.json").exists()
+    assert not list(folder.glob(".qsdlearn-*"))
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / f".qsdlearn-{dead}-{host_tag()}-x.tmp").write_bytes(b"")
+    (kept / "notes.txt").write_text("mine")
+    assert main(["decompress", str(compressed_file), str(kept), "--shard-size", "2KB"]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert (kept / "notes.txt").read_text() == "mine"
+
+
 def test_cli_does_not_overwrite_without_force(compressed_file, tmp_path, capsys):
     out = tmp_path / "out.npz"
     out.write_bytes(b"precious")
