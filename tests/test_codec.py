@@ -502,15 +502,21 @@ def test_factors_whose_product_passes_the_range_are_rejected_at_decode():
                                np.full((2, 4), 0.9 * top, np.float32), rtol=1e-6)
 
 
-def test_the_factors_kept_for_decode_are_read_only():
-    """An edit of the arrays factors() returned changed every later decode (a fresh user's
-    trial); they are read-only, and decode is what the streams hold."""
+def _sparse_fit_and_matrix():
+    """A quick sparse quantized fit on 64 x 8 float32 rows and their encoding."""
     X = gaussian(64, 8).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         est = QuantizedSparseDecomposition(16, n_nonzero=2, code_bits=2, codebook_bits=8,
                                            random_state=0, max_iter=2).fit(X)
     matrix = est.encode(X)
+    return est, matrix
+
+
+def test_the_factors_kept_for_decode_are_read_only():
+    """An edit of the arrays factors() returned changed every later decode (a fresh user's
+    trial); they are read-only, and decode is what the streams hold."""
+    _, matrix = _sparse_fit_and_matrix()
     expected = matrix.decode().copy()
     for array in matrix.factors():
         with pytest.raises(ValueError, match="read-only"):
@@ -525,12 +531,7 @@ def test_a_matrix_of_no_rows_is_refused_as_damaged():
 
     from qsdlearn.codec import encode_factors
 
-    X = gaussian(64, 8).astype(np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        est = QuantizedSparseDecomposition(16, n_nonzero=2, code_bits=2, codebook_bits=8,
-                                           random_state=0, max_iter=2).fit(X)
-    matrix = est.encode(X)
+    est, matrix = _sparse_fit_and_matrix()
     idx, val, _ = matrix.factors()
     with pytest.raises(ValueError, match="n_rows=0 is invalid"):
         encode_factors(replace(matrix.settings, n_rows=0), idx[:0], val[:0],
