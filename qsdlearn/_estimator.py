@@ -393,7 +393,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
             raise ValueError(
                 f"component_nonzero={self.component_nonzero} exceeds n_features={n_features}."
             )
-        if self.code_bits == 0 and self.n_nonzero is None:
+        if self.code_bits == 0 and self.n_nonzero is None and self.n_components > 1:
             raise ValueError(
                 "code_bits=0 (every code value is 1) needs n_nonzero: with dense codes every "
                 "row would be the same sum of all components. Set n_nonzero=1 for vector "

@@ -165,16 +165,17 @@ def _ranked_rows(X, weights, depth):
     return rows, energy, total
 
 
-#: A row is taken for certain in a uniform sample of ``size`` rows when its energy is more
-#: than ``1 / size`` of all the rows' (more than a drawn row stands for) and more than
-#: OUTLIER_MEAN_RATIO times their mean (on a sample of nearly all rows, only rows far above
-#: the others); at most ``size // MAX_OUTLIER_SHARE`` rows, the heaviest. Drawn uniformly, a
-#: row a million times the others' scale was missed by the fit: in a 512 x 512 Gaussian
-#: matrix with 20 such weights, cut into pairs (131,072 sub-vectors, 65,536 fitted), 5 of
-#: them were decoded as noise (6.1 dB at 3 b/w), and the estimates of every candidate were
-#: that error alone, so the rate allocation chose on noise (87.8 dB at 2 b/w, 37.8 at 3).
-#: Standard Gaussian rows of 8 (or 1) elements exceed 16 times their mean with probability
-#: 1e-23 (6e-5).
+#: Rows are taken for certain in a uniform sample of ``size`` rows heaviest first, while a
+#: row's energy is more than ``1 / (size - t)`` of the energy of the rows not yet taken (more
+#: than a drawn row stands for; ``t`` rows taken) and more than OUTLIER_MEAN_RATIO times their
+#: mean (on a sample of nearly all rows, only rows far above the others); at most
+#: ``size // MAX_OUTLIER_SHARE`` of them. Weighed against the rows not yet taken, outliers of
+#: 1e3 are taken beside outliers of 1e5, which hold nearly all of the energy. Drawn uniformly, a
+#: row a million times the others' scale was missed by the fit: in a 512 x 512 Gaussian matrix
+#: with 20 such weights, cut into pairs (131,072 sub-vectors, 65,536 fitted), 5 of them were
+#: decoded as noise (6.1 dB at 3 b/w), and the estimates of every candidate were that error
+#: alone, so the rate allocation chose on noise (87.8 dB at 2 b/w, 37.8 at 3). Standard Gaussian
+#: rows of 8 (or 1) elements exceed 16 times their mean with probability 1e-23 (6e-5).
 OUTLIER_MEAN_RATIO = 16
 MAX_OUTLIER_SHARE = 4
 
@@ -202,15 +203,22 @@ def outlier_rows(rows, energy, total, n_rows, size):
 
     Examples
     --------
-    >>> outlier_rows(None, np.array([1.0] * 99 + [1e6]), 1e6 + 99, 100, 10)
-    array([99])
+    >>> outlier_rows(None, np.array([1.0] * 97 + [1e3, 1e6, 1e9]), 1e9 + 1e6 + 1e3 + 97,
+    ...              100, 20)
+    array([97, 98, 99])
     """
-    limit = total * max(1.0 / size, OUTLIER_MEAN_RATIO / n_rows)
-    over = np.flatnonzero(energy > limit)
-    most = size // MAX_OUTLIER_SHARE
-    if over.shape[0] > most:
-        over = over[np.argpartition(energy[over], over.shape[0] - most)[over.shape[0] - most:]]
-    return np.sort(over if rows is None else rows[over])
+    most = min(size // MAX_OUTLIER_SHARE, energy.shape[0])
+    if most == 0:
+        return np.empty(0, dtype=np.intp)
+    top = np.argpartition(energy, energy.shape[0] - most)[energy.shape[0] - most:]
+    top = top[np.argsort(energy[top])[::-1]]  # the heaviest, heaviest first
+    taken = np.arange(most)
+    left = total - np.concatenate([[0.0], np.cumsum(energy[top])[:-1]])  # energy not taken
+    limit = left * np.maximum(1.0 / (size - taken), OUTLIER_MEAN_RATIO / (n_rows - taken))
+    over = energy[top] > limit
+    count = most if over.all() else int(np.argmin(over))  # while each row is over its limit
+    chosen = top[:count]
+    return np.sort(chosen if rows is None else rows[chosen])
 
 
 def with_outliers(drawn, outliers, n_rows):

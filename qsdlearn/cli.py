@@ -98,13 +98,23 @@ def _check_output(args, file_only=False):
                              "or of the index, which a sharded write replaces or removes; "
                              "write the shards into another folder")
     if (not file_only and os.path.isdir(output) and not os.path.islink(output)
-            and remove_stale_temporaries(output) and not os.listdir(output)):
+            and _only_temporaries(output) and remove_stale_temporaries(output)
+            and not os.listdir(output)):
         os.rmdir(output)  # left by a killed sharded write of this host: nothing of the user's
     if os.path.lexists(output) and not args.force:
         raise ValueError(f"{args.output} exists; pass --force to overwrite it")
     folder = os.path.dirname(output)
     if not os.path.isdir(folder):  # checked now, not after the whole compression
         raise ValueError(f"the folder of {args.output} does not exist; create it first")
+
+
+def _only_temporaries(folder):
+    """Whether ``folder`` holds files and nothing but the temporary files of a write."""
+    from ._container import TEMPORARY_PREFIX, TEMPORARY_SUFFIX
+
+    names = os.listdir(folder)
+    return bool(names) and all(name.startswith(TEMPORARY_PREFIX)
+                               and name.endswith(TEMPORARY_SUFFIX) for name in names)
 
 
 def _load_json(f):

@@ -269,6 +269,10 @@ def _encoder_and_input(estimator, X):
             if step is not None and step != "passthrough":
                 X = step.transform(X)
         estimator = estimator.steps[-1][1]
+    if sparse.issparse(X):
+        raise TypeError("Sparse data was passed, but dense data is required to measure the "
+                        "rate and distortion of an encoding. Use X.toarray() to convert to a "
+                        "dense array.")
     if not hasattr(estimator, "encode"):
         raise TypeError(
             f"{type(estimator).__name__} has no encode(X): rate-aware scores need an estimator "
@@ -448,7 +452,8 @@ def budget_scorer(max_bits_per_element, n_rows=None):
         rows = n_rows or scored
         if rate.bits_per_element(rows) > max_bits_per_element:
             distortion = 1.0 - rate.share_within(max_bits_per_element, rows) * (1.0 - distortion)
-        return float("inf") if distortion == 0 else float(-10.0 * np.log10(distortion))
+        # (+ 0.0: nothing coded within the budget scores 0 dB, not -0.0)
+        return float("inf") if distortion == 0 else float(-10.0 * np.log10(distortion)) + 0.0
 
     return score
 

@@ -272,6 +272,8 @@ def test_a_folder_left_by_a_killed_sharded_write_does_not_need_force(compressed_
     (kept / "notes.txt").write_text("mine")
     assert main(["decompress", str(compressed_file), str(kept), "--shard-size", "2KB"]) == 1
     assert "exists; pass --force" in capsys.readouterr().err
+    assert sorted(p.name for p in kept.iterdir()) == sorted(  # untouched, the stale file too
+        ["notes.txt", f".qsdlearn-{dead}-{host_tag()}-x.tmp"])
     assert (kept / "notes.txt").read_text() == "mine"
 
 

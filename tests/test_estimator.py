@@ -539,6 +539,17 @@ def test_unfitted_transform_raises():
         QuantizedSparseDecomposition().encode(gaussian(5, 3))
 
 
+def test_one_codeword_of_one_hot_codes_is_vector_quantization_with_dense_codes_too():
+    """Constraints(1, code_bits=0) is one-hot (its one slot is the codebook row); the
+    estimator refused it with n_nonzero=None. It fits the weighted mean, as k-means of one
+    codeword."""
+    X = gaussian(40, 3)
+    est = QuantizedSparseDecomposition(1, code_bits=0, random_state=0).fit(X)
+    np.testing.assert_allclose(est.components_[0], X.mean(axis=0), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="code_bits=0 .* needs n_nonzero"):
+        QuantizedSparseDecomposition(2, code_bits=0).fit(X)
+
+
 def test_a_metric_of_the_wrong_shape_is_named_as_given():
     """The shape in the message is the one passed, not with the block axis added inside."""
     with pytest.raises(ValueError, match=r"metric has shape \(4, 4\); expected \(8, 8\)"):
