@@ -1,6 +1,7 @@
 """Estimating a candidate setting's error on a layer, for the rate allocation: a short fit on
-a sample of the layer's rows, measured on rows held out (the heaviest always among them),
-with the samples, rankings and seeds a layer's candidates share."""
+a sample of the layer's rows (its outlying rows always among them, as in the final fit),
+measured on rows held out (the heaviest always among them), with the samples, rankings and
+seeds a layer's candidates share."""
 
 import numpy as np
 from sklearn.utils import check_random_state
