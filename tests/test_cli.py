@@ -251,8 +251,8 @@ def test_cli_reads_sharded_checkpoints(tmp_path, capsys):
         n: (a.shape, a.dtype) for n, a in weights.items()}
 
 
-def test_a_folder_left_by_a_killed_sharded_write_does_not_need_force(compressed_file,
-                                                                      tmp_path, capsys):
+def test_a_folder_left_by_a_killed_sharded_write_does_not_need_force(
+        compressed_file, tmp_path, capsys):
     """A kill -9 while the shards are decoded left the new folder with one stale temporary
     file, and the next run refused it without --force (a fresh user's trial). A folder that
     holds anything else still needs --force."""
