@@ -304,6 +304,12 @@ def write_temporary(path, write):
         finally:
             os.close(handle)
         os.chmod(temporary, _new_file_mode())  # mkstemp makes it 0600; the umask's mode
+    except OSError as exc:
+        discard(temporary)
+        if exc.errno is not None and exc.filename in (None, temporary):
+            # a write's error names no file (a full disk, "File too large"): the one asked for
+            raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
+        raise
     except BaseException:
         discard(temporary)
         raise

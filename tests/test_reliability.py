@@ -143,6 +143,25 @@ def test_a_killed_save_never_leaves_a_partial_file(tmp_path):
     assert remaining == [] and all(n.endswith(TEMPORARY_SUFFIX) for n in leftovers)
 
 
+def test_a_write_error_that_names_no_file_names_the_one_asked_for(tmp_path, capsys):
+    """A full disk or a file-size limit fails a write with an OSError of no file name: the
+    command line printed "[Errno 27] File too large" without saying which file. It names the
+    file asked for (not the temporary one), and leaves neither of them."""
+    import errno
+
+    from qsdlearn.cli import _message
+
+    def too_large(temporary):
+        raise OSError(errno.EFBIG, "File too large")
+
+    target = tmp_path / "out.qsd"
+    with pytest.raises(OSError) as caught:
+        qsdlearn._container.replace_atomically(target, too_large)
+    assert caught.value.errno == errno.EFBIG and caught.value.filename == str(target)
+    assert _message(caught.value) == f"{target}: File too large"
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_running_writers_temporary_file_is_left_alone(tmp_path):
     tag = qsdlearn._container.host_tag()
     mine = tmp_path / f"{TEMPORARY_PREFIX}{os.getpid()}-{tag}-abc{TEMPORARY_SUFFIX}"
