@@ -393,12 +393,6 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
             raise ValueError(
                 f"component_nonzero={self.component_nonzero} exceeds n_features={n_features}."
             )
-        if self.code_bits == 0 and self.n_nonzero is None and self.n_components > 1:
-            raise ValueError(
-                "code_bits=0 (every code value is 1) needs n_nonzero: with dense codes every "
-                "row would be the same sum of all components. Set n_nonzero=1 for vector "
-                "quantization."
-            )
         # a level (b bits, half-integer) times a scale must be exact in the dtype, with one bit
         # to spare for the rounding of the scale itself
         precision = np.finfo(dtype).nmant - 1
@@ -408,6 +402,7 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
                 f"levels times a scale are exact in {dtype.name} up to codebook_bits={precision}. "
                 "Lower codebook_bits or fit float64 data."
             )
+        # (Constraints refuses code_bits=0 with dense codes of more than one component)
         return Constraints(
             n_components=k,
             n_nonzero=self.n_nonzero,

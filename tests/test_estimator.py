@@ -548,6 +548,9 @@ def test_one_codeword_of_one_hot_codes_is_vector_quantization_with_dense_codes_t
     np.testing.assert_allclose(est.components_[0], X.mean(axis=0), rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="code_bits=0 .* needs n_nonzero"):
         QuantizedSparseDecomposition(2, code_bits=0).fit(X)
+    # n_components=None (min(n, d) = 3 here): a ValueError, not a comparison of None
+    with pytest.raises(ValueError, match="code_bits=0 .* needs n_nonzero"):
+        QuantizedSparseDecomposition(code_bits=0).fit(X)
 
 
 def test_a_metric_of_the_wrong_shape_is_named_as_given():
