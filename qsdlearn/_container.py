@@ -449,6 +449,11 @@ def _process_is_running(pid):
     return True
 
 
+def is_temporary_name(name):
+    """Whether ``name`` is that of a temporary file of :func:`replace_atomically`."""
+    return name.startswith(TEMPORARY_PREFIX) and name.endswith(TEMPORARY_SUFFIX)
+
+
 def remove_stale_temporaries(folder):
     """Remove the temporary files of :func:`replace_atomically` in ``folder`` that this host
     wrote (:func:`host_tag`) and whose writing process has ended; returns their names. Files
@@ -460,7 +465,7 @@ def remove_stale_temporaries(folder):
         return removed
     tag = host_tag()
     for name in names:
-        if not (name.startswith(TEMPORARY_PREFIX) and name.endswith(TEMPORARY_SUFFIX)):
+        if not is_temporary_name(name):
             continue
         fields = name[len(TEMPORARY_PREFIX):].split("-", 2)
         if len(fields) < 3 or fields[1] != tag or not fields[0].isdigit() or \

@@ -164,16 +164,26 @@ def _held_out_error(est, X, split, weights=None, energies=None, ranked=None, out
                  / max(others.shape[0], 1))
 
 
-def _outlier_rows(X, weights, energies, ranked, n_fit):
+def _outlier_rows(X, weights, energies, ranked, n_fit, shared=None, setting=None):
     """The rows of ``X`` fitted for certain by an estimate that fits ``n_fit`` of them
     (:func:`~qsdlearn._sampling.outlier_rows`), found among the ``energies`` of all rows
     (:func:`~qsdlearn._sampling._row_energies`) when given, else among the ``ranked``
     heaviest rows (:func:`~qsdlearn._sampling._ranked_rows`, at least ``n_fit`` of them),
-    ranked here when neither is given."""
+    ranked here when neither is given. Found once per sub-vector size, row scaling and
+    ``n_fit`` and kept in ``shared`` (a dict, with the candidate ``setting``) for the other
+    candidates of the layer."""
+    key = None if shared is None else ("outliers", setting.vector_size, setting.row_scales,
+                                       n_fit)
+    if key is not None and key in shared:
+        return shared[key]
     if energies is not None:
-        return outlier_rows(None, energies, float(energies.sum()), X.shape[0], n_fit)
-    rows, energy, total = _ranked_rows(X, weights, n_fit) if ranked is None else ranked
-    return outlier_rows(rows, energy, total, X.shape[0], n_fit)
+        found = outlier_rows(None, energies, float(energies.sum()), X.shape[0], n_fit)
+    else:
+        rows, energy, total = _ranked_rows(X, weights, n_fit) if ranked is None else ranked
+        found = outlier_rows(rows, energy, total, X.shape[0], n_fit)
+    if key is not None:
+        shared[key] = found
+    return found
 
 
 def _between(held_out, fitted):
@@ -341,7 +351,7 @@ def _estimate_error(setting, X, calibration, seed, n_threads, shared=None):
             calibration.sample_weight(calibration.subvectors_per_row)
         energies = _shared_energies(shared, setting, X, weights)
         ranked = _shared_ranking(shared, setting, X, weights, ESTIMATE_HEAVIEST_ROWS + fit_rows)
-        outliers = _outlier_rows(X, weights, energies, ranked, fit_rows)
+        outliers = _outlier_rows(X, weights, energies, ranked, fit_rows, shared, setting)
         row_weights = None if weights is None else weights[split[0]]
         if outliers.shape[0]:  # fitted for certain, each for itself alone
             fitted_rows, row_weights, _ = with_outliers(split[0], outliers, X.shape[0])

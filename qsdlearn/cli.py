@@ -110,11 +110,10 @@ def _check_output(args, file_only=False):
 
 def _only_temporaries(folder):
     """Whether ``folder`` holds files and nothing but the temporary files of a write."""
-    from ._container import TEMPORARY_PREFIX, TEMPORARY_SUFFIX
+    from ._container import is_temporary_name
 
     names = os.listdir(folder)
-    return bool(names) and all(name.startswith(TEMPORARY_PREFIX)
-                               and name.endswith(TEMPORARY_SUFFIX) for name in names)
+    return bool(names) and all(is_temporary_name(name) for name in names)
 
 
 def _load_json(f):

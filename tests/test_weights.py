@@ -1293,9 +1293,10 @@ def test_shared_starts_row_draws_and_energies_leave_every_estimate_unchanged():
             shared = _estimate_error(setting, X, calibration, 7, 1, kept)
             assert shared == alone
         # one start per (size, codebook size, row scaling), one draw of rows, the rows'
-        # energies once per (size, row scaling)
+        # energies and their outliers once per (size, row scaling) (and rows fitted)
         assert sorted(key[0] for key in kept) == [
-            "k-means++", "k-means++", "row draw", "row energies", "row energies"]
+            "k-means++", "k-means++", "outliers", "outliers", "row draw", "row energies",
+            "row energies"]
         # as many rows as every default candidate needs (all of a small layer)
         assert kept[("row draw", 3000, 3000)].size == min(3000, _ROWS_DRAWN)
 
