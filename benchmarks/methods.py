@@ -12,7 +12,9 @@ of bits needed to store it, counted with the same rules for all of them:
 
 Methods that work on short sub-vectors cut the matrix into rows of ``vector_size`` elements with
 :func:`qsdlearn.weights.to_rows` (the adapter's reshape rule). Learned codebooks are fitted on
-at most ``budget.fit_rows`` sampled rows and then every row is encoded, the same for all methods.
+at most ``budget.fit_rows`` rows (:meth:`FitBudget.sample`: the sample ``compress_weights``
+draws, outlying rows included for certain) and then every row is encoded, the same for all
+methods.
 """
 
 import warnings
@@ -24,7 +26,8 @@ import numpy as np
 from qsdlearn import Constraints, LayerSetting, compress_weights
 from qsdlearn._bits import ceil_log2, support_bits
 from qsdlearn._levels import fit_level_scales, quantize
-from qsdlearn.weights import MIN_COMPRESSED_SIZE, from_rows, sample_rows, to_rows
+from qsdlearn._sampling import uniform_sample
+from qsdlearn.weights import MIN_COMPRESSED_SIZE, from_rows, to_rows
 
 FLOAT_BITS = 32
 #: Rows MiniBatchDictionaryLearning learns from at most (and a quarter of the others' rows): its
@@ -42,21 +45,39 @@ class FitBudget:
 
     Attributes
     ----------
-    fit_rows : int
-        Codebooks are learned on at most this many rows, sampled without replacement.
+    fit_rows : int or None
+        Codebooks are learned on at most this many rows (None: every row), drawn by
+        :meth:`sample`.
     max_iter : int
         Iterations of the iterative fits (QSD, k-means, sparse PCA, dictionary-learning epochs).
     seed : int
     """
 
-    fit_rows: int = 16384
+    fit_rows: int | None = 16384
     max_iter: int = 25
     seed: int = 0
 
     def sample(self, rows):
-        """At most ``fit_rows`` of ``rows``, drawn with this budget's seed (as the adapter's
-        ``max_fit_rows`` draws them)."""
-        return sample_rows(rows, self.fit_rows, self.seed)
+        """The rows a learned method fits, and their weights.
+
+        At most ``fit_rows`` of ``rows``, drawn as ``compress_weights`` draws its
+        ``max_fit_rows`` (:func:`qsdlearn._sampling.uniform_sample`): uniformly with this
+        budget's seed, except the few rows holding much of the energy, taken for certain and
+        weighted for themselves alone. A uniform draw alone misses them, and a codebook fitted
+        without them decodes them as noise (on MiniLM's layer-0 attention output, k-means d = 2,
+        k = 64 fitted on 16,384 uniformly drawn rows gives 10.6 dB, on every row 14.5 dB).
+
+        Returns
+        -------
+        sample : ndarray of shape (m, d)
+        weights : ndarray of shape (m,), or None
+            The sample weights to fit with (None: unit weights). Methods that take no sample
+            weights fit ``sample`` unweighted.
+        """
+        if self.fit_rows is None or rows.shape[0] <= self.fit_rows:
+            return rows, None
+        taken, weights, _ = uniform_sample(rows, self.fit_rows, self.seed)
+        return rows[taken], weights
 
 
 @dataclass(frozen=True)
@@ -95,7 +116,8 @@ def qsd(vector_size, n_components, n_nonzero, code_bits, codebook_bits, row_scal
         est = setting.estimator(max_iter=budget.max_iter, random_state=budget.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ConvergenceWarning: max_iter is the budget
-            est.fit(budget.sample(rows))
+            sample, weights = budget.sample(rows)
+            est.fit(sample, sample_weight=weights)
         compressed = est.encode(rows)
         return from_rows(compressed.decode(), weight.shape), compressed.bits
 
@@ -222,7 +244,8 @@ def kmeans(vector_size, n_clusters):
         model = KMeans(n_clusters, n_init=1, max_iter=budget.max_iter, random_state=budget.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.fit(budget.sample(rows))
+            sample, weights = budget.sample(rows)
+            model.fit(sample, sample_weight=weights)
         codebook = model.cluster_centers_.astype(weight.dtype)
         reconstruction = codebook[model.predict(rows)]
         bits = kmeans_bits(rows.shape[0], vector_size, n_clusters)
@@ -249,10 +272,11 @@ def dictionary_omp(vector_size, n_components, n_nonzero):
             n_components, transform_algorithm="omp", transform_n_nonzero_coefs=n_nonzero,
             batch_size=256, max_iter=max(1, budget.max_iter // 10), random_state=budget.seed,
         )
-        fit_rows = min(budget.fit_rows // 4, DICTIONARY_FIT_ROWS)
+        fit_rows = min(len(rows) if budget.fit_rows is None else budget.fit_rows // 4,
+                       DICTIONARY_FIT_ROWS)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.fit(FitBudget(fit_rows, budget.max_iter, budget.seed).sample(rows))
+            model.fit(FitBudget(fit_rows, budget.max_iter, budget.seed).sample(rows)[0])
             codes = model.transform(rows)
         reconstruction = codes @ model.components_
         bits = (rows.shape[0] * (support_bits(n_components, n_nonzero) + n_nonzero * FLOAT_BITS)
@@ -277,7 +301,7 @@ def sparse_pca(n_components, alpha):
                           random_state=budget.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model.fit(budget.sample(weight))
+            model.fit(budget.sample(weight)[0])
         components = model.components_
         codes = np.linalg.lstsq(components.T, (weight - model.mean_).T.astype(np.float64),
                                 rcond=None)[0].T.astype(np.float32)
@@ -336,7 +360,7 @@ def faiss_quantizer(kind, vector_size, n_books, nbits):
             codebook_values = n_books * 2**nbits * vector_size
         else:
             raise ValueError(f"unknown faiss quantizer {kind!r}")
-        quantizer.train(np.ascontiguousarray(budget.sample(rows)))
+        quantizer.train(np.ascontiguousarray(budget.sample(rows)[0]))
         reconstruction = quantizer.decode(quantizer.compute_codes(rows))
         bits = rows.shape[0] * n_books * nbits + codebook_values * FLOAT_BITS
         return from_rows(reconstruction.astype(weight.dtype), weight.shape), bits
