@@ -85,6 +85,37 @@ def test_kmeans_counts_bits_and_uses_codewords(weight):
         M.kmeans(8, 1024).run(weight, BUDGET)
 
 
+def test_fit_sample_is_every_row_or_a_draw_that_keeps_outlying_rows():
+    rows = np.random.default_rng(0).standard_normal((4000, 2))
+    rows[[17, 2500]] = 1e3
+    sample, weights = M.FitBudget(fit_rows=None).sample(rows)
+    assert sample is rows and weights is None
+    sample, weights = M.FitBudget(fit_rows=200, seed=1).sample(rows)
+    assert sample.shape == (200, 2)
+    assert np.sum(np.all(sample == 1e3, axis=1)) == 2
+    # Drawn rows weigh 1, each outlier stands for itself: the weights sum to 200 drawn rows'
+    # worth of the 3998 others, plus the two outliers at 1 / factor each.
+    factor = 3998 / 198
+    np.testing.assert_allclose(np.sort(weights)[:2], 1 / factor)
+    np.testing.assert_allclose(np.sort(weights)[2:], 1.0)
+    # Without outliers, the plain uniform draw.
+    plain = np.random.default_rng(0).standard_normal((4000, 2))
+    sample, weights = M.FitBudget(fit_rows=200, seed=1).sample(plain)
+    expected = np.sort(np.random.default_rng(1).choice(4000, 200, replace=False))
+    assert weights is None
+    np.testing.assert_array_equal(sample, plain[expected])
+
+
+@pytest.mark.parametrize("method", [M.kmeans(2, 16), M.qsd(2, 16, 1, 0, None)])
+def test_learned_baselines_fitted_on_a_sample_decode_its_outlying_rows(method):
+    """A uniform draw of 256 of 8,000 rows would miss the two rows at 1000 and fit codewords
+    to the others alone; the budget's sample holds them, weighted for themselves."""
+    weight = np.random.default_rng(0).standard_normal((16, 1000)).astype(np.float32)
+    weight[3, [10, 11, 500, 501]] = 1e3
+    reconstruction, _ = method.run(weight, M.FitBudget(fit_rows=256, max_iter=10))
+    np.testing.assert_allclose(reconstruction[3, [10, 11, 500, 501]], 1e3, rtol=0.01)
+
+
 def test_qsd_bits_are_the_codecs_and_reconstruction_is_decode(weight):
     reconstruction, bits = M.qsd(8, 16, 2, 2, 8).run(weight, BUDGET)
     est = QuantizedSparseDecomposition(n_components=16, n_nonzero=2, code_bits=2,
