@@ -375,13 +375,15 @@ def faiss_quantizer(kind, vector_size, n_books, nbits):
 #: size 1 is a per-matrix Lloyd–Max scalar quantizer. The "model" grid has every power of two
 #: from 16 to 256 codewords at d = 2, 4 and 8 (one bit per sub-vector apart), as many as
 #: ``compress_weights``' default candidates, so that the adapter is not compared with a sparser
-#: k-means grid than its own.
+#: k-means grid than its own; and 512 to 2048 codewords at d = 4, which a user fitting every
+#: row of a 384 x 1536 matrix would try at about 2.5 to 3 bits per element (on MiniLM's
+#: layer-0 output, d = 4 with 2048 codewords gives 14.85 dB at 2.97 bits).
 KMEANS_GRID = ([(1, k) for k in (2, 4, 8, 16, 32, 64)]
                + [(d, k) for d in (2, 4, 8) for k in (16, 64, 256, 1024)]
                + [(16, 64), (16, 256), (16, 1024)])
 KMEANS_GRID_MODEL = ([(1, k) for k in (2, 4, 8, 16, 32)]
                      + [(d, k) for d in (2, 4, 8) for k in (16, 32, 64, 128, 256)]
-                     + [(16, 64), (16, 256)])
+                     + [(4, 512), (4, 1024), (4, 2048), (16, 64), (16, 256)])
 KMEANS_GRID_QUICK = [(1, 4), (1, 16), (8, 256), (4, 256), (2, 256), (16, 256)]
 
 #: Bits per entry of a QSD codebook where it is quantized.
