@@ -263,8 +263,8 @@ def _pending_in_reach(layout, pending, estimates, plan, left, tried, exhausted):
     the last move ``tried`` (any, if the moves were ``exhausted``) or of fewer bytes than a
     move tried on it, and that a move could take at all: switched whole, its extra bytes over
     the planned option fit in what is left; in a split, its codebook fits in what is left
-    plus what the other rows may give back (down to the hull vertex before the planned
-    option, see :func:`_split_bases`), where no base of the split has more bytes per row than
+    plus what the other rows may give back (down to :func:`_split_floor`, see
+    :func:`_split_bases`), where no base of the split has more bytes per row than
     the candidate (otherwise it is kept). Name to a list of settings, for the tensors with
     any."""
     if not pending:
@@ -279,8 +279,7 @@ def _pending_in_reach(layout, pending, estimates, plan, left, tried, exhausted):
             continue
         current_bytes, current_error, _ = next(
             option for option in estimates[name] if option[2] == plan[name])
-        lower = max((size for size, _, _ in options_hull(estimates[name])
-                     if size < current_bytes), default=0)
+        lower = max(_split_floor(estimates[name], current_bytes), 0)
         room = left + current_bytes - lower
         shape = layout.shape(name)
         known = [(size, setting) for size, _, setting in estimates[name]] + list(options)
@@ -290,7 +289,7 @@ def _pending_in_reach(layout, pending, estimates, plan, left, tried, exhausted):
             if size - current_bytes <= left:  # switched whole
                 return True
             # A split adds the candidate's codebook, less what its rows save on those of the
-            # base (the planned option or one of more bytes than the hull vertex before it):
+            # base (the planned option or one of more bytes than the split floor):
             # nothing, where no base has more bytes per row than the candidate.
             bases = [rows_bytes[base] for base_size, base in known
                      if base == plan[name] or lower < base_size < size]
@@ -310,19 +309,21 @@ def _pending_in_reach(layout, pending, estimates, plan, left, tried, exhausted):
 def _split_bases(options, current, better, left):
     """The settings a split of a tensor's rows towards ``better`` may keep on its other rows,
     with the bytes the plan would leave under each: the planned setting ``current`` first,
-    then the options of less error than any option of fewer bytes, between the hull vertex
-    before ``current`` and ``better`` in bytes (those whose streams fit in the ``left``
-    bytes).
+    then the options of less error than any option of fewer bytes, between the second hull
+    vertex before ``current`` and ``better`` in bytes (those whose streams fit in the
+    ``left`` bytes).
 
     The plan's setting is a vertex of the lower convex hull of the whole tensor's options,
     which passes over the others; but a split gives each part a codebook of its own, so a
     split from one with a smaller codebook can keep more rows under ``better`` and lower the
     error more (2-D k-means with 32 codewords instead of 2 of 256 sparse codes under 2-D
-    k-means with 64: 0.5 dB on a MiniLM attention matrix at 3 bits per weight)."""
+    k-means with 64: 0.5 dB on a MiniLM attention matrix at 3 bits per weight). Two vertices
+    back, because a vertex with a large codebook (k-means with 1,024 codewords of 4, then
+    2,048, on a 1024 x 1024 Gaussian matrix at 3 bits per weight) passes over the setting of
+    a small codebook that a split wants."""
     known = {setting: (size, error) for size, error, setting in options}
     (current_bytes, _), (better_bytes, better_error) = known[current], known[better]
-    lower = max((size for size, _, _ in options_hull(options) if size < current_bytes),
-                default=-1)
+    lower = _split_floor(options, current_bytes)
     bases = [(current, left)]
     least = float("inf")
     for size, error, setting in sorted(options, key=lambda o: (o[0], o[1])):
@@ -332,6 +333,14 @@ def _split_bases(options, current, better, left):
                     and size - current_bytes < left):
                 bases.append((setting, left - (size - current_bytes)))
     return bases
+
+
+def _split_floor(options, current_bytes):
+    """The bytes of the second vertex of the lower convex hull of ``options`` (``(bytes,
+    error, setting)``) before ``current_bytes`` (-1 if there is none): a split keeps its other
+    rows under options of more bytes (:func:`_split_bases`)."""
+    below = [size for size, _, _ in options_hull(options) if size < current_bytes]
+    return below[-2] if len(below) >= 2 else -1
 
 
 def _estimated_error(options, setting):
