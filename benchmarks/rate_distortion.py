@@ -648,7 +648,8 @@ def write_report(results, out):
         f"- date: {results['date']}", f"- machine: {results['machine']}",
         f"- command: `{results['command']}`",
         f"- fits: codebooks learned on at most {results['budget']['fit_rows']:,} sampled rows "
-        f"({results['model_budget']['fit_rows']:,} per MiniLM matrix), "
+        f"({results['model_budget']['fit_rows']:,} per MiniLM matrix; drawn uniformly, the "
+        "rows of outlying energy taken for certain, as `compress_weights` draws them), "
         f"{results['budget']['max_iter']} iterations, seed {results['budget']['seed']}; "
         "every row encoded",
         f"- wall time of the whole run: {results['seconds']:.0f} s ({seconds})",
