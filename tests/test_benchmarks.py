@@ -83,6 +83,8 @@ def test_kmeans_counts_bits_and_uses_codewords(weight):
     assert len(np.unique(reconstruction.reshape(-1, 4), axis=0)) <= 16
     with pytest.raises(M.NotApplicable):
         M.kmeans(8, 1024).run(weight, BUDGET)
+    with pytest.raises(M.NotApplicable, match="256 rows fitted < 300 codewords"):
+        M.kmeans(4, 300).run(weight, M.FitBudget(fit_rows=256))  # 768 rows, 256 fitted
 
 
 def test_fit_sample_is_every_row_or_a_draw_that_keeps_outlying_rows():
