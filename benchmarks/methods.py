@@ -26,7 +26,7 @@ import numpy as np
 from qsdlearn import Constraints, LayerSetting, compress_weights
 from qsdlearn._bits import ceil_log2, support_bits
 from qsdlearn._levels import fit_level_scales, quantize
-from qsdlearn._sampling import uniform_sample
+from qsdlearn._layer_fit import _fit_inputs
 from qsdlearn.weights import MIN_COMPRESSED_SIZE, from_rows, to_rows
 
 FLOAT_BITS = 32
@@ -61,9 +61,10 @@ class FitBudget:
         """The rows a learned method fits, and their weights.
 
         At most ``fit_rows`` of ``rows``, drawn as ``compress_weights`` draws its
-        ``max_fit_rows`` (:func:`qsdlearn._sampling.uniform_sample`): uniformly with this
-        budget's seed, except the few rows holding much of the energy, taken for certain and
-        weighted for themselves alone. A uniform draw alone misses them, and a codebook fitted
+        ``max_fit_rows`` (``qsdlearn._layer_fit._fit_inputs`` without calibration, that is
+        :func:`qsdlearn._sampling.uniform_sample`): uniformly with this budget's seed, except
+        the few rows holding much of the energy, taken for certain and weighted for themselves
+        alone. A uniform draw alone misses them, and a codebook fitted
         without them decodes them as noise (on MiniLM's layer-0 attention output, k-means d = 2,
         k = 64 fitted on 16,384 uniformly drawn rows gives 10.6 dB, on every row 14.5 dB).
 
@@ -74,10 +75,8 @@ class FitBudget:
             The sample weights to fit with (None: unit weights). Methods that take no sample
             weights fit ``sample`` unweighted.
         """
-        if self.fit_rows is None or rows.shape[0] <= self.fit_rows:
-            return rows, None
-        taken, weights, _ = uniform_sample(rows, self.fit_rows, self.seed)
-        return rows[taken], weights
+        sample = _fit_inputs(rows, None, self.fit_rows, self.seed)
+        return sample.rows, sample.weights
 
 
 @dataclass(frozen=True)

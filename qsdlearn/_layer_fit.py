@@ -15,7 +15,7 @@ from ._compressed_layers import CompressedLayer, RowSplit, SplitLayer
 from ._jit import blas_single_thread
 from ._kernels import INDEX_DTYPE
 from ._layers import output_row_scales, rows_of, to_rows
-from ._sampling import importance_sample, uniform_sample
+from ._sampling import importance_sample, uniform_rows, uniform_sample
 from ._solver import Codes
 from .codec import encode_factors
 from .metrics import sqnr
@@ -31,14 +31,7 @@ def sample_rows(X, max_rows, seed, keep_order=True):
     order drawn)."""
     if max_rows is None or X.shape[0] <= max_rows:
         return X
-    return X[_uniform_rows(X.shape[0], max_rows, seed, keep_order)]
-
-
-def _uniform_rows(n, size, seed, keep_order):
-    """``size`` of ``n`` row indices, drawn uniformly without replacement with ``seed``;
-    sorted unless ``keep_order=False`` (then in the order drawn)."""
-    rows = np.random.default_rng(seed).choice(n, size, replace=False)
-    return np.sort(rows) if keep_order else rows
+    return X[uniform_rows(X.shape[0], max_rows, seed, keep_order)]
 
 
 class _FitSample(NamedTuple):
@@ -98,7 +91,7 @@ def _fit_inputs(X, calibration, max_rows, seed, keep_order=True):
         return output_rows(rows, None, np.repeat(row_weights[rows], m), 1.0)
     size = max(1, -(-max_rows // m))
     if row_weights is None:
-        rows = _uniform_rows(n_out, size, seed, keep_order)
+        rows = uniform_rows(n_out, size, seed, keep_order)
         return output_rows(rows, calibration.metric(d), None, n_out / size)
     rows, weights, factor = importance_sample(row_weights, size, np.random.default_rng(seed),
                                               keep_order)

@@ -239,6 +239,14 @@ def with_outliers(drawn, outliers, n_rows):
     return np.concatenate([outliers, kept]), fit_weights, factor
 
 
+def uniform_rows(n, size, seed, keep_order=True):
+    """``size`` of ``n`` row indices, drawn uniformly without replacement with ``seed``
+    (``numpy.random.default_rng(seed).choice(n, size, replace=False)``); sorted unless
+    ``keep_order=False`` (then in the order drawn)."""
+    rows = np.random.default_rng(seed).choice(n, size, replace=False)
+    return np.sort(rows) if keep_order else rows
+
+
 def uniform_sample(X, size, seed, keep_order=True):
     """``size`` distinct rows of ``X`` drawn uniformly with ``seed``, except its outliers
     (:func:`outlier_rows`), taken for certain; and the weights to fit them with so that the
@@ -275,9 +283,9 @@ def uniform_sample(X, size, seed, keep_order=True):
     n = X.shape[0]
     ranked, energy, total = _ranked_rows(X, None, max(size // MAX_OUTLIER_SHARE, 1))
     outliers = outlier_rows(ranked, energy, total, n, size)
-    drawn = np.random.default_rng(seed).choice(n, size, replace=False)
     if outliers.shape[0] == 0:
-        return (np.sort(drawn) if keep_order else drawn), None, n / size
+        return uniform_rows(n, size, seed, keep_order), None, n / size
+    drawn = uniform_rows(n, size, seed, keep_order=False)
     rows, fit_weights, factor = with_outliers(drawn, outliers, n)
     if keep_order:
         order = np.argsort(rows)
