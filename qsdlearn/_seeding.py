@@ -36,67 +36,135 @@ def _squared_distances(XT, j, out):
             out[i] += diff * diff
 
 
+#: Rows per block of :func:`_greedy_seeds`: the trials' distances to a block stay in the cache
+#: (at most 12 trials, 96 kB in float64) between their computation and their sums, instead of
+#: a pass through memory per trial.
+_BLOCK_ROWS = 1024
+
+
+@njit(refcounts=False)
+def _block_distances(XT, centre, start, size, closest, out):
+    """``out[i] = min(closest[start + i], |x - centre|^2)`` for the ``size`` rows ``x`` of
+    ``XT`` (d, n) from ``start`` on: the squared distances summed over the coordinates in turn
+    (the sums of :func:`_squared_distances`), one pass per coordinate over the rows, which
+    vectorises. (Indices are unsigned: numba then adds no wraparound of negative indices,
+    which would turn the loads and stores into gathers and scatters.)"""
+    for i in range(size):
+        out[np.uint64(i)] = 0.0
+    for t in range(XT.shape[0]):
+        c = centre[t]
+        x = XT[t]
+        for i in range(size):
+            diff = x[np.uint64(start + i)] - c
+            out[np.uint64(i)] += diff * diff
+    for i in range(size):
+        out[np.uint64(i)] = min(closest[np.uint64(start + i)], out[np.uint64(i)])
+
+
+@njit(refcounts=False, fastmath={"reassoc", "contract"})
+def _weighted_sum(weights, start, size, values):
+    """``sum_i weights[start + i] * values[i]`` over the first ``size`` values, in any order
+    (reassociated so that it vectorises): within ``size * eps`` of the sum in order, relative
+    to the sum of the terms when they are nonnegative."""
+    total = 0.0
+    for i in range(size):
+        total += weights[np.uint64(start + i)] * values[np.uint64(i)]
+    return total
+
+
+@njit()
+def _sum_in_order(XT, weights, closest, centre):
+    """The potential if ``centre`` joined the seeds, its terms summed in the order of the rows
+    (the sum of a full pass, to which :func:`_greedy_seeds` compares its trials)."""
+    n = XT.shape[1]
+    out = np.empty(_BLOCK_ROWS)
+    total = 0.0
+    for start in range(0, n, _BLOCK_ROWS):
+        size = min(_BLOCK_ROWS, n - start)
+        _block_distances(XT, centre, start, size, closest, out)
+        for i in range(size):
+            total += weights[start + i] * out[i]
+    return total
+
+
+@njit()
+def _best_trial(XT, weights, closest, centres, totals, potential):
+    """The trial of least potential, the earlier of two equal ones, as the sums in the order of
+    the rows decide (:func:`_sum_in_order`). ``totals`` are summed in another order, each
+    within ``n eps`` of the potential from its sum in order (the terms are nonnegative and at
+    most the rows' current ones, which sum to ``potential``); so only the trials within twice
+    that of the least can be the best, and those are summed again in order (usually the least
+    alone, which is then the best)."""
+    n_trials = totals.shape[0]
+    least = 0
+    for a in range(1, n_trials):
+        if totals[a] < totals[least]:
+            least = a
+    within = 4.0 * XT.shape[1] * np.finfo(np.float64).eps * potential + totals[least]
+    contenders = 0
+    for a in range(n_trials):
+        if totals[a] <= within:
+            contenders += 1
+    if contenders == 1:
+        return least
+    best, best_total = -1, np.inf
+    for a in range(n_trials):
+        if totals[a] <= within:
+            total = _sum_in_order(XT, weights, closest, centres[a])
+            if total < best_total:
+                best, best_total = a, total
+    return best
+
+
 @njit()
 def _greedy_seeds(XT, weights, first, uniforms, indices):
     """Rows of the greedy k-means++ seeds of the rows of ``XT`` (float64, (d, n), transposed)
     into ``indices`` (k): the first is ``first``; seed ``c >= 1`` is the best of the rows its
     ``n_trials`` draws ``uniforms[c - 1]`` (in [0, 1)) pick from the cumulative weighted
     distances (the first row whose running sum reaches the draw times the potential, the
-    last row at most). Ties go to the earlier trial."""
-    n = XT.shape[1]
+    last row at most). Ties go to the earlier trial.
+
+    The trials are measured together, block by block of :data:`_BLOCK_ROWS` rows: their
+    distances to a block, then their potentials' sums, vectorised (:func:`_weighted_sum`),
+    with the sums in the order of the rows where two trials come within rounding of each other
+    (:func:`_best_trial`): the choices and the running sums are those of one pass per trial
+    summed in order, at two thirds of its time (32,768 rows of 4, 2,048 seeds: 1.07 s
+    against 1.58 s on one thread). The chosen trial's distances are computed again for the
+    rows' nearest seeds."""
+    d, n = XT.shape
     n_trials = uniforms.shape[1]
     closest = np.empty(n)  # squared distance of each row to its nearest seed
-    # the trials' distances, in rows padded to a multiple of 4 with zeros (see _potentials)
-    trial = np.zeros((-(-n_trials // 4) * 4, n))
-    totals = np.empty(trial.shape[0])
+    block = np.empty((n_trials, _BLOCK_ROWS))  # the trials' distances to a block of rows
+    totals = np.empty(n_trials)
     cumulative = np.empty(n)
     candidates = np.empty(n_trials, dtype=np.int64)
+    centres = np.empty((n_trials, d))
     indices[0] = first
     _squared_distances(XT, first, closest)
-    potential = 0.0
-    for i in range(n):
-        potential += weights[i] * closest[i]
     for c in range(1, indices.shape[0]):
         running = 0.0
         for i in range(n):
             running += weights[i] * closest[i]
             cumulative[i] = running
+        potential = running
         for a in range(n_trials):
             candidates[a] = min(np.searchsorted(cumulative, uniforms[c - 1, a] * potential),
                                 n - 1)
-            distances = trial[a]
-            _squared_distances(XT, candidates[a], distances)
-            for i in range(n):
-                distances[i] = min(closest[i], distances[i])
-        _potentials(trial, weights, totals)
-        best, best_potential = 0, np.inf
-        for a in range(n_trials):
-            if totals[a] < best_potential:
-                best, best_potential = a, totals[a]
-        # a loop, not ``closest[:] = trial[best]``: numba compiles a slice assignment's shape
-        # check with its error message, about 2 s of the first compilation
-        for i in range(n):
-            closest[i] = trial[best, i]
-        potential = best_potential
+            for t in range(d):
+                centres[a, t] = XT[t, candidates[a]]
+            totals[a] = 0.0
+        for start in range(0, n, _BLOCK_ROWS):
+            size = min(_BLOCK_ROWS, n - start)
+            for a in range(n_trials):
+                _block_distances(XT, centres[a], start, size, closest, block[a])
+                totals[a] += _weighted_sum(weights, start, size, block[a])
+        best = _best_trial(XT, weights, closest, centres, totals, potential)
+        for start in range(0, n, _BLOCK_ROWS):
+            size = min(_BLOCK_ROWS, n - start)
+            _block_distances(XT, centres[best], start, size, closest, block[0])
+            for i in range(size):
+                closest[start + i] = block[0, i]
         indices[c] = candidates[best]
-
-
-@njit()
-def _potentials(trial, weights, totals):
-    """``totals[a] = sum_i weights[i] * trial[a, i]``, each summed in the order of ``i`` (the
-    same sums as one loop per trial), four trials at a time: four independent chains of
-    additions instead of one, which the processor overlaps (a trial's sum alone waits for
-    each addition to finish). ``trial`` has a multiple of 4 rows."""
-    n = trial.shape[1]
-    for a in range(0, trial.shape[0], 4):
-        t0 = t1 = t2 = t3 = 0.0
-        for i in range(n):
-            w = weights[i]
-            t0 += w * trial[a, i]
-            t1 += w * trial[a + 1, i]
-            t2 += w * trial[a + 2, i]
-            t3 += w * trial[a + 3, i]
-        totals[a], totals[a + 1], totals[a + 2], totals[a + 3] = t0, t1, t2, t3
 
 
 def kmeans_plusplus_indices(X, k, rng, weights=None):

@@ -165,7 +165,9 @@ def code_statistics(X, codes, n_components, weights=None):
     """``Z^T Z`` and ``Z^T X``, the sufficient statistics of the codebook step, computed in
     float64 (float32 sums of rows with a large common offset would lose the offset-free part).
     With row ``weights``, ``Z^T W Z`` and ``Z^T W X`` (the rows of ``Z`` and ``X`` times the
-    square roots of the weights)."""
+    square roots of the weights). Codes of one slot per row (vector quantization) give the
+    diagonal of ``Z^T Z`` alone, a vector (k,): the (k, k) matrix would cost O(k^2) to form
+    and to use (:func:`diagonal`)."""
     if weights is not None:
         root = np.sqrt(weights)[:, None]
         X = X.astype(np.float64) * root
@@ -173,37 +175,58 @@ def code_statistics(X, codes, n_components, weights=None):
     if codes.idx is None:
         Z = codes.val.astype(np.float64, copy=False)
         return Z.T @ Z, Z.T @ X.astype(np.float64, copy=False)
+    if codes.idx.shape[1] == 1:
+        rows, values = codes.idx[:, 0], codes.val[:, 0].astype(np.float64)
+        ZtX = np.empty((n_components, X.shape[1]))
+        for t in range(X.shape[1]):  # sums in row order, in float64, as the kernel's
+            ZtX[:, t] = np.bincount(rows, values * X[:, t], minlength=n_components)
+        return np.bincount(rows, values * values, minlength=n_components), ZtX
     ZtZ = np.zeros((n_components, n_components))
     ZtX = np.zeros((n_components, X.shape[1]))
     _kernels.code_statistics(X, codes.idx, codes.val, ZtZ, ZtX)
     return ZtZ, ZtX
 
 
+def diagonal(ZtZ):
+    """The diagonal of ``Z^T Z`` given as the matrix (k, k) or, for codes of one slot per row,
+    as the diagonal itself (k,) (:func:`code_statistics`)."""
+    return ZtZ if ZtZ.ndim == 1 else np.diagonal(ZtZ)
+
+
 def refit_scales(ZtZ, ZtX, B, current):
     """Closed-form per-row scales ``s`` minimising ``||X - Z diag(s) B||^2``.
 
     Rows whose term vanishes keep their current scale. Returns ``current`` itself when the
-    least-squares solution is not better (it always is in exact arithmetic).
+    least-squares solution is not better (it always is in exact arithmetic). ``ZtZ`` may be
+    the diagonal alone (:func:`code_statistics`): the system is then diagonal too.
     """
-    return solve_scales(ZtZ * (B @ B.T), np.einsum("jt,jt->j", ZtX, B), current)
+    b = np.einsum("jt,jt->j", ZtX, B)
+    if ZtZ.ndim == 1:
+        return solve_scales(ZtZ * np.einsum("jt,jt->j", B, B), b, current)
+    return solve_scales(ZtZ * (B @ B.T), b, current)
 
 
 def solve_scales(M, b, current):
-    """Minimiser of ``s^T M s - 2 b^T s`` (``M`` positive semi-definite) over the scales whose
-    diagonal term does not vanish, the others kept at ``current``; ``current`` itself when the
-    solution is not better (see :func:`refit_scales`)."""
-    active = np.diag(M) > 1e-12 * max(np.max(np.diag(M), initial=0.0), 1e-300)
+    """Minimiser of ``s^T M s - 2 b^T s`` (``M`` positive semi-definite, or its diagonal alone,
+    a vector) over the scales whose diagonal term does not vanish, the others kept at
+    ``current``; ``current`` itself when the solution is not better (see
+    :func:`refit_scales`)."""
+    diagonal_only = M.ndim == 1
+    terms = diagonal(M)
+    active = terms > 1e-12 * max(np.max(terms, initial=0.0), 1e-300)
     new = current.astype(np.float64).copy()
     if not active.any():
         return current
-    if active.all():  # the usual case, without two copies of M by fancy indexing
+    if diagonal_only:  # each scale alone
+        new[active] = b[active] / M[active]
+    elif active.all():  # the usual case, without two copies of M by fancy indexing
         new = _solve_psd(M, b)
     else:
         rhs = b[active] - M[np.ix_(active, ~active)] @ new[~active]
         new[active] = _solve_psd(M[np.ix_(active, active)], rhs)
 
     def objective(s):
-        return -2.0 * b @ s + s @ M @ s
+        return -2.0 * b @ s + (M @ (s * s) if diagonal_only else s @ M @ s)
 
     if not np.all(np.isfinite(new)) or objective(new) > objective(current):
         return current
@@ -401,7 +424,10 @@ def quantize_codebook(C, constraints):
 
 
 def update_codebook(ZtZ, ZtX, C, scales, constraints):
-    """One codebook block update (float64 in and out)."""
+    """One codebook block update (float64 in and out). ``ZtZ`` is the matrix (k, k), or its
+    diagonal (k,) for codes of one slot per row (:func:`code_statistics`)."""
+    if ZtZ.ndim == 1:
+        return _update_one_slot_codebook(ZtZ, ZtX, C, scales, constraints)
     if constraints.free_codebook:
         active = np.diag(ZtZ) > 0
         C = C.copy()
@@ -421,13 +447,34 @@ def update_codebook(ZtZ, ZtX, C, scales, constraints):
     _kernels.codebook_row_sweep(np.ascontiguousarray(ZtZ), ZtX, C_new, row_scales,
                                 constraints.codebook_levels,
                                 constraints.codebook_row_nonzero(C.shape[1]))
+    return _with_refitted_scales(ZtZ, ZtX, C_new, scales, constraints)
+
+
+def _with_refitted_scales(ZtZ, ZtX, C, scales, constraints):
+    """The codebook ``C`` (on its grid) with its per-codeword scales refitted in closed form
+    (:func:`refit_scales`; a scale that would vanish is kept), and the scales; as it is when
+    the codebook has no scales."""
     if constraints.codebook_bits is None:
-        return C_new, scales
-    pattern = C_new / scales[:, None]
+        return C, scales
+    pattern = C / scales[:, None]
     new_scales = refit_scales(ZtZ, ZtX, pattern, scales)
     vanished = new_scales == 0
     new_scales[vanished] = scales[vanished]
     return pattern * new_scales[:, None], np.abs(new_scales)
+
+
+def _update_one_slot_codebook(counts, ZtX, C, scales, constraints):
+    """:func:`update_codebook` where ``Z^T Z`` is diagonal (``counts``, codes of one slot per
+    row): the codewords do not interact, so the gradient step and the exact pass over the rows
+    come to one projection per codeword of its least-squares value ``ZtX[j] / counts[j]``,
+    at O(k d) instead of O(k^2 d). Unused codewords are projected where they are."""
+    active = counts > 0
+    targets = C.copy()
+    targets[active] = ZtX[active] / counts[active, None]
+    if constraints.free_codebook:
+        return targets, scales
+    return _with_refitted_scales(counts, ZtX, _project_codebook(targets, scales, constraints),
+                                 scales, constraints)
 
 
 def _codebook_statistics(X, codes, constraints, metric):
@@ -700,13 +747,8 @@ def _centroid_step(X, C, scales, state, constraints):
     """The codebook block given one-hot codes: exact per codeword (Z^T Z is diagonal); unused
     codewords move onto the worst-fitted rows."""
     counts = state.counts.astype(np.float64)
-    used = counts > 0
-    if constraints.free_codebook:
-        C = C.copy()
-        C[used] = state.sums[used] / counts[used, None]
-    else:
-        C, scales = update_codebook(np.diag(counts), state.sums, C, scales, constraints)
-    return _relocate_unused(X, C, scales, None, state.row_errors, np.flatnonzero(~used),
+    C, scales = update_codebook(counts, state.sums, C, scales, constraints)
+    return _relocate_unused(X, C, scales, None, state.row_errors, np.flatnonzero(counts <= 0),
                             constraints)
 
 
@@ -866,7 +908,7 @@ def _single_fit(X, constraints, C0, Z0_codes, max_iter, tol, verbose, error_unit
         if statistics is not None:
             ZtZ, ZtX = statistics
             C, scales = update_codebook(ZtZ, ZtX, C, scales, constraints)
-            unused = np.flatnonzero(np.diag(ZtZ) <= 0)
+            unused = np.flatnonzero(diagonal(ZtZ) <= 0)
         else:
             C, scales, unused = _metric_codebook_step(X, codes, C, scales, constraints, metric)
         C, scales = _relocate_unused(X, C, scales, codes, row_errors, unused, constraints)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import kmeans_plusplus
 
+from qsdlearn import _seeding
 from qsdlearn._seeding import kmeans_plusplus_indices
 
 
@@ -55,6 +56,20 @@ def test_seeds_match_the_numpy_reference_on_tiny_inputs(dtype, weighted):
         got = kmeans_plusplus_indices(X, k, rng_a, weights)
         np.testing.assert_array_equal(got, _reference(X, k, rng_b, weights))
         assert rng_a.uniform() == rng_b.uniform()  # the same draws, in the same number
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_seeds_over_several_blocks_of_rows_match_the_reference(weighted):
+    """More rows than a block of the kernel (``_BLOCK_ROWS``, the last one partial), many of
+    them repeated: trials that tie exactly, decided by the sums in order as in the reference."""
+    rng = np.random.default_rng(3)
+    n = 2 * _seeding._BLOCK_ROWS + 300
+    X = rng.standard_normal((n // 10, 3))[rng.integers(0, n // 10, n)]
+    weights = rng.random(n) * (rng.random(n) < 0.8) if weighted else None
+    for case in range(3):
+        rng_a, rng_b = np.random.RandomState(case), np.random.RandomState(case)
+        np.testing.assert_array_equal(kmeans_plusplus_indices(X, 40, rng_a, weights),
+                                      _reference(X, 40, rng_b, weights))
 
 
 @pytest.mark.parametrize("weighted", [False, True])

@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 from sklearn.exceptions import ConvergenceWarning
 
-from qsdlearn import QuantizedSparseDecomposition, _solver
+from qsdlearn import Constraints, QuantizedSparseDecomposition, _solver
 from qsdlearn._solver import _largest_eigenvalue, _solve_psd
 
 
@@ -77,6 +77,51 @@ def test_weighted_code_statistics_match_a_plain_numpy_reference(dense, dtype):
     np.testing.assert_allclose(ZtZ, Z.T @ (weights[:, None] * Z), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(ZtX, Z.T @ (weights[:, None] * X.astype(np.float64)),
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_one_slot_codes_give_the_diagonal_of_their_statistics(weighted, dtype):
+    """Codes of one slot per row (vector quantization, gain-shape) give ``diag(Z^T W Z)`` as a
+    vector, the matrix being diagonal; ``Z^T W X`` as for any codes."""
+    rng = np.random.default_rng(6)
+    n, k, d = 60, 9, 3
+    X = rng.normal(size=(n, d)).astype(dtype)
+    weights = rng.choice([0.0, 0.25, 1.0, 9.0], size=n) if weighted else None
+    codes = _solver.Codes(rng.integers(0, k - 1, size=(n, 1)).astype(np.int32),  # k-1 unused
+                          rng.choice([-2.0, 0.5, 1.0], size=(n, 1)).astype(dtype))
+    Z = codes.to_dense(k).astype(np.float64)
+    w = np.ones(n) if weights is None else weights
+    ZtZ, ZtX = _solver.code_statistics(X, codes, k, weights)
+    assert ZtZ.shape == (k,) and ZtZ[k - 1] == 0.0
+    np.testing.assert_allclose(np.diag(ZtZ), Z.T @ (w[:, None] * Z), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ZtX, Z.T @ (w[:, None] * X.astype(np.float64)),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(_solver.diagonal(ZtZ), _solver.diagonal(np.diag(ZtZ)))
+
+
+@pytest.mark.parametrize("codebook", [{}, {"codebook_bits": 8}, {"codebook_bits": 3},
+                                      {"codebook_bits": 4, "component_nonzero": 2}])
+def test_the_codebook_step_on_a_diagonal_is_the_step_on_its_matrix(codebook):
+    """The codebook step and the scale refit given ``diag(Z^T Z)`` alone (codes of one slot)
+    equal those given the diagonal matrix (the general step, O(k^2 d)), unused codewords
+    included."""
+    rng = np.random.default_rng(7)
+    k, d = 12, 5
+    constraints = Constraints(n_components=k, n_nonzero=1, code_bits=0, **codebook)
+    counts = rng.integers(1, 40, size=k).astype(np.float64)
+    counts[[2, 7]] = 0.0
+    C, scales = _solver.quantize_codebook(rng.normal(size=(k, d)), constraints)
+    ZtX = counts[:, None] * (C + 0.3 * rng.normal(size=(k, d)))
+    got = _solver.update_codebook(counts, ZtX, C, scales, constraints)
+    expected = _solver.update_codebook(np.diag(counts), ZtX, C, scales, constraints)
+    for a, b in zip(got, expected):  # the codebook, and its scales (None for a float one)
+        assert (a is None) == (b is None)
+        if b is not None:
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    pattern = rng.normal(size=(k, d))
+    np.testing.assert_allclose(_solver.refit_scales(counts, ZtX, pattern, np.ones(k)),
+                               _solver.refit_scales(np.diag(counts), ZtX, pattern, np.ones(k)),
+                               rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
