@@ -37,12 +37,16 @@ def _squared_distances(XT, j, out):
 
 
 #: Rows per block of :func:`_greedy_seeds`: the trials' distances to a block stay in the cache
-#: (at most 12 trials, 96 kB in float64) between their computation and their sums, instead of
-#: a pass through memory per trial.
+#: (a dozen trials, 96 kB in float64) between their computation and their sums, instead of a
+#: pass through memory per trial.
 _BLOCK_ROWS = 1024
 
+#: The smallest positive float64 (subnormal): the most a sum of products can be off per term
+#: when the products underflow, where rounding is absolute rather than relative.
+_SMALLEST_SUBNORMAL = float(np.nextafter(0.0, 1.0))
 
-@njit(refcounts=False)
+
+@njit()
 def _block_distances(XT, centre, start, size, closest, out):
     """``out[i] = min(closest[start + i], |x - centre|^2)`` for the ``size`` rows ``x`` of
     ``XT`` (d, n) from ``start`` on: the squared distances summed over the coordinates in turn
@@ -61,11 +65,12 @@ def _block_distances(XT, centre, start, size, closest, out):
         out[np.uint64(i)] = min(closest[np.uint64(start + i)], out[np.uint64(i)])
 
 
-@njit(refcounts=False, fastmath={"reassoc", "contract"})
+@njit(fastmath={"reassoc"})
 def _weighted_sum(weights, start, size, values):
     """``sum_i weights[start + i] * values[i]`` over the first ``size`` values, in any order
-    (reassociated so that it vectorises): within ``size * eps`` of the sum in order, relative
-    to the sum of the terms when they are nonnegative."""
+    (reassociated so that it vectorises; the products rounded as in the sum in order, no fused
+    multiply-add): within ``size * eps`` of the sum in order, relative to the sum of the terms
+    when they are nonnegative, plus ``size`` subnormals where they underflow."""
     total = 0.0
     for i in range(size):
         total += weights[np.uint64(start + i)] * values[np.uint64(i)]
@@ -92,22 +97,25 @@ def _best_trial(XT, weights, closest, centres, totals, potential):
     """The trial of least potential, the earlier of two equal ones, as the sums in the order of
     the rows decide (:func:`_sum_in_order`). ``totals`` are summed in another order, each
     within ``n eps`` of the potential from its sum in order (the terms are nonnegative and at
-    most the rows' current ones, which sum to ``potential``); so only the trials within twice
-    that of the least can be the best, and those are summed again in order (usually the least
-    alone, which is then the best)."""
+    most the rows' current ones, which sum to ``potential``), plus ``n`` subnormals where the
+    products underflow; so only the trials within twice that of the least can be the best,
+    and those are summed again in order (usually the least alone, which is then the best).
+    The least when no sum in order is finite."""
     n_trials = totals.shape[0]
     least = 0
     for a in range(1, n_trials):
         if totals[a] < totals[least]:
             least = a
-    within = 4.0 * XT.shape[1] * np.finfo(np.float64).eps * potential + totals[least]
+    n = XT.shape[1]
+    rounding = np.finfo(np.float64).eps * potential + _SMALLEST_SUBNORMAL
+    within = totals[least] + 4.0 * n * rounding
     contenders = 0
     for a in range(n_trials):
         if totals[a] <= within:
             contenders += 1
     if contenders == 1:
         return least
-    best, best_total = -1, np.inf
+    best, best_total = least, np.inf
     for a in range(n_trials):
         if totals[a] <= within:
             total = _sum_in_order(XT, weights, closest, centres[a])

@@ -111,17 +111,20 @@ def test_the_codebook_step_on_a_diagonal_is_the_step_on_its_matrix(codebook):
     counts = rng.integers(1, 40, size=k).astype(np.float64)
     counts[[2, 7]] = 0.0
     C, scales = _solver.quantize_codebook(rng.normal(size=(k, d)), constraints)
-    ZtX = counts[:, None] * (C + 0.3 * rng.normal(size=(k, d)))
-    got = _solver.update_codebook(counts, ZtX, C, scales, constraints)
-    expected = _solver.update_codebook(np.diag(counts), ZtX, C, scales, constraints)
-    for a, b in zip(got, expected):  # the codebook, and its scales (None for a float one)
-        assert (a is None) == (b is None)
-        if b is not None:
-            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    ZtX = C + 0.3 * rng.normal(size=(k, d))  # the rows' mean for each codeword
+    for used in (counts, np.zeros(k)):  # some codewords unused, then all of them
+        got = _solver.update_codebook(used, used[:, None] * ZtX, C, scales, constraints)
+        expected = _solver.update_codebook(np.diag(used), used[:, None] * ZtX, C, scales,
+                                           constraints)
+        for a, b in zip(got, expected):  # the codebook, and its scales (None for a float one)
+            assert (a is None) == (b is None)
+            if b is not None:
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
     pattern = rng.normal(size=(k, d))
-    np.testing.assert_allclose(_solver.refit_scales(counts, ZtX, pattern, np.ones(k)),
-                               _solver.refit_scales(np.diag(counts), ZtX, pattern, np.ones(k)),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        _solver.refit_scales(counts, counts[:, None] * ZtX, pattern, np.ones(k)),
+        _solver.refit_scales(np.diag(counts), counts[:, None] * ZtX, pattern, np.ones(k)),
+        rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
