@@ -23,19 +23,6 @@ import numpy as np
 from ._jit import njit
 
 
-@njit()
-def _squared_distances(XT, j, out):
-    """Squared distance of every row to row ``j`` into ``out``, from the transposed rows
-    ``XT`` (d, n): one pass per coordinate over the rows, which vectorises."""
-    for i in range(XT.shape[1]):
-        out[i] = 0.0
-    for t in range(XT.shape[0]):
-        centre = XT[t, j]
-        for i in range(XT.shape[1]):
-            diff = XT[t, i] - centre
-            out[i] += diff * diff
-
-
 #: Rows per block of :func:`_greedy_seeds`: the trials' distances to a block stay in the cache
 #: (a dozen trials, 96 kB in float64) between their computation and their sums, instead of a
 #: pass through memory per trial.
@@ -49,9 +36,9 @@ _SMALLEST_SUBNORMAL = float(np.nextafter(0.0, 1.0))
 @njit()
 def _block_distances(XT, centre, start, size, closest, out):
     """``out[i] = min(closest[start + i], |x - centre|^2)`` for the ``size`` rows ``x`` of
-    ``XT`` (d, n) from ``start`` on: the squared distances summed over the coordinates in turn
-    (the sums of :func:`_squared_distances`, whose first addition to zero is exact), one pass
-    per coordinate over the rows, which vectorises, the minimum taken in the last. (Indices are
+    ``XT`` (d, n) from ``start`` on: the squared differences summed over the coordinates in
+    turn (from the first, as a sum from zero whose first addition is exact), one pass per
+    coordinate over the rows, which vectorises, the minimum taken in the last. (Indices are
     unsigned: numba then adds no wraparound of negative indices, which would turn the loads and
     stores into gathers and scatters.)"""
     last = XT.shape[0] - 1
@@ -86,6 +73,18 @@ def _weighted_sum(weights, start, size, values):
     for i in range(size):
         total += weights[np.uint64(start + i)] * values[np.uint64(i)]
     return total
+
+
+@njit()
+def _join(XT, centre, closest, out):
+    """Lower ``closest`` (n) to the rows' squared distances to ``centre`` where they are nearer
+    to it (:func:`_block_distances`, block by block through ``out``, of :data:`_BLOCK_ROWS`)."""
+    n = XT.shape[1]
+    for start in range(0, n, _BLOCK_ROWS):
+        size = min(_BLOCK_ROWS, n - start)
+        _block_distances(XT, centre, start, size, closest, out)
+        for i in range(size):
+            closest[start + i] = out[i]
 
 
 @njit()
@@ -152,14 +151,16 @@ def _greedy_seeds(XT, weights, first, uniforms, indices):
     nearest seeds."""
     d, n = XT.shape
     n_trials = uniforms.shape[1]
-    closest = np.empty(n)  # squared distance of each row to its nearest seed
+    closest = np.full(n, np.inf)  # squared distance of each row to its nearest seed
     block = np.empty((n_trials, _BLOCK_ROWS))  # the trials' distances to a block of rows
     totals = np.empty(n_trials)
     cumulative = np.empty(n)
     candidates = np.empty(n_trials, dtype=np.int64)
     centres = np.empty((n_trials, d))
     indices[0] = first
-    _squared_distances(XT, first, closest)
+    for t in range(d):
+        centres[0, t] = XT[t, first]
+    _join(XT, centres[0], closest, block[0])
     for c in range(1, indices.shape[0]):
         running = 0.0
         for i in range(n):
@@ -178,11 +179,7 @@ def _greedy_seeds(XT, weights, first, uniforms, indices):
                 _block_distances(XT, centres[a], start, size, closest, block[a])
                 totals[a] += _weighted_sum(weights, start, size, block[a])
         best = _best_trial(XT, weights, closest, centres, totals, potential)
-        for start in range(0, n, _BLOCK_ROWS):
-            size = min(_BLOCK_ROWS, n - start)
-            _block_distances(XT, centres[best], start, size, closest, block[0])
-            for i in range(size):
-                closest[start + i] = block[0, i]
+        _join(XT, centres[best], closest, block[0])
         indices[c] = candidates[best]
 
 
