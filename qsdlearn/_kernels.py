@@ -141,6 +141,28 @@ def _sort_slots(idx, val, n_slots):
 
 
 @njit(refcounts=False)
+def _largest(values, start, stop):
+    """The largest of ``values[start:stop]`` (``-inf`` when empty; on valid input, where no
+    value is NaN). Four running maxima over interleaved positions: one chain of comparisons
+    waits for each comparison before it, four overlap."""
+    m0 = m1 = m2 = m3 = -np.inf
+    i = start
+    while i + 4 <= stop:
+        v0, v1, v2, v3 = values[i], values[i + 1], values[i + 2], values[i + 3]
+        m0 = v0 if v0 > m0 else m0
+        m1 = v1 if v1 > m1 else m1
+        m2 = v2 if v2 > m2 else m2
+        m3 = v3 if v3 > m3 else m3
+        i += 4
+    while i < stop:
+        m0 = values[i] if values[i] > m0 else m0
+        i += 1
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    return m2 if m2 > m0 else m0
+
+
+@njit(refcounts=False)
 def _select_largest(savings, n_keep, out_idx, candidates):
     """Positions of the ``n_keep`` largest savings, by decreasing saving (the lower index
     first on a tie); ``candidates`` is scratch of ``len(savings)`` ints.
@@ -156,10 +178,7 @@ def _select_largest(savings, n_keep, out_idx, candidates):
         return
     threshold = np.inf
     for b in range(n_keep):
-        top = -np.inf
-        for i in range(b * m // n_keep, (b + 1) * m // n_keep):
-            top = max(top, savings[i])
-        threshold = min(threshold, top)
+        threshold = min(threshold, _largest(savings, b * m // n_keep, (b + 1) * m // n_keep))
     count = 0
     for i in range(m):
         candidates[count] = i
@@ -873,19 +892,30 @@ def _row_work(G, n_slots, n_starts, least_squares):
 @njit(refcounts=False)
 def _correlate(X, i, CT, p):
     """Correlations ``p = C x_i`` of row ``i`` into ``p``, from the transposed codebook ``CT``
-    (d, k) in float64 (one pass per coordinate, over the codewords: it vectorises); returns
-    the row's squared norm. In float32 the correlations would lose what distinguishes two
-    codewords when the data sit far from the origin, where ``x.c`` is dominated by the
-    offset."""
+    (d, k) in float64; returns the row's squared norm. In float32 the correlations would lose
+    what distinguishes two codewords when the data sit far from the origin, where ``x.c`` is
+    dominated by the offset.
+
+    Each ``p_j`` is the sum of ``x_t C_jt`` in coordinate order, from zero. The passes over
+    the codewords (which vectorise) add four coordinates at a time after the first
+    ``d mod 4`` one at a time: ``p`` is loaded and stored once per four products (half the
+    time of one pass per coordinate at d = 8), the additions in the same order."""
     d, k = CT.shape
-    for j in range(k):
-        p[j] = 0.0
     xx = 0.0
     for t in range(d):
+        xx += X[i, t] * X[i, t]
+    if d == 0:
+        p[:] = 0.0
+    head = d % 4
+    for t in range(head):
         x = X[i, t]
-        xx += x * x
         for j in range(k):
-            p[j] += x * CT[t, j]
+            p[j] = (p[j] if t > 0 else 0.0) + x * CT[t, j]
+    for t in range(head, d, 4):
+        x0, x1, x2, x3 = X[i, t], X[i, t + 1], X[i, t + 2], X[i, t + 3]
+        for j in range(k):
+            p[j] = ((p[j] if t > 0 else 0.0) + x0 * CT[t, j] + x1 * CT[t + 1, j]
+                    + x2 * CT[t + 2, j] + x3 * CT[t + 3, j])
     return xx
 
 

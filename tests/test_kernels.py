@@ -488,6 +488,51 @@ def test_select_largest_orders_by_saving_then_index(n_keep):
     assert len(set(out.tolist())) == n_keep and np.all((out >= 0) & (out < 20))
 
 
+@pytest.mark.parametrize("n_keep", [1, 2, 5, 8])
+def test_select_largest_on_long_rows(n_keep):
+    """Blocks long enough for the interleaved running maxima of :func:`_largest` (and a last
+    partial group of four): the same positions as a stable sort, ties and signed zeros
+    included."""
+    rng = np.random.default_rng(40 + n_keep)
+    out = np.empty(n_keep, dtype=np.int64)
+    for m in (37, 256, 258):
+        candidates = np.empty(m, dtype=np.int64)
+        for _ in range(20):
+            savings = rng.integers(-40, 40, size=m) / 4.0
+            savings[rng.random(m) < 0.1] = -0.0
+            _kernels._select_largest(savings, n_keep, out, candidates)
+            np.testing.assert_array_equal(out, np.argsort(-savings, kind="stable")[:n_keep])
+
+
+def test_largest_is_the_maximum_of_the_slice():
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=23)
+    for start in range(0, 23):
+        for stop in range(start, 24):
+            expected = values[start:stop].max() if stop > start else -np.inf
+            assert _kernels._largest(values, start, stop) == expected
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_correlate_sums_in_coordinate_order(dtype):
+    """The correlations of a row (four coordinates per pass after the first d mod 4) are,
+    bit for bit, the float64 sums of x_t C_jt in coordinate order from zero, and the squared
+    norm likewise, for every row length from 1 to 9."""
+    rng = np.random.default_rng(11)
+    for d in range(1, 10):
+        X = (rng.normal(size=(4, d)) * 10.0 ** rng.integers(-3, 4, size=(4, d))).astype(dtype)
+        C = rng.normal(size=(13, d)).astype(dtype)
+        X64, CT = X.astype(np.float64), np.ascontiguousarray(C.T, dtype=np.float64)
+        p = np.empty(13)
+        for i in range(4):
+            expected, expected_xx = np.zeros(13), 0.0
+            for t in range(d):
+                expected = expected + X64[i, t] * CT[t]
+                expected_xx += X64[i, t] * X64[i, t]
+            assert _kernels._correlate(X64, i, CT, p) == expected_xx
+            np.testing.assert_array_equal(p, expected)
+
+
 @pytest.mark.parametrize("threshold", [-np.inf, 0.5, 2.0, np.inf])
 def test_positions_above_lists_the_free_positions_whose_bound_passes(threshold):
     """A coordinate sweep's scan: the bounds (c_j + q0 G[j0, j])**2 / G_jj of every position,
