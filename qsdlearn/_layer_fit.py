@@ -311,7 +311,7 @@ def _compress_tensor(weight, setting, seed, n_threads, max_iter, max_fit_rows,
             matrix, est = _encode_with_feedback(est, setting, weight.shape, X, fit_calibration)
     layer = CompressedLayer(matrix, weight.shape, weight.dtype.name, setting, 0.0,
                             n_iter=est.n_iter_, converged=est.converged_, row_scales=scales)
-    decoded = layer.decompressed_float()
+    decoded = layer.decompress()  # as stored: the SQNRs are those of what users get back
     layer.sqnr_db = sqnr(weight, decoded)
     layer.output_sqnr_db = _output_sqnr(weight, decoded, calibration)
     return layer

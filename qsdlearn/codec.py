@@ -226,19 +226,25 @@ def _validate_flat(raw, problem="damaged file: setting"):
 
     n_components = raw["n_components"] if is_int(raw["n_components"], 1) else 1
     n_features = raw["n_features"] if is_int(raw["n_features"], 1) else 1
-    checks = [
-        ("n_rows", is_int(raw["n_rows"], 1, 2**40)),  # encode refuses a matrix of no rows
-        ("n_features", is_int(raw["n_features"], 1, MAX_FEATURES)),
-        ("n_components", is_int(raw["n_components"], 1, 2**31)),
-        ("n_nonzero", is_int(raw["n_nonzero"], 1, n_components, optional=True)),
-        ("code_bits", is_int(raw["code_bits"], 0, 16, optional=True)),
-        ("codebook_bits", is_int(raw["codebook_bits"], 1, 32, optional=True)),
-        ("component_nonzero", is_int(raw["component_nonzero"], 1, n_features, optional=True)),
-        ("dtype", raw["dtype"] in _DTYPES),
+    checks = [  # (field, whether it is valid, what is expected)
+        ("n_rows", is_int(raw["n_rows"], 1, 2**40),  # encode refuses a matrix of no rows
+         "an integer from 1 to 2**40"),
+        ("n_features", is_int(raw["n_features"], 1, MAX_FEATURES),
+         "an integer from 1 to 2**31"),
+        ("n_components", is_int(raw["n_components"], 1, 2**31), "an integer from 1 to 2**31"),
+        ("n_nonzero", is_int(raw["n_nonzero"], 1, n_components, optional=True),
+         f"None or an integer from 1 to n_components, {n_components}"),
+        ("code_bits", is_int(raw["code_bits"], 0, 16, optional=True),
+         "None or an integer from 0 to 16"),
+        ("codebook_bits", is_int(raw["codebook_bits"], 1, 32, optional=True),
+         "None or an integer from 1 to 32"),
+        ("component_nonzero", is_int(raw["component_nonzero"], 1, n_features, optional=True),
+         f"None or an integer from 1 to the row length, {n_features}"),
+        ("dtype", raw["dtype"] in _DTYPES, f"one of {sorted(_DTYPES)}"),
     ]
-    for name, ok in checks:
+    for name, ok, expected in checks:
         if not ok:
-            raise ValueError(f"{problem} {name}={raw[name]!r} is invalid")
+            raise ValueError(f"{problem} {name}={raw[name]!r} is invalid (expected {expected})")
     if raw["n_rows"] * raw["n_features"] > 2**48:
         raise ValueError("damaged file: the declared matrix is too large")
 

@@ -18,7 +18,8 @@ Dtypes
 float16, bfloat16, float32 and float64 tensors are fitted and decoded in float32, then cast
 back to their own dtype; integers and booleans are kept verbatim; any other dtype is refused
 before anything is fitted (:mod:`qsdlearn._dtypes`), and so is a tensor to compress that holds
-a magnitude of :data:`MAX_MAGNITUDE` (2**64) or more.
+a magnitude of :data:`MAX_MAGNITUDE` (2**64) or more, or a float64 tensor whose values are not
+all zero but all below :data:`MIN_MAGNITUDE` (float32's smallest normal number).
 
 Tied tensors
 ------------
@@ -85,6 +86,11 @@ __all__ = ["CompressedModel", "LayerSetting", "compress_weights", "default_candi
 #: of them, stay finite (at the top of float32's range the fitted factors and their products
 #: overflow; the kernels themselves work on data divided by a power of two).
 MAX_MAGNITUDE = 2.0**64
+#: A float64 tensor to compress must hold a magnitude of at least this (2**-126, about
+#: 1.2e-38, float32's smallest normal number) unless it is all zeros: cast to float32, smaller
+#: values keep fewer significant bits, and below about 1e-45 none (the tensor would come back
+#: as zeros).
+MIN_MAGNITUDE = 2.0**-126
 #: The largest ``calibration_damping``: beyond it the weight error is all the objective
 #: weighs in float64, and the damped Gram matrix could overflow.
 MAX_DAMPING = 1e12
@@ -196,7 +202,8 @@ def compress_weights(
 
     Everything that can be checked is checked before the first fit: names, dtypes (a
     tensor that cannot be stored raises a :class:`TypeError` naming it), finiteness and, for
-    the tensors to compress, magnitudes below 2**64, which float32 arithmetic takes (a
+    the tensors to compress, magnitudes below 2**64, which float32 arithmetic takes, and
+    float64 values not all below float32's normal range unless all zero (a
     :class:`ValueError` naming the tensor). Files are read one tensor at a time; each layer's
     worker reads its own tensor, so the process holds the results, not the model.
 
@@ -295,7 +302,8 @@ def compress_weights(
     ------
     ValueError
         If there are no tensors, a tensor holds NaN or infinity, a tensor to compress holds
-        a magnitude of 2**64 (about 1.8e19) or more (rescale it, or keep it), ``settings`` or
+        a magnitude of 2**64 (about 1.8e19) or more, or is float64 with nonzero values all
+        below 2**-126 (about 1.2e-38; rescale it, or keep it), ``settings`` or
         ``sensitivity`` names a tensor that is not compressible, a sensitivity is negative or
         not finite (or given without ``bits_per_weight``), ``bits_per_weight`` is below what
         the candidates reach, a file cannot be read, or a calibration entry names no tensor
@@ -472,16 +480,22 @@ def _ties(checkpoint, digests, keep):
 
 def _check_magnitudes(checkpoint, names):
     """Refuse, naming it, a tensor of ``names`` (those to compress) that holds a magnitude of
-    :data:`MAX_MAGNITUDE` or more (noted by
+    :data:`MAX_MAGNITUDE` or more, or a float64 one whose largest magnitude is positive and
+    below :data:`MIN_MAGNITUDE` (magnitudes noted by
     :meth:`qsdlearn._checkpoint.Checkpoint.check`)."""
     for name in names:
         largest = checkpoint.largest[name]
         if largest >= MAX_MAGNITUDE:
-            raise ValueError(
-                f"tensor {name!r} in {checkpoint.source} holds values up to {largest:.3g} in "
-                f"magnitude; compression works in float32 and takes magnitudes below 2**64 "
-                f"(about {MAX_MAGNITUDE:.2g}): rescale the tensor, or store it as it is with "
-                f"keep=[{glob.escape(name)!r}] (--keep on the command line)")
+            reach = f"takes magnitudes below 2**64 (about {MAX_MAGNITUDE:.2g})"
+        elif 0 < largest < MIN_MAGNITUDE and checkpoint.infos[name].dtype == np.float64:
+            reach = (f"needs a magnitude of at least 2**-126 (about {MIN_MAGNITUDE:.2g}, "
+                     f"float32's smallest normal number) to keep the values' precision")
+        else:
+            continue
+        raise ValueError(
+            f"tensor {name!r} in {checkpoint.source} holds values up to {largest:.3g} in "
+            f"magnitude; compression works in float32 and {reach}: rescale the tensor, or "
+            f"store it as it is with keep=[{glob.escape(name)!r}] (--keep on the command line)")
 
 
 def _check_sensitivity(sensitivity, compressible, tied, fixed, bits_per_weight):
