@@ -141,8 +141,10 @@ def _check_vector_size(vector_size, shortest, checkpoint, names):
     reach, or left to the scalar candidates alone)."""
     longest = max((math.prod(checkpoint.infos[name].shape[1:]) for name in names), default=0)
     if names and shortest > longest:
+        # the largest vector_size whose shortest sub-vectors fit: d itself, or d // 4 (planned)
+        largest = longest if shortest == vector_size else 4 * longest + 3
         raise ValueError(f"vector_size={vector_size} is longer than the rows of every tensor to "
-                         f"compress (at most {longest} elements): give vector_size <= {longest}")
+                         f"compress (at most {longest} elements): give vector_size <= {largest}")
 
 
 def _progress(results, names, enabled):

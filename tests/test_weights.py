@@ -1293,9 +1293,13 @@ def test_a_vector_size_beyond_the_file_format_or_the_rows_is_refused_by_name():
     message = "is longer than the rows of every tensor to compress .at most 64 elements."
     # planned: refused when even the shortest default candidate (vector_size // 4) is longer
     for size in (260, 10**30):
-        with pytest.raises(ValueError, match=f"vector_size={size} {message}"):
+        with pytest.raises(ValueError, match=f"vector_size={size} {message}: give vector_size "
+                           f"<= 259"):
             compress_weights(weights, bits_per_weight=2.0, vector_size=size)
-    with pytest.raises(ValueError, match=f"vector_size=65 {message}"):  # one setting of 65
+    with warnings.catch_warnings():  # (a budget the candidates do not spend to the bit)
+        warnings.simplefilter("ignore", UserWarning)
+        compress_weights(weights, bits_per_weight=4.0, vector_size=259, max_iter=1)  # d // 4
+    with pytest.raises(ValueError, match=f"vector_size=65 {message}: give vector_size <= 64"):
         compress_weights(weights, vector_size=65)
     # the user's own candidates or settings do not use vector_size
     compress_weights(weights, bits_per_weight=8.0, candidates=[FAST], vector_size=10**6,
