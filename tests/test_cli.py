@@ -571,9 +571,12 @@ def test_the_command_starts_without_the_numerical_libraries():
                         "print(sorted({'numba', 'scipy', 'sklearn'} & set(sys.modules)))")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "[]\n"
-    result = run_python("-m", "qsdlearn.cli", "--help")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage: qsdlearn")
+    for module in ("qsdlearn.cli", "qsdlearn"):  # python -m qsdlearn is the command too
+        result = run_python("-m", module, "--help")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("usage: qsdlearn")
+    result = run_python("-m", "qsdlearn", "info", "missing.qsd")
+    assert result.returncode == 1 and result.stderr.startswith("qsdlearn info: ")
 
 
 def test_a_ctrl_c_once_the_command_has_finished_is_ignored():

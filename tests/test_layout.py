@@ -27,7 +27,7 @@ LAYERS = [
     {"weights"},
     {"_demo", "_io"},
     {"cli"},
-    {"__init__"},
+    {"__init__", "__main__"},
 ]
 #: Modules that work on arrays and bytes only.
 NO_SCIKIT_LEARN = {"_checks", "_jit", "_levels", "_container", "_allocation", "_bits", "_kernels",
