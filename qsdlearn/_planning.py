@@ -431,12 +431,13 @@ def _below_reach(bits_per_weight, least_bytes, layout, reach="the candidates can
 
 
 def _estimate_layers(layout, wanted, candidates, base, n_jobs, n_threads, calibrations,
-                     relative, factors):
+                     relative, factors, progress=None):
     """The estimates (:func:`_estimate`, ``relative`` errors or not) of the ``wanted``
     candidates of each tensor (a dict of name to a list of settings), in parallel, largest
     tensors first: name to a dict of setting to ``(bytes, error)``, the error times the
     tensor's sensitivity factor (``factors``, :func:`_sensitivity_factors`, or None), without
-    the candidates that could not be estimated."""
+    the candidates that could not be estimated. ``progress(results, names)``, if given, wraps
+    the tensors' results as they come (a progress bar)."""
     if not wanted:
         return {}
     order = _largest_first(list(wanted), layout.checkpoint)
@@ -445,13 +446,15 @@ def _estimate_layers(layout, wanted, candidates, base, n_jobs, n_threads, calibr
     # their place (a frozenset of settings arrived as one of futures, which no setting is in)
     positions = {name: tuple(i for i, c in enumerate(candidates) if c in wanted[name])
                  for name in order}
-    results = joblib.Parallel(n_jobs=n_jobs)(
+    results = joblib.Parallel(n_jobs=n_jobs, return_as="generator")(
         joblib.delayed(_estimate)(
             layout.checkpoint.ref(name), candidates, _layer_seed(base, name), n_threads,
             relative, calibrations.get(name), positions[name],
         )
         for name in order
     )
+    if progress is not None:
+        results = progress(results, order)
     found = {}
     for name, per_candidate in zip(order, results):
         factor = 1.0 if factors is None else factors[name]
@@ -469,9 +472,10 @@ def _options(found, candidates):
 
 
 def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_threads,
-          calibrations, sensitivity=None):
+          calibrations, sensitivity=None, progress=None):
     """The settings of the ``free`` tensors at ``bits_per_weight`` for the whole file, and why
-    it may fall short of it (:func:`_why_unspent`).
+    it may fall short of it (:func:`_why_unspent`). ``progress`` wraps each round's results
+    (see :func:`_estimate_layers`).
 
     The candidates are estimated in rounds: those of at most :data:`FIRST_ROUND_MARGIN` bits
     per weight above the target on each tensor; then, per tensor, those of more bits that the
@@ -499,7 +503,7 @@ def _plan(layout, free, fixed, bits_per_weight, candidates, base, n_jobs, n_thre
 
     def estimate(wanted):
         return _estimate_layers(layout, wanted, candidates, base, n_jobs, n_threads,
-                                calibrations, relative, factors)
+                                calibrations, relative, factors, progress)
 
     # First round: the candidates up to FIRST_ROUND_MARGIN above the target on each tensor;
     # a tensor none of them could be estimated on takes the others at once.

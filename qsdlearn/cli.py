@@ -341,7 +341,8 @@ def build_parser():
                           "compress_weights)")
     compress.add_argument("--force", action="store_true", help="overwrite an existing output")
     compress.add_argument("--verbose", action="store_true",
-                          help="progress bar even when standard error is not a terminal")
+                          help="progress bars (the planner's estimates, then the final fits) "
+                               "even when standard error is not a terminal")
     compress.set_defaults(handler=_compress)
 
     decompress = commands.add_parser("decompress", help="write the decompressed weights")

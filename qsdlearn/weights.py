@@ -45,6 +45,7 @@ layer (``_layer_fit``), the candidates' error estimates (``_estimates``) and the
 (``_planning``).
 """
 
+import functools
 import glob
 import math
 import os
@@ -147,8 +148,9 @@ def _check_vector_size(vector_size, shortest, checkpoint, names):
                          f"compress (at most {longest} elements): give vector_size <= {largest}")
 
 
-def _progress(results, names, enabled):
-    """``results`` with a progress bar naming the layer just done (tqdm, when installed)."""
+def _progress(results, names, enabled, desc="layers"):
+    """``results`` with a progress bar named ``desc`` naming the layer just done (tqdm, when
+    installed)."""
     if not enabled:
         yield from results
         return
@@ -157,7 +159,7 @@ def _progress(results, names, enabled):
     except ImportError:  # pragma: no cover - optional dependency
         yield from results
         return
-    with tqdm(total=len(names), desc="layers", unit="layer", file=sys.stderr) as bar:
+    with tqdm(total=len(names), desc=desc, unit="layer", file=sys.stderr) as bar:
         for name, result in zip(names, results):
             bar.set_postfix_str(name, refresh=False)
             bar.update()
@@ -290,8 +292,9 @@ def compress_weights(
         calibration, whole output rows are drawn, in proportion to their row weights when
         the calibration gives some.
     verbose : bool, optional
-        Progress bar over layers with the layer's name and the time left (tqdm, when
-        installed); default: when standard error is a terminal.
+        Progress bars over layers with the layer's name and the time left (tqdm, when
+        installed): one per round of the planner's estimates ("estimates"), then one over
+        the final fits ("layers"); default: when standard error is a terminal.
 
     Returns
     -------
@@ -430,7 +433,9 @@ def compress_weights(
     held = _fixed_share(fixed, layout)  # what settings= takes, which no candidate changes
     if free and bits_per_weight is not None:
         plan, why_unspent = _plan(layout, free, fixed, bits_per_weight, candidates, base,
-                                  n_workers, n_threads, calibrations, sensitivity)
+                                  n_workers, n_threads, calibrations, sensitivity,
+                                  progress=functools.partial(_progress, enabled=verbose,
+                                                             desc="estimates"))
         fixed.update(plan)
     else:
         fixed.update({name: LayerSetting(vector_size=vector_size) for name in free})
