@@ -140,9 +140,9 @@ def _largest_eigenvalue(sym, n_iter=100, rtol=1e-7):
 def _solve_psd(A, B):
     """Solution of ``A Y = B`` for symmetric positive semi-definite ``A`` (a division when
     ``A`` is diagonal and nonsingular, Cholesky, or least squares when ``A`` is singular)."""
-    diagonal = np.diagonal(A)
-    if np.all(diagonal > 0) and _is_diagonal(A):
-        return (B.T / diagonal).T
+    pivots = np.diagonal(A)
+    if np.all(pivots > 0) and _is_diagonal(A):
+        return (B.T / pivots).T
     try:
         return scipy.linalg.cho_solve(scipy.linalg.cho_factor(A, check_finite=False), B,
                                       check_finite=False)
