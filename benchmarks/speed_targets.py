@@ -13,7 +13,9 @@ load and its workers count, and its peak memory is its own):
    1,000,000 x 8 float32 rows, 256 codewords, 20 iterations from the same initial centroids
    (:func:`benchmarks.speed.kmeans_comparison`), and whole default fits (each library's own
    initialisation and stopping rule);
-2. one iteration of the QSD setting over one iteration of the VQ setting on the same rows;
+2. one iteration of the QSD setting over one iteration of the VQ setting on the same rows
+   (fits of 1 and 3 iterations, each timed three times, the settings in turn; the least
+   time of each, :func:`benchmarks.speed.per_iteration`);
 3. a 4096 x 4096 float32 matrix through ``compress_weights(bits_per_weight=2.0)``: wall time,
    peak resident memory of the process and of its largest worker;
 4. all-MiniLM-L6-v2 at 2 b/w through the command line with 2 jobs, with the file's bits per

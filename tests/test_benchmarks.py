@@ -503,6 +503,32 @@ def test_speed_targets_table_flags_unmet_floors():
     assert len(rows) == 1 and "assign_one_slot" in rows[0] and rows[0].endswith("no |")
 
 
+def test_per_iteration_takes_the_least_time_of_each_fit(monkeypatch):
+    from benchmarks import speed
+
+    class Fitted:
+        def __init__(self, n_iter):
+            self.n_iter_ = n_iter
+
+    # scripted times, in call order: per repeat, QSD short/long then VQ short/long
+    times = iter([5.0, 9.0, 1.0, 1.5,    # repeat 1
+                  4.0, 9.5, 1.2, 1.3,    # repeat 2: the least QSD short, the least VQ long
+                  4.5, 8.0, 0.9, 1.4])   # repeat 3: the least QSD long, the least VQ short
+    calls = []
+
+    def fake_fit(X, setting, max_iter, init, seed):
+        calls.append((setting["n_nonzero"], max_iter))
+        return Fitted(max_iter), next(times)
+
+    monkeypatch.setattr(speed, "_fit", fake_fit)
+    qsd, vq = speed.per_iteration(300, extra_iter=2, repeat=3)
+    assert calls == [(2, 1), (2, 3), (1, 1), (1, 3)] * 3  # the settings in turn
+    assert qsd["seconds_per_iter"] == pytest.approx((8.0 - 4.0) / 2)
+    assert vq["seconds_per_iter"] == pytest.approx((1.3 - 0.9) / 2)
+    assert qsd["seconds_short"] == [5.0, 4.0, 4.5] and vq["seconds_long"] == [1.5, 1.3, 1.4]
+    assert qsd["seconds_one_iteration_fit"] == 4.0
+
+
 def test_sensitivity_of_a_layer_that_is_the_model_is_one():
     from benchmarks.model_fidelity import relative_output_error, sensitivities
 
