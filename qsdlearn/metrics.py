@@ -11,6 +11,7 @@ This module needs nothing of the package: scorers and curves use an estimator's 
 ``fit``, ``transform``, ``inverse_transform`` and ``encode``.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -138,22 +139,22 @@ def _noise_and_signal(X, X_hat):
 
 def _as_origin(origin):
     """The hull's ``origin`` as a ``(1, 2)`` array of points (:func:`_as_points`)."""
-    origin = np.asarray(origin, dtype=np.float64)
+    origin = check_real_array(origin, "origin").astype(np.float64)
     if origin.shape != (2,):
         raise ValueError(f"origin must be one (rate, distortion) pair, got shape {origin.shape}")
     return _as_points(origin, "origin")
 
 
 def _as_points(points, name="points"):
-    """``points`` as a float64 array of ``(rate, distortion)`` rows: finite, rates
-    nonnegative."""
-    points = np.asarray(points, dtype=np.float64)
+    """``points`` as a float64 array of ``(rate, distortion)`` rows: real numbers (a
+    TypeError otherwise), finite and nonnegative."""
+    points = check_real_array(points, name).astype(np.float64)
     if points.size and points.shape[-1] != 2 or points.ndim > 2:
         raise ValueError(f"{name} must be (rate, distortion) pairs, of shape (n_points, 2); "
                          f"got shape {points.shape}")
     points = points.reshape(-1, 2)
-    if points.size and (not np.all(np.isfinite(points)) or np.any(points[:, 0] < 0)):
-        raise ValueError(f"{name} must be finite with nonnegative rates")
+    if points.size and (not np.all(np.isfinite(points)) or np.any(points < 0)):
+        raise ValueError(f"{name} must be finite with nonnegative rates and distortions")
     return points
 
 
@@ -179,8 +180,10 @@ def lower_hull(points, origin=(0.0, 1.0)):
 
     Raises
     ------
+    TypeError
+        If the points (or ``origin``) are not real numbers.
     ValueError
-        If a point (or ``origin``) is not a finite pair or has a negative rate.
+        If a point (or ``origin``) is not a finite pair or has a negative rate or distortion.
 
     Notes
     -----
@@ -238,9 +241,11 @@ def hull_at(points, rates, origin=(0.0, 1.0)):
 
     Raises
     ------
+    TypeError
+        If the points, ``origin`` or the rates are not real numbers.
     ValueError
-        If a point, ``origin`` or a rate is not finite, a rate is negative, or the points
-        are not ``(rate, distortion)`` pairs.
+        If a point, ``origin`` or a rate is not finite or is negative, or the points are not
+        ``(rate, distortion)`` pairs.
 
     Examples
     --------
@@ -249,7 +254,7 @@ def hull_at(points, rates, origin=(0.0, 1.0)):
     array([0.8125, 0.625 , 0.25  , 0.25  ])
     """
     vertices = lower_hull(points, origin)
-    rates_arr = np.asarray(rates, dtype=np.float64)
+    rates_arr = check_real_array(rates, "rates").astype(np.float64)
     if not np.all(np.isfinite(rates_arr)) or np.any(rates_arr < 0):
         raise ValueError("rates must be finite and nonnegative")
     out = np.full(rates_arr.shape, np.nan)
@@ -350,8 +355,9 @@ def rate_distortion_scorer(lmbda, n_rows=None):
     Returns
     -------
     callable
-        ``scorer(estimator, X, y=None) -> float``. The estimator (or a pipeline's last step)
-        must have ``encode``.
+        ``scorer(estimator, X, y=None) -> float`` (a :func:`functools.partial`, so that it
+        pickles with a search that holds it). The estimator (or a pipeline's last step) must
+        have ``encode``.
 
     Raises
     ------
@@ -380,12 +386,14 @@ def rate_distortion_scorer(lmbda, n_rows=None):
             and not isinstance(lmbda, bool) and math.isfinite(lmbda) and lmbda >= 0):
         raise ValueError(f"lmbda must be a finite non-negative number, got {lmbda!r}")
     _check_n_rows(n_rows)
+    return functools.partial(_rate_distortion_score, lmbda=lmbda, n_rows=n_rows)
 
-    def score(estimator, X, y=None):
-        rate, distortion, scored = _rate_and_distortion(estimator, X)
-        return -(distortion + lmbda * rate.bits_per_element(n_rows or scored))
 
-    return score
+def _rate_distortion_score(estimator, X, y=None, *, lmbda, n_rows):
+    """The score of :func:`rate_distortion_scorer` (a module function, so that the scorer
+    pickles, as a fitted search that holds it must)."""
+    rate, distortion, scored = _rate_and_distortion(estimator, X)
+    return -(distortion + lmbda * rate.bits_per_element(n_rows or scored))
 
 
 def budget_scorer(max_bits_per_element, n_rows=None):
@@ -413,7 +421,8 @@ def budget_scorer(max_bits_per_element, n_rows=None):
     Returns
     -------
     callable
-        ``scorer(estimator, X, y=None) -> float``.
+        ``scorer(estimator, X, y=None) -> float`` (a :func:`functools.partial`, so that it
+        pickles with a search that holds it).
 
     Raises
     ------
@@ -446,16 +455,18 @@ def budget_scorer(max_bits_per_element, n_rows=None):
         )
 
     _check_n_rows(n_rows)
+    return functools.partial(_budget_score, max_bits_per_element=max_bits_per_element,
+                             n_rows=n_rows)
 
-    def score(estimator, X, y=None):
-        rate, distortion, scored = _rate_and_distortion(estimator, X)
-        rows = n_rows or scored
-        if rate.bits_per_element(rows) > max_bits_per_element:
-            distortion = 1.0 - rate.share_within(max_bits_per_element, rows) * (1.0 - distortion)
-        # (+ 0.0: nothing coded within the budget scores 0 dB, not -0.0)
-        return float("inf") if distortion == 0 else float(-10.0 * np.log10(distortion)) + 0.0
 
-    return score
+def _budget_score(estimator, X, y=None, *, max_bits_per_element, n_rows):
+    """The score of :func:`budget_scorer` (a module function, so that the scorer pickles)."""
+    rate, distortion, scored = _rate_and_distortion(estimator, X)
+    rows = n_rows or scored
+    if rate.bits_per_element(rows) > max_bits_per_element:
+        distortion = 1.0 - rate.share_within(max_bits_per_element, rows) * (1.0 - distortion)
+    # (+ 0.0: nothing coded within the budget scores 0 dB, not -0.0)
+    return float("inf") if distortion == 0 else float(-10.0 * np.log10(distortion)) + 0.0
 
 
 def rate_distortion_curve(X, estimators):

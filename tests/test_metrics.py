@@ -1,5 +1,7 @@
 """Distortion measures, the operational hull and the rate-aware scorers."""
 
+import pickle
+
 import numpy as np
 import pytest
 from sklearn.model_selection import GridSearchCV, cross_validate
@@ -108,6 +110,13 @@ def test_hull_rejects_bad_points():
     for points in ([(1.0, 0.5, 3.0)], [1.0, 0.5, 3.0], np.ones((2, 2, 2))):
         with pytest.raises(ValueError, match=r"points must be \(rate, distortion\) pairs"):
             lower_hull(points)
+    # a distortion is not negative; strings and None are not numbers (a fresh user's trial:
+    # both were taken, None as a rate said "must be finite")
+    with pytest.raises(ValueError, match="nonnegative rates and distortions"):
+        lower_hull([(1.0, -0.5)])
+    for points, rates in (([("1", ".5")], 1.0), ([(1.0, 0.5)], "1.0"), ([(1.0, 0.5)], None)):
+        with pytest.raises(TypeError, match="must hold real numbers"):
+            hull_at(points, rates)
     assert lower_hull([1.0, 0.5]).tolist() == [[0.0, 1.0], [1.0, 0.5]]  # one pair, flat
 
 
@@ -199,6 +208,14 @@ def test_larger_lambda_selects_fewer_bits(X):
                               scoring=rate_distortion_scorer(lmbda), cv=2).fit(X)
         chosen.append(search.best_params_["n_components"])
     assert chosen[0] == 64 and chosen[-1] == 2 and chosen == sorted(chosen, reverse=True)
+
+
+def test_scorers_pickle_with_a_fitted_search(X):
+    # a fitted search is saved with pickle or joblib, its scorer with it
+    for scorer in (budget_scorer(3.0, n_rows=500), rate_distortion_scorer(0.1)):
+        search = GridSearchCV(vq(2), {"n_components": [2, 8]}, scoring=scorer, cv=2).fit(X)
+        restored = pickle.loads(pickle.dumps(search))
+        assert restored.scorer_(restored.best_estimator_, X) == scorer(search.best_estimator_, X)
 
 
 def test_scorers_work_on_a_pipeline(X):
