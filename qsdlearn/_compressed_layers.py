@@ -62,7 +62,10 @@ def _decode_once(matrix):
 class CompressedLayer:
     """One compressed tensor: its matrix, original shape and dtype, setting and fit record.
 
-    Attributes
+    The entries of :attr:`CompressedModel.layers <qsdlearn.CompressedModel>` that
+    :func:`~qsdlearn.compress_weights` compresses under one setting are of this class.
+
+    Parameters
     ----------
     matrix : CompressedMatrix
         The encoded ``(rows, vector_size)`` matrix of the tensor's sub-vectors.
@@ -73,9 +76,8 @@ class CompressedLayer:
     setting : LayerSetting
         How it was compressed.
     sqnr_db : float
-        SQNR of the decompressed tensor against the original, in dB, measured on
-        :meth:`decompressed_float` (before the cast to a 16-bit dtype, whose rounding it
-        leaves out).
+        SQNR of the decompressed tensor against the original, in dB, measured on what
+        :meth:`decompress` returns (in the tensor's dtype, its rounding included).
     n_iter : int or None
         Iterations of the final fit (``None`` when not recorded, e.g. read from a file).
     converged : bool or None
@@ -100,6 +102,23 @@ class CompressedLayer:
         If the matrix is not what ``setting`` makes of a tensor of ``shape``, or
         ``row_scales`` are given without ``setting.row_scales`` or missing with it, have
         another shape than ``(shape[0],)``, or hold a scale that is not positive and finite.
+
+    See Also
+    --------
+    SplitLayer : A tensor whose output rows are split between two settings.
+    KeptTensor : A tensor stored verbatim.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qsdlearn import LayerSetting, compress_weights
+    >>> W = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    >>> model = compress_weights({"w": W}, settings=LayerSetting(), random_state=0)
+    >>> layer = model.layers["w"]
+    >>> type(layer).__name__, layer.shape, layer.dtype, layer.nbytes
+    ('CompressedLayer', (64, 64), 'float32', 4288)
+    >>> layer.decompress().shape
+    (64, 64)
     """
 
     matrix: CompressedMatrix
@@ -129,7 +148,7 @@ class CompressedLayer:
 
     @property
     def nbytes(self):
-        """Bytes of its streams and row scales in a file."""
+        """Bytes of its streams and row scales in a file (int)."""
         return self.matrix.nbytes + self._scale_bytes()
 
     def _scale_bytes(self):
@@ -141,12 +160,34 @@ class CompressedLayer:
         With row scales, every decoded output row is multiplied by its scale (in the dtype of
         the encoded matrix, float32 for every layer :func:`compress_weights` makes) before
         the cast to the tensor's dtype.
+
+        Returns
+        -------
+        ndarray of shape ``shape``
+            In the dtype named by ``dtype`` (an ml_dtypes ``bfloat16`` array for bfloat16).
+
+        Raises
+        ------
+        ValueError
+            If the rows times their row scales pass the range of float32 (only in a damaged
+            or crafted file).
         """
         return cast_reconstruction(self.decompressed_float(), self.dtype)
 
     def decompressed_float(self):
-        """The reconstructed tensor in the encoded matrix's dtype (before the cast of
-        :meth:`decompress`)."""
+        """The reconstructed tensor in the encoded matrix's dtype, before the cast of
+        :meth:`decompress`.
+
+        Returns
+        -------
+        ndarray of shape ``shape``
+            float32 (float64 for a matrix encoded from float64 rows).
+
+        Raises
+        ------
+        ValueError
+            As :meth:`decompress`.
+        """
         decoded = from_rows(_decode_once(self.matrix), self.shape)
         if self.row_scales is not None:
             scales = self.row_scales.astype(decoded.dtype)
@@ -159,19 +200,27 @@ class CompressedLayer:
         return decoded
 
     def record(self):
-        """What :meth:`CompressedModel.report` shows of this tensor."""
+        """What :meth:`CompressedModel.report` shows of this tensor.
+
+        Returns
+        -------
+        dict
+            ``setting`` (str, :meth:`LayerSetting.describe`), ``payload_bits`` (int: its
+            streams' and row scales' bits), ``sqnr_db``, ``n_iter``, ``converged`` and
+            ``output_sqnr_db``, as the attributes.
+        """
         scales = 8 * self._scale_bytes()
         return dict(setting=self.setting.describe(), payload_bits=self.matrix.bits + scales,
                     sqnr_db=self.sqnr_db, n_iter=self.n_iter, converged=self.converged,
                     output_sqnr_db=self.output_sqnr_db)
 
-    def file_entry(self, name):
+    def _file_entry(self, name):
         """The layer's entry in a file's layer list: ``[1, name, dtype, shape, sqnr_db,
         setting]`` (see :meth:`CompressedModel.to_bytes`)."""
         return [_COMPRESSED, name, SAFETENSORS_NAMES[self.dtype], _shape_list(self.shape),
                 _stored_sqnr(self.sqnr_db), _setting_fields(self)]
 
-    def payload(self):
+    def _payload(self):
         """Its bytes in a file: the matrix's streams back to back, then the row scales (a
         byte each, or little-endian float16), if any."""
         data = matrix_payload(self.matrix)
@@ -184,14 +233,30 @@ class CompressedLayer:
 class RowSplit:
     """Two settings sharing one tensor: its first ``rows`` output rows (axis 0) under
     ``first``, the others under ``second``. The mix of two settings, at any share of rows,
-    is how a point between two vertices of the operational rate–distortion hull is reached.
+    is how a point between two vertices of the operational rate–distortion hull is reached;
+    :func:`~qsdlearn.compress_weights` splits one tensor so to spend what is left of its
+    budget (the ``setting`` of a :class:`SplitLayer`).
 
-    Attributes
+    Parameters
     ----------
-    first, second : LayerSetting
-        The settings of the two blocks of rows.
+    first : LayerSetting
+        The setting of the first block of rows.
+    second : LayerSetting
+        The setting of the other rows.
     rows : int
         Output rows of the first block.
+
+    See Also
+    --------
+    SplitLayer : A tensor compressed in two blocks of rows.
+
+    Examples
+    --------
+    >>> from qsdlearn import Constraints, LayerSetting
+    >>> from qsdlearn.weights import RowSplit
+    >>> split = RowSplit(LayerSetting(), LayerSetting(4, Constraints(256, 1, 0, 8)), rows=10)
+    >>> [(block, rows) for _, block, rows in split.blocks((64, 32))]
+    [((10, 32), slice(0, 10, None)), ((54, 32), slice(10, 64, None))]
     """
 
     first: LayerSetting
@@ -199,13 +264,31 @@ class RowSplit:
     rows: int
 
     def blocks(self, shape):
-        """``(setting, block shape, row slice)`` of both blocks of a tensor of ``shape``."""
+        """Both blocks of a tensor of ``shape``.
+
+        Parameters
+        ----------
+        shape : tuple of int
+            The tensor's shape (more than ``rows`` output rows).
+
+        Returns
+        -------
+        list of tuple
+            ``(setting, block shape, row slice)`` of the first block, then of the second.
+        """
         rest = tuple(shape[1:])
         return [(self.first, (self.rows, *rest), slice(0, self.rows)),
                 (self.second, (shape[0] - self.rows, *rest), slice(self.rows, shape[0]))]
 
     def describe(self):
-        """A short human-readable form of the split."""
+        """A short human-readable form of the split.
+
+        Returns
+        -------
+        str
+            ``"<rows> rows <first> + rest <second>"``, each setting as
+            :meth:`LayerSetting.describe` gives it.
+        """
         return f"{self.rows} rows {self.first.describe()} + rest {self.second.describe()}"
 
 
@@ -214,7 +297,7 @@ class SplitLayer:
     """One tensor compressed in two blocks of output rows (see :class:`RowSplit`), with the
     interface of :class:`CompressedLayer`.
 
-    Attributes
+    Parameters
     ----------
     parts : list of CompressedLayer
         The blocks, in row order.
@@ -227,6 +310,28 @@ class SplitLayer:
     output_sqnr_db : float or None
         SQNR of the whole layer's output on its calibration data (see
         :class:`CompressedLayer`).
+
+    See Also
+    --------
+    CompressedLayer : A tensor compressed under one setting.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qsdlearn import Constraints, LayerSetting
+    >>> from qsdlearn.weights import CompressedLayer, SplitLayer
+    >>> W = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    >>> parts = []
+    >>> for setting, rows in ((LayerSetting(8, Constraints(32, 2, 2, 8)), W[:32]),
+    ...                       (LayerSetting(4, Constraints(64, 1, 0, 8)), W[32:])):
+    ...     matrix = setting.estimator(random_state=0).fit(rows.reshape(-1, setting.vector_size))
+    ...     parts.append(CompressedLayer(matrix.encode(rows.reshape(-1, setting.vector_size)),
+    ...                                  rows.shape, "float32", setting, sqnr_db=0.0))
+    >>> layer = SplitLayer(parts, W.shape, "float32", sqnr_db=0.0)
+    >>> layer.setting.describe()
+    '32 rows d=8 k=32 2 of 32 codes=2b codebook=8b + rest d=4 k=64 1 of 64 codes=0b codebook=8b'
+    >>> layer.decompress().shape
+    (64, 64)
     """
 
     parts: list
@@ -237,21 +342,34 @@ class SplitLayer:
 
     @property
     def setting(self):
-        """The :class:`RowSplit` of the tensor."""
+        """The :class:`RowSplit` of the tensor (RowSplit)."""
         first, second = self.parts
         return RowSplit(first.setting, second.setting, first.shape[0])
 
     @property
     def nbytes(self):
-        """Bytes of its streams in a file."""
+        """Bytes of its streams in a file (int)."""
         return sum(part.nbytes for part in self.parts)
 
     def decompress(self):
-        """The reconstructed tensor, in its original shape and dtype."""
+        """The reconstructed tensor, in its original shape and dtype.
+
+        Returns
+        -------
+        ndarray of shape ``shape``
+            Both blocks decompressed (:meth:`CompressedLayer.decompress`), in row order.
+        """
         return np.concatenate([part.decompress() for part in self.parts], axis=0)
 
     def record(self):
-        """What :meth:`CompressedModel.report` shows of this tensor."""
+        """What :meth:`CompressedModel.report` shows of this tensor.
+
+        Returns
+        -------
+        dict
+            As :meth:`CompressedLayer.record`, over both blocks (``n_iter`` the larger,
+            ``converged`` whether both did).
+        """
         records = [part.record() for part in self.parts]
         n_iter = [r["n_iter"] for r in records]
         converged = [r["converged"] for r in records]
@@ -262,7 +380,7 @@ class SplitLayer:
             output_sqnr_db=self.output_sqnr_db,
         )
 
-    def file_entry(self, name):
+    def _file_entry(self, name):
         """The tensor's entry in a file's layer list: ``[2, name, dtype, shape, sqnr_db,
         parts]``, each part ``[rows, sqnr_db, setting]`` (see :meth:`CompressedModel.to_bytes`)."""
         parts = [[int(part.shape[0]), _stored_sqnr(part.sqnr_db), _setting_fields(part)]
@@ -270,9 +388,9 @@ class SplitLayer:
         return [_SPLIT, name, SAFETENSORS_NAMES[self.dtype], _shape_list(self.shape),
                 _stored_sqnr(self.sqnr_db), parts]
 
-    def payload(self):
+    def _payload(self):
         """Its bytes in a file: those of its parts, in row order."""
-        return b"".join(part.payload() for part in self.parts)
+        return b"".join(part._payload() for part in self.parts)
 
 
 @dataclass
@@ -280,43 +398,69 @@ class KeptTensor:
     """A tensor stored verbatim (1-D, integer, boolean or small), with the interface of
     :class:`CompressedLayer`.
 
-    Attributes
+    Parameters
     ----------
     array : ndarray
         The tensor itself.
+
+    See Also
+    --------
+    CompressedLayer : A compressed tensor.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qsdlearn import compress_weights
+    >>> model = compress_weights({"bias": np.ones(64, np.float32)}, random_state=0)
+    >>> kept = model.layers["bias"]
+    >>> type(kept).__name__, kept.shape, kept.dtype, kept.nbytes
+    ('KeptTensor', (64,), 'float32', 256)
     """
 
     array: np.ndarray
 
     @property
     def shape(self):
-        """Shape of the tensor."""
+        """Shape of the tensor (tuple of int)."""
         return self.array.shape
 
     @property
     def dtype(self):
-        """Its dtype name."""
+        """Its dtype name (str)."""
         return self.array.dtype.name
 
     @property
     def nbytes(self):
-        """Bytes of the tensor in a file."""
+        """Bytes of the tensor in a file (int)."""
         return self.array.nbytes
 
     def decompress(self):
-        """A copy of the tensor."""
+        """A copy of the tensor.
+
+        Returns
+        -------
+        ndarray
+            The array, copied.
+        """
         return self.array.copy()
 
     def record(self):
-        """What :meth:`CompressedModel.report` shows of this tensor."""
+        """What :meth:`CompressedModel.report` shows of this tensor.
+
+        Returns
+        -------
+        dict
+            As :meth:`CompressedLayer.record`: ``setting`` ``"kept (<dtype>)"``, its bits,
+            an infinite SQNR and ``None`` for the rest.
+        """
         return dict(setting=f"kept ({self.dtype})", payload_bits=8 * self.nbytes,
                     sqnr_db=float("inf"), n_iter=None, converged=None, output_sqnr_db=None)
 
-    def file_entry(self, name):
+    def _file_entry(self, name):
         """The tensor's entry in a file's layer list: ``[0, name, dtype, shape]`` (see
         :meth:`CompressedModel.to_bytes`)."""
         return [_KEPT, name, SAFETENSORS_NAMES[self.dtype], _shape_list(self.shape)]
 
-    def payload(self):
+    def _payload(self):
         """Its bytes in a file: the little-endian values of its dtype, in C order."""
         return to_little_endian_bytes(self.array)

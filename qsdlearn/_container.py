@@ -347,7 +347,9 @@ class FileImage:
         path : str or path-like
             Destination.
         overwrite : bool, default=False
-            Replace a file already at ``path`` (as a whole: never left partial).
+            Replace a file already at ``path`` (as a whole: never left partial; a new file
+            with the umask's mode, a symbolic link itself rather than its target, as
+            :func:`qsdlearn.save` does).
 
         Raises
         ------
@@ -359,6 +361,8 @@ class FileImage:
             If the folder of ``path`` does not exist.
         ValueError
             If ``path`` is empty, or a device or a pipe.
+        PermissionError
+            If no file can be created in the folder of ``path``.
         """
         write_atomic(path, self.to_bytes(), overwrite=_check_overwrite(overwrite))
 

@@ -232,7 +232,8 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
     Attributes
     ----------
     components_ : ndarray of shape (n_components, n_features)
-        The codebook ``C`` (dequantized), in the dtype of the training data.
+        The codebook ``C`` (dequantized): float32 for float32 training data (and float16
+        or bfloat16, fitted in float32), float64 for any other.
     codebook_scales_ : ndarray of shape (n_components,) or None
         Per-row grid scales of the codebook: ``components_ / codebook_scales_[:, None]`` are
         half-integer levels. ``None`` for a float codebook.
@@ -254,9 +255,10 @@ class QuantizedSparseDecomposition(ClassNamePrefixFeaturesOutMixin, TransformerM
         :meth:`transform` gives (solved from scratch against the final codebook, they can be
         worse than the last iterate: with the default ``search_width``, by 1-2 % in squared
         error for 2 of 256 codewords with 2- or 3-bit codes, 10 % for 3 with 3-bit codes, on
-        Gaussian rows; dense quantized codes on heavy-tailed data can be much worse); the
-        square root of the weighted error in the metric when :meth:`fit` was given one. With
-        ``solver="pgd"``, the error of its last iterate.
+        Gaussian rows; dense quantized codes on heavy-tailed data can be much worse). With
+        ``sample_weight`` or ``metric`` given to :meth:`fit`, the square root of the weighted
+        error (``sqrt(sum_i w_i ||x_i - z_i C||**2)``, or the error in the metric), as
+        ``objective_``. With ``solver="pgd"``, the error of its last iterate.
     bits_ : int
         Payload bits of the codes of the training data and of the codebook.
     bit_budget_ : BitBudget
@@ -486,7 +488,8 @@ default=None
         Returns
         -------
         codes : ndarray of shape (n_samples, n_components)
-            Dequantized codes ``Z``, in the dtype of ``X``.
+            Dequantized codes ``Z``: float32 for float32 ``X`` (and float16 or
+            bfloat16), float64 for any other.
 
         Raises
         ------
@@ -579,7 +582,8 @@ default=None
         Returns
         -------
         codes : ndarray of shape (n_samples, n_components)
-            Dequantized codes, in the dtype of ``X``.
+            Dequantized codes: float32 for float32 ``X`` (and float16 or bfloat16),
+            float64 for any other.
 
         Raises
         ------

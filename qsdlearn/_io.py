@@ -25,7 +25,9 @@ def save(obj, path, *, overwrite=False):
     path : str or path-like
         Destination.
     overwrite : bool, default=False
-        Replace a file already at ``path``.
+        Replace a file already at ``path``: a new file takes its place, with the mode a new
+        file gets (the umask's), whatever the old one had (read-only included); a symbolic
+        link at ``path`` is itself replaced, the file it points to left as it is.
 
     Raises
     ------
@@ -38,6 +40,8 @@ def save(obj, path, *, overwrite=False):
         If ``path`` is a folder, or its folder does not exist.
     ValueError
         If ``path`` is empty, or a device or a pipe.
+    PermissionError
+        If no file can be created in the folder of ``path`` (nothing is left there).
 
     See Also
     --------

@@ -29,7 +29,7 @@ class LayerSetting:
     ----------
     vector_size : int, default=8
         Length ``d`` of the sub-vectors the tensor's rows are cut into (see
-        :func:`to_rows`): the rows of the factorized matrix.
+        :func:`~qsdlearn.weights.to_rows`): the rows of the factorized matrix.
     constraints : Constraints, default=Constraints(256, 2, 2, 8)
         The factorization of the ``(rows, vector_size)`` matrix: 256 codebook rows, two
         2-bit code values per sub-vector, 8-bit codebook entries by default.
@@ -108,7 +108,8 @@ class LayerSetting:
         return QuantizedSparseDecomposition(**self.constraints.to_dict(), **params)
 
     def matrix_settings(self, shape, dtype=np.float32):
-        """Settings of the matrix :func:`to_rows` makes of a tensor, known before fitting.
+        """Settings of the matrix :func:`~qsdlearn.weights.to_rows` makes of a tensor, known
+        before fitting.
 
         Parameters
         ----------
@@ -222,7 +223,25 @@ def rows_of(shape, vector_size):
 
 
 def to_rows(weight, vector_size):
-    """The matrix of ``vector_size``-element sub-vectors of a weight (see the module notes).
+    """The matrix of ``vector_size``-element sub-vectors of a weight tensor: the rows that
+    :func:`compress_weights` factorizes.
+
+    Axis 0 is the output axis (output channels, a linear layer's ``out_features``). Each
+    output row, flattened in C order (a convolution's input channels and kernel positions
+    together), is padded with zeros to a multiple of ``vector_size`` and cut into consecutive
+    sub-vectors; so a sub-vector never spans two output rows.
+
+    Parameters
+    ----------
+    weight : array-like of shape (out, ...)
+        A tensor of at least one axis, of any dtype.
+    vector_size : int
+        The sub-vector length ``d`` (at least 1).
+
+    Returns
+    -------
+    ndarray of shape (out * ceil(prod(shape[1:]) / vector_size), vector_size)
+        The sub-vectors, in the weight's dtype, C-contiguous.
 
     Raises
     ------
@@ -230,6 +249,23 @@ def to_rows(weight, vector_size):
         If ``vector_size`` is not an integer.
     ValueError
         If ``vector_size`` is below 1, or ``weight`` has no axis (a scalar).
+
+    See Also
+    --------
+    from_rows : The inverse.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qsdlearn.weights import from_rows, to_rows
+    >>> W = np.arange(10.0).reshape(2, 5)
+    >>> to_rows(W, 4)
+    array([[0., 1., 2., 3.],
+           [4., 0., 0., 0.],
+           [5., 6., 7., 8.],
+           [9., 0., 0., 0.]])
+    >>> bool(np.array_equal(from_rows(to_rows(W, 4), W.shape), W))
+    True
     """
     vector_size = check_positive_int("vector_size", vector_size)
     weight = np.asarray(weight)
@@ -246,11 +282,39 @@ def to_rows(weight, vector_size):
 def from_rows(rows, shape):
     """Inverse of :func:`to_rows`: drop the padding and restore ``shape``.
 
+    Parameters
+    ----------
+    rows : array-like of shape (n, vector_size)
+        The sub-vectors of a tensor of ``shape``, as :func:`to_rows` cuts it.
+    shape : tuple of int
+        The tensor's shape.
+
+    Returns
+    -------
+    ndarray of shape ``shape``
+        The tensor, in the dtype of ``rows``.
+
     Raises
     ------
     ValueError
         If ``rows`` is not the sub-vectors :func:`to_rows` cuts a tensor of ``shape`` into
-        (for the vector size ``rows.shape[1]``: :func:`rows_of` of them).
+        (for the vector size ``rows.shape[1]``: ``shape[0] * ceil(prod(shape[1:]) /
+        rows.shape[1])`` of them).
+
+    See Also
+    --------
+    to_rows : The sub-vectors of a tensor.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from qsdlearn.weights import from_rows, to_rows
+    >>> kernel = np.arange(54.0).reshape(2, 3, 3, 3)  # a convolution (out, in, kh, kw)
+    >>> rows = to_rows(kernel, 8)  # 27 weights per output channel, padded to 32
+    >>> rows.shape
+    (8, 8)
+    >>> bool(np.array_equal(from_rows(rows, kernel.shape), kernel))
+    True
     """
     rows = np.asarray(rows)
     shape = tuple(int(n) for n in shape)

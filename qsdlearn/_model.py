@@ -267,7 +267,7 @@ class CompressedModel(FileImage):
         """
         if self._image is None:
             entries, stored = self._file_layers()
-            payload = b"".join(entry.payload() for entry in stored)
+            payload = b"".join(entry._payload() for entry in stored)
             self._image = write_container([(PAYLOAD, "U8", (len(payload),), payload)],
                                           self._file_metadata(entries))
         return self._image
@@ -283,7 +283,7 @@ class CompressedModel(FileImage):
                 entries.append([_TIED, name, position[first]])
                 continue
             position[name] = i
-            entries.append(entry.file_entry(name))
+            entries.append(entry._file_entry(name))
             stored.append(entry)
         return entries, stored
 

@@ -78,8 +78,9 @@ from ._layers import (MIN_COMPRESSED_SIZE, ROW_SCALE_BYTES, ROW_SCALE_DTYPES,  #
                       from_rows, output_row_scales, rows_of, to_rows)
 
 
-__all__ = ["CompressedModel", "LayerSetting", "compress_weights", "default_candidates",
-           "output_row_scales", "read_weights"]
+__all__ = ["CompressedLayer", "CompressedModel", "KeptTensor", "LayerSetting", "RowSplit",
+           "SplitLayer", "compress_weights", "default_candidates", "from_rows",
+           "output_row_scales", "read_weights", "to_rows"]
 
 
 #: Tensors to compress must hold magnitudes below this (about 1.8e19): they are fitted and
@@ -225,8 +226,9 @@ def compress_weights(
         Each compressible tensor gets the candidate setting that minimises the total squared
         weight error under that budget (greedy marginal returns on estimates from a row
         sample); the budget the chosen settings leave goes to one tensor whose output rows
-        are split between two settings (a :class:`RowSplit`), so that the file lands close
-        under the target. At most 64 (the bits of a float64).
+        are split between two settings (a :class:`~qsdlearn.weights.RowSplit`, in a
+        :class:`~qsdlearn.weights.SplitLayer`), so that the file lands close under the
+        target. At most 64 (the bits of a float64).
     settings : LayerSetting or mapping of str to LayerSetting, optional
         Fixed settings, for all compressible tensors or per name (others then follow
         ``bits_per_weight`` when given, else the default :class:`LayerSetting`).

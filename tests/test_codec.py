@@ -422,6 +422,26 @@ def test_save_is_atomic_and_never_damages_an_existing_file(tmp_path, monkeypatch
     assert qsdlearn.load(path).shape == (5, X.shape[1])
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name != "posix", reason="POSIX modes")
+def test_overwrite_replaces_a_link_and_a_read_only_file_as_documented(tmp_path):
+    est, X = fitted("vq")
+    target = tmp_path / "kept.qsd"
+    target.write_bytes(b"not to be touched")
+    link = tmp_path / "link.qsd"
+    link.symlink_to(target)
+    qsdlearn.save(est.encode(X), link, overwrite=True)
+    # the link itself is replaced by the new file; the file it pointed to is left as it was
+    assert not link.is_symlink() and qsdlearn.load(link).shape == X.shape
+    assert target.read_bytes() == b"not to be touched"
+    read_only = tmp_path / "read_only.qsd"
+    read_only.write_bytes(b"old")
+    read_only.chmod(0o444)
+    qsdlearn.save(est.encode(X), read_only, overwrite=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert read_only.stat().st_mode & 0o777 == 0o666 & ~umask  # the mode of a new file
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_save_never_writes_over_a_pipe(tmp_path):
     est, X = fitted("vq")

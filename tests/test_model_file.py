@@ -523,7 +523,7 @@ def test_row_scales_are_checked_when_a_layer_is_built():
     good[0] = 2  # the layer holds its own read-only copy
     assert scaled.row_scales[0] == 1 and not scaled.row_scales.flags.writeable
     swapped = _scaled(layer, np.linspace(0.5, 4, 8).astype(">f2"))  # written little-endian
-    assert swapped.payload() == _scaled(layer, np.linspace(0.5, 4, 8).astype("<f2")).payload()
+    assert swapped._payload() == _scaled(layer, np.linspace(0.5, 4, 8).astype("<f2"))._payload()
 
 
 def _row_scaled_matrix(rows=64, cols=64, seed=0):
@@ -612,7 +612,7 @@ def test_model_files_are_readable_by_the_safetensors_library(tmp_path):
     model.save(tmp_path / "m.safetensors")
     tensors = safetensors_numpy.load_file(str(tmp_path / "m.safetensors"))
     assert list(tensors) == ["payload"]
-    assert tensors["payload"].tobytes() == model.layers["split.weight"].payload()
+    assert tensors["payload"].tobytes() == model.layers["split.weight"]._payload()
     with safe_open(str(tmp_path / "m.safetensors"), framework="numpy") as file:
         assert json.loads(file.metadata()["layers"])[0][:2] == [2, "split.weight"]
 
